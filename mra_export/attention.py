@@ -1,0 +1,262 @@
+"""MRA-2 attention, exactly as transformers' ``mra2_attention`` computes it, in portable PyTorch.
+
+The numbered steps follow ``MRA_SPEC.md``. Everything is vectorised over the meta-batch
+``(batch, head)`` rows and over blocks: no Python loop over blocks, heads or samples, and no
+``S x S`` or ``nb x nb x T x T`` tensor. The same code runs eagerly on CPU and CUDA and is what
+``torch.onnx.export`` traces for the portable ONNX flavour, so it avoids data-dependent shapes.
+
+Where transformers differs (and is wrong), this implementation:
+- gives every sample its own mask (transformers mixes them up inside a batch);
+- accepts any length (pads to a block multiple internally, masked, then slices back);
+- clamps ``num_blocks`` to the number of blocks ``nb * nb`` (then every block is exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+APPROX_MODES = ("full", "sparse")
+
+# Constants of the reference implementation (transformers / the CUDA kernels).
+MASKED_LOGIT_PENALTY = 1e4  # subtracted from logits of masked blocks and keys
+PRIOR_BONUS = 5e3  # added to the low-resolution scores of prior blocks
+ROW_MAX_SCALE = 1000.0  # the kernel quantises row maxima to 1e-3 steps ...
+EMPTY_ROW_MAX = -1e8  # ... starting from this integer, so an empty row gets M = -1e5
+NORMALISER_EPS = 1e-6  # added to token counts and to the softmax normaliser
+
+
+def mra_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    num_blocks: int,
+    approx_mode: str = "full",
+    block_size: int = 32,
+    initial_prior_first_n_blocks: int = 0,
+    initial_prior_diagonal_n_blocks: int = 0,
+) -> torch.Tensor:
+    """MRA attention of ``[batch, heads, seq, head_dim]`` tensors under a ``[batch, seq]`` mask.
+
+    ``attention_mask`` is 1 (or any non-zero) for real tokens and 0 for padding; ``None`` means
+    every token is real. ``num_blocks`` is the number of ``block_size x block_size`` blocks kept
+    at high resolution per ``(batch, head)``; it is clamped to the number of blocks. Computed in
+    float32, returned in the dtype of ``query``. Masked query positions are zero.
+    """
+    _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode, block_size,
+                     initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    batch, heads, seq_len, head_dim = query.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, seq_len, device=query.device)
+
+    pad = (-seq_len) % block_size
+    q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)
+    rows, padded_len = q.shape[0], q.shape[1]
+    n_blocks = padded_len // block_size
+    blocks = _Blocks(q, k, v, mask, n_blocks, block_size)
+
+    # 1-2. Low resolution: block means and their logits.
+    low_logits, row_max, count, value_hat = _low_resolution(blocks, head_dim)
+    # 3. Selection of the high-resolution blocks.
+    scores = _with_priors(low_logits - row_max, initial_prior_first_n_blocks,
+                          initial_prior_diagonal_n_blocks)
+    top_k = torch.sym_min(num_blocks, n_blocks * n_blocks)
+    flat_index, threshold = select_top_blocks(scores.reshape(rows, n_blocks * n_blocks), top_k)
+    # 4-6. High resolution on the selected blocks.
+    hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index, head_dim)
+
+    if approx_mode == "full":
+        # 7. Low-resolution attention on the blocks not computed exactly, and the correction.
+        exact = (scores >= threshold[:, :, None]).float()
+        context = _combine_full(blocks, hi_out, hi_norm, quantised_max, low_logits, row_max,
+                                exact, count, value_hat)
+    else:
+        context = (hi_out / (hi_norm[..., None] + NORMALISER_EPS)).reshape(rows, -1, head_dim)
+
+    # 8. Masked queries give zero.
+    context = context * blocks.query_mask[..., None]
+    context = context.reshape(batch, heads, padded_len, head_dim)[:, :, :seq_len]
+    return context.to(query.dtype)
+
+
+def select_top_blocks(scores: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the ``k`` largest scores per row, ties going to the lower flat index.
+
+    Returns ``(indices [rows, k], threshold [rows, 1])``; the threshold is the k-th largest score.
+    The indices come out in ascending flat order, so the blocks of a query row are adjacent.
+    ``torch.topk`` gives no tie guarantee, so it is only used for the threshold (whose value does
+    not depend on ties); the ties at the threshold are taken in flat order with a cumulative sum,
+    and a second, tie-free top-k over ``n - flat_index`` lists the chosen cells.
+    """
+    n = scores.shape[-1]
+    threshold = torch.topk(scores, k, dim=-1).values[:, -1:]
+    above = scores > threshold
+    at = scores == threshold
+    still_needed = k - above.sum(dim=-1, keepdim=True)
+    chosen = above | (at & (torch.cumsum(at.to(torch.int64), dim=-1) <= still_needed))
+    lower_first = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int64)
+    indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
+    return indices, threshold
+
+
+class _Blocks:
+    """Masked Q, K, V of the meta-batch rows, viewed as blocks, and the row/block bookkeeping."""
+
+    def __init__(self, q, k, v, mask, n_blocks: int, block_size: int):
+        rows, _, head_dim = q.shape
+        self.rows, self.n_blocks, self.block_size = rows, n_blocks, block_size
+        shape = (rows * n_blocks, block_size, head_dim)
+        # Step 1: Q, K and V are multiplied by the mask.
+        self.query_mask = mask
+        self.q = (q * mask[..., None]).reshape(shape)
+        self.k = (k * mask[..., None]).reshape(shape)
+        self.v = (v * mask[..., None]).reshape(shape)
+        self.token_mask = mask.reshape(rows * n_blocks, block_size)
+
+    def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[rows * nb, ...]`` -> ``[rows, nb, ...]``."""
+        return tensor.reshape(self.rows, self.n_blocks, *tensor.shape[1:])
+
+    def global_block(self, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-global query and key block numbers (into ``[rows * nb]``) of flat cell indices."""
+        row_start = torch.arange(self.rows, device=flat_index.device)[:, None] * self.n_blocks
+        query_block = (row_start + torch.div(flat_index, self.n_blocks, rounding_mode="floor"))
+        key_block = row_start + flat_index % self.n_blocks
+        return query_block.reshape(-1), key_block.reshape(-1)
+
+
+def _low_resolution(blocks: _Blocks, head_dim: int):
+    """Step 2: block means, low-resolution logits (masked after taking the row max)."""
+    count = blocks.per_row(blocks.token_mask).sum(dim=-1)  # c[j], [rows, nb]
+    denominator = count[..., None] + NORMALISER_EPS
+    query_hat = blocks.per_row(blocks.q).sum(dim=-2) / denominator
+    key_hat = blocks.per_row(blocks.k).sum(dim=-2) / denominator
+    value_hat = blocks.per_row(blocks.v).sum(dim=-2) / denominator
+    logits = torch.matmul(query_hat, key_hat.transpose(-1, -2)) / math.sqrt(head_dim)
+    row_max = logits.amax(dim=-1, keepdim=True)  # before masking, as the reference does
+    empty_pair = (count[:, None, :] * count[:, :, None]) < 0.5
+    logits = logits - MASKED_LOGIT_PENALTY * empty_pair.float()
+    return logits, row_max, count, value_hat
+
+
+def _with_priors(scores: torch.Tensor, first_n: int, diagonal_n: int) -> torch.Tensor:
+    """Step 3 priors, added one at a time in the reference's order (fp32 rounding matches)."""
+    n_blocks = scores.shape[-1]
+    cell = torch.arange(n_blocks, device=scores.device)
+    if diagonal_n > 0:
+        band = (cell[:, None] - cell[None, :]).abs() <= diagonal_n // 2
+        scores = scores + band.float() * PRIOR_BONUS
+    if first_n > 0:
+        first = (cell < first_n).float() * PRIOR_BONUS
+        scores = scores + first[:, None]  # the first query-block rows
+        scores = scores + first[None, :]  # the first key-block columns
+    return scores
+
+
+def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, head_dim: int):
+    """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
+    query_block, key_block = blocks.global_block(flat_index)
+    q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
+    k = blocks.k.index_select(0, key_block)
+    v = blocks.v.index_select(0, key_block)
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)  # [rows * k, Tq, Tk]
+
+    row_max = _quantised_row_max(blocks, logits, query_block)  # [rows * nb, Tq]
+    key_masked = 1.0 - blocks.token_mask.index_select(0, key_block)
+    shifted = logits - row_max.index_select(0, query_block)[..., None]
+    weights = torch.exp(shifted - MASKED_LOGIT_PENALTY * key_masked[:, None, :])
+
+    n_cells = blocks.rows * blocks.n_blocks
+    out = torch.zeros(n_cells, blocks.block_size, head_dim, device=v.device)
+    out = out.index_add(0, query_block, torch.matmul(weights, v))
+    norm = torch.zeros(n_cells, blocks.block_size, device=v.device)
+    norm = norm.index_add(0, query_block, weights.sum(dim=-1))
+    return out, norm, row_max
+
+
+def _quantised_row_max(blocks: _Blocks, logits: torch.Tensor, query_block: torch.Tensor):
+    """Step 5: max over the row's selected blocks of trunc(x * 1000), divided by 1000.
+
+    The kernel truncates each fp32 product to int and takes an integer max starting from -1e8;
+    trunc commutes with max, and fp32 division by 1000 equals the kernel's double division for
+    every integer below 2**24 in magnitude.
+    """
+    quantised = torch.trunc(logits.amax(dim=-1) * ROW_MAX_SCALE)  # [rows * k, Tq]
+    start = torch.full((blocks.rows * blocks.n_blocks, blocks.block_size), EMPTY_ROW_MAX,
+                       device=logits.device)
+    index = query_block[:, None].expand(-1, blocks.block_size)
+    row_max = start.scatter_reduce(0, index, quantised, reduce="amax", include_self=True)
+    return row_max / ROW_MAX_SCALE
+
+
+def _combine_full(blocks, hi_out, hi_norm, quantised_max, low_logits, row_max, exact, count,
+                  value_hat):
+    """Step 7, mode ``full``: add the low-resolution term and rescale both to a common max."""
+    low = torch.exp(low_logits - row_max - MASKED_LOGIT_PENALTY * exact) * count[:, None, :]
+    lo_out = torch.matmul(low, value_hat)[:, :, None, :]  # [rows, nb, 1, D], same for a block
+    lo_norm = low.sum(dim=-1)[:, :, None]  # [rows, nb, 1]
+
+    max_gap = (row_max - blocks.per_row(quantised_max)) * blocks.per_row(blocks.token_mask)
+    lo_scale = torch.exp(torch.clamp(max_gap, max=0.0))  # [rows, nb, T]
+    hi_scale = torch.exp(-torch.clamp(max_gap, min=0.0))
+
+    hi_out = blocks.per_row(hi_out) * hi_scale[..., None]
+    hi_norm = blocks.per_row(hi_norm) * hi_scale
+    numerator = hi_out + lo_out * lo_scale[..., None]
+    denominator = hi_norm + lo_norm * lo_scale + NORMALISER_EPS
+    return (numerator / denominator[..., None]).reshape(blocks.rows, -1, hi_out.shape[-1])
+
+
+def _to_padded_rows(query, key, value, attention_mask, pad: int):
+    """fp32 ``[batch * heads, seq + pad, D]`` rows and each row's own ``[.., seq + pad]`` mask."""
+    batch, heads, seq_len, head_dim = query.shape
+
+    def rows_of(tensor):
+        tensor = F.pad(tensor.float(), (0, 0, 0, pad))
+        return tensor.reshape(batch * heads, seq_len + pad, head_dim)
+
+    mask = F.pad((attention_mask != 0).float().to(query.device), (0, pad))
+    mask = mask[:, None, :].expand(batch, heads, seq_len + pad).reshape(batch * heads, -1)
+    return rows_of(query), rows_of(key), rows_of(value), mask
+
+
+def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode, block_size,
+                     first_n, diagonal_n) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got shape "
+                             f"{tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError("query, key and value must have the same shape, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    if query.shape[2] == 0 or query.shape[3] == 0:
+        raise ValueError(f"seq and head_dim must be at least 1, got shape {tuple(query.shape)}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError("attention_mask must be a torch.Tensor or None, got "
+                            f"{type(attention_mask).__name__}")
+        expected = (query.shape[0], query.shape[2])
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
+            raise ValueError(f"attention_mask must be [batch, seq] = {list(expected)}, got shape "
+                             f"{tuple(attention_mask.shape)}")
+    _check_int("num_blocks", num_blocks, minimum=1)
+    _check_int("block_size", block_size, minimum=1)
+    _check_int("initial_prior_first_n_blocks", first_n, minimum=0)
+    _check_int("initial_prior_diagonal_n_blocks", diagonal_n, minimum=0)
+    if approx_mode not in APPROX_MODES:
+        raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

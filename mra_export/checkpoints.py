@@ -1,0 +1,106 @@
+"""Local transformers checkpoints: loading them with clear errors, and the built-in default.
+
+No hub access is assumed anywhere: the default checkpoint is a small seeded random MRA with a
+byte-level BPE tokenizer trained locally, saved with ``save_pretrained`` like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
+
+from .errors import UserError
+from .tasks import TASKS, Task, task_for_config
+
+# Small enough for CI, shaped like mra-base where it matters: head_dim 64 (transformers' CUDA
+# kernels need a multiple of 64), 32-token blocks, 4 blocks per row, 512 positions.
+DEFAULT_CONFIG = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+    max_position_embeddings=512, block_per_row=4, approx_mode="full", num_labels=3,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+DEFAULT_SEED = 0
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: pad = 1
+
+_CORPUS = """\
+Multi-resolution analysis approximates self-attention with a few exact blocks and coarse means.
+The low resolution scores pick the blocks that matter; the rest are summarised by block averages.
+Long documents need attention whose cost grows linearly with the number of tokens.
+A transformer encoder reads a sentence, a question and a passage, and answers with a span.
+Exported models run in onnxruntime on the CPU and as TensorRT engines on NVIDIA GPUs.
+Every engine is checked against PyTorch before it ships: outputs, heads and layers.
+"""
+
+
+def load_config(folder: str | Path) -> MraConfig:
+    """The MRA config of a local checkpoint folder, or a one-line error saying what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {folder} does not exist; pass a local folder written by "
+                        "save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json; pass a folder written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {folder / 'config.json'}: {_first_line(error)}") from None
+    if config.model_type != "mra":
+        raise UserError(f"{folder} holds a {config.model_type!r} model, not MRA (model_type 'mra')")
+    return config
+
+
+def load_model(folder: str | Path, task: Task | None = None):
+    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode."""
+    config = load_config(folder)
+    task = task or task_for_config(config)
+    try:
+        model = task.model_class.from_pretrained(folder, config=config, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
+                        f"{_first_line(error)}") from None
+    return model.eval(), task
+
+
+def build_checkpoint(folder: str | Path, task: Task, seed: int = DEFAULT_SEED,
+                     **config_overrides) -> Path:
+    """Save a seeded random ``task`` model and the local tokenizer to ``folder``."""
+    folder = Path(folder)
+    tokenizer = default_tokenizer()
+    settings = {**DEFAULT_CONFIG, "vocab_size": tokenizer.vocab_size, **config_overrides}
+    config = MraConfig(**settings, architectures=[task.model_class.__name__])
+    torch.manual_seed(seed)
+    model = task.model_class(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_default_checkpoints(root: str | Path, tasks=None) -> dict[str, Path]:
+    """The built-in default checkpoint, one folder per task under ``root``."""
+    root = Path(root)
+    return {name: build_checkpoint(root / name, TASKS[name]) for name in (tasks or TASKS)}
+
+
+def default_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A RoBERTa-style byte-level BPE tokenizer, trained here on a built-in text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        model_max_length=DEFAULT_CONFIG["max_position_embeddings"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,132 @@
+"""Make any transformers MRA model compute its attention with ``mra_attention``.
+
+``patch_model`` swaps the class of every ``MraSelfAttention`` for ``PatchedMraSelfAttention`` and
+gives it an ``MraAttentionCore`` holding the layer's settings. The weights, the state dict and
+every other module stay as transformers made them. The core is its own module so that exporters
+can find (and replace) each layer's attention by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.mra.modeling_mra import MraModel, MraPreTrainedModel, MraSelfAttention
+
+from .attention import mra_attention
+
+# transformers zero-pads head dims under 32 to 32 (its CUDA kernels' warp size) before
+# attention, so the scale becomes 1/sqrt(32); the patched model keeps that rule.
+MIN_HEAD_DIM = 32
+
+
+class MraAttentionCore(nn.Module):
+    """One layer's attention core: ``[B, H, S, D]`` query/key/value and a ``[B, S]`` mask."""
+
+    def __init__(self, *, num_blocks: int, approx_mode: str, initial_prior_first_n_blocks: int,
+                 initial_prior_diagonal_n_blocks: int, block_size: int = 32):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.approx_mode = approx_mode
+        self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
+        self.initial_prior_diagonal_n_blocks = initial_prior_diagonal_n_blocks
+        self.block_size = block_size
+
+    @classmethod
+    def for_layer(cls, attention: MraSelfAttention) -> MraAttentionCore:
+        return cls(num_blocks=attention.num_block, approx_mode=attention.approx_mode,
+                   initial_prior_first_n_blocks=attention.initial_prior_first_n_blocks,
+                   initial_prior_diagonal_n_blocks=attention.initial_prior_diagonal_n_blocks)
+
+    def settings(self) -> dict:
+        return dict(num_blocks=self.num_blocks, approx_mode=self.approx_mode,
+                    block_size=self.block_size,
+                    initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
+                    initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks)
+
+    def forward(self, query, key, value, attention_mask):
+        return mra_attention(query, key, value, attention_mask, **self.settings())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.settings().items())
+
+
+class PatchedMraSelfAttention(MraSelfAttention):
+    """``MraSelfAttention`` whose attention is ``mra_attention``, each sample with its own mask."""
+
+    mra_core: MraAttentionCore
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        batch, seq_len, _ = hidden_states.shape
+        query, key, value = (self._split_heads(projection(hidden_states))
+                             for projection in (self.query, self.key, self.value))
+        mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device)
+        padding = max(0, MIN_HEAD_DIM - self.attention_head_size)
+        if padding:
+            query, key, value = (F.pad(t, (0, padding)) for t in (query, key, value))
+        context = self.mra_core(query, key, value, mask)[..., : self.attention_head_size]
+        context = context.transpose(1, 2).reshape(batch, seq_len, self.all_head_size)
+        return (context,)
+
+    def _split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = projected.shape
+        heads = projected.view(batch, seq_len, self.num_attention_heads, self.attention_head_size)
+        return heads.transpose(1, 2)
+
+
+def patch_model(model: MraPreTrainedModel) -> MraPreTrainedModel:
+    """Patch a transformers ``Mra*`` model in place (any of the six heads) and return it.
+
+    The patched model runs on any device, gives each sample of a ragged batch the output it gets
+    alone, and accepts every length from 1 to ``config.max_position_embeddings``. Patching twice
+    is harmless.
+    """
+    if not isinstance(model, MraPreTrainedModel):
+        raise TypeError("patch_model expects a transformers MRA model (MraModel or an MraFor* "
+                        f"head), got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, MraSelfAttention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MraSelfAttention layer to patch")
+    for attention in layers:
+        if not isinstance(attention, PatchedMraSelfAttention):
+            attention.__class__ = PatchedMraSelfAttention
+            attention.mra_core = MraAttentionCore.for_layer(attention)
+    for base in model.modules():
+        if isinstance(base, MraModel):
+            _refuse_long_inputs(base, model.config.max_position_embeddings)
+    return model
+
+
+def attention_cores(model: nn.Module) -> list[MraAttentionCore]:
+    """The attention cores of a patched model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MraAttentionCore)]
+
+
+def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:
+    """The ``[batch, seq]`` mask, 1 for real tokens, from what transformers passes down."""
+    if attention_mask is None:
+        return torch.ones(batch, seq_len, device=device)
+    if attention_mask.dim() == 4 and attention_mask.is_floating_point():
+        # An additive [B, 1, Q, K] mask: 0 where attended; revert it as transformers does.
+        return (attention_mask[:, 0, -1, :] == 0).float()
+    if attention_mask.dim() == 2:
+        return (attention_mask != 0).float()
+    raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+
+
+def _refuse_long_inputs(base: MraModel, max_length: int) -> None:
+    """Turn transformers' shape error on over-long inputs into a clear one."""
+    if getattr(base, "_mra_export_length_check", False):
+        return
+
+    def check(module, args, kwargs):
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] > max_length:
+            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's "
+                             f"max_position_embeddings={max_length}; truncate the input, e.g. "
+                             f"tokenizer(..., truncation=True, max_length={max_length})")
+
+    base.register_forward_pre_hook(check, with_kwargs=True)
+    base._mra_export_length_check = True

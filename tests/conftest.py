@@ -1,0 +1,38 @@
+"""Shared helpers: seeded inputs and small random MRA checkpoints saved with save_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from mra_export.checkpoints import build_checkpoint
+from mra_export.tasks import TASKS
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+# A model transformers' CUDA kernels handle (head_dim 64), with 8 position blocks so that both
+# "every block selected" (S = 128) and "16 of 64 selected" (S = 256) occur.
+SMALL_MODEL = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                   num_hidden_layers=2, max_position_embeddings=256, block_per_row=2,
+                   initializer_range=0.1)
+
+
+def random_qkv(batch, heads, seq_len, head_dim, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(scale * torch.randn(batch, heads, seq_len, head_dim, generator=generator)
+                 for _ in range(3))
+
+
+def ragged_mask(batch: int, seq_len: int, lengths) -> torch.Tensor:
+    """``[batch, seq]`` mask whose row b has ``lengths[b]`` real tokens."""
+    positions = torch.arange(seq_len)[None, :]
+    return (positions < torch.tensor(lengths)[:, None]).float()
+
+
+@pytest.fixture(scope="session")
+def small_checkpoints(tmp_path_factory):
+    """One small random checkpoint folder per task (built once per test session)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build_checkpoint(root / name, task, **SMALL_MODEL) for name, task in TASKS.items()}

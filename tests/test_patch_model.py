@@ -1,0 +1,182 @@
+"""Whole models, every head: the patched model against transformers' own model on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import MraConfig, MraModel
+from transformers.models.mra.modeling_mra import MraSelfAttention
+
+from mra_export import patch_model
+from mra_export.checkpoints import build_checkpoint, load_model
+from mra_export.patching import MraAttentionCore, PatchedMraSelfAttention, attention_cores
+from mra_export.tasks import TASKS
+from mra_export.transformers_reference import cpu_kernels
+
+from .conftest import SMALL_MODEL, ragged_mask
+
+TOLERANCE = 1e-4
+
+
+def model_inputs(task, batch, seq_len, lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, 500, (batch, seq_len), generator=generator)
+    mask = ragged_mask(batch, seq_len, lengths).long()
+    inputs = {"input_ids": input_ids * mask + (1 - mask), "attention_mask": mask}  # pad id 1
+    if task.has_choices:  # [batch, choices, seq]: two choices, the second shifted
+        inputs = {name: torch.stack([t, t.roll(1, dims=-1)], 1) for name, t in inputs.items()}
+    return inputs
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def one_sample(inputs, b):
+    return {name: t[b:b + 1] for name, t in inputs.items()}
+
+
+def transformers_outputs(reference, task, inputs):
+    """transformers where it is correct: one sequence at a time (for multiple-choice, one
+    choice at a time too, since it flattens choices into the batch), concatenated back."""
+    batch = inputs["input_ids"].shape[0]
+    with cpu_kernels(spec_ties=True):
+        if not task.has_choices:
+            runs = [run(reference, one_sample(inputs, b)) for b in range(batch)]
+            return {name: torch.cat([r[name] for r in runs]) for name in task.outputs}
+        choices = inputs["input_ids"].shape[1]
+        logits = [[run(reference, {n: t[b:b + 1, c:c + 1] for n, t in inputs.items()}).logits
+                   for c in range(choices)] for b in range(batch)]
+        return {"logits": torch.cat([torch.cat(row, dim=1) for row in logits])}
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+@pytest.mark.parametrize("seq_len,lengths", [(128, [128, 90]), (256, [256, 200, 33])])
+def test_every_head_matches_transformers_one_sample_at_a_time(small_checkpoints, task_name,
+                                                               seq_len, lengths):
+    task = TASKS[task_name]
+    reference, _ = load_model(small_checkpoints[task_name], task)
+    patched = patch_model(load_model(small_checkpoints[task_name], task)[0])
+    inputs = model_inputs(task, len(lengths), seq_len, lengths)
+    ours = run(patched, inputs)
+    theirs = transformers_outputs(reference, task, inputs)
+    for output in task.outputs:
+        assert ours[output].shape == theirs[output].shape
+        assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE, output
+
+
+def test_matches_transformers_own_topk_on_a_whole_model(small_checkpoints):
+    # transformers untouched (its own torch.topk): num_blocks = 16 >= nb = 8 and no priors, so
+    # the row maxima are all selected and no tie group is cut at this seed.
+    task = TASKS["token-classification"]
+    reference, _ = load_model(small_checkpoints[task.name], task)
+    patched = patch_model(load_model(small_checkpoints[task.name], task)[0])
+    inputs = model_inputs(task, 2, 256, [256, 170], seed=5)
+    ours = run(patched, inputs)
+    with cpu_kernels(spec_ties=False):
+        theirs = torch.cat([run(reference, one_sample(inputs, b)).logits for b in range(2)])
+    assert (ours.logits - theirs).abs().max().item() <= TOLERANCE
+
+
+def test_with_priors_and_sparse_mode(tmp_path):
+    task = TASKS["question-answering"]
+    folder = build_checkpoint(tmp_path, task, **{**SMALL_MODEL, "approx_mode": "sparse",
+                                                 "initial_prior_first_n_blocks": 1,
+                                                 "initial_prior_diagonal_n_blocks": 3})
+    reference, _ = load_model(folder)
+    patched = patch_model(load_model(folder)[0])
+    inputs = model_inputs(task, 2, 224, [224, 100], seed=3)
+    ours = run(patched, inputs)
+    theirs = transformers_outputs(reference, task, inputs)
+    for output in task.outputs:
+        assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_ragged_batch_gives_each_sample_its_output_alone(small_checkpoints, task_name):
+    task = TASKS[task_name]
+    model = patch_model(load_model(small_checkpoints[task_name], task)[0])
+    inputs = model_inputs(task, 3, 150, [150, 77, 5], seed=1)  # 150 is not a block multiple
+    batched = run(model, inputs)
+    for b in range(3):
+        alone = run(model, one_sample(inputs, b))
+        for output in task.outputs:
+            assert (batched[output][b:b + 1] - alone[output]).abs().max() <= 1e-5
+
+
+def test_every_length_from_1_to_max_position_embeddings(small_checkpoints):
+    model = patch_model(load_model(small_checkpoints["feature-extraction"])[0])
+    limit = model.config.max_position_embeddings
+    for seq_len in range(1, limit + 1):
+        hidden = run(model, model_inputs(TASKS["feature-extraction"], 1, seq_len, [seq_len]))
+        assert hidden.last_hidden_state.shape == (1, seq_len, 128)
+        assert torch.isfinite(hidden.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_short_inputs_run_on_every_head(small_checkpoints, task_name):
+    task = TASKS[task_name]
+    model = patch_model(load_model(small_checkpoints[task_name], task)[0])
+    for seq_len in (1, 2, 31, 33):
+        outputs = run(model, model_inputs(task, 2, seq_len, [seq_len, 1]))
+        assert all(torch.isfinite(outputs[name]).all() for name in task.outputs)
+
+
+def test_lengths_past_max_position_embeddings_are_refused_clearly(small_checkpoints):
+    model = patch_model(load_model(small_checkpoints["fill-mask"])[0])
+    inputs = model_inputs(TASKS["fill-mask"], 1, 257, [257])
+    with pytest.raises(ValueError, match="sequence length 257 is longer than the model's "
+                                         "max_position_embeddings=256; truncate"):
+        run(model, inputs)
+
+
+def test_patching_keeps_weights_and_is_idempotent(small_checkpoints):
+    model = load_model(small_checkpoints["text-classification"])[0]
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    patch_model(patch_model(model))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    cores = attention_cores(model)
+    assert len(cores) == model.config.num_hidden_layers
+    assert all(isinstance(m, PatchedMraSelfAttention) for m in model.modules()
+               if isinstance(m, MraSelfAttention))
+    # transformers' num_blocks: min((max_pos // 32) * block_per_row, (max_pos // 32) ** 2)
+    assert cores[0].settings() == dict(num_blocks=16, approx_mode="full", block_size=32,
+                                       initial_prior_first_n_blocks=0,
+                                       initial_prior_diagonal_n_blocks=0)
+
+
+def test_head_dims_under_32_are_padded_to_32_like_transformers():
+    # head_dim 16 is zero-padded to 32, so the scale is 1/sqrt(32). With every block selected
+    # (num_blocks = 16 = nb**2) the layer is exact softmax attention at that scale.
+    config = MraConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                       intermediate_size=64, max_position_embeddings=128, block_per_row=4,
+                       vocab_size=50)
+    layer = patch_model(MraModel(config).eval()).encoder.layer[0].attention.self
+    hidden = torch.randn(2, 128, 64)
+    mask = ragged_mask(2, 128, [128, 70])
+    with torch.no_grad():
+        ours = layer(hidden, mask)[0]
+        q, k, v = (proj(hidden).view(2, 128, 4, 16).transpose(1, 2).double()
+                   for proj in (layer.query, layer.key, layer.value))
+    logits = q @ k.transpose(-1, -2) / math.sqrt(32)
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    expected = (torch.softmax(logits, -1) @ v) * mask[:, None, :, None]
+    expected = expected.transpose(1, 2).reshape(2, 128, 64)
+    assert (ours.double() - expected).abs().max() <= 1e-5
+
+
+def test_an_additive_4d_mask_is_read_like_a_2d_mask():
+    config = MraConfig(hidden_size=64, num_attention_heads=1, num_hidden_layers=1,
+                       intermediate_size=64, max_position_embeddings=128, vocab_size=50)
+    layer = patch_model(MraModel(config).eval()).encoder.layer[0].attention.self
+    hidden = torch.randn(2, 96, 64)
+    mask = ragged_mask(2, 96, [96, 40])
+    additive = ((1 - mask) * torch.finfo(torch.float32).min)[:, None, None, :].expand(2, 1, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden, mask)[0], layer(hidden, additive)[0])
+    assert isinstance(layer.mra_core, MraAttentionCore)
