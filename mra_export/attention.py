@@ -65,9 +65,11 @@ def mra_attention(
     scores = _with_priors(low_logits - row_max, initial_prior_first_n_blocks,
                           initial_prior_diagonal_n_blocks)
     top_k = torch.sym_min(num_blocks, n_blocks * n_blocks)
-    flat_index, threshold = select_top_blocks(scores.reshape(rows, n_blocks * n_blocks), top_k)
+    flat_index, threshold, chosen = select_top_blocks(scores.reshape(rows, -1), top_k)
+    blocks_per_query_block = chosen.reshape(rows * n_blocks, n_blocks).sum(dim=-1)
     # 4-6. High resolution on the selected blocks.
-    hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index, head_dim)
+    hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index,
+                                                      blocks_per_query_block, head_dim)
 
     if approx_mode == "full":
         # 7. Low-resolution attention on the blocks not computed exactly, and the correction.
@@ -83,11 +85,12 @@ def mra_attention(
     return context.to(query.dtype)
 
 
-def select_top_blocks(scores: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
+def select_top_blocks(scores: torch.Tensor, k):
     """Flat indices of the ``k`` largest scores per row, ties going to the lower flat index.
 
-    Returns ``(indices [rows, k], threshold [rows, 1])``; the threshold is the k-th largest score.
-    The indices come out in ascending flat order, so the blocks of a query row are adjacent.
+    Returns ``(indices [rows, k], threshold [rows, 1], chosen [rows, n])``: the threshold is the
+    k-th largest score and ``chosen`` marks the selected cells. The indices come out in
+    ascending flat order, so the blocks of a query row are adjacent.
     ``torch.topk`` gives no tie guarantee, so it is only used for the threshold (whose value does
     not depend on ties); the ties at the threshold are taken in flat order with a cumulative sum,
     and a second, tie-free top-k over ``n - flat_index`` lists the chosen cells.
@@ -100,7 +103,7 @@ def select_top_blocks(scores: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tens
     chosen = above | (at & (torch.cumsum(at.to(torch.int64), dim=-1) <= still_needed))
     lower_first = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int64)
     indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
-    return indices, threshold
+    return indices, threshold, chosen
 
 
 class _Blocks:
@@ -124,9 +127,9 @@ class _Blocks:
     def global_block(self, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-global query and key block numbers (into ``[rows * nb]``) of flat cell indices."""
         row_start = torch.arange(self.rows, device=flat_index.device)[:, None] * self.n_blocks
-        query_block = (row_start + torch.div(flat_index, self.n_blocks, rounding_mode="floor"))
-        key_block = row_start + flat_index % self.n_blocks
-        return query_block.reshape(-1), key_block.reshape(-1)
+        query_block = torch.div(flat_index, self.n_blocks, rounding_mode="floor")
+        key_block = flat_index - query_block * self.n_blocks  # no `%`: n_blocks may be symbolic
+        return (row_start + query_block).reshape(-1), (row_start + key_block).reshape(-1)
 
 
 def _low_resolution(blocks: _Blocks, head_dim: int):
@@ -157,7 +160,8 @@ def _with_priors(scores: torch.Tensor, first_n: int, diagonal_n: int) -> torch.T
     return scores
 
 
-def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, head_dim: int):
+def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query_block,
+                     head_dim: int):
     """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
     query_block, key_block = blocks.global_block(flat_index)
     q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
@@ -170,12 +174,27 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, head_dim: int):
     shifted = logits - row_max.index_select(0, query_block)[..., None]
     weights = torch.exp(shifted - MASKED_LOGIT_PENALTY * key_masked[:, None, :])
 
-    n_cells = blocks.rows * blocks.n_blocks
-    out = torch.zeros(n_cells, blocks.block_size, head_dim, device=v.device)
-    out = out.index_add(0, query_block, torch.matmul(weights, v))
-    norm = torch.zeros(n_cells, blocks.block_size, device=v.device)
-    norm = norm.index_add(0, query_block, weights.sum(dim=-1))
+    out = _sum_per_query_block(torch.matmul(weights, v), query_block, blocks_per_query_block)
+    norm = _sum_per_query_block(weights.sum(dim=-1), query_block, blocks_per_query_block)
     return out, norm, row_max
+
+
+def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
+                         blocks_per_query_block: torch.Tensor) -> torch.Tensor:
+    """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``).
+
+    Eagerly this is ``index_add``. In an ONNX export it is a difference of float64 prefix sums
+    over the selected blocks, which are sorted by query block: onnxruntime's CPU ScatterND with
+    reduction="add" races on repeated indices when it runs on several threads
+    (microsoft/onnxruntime#18048; measured here with 1.32), and ScatterElements is serial.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        out = torch.zeros(blocks_per_query_block.shape[0], *values.shape[1:], device=values.device)
+        return out.index_add(0, query_block, values)
+    prefix = torch.cumsum(values.double(), dim=0)
+    prefix = torch.cat([torch.zeros_like(prefix[:1]), prefix])
+    end = torch.cumsum(blocks_per_query_block, dim=0)
+    return (prefix.index_select(0, end) - prefix.index_select(0, end - blocks_per_query_block)).float()
 
 
 def _quantised_row_max(blocks: _Blocks, logits: torch.Tensor, query_block: torch.Tensor):

@@ -57,10 +57,16 @@ def load_model(folder: str | Path, task: Task | None = None):
     config = load_config(folder)
     task = task or task_for_config(config)
     try:
-        model = task.model_class.from_pretrained(folder, config=config, local_files_only=True)
+        model, loading = task.model_class.from_pretrained(
+            folder, config=config, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
                         f"{_first_line(error)}") from None
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values, silently
+        raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''} of the {task.name} head; pass "
+                        "--task auto or a checkpoint trained for that task")
     return model.eval(), task
 
 

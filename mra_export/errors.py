@@ -5,6 +5,10 @@ class UserError(Exception):
     """Bad input or a missing prerequisite; the message names the problem and the fix."""
 
 
+class InputError(UserError, ValueError):
+    """Model inputs of the wrong type, rank, shape or range."""
+
+
 class MissingTensorRT(UserError):
     """TensorRT (or a GPU for it) is not available on this machine."""
 

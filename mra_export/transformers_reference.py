@@ -146,3 +146,24 @@ def transformers_mra2_attention(query, key, value, attention_mask, *, num_blocks
             initial_prior_first_n_blocks=initial_prior_first_n_blocks,
             initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
         )
+
+
+def transformers_model_outputs(model, task, inputs: dict, spec_ties: bool = True) -> dict:
+    """An unpatched transformers MRA head run where transformers is correct: one sequence at a
+    time (for multiple-choice one choice at a time too, since it folds choices into the batch),
+    its outputs concatenated back. ``inputs`` are torch tensors; lengths must be multiples of 32
+    with enough blocks for the config's num_blocks."""
+    batch = inputs["input_ids"].shape[0]
+    choices = inputs["input_ids"].shape[1] if task.has_choices else None
+
+    def run(index):
+        with torch.no_grad():
+            return model(**{name: tensor[index] for name, tensor in inputs.items()})
+
+    with cpu_kernels(spec_ties):
+        if choices is None:
+            runs = [run(slice(b, b + 1)) for b in range(batch)]
+            return {name: torch.cat([r[name] for r in runs]) for name in task.outputs}
+        logits = [torch.cat([run((slice(b, b + 1), slice(c, c + 1))).logits
+                             for c in range(choices)], dim=1) for b in range(batch)]
+        return {"logits": torch.cat(logits)}

@@ -36,3 +36,18 @@ def small_checkpoints(tmp_path_factory):
     """One small random checkpoint folder per task (built once per test session)."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: build_checkpoint(root / name, task, **SMALL_MODEL) for name, task in TASKS.items()}
+
+
+@pytest.fixture(scope="session")
+def exports(small_checkpoints, tmp_path_factory):
+    """Every head of ``small_checkpoints`` exported in both flavours: {(task, flavour): folder}."""
+    from mra_export.export import FLAVOURS, export_model
+
+    root = tmp_path_factory.mktemp("exports")
+    folders = {}
+    for task, checkpoint in small_checkpoints.items():
+        for flavour in FLAVOURS:
+            folder = root / f"{task}-{flavour}"
+            export_model(checkpoint, folder, task=task, flavour=flavour, log=lambda message: None)
+            folders[task, flavour] = folder
+    return folders

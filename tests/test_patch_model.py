@@ -13,7 +13,7 @@ from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_model
 from mra_export.patching import MraAttentionCore, PatchedMraSelfAttention, attention_cores
 from mra_export.tasks import TASKS
-from mra_export.transformers_reference import cpu_kernels
+from mra_export.transformers_reference import cpu_kernels, transformers_model_outputs
 
 from .conftest import SMALL_MODEL, ragged_mask
 
@@ -39,20 +39,6 @@ def one_sample(inputs, b):
     return {name: t[b:b + 1] for name, t in inputs.items()}
 
 
-def transformers_outputs(reference, task, inputs):
-    """transformers where it is correct: one sequence at a time (for multiple-choice, one
-    choice at a time too, since it flattens choices into the batch), concatenated back."""
-    batch = inputs["input_ids"].shape[0]
-    with cpu_kernels(spec_ties=True):
-        if not task.has_choices:
-            runs = [run(reference, one_sample(inputs, b)) for b in range(batch)]
-            return {name: torch.cat([r[name] for r in runs]) for name in task.outputs}
-        choices = inputs["input_ids"].shape[1]
-        logits = [[run(reference, {n: t[b:b + 1, c:c + 1] for n, t in inputs.items()}).logits
-                   for c in range(choices)] for b in range(batch)]
-        return {"logits": torch.cat([torch.cat(row, dim=1) for row in logits])}
-
-
 @pytest.mark.parametrize("task_name", list(TASKS))
 @pytest.mark.parametrize("seq_len,lengths", [(128, [128, 90]), (256, [256, 200, 33])])
 def test_every_head_matches_transformers_one_sample_at_a_time(small_checkpoints, task_name,
@@ -62,7 +48,7 @@ def test_every_head_matches_transformers_one_sample_at_a_time(small_checkpoints,
     patched = patch_model(load_model(small_checkpoints[task_name], task)[0])
     inputs = model_inputs(task, len(lengths), seq_len, lengths)
     ours = run(patched, inputs)
-    theirs = transformers_outputs(reference, task, inputs)
+    theirs = transformers_model_outputs(reference, task, inputs)
     for output in task.outputs:
         assert ours[output].shape == theirs[output].shape
         assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE, output
@@ -90,7 +76,7 @@ def test_with_priors_and_sparse_mode(tmp_path):
     patched = patch_model(load_model(folder)[0])
     inputs = model_inputs(task, 2, 224, [224, 100], seed=3)
     ours = run(patched, inputs)
-    theirs = transformers_outputs(reference, task, inputs)
+    theirs = transformers_model_outputs(reference, task, inputs)
     for output in task.outputs:
         assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE
 

@@ -1,0 +1,125 @@
+"""The ``mra-export`` command: export, parity, build, bench, demo.
+
+Problems the user can fix (bad input, missing files, TensorRT absent) print one line and exit 2;
+a parity failure exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except UserError as error:
+        print(f"mra-export {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _export(args) -> int:
+    from .export import export_model
+
+    export_model(args.model, args.out, task=args.task, flavour=args.flavour, opset=args.opset)
+    return 0
+
+
+def _parity(args) -> int:
+    from .parity import format_table, run_parity
+
+    report = run_parity(args.model, args.onnx or (), args.engine or (), args.report)
+    print(format_table([report]))
+    if args.report:
+        print(f"report: {args.report}")
+    print("PASSED" if report.passed else "FAILED")
+    return 0 if report.passed else EXIT_FAILED
+
+
+def _build(args) -> int:
+    from .engines.build import build_from_args
+
+    build_from_args(args)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run_bench_from_args
+
+    run_bench_from_args(args)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return 0 if run_demo(args.out) else EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .export.exporter import DEFAULT_OPSET, FLAVOURS
+    from .tasks import TASKS
+
+    parser = argparse.ArgumentParser(
+        prog="mra-export", description="transformers' MRA models to ONNX, onnxruntime and "
+        "TensorRT, with parity reports against PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser("export", help="export a local checkpoint to ONNX")
+    export.add_argument("--model", required=True, help="local checkpoint folder (save_pretrained)")
+    export.add_argument("--task", default="auto",
+                        help=f"one of: auto, {', '.join(TASKS)} (default: auto, from the "
+                        "config's architectures)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--flavour", choices=FLAVOURS, default="portable",
+                        help="portable: standard ONNX ops (onnxruntime CPU/CUDA); plugin: one "
+                        "MraAttention node per layer (TensorRT with the plugin)")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18-23)")
+    export.set_defaults(run=_export)
+
+    parity = commands.add_parser("parity", help="check exports and engines against PyTorch")
+    parity.add_argument("--model", required=True, help="the checkpoint folder exported")
+    parity.add_argument("--onnx", action="append", metavar="OUT",
+                        help="an export folder (repeat for both flavours)")
+    parity.add_argument("--engine", action="append", metavar="DIR",
+                        help="an engine folder made by 'mra-export build' (repeatable)")
+    parity.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    parity.set_defaults(run=_parity)
+
+    from .engines.cli import add_build_arguments
+
+    build = commands.add_parser("build", help="build a TensorRT engine from a plugin export")
+    add_build_arguments(build)
+    build.set_defaults(run=_build)
+
+    from .bench import add_bench_arguments
+
+    bench = commands.add_parser("bench", help="latency and memory against dense attention")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the built-in default model")
+    demo.add_argument("--out", default="out/demo", help="working folder (default: out/demo)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

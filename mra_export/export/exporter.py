@@ -1,0 +1,227 @@
+"""``mra-export export``: a local transformers MRA checkpoint -> an ONNX export folder.
+
+The folder holds ``model.onnx`` (with ``model.onnx.data`` past 2 GB), ``config.json``, the
+source's tokenizer files and ``export.json``. One file serves every batch size and every length
+from 1 to ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+import transformers
+
+from .. import __version__
+from ..checkpoints import load_config, load_model
+from ..errors import UserError
+from ..files import sha256_of, staged_folder
+from ..patching import attention_cores, patch_model
+from ..tasks import Task, get_task, task_for_config
+from . import graph_names, plugin_node
+from .info import ExportInfo
+
+FLAVOURS = ("portable", "plugin")
+DEFAULT_OPSET = 20
+SUPPORTED_OPSETS = range(18, 24)  # 18: ScatterElements with reduction="max"
+EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+VALIDATION_TOLERANCE = 1e-4
+
+
+def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
+                 flavour: str = "portable", opset: int = DEFAULT_OPSET,
+                 log=print) -> ExportInfo:
+    """Export a local MRA checkpoint folder; returns the ``export.json`` it wrote."""
+    if flavour not in FLAVOURS:
+        raise UserError(f"unknown flavour {flavour!r}; choose one of: {', '.join(FLAVOURS)}")
+    if opset not in SUPPORTED_OPSETS:
+        raise UserError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
+                        f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+    config = load_config(model_dir)
+    chosen = task_for_config(config) if task == "auto" else get_task(task)
+    with staged_folder(out) as staging:
+        log(f"loading {chosen.model_class.__name__} from {model_dir}")
+        model = patch_model(load_model(model_dir, chosen)[0])
+        log(f"exporting {chosen.name} ({flavour} flavour, opset {opset}) ...")
+        onnx_model = _trace(model, chosen, flavour, opset)
+        contexts = _name_graph(onnx_model, chosen, config)
+        onnx_path = staging / "model.onnx"
+        external = _save(onnx_model, onnx_path)
+        log("checking with onnx.checker (full_check) ...")
+        _check(onnx_path)
+        validation = None
+        if flavour == "portable":
+            validation = _validate_on_onnxruntime(model, chosen, onnx_path)
+            log(f"onnxruntime vs PyTorch on a sample: max abs {validation['max_abs']:.2e}")
+        config.save_pretrained(staging)
+        has_tokenizer = _copy_tokenizer(model_dir, staging)
+        info = _describe(model, chosen, config, flavour, opset, contexts, staging, external,
+                         model_dir, validation, has_tokenizer)
+        info.save(staging)
+    log(f"wrote {Path(out) / 'model.onnx'}")
+    return info
+
+
+class OnnxSignature(torch.nn.Module):
+    """The task model with tensor inputs and a tuple of the task's outputs, for tracing."""
+
+    def __init__(self, model, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra,
+                             return_dict=True)
+        return tuple(outputs[name] for name in self.task.outputs)
+
+
+def example_inputs(task: Task, config, batch: int = 2, seq_len: int = 70,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs to trace or check with: lengths that are not block multiples, a ragged mask."""
+    seq_len = max(2, min(seq_len, config.max_position_embeddings))
+    shape = (batch, 2, seq_len) if task.has_choices else (batch, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(0, config.vocab_size, shape, generator=generator),
+        "attention_mask": torch.ones(shape, dtype=torch.int64),
+    }
+    inputs["attention_mask"][-1, ..., seq_len // 2:] = 0
+    if "token_type_ids" in task.input_names(config):
+        inputs["token_type_ids"] = torch.randint(0, config.type_vocab_size, shape,
+                                                 generator=generator)
+    return inputs
+
+
+def _trace(model, task: Task, flavour: str, opset: int) -> ir.Model:
+    inputs = example_inputs(task, model.config)
+    dynamic = torch.export.Dim.DYNAMIC  # named Dims trip torch's constraint solver here
+    dynamic_shapes = {name: {axis: dynamic for axis in range(t.dim())}
+                      for name, t in inputs.items()}
+    plugin = flavour == "plugin"
+    nodes = plugin_node.plugin_nodes(model) if plugin else contextlib.nullcontext()
+    chatter = io.StringIO()  # the exporter prints its own progress lines
+    with nodes, warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet("torch"):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                OnnxSignature(model, task).eval(), (), kwargs=inputs, dynamo=True,
+                opset_version=opset, input_names=list(inputs), output_names=list(task.outputs),
+                dynamic_shapes=dynamic_shapes, verbose=False,
+                custom_translation_table=plugin_node.translation_table() if plugin else None)
+        except Exception as error:  # the exporter's report is long; keep its summary
+            raise UserError(f"torch.onnx.export failed: {_summary(error)}") from error
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a library logger's notices (torch's exporter logs about torchvision)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _name_graph(onnx_model: ir.Model, task: Task, config) -> list[str]:
+    axes = {name: task.input_axes for name in task.input_names(config)}
+    graph_names.name_dynamic_axes(onnx_model, axes)
+    contexts = graph_names.name_attention_contexts(onnx_model)
+    for node in onnx_model.graph:  # the exporter's debug records: stack traces, FX node text
+        node.metadata_props.clear()
+    onnx_model.producer_name, onnx_model.producer_version = "mra-export", __version__
+    onnx_model.metadata_props["mra_export.task"] = task.name
+    return contexts
+
+
+def _save(onnx_model: ir.Model, path: Path) -> str | None:
+    """Save, with the weights in ``model.onnx.data`` when the file would pass 2 GB."""
+    weight_bytes = sum(v.const_value.nbytes for v in onnx_model.graph.initializers.values()
+                       if v.const_value is not None)
+    external = f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_ABOVE else None
+    ir.save(onnx_model, path, external_data=external)
+    return external
+
+
+def _check(path: Path) -> None:
+    plugin_node.register_schema()
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise UserError(f"the exported model fails onnx.checker: {_summary(error)}") from None
+
+
+def _validate_on_onnxruntime(model, task: Task, path: Path) -> dict:
+    """Optimum-style: the saved file on onnxruntime CPU against PyTorch, on fresh inputs."""
+    import onnxruntime
+
+    inputs = example_inputs(task, model.config, batch=3, seq_len=45, seed=1)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(task.outputs), {n: t.numpy() for n, t in inputs.items()})
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=True)
+    max_abs = max(float(np.abs(expected[name].numpy() - value).max())
+                  for name, value in zip(task.outputs, got))
+    if not max_abs <= VALIDATION_TOLERANCE:
+        raise UserError(f"the exported model differs from PyTorch by {max_abs:.3g} (tolerance "
+                        f"{VALIDATION_TOLERANCE}) on onnxruntime; please report this")
+    return {"provider": "CPUExecutionProvider", "max_abs": max_abs,
+            "tolerance": VALIDATION_TOLERANCE, "batch": 3, "sequence_length": 45}
+
+
+def _copy_tokenizer(model_dir, staging: Path) -> bool:
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return False  # a checkpoint without tokenizer files is fine
+    tokenizer.save_pretrained(staging)
+    return True
+
+
+def _describe(model, task: Task, config, flavour, opset, contexts, staging: Path,
+              external, model_dir, validation, has_tokenizer) -> ExportInfo:
+    core = attention_cores(model)[0]
+    heads = config.num_attention_heads
+    files = ["model.onnx"] + ([external] if external else [])
+    input_axes = dict(enumerate(task.input_axes))
+    return ExportInfo(
+        flavour=flavour, opset=opset, task=task.name, model_class=task.model_class.__name__,
+        inputs={name: "int64" for name in task.input_names(config)},
+        outputs={name: "float32" for name in task.outputs},
+        dynamic_axes={**{name: {str(i): a for i, a in input_axes.items()}
+                         for name in task.input_names(config)},
+                      **{name: {str(i): a for i, a in enumerate(task.output_axes)}
+                         for name in task.outputs}},
+        max_sequence_length=config.max_position_embeddings,
+        attention={**core.settings(), "heads": heads,
+                   "head_dim": config.hidden_size // heads, "layers": len(contexts)},
+        attention_contexts=contexts,
+        versions={"mra_export": __version__, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "onnx": onnx.__version__},
+        onnx_file="model.onnx", external_data=external,
+        sha256={name: sha256_of(staging / name) for name in files},
+        source=str(Path(model_dir).absolute()),
+        plugin=_plugin_contract() if flavour == "plugin" else None,
+        validation=validation, tokenizer=has_tokenizer)
+
+
+def _plugin_contract() -> dict:
+    return {"domain": plugin_node.DOMAIN, "op_type": plugin_node.OP_TYPE,
+            "plugin_version": plugin_node.PLUGIN_VERSION,
+            "plugin_namespace": plugin_node.PLUGIN_NAMESPACE}
+
+
+def _summary(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    summary = [line for line in lines if "Error" in line or "error" in line]
+    return (summary[-1] if summary else lines[-1] if lines else type(error).__name__)[:300]

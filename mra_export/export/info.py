@@ -1,0 +1,64 @@
+"""``export.json``: what an export folder holds, how it was made, and its checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import atomic_write_text, sha256_of
+
+FILE_NAME = "export.json"
+FORMAT = "mra-export/1"
+
+
+@dataclasses.dataclass
+class ExportInfo:
+    flavour: str  # "portable" or "plugin"
+    opset: int
+    task: str  # Hugging Face task name
+    model_class: str
+    inputs: dict[str, str]  # name -> dtype
+    outputs: dict[str, str]
+    dynamic_axes: dict[str, dict[str, str]]  # tensor -> {axis index: axis name}
+    max_sequence_length: int
+    attention: dict  # the MRA settings of every layer, heads and head_dim
+    attention_contexts: list[str]  # per-layer context values, for diagnostics
+    versions: dict[str, str]
+    onnx_file: str
+    external_data: str | None
+    sha256: dict[str, str]
+    source: str
+    plugin: dict | None = None  # the MraAttention node contract, plugin flavour only
+    validation: dict | None = None  # onnxruntime vs PyTorch on a sample, portable flavour
+    tokenizer: bool = False
+    format: str = FORMAT
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_text(Path(folder) / FILE_NAME, json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ExportInfo:
+        path = Path(folder) / FILE_NAME
+        if not path.is_file():
+            raise UserError(f"{folder} has no {FILE_NAME}; pass a folder made by 'mra-export "
+                            "export'")
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise UserError(f"{path} is corrupt ({error}); export the model again") from None
+
+    def onnx_path(self, folder: str | Path) -> Path:
+        return Path(folder) / self.onnx_file
+
+    def verify_files(self, folder: str | Path) -> None:
+        """Refuse a folder whose ONNX files do not match the checksums recorded at export."""
+        for name, expected in self.sha256.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                raise UserError(f"{path} is missing; export the model again")
+            if sha256_of(path) != expected:
+                raise UserError(f"{path} does not match the sha256 in {FILE_NAME} (changed or "
+                                "corrupt); export the model again")

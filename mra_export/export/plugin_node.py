@@ -1,0 +1,115 @@
+"""The ``MraAttention`` node of the plugin flavour: the contract the TensorRT plugin implements.
+
+One node per layer replaces the attention core. TensorRT's ONNX parser finds the plugin by the
+node's ``op_type`` (``MraAttention``) with ``plugin_version`` and ``plugin_namespace`` from its
+attributes; its other attributes become plugin fields (INT as kINT32, STRING as kCHAR). The
+domain, ``trt.plugins``, only keeps ONNX tools from mistaking it for a standard op.
+``plugins/README.md`` states the same contract for the C++ side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import onnx
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+
+from ..attention import mra_attention
+from ..patching import MraAttentionCore, attention_cores
+
+DOMAIN = "trt.plugins"
+OP_TYPE = "MraAttention"
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+
+INPUTS = ("query", "key", "value", "mask")
+ATTRIBUTES = ("num_blocks", "approx_mode", "block_size", "initial_prior_first_n_blocks",
+              "initial_prior_diagonal_n_blocks", "plugin_version", "plugin_namespace")
+
+
+def register_schema() -> None:
+    """Register the node's schema with onnx (idempotent), so checkers validate it."""
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    param, attribute, kind = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType
+    onnx.defs.register_schema(OpSchema(
+        OP_TYPE, DOMAIN, 1,
+        doc="MRA-2 attention of transformers' MRA models (mra-export plugins/README.md).",
+        inputs=[param("query", "T", "[batch, heads, seq, head_dim]"),
+                param("key", "T", "[batch, heads, seq, head_dim]"),
+                param("value", "T", "[batch, heads, seq, head_dim]"),
+                param("mask", "M", "[batch, seq], non-zero for real tokens")],
+        outputs=[param("context", "T", "[batch, heads, seq, head_dim]")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+            ("M", ["tensor(int32)"], "token mask"),
+        ],
+        attributes=[
+            attribute("num_blocks", kind.INT, "high-resolution blocks per (batch, head)"),
+            attribute("approx_mode", kind.STRING, "'full' or 'sparse'"),
+            attribute("block_size", kind.INT, "tokens per block (32)"),
+            attribute("initial_prior_first_n_blocks", kind.INT, "prior: first block rows/cols"),
+            attribute("initial_prior_diagonal_n_blocks", kind.INT, "prior: diagonal band"),
+            attribute("plugin_version", kind.STRING, "TensorRT plugin version"),
+            attribute("plugin_namespace", kind.STRING, "TensorRT plugin namespace"),
+        ],
+    ))
+
+
+@torch.library.custom_op("mra_export::mra_attention", mutates_args=())
+def mra_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, num_blocks: int, approx_mode: str, block_size: int,
+                     initial_prior_first_n_blocks: int,
+                     initial_prior_diagonal_n_blocks: int) -> torch.Tensor:
+    """``mra_attention`` as one opaque op, so that export emits one node per layer."""
+    return mra_attention(query, key, value, mask, num_blocks=num_blocks, approx_mode=approx_mode,
+                         block_size=block_size,
+                         initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+                         initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks)
+
+
+@mra_attention_op.register_fake
+def _(query, key, value, mask, num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+      initial_prior_diagonal_n_blocks):
+    return torch.empty_like(query)
+
+
+def _to_onnx_node(query, key, value, mask, num_blocks: int, approx_mode: str, block_size: int,
+                  initial_prior_first_n_blocks: int, initial_prior_diagonal_n_blocks: int):
+    plugins = onnxscript.values.Opset(DOMAIN, 1)
+    return plugins.MraAttention(
+        query, key, value, mask, num_blocks=num_blocks, approx_mode=approx_mode,
+        block_size=block_size, initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE)
+
+
+def translation_table() -> dict:
+    """For ``torch.onnx.export(custom_translation_table=...)``."""
+    register_schema()
+    return {torch.ops.mra_export.mra_attention.default: _to_onnx_node}
+
+
+class PluginNodeCore(MraAttentionCore):
+    """An attention core that exports as one ``MraAttention`` node (int32 mask)."""
+
+    def forward(self, query, key, value, attention_mask):
+        return mra_attention_op(query, key, value, attention_mask.to(torch.int32),
+                                self.num_blocks, self.approx_mode, self.block_size,
+                                self.initial_prior_first_n_blocks,
+                                self.initial_prior_diagonal_n_blocks)
+
+
+@contextlib.contextmanager
+def plugin_nodes(model: torch.nn.Module):
+    """Within the block, every attention core of ``model`` exports as an ``MraAttention`` node."""
+    cores = attention_cores(model)
+    for core in cores:
+        core.__class__ = PluginNodeCore
+    try:
+        yield
+    finally:
+        for core in cores:
+            core.__class__ = MraAttentionCore

@@ -1,0 +1,56 @@
+"""``mra-export parity``: every backend of an exported head against the patched PyTorch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoints import load_model
+from ..errors import UserError
+from ..export.info import ExportInfo
+from ..patching import patch_model
+from ..tasks import get_task
+from .backends import engine_backends, export_backends
+from .compare import check_backend, run_quietly
+from .inputs import describe, parity_feeds
+from .report import ParityReport, format_table
+from .runners import TorchRunner
+
+__all__ = ["ParityReport", "format_table", "run_parity"]
+
+
+def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=None,
+               seed: int = 0, log=print) -> ParityReport:
+    """Check each export folder (and engine) against the patched PyTorch model of
+    ``model_dir`` on seeded inputs; write ``report_path`` (JSON) if given."""
+    if not onnx_dirs and not engine_dirs:
+        raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
+    infos = [ExportInfo.load(folder) for folder in onnx_dirs]
+    tasks = {info.task for info in infos}
+    if len(tasks) > 1:
+        raise UserError(f"the export folders are for different tasks ({', '.join(sorted(tasks))})"
+                        "; check one head at a time")
+    task = get_task(tasks.pop()) if tasks else _engine_task(engine_dirs)
+    model = patch_model(load_model(model_dir, task)[0])
+    input_names = task.input_names(model.config)
+    contexts = [f"attention_context.{layer}" for layer in range(model.config.num_hidden_layers)]
+    feeds = parity_feeds(task, model.config, seed)
+    log(f"parity for {task.name}: {len(feeds)} input sets, PyTorch reference ...")
+    reference = run_quietly([TorchRunner(model, task, input_names)], feeds)
+    backends = [b for folder in onnx_dirs for b in export_backends(folder)]
+    backends += engine_backends(engine_dirs)
+    results = []
+    for backend in backends:
+        if not backend.skipped:
+            log(f"  {backend.name} ({backend.source}) ...")
+        results.append(check_backend(backend, reference, feeds, task, input_names, contexts))
+    report = ParityReport(str(Path(model_dir).absolute()), task.name,
+                          [describe(feed) for feed in feeds], results)
+    if report_path:
+        report.save(report_path)
+    return report
+
+
+def _engine_task(engine_dirs):
+    from ..engines.manifest import EngineManifest
+
+    return get_task(EngineManifest.load(engine_dirs[0]).export["task"])

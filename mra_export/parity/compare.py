@@ -1,0 +1,63 @@
+"""Running backends against PyTorch with Polygraphy's Comparator, output by output, and the
+per-attention-head diagnostic from the same runs."""
+
+from __future__ import annotations
+
+import numpy as np
+from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+from polygraphy.logger import G_LOGGER
+
+from ..errors import UserError
+from .backends import Backend
+from .report import AttentionResult, BackendResult, OutputResult
+from .runners import ExportedModelRunner
+
+
+def run_quietly(runners, feeds) -> RunResults:
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        return Comparator.run(runners, data_loader=feeds)
+
+
+def check_backend(backend: Backend, reference: RunResults, feeds, task, input_names,
+                  contexts: list[str]) -> BackendResult:
+    """Run one backend on ``feeds`` and compare it with the PyTorch ``reference`` results."""
+    if backend.skipped:
+        return BackendResult(backend.name, backend.source, "skipped", backend.skipped)
+    runner = ExportedModelRunner(backend.load, task, input_names, contexts, name=backend.name)
+    try:
+        results = run_quietly([runner], feeds)
+    except UserError as error:
+        return BackendResult(backend.name, backend.source, "error", str(error))
+    except Exception as error:  # a runtime's own failure: report it, check the others
+        message = str(error).strip().splitlines()
+        return BackendResult(backend.name, backend.source, "error",
+                             f"{type(error).__name__}: {message[0] if message else ''}")
+    pair = RunResults(list(reference.items()) + list(results.items()))
+    outputs = _compare_outputs(pair, task.outputs, backend.tolerance)
+    attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance)
+    passed = all(o.passed for o in outputs.values()) and attention.passed
+    return BackendResult(backend.name, backend.source, "passed" if passed else "failed",
+                         outputs=outputs, attention=attention)
+
+
+def _compare_outputs(pair: RunResults, names, tolerance: float) -> dict[str, OutputResult]:
+    compare = SimpleCompareFunc(atol=tolerance, rtol=0.0, check_error_stat="max")
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        accuracy = Comparator.compare_accuracy(pair, compare_func=compare)
+    iterations = next(iter(accuracy[0].values()))  # one compare function, one runner pair
+    return {name: OutputResult(max(it[name].max_absdiff for it in iterations),
+                               max(it[name].max_reldiff for it in iterations), tolerance)
+            for name in names}
+
+
+def _per_head_max_abs(pair: RunResults, contexts: list[str]) -> list[list[float]]:
+    (_, expected), (_, actual) = pair.items()
+    rows = []
+    for name in contexts:
+        worst = None
+        for want, got in zip(expected, actual):
+            diff = np.abs(want[name].astype(np.float64) - got[name].astype(np.float64))
+            per_head = diff.max(axis=(0, 2, 3))
+            worst = per_head if worst is None else np.maximum(worst, per_head)
+        rows.append([float(v) for v in worst])
+    return rows

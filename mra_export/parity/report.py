@@ -1,0 +1,120 @@
+"""Parity results: per backend and output, and per attention head; JSON and a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..files import atomic_write_text
+
+
+@dataclasses.dataclass
+class OutputResult:
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+
+@dataclasses.dataclass
+class AttentionResult:
+    """Every (layer, head) attention context against PyTorch: the per-head diagnostic."""
+
+    per_head_max_abs: list[list[float]]  # [layer][head]
+    tolerance: float
+
+    @property
+    def max_abs(self) -> float:
+        return max(max(row) for row in self.per_head_max_abs)
+
+    @property
+    def first_divergence(self) -> dict | None:
+        for layer, row in enumerate(self.per_head_max_abs):
+            for head, value in enumerate(row):
+                if not value <= self.tolerance:
+                    return {"layer": layer, "head": head, "max_abs": value}
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None
+
+
+@dataclasses.dataclass
+class BackendResult:
+    backend: str
+    source: str
+    status: str  # "passed", "failed", "skipped" or "error"
+    reason: str | None = None  # why it was skipped, or the error
+    outputs: dict[str, OutputResult] = dataclasses.field(default_factory=dict)
+    attention: AttentionResult | None = None
+
+
+@dataclasses.dataclass
+class ParityReport:
+    model: str
+    task: str
+    inputs: list[dict]
+    backends: list[BackendResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(b.status in ("passed", "skipped") for b in self.backends)
+
+    def to_dict(self) -> dict:
+        def with_properties(result):
+            data = dataclasses.asdict(result)
+            for name, output in result.outputs.items():
+                data["outputs"][name]["passed"] = output.passed
+            if result.attention:
+                data["attention"].update(max_abs=result.attention.max_abs,
+                                         first_divergence=result.attention.first_divergence,
+                                         passed=result.attention.passed)
+            return data
+
+        return {"model": self.model, "task": self.task, "passed": self.passed,
+                "inputs": self.inputs, "backends": [with_properties(b) for b in self.backends]}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+HEADER = ("head", "backend", "output", "max abs", "max rel", "tolerance", "result")
+
+
+def table_rows(report: ParityReport) -> list[tuple[str, ...]]:
+    rows = []
+    for result in report.backends:
+        if result.status in ("skipped", "error"):
+            rows.append((report.task, result.backend, "-", "-", "-", "-",
+                         f"{result.status}: {result.reason}"))
+            continue
+        for name, output in result.outputs.items():
+            rows.append((report.task, result.backend, name, f"{output.max_abs:.2e}",
+                         f"{output.max_rel:.2e}", f"{output.tolerance:g}",
+                         "pass" if output.passed else "FAIL"))
+        if result.attention:
+            attention = result.attention
+            layers, heads = len(attention.per_head_max_abs), len(attention.per_head_max_abs[0])
+            divergence = attention.first_divergence
+            verdict = "pass" if divergence is None else (
+                f"FAIL: first diverges at layer {divergence['layer']}, head {divergence['head']}")
+            rows.append((report.task, result.backend, f"attention ({layers}x{heads} heads)",
+                         f"{attention.max_abs:.2e}", "-", f"{attention.tolerance:g}", verdict))
+    return rows
+
+
+def format_table(reports: list[ParityReport]) -> str:
+    rows = [HEADER] + [row for report in reports for row in table_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 6)
+    return "\n".join(lines)

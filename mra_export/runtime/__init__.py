@@ -1,0 +1,5 @@
+"""Running exported MRA models: onnxruntime (``OrtMraModel``) and TensorRT (``TrtMraModel``)."""
+
+from .ort import OrtMraModel
+
+__all__ = ["OrtMraModel"]

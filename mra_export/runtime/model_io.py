@@ -1,0 +1,107 @@
+"""What the exported models take and give: tokenizer output in, the task's ModelOutput out.
+
+Shared by the onnxruntime and TensorRT runtimes. Inputs may be numpy arrays, torch tensors or
+lists (a tokenizer's output, unpacked); outputs come back as torch tensors when the inputs were
+torch tensors, as numpy arrays otherwise. Missing ``attention_mask``/``token_type_ids`` default to
+ones/zeros, as in transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..export.info import ExportInfo
+from ..tasks import get_task
+
+DEFAULTS = {"attention_mask": np.ones_like, "token_type_ids": np.zeros_like}
+
+
+@dataclass
+class ModelInputs:
+    arrays: dict[str, np.ndarray]  # int64, C-contiguous, in the model's input order
+    torch_device: torch.device | None  # where torch inputs lived; None for numpy inputs
+
+    @property
+    def batch(self) -> int:
+        return self.arrays["input_ids"].shape[0]
+
+
+def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
+    """Check and convert the caller's inputs; raise ``InputError`` naming any problem."""
+    unknown = sorted(name for name, value in given.items()
+                     if value is not None and name not in info.inputs)
+    if unknown:
+        raise InputError(f"unexpected input {', '.join(unknown)}; this {info.task} model takes "
+                         f"{', '.join(info.inputs)}")
+    if given.get("input_ids") is None:
+        raise InputError(f"input_ids is required (the {info.task} model takes "
+                         f"{', '.join(info.inputs)})")
+    device = next((v.device for v in given.values() if isinstance(v, torch.Tensor)), None)
+    ids = _as_int64("input_ids", given["input_ids"], allow_float=False)
+    _check_rank("input_ids", ids, info)
+    arrays = {"input_ids": ids}
+    for name in info.inputs:
+        if name == "input_ids":
+            continue
+        value = given.get(name)
+        array = DEFAULTS[name](ids) if value is None else _as_int64(name, value, allow_float=True)
+        if array.shape != ids.shape:
+            raise InputError(f"{name} has shape {list(array.shape)} but input_ids has "
+                             f"{list(ids.shape)}; they must match")
+        arrays[name] = array
+    _check_length(ids, config.max_position_embeddings)
+    _check_range("input_ids", ids, config.vocab_size)
+    if "token_type_ids" in arrays:
+        _check_range("token_type_ids", arrays["token_type_ids"], config.type_vocab_size)
+    return ModelInputs(arrays, device)
+
+
+def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelInputs):
+    """The task's transformers ``ModelOutput``, in torch when the inputs were torch."""
+    task = get_task(info.task)
+    if inputs.torch_device is not None:
+        values = {name: torch.from_numpy(np.ascontiguousarray(v)).to(inputs.torch_device)
+                  for name, v in values.items()}
+    return task.output_type(**{name: values[name] for name in task.outputs})
+
+
+def _as_int64(name: str, value, allow_float: bool) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise InputError(f"{name} is ragged; pad the batch (tokenizer(..., padding=True))") from None
+    if array.dtype == object:
+        raise InputError(f"{name} is ragged; pad the batch (tokenizer(..., padding=True))")
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        return np.ascontiguousarray(array, dtype=np.int64)
+    if allow_float and np.issubdtype(array.dtype, np.floating) and np.isin(array, (0, 1)).all():
+        return np.ascontiguousarray(array, dtype=np.int64)  # a 0/1 mask given as floats
+    raise InputError(f"{name} must hold integers, got {array.dtype}")
+
+
+def _check_rank(name: str, array: np.ndarray, info: ExportInfo) -> None:
+    axes = list(info.dynamic_axes[name].values())
+    if array.ndim != len(axes):
+        raise InputError(f"{name} must be [{', '.join(axes)}], got shape {list(array.shape)}")
+    if 0 in array.shape:
+        raise InputError(f"{name} is empty (shape {list(array.shape)})")
+
+
+def _check_length(ids: np.ndarray, max_length: int) -> None:
+    if ids.shape[-1] > max_length:
+        raise InputError(f"sequence length {ids.shape[-1]} is longer than the model's "
+                         f"max_position_embeddings={max_length}; truncate the input, e.g. "
+                         f"tokenizer(..., truncation=True, max_length={max_length})")
+
+
+def _check_range(name: str, array: np.ndarray, size: int) -> None:
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= size:
+        raise InputError(f"{name} must be in [0, {size}) for this model, got values "
+                         f"{low}..{high}")

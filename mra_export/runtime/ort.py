@@ -1,0 +1,128 @@
+"""``OrtMraModel``: an exported MRA head on onnxruntime, used like a transformers model.
+
+One class serves all six tasks (as Optimum's ``ORTModelFor*`` do per task): ``export.json`` says
+the task, its inputs and outputs, and calls return the task's ModelOutput.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import UserError
+from .base import ExportedModel
+
+TENSORRT, CUDA, CPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                       "CPUExecutionProvider")
+PREFERENCE = (TENSORRT, CUDA, CPU)
+
+
+class OrtMraModel(ExportedModel):
+    """An export folder in an onnxruntime session."""
+
+    def __init__(self, info, config, folder, providers, session_options):
+        super().__init__(info, config, folder)
+        self._providers, self._options = providers, session_options
+        self.session = self._session(str(info.onnx_path(folder)))
+        self._diagnostic_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
+                        session_options: ort.SessionOptions | None = None,
+                        plugin_library: str | Path | None = None,
+                        verify: bool = True) -> OrtMraModel:
+        """Load ``folder`` (made by ``mra-export export``).
+
+        ``provider``: an execution provider or a list in order of preference; by default
+        TensorRT, CUDA, then CPU, whichever this onnxruntime has. The plugin flavour runs only on
+        the TensorRT provider with ``plugin_library`` (the built ``MraAttention`` plugin).
+        ``verify`` checks the ONNX files against the sha256 in ``export.json``.
+        """
+        info, config = cls.load_export(folder, verify)
+        providers = choose_providers(provider, info.flavour, plugin_library)
+        return cls(info, config, folder, providers, session_options or default_options())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
+        session = self._diagnostic_session(tuple(extra_outputs)) if extra_outputs else self.session
+        names = [o.name for o in session.get_outputs()]
+        if session.get_providers()[0] == CUDA:
+            values = self._run_with_io_binding(session, arrays, names)
+        else:
+            values = session.run(names, arrays)
+        return dict(zip(names, values))
+
+    def _session(self, model: str | bytes) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(model, sess_options=self._options,
+                                        providers=self._providers)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise UserError(f"onnxruntime cannot load {self.info.onnx_path(self.folder)}: "
+                            f"{str(error).strip().splitlines()[0]}") from None
+
+    def _diagnostic_session(self, extra_outputs: tuple[str, ...]) -> ort.InferenceSession:
+        """A session whose graph also outputs ``extra_outputs`` (intermediate values)."""
+        if extra_outputs not in self._diagnostic_sessions:
+            path = self.info.onnx_path(self.folder)
+            model = onnx.load(str(path), load_external_data=False)
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
+                                      for name in extra_outputs)
+            with tempfile.TemporaryDirectory() as scratch:
+                copy = Path(scratch) / path.name
+                onnx.save(model, str(copy))
+                if self.info.external_data:  # the weights stay where they are
+                    os.symlink(path.parent / self.info.external_data,
+                               Path(scratch) / self.info.external_data)
+                self._diagnostic_sessions[extra_outputs] = self._session(str(copy))
+        return self._diagnostic_sessions[extra_outputs]
+
+    @staticmethod
+    def _run_with_io_binding(session, arrays, names) -> list[np.ndarray]:
+        """On CUDA: inputs copied to the device once and outputs allocated there."""
+        binding = session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for name in names:
+            binding.bind_output(name, "cuda", 0)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+
+def choose_providers(provider, flavour: str, plugin_library=None) -> list:
+    """The providers to ask onnxruntime for, checked against what it has."""
+    available = ort.get_available_providers()
+    if provider is None:
+        wanted = [p for p in PREFERENCE if p in available]
+    else:
+        wanted = [provider] if isinstance(provider, str) else list(provider)
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
+                            f"(available: {', '.join(available)}); for CUDA or TensorRT install "
+                            "onnxruntime-gpu (pip install 'mra-export[gpu]')")
+    if flavour != "plugin":
+        return wanted
+    if TENSORRT not in wanted or not plugin_library:
+        raise UserError("the plugin flavour's MraAttention node runs only on TensorRT (the "
+                        "TensorRT provider with plugin_library set to the built plugin); use a "
+                        "portable export (--flavour portable) for onnxruntime CPU and CUDA")
+    return [(TENSORRT, {"trt_extra_plugin_lib_paths": str(plugin_library)})]
+
+
+def default_options() -> ort.SessionOptions:
+    """Full graph optimisation; intra-op threads as onnxruntime chooses (one per core) unless
+    ``MRA_EXPORT_ORT_THREADS`` says otherwise."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = os.environ.get("MRA_EXPORT_ORT_THREADS")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return options

@@ -1,0 +1,88 @@
+"""The plugin flavour on the CPU: its graph run by ``onnx.reference``, with each ``MraAttention``
+node computed by a reference implementation of the plugin.
+
+This is how the plugin-flavour graph is checked where TensorRT is absent: everything except the
+plugin node is the exported graph, executed by ONNX's own reference evaluator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from ..attention import mra_attention
+from ..errors import UserError
+from ..export import plugin_node
+from .base import ExportedModel
+
+
+def torch_reference(query, key, value, mask, **settings) -> np.ndarray:
+    """The node computed by ``mra_export.mra_attention`` (the PyTorch reference)."""
+    tensors = (torch.from_numpy(np.ascontiguousarray(t)) for t in (query, key, value, mask))
+    return mra_attention(*tensors, **settings).numpy()
+
+
+NODE_IMPLEMENTATIONS = {"torch": torch_reference}
+
+
+def node_settings(attributes: dict) -> dict:
+    """The ``mra_attention`` keyword arguments of a node's attributes (strings decoded)."""
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else value
+
+    return dict(num_blocks=int(attributes["num_blocks"]),
+                approx_mode=text(attributes["approx_mode"]),
+                block_size=int(attributes["block_size"]),
+                initial_prior_first_n_blocks=int(attributes["initial_prior_first_n_blocks"]),
+                initial_prior_diagonal_n_blocks=int(attributes["initial_prior_diagonal_n_blocks"]))
+
+
+def _node_class(implementation):
+    class MraAttention(OpRun):
+        op_domain = plugin_node.DOMAIN
+
+        def _run(self, query, key, value, mask, num_blocks=None, approx_mode=None,
+                 block_size=None, initial_prior_first_n_blocks=None,
+                 initial_prior_diagonal_n_blocks=None, plugin_version=None,
+                 plugin_namespace=None):
+            settings = node_settings(dict(
+                num_blocks=num_blocks, approx_mode=approx_mode, block_size=block_size,
+                initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+                initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks))
+            return (implementation(query, key, value, mask, **settings).astype(query.dtype),)
+
+    return MraAttention
+
+
+class ReferencePluginModel(ExportedModel):
+    """A plugin-flavour export run on the CPU by ``onnx.reference``."""
+
+    def __init__(self, info, config, folder, node: str):
+        super().__init__(info, config, folder)
+        if node not in NODE_IMPLEMENTATIONS:
+            raise UserError(f"unknown MraAttention implementation {node!r}; choose one of: "
+                            f"{', '.join(NODE_IMPLEMENTATIONS)}")
+        self.node = node
+        model = onnx.load(str(info.onnx_path(folder)))
+        self.evaluator = ReferenceEvaluator(model, new_ops=[_node_class(NODE_IMPLEMENTATIONS[node])])
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, node: str = "torch",
+                        verify: bool = True) -> ReferencePluginModel:
+        info, config = cls.load_export(folder, verify)
+        if info.flavour != "plugin":
+            raise UserError(f"{folder} is a {info.flavour} export; the onnx.reference runner is "
+                            "for plugin-flavour exports (use OrtMraModel for this one)")
+        return cls(info, config, folder, node)
+
+    def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
+        names = self.output_names + [n for n in extra_outputs if n not in self.output_names]
+        if not extra_outputs:
+            return dict(zip(names, self.evaluator.run(names, arrays)))
+        everything = self.evaluator.run(None, arrays, intermediate=True)
+        return {name: everything[name] for name in names}

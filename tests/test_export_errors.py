@@ -1,0 +1,178 @@
+"""Bad input to export and to OrtMraModel: one clear message, and no half-written output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from mra_export.cli import main
+from mra_export.errors import InputError, UserError
+from mra_export.export import export_model
+from mra_export.runtime import OrtMraModel
+from mra_export.runtime.plugin_reference import ReferencePluginModel
+
+
+def no_leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".previous-" in p.name]
+
+
+def test_unknown_task(small_checkpoints, tmp_path):
+    with pytest.raises(UserError, match="unknown task 'summarization'; choose one of: "
+                                        "feature-extraction, fill-mask"):
+        export_model(small_checkpoints["fill-mask"], tmp_path / "out", task="summarization")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        export_model(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(UserError, match="does not exist"):
+        export_model(tmp_path / "missing", tmp_path / "out")
+
+
+def test_a_config_that_is_not_mra(tmp_path):
+    BertConfig().save_pretrained(tmp_path / "bert")
+    with pytest.raises(UserError, match="holds a 'bert' model, not MRA"):
+        export_model(tmp_path / "bert", tmp_path / "out")
+
+
+def test_a_corrupt_config(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read .*config.json"):
+        export_model(tmp_path / "broken", tmp_path / "out")
+
+
+def test_a_checkpoint_without_the_heads_weights(small_checkpoints, tmp_path):
+    with pytest.raises(UserError, match="has no weights for .* of the fill-mask head; pass "
+                                        "--task auto"):
+        export_model(small_checkpoints["question-answering"], tmp_path / "out", task="fill-mask")
+
+
+def test_unwritable_output_leaves_nothing(small_checkpoints, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write to .*a-file"):
+        export_model(small_checkpoints["fill-mask"], tmp_path / "a-file" / "out")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        export_model(small_checkpoints["fill-mask"], tmp_path / "a-file")
+    assert no_leftovers(tmp_path) == []
+
+
+def test_a_failed_export_keeps_the_previous_folder_and_no_partial_one(small_checkpoints, tmp_path,
+                                                                       monkeypatch):
+    from mra_export.export import exporter
+
+    out = tmp_path / "out"
+    export_model(small_checkpoints["text-classification"], out, log=lambda m: None)
+    before = (out / "model.onnx").read_bytes()
+
+    def broken_check(path):
+        raise UserError("the exported model fails onnx.checker: injected")
+
+    monkeypatch.setattr(exporter, "_check", broken_check)
+    with pytest.raises(UserError, match="injected"):
+        export_model(small_checkpoints["text-classification"], out, log=lambda m: None)
+    assert (out / "model.onnx").read_bytes() == before
+    assert no_leftovers(tmp_path) == []
+
+
+def test_unsupported_opset_and_flavour(small_checkpoints, tmp_path):
+    with pytest.raises(UserError, match="opset 13 is not supported; choose 18..23"):
+        export_model(small_checkpoints["fill-mask"], tmp_path / "out", opset=13)
+    with pytest.raises(UserError, match="unknown flavour 'tensorrt'"):
+        export_model(small_checkpoints["fill-mask"], tmp_path / "out", flavour="tensorrt")
+
+
+def test_the_cli_prints_one_line_and_exits_2(small_checkpoints, tmp_path, capsys):
+    code = main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.strip().count("\n") == 0
+    assert captured.err.startswith("mra-export export: error: model folder")
+    assert "Traceback" not in captured.err
+
+
+# --- OrtMraModel -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qa_model(exports):
+    return OrtMraModel.from_pretrained(exports["question-answering", "portable"])
+
+
+def ids(*shape, high=500):
+    return torch.randint(5, high, shape)
+
+
+@pytest.mark.parametrize("inputs,message", [
+    (dict(input_ids=ids(2, 10).float()), "input_ids must hold integers, got float32"),
+    (dict(input_ids=ids(10)), r"input_ids must be \[batch_size, sequence_length\], got shape \[10\]"),
+    (dict(input_ids=ids(1, 2, 10)), r"must be \[batch_size, sequence_length\]"),
+    (dict(attention_mask=torch.ones(2, 10)), "input_ids is required"),
+    (dict(input_ids=ids(1, 257)), "sequence length 257 is longer than the model's "
+                                  "max_position_embeddings=256; truncate"),
+    (dict(input_ids=ids(2, 10), attention_mask=torch.ones(2, 9)), r"attention_mask has shape "
+                                                                  r"\[2, 9\] but input_ids"),
+    (dict(input_ids=ids(2, 10), labels=ids(2, 10)), "unexpected input labels"),
+    (dict(input_ids=ids(2, 10) + 1000), r"input_ids must be in \[0, 512\)"),
+    (dict(input_ids=[[1, 2, 3], [1, 2]]), "input_ids is ragged; pad the batch"),
+    (dict(input_ids=ids(0, 10)), "input_ids is empty"),
+    (dict(input_ids=ids(2, 10), attention_mask=torch.rand(2, 10)), "attention_mask must hold "
+                                                                    "integers"),
+])
+def test_ort_model_rejects_bad_input(qa_model, inputs, message):
+    with pytest.raises(InputError, match=message):
+        qa_model(**inputs)
+
+
+def test_ort_model_accepts_numpy_torch_lists_and_float_masks(qa_model):
+    tokens = ids(2, 12)
+    as_torch = qa_model(input_ids=tokens, attention_mask=torch.ones(2, 12))
+    as_numpy = qa_model(input_ids=tokens.numpy(), attention_mask=np.ones((2, 12), np.int32))
+    as_list = qa_model(input_ids=tokens.tolist())
+    assert type(as_torch).__name__ == "QuestionAnsweringModelOutput"
+    assert isinstance(as_torch.start_logits, torch.Tensor)
+    assert isinstance(as_numpy.start_logits, np.ndarray)
+    assert np.array_equal(as_torch.start_logits.numpy(), as_numpy.start_logits)
+    assert np.array_equal(as_list.end_logits, as_numpy.end_logits)  # default mask: all ones
+
+
+def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exports["fill-mask", "portable"], folder)
+    with open(folder / "model.onnx", "ab") as stream:
+        stream.write(b"\0")
+    with pytest.raises(UserError, match="does not match the sha256 in export.json"):
+        OrtMraModel.from_pretrained(folder)
+    with pytest.raises(UserError, match="onnxruntime cannot load"):
+        OrtMraModel.from_pretrained(folder, verify=False)
+    (folder / "export.json").write_text("{")
+    with pytest.raises(UserError, match="export.json is corrupt"):
+        OrtMraModel.from_pretrained(folder)
+    (folder / "export.json").unlink()
+    with pytest.raises(UserError, match="has no export.json"):
+        OrtMraModel.from_pretrained(folder)
+
+
+def test_ort_model_provider_errors(exports):
+    with pytest.raises(UserError, match="CUDAExecutionProvider is not available in this "
+                                        "onnxruntime.*pip install 'mra-export\\[gpu\\]'"):
+        OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
+                                    provider="CUDAExecutionProvider")
+    with pytest.raises(UserError, match="plugin flavour's MraAttention node runs only on TensorRT"):
+        OrtMraModel.from_pretrained(exports["fill-mask", "plugin"])
+    with pytest.raises(UserError, match="is a portable export"):
+        ReferencePluginModel.from_pretrained(exports["fill-mask", "portable"])
+
+
+def test_export_json_round_trips(exports):
+    folder = exports["multiple-choice", "portable"]
+    data = json.loads((folder / "export.json").read_text())
+    assert data["dynamic_axes"]["input_ids"] == {"0": "batch_size", "1": "num_choices",
+                                                 "2": "sequence_length"}
+    assert data["dynamic_axes"]["logits"] == {"0": "batch_size", "1": "num_choices"}

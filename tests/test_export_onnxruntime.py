@@ -1,0 +1,160 @@
+"""ONNX export of every head, both flavours, against the patched PyTorch model (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from mra_export import patch_model
+from mra_export.checkpoints import load_model
+from mra_export.export import plugin_node
+from mra_export.export.info import ExportInfo
+from mra_export.files import sha256_of
+from mra_export.parity.inputs import parity_feeds, parity_shapes
+from mra_export.runtime import OrtMraModel
+from mra_export.runtime.plugin_reference import ReferencePluginModel
+from mra_export.tasks import TASKS
+
+TOLERANCE = 1e-4
+pytestmark = pytest.mark.slow
+
+
+def torch_outputs(checkpoint, task, feed):
+    model = patch_model(load_model(checkpoint, task)[0])
+    with torch.no_grad():
+        outputs = model(**{name: torch.from_numpy(v) for name, v in feed.items()})
+    return {name: outputs[name].numpy() for name in task.outputs}
+
+
+def test_parity_inputs_cover_the_required_shapes(small_checkpoints):
+    config = load_model(small_checkpoints["fill-mask"])[0].config
+    assert parity_shapes(config) == [(b, s) for s in (17, 64, 200, 256) for b in (1, 3)]
+    ragged = parity_feeds(TASKS["fill-mask"], config)[1]["attention_mask"]
+    assert ragged.sum(-1).tolist() == [17, 8, 3]
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_portable_export_matches_pytorch_on_onnxruntime_cpu(small_checkpoints, exports, task_name):
+    task = TASKS[task_name]
+    model = OrtMraModel.from_pretrained(exports[task_name, "portable"], provider="CPUExecutionProvider")
+    for feed in parity_feeds(task, model.config):  # batches 1 and 3, lengths 17..256, one file
+        got = model(**feed)
+        expected = torch_outputs(small_checkpoints[task_name], task, feed)
+        for name in task.outputs:
+            assert got[name].shape == expected[name].shape
+            assert np.abs(got[name] - expected[name]).max() <= TOLERANCE, (name, feed["input_ids"].shape)
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_plugin_graph_with_the_reference_node_matches_pytorch(small_checkpoints, exports, task_name):
+    task = TASKS[task_name]
+    model = ReferencePluginModel.from_pretrained(exports[task_name, "plugin"])
+    for feed in parity_feeds(task, model.config)[::3]:
+        got = model(**feed)
+        expected = torch_outputs(small_checkpoints[task_name], task, feed)
+        for name in task.outputs:
+            assert np.abs(got[name] - expected[name]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_portable_graph_is_standard_onnx_and_checks(exports, task_name):
+    path = exports[task_name, "portable"] / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    # onnxruntime's ScatterND with a reduction races on repeated indices: never emitted.
+    assert not [n for n in model.graph.node if n.op_type == "ScatterND" and n.attribute]
+    axes = [[d.dim_param for d in value.type.tensor_type.shape.dim][:2] for value in model.graph.input]
+    assert all(a == (["batch_size", "num_choices"] if TASKS[task_name].has_choices
+                     else ["batch_size", "sequence_length"]) for a in axes)
+
+
+def test_portable_export_is_deterministic_on_several_threads(exports):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    model = OrtMraModel.from_pretrained(exports["question-answering", "portable"],
+                                        session_options=options)
+    feed = parity_feeds(TASKS["question-answering"], model.config)[-1]  # 3 x 256, ragged
+    runs = [model.run_raw(feed, ["attention_context.0"]) for _ in range(5)]
+    assert all(np.array_equal(r["attention_context.0"], runs[0]["attention_context.0"]) for r in runs)
+
+
+@pytest.mark.parametrize("task_name", ["fill-mask", "multiple-choice"])
+def test_plugin_nodes_carry_the_contract(exports, small_checkpoints, task_name):
+    path = exports[task_name, "plugin"] / "model.onnx"
+    plugin_node.register_schema()
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    nodes = [n for n in model.graph.node if n.op_type == "MraAttention"]
+    config = load_model(small_checkpoints[task_name])[0].config
+    assert len(nodes) == config.num_hidden_layers
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for layer, node in enumerate(nodes):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.domain == "trt.plugins"
+        assert attributes == {"num_blocks": 16, "approx_mode": b"full", "block_size": 32,
+                              "initial_prior_first_n_blocks": 0,
+                              "initial_prior_diagonal_n_blocks": 0, "plugin_version": b"1",
+                              "plugin_namespace": b""}
+        assert [types.get(name) for name in node.input] == [onnx.TensorProto.FLOAT] * 3 + [
+            onnx.TensorProto.INT32]
+        assert node.output[0] == f"attention_context.{layer}"
+    assert not [n for n in model.graph.node if n.op_type in ("TopK", "ScatterElements")]
+
+
+def test_export_json_describes_the_folder(exports):
+    folder = exports["question-answering", "plugin"]
+    info = json.loads((folder / "export.json").read_text())
+    assert info["flavour"] == "plugin" and info["task"] == "question-answering"
+    assert info["opset"] == 20 and info["format"] == "mra-export/1"
+    assert info["inputs"] == {"input_ids": "int64", "attention_mask": "int64"}
+    assert list(info["outputs"]) == ["start_logits", "end_logits"]
+    assert info["dynamic_axes"]["input_ids"] == {"0": "batch_size", "1": "sequence_length"}
+    assert set(info["versions"]) >= {"torch", "transformers", "onnx"}
+    assert info["sha256"] == {"model.onnx": sha256_of(folder / "model.onnx")}
+    assert info["plugin"] == {"domain": "trt.plugins", "op_type": "MraAttention",
+                              "plugin_version": "1", "plugin_namespace": ""}
+    assert info["attention_contexts"] == ["attention_context.0", "attention_context.1"]
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert info["tokenizer"] is True
+
+
+def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path):
+    from mra_export.checkpoints import build_checkpoint
+    from mra_export.export import export_model
+
+    from .conftest import SMALL_MODEL
+
+    task = TASKS["token-classification"]
+    checkpoint = build_checkpoint(tmp_path / "model", task, **{**SMALL_MODEL, "type_vocab_size": 2})
+    info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)
+    assert list(info.inputs) == ["input_ids", "attention_mask", "token_type_ids"]
+    model = OrtMraModel.from_pretrained(tmp_path / "out")
+    feed = parity_feeds(task, model.config, seed=2)[5]
+    assert feed["token_type_ids"].max() == 1
+    expected = torch_outputs(checkpoint, task, feed)
+    assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
+
+
+def test_weights_beyond_the_limit_go_to_external_data(tmp_path, small_checkpoints, monkeypatch):
+    from mra_export.export import exporter
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_ABOVE", 0)  # as if the model were over 2 GB
+    info = exporter.export_model(small_checkpoints["text-classification"], tmp_path / "out",
+                                 log=lambda message: None)
+    assert info.external_data == "model.onnx.data"
+    assert set(info.sha256) == {"model.onnx", "model.onnx.data"}
+    inline = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert sum(len(t.raw_data) for t in inline.graph.initializer) < 1024  # no weight inline
+    model = OrtMraModel.from_pretrained(tmp_path / "out")
+    feed = parity_feeds(TASKS["text-classification"], model.config)[3]
+    expected = torch_outputs(small_checkpoints["text-classification"],
+                             TASKS["text-classification"], feed)
+    assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
+    assert ExportInfo.load(tmp_path / "out").verify_files(tmp_path / "out") is None

@@ -1,0 +1,59 @@
+"""The parity command: report, table, per-head diagnostic and exit status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mra_export.checkpoints import build_checkpoint
+from mra_export.cli import main
+from mra_export.parity import run_parity
+from mra_export.tasks import TASKS
+
+from .conftest import SMALL_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = main(["parity", "--model", str(small_checkpoints["token-classification"]),
+                 "--onnx", str(exports["token-classification", "portable"]),
+                 "--onnx", str(exports["token-classification", "plugin"]),
+                 "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "PASSED" in printed and "FAIL" not in printed
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and data["task"] == "token-classification"
+    ran = {b["backend"]: b for b in data["backends"] if b["status"] != "skipped"}
+    assert set(ran) == {"onnxruntime-cpu", "plugin graph on CPU (onnx.reference, PyTorch node)"}
+    for backend in ran.values():
+        assert backend["outputs"]["logits"]["max_abs"] <= 1e-4
+        assert len(backend["attention"]["per_head_max_abs"]) == 2  # layers
+        assert len(backend["attention"]["per_head_max_abs"][0]) == 2  # heads
+    skipped = {b["backend"]: b["reason"] for b in data["backends"] if b["status"] == "skipped"}
+    assert "TensorRT" in skipped["tensorrt"]
+    assert len(data["inputs"]) == 8
+
+
+def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp_path, capsys):
+    other = build_checkpoint(tmp_path / "other", TASKS["text-classification"], seed=1,
+                             **SMALL_MODEL)
+    code = main(["parity", "--model", str(other),
+                 "--onnx", str(exports["text-classification", "portable"])])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL: first diverges at layer 0, head 0" in printed
+    assert printed.rstrip().endswith("FAILED")
+
+
+def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exports):
+    from mra_export.errors import UserError
+
+    with pytest.raises(UserError, match="different tasks"):
+        run_parity(small_checkpoints["fill-mask"], [exports["fill-mask", "portable"],
+                                                    exports["question-answering", "portable"]])
+    with pytest.raises(UserError, match="nothing to check"):
+        run_parity(small_checkpoints["fill-mask"])
