@@ -20,11 +20,18 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/mra-export demo
 
-test: setup
+test: setup plugins
 	$(PY) -m pytest -q
 
-plugins: setup
-	$(PY) -m mra_export.plugin_build
+# The CPU reference always; the CUDA kernels when nvcc is found; the TensorRT plugin when its
+# headers are found (TensorRT_ROOT=DIR or TRT_INCLUDE_DIR=DIR). CMake prints what it skipped.
+PLUGIN_BUILD ?= plugins/build
+plugins:
+	cmake -S plugins -B $(PLUGIN_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) \
+	  $(if $(TRT_INCLUDE_DIR),-DTRT_INCLUDE_DIR=$(TRT_INCLUDE_DIR)) \
+	  $(if $(MRA_CUDA_ARCHITECTURES),-DMRA_CUDA_ARCHITECTURES="$(MRA_CUDA_ARCHITECTURES)")
+	cmake --build $(PLUGIN_BUILD) -j $$(nproc)
 
 clean:
 	rm -rf $(VENV) build plugins/build out

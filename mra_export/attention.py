@@ -53,19 +53,15 @@ def mra_attention(
     if attention_mask is None:
         attention_mask = torch.ones(batch, seq_len, device=query.device)
 
-    pad = (-seq_len) % block_size
-    q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)
-    rows, padded_len = q.shape[0], q.shape[1]
-    n_blocks = padded_len // block_size
-    blocks = _Blocks(q, k, v, mask, n_blocks, block_size)
+    blocks = _Blocks.of(query, key, value, attention_mask, block_size)
+    rows, n_blocks = blocks.rows, blocks.n_blocks
 
     # 1-2. Low resolution: block means and their logits.
     low_logits, row_max, count, value_hat = _low_resolution(blocks, head_dim)
     # 3. Selection of the high-resolution blocks.
-    scores = _with_priors(low_logits - row_max, initial_prior_first_n_blocks,
-                          initial_prior_diagonal_n_blocks)
-    top_k = torch.sym_min(num_blocks, n_blocks * n_blocks)
-    flat_index, threshold, chosen = select_top_blocks(scores.reshape(rows, -1), top_k)
+    scores, flat_index, threshold, chosen = _selection(
+        low_logits, row_max, num_blocks, initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks)
     blocks_per_query_block = chosen.reshape(rows * n_blocks, n_blocks).sum(dim=-1)
     # 4-6. High resolution on the selected blocks.
     hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index,
@@ -81,8 +77,32 @@ def mra_attention(
 
     # 8. Masked queries give zero.
     context = context * blocks.query_mask[..., None]
-    context = context.reshape(batch, heads, padded_len, head_dim)[:, :, :seq_len]
+    context = context.reshape(batch, heads, n_blocks * block_size, head_dim)[:, :, :seq_len]
     return context.to(query.dtype)
+
+
+def selected_blocks(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    *, num_blocks: int, block_size: int = 32, initial_prior_first_n_blocks: int = 0,
+                    initial_prior_diagonal_n_blocks: int = 0) -> torch.Tensor:
+    """The cells ``mra_attention`` computes at high resolution: ``[batch * heads, k]`` flat
+    indices ``query_block * nb + key_block`` per (batch, head), ascending."""
+    _check_arguments(query, key, key, attention_mask, num_blocks, "full", block_size,
+                     initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    if attention_mask is None:
+        attention_mask = torch.ones(query.shape[0], query.shape[2], device=query.device)
+    blocks = _Blocks.of(query, key, key, attention_mask, block_size)
+    low_logits, row_max, _, _ = _low_resolution(blocks, query.shape[-1])
+    return _selection(low_logits, row_max, num_blocks, initial_prior_first_n_blocks,
+                      initial_prior_diagonal_n_blocks)[1]
+
+
+def _selection(low_logits, row_max, num_blocks: int, first_n: int, diagonal_n: int):
+    """Step 3: the scores with priors, and the selected cells of each meta-batch row."""
+    rows, n_blocks = low_logits.shape[0], low_logits.shape[-1]
+    scores = _with_priors(low_logits - row_max, first_n, diagonal_n)
+    top_k = torch.sym_min(num_blocks, n_blocks * n_blocks)
+    flat_index, threshold, chosen = select_top_blocks(scores.reshape(rows, -1), top_k)
+    return scores, flat_index, threshold, chosen
 
 
 def select_top_blocks(scores: torch.Tensor, k):
@@ -108,6 +128,13 @@ def select_top_blocks(scores: torch.Tensor, k):
 
 class _Blocks:
     """Masked Q, K, V of the meta-batch rows, viewed as blocks, and the row/block bookkeeping."""
+
+    @classmethod
+    def of(cls, query, key, value, attention_mask, block_size: int) -> _Blocks:
+        """``[B, H, S, D]`` inputs, padded with masked positions to a block multiple."""
+        pad = (-query.shape[2]) % block_size
+        q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)
+        return cls(q, k, v, mask, q.shape[1] // block_size, block_size)
 
     def __init__(self, q, k, v, mask, n_blocks: int, block_size: int):
         rows, _, head_dim = q.shape

@@ -51,3 +51,20 @@ def exports(small_checkpoints, tmp_path_factory):
             export_model(checkpoint, folder, task=task, flavour=flavour, log=lambda message: None)
             folders[task, flavour] = folder
     return folders
+
+
+@pytest.fixture(scope="session")
+def cpu_library():
+    """The C++ CPU reference (plugins/build, made by `make plugins`; built here if missing)."""
+    import subprocess
+
+    from mra_export import native
+
+    path = native.build_dir() / native.CPU_LIBRARY
+    if not path.is_file():
+        source = native.BUILD_DIR.parent
+        subprocess.run(["cmake", "-S", str(source), "-B", str(native.build_dir())], check=True,
+                       capture_output=True)
+        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target",
+                        "mra_attention_cpu"], check=True, capture_output=True)
+    return native.MraLibrary.cpu()

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..export.info import ExportInfo
+from ..native import CPU_LIBRARY, build_dir
 from ..runtime.ort import CPU, CUDA, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
@@ -32,7 +33,8 @@ def export_backends(folder: str | Path) -> list[Backend]:
     info = ExportInfo.load(folder)
     if info.flavour == "plugin":
         return [Backend("plugin graph on CPU (onnx.reference, PyTorch node)", folder,
-                        FP32_TOLERANCE, lambda: ReferencePluginModel.from_pretrained(folder))]
+                        FP32_TOLERANCE, lambda: ReferencePluginModel.from_pretrained(folder)),
+                _cpp_node_backend(folder)]
     backends = [Backend("onnxruntime-cpu", folder, FP32_TOLERANCE,
                         lambda: OrtMraModel.from_pretrained(folder, provider=CPU))]
     if CUDA in ort.get_available_providers():
@@ -44,6 +46,17 @@ def export_backends(folder: str | Path) -> list[Backend]:
             "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu on an "
             "NVIDIA machine)")))
     return backends
+
+
+def _cpp_node_backend(folder: str) -> Backend:
+    """The plugin graph with its MraAttention nodes computed by the plugin's C++ CPU twin."""
+    name = "plugin graph on CPU (onnx.reference, C++ plugin twin)"
+    path = build_dir() / CPU_LIBRARY
+    if not path.is_file():
+        return Backend(name, folder, FP32_TOLERANCE,
+                       skipped=f"{path} is not built (make plugins)")
+    return Backend(name, folder, FP32_TOLERANCE,
+                   lambda: ReferencePluginModel.from_pretrained(folder, node="cpp"))
 
 
 def tensorrt_available() -> bool:

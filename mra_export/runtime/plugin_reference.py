@@ -27,7 +27,15 @@ def torch_reference(query, key, value, mask, **settings) -> np.ndarray:
     return mra_attention(*tensors, **settings).numpy()
 
 
-NODE_IMPLEMENTATIONS = {"torch": torch_reference}
+def cpp_reference(query, key, value, mask, **settings) -> np.ndarray:
+    """The node computed by the plugin's C++ CPU twin (``make plugins`` builds it)."""
+    from ..native import MraLibrary
+
+    tensors = (torch.from_numpy(np.ascontiguousarray(t)) for t in (query, key, value, mask))
+    return MraLibrary.cpu().attention(*tensors, **settings)[0].numpy()
+
+
+NODE_IMPLEMENTATIONS = {"torch": torch_reference, "cpp": cpp_reference}
 
 
 def node_settings(attributes: dict) -> dict:

@@ -1,0 +1,120 @@
+"""The C interface of ``plugins/mra_attention/mraAttention.h``, through ctypes.
+
+Two libraries export it: ``libmra_attention_cpu.so`` (the CPU reference) and
+``libmra_attention_cuda.so`` (the CUDA kernels). ``make plugins`` builds them into
+``plugins/build``; ``MRA_EXPORT_PLUGIN_BUILD`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
+CPU_LIBRARY = "libmra_attention_cpu.so"
+CUDA_LIBRARY = "libmra_attention_cuda.so"
+PLUGIN_LIBRARY = "libmra_attention_plugin.so"
+
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MODES = {"full": 0, "sparse": 1}
+STATUS_OK = 0
+
+
+class MraAttentionParams(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "batch", "heads", "seq_len", "head_dim", "num_blocks", "block_size", "approx_mode",
+        "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks", "dtype")]
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("MRA_EXPORT_PLUGIN_BUILD", BUILD_DIR))
+
+
+def library_path(name: str) -> Path:
+    """Where ``make plugins`` puts a library, or a one-line error saying how to build it."""
+    path = build_dir() / name
+    if not path.is_file():
+        raise UserError(f"{path} is not built; run 'make plugins' (it needs cmake and a C++ "
+                        "compiler; nvcc for the CUDA kernels, TensorRT headers for the plugin)")
+    return path
+
+
+class MraLibrary:
+    """One of the libraries exporting ``mraAttention.h``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lib = ctypes.CDLL(str(self.path))
+        params = ctypes.POINTER(MraAttentionParams)
+        self.lib.mraWorkspaceSize.argtypes = [params]
+        self.lib.mraWorkspaceSize.restype = ctypes.c_size_t
+        self.lib.mraSelectedBlocksPerHead.argtypes = [params]
+        self.lib.mraSelectedBlocksPerHead.restype = ctypes.c_int32
+        self.lib.mraSelectedBlocks.argtypes = [params, ctypes.c_void_p]
+        self.lib.mraSelectedBlocks.restype = ctypes.c_void_p
+        self.lib.mraStatusString.argtypes = [ctypes.c_int]
+        self.lib.mraStatusString.restype = ctypes.c_char_p
+        self.lib.mraCheckParams.argtypes = [params]
+
+    @classmethod
+    @functools.cache
+    def cpu(cls) -> MraLibrary:
+        return cls(library_path(CPU_LIBRARY))
+
+    @classmethod
+    def cuda(cls) -> MraLibrary:
+        return cls(library_path(CUDA_LIBRARY))
+
+    def params(self, query: torch.Tensor, *, num_blocks: int, approx_mode: str = "full",
+               block_size: int = 32, initial_prior_first_n_blocks: int = 0,
+               initial_prior_diagonal_n_blocks: int = 0) -> MraAttentionParams:
+        batch, heads, seq_len, head_dim = query.shape
+        return MraAttentionParams(batch, heads, seq_len, head_dim, num_blocks, block_size,
+                                  MODES[approx_mode], initial_prior_first_n_blocks,
+                                  initial_prior_diagonal_n_blocks, DTYPES[query.dtype])
+
+    def attention(self, query, key, value, mask, *, stream=None, **settings):
+        """MRA attention of ``[B, H, S, D]`` tensors on the library's device; returns
+        ``(output, selected blocks [B * H, k])``. Tensors must be on the CPU for the CPU library
+        and on a CUDA device for the CUDA one."""
+        params = self.params(query, **settings)
+        self.check(self.lib.mraCheckParams(ctypes.byref(params)))
+        query, key, value = (t.contiguous() for t in (query, key, value))
+        mask = (mask != 0).to(torch.int32).contiguous()
+        output = torch.empty_like(query)
+        size = self.lib.mraWorkspaceSize(ctypes.byref(params))
+        workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
+        pointers = [ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)]
+        if query.is_cuda:
+            stream = stream if stream is not None else torch.cuda.current_stream().cuda_stream
+            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
+                                               ctypes.c_void_p(workspace.data_ptr()),
+                                               ctypes.c_size_t(size), ctypes.c_void_p(stream))
+        else:
+            status = self.lib.mraAttentionCpu(ctypes.byref(params), *pointers,
+                                              ctypes.c_void_p(workspace.data_ptr()),
+                                              ctypes.c_size_t(size))
+        self.check(status)
+        return output, self._selected(params, workspace)
+
+    def _selected(self, params, workspace: torch.Tensor) -> torch.Tensor:
+        count = params.batch * params.heads * self.lib.mraSelectedBlocksPerHead(ctypes.byref(params))
+        start = self.lib.mraSelectedBlocks(ctypes.byref(params),
+                                           ctypes.c_void_p(workspace.data_ptr()))
+        offset = start - workspace.data_ptr()
+        blocks = workspace[offset:offset + 4 * count].view(torch.int32)
+        return blocks.reshape(params.batch * params.heads, -1).clone()
+
+    def check(self, status: int) -> None:
+        if status != STATUS_OK:
+            message = self.lib.mraStatusString(status).decode()
+            if status == 4 and hasattr(self.lib, "mraLastCudaError"):
+                self.lib.mraLastCudaError.restype = ctypes.c_char_p
+                message += ": " + self.lib.mraLastCudaError().decode()
+            raise RuntimeError(f"{self.path.name}: {message}")

@@ -1,0 +1,136 @@
+// Parameter checks, sizes and the workspace layout shared by the CPU reference and the kernels.
+#include "mraAttentionCommon.h"
+
+#include <cmath>
+#include <limits>
+
+namespace mra
+{
+namespace
+{
+
+constexpr size_t kAlignment = 256;
+
+size_t alignUp(size_t bytes)
+{
+    return (bytes + kAlignment - 1) / kAlignment * kAlignment;
+}
+
+bool fitsInInt32(int64_t value)
+{
+    return value <= std::numeric_limits<int32_t>::max();
+}
+
+} // namespace
+
+Problem makeProblem(MraAttentionParams const& params)
+{
+    Problem p{};
+    p.batch = params.batch;
+    p.heads = params.heads;
+    p.seqLen = params.seq_len;
+    p.headDim = params.head_dim;
+    p.blockSize = params.block_size;
+    p.nb = (params.seq_len + params.block_size - 1) / params.block_size;
+    int64_t const cells = int64_t{p.nb} * p.nb;
+    p.topK = static_cast<int32_t>(cells < params.num_blocks ? cells : params.num_blocks);
+    p.rows = params.batch * params.heads;
+    p.full = params.approx_mode == MRA_FULL;
+    p.priorFirst = params.initial_prior_first_n_blocks;
+    p.priorDiagonal = params.initial_prior_diagonal_n_blocks;
+    p.scaleDivisor = static_cast<float>(std::sqrt(static_cast<double>(params.head_dim)));
+    return p;
+}
+
+WorkspaceLayout makeLayout(Problem const& p)
+{
+    size_t const rows = static_cast<size_t>(p.rows);
+    size_t const nb = static_cast<size_t>(p.nb);
+    size_t const means = alignUp(rows * nb * p.headDim * sizeof(float));
+    WorkspaceLayout layout{};
+    size_t offset = 0;
+    auto take = [&offset](size_t bytes) {
+        size_t const start = offset;
+        offset += alignUp(bytes);
+        return start;
+    };
+    layout.counts = take(static_cast<size_t>(p.batch) * nb * sizeof(float));
+    layout.queryMean = take(means);
+    layout.keyMean = take(means);
+    layout.valueMean = take(means);
+    layout.lowLogits = take(rows * nb * nb * sizeof(float));
+    layout.rowMax = take(rows * nb * sizeof(float));
+    layout.threshold = take(rows * sizeof(float));
+    layout.selected = take(rows * static_cast<size_t>(p.topK) * sizeof(int32_t));
+    layout.rowStart = take(rows * (nb + 1) * sizeof(int32_t));
+    layout.total = offset;
+    return layout;
+}
+
+} // namespace mra
+
+extern "C" {
+
+MraStatus mraCheckParams(MraAttentionParams const* params)
+{
+    if (params == nullptr)
+    {
+        return MRA_INVALID_ARGUMENT;
+    }
+    MraAttentionParams const& p = *params;
+    bool const sizes = p.batch >= 1 && p.heads >= 1 && p.seq_len >= 1 && p.head_dim >= 1
+        && p.block_size >= 1 && p.num_blocks >= 1;
+    bool const settings = (p.approx_mode == MRA_FULL || p.approx_mode == MRA_SPARSE)
+        && p.initial_prior_first_n_blocks >= 0 && p.initial_prior_diagonal_n_blocks >= 0
+        && (p.dtype == MRA_FLOAT32 || p.dtype == MRA_FLOAT16 || p.dtype == MRA_BFLOAT16);
+    if (!sizes || !settings)
+    {
+        return MRA_INVALID_ARGUMENT;
+    }
+    // Indices are int32 in the kernels: every tensor and the block grid must fit.
+    int64_t const nb = (int64_t{p.seq_len} + p.block_size - 1) / p.block_size;
+    int64_t const rows = int64_t{p.batch} * p.heads;
+    bool const fits = mra::fitsInInt32(rows * p.seq_len * p.head_dim)
+        && mra::fitsInInt32(rows * nb * nb) && mra::fitsInInt32(nb * p.block_size);
+    return fits ? MRA_OK : MRA_UNSUPPORTED;
+}
+
+int32_t mraNumBlocksPerRow(MraAttentionParams const* params)
+{
+    return mra::makeProblem(*params).nb;
+}
+
+int32_t mraSelectedBlocksPerHead(MraAttentionParams const* params)
+{
+    return mra::makeProblem(*params).topK;
+}
+
+size_t mraWorkspaceSize(MraAttentionParams const* params)
+{
+    if (mraCheckParams(params) != MRA_OK)
+    {
+        return 0;
+    }
+    return mra::makeLayout(mra::makeProblem(*params)).total;
+}
+
+int32_t const* mraSelectedBlocks(MraAttentionParams const* params, void const* workspace)
+{
+    mra::WorkspaceLayout const layout = mra::makeLayout(mra::makeProblem(*params));
+    return reinterpret_cast<int32_t const*>(static_cast<char const*>(workspace) + layout.selected);
+}
+
+char const* mraStatusString(MraStatus status)
+{
+    switch (status)
+    {
+    case MRA_OK: return "ok";
+    case MRA_INVALID_ARGUMENT: return "invalid argument (a shape, setting or pointer)";
+    case MRA_UNSUPPORTED: return "unsupported by this implementation";
+    case MRA_WORKSPACE_TOO_SMALL: return "workspace too small (see mraWorkspaceSize)";
+    case MRA_CUDA_ERROR: return "CUDA error (see mraLastCudaError)";
+    }
+    return "unknown status";
+}
+
+} // extern "C"

@@ -1,0 +1,80 @@
+/*
+ * What the CPU reference and the CUDA kernels share: the problem's sizes, the workspace layout,
+ * the constants of the reference implementation, and the selection score, computed with the
+ * same float32 operations in the same order as mra_export.attention (so ties tie alike).
+ */
+#ifndef MRA_ATTENTION_COMMON_H
+#define MRA_ATTENTION_COMMON_H
+
+#include "mraAttention.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define MRA_HOST_DEVICE __host__ __device__
+#else
+#define MRA_HOST_DEVICE
+#endif
+
+namespace mra
+{
+
+constexpr float kMaskedLogitPenalty = 1e4f; // masked blocks and keys
+constexpr float kPriorBonus = 5e3f;         // prior blocks' selection score
+constexpr float kRowMaxScale = 1000.0f;     // the row max is quantised to 1e-3 steps ...
+constexpr float kEmptyRowMax = -1e8f;       // ... from this integer: an empty row has M = -1e5
+constexpr float kNormaliserEps = 1e-6f;
+
+//! Sizes derived from MraAttentionParams.
+struct Problem
+{
+    int32_t batch, heads, seqLen, headDim, blockSize;
+    int32_t nb;       //!< blocks per sequence, ceil(seqLen / blockSize)
+    int32_t topK;     //!< selected blocks per (batch, head), min(num_blocks, nb * nb)
+    int32_t rows;     //!< batch * heads
+    bool full;        //!< approx_mode "full" (else "sparse")
+    int32_t priorFirst, priorDiagonal;
+    float scaleDivisor; //!< float(sqrt(head_dim)); logits are divided by it, as in PyTorch
+};
+
+Problem makeProblem(MraAttentionParams const& params);
+
+//! Byte offsets of the workspace sections (each 256-byte aligned).
+struct WorkspaceLayout
+{
+    size_t counts;    //!< float [batch, nb]        real tokens per block
+    size_t queryMean; //!< float [rows, nb, D]      block means of masked Q, K, V
+    size_t keyMean;
+    size_t valueMean;
+    size_t lowLogits; //!< float [rows, nb, nb]     masked low-resolution logits L
+    size_t rowMax;    //!< float [rows, nb]         r = max_j L, taken before masking
+    size_t threshold; //!< float [rows]             the k-th largest selection score
+    size_t selected;  //!< int32 [rows, topK]       selected flat cells, ascending
+    size_t rowStart;  //!< int32 [rows, nb + 1]     where each query block's cells start
+    size_t total;
+};
+
+WorkspaceLayout makeLayout(Problem const& problem);
+
+//! Selection score of cell (i, j): (L - r) plus the priors, added one at a time like PyTorch.
+MRA_HOST_DEVICE inline float selectionScore(
+    float lowLogit, float rowMax, int32_t i, int32_t j, int32_t priorFirst, int32_t priorDiagonal)
+{
+    float score = lowLogit - rowMax;
+    if (priorDiagonal > 0)
+    {
+        int32_t const distance = i > j ? i - j : j - i;
+        score = score + (distance <= priorDiagonal / 2 ? kPriorBonus : 0.0f);
+    }
+    if (priorFirst > 0)
+    {
+        score = score + (i < priorFirst ? kPriorBonus : 0.0f);
+        score = score + (j < priorFirst ? kPriorBonus : 0.0f);
+    }
+    return score;
+}
+
+} // namespace mra
+
+#endif // MRA_ATTENTION_COMMON_H

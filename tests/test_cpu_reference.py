@@ -1,0 +1,132 @@
+"""The C++ CPU reference of the plugin (through its C interface) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mra_export.attention import mra_attention, selected_blocks
+from mra_export.native import MraAttentionParams
+
+from .conftest import random_qkv, ragged_mask
+
+TOLERANCE = 1e-5
+
+
+def check(lib, q, k, v, mask, **kw):
+    ours, ours_selected = lib.attention(q, k, v, mask, **kw)
+    expected = mra_attention(q, k, v, mask, **kw)
+    kw.pop("approx_mode", None)
+    expected_selected = selected_blocks(q, k, mask, **kw)
+    assert torch.equal(ours_selected, expected_selected.to(torch.int32))
+    return (ours.float() - expected.float()).abs().max().item()
+
+
+CASES = list(itertools.product(
+    [1, 31, 32, 100, 257],  # lengths: one token, partial and exact blocks
+    [1, 3, 16, 40, 100],  # num_blocks, below and above nb and nb**2
+    ["full", "sparse"],
+    [(0, 0), (1, 0), (0, 3), (2, 5)],  # priors (first, diagonal)
+))
+
+
+@pytest.mark.parametrize("seq_len,num_blocks,mode,priors", CASES)
+def test_matches_pytorch_with_ragged_and_empty_masks(cpu_library, seq_len, num_blocks, mode, priors):
+    q, k, v = random_qkv(3, 2, seq_len, 32, seed=seq_len * 7 + num_blocks)
+    mask = ragged_mask(3, seq_len, [seq_len, seq_len // 2, 0])  # the last sample is all padding
+    kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=priors[0],
+              initial_prior_diagonal_n_blocks=priors[1])
+    assert check(cpu_library, q, k, v, mask, **kw) <= TOLERANCE
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_head_dims_and_logit_scales(cpu_library, head_dim, scale):
+    q, k, v = random_qkv(2, 2, 160, head_dim, seed=head_dim, scale=scale)
+    mask = ragged_mask(2, 160, [160, 90])
+    for mode in ("full", "sparse"):
+        assert check(cpu_library, q, k, v, mask, num_blocks=8, approx_mode=mode) <= TOLERANCE
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_very_large_logits_agree_to_float32_resolution(cpu_library, head_dim):
+    """Logits of magnitude ~|P| are resolved by float32 only to |P| * 2**-24, so exp(P - M)
+    and the output carry that relative error in any two implementations whose dot products
+    round differently. Inputs scaled by 4 give |P| up to ~100: 1e-5 absolute is then below
+    float32's own resolution, and the bound follows the conditioning instead."""
+    q, k, v = random_qkv(2, 2, 160, head_dim, seed=head_dim, scale=4.0)
+    mask = ragged_mask(2, 160, [160, 90])
+    logits = (q @ k.transpose(-1, -2)).abs().max().item() / head_dim**0.5
+    out = mra_attention(q, k, v, mask, num_blocks=8)
+    bound = TOLERANCE + 8 * logits * 2**-24 * out.abs().max().item()
+    assert logits > 50  # the regime this test is about
+    for mode in ("full", "sparse"):
+        assert check(cpu_library, q, k, v, mask, num_blocks=8, approx_mode=mode) <= bound
+
+
+def test_exact_ties_go_to_the_lower_flat_index(cpu_library):
+    # A zero query makes every low-resolution logit exactly 0, whatever the summation order (an
+    # "identical blocks" input would not: BLAS rounds edge columns differently): all cells tie.
+    _, k, v = random_qkv(1, 2, 192, 32, seed=3)
+    q = torch.zeros_like(k)
+    mask = torch.ones(1, 192)
+    _, selected = cpu_library.attention(q, k, v, mask, num_blocks=10)
+    assert selected.tolist() == [list(range(10))] * 2
+    for mode in ("full", "sparse"):
+        assert check(cpu_library, q, k, v, mask, num_blocks=10, approx_mode=mode) <= TOLERANCE
+    # With priors the tied scores become 0, 5e3 and 1e4: ties within each level.
+    assert check(cpu_library, q, k, v, mask, num_blocks=14, initial_prior_first_n_blocks=1,
+                 initial_prior_diagonal_n_blocks=3) <= TOLERANCE
+    # Each row's maximum is exactly 0: with 4 < nb = 6 blocks, that tie group is cut.
+    q2, k2, v2 = random_qkv(1, 2, 192, 32, seed=4)
+    assert check(cpu_library, q2, k2, v2, mask, num_blocks=4, approx_mode="sparse") <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)])
+def test_low_precision_storage(cpu_library, dtype, ulp):
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 2, 96, 64, seed=9))
+    mask = ragged_mask(2, 96, [96, 50])
+    ours, _ = cpu_library.attention(q, k, v, mask, num_blocks=6)
+    assert ours.dtype == dtype
+    exact = mra_attention(q.float(), k.float(), v.float(), mask, num_blocks=6)
+    # Both compute in float32 from the same rounded inputs; only the output rounding differs.
+    assert ((ours.float() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 2), seq_len=st.integers(1, 150),
+       head_dim=st.sampled_from([8, 32, 64]), num_blocks=st.integers(1, 40),
+       mode=st.sampled_from(["full", "sparse"]), first=st.integers(0, 2),
+       diagonal=st.integers(0, 4), seed=st.integers(0, 10_000), data=st.data())
+def test_random_problems(cpu_library, batch, heads, seq_len, head_dim, num_blocks, mode, first,
+                         diagonal, seed, data):
+    lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch))
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, seed=seed)
+    mask = ragged_mask(batch, seq_len, lengths)
+    kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=first,
+              initial_prior_diagonal_n_blocks=diagonal)
+    assert check(cpu_library, q, k, v, mask, **kw) <= TOLERANCE
+
+
+def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
+    lib = cpu_library.lib
+    bad = MraAttentionParams(1, 1, 0, 32, 4, 32, 0, 0, 0, 0)  # seq_len 0
+    assert lib.mraCheckParams(ctypes.byref(bad)) == 1
+    assert lib.mraWorkspaceSize(ctypes.byref(bad)) == 0
+    q = torch.zeros(1, 1, 64, 32)
+    good = cpu_library.params(q, num_blocks=4)
+    needed = lib.mraWorkspaceSize(ctypes.byref(good))
+    assert needed > 0
+    buffers = [ctypes.c_void_p(t.data_ptr()) for t in (q, q, q, torch.ones(1, 64, dtype=torch.int32), q)]
+    small = torch.empty(needed - 1, dtype=torch.uint8)
+    status = lib.mraAttentionCpu(ctypes.byref(good), *buffers, ctypes.c_void_p(small.data_ptr()),
+                                 ctypes.c_size_t(needed - 1))
+    assert status == 3 and lib.mraStatusString(status).startswith(b"workspace too small")
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        cpu_library.attention(q, q, q, torch.ones(1, 64), num_blocks=4, approx_mode="full",
+                              initial_prior_first_n_blocks=-1)

@@ -1,0 +1,51 @@
+"""The CUDA kernels against the PyTorch reference on a GPU (skipped where there is none).
+
+tools/gpu_check.py runs the larger comparison and the benchmarks; these are its quick subset.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mra_export import native
+from mra_export.attention import mra_attention, selected_blocks
+
+from .conftest import random_qkv, ragged_mask
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda_library():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here (these tests run on a machine with one; see tools/gpu_check.py)")
+    path = native.build_dir() / native.CUDA_LIBRARY
+    if not path.is_file():
+        pytest.skip(f"{path} was not built (make plugins, with nvcc)")
+    return native.MraLibrary(path)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+@pytest.mark.parametrize("seq_len", [31, 256, 1000])
+def test_fp32_matches_pytorch_and_selects_the_same_blocks(cuda_library, head_dim, mode, seq_len):
+    q, k, v = (t.cuda() for t in random_qkv(3, 4, seq_len, head_dim, seed=seq_len))
+    mask = ragged_mask(3, seq_len, [seq_len, seq_len // 2, 0]).cuda()
+    kw = dict(num_blocks=8 * ((seq_len + 31) // 32), approx_mode=mode,
+              initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3)
+    ours, selected = cuda_library.attention(q, k, v, mask, **kw)
+    expected = mra_attention(q, k, v, mask, **kw)
+    kw.pop("approx_mode")
+    assert torch.equal(selected.cpu(), selected_blocks(q, k, mask, **kw).cpu().int())
+    assert (ours - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_the_relative_target(cuda_library, dtype):
+    q, k, v = (t.cuda().to(dtype) for t in random_qkv(2, 12, 512, 64, seed=1))
+    mask = ragged_mask(2, 512, [512, 300]).cuda()
+    ours, _ = cuda_library.attention(q, k, v, mask, num_blocks=128)
+    expected = mra_attention(q.float(), k.float(), v.float(), mask, num_blocks=128)
+    relative = (ours.float() - expected).norm() / expected.norm()
+    assert relative.item() <= (2e-3 if dtype == torch.float16 else 1e-2)

@@ -1,0 +1,55 @@
+"""What `make plugins` built: the CUDA kernel library and the TensorRT plugin's contract.
+
+These need no GPU: the libraries are loaded and driven through their C and TensorRT interfaces.
+A part that was not built (no nvcc, no TensorRT headers) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+import torch
+
+from mra_export import native
+
+PLUGIN_TEST = "mra_attention_plugin_test"
+
+
+def built(name: str):
+    path = native.build_dir() / name
+    if not path.is_file():
+        pytest.skip(f"{path} was not built (make plugins: the CUDA kernels need nvcc, the plugin "
+                    "TensorRT's headers via TensorRT_ROOT or TRT_INCLUDE_DIR)")
+    return path
+
+
+def test_cuda_library_exports_the_c_interface_with_the_cpu_layout(cpu_library):
+    cuda = native.MraLibrary(built(native.CUDA_LIBRARY))
+    assert hasattr(cuda.lib, "mraAttentionCuda") and hasattr(cuda.lib, "mraLastCudaError")
+    for shape, dtype in [((8, 12, 4096, 64), torch.float16), ((1, 2, 17, 32), torch.float32)]:
+        params = cuda.params(torch.empty(shape, dtype=dtype), num_blocks=64)
+        assert (cuda.lib.mraWorkspaceSize(ctypes.byref(params))
+                == cpu_library.lib.mraWorkspaceSize(ctypes.byref(params)) > 0)
+
+
+def test_cuda_entry_point_checks_arguments_before_touching_the_gpu():
+    cuda = native.MraLibrary(built(native.CUDA_LIBRARY))
+    params = cuda.params(torch.empty(1, 1, 64, 96), num_blocks=4)  # head_dim 96
+    null = ctypes.c_void_p(0)
+    assert cuda.lib.mraAttentionCuda(ctypes.byref(params), *[null] * 7, null) == 1  # null pointers
+    fake = ctypes.c_void_p(256)  # never dereferenced: the checks come first
+    status = cuda.lib.mraAttentionCuda(ctypes.byref(params), *[fake] * 6, ctypes.c_size_t(1 << 30), null)
+    assert status == 2  # MRA_UNSUPPORTED: the kernels take head_dim 32, 64 and 128
+    params = cuda.params(torch.empty(1, 1, 64, 64), num_blocks=4)
+    status = cuda.lib.mraAttentionCuda(ctypes.byref(params), *[fake] * 6, ctypes.c_size_t(16), null)
+    assert status == 3  # MRA_WORKSPACE_TOO_SMALL
+
+
+def test_plugin_contract_through_tensorrt_interfaces():
+    program = built(PLUGIN_TEST)
+    library = built(native.PLUGIN_LIBRARY)
+    result = subprocess.run([str(program), str(library)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(" passed, 0 failed")
