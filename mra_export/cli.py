@@ -31,7 +31,8 @@ def main(argv=None) -> int:
 def _export(args) -> int:
     from .export import export_model
 
-    export_model(args.model, args.out, task=args.task, flavour=args.flavour, opset=args.opset)
+    export_model(args.model, args.out, task=args.task, flavour=args.flavour, opset=args.opset,
+                 dtype=args.dtype)
     return 0
 
 
@@ -84,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--flavour", choices=FLAVOURS, default="portable",
                         help="portable: standard ONNX ops (onnxruntime CPU/CUDA); plugin: one "
                         "MraAttention node per layer (TensorRT with the plugin)")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="weights and activations of the graph (TensorRT 11 builds engines "
+                        "in this type); the attention computes in float32 either way")
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18-23)")
     export.set_defaults(run=_export)
 

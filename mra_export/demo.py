@@ -43,20 +43,20 @@ def run_demo(out: str | Path = "out/demo", log=print) -> bool:
     log(f"\n== exporting every head in both flavours under {out / 'onnx'}")
     exports = {}
     for task in TASKS:
-        exports[task] = []
+        exports[task] = {}
         for flavour in FLAVOURS:
             folder = out / "onnx" / f"{task}-{flavour}"
             export_model(checkpoints[task], folder, task, flavour, log=_silent)
-            exports[task].append(folder)
-        log(f"   {task}: {', '.join(str(folder) for folder in exports[task])}")
+            exports[task][flavour] = folder
+        log(f"   {task}: {', '.join(str(folder) for folder in exports[task].values())}")
 
-    engines = _engines(exports, out, log)
+    engines = _engines(checkpoints, exports, out, log)
 
     log("\n== parity: every backend against the patched PyTorch model")
     reports = []
     for task in TASKS:
-        reports.append(run_parity(checkpoints[task], exports[task], engines.get(task, []),
-                                  log=_silent))
+        reports.append(run_parity(checkpoints[task], list(exports[task].values()),
+                                  engines.get(task, []), log=_silent))
     log(format_table(reports))
     summary = out / "parity.json"
     atomic_write_text(summary, json.dumps([r.to_dict() for r in reports], indent=2))
@@ -97,7 +97,7 @@ def _sample_batch(folder, task) -> dict:
     return inputs
 
 
-def _engines(exports: dict, out: Path, log) -> dict:
+def _engines(checkpoints: dict, exports: dict, out: Path, log) -> dict:
     """TensorRT engines of every head, where TensorRT and a GPU are present."""
     from .engines.availability import tensorrt_unavailable_reason
 
@@ -108,4 +108,5 @@ def _engines(exports: dict, out: Path, log) -> dict:
     from .engines.demo import build_demo_engines
 
     log(f"\n== building TensorRT engines (fp32, fp16) under {out / 'engines'}")
-    return build_demo_engines(exports, out / "engines", log)
+    plugin_exports = {task: folders["plugin"] for task, folders in exports.items()}
+    return build_demo_engines(checkpoints, plugin_exports, out, log)

@@ -28,7 +28,8 @@ def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path,
     data = json.loads(report.read_text())
     assert data["passed"] is True and data["task"] == "token-classification"
     ran = {b["backend"]: b for b in data["backends"] if b["status"] != "skipped"}
-    assert set(ran) == {"onnxruntime-cpu", "plugin graph on CPU (onnx.reference, PyTorch node)"}
+    assert set(ran) == {"onnxruntime-cpu", "plugin graph on CPU (onnx.reference, PyTorch node)",
+                        "plugin graph on CPU (onnx.reference, C++ plugin twin)"}
     for backend in ran.values():
         assert backend["outputs"]["logits"]["max_abs"] <= 1e-4
         assert len(backend["attention"]["per_head_max_abs"]) == 2  # layers

@@ -1,6 +1,6 @@
 """ONNX export of the six MRA heads, in the portable and the plugin flavour."""
 
-from .exporter import FLAVOURS, export_model
+from .exporter import DTYPES, FLAVOURS, export_model
 from .info import ExportInfo
 
-__all__ = ["FLAVOURS", "ExportInfo", "export_model"]
+__all__ = ["DTYPES", "FLAVOURS", "ExportInfo", "export_model"]

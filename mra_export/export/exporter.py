@@ -29,6 +29,8 @@ from . import graph_names, plugin_node
 from .info import ExportInfo
 
 FLAVOURS = ("portable", "plugin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(18, 24)  # 18: ScatterElements with reduction="max"
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
@@ -36,11 +38,18 @@ VALIDATION_TOLERANCE = 1e-4
 
 
 def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
-                 flavour: str = "portable", opset: int = DEFAULT_OPSET,
+                 flavour: str = "portable", opset: int = DEFAULT_OPSET, dtype: str = "fp32",
                  log=print) -> ExportInfo:
-    """Export a local MRA checkpoint folder; returns the ``export.json`` it wrote."""
+    """Export a local MRA checkpoint folder; returns the ``export.json`` it wrote.
+
+    ``dtype`` is the type of the weights and activations in the graph (the attention itself
+    computes in float32 either way). TensorRT 11 builds engines in the graph's own types, so an
+    fp16 engine there needs an fp16 export.
+    """
     if flavour not in FLAVOURS:
         raise UserError(f"unknown flavour {flavour!r}; choose one of: {', '.join(FLAVOURS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
                         f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
@@ -48,22 +57,24 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
     chosen = task_for_config(config) if task == "auto" else get_task(task)
     with staged_folder(out) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
-        model = patch_model(load_model(model_dir, chosen)[0])
-        log(f"exporting {chosen.name} ({flavour} flavour, opset {opset}) ...")
+        model = patch_model(load_model(model_dir, chosen)[0]).to(DTYPES[dtype])
+        log(f"exporting {chosen.name} ({flavour} flavour, {dtype}, opset {opset}) ...")
         onnx_model = _trace(model, chosen, flavour, opset)
         contexts = _name_graph(onnx_model, chosen, config)
         onnx_path = staging / "model.onnx"
         external = _save(onnx_model, onnx_path)
         log("checking with onnx.checker (full_check) ...")
         _check(onnx_path)
-        validation = None
-        if flavour == "portable":
+        if flavour == "portable" and dtype == "fp32":
             validation = _validate_on_onnxruntime(model, chosen, onnx_path)
             log(f"onnxruntime vs PyTorch on a sample: max abs {validation['max_abs']:.2e}")
+        else:
+            validation = {"skipped": "onnxruntime CPU checks fp32 portable exports; use "
+                                     "mra-export parity for this one"}
         config.save_pretrained(staging)
         has_tokenizer = _copy_tokenizer(model_dir, staging)
-        info = _describe(model, chosen, config, flavour, opset, contexts, staging, external,
-                         model_dir, validation, has_tokenizer)
+        info = _describe(model, chosen, config, flavour, dtype, opset, contexts, staging,
+                         external, model_dir, validation, has_tokenizer)
         info.save(staging)
     log(f"wrote {Path(out) / 'model.onnx'}")
     return info
@@ -188,16 +199,17 @@ def _copy_tokenizer(model_dir, staging: Path) -> bool:
     return True
 
 
-def _describe(model, task: Task, config, flavour, opset, contexts, staging: Path,
+def _describe(model, task: Task, config, flavour, dtype, opset, contexts, staging: Path,
               external, model_dir, validation, has_tokenizer) -> ExportInfo:
     core = attention_cores(model)[0]
     heads = config.num_attention_heads
     files = ["model.onnx"] + ([external] if external else [])
     input_axes = dict(enumerate(task.input_axes))
     return ExportInfo(
-        flavour=flavour, opset=opset, task=task.name, model_class=task.model_class.__name__,
+        flavour=flavour, dtype=dtype, opset=opset, task=task.name,
+        model_class=task.model_class.__name__,
         inputs={name: "int64" for name in task.input_names(config)},
-        outputs={name: "float32" for name in task.outputs},
+        outputs={name: ONNX_DTYPE_NAMES[dtype] for name in task.outputs},
         dynamic_axes={**{name: {str(i): a for i, a in input_axes.items()}
                          for name in task.input_names(config)},
                       **{name: {str(i): a for i, a in enumerate(task.output_axes)}

@@ -16,6 +16,7 @@ FORMAT = "mra-export/1"
 @dataclasses.dataclass
 class ExportInfo:
     flavour: str  # "portable" or "plugin"
+    dtype: str  # "fp32", "fp16" or "bf16": the graph's weights and activations
     opset: int
     task: str  # Hugging Face task name
     model_class: str

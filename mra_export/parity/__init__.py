@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints import load_model
-from ..errors import UserError
+from ..errors import MissingTensorRT, UserError
 from ..export.info import ExportInfo
 from ..patching import patch_model
 from ..tasks import get_task
-from .backends import engine_backends, export_backends
+from .backends import engine_backends, export_backends, tensorrt_available
 from .compare import check_backend, run_quietly
 from .inputs import describe, parity_feeds
 from .report import ParityReport, format_table
@@ -24,6 +24,8 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     ``model_dir`` on seeded inputs; write ``report_path`` (JSON) if given."""
     if not onnx_dirs and not engine_dirs:
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
+    if engine_dirs and not tensorrt_available():
+        raise MissingTensorRT("mra-export parity --engine")
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]
     tasks = {info.task for info in infos}
     if len(tasks) > 1:

@@ -14,7 +14,9 @@ from ..native import CPU_LIBRARY, build_dir
 from ..runtime.ort import CPU, CUDA, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
-FP32_TOLERANCE = 1e-4  # onnxruntime and the CPU references against PyTorch, on every output
+# Absolute tolerance on every output against the float32 PyTorch model, by the graph's type:
+# fp32 for onnxruntime and the CPU references; fp16/bf16 as for TensorRT engines of that type.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 NO_TENSORRT = ("TensorRT is not installed here (pip install 'mra-export[gpu]' on an NVIDIA "
                "machine)")
 
@@ -26,36 +28,42 @@ class Backend:
     tolerance: float
     load: Callable | None = None  # -> ExportedModel
     skipped: str | None = None
+    attention: bool = True  # whether it can output the attention contexts
 
 
 def export_backends(folder: str | Path) -> list[Backend]:
     folder = str(folder)
     info = ExportInfo.load(folder)
+    tolerance = TOLERANCES[info.dtype]
     if info.flavour == "plugin":
         return [Backend("plugin graph on CPU (onnx.reference, PyTorch node)", folder,
-                        FP32_TOLERANCE, lambda: ReferencePluginModel.from_pretrained(folder)),
-                _cpp_node_backend(folder)]
-    backends = [Backend("onnxruntime-cpu", folder, FP32_TOLERANCE,
-                        lambda: OrtMraModel.from_pretrained(folder, provider=CPU))]
+                        tolerance, lambda: ReferencePluginModel.from_pretrained(folder)),
+                _cpp_node_backend(folder, tolerance)]
+    if info.dtype == "bf16":  # measured: no CPU kernel for bfloat16 Add (onnxruntime 1.32)
+        backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=(
+            "onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the CUDA "
+            "provider, TensorRT, or an fp32/fp16 export"))]
+    else:
+        backends = [Backend("onnxruntime-cpu", folder, tolerance,
+                            lambda: OrtMraModel.from_pretrained(folder, provider=CPU))]
     if CUDA in ort.get_available_providers():
         cuda = [(CUDA, {"use_tf32": "0"}), CPU]  # TF32 would move results by ~1e-3
-        backends.append(Backend("onnxruntime-cuda", folder, FP32_TOLERANCE,
+        backends.append(Backend("onnxruntime-cuda", folder, tolerance,
                                 lambda: OrtMraModel.from_pretrained(folder, provider=cuda)))
     else:
-        backends.append(Backend("onnxruntime-cuda", folder, FP32_TOLERANCE, skipped=(
+        backends.append(Backend("onnxruntime-cuda", folder, tolerance, skipped=(
             "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu on an "
             "NVIDIA machine)")))
     return backends
 
 
-def _cpp_node_backend(folder: str) -> Backend:
+def _cpp_node_backend(folder: str, tolerance: float) -> Backend:
     """The plugin graph with its MraAttention nodes computed by the plugin's C++ CPU twin."""
     name = "plugin graph on CPU (onnx.reference, C++ plugin twin)"
     path = build_dir() / CPU_LIBRARY
     if not path.is_file():
-        return Backend(name, folder, FP32_TOLERANCE,
-                       skipped=f"{path} is not built (make plugins)")
-    return Backend(name, folder, FP32_TOLERANCE,
+        return Backend(name, folder, tolerance, skipped=f"{path} is not built (make plugins)")
+    return Backend(name, folder, tolerance,
                    lambda: ReferencePluginModel.from_pretrained(folder, node="cpp"))
 
 
@@ -68,8 +76,6 @@ def engine_backends(engines) -> list[Backend]:
         reason = ("no engine given (mra-export build makes one)" if tensorrt_available()
                   else NO_TENSORRT)
         return [Backend("tensorrt", "-", 0.0, skipped=reason)]
-    if not tensorrt_available():
-        return [Backend("tensorrt", str(engine), 0.0, skipped=NO_TENSORRT) for engine in engines]
-    from ..engines.backend import tensorrt_backend  # needs TensorRT
+    from ..engines.backend import tensorrt_backend  # run_parity checked TensorRT is here
 
     return [tensorrt_backend(engine) for engine in engines]

@@ -23,6 +23,7 @@ def check_backend(backend: Backend, reference: RunResults, feeds, task, input_na
     """Run one backend on ``feeds`` and compare it with the PyTorch ``reference`` results."""
     if backend.skipped:
         return BackendResult(backend.name, backend.source, "skipped", backend.skipped)
+    contexts = contexts if backend.attention else []
     runner = ExportedModelRunner(backend.load, task, input_names, contexts, name=backend.name)
     try:
         results = run_quietly([runner], feeds)
@@ -34,10 +35,12 @@ def check_backend(backend: Backend, reference: RunResults, feeds, task, input_na
                              f"{type(error).__name__}: {message[0] if message else ''}")
     pair = RunResults(list(reference.items()) + list(results.items()))
     outputs = _compare_outputs(pair, task.outputs, backend.tolerance)
-    attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance)
-    passed = all(o.passed for o in outputs.values()) and attention.passed
+    attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance) if contexts else None
+    passed = all(o.passed for o in outputs.values()) and (attention is None or attention.passed)
+    note = None if contexts else ("per-head diagnostic not run: the engine has no attention "
+                                  "outputs (build with --attention-outputs)")
     return BackendResult(backend.name, backend.source, "passed" if passed else "failed",
-                         outputs=outputs, attention=attention)
+                         reason=note, outputs=outputs, attention=attention)
 
 
 def _compare_outputs(pair: RunResults, names, tolerance: float) -> dict[str, OutputResult]:

@@ -49,7 +49,7 @@ class BackendResult:
     backend: str
     source: str
     status: str  # "passed", "failed", "skipped" or "error"
-    reason: str | None = None  # why it was skipped, or the error
+    reason: str | None = None  # why it was skipped, the error, or a note on what did not run
     outputs: dict[str, OutputResult] = dataclasses.field(default_factory=dict)
     attention: AttentionResult | None = None
 
@@ -97,6 +97,8 @@ def table_rows(report: ParityReport) -> list[tuple[str, ...]]:
             rows.append((report.task, result.backend, name, f"{output.max_abs:.2e}",
                          f"{output.max_rel:.2e}", f"{output.tolerance:g}",
                          "pass" if output.passed else "FAIL"))
+        if result.attention is None and result.reason:
+            rows.append((report.task, result.backend, "attention", "-", "-", "-", result.reason))
         if result.attention:
             attention = result.attention
             layers, heads = len(attention.per_head_max_abs), len(attention.per_head_max_abs[0])

@@ -86,7 +86,12 @@ class ExportedModelRunner(BaseRunner):
         start = time.perf_counter()
         values = self.model.run_raw(dict(feed_dict), extra_outputs=self.with_contexts)
         self.inference_time = time.perf_counter() - start
-        return OrderedDict(values)
+        return OrderedDict((name, comparable(value)) for name, value in values.items())
+
+
+def comparable(array: np.ndarray) -> np.ndarray:
+    """bfloat16 arrays (ml_dtypes') as float32: Polygraphy's comparator knows numpy's types."""
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
     def deactivate_impl(self):
         self.model = None

@@ -21,18 +21,25 @@ from ..export import plugin_node
 from .base import ExportedModel
 
 
+def _as_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy has no bfloat16 (onnx.reference uses ml_dtypes'): compute such arrays in float32."""
+    if array.dtype not in (np.float32, np.float16, np.int32, np.int64):
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def torch_reference(query, key, value, mask, **settings) -> np.ndarray:
     """The node computed by ``mra_export.mra_attention`` (the PyTorch reference)."""
-    tensors = (torch.from_numpy(np.ascontiguousarray(t)) for t in (query, key, value, mask))
-    return mra_attention(*tensors, **settings).numpy()
+    tensors = (_as_torch(t) for t in (query, key, value, mask))
+    return mra_attention(*tensors, **settings).float().numpy()
 
 
 def cpp_reference(query, key, value, mask, **settings) -> np.ndarray:
     """The node computed by the plugin's C++ CPU twin (``make plugins`` builds it)."""
     from ..native import MraLibrary
 
-    tensors = (torch.from_numpy(np.ascontiguousarray(t)) for t in (query, key, value, mask))
-    return MraLibrary.cpu().attention(*tensors, **settings)[0].numpy()
+    tensors = (_as_torch(t) for t in (query, key, value, mask))
+    return MraLibrary.cpu().attention(*tensors, **settings)[0].float().numpy()
 
 
 NODE_IMPLEMENTATIONS = {"torch": torch_reference, "cpp": cpp_reference}

@@ -1,0 +1,91 @@
+"""``manifest.json``: what an engine was built with, and whether it fits the machine it meets.
+
+A TensorRT engine only runs with the TensorRT version and GPU architecture it was built for,
+and with the plugin library it was built against. The manifest records them; ``refusal``
+compares them with the running system and says, in one line, what differs and how to rebuild.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import atomic_write_text, sha256_of
+
+FILE_NAME = "manifest.json"
+ENGINE_FILE = "model.plan"
+FORMAT = "mra-export-engine/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemInfo:
+    """The running system, as far as an engine cares."""
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+
+
+@dataclasses.dataclass
+class EngineManifest:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profiles: list[dict]  # [{input: {"min": [...], "opt": [...], "max": [...]}}]
+    attention_outputs: bool
+    onnx: str
+    plugin_library: str
+    sha256: dict[str, str]  # "onnx", "plugin", "engine"
+    export: dict  # the source's export.json
+    build_seconds: float
+    build_command: str
+    mra_export_version: str
+    engine_file: str = ENGINE_FILE
+    format: str = FORMAT
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_text(Path(folder) / FILE_NAME, json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EngineManifest:
+        path = Path(folder) / FILE_NAME
+        if not path.is_file():
+            raise UserError(f"{folder} has no {FILE_NAME}; pass a folder made by 'mra-export build'")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise UserError(f"{path} is corrupt ({error}); rebuild the engine") from None
+
+    @property
+    def rebuild_command(self) -> str:
+        return (f"mra-export build --onnx {self.onnx} --plugin {self.plugin_library} "
+                f"--precision {self.precision} --out <engine folder>")
+
+    def refusal(self, system: SystemInfo, folder: str | Path) -> str | None:
+        """None when the engine fits ``system``; else one line saying what differs and how to
+        rebuild. Checks the TensorRT version, the compute capability, the plugin library and the
+        engine file against what the build recorded."""
+        problems = []
+        if system.tensorrt_version != self.tensorrt_version:
+            problems.append(f"it was built with TensorRT {self.tensorrt_version}, this machine "
+                            f"has {system.tensorrt_version}")
+        if system.compute_capability != self.compute_capability:
+            problems.append(f"it was built for compute capability {self.compute_capability} "
+                            f"({self.gpu_name}), this GPU is {system.compute_capability} "
+                            f"({system.gpu_name})")
+        plugin = Path(self.plugin_library)
+        if not plugin.is_file():
+            problems.append(f"its plugin library {plugin} is missing")
+        elif sha256_of(plugin) != self.sha256["plugin"]:
+            problems.append(f"its plugin library {plugin} changed since the build (sha256 differs)")
+        engine = Path(folder) / self.engine_file
+        if not engine.is_file():
+            problems.append(f"{engine} is missing")
+        elif sha256_of(engine) != self.sha256["engine"]:
+            problems.append(f"{engine} does not match its recorded sha256 (corrupt or replaced)")
+        if not problems:
+            return None
+        return (f"cannot use the engine in {folder}: {'; '.join(problems)}. Rebuild it on this "
+                f"machine: {self.rebuild_command}")

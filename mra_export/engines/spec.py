@@ -1,0 +1,127 @@
+"""Engine build specs: what ``mra-export build`` builds, from a JSON file, flags, or both.
+
+A spec (``engines/specs/*.json``) names the export, the plugin, the precision and the
+optimisation profile; command-line flags override its values. Relative paths are relative to the
+working directory (the repository root for the shipped specs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from ..export.info import ExportInfo
+from ..native import PLUGIN_LIBRARY, build_dir
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+AXES = ("batch", "sequence", "choices")
+KEYS = ("onnx", "plugin", "out", "precision", "shapes", "timing_cache", "workspace_mb",
+        "attention_outputs")
+
+
+@dataclasses.dataclass
+class BuildSpec:
+    onnx: Path  # model.onnx of a plugin-flavour export (or its folder)
+    out: Path  # the engine folder
+    plugin: Path
+    precision: str | None = None  # None: the export's dtype
+    shapes: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    timing_cache: Path | None = None
+    workspace_mb: int | None = None
+    attention_outputs: bool = False
+
+    @property
+    def export_folder(self) -> Path:
+        return self.onnx if self.onnx.is_dir() else self.onnx.parent
+
+    @property
+    def onnx_file(self) -> Path:
+        return self.onnx / "model.onnx" if self.onnx.is_dir() else self.onnx
+
+    def profile(self, info: ExportInfo) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shapes of every input, bounded by max_position_embeddings."""
+        limit = info.max_sequence_length
+        axes = {"batch": (1, 1, 8), "sequence": (1, min(128, limit), limit), "choices": (1, 2, 4)}
+        axes.update(self.shapes)
+        if axes["sequence"][2] > limit:
+            raise UserError(f"sequence max {axes['sequence'][2]} is past the model's "
+                            f"max_position_embeddings={limit}; use --shapes sequence=MIN/OPT/{limit}")
+        names = list(info.dynamic_axes["input_ids"].values())
+        order = ["batch", "choices", "sequence"] if "num_choices" in names else ["batch", "sequence"]
+        shape = tuple(zip(*(axes[axis] for axis in order)))  # ((min...), (opt...), (max...))
+        return {name: shape for name in info.inputs}
+
+
+def parse_shapes(text: str) -> dict[str, tuple[int, int, int]]:
+    """``batch=1/4/8,sequence=1/128/512`` -> {"batch": (1, 4, 8), ...}."""
+    shapes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(\w+)=(\d+)/(\d+)/(\d+)", item)
+        if not match or match[1] not in AXES:
+            raise UserError(f"--shapes: cannot read {item!r}; write AXIS=MIN/OPT/MAX with AXIS one "
+                            f"of {', '.join(AXES)}, e.g. batch=1/4/8,sequence=1/128/512")
+        shapes[match[1]] = _checked_range(match[1], [int(match[i]) for i in (2, 3, 4)])
+    return shapes
+
+
+def load_spec_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"spec {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"spec {path} must be a JSON object of {', '.join(KEYS)}")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise UserError(f"spec {path}: unknown key {', '.join(unknown)} (allowed: {', '.join(KEYS)})")
+    if "shapes" in data:
+        if not isinstance(data["shapes"], dict):
+            raise UserError(f"spec {path}: shapes must be an object like "
+                            '{"batch": [1, 4, 8], "sequence": [1, 128, 512]}')
+        data["shapes"] = {axis: _checked_range(axis, value, path)
+                          for axis, value in data["shapes"].items()}
+    return data
+
+
+def resolve_spec(spec_file=None, **flags) -> BuildSpec:
+    """The spec file's values, overridden by the flags that are not None."""
+    values = load_spec_file(spec_file) if spec_file else {}
+    shapes = flags.pop("shapes", None)
+    values.update({key: value for key, value in flags.items() if value is not None})
+    if shapes:  # each axis given on the command line replaces the spec's
+        values["shapes"] = {**values.get("shapes", {}), **parse_shapes(shapes)}
+    if not values.get("onnx"):
+        raise UserError("nothing to build: pass --onnx OUT/model.onnx (a plugin-flavour export) "
+                        "or --spec FILE")
+    if not values.get("out"):
+        raise UserError("pass --out engines/NAME (or out in the spec)")
+    precision = values.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    workspace = values.get("workspace_mb")
+    if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
+        raise UserError(f"workspace must be a positive number of MB, got {workspace!r}")
+    return BuildSpec(
+        onnx=Path(values["onnx"]), out=Path(values["out"]),
+        plugin=Path(values.get("plugin") or build_dir() / PLUGIN_LIBRARY),
+        precision=precision, shapes=values.get("shapes", {}),
+        timing_cache=Path(values["timing_cache"]) if values.get("timing_cache") else None,
+        workspace_mb=workspace, attention_outputs=bool(values.get("attention_outputs", False)))
+
+
+def _checked_range(axis: str, value, where="--shapes") -> tuple[int, int, int]:
+    if axis not in AXES:
+        raise UserError(f"{where}: unknown axis {axis!r} (axes: {', '.join(AXES)})")
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, int) for v in value)):
+        raise UserError(f"{where}: {axis} must be [MIN, OPT, MAX] integers, got {value!r}")
+    low, opt, high = value
+    if not 1 <= low <= opt <= high:
+        raise UserError(f"{where}: {axis} needs 1 <= MIN <= OPT <= MAX, got {low}/{opt}/{high}")
+    return (low, opt, high)

@@ -1,0 +1,75 @@
+"""``TrtMraModel``: a TensorRT engine folder (``mra-export build``) used like a transformers model.
+
+Before anything is deserialised, the manifest is checked against this machine: TensorRT version,
+GPU compute capability, plugin library and engine checksums. The engine runs through Polygraphy's
+``TrtRunner`` (its own CUDA stream, device buffers reused between calls).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoints import load_config
+from ..engines.manifest import EngineManifest
+from ..engines.system import current_system
+from ..errors import InputError, UserError
+from ..export.info import ExportInfo
+from .base import ExportedModel
+
+
+class TrtMraModel(ExportedModel):
+    """An engine folder: ``model.plan``, ``manifest.json`` and the model's ``config.json``."""
+
+    def __init__(self, info: ExportInfo, config, folder: Path, manifest: EngineManifest, engine):
+        from polygraphy.backend.trt import TrtRunner
+
+        super().__init__(info, config, folder)
+        self.manifest = manifest
+        self.runner = TrtRunner(engine, name=f"tensorrt-{manifest.precision}")
+        self.runner.activate()
+
+    @classmethod
+    def from_engine(cls, folder: str | Path) -> TrtMraModel:
+        """Load an engine folder; refuse it in one line if it does not fit this machine."""
+        folder = Path(folder)
+        system = current_system("TrtMraModel")  # TensorRT and a GPU, or one line
+        manifest = EngineManifest.load(folder)
+        refusal = manifest.refusal(system, folder)
+        if refusal:
+            raise UserError(refusal)
+        import tensorrt
+        from polygraphy.backend.trt import EngineFromBytes
+
+        tensorrt.get_plugin_registry().load_library(manifest.plugin_library)
+        engine = EngineFromBytes((folder / manifest.engine_file).read_bytes())()
+        if engine is None:
+            raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
+                            f"rebuild it: {manifest.rebuild_command}")
+        return cls(ExportInfo(**manifest.export), load_config(folder), folder, manifest, engine)
+
+    def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
+        if extra_outputs and not self.manifest.attention_outputs:
+            raise UserError(f"the engine in {self.folder} has no attention outputs; rebuild it "
+                            "with --attention-outputs for the per-head diagnostic")
+        self._check_profile(arrays)
+        outputs = self.runner.infer(feed_dict=arrays)
+        names = self.output_names + [n for n in extra_outputs if n not in self.output_names]
+        return {name: np.asarray(outputs[name]) for name in names}
+
+    def _check_profile(self, arrays: dict[str, np.ndarray]) -> None:
+        profile = self.manifest.profiles[0]
+        for name, array in arrays.items():
+            axes = list(self.info.dynamic_axes[name].values())
+            for axis, size, low, high in zip(axes, array.shape, profile[name]["min"], profile[name]["max"]):
+                if not low <= size <= high:
+                    flag = {"batch_size": "batch", "sequence_length": "sequence",
+                            "num_choices": "choices"}[axis]
+                    raise InputError(f"{name} has {axis} {size}, outside this engine's profile "
+                                     f"{low}..{high}; rebuild with --shapes {flag}=MIN/OPT/MAX "
+                                     "covering it")
+
+    def close(self) -> None:
+        if self.runner.is_active:
+            self.runner.deactivate()

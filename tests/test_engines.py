@@ -1,0 +1,234 @@
+"""Engine specs, manifests and refusals, and the TensorRT-absent paths (no TensorRT needed).
+
+The TensorRT build itself is replaced by an injected builder here; tests/test_tensorrt_engines.py
+builds real engines where TensorRT and a GPU are present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from mra_export.cli import main
+from mra_export.engines import build as build_module
+from mra_export.engines.manifest import EngineManifest, SystemInfo
+from mra_export.engines.spec import load_spec_file, parse_shapes, resolve_spec
+from mra_export.errors import MissingTensorRT, UserError
+from mra_export.export.info import ExportInfo
+
+H200 = SystemInfo("10.8.0.43", "NVIDIA H200", "9.0")
+NO_TENSORRT = importlib.util.find_spec("tensorrt") is None
+
+
+@pytest.fixture
+def plugin_library(tmp_path):
+    path = tmp_path / "libmra_attention_plugin.so"
+    path.write_bytes(b"a plugin build")
+    return path
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """Pretend to run on an H200 with TensorRT 10.8 (the build is injected by each test)."""
+    monkeypatch.setattr(build_module, "current_system", lambda what="": H200)
+    return H200
+
+
+def fake_builder(spec, info, precision, profile, system):
+    return f"engine:{precision}:{sorted(profile)}".encode()
+
+
+def build(exports, tmp_path, plugin_library, **flags):
+    spec = resolve_spec(onnx=str(exports["question-answering", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"), **flags)
+    return build_module.build_engine(spec, command="test", log=lambda m: None, builder=fake_builder)
+
+
+# --- specs ---------------------------------------------------------------------------------------
+
+def test_shapes_flag():
+    assert parse_shapes("batch=1/4/8,sequence=1/128/512") == {"batch": (1, 4, 8),
+                                                              "sequence": (1, 128, 512)}
+    for bad, message in [("batch=1/4", "cannot read"), ("width=1/2/3", "cannot read"),
+                         ("batch=4/2/8", "1 <= MIN <= OPT <= MAX"), ("batch=0/1/2", "1 <= MIN")]:
+        with pytest.raises(UserError, match=message):
+            parse_shapes(bad)
+
+
+def test_spec_file_and_flag_overrides(tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"onnx": "a/model.onnx", "out": "engines/a", "precision": "fp16",
+                                     "shapes": {"batch": [1, 2, 4]}, "workspace_mb": 512}))
+    spec = resolve_spec(spec_file, precision="fp32", shapes="sequence=1/64/256")
+    assert spec.precision == "fp32" and spec.workspace_mb == 512
+    assert spec.shapes == {"batch": (1, 2, 4), "sequence": (1, 64, 256)}
+    assert str(spec.out) == "engines/a" and spec.plugin.name == "libmra_attention_plugin.so"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{oops", "is not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"onnx": "x", "speed": 1}', "unknown key speed"),
+    ('{"onnx": "x", "shapes": {"batch": [1, 2]}}', r"batch must be \[MIN, OPT, MAX\]"),
+    ('{"onnx": "x", "shapes": {"height": [1, 2, 3]}}', "unknown axis 'height'"),
+    ('{"onnx": "x", "shapes": [1, 2, 3]}', "shapes must be an object"),
+])
+def test_bad_spec_files(tmp_path, content, message):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_spec_file(spec_file)
+
+
+def test_incomplete_or_invalid_specs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_spec_file(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="nothing to build"):
+        resolve_spec(out="x")
+    with pytest.raises(UserError, match="pass --out"):
+        resolve_spec(onnx="x.onnx")
+    with pytest.raises(UserError, match="precision must be one of fp32, fp16, bf16"):
+        resolve_spec(onnx="x.onnx", out="y", precision="int8")
+
+
+def test_profile_is_bounded_by_max_position_embeddings(exports):
+    info = ExportInfo.load(exports["multiple-choice", "plugin"])
+    spec = resolve_spec(onnx="x.onnx", out="y", shapes="batch=1/2/4,sequence=8/64/256")
+    profile = spec.profile(info)
+    assert profile["input_ids"] == ((1, 1, 8), (2, 2, 64), (4, 4, 256))  # batch, choices, seq
+    with pytest.raises(UserError, match="sequence max 300 is past the model's "
+                                        "max_position_embeddings=256"):
+        resolve_spec(onnx="x.onnx", out="y", shapes="sequence=1/64/300").profile(info)
+
+
+# --- building (TensorRT injected) ----------------------------------------------------------------
+
+def test_build_writes_engine_manifest_and_model_files(exports, tmp_path, plugin_library, fake_tensorrt):
+    manifest = build(exports, tmp_path, plugin_library, shapes="batch=1/2/4")
+    folder = tmp_path / "engine"
+    assert (folder / "model.plan").read_bytes().startswith(b"engine:fp32")
+    assert {"config.json", "tokenizer.json", "manifest.json"} <= {p.name for p in folder.iterdir()}
+    saved = EngineManifest.load(folder)
+    assert saved == manifest
+    assert saved.tensorrt_version == "10.8.0.43" and saved.compute_capability == "9.0"
+    assert saved.gpu_name == "NVIDIA H200" and saved.precision == "fp32"
+    assert saved.profiles == [{name: {"min": [1, 1], "opt": [2, 128], "max": [4, 256]}
+                               for name in ("input_ids", "attention_mask")}]
+    assert set(saved.sha256) == {"onnx", "plugin", "engine"}
+    assert saved.export["task"] == "question-answering" and saved.export["flavour"] == "plugin"
+    assert saved.refusal(H200, folder) is None
+
+
+def test_tensorrt_10_lowers_an_fp32_export_but_11_needs_the_types_in_the_onnx(
+        exports, tmp_path, plugin_library, monkeypatch):
+    monkeypatch.setattr(build_module, "current_system", lambda what="": H200)
+    assert build(exports, tmp_path, plugin_library, precision="fp16").precision == "fp16"
+    monkeypatch.setattr(build_module, "current_system",
+                        lambda what="": SystemInfo("11.1.0", "NVIDIA H200", "9.0"))
+    with pytest.raises(UserError, match="a fp16 engine needs a fp16 export here: TensorRT 11.1.0 "
+                                        "builds the ONNX's own types.*--dtype fp16"):
+        build(exports, tmp_path / "second", plugin_library, precision="fp16")
+
+
+def test_a_failed_build_leaves_no_engine_folder(exports, tmp_path, plugin_library, fake_tensorrt):
+    def crashing_builder(spec, *args):
+        (spec.out.parent / "debris").write_text("")  # whatever a build might leave around ...
+        raise UserError("TensorRT could not build the engine: injected")
+
+    spec = resolve_spec(onnx=str(exports["fill-mask", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"))
+    with pytest.raises(UserError, match="injected"):
+        build_module.build_engine(spec, log=lambda m: None, builder=crashing_builder)
+    assert not (tmp_path / "engine").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_build_refuses_portable_exports_and_missing_plugins(exports, tmp_path, plugin_library,
+                                                           fake_tensorrt):
+    spec = resolve_spec(onnx=str(exports["fill-mask", "portable"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"))
+    with pytest.raises(UserError, match="is a portable export; TensorRT engines are built from "
+                                        "plugin-flavour exports"):
+        build_module.build_engine(spec, builder=fake_builder)
+    spec = resolve_spec(onnx=str(exports["fill-mask", "plugin"]), plugin=str(tmp_path / "none.so"),
+                        out=str(tmp_path / "engine"))
+    with pytest.raises(UserError, match="plugin library .*none.so not found; build it with 'make "
+                                        "plugins TensorRT_ROOT"):
+        build_module.build_engine(spec, builder=fake_builder)
+
+
+# --- refusing engines that do not fit ------------------------------------------------------------
+
+@pytest.fixture
+def built_engine(exports, tmp_path, plugin_library, fake_tensorrt):
+    build(exports, tmp_path, plugin_library)
+    return tmp_path / "engine"
+
+
+@pytest.mark.parametrize("system,message", [
+    (SystemInfo("10.9.0.34", "NVIDIA H200", "9.0"),
+     "built with TensorRT 10.8.0.43, this machine has 10.9.0.34"),
+    (SystemInfo("10.8.0.43", "NVIDIA L40S", "8.9"),
+     r"built for compute capability 9.0 \(NVIDIA H200\), this GPU is 8.9 \(NVIDIA L40S\)"),
+])
+def test_refused_on_another_tensorrt_or_gpu(built_engine, system, message):
+    refusal = EngineManifest.load(built_engine).refusal(system, built_engine)
+    assert refusal is not None and "\n" not in refusal
+    assert refusal.startswith(f"cannot use the engine in {built_engine}:")
+    assert __import__("re").search(message, refusal)
+    assert "Rebuild it on this machine: mra-export build --onnx" in refusal
+
+
+def test_refused_when_the_plugin_or_engine_changed(built_engine, plugin_library):
+    manifest = EngineManifest.load(built_engine)
+    plugin_library.write_bytes(b"another plugin build")
+    assert "plugin library" in manifest.refusal(H200, built_engine)
+    assert "changed since the build" in manifest.refusal(H200, built_engine)
+    plugin_library.unlink()
+    assert "is missing" in manifest.refusal(H200, built_engine)
+    (built_engine / "model.plan").write_bytes(b"corrupt")
+    assert "does not match its recorded sha256" in manifest.refusal(H200, built_engine)
+
+
+def test_corrupt_or_missing_manifest(tmp_path):
+    with pytest.raises(UserError, match="has no manifest.json"):
+        EngineManifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="manifest.json is corrupt"):
+        EngineManifest.load(tmp_path)
+
+
+# --- where TensorRT is absent (as on CI) ---------------------------------------------------------
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+@pytest.mark.parametrize("argv", [
+    ["build", "--onnx", "x/model.onnx", "--out", "{tmp}/engine"],
+    ["build", "--spec", "engines/specs/default-question-answering-fp16.json", "--out", "{tmp}/engine"],
+    ["parity", "--model", "x", "--onnx", "y", "--engine", "{tmp}/engine"],
+])
+def test_tensorrt_commands_fail_fast_in_one_line(argv, tmp_path, capsys):
+    code = main([part.format(tmp=tmp_path) for part in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "needs TensorRT, which is not installed here" in err
+    assert "pip install 'mra-export[gpu]'" in err
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_trt_model_says_tensorrt_is_missing(tmp_path):
+    from mra_export.runtime.trt import TrtMraModel
+
+    with pytest.raises(MissingTensorRT, match="TrtMraModel needs TensorRT"):
+        TrtMraModel.from_engine(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["build", "parity", "export", "demo", "bench"])
+def test_help_works_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mra-export" in capsys.readouterr().out
