@@ -1,0 +1,94 @@
+"""``mra-export bench``: every backend, every length and batch, in one process."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from . import models, report
+from .measure import measure
+
+LENGTHS = (256, 512, 1024, 2048, 4096)
+BATCHES = (1, 8)
+
+
+def add_bench_arguments(parser) -> None:
+    parser.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and "
+                        "the plots (default out/bench)")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="token counts")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="encoder layers (default 1; times are per layer then)")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="seconds of timed runs per cell at most (at least 3 runs)")
+
+
+def run_bench_from_args(args) -> dict:
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        batches = [int(x) for x in args.batches.split(",")]
+    except ValueError:
+        raise UserError("--lengths and --batches take comma-separated integers") from None
+    if not lengths or max(lengths) > models.MAX_LENGTH or min(lengths) < 1:
+        raise UserError(f"--lengths must be within 1..{models.MAX_LENGTH}")
+    return run_bench(Path(args.out), lengths, batches, args.layers, args.budget,
+                     command=" ".join(["mra-export", *sys.argv[1:]]))
+
+
+def _progress(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_bench(out: Path, lengths, batches, layers: int, budget: float, command: str,
+              log=_progress) -> dict:
+    started = time.time()
+    mra, dense = models.build_models(layers)
+    backends = models.backends(mra, dense, out / "models", log)
+    run = {"command": command, "machine": _machine(), "layers": layers,
+           "model": f"{layers} layer(s), hidden 768, 12 heads, intermediate 3072; MRA 8 blocks per "
+                    "row at 4096 positions (mode full), dense = RoBERTa with SDPA",
+           "model_short": f"{layers} layer(s), mra-base shapes",
+           "backends": [{"name": b.name, "model": b.model, "runtime": b.runtime,
+                         **({"skipped": b.skipped} if b.skipped else {})} for b in backends],
+           "results": []}
+    cells = [(batch, length) for batch in batches for length in sorted(lengths)]
+    for index, (batch, length) in enumerate(cells, 1):
+        row = {"batch": batch, "length": length, "backends": {}}
+        for backend in (b for b in backends if not b.skipped):
+            log(f"[{index}/{len(cells)}] batch {batch}, {length} tokens: {backend.name} ...")
+            row["backends"][backend.name] = _measure_cell(backend, batch, length, budget)
+        run["results"].append(row)
+    run["targets"] = report.targets(run)
+    run["seconds"] = round(time.time() - started, 1)
+    written = report.save(run, out)
+    log("\n" + report.markdown(run))
+    log("wrote " + ", ".join(str(p) for p in written))
+    return run
+
+
+def _measure_cell(backend, batch: int, length: int, budget: float) -> dict:
+    if backend.name == "dense onnxruntime":  # it materialises batch x heads x S x S floats
+        needed = models.dense_attention_bytes(batch, length)
+        if needed > 0.5 * models.available_bytes():
+            return {"skipped": f"needs ~{needed / 2**30:.1f} GB of attention scores, more than "
+                               "half the memory available here"}
+    try:
+        result = measure(backend.prepare(batch, length), budget_s=budget)
+    except (RuntimeError, MemoryError) as error:
+        result = {"skipped": f"failed: {str(error).splitlines()[0][:200]}"}
+    gc.collect()
+    return result
+
+
+def _machine() -> str:
+    threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (torch "
+            f"threads {threads}), {gpu}; torch {torch.__version__}")

@@ -1,0 +1,69 @@
+"""Timing (median after warm-up) and peak working memory of one inference.
+
+Memory is the peak of the process's resident set during the first run at a shape, above its
+level just before (a thread samples /proc/self/statm every millisecond; freed heap is returned to
+the system with malloc_trim between measurements). It covers every allocator: PyTorch's and
+onnxruntime's. The first run is also the warm-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import statistics
+import threading
+import time
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+def release_freed_memory() -> None:
+    _libc.malloc_trim(0)
+
+
+class PeakMemory:
+    """Context manager: ``peak`` is the highest resident set above the level at entry."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        release_freed_memory()
+        self.base = resident_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes() - self.base)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes() - self.base)
+
+
+def measure(run, min_runs: int = 3, max_runs: int = 10, budget_s: float = 20.0) -> dict:
+    """Median seconds of ``run`` over repeated calls after one warm-up, and its peak memory."""
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        run()
+        warmup = time.perf_counter() - start
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "runs": len(times), "warmup_s": warmup,
+            "peak_memory_mb": memory.peak / 2**20}

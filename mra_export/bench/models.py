@@ -1,0 +1,151 @@
+"""The benchmarked models and the ways of running them.
+
+MRA with mra-base shapes (hidden 768, 12 heads, intermediate 3072, 8 blocks per row at 4096
+positions) against what a user would pick instead: transformers' RoBERTa of the same size
+(its default SDPA attention). Both are exported to ONNX by the same code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+from transformers import MraConfig, MraModel, RobertaConfig, RobertaModel
+
+from ..export.exporter import _trace
+from ..patching import patch_model
+from ..runtime.ort import CPU, CUDA, default_options
+from ..tasks import TASKS
+
+MAX_LENGTH = 4096
+SHAPES = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=50265,
+              type_vocab_size=1,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@dataclasses.dataclass
+class Backend:
+    name: str  # e.g. "mra onnxruntime"
+    model: str  # "mra" or "dense"
+    runtime: str
+    prepare: Callable | None = None  # (batch, length) -> run()
+    skipped: str | None = None
+
+
+def build_models(layers: int, seed: int = 0):
+    torch.manual_seed(seed)
+    mra = MraModel(MraConfig(**SHAPES, num_hidden_layers=layers, max_position_embeddings=MAX_LENGTH,
+                             block_per_row=8)).eval()
+    torch.manual_seed(seed)
+    dense = RobertaModel(RobertaConfig(**SHAPES, num_hidden_layers=layers,
+                                       max_position_embeddings=MAX_LENGTH + 2)).eval()
+    return patch_model(mra), dense
+
+
+def export(model, path: Path) -> Path:
+    """The portable export of mra-export's exporter (for RoBERTa too: the same tracing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(_trace(model, TASKS["feature-extraction"], "portable", 20), path)
+    return path
+
+
+def inputs(batch: int, length: int, device="cpu"):
+    generator = torch.Generator().manual_seed(batch * 100_003 + length)
+    ids = torch.randint(5, SHAPES["vocab_size"], (batch, length), generator=generator)
+    return ids.to(device), torch.ones(batch, length, dtype=torch.int64, device=device)
+
+
+def torch_backend(name: str, kind: str, model, device: str) -> Backend:
+    def prepare(batch, length):
+        ids, mask = inputs(batch, length, device)
+
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+    model = model.to(device)
+    return Backend(name, kind, f"pytorch-{device}", prepare)
+
+
+def ort_backend(name: str, kind: str, path: Path, provider: str) -> Backend:
+    if provider not in ort.get_available_providers():
+        return Backend(name, kind, "onnxruntime", skipped=f"this onnxruntime has no {provider}")
+    session = ort.InferenceSession(str(path), default_options(), providers=[provider])
+
+    def prepare(batch, length):
+        ids, mask = inputs(batch, length)
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        return lambda: session.run(None, feed)
+    return Backend(name, kind, f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}", prepare)
+
+
+def backends(mra, dense, folder: Path, log) -> list[Backend]:
+    log("exporting both models to ONNX ...")
+    mra_onnx, dense_onnx = export(mra, folder / "mra.onnx"), export(dense, folder / "dense.onnx")
+    found = [torch_backend("mra pytorch", "mra", mra, "cpu"),
+             ort_backend("mra onnxruntime", "mra", mra_onnx, CPU),
+             torch_backend("dense pytorch", "dense", dense, "cpu"),
+             ort_backend("dense onnxruntime", "dense", dense_onnx, CPU)]
+    no_gpu = "no CUDA GPU here"
+    if torch.cuda.is_available():
+        found += [torch_backend("mra pytorch-cuda", "mra", mra, "cuda"),
+                  torch_backend("dense pytorch-cuda", "dense", dense, "cuda"),
+                  ort_backend("mra onnxruntime-cuda", "mra", mra_onnx, CUDA),
+                  ort_backend("dense onnxruntime-cuda", "dense", dense_onnx, CUDA)]
+    else:
+        found += [Backend(f"{kind} {runtime}", kind, runtime, skipped=no_gpu)
+                  for kind in ("mra", "dense") for runtime in ("pytorch-cuda", "onnxruntime-cuda")]
+    found.append(tensorrt_backend(mra, folder, log))
+    return found
+
+
+def tensorrt_backend(mra, folder: Path, log) -> Backend:
+    """An fp16 engine of the MRA model (plugin export, profile up to batch 8 x 4096)."""
+    from ..engines.availability import tensorrt_unavailable_reason
+    from ..native import PLUGIN_LIBRARY, build_dir
+
+    reason = tensorrt_unavailable_reason()
+    plugin = build_dir() / PLUGIN_LIBRARY
+    if reason or not plugin.is_file():
+        return Backend("mra tensorrt", "mra", "tensorrt",
+                       skipped=reason or f"{plugin} is not built (make plugins TensorRT_ROOT=...)")
+    from ..engines.build import build_engine
+    from ..engines.spec import BuildSpec
+    from ..export import export_model
+    from ..runtime.trt import TrtMraModel
+
+    log("exporting the plugin flavour (fp16) and building a TensorRT engine ...")
+    export_dir = folder / "mra-plugin-fp16"
+    mra.save_pretrained(folder / "mra-checkpoint")
+    export_model(folder / "mra-checkpoint", export_dir, "feature-extraction", "plugin", dtype="fp16",
+                 log=lambda m: None)
+    engine_dir = folder / "mra-engine-fp16"
+    build_engine(BuildSpec(onnx=export_dir, out=engine_dir, plugin=plugin, precision="fp16",
+                           shapes={"batch": (1, 1, 8), "sequence": (1, 1024, MAX_LENGTH)}), log=log)
+    model = TrtMraModel.from_engine(engine_dir)
+
+    def prepare(batch, length):
+        ids, mask = inputs(batch, length)
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        return lambda: model.run_raw(feed)
+    return Backend("mra tensorrt", "mra", "tensorrt-fp16", prepare)
+
+
+def dense_attention_bytes(batch: int, length: int) -> int:
+    """What onnxruntime's dense attention materialises: scores and probabilities, float32."""
+    return 2 * batch * SHAPES["num_attention_heads"] * length * length * 4
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+

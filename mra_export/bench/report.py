@@ -1,0 +1,126 @@
+"""Bench results: a Markdown table, PNG plots, and the checks against issue 6's targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..files import atomic_write_text
+
+TARGET_LENGTH, GROWTH_FROM = 4096, 512
+
+
+def ms(result) -> str:
+    return f"{result['median_s'] * 1e3:.1f}" if result and "median_s" in result else "-"
+
+
+def mb(result) -> str:
+    return f"{result['peak_memory_mb']:.0f}" if result and "peak_memory_mb" in result else "-"
+
+
+def markdown(run: dict) -> str:
+    names = [b["name"] for b in run["backends"] if not b.get("skipped")]
+    lines = [f"Command: `{run['command']}`  ", f"Machine: {run['machine']}  ",
+             f"Model: {run['model']}; times are medians of repeated runs after a warm-up, memory "
+             "the peak working set of one run.", "",
+             "| batch | tokens | " + " | ".join(f"{n} ms" for n in names) + " | "
+             + " | ".join(f"{n} MB" for n in names) + " |",
+             "|---" * (2 + 2 * len(names)) + "|"]
+    for row in run["results"]:
+        cells = [str(row["batch"]), str(row["length"])]
+        cells += [ms(row["backends"].get(n)) for n in names]
+        cells += [mb(row["backends"].get(n)) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [b for b in run["backends"] if b.get("skipped")]
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(f"{b['name']} ({b['skipped']})" for b in skipped)]
+    notes = [f"batch {r['batch']}, {r['length']} tokens, {n}: {res['skipped']}"
+             for r in run["results"] for n, res in r["backends"].items() if "skipped" in res]
+    if notes:
+        lines += ["", "Skipped cells: " + "; ".join(notes)]
+    lines += ["", "Targets:", ""] + [f"- {'met' if t['met'] else 'NOT MET'}: {t['text']}"
+                                     for t in run["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def targets(run: dict) -> list[dict]:
+    """Issue 6's targets, from the results at batch 1 (measured in this one run)."""
+    def time_of(name, length, batch=1):
+        for row in run["results"]:
+            result = row["backends"].get(name, {})
+            if row["batch"] == batch and row["length"] == length and "median_s" in result:
+                return result
+        return None
+
+    checks = []
+    mra_ort, mra_torch = time_of("mra onnxruntime", TARGET_LENGTH), time_of("mra pytorch", TARGET_LENGTH)
+    dense_ort = time_of("dense onnxruntime", TARGET_LENGTH)
+    if mra_ort and mra_torch:
+        ratio = mra_torch["median_s"] / mra_ort["median_s"]
+        checks.append({"met": ratio >= 2.0, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
+                       f"batch 1, onnxruntime MRA is {ratio:.2f}x faster than the patched PyTorch "
+                       "model (target >= 2x)"})
+    if mra_ort and dense_ort:
+        ratio = mra_ort["median_s"] / dense_ort["median_s"]
+        checks.append({"met": ratio <= 0.6, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
+                       f"batch 1, onnxruntime MRA takes {ratio:.2f}x the time of onnxruntime "
+                       "dense (target <= 0.6x)"})
+    for name in ("mra onnxruntime", "mra pytorch"):
+        short, long = time_of(name, GROWTH_FROM), time_of(name, TARGET_LENGTH)
+        if short and long:
+            growth = long["median_s"] / short["median_s"]
+            checks.append({"met": growth <= 10, "value": growth, "text": f"{name} time grows "
+                           f"{growth:.1f}x from {GROWTH_FROM} to {TARGET_LENGTH} tokens "
+                           "(target <= 10x; dense attention grows quadratically)"})
+    for runtime in ("onnxruntime", "pytorch"):
+        mra, dense = time_of(f"mra {runtime}", TARGET_LENGTH), time_of(f"dense {runtime}", TARGET_LENGTH)
+        if mra and dense:
+            checks.append({"met": mra["peak_memory_mb"] < dense["peak_memory_mb"],
+                           "value": mra["peak_memory_mb"] / max(dense["peak_memory_mb"], 1e-9),
+                           "text": f"peak memory at {TARGET_LENGTH} tokens, {runtime}: MRA "
+                           f"{mra['peak_memory_mb']:.0f} MB vs dense {dense['peak_memory_mb']:.0f} "
+                           "MB (target: below dense)"})
+    return checks
+
+
+def plots(run: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, label, name in (("median_s", "latency (ms)", "latency.png"),
+                             ("peak_memory_mb", "peak working memory (MB)", "memory.png")):
+        batches = sorted({row["batch"] for row in run["results"]})
+        figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+        for axis, batch in zip(axes[0], batches):
+            for backend in (b for b in run["backends"] if not b.get("skipped")):
+                points = [(row["length"], row["backends"][backend["name"]][key])
+                          for row in run["results"] if row["batch"] == batch
+                          and key in row["backends"].get(backend["name"], {})]
+                if points:
+                    xs, ys = zip(*points)
+                    ys = [y * 1e3 for y in ys] if key == "median_s" else ys
+                    axis.plot(xs, ys, marker="o", linestyle="-" if backend["model"] == "mra" else "--",
+                              label=backend["name"])
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel("tokens")
+            axis.set_ylabel(label)
+            axis.set_title(f"batch {batch}, {run['model_short']}")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = folder / name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def save(run: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "bench.json", json.dumps(run, indent=2))
+    atomic_write_text(folder / "bench.md", markdown(run))
+    return [folder / "bench.json", folder / "bench.md", *plots(run, folder)]
