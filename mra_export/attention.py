@@ -191,22 +191,27 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
                      head_dim: int):
     """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
     query_block, key_block = blocks.global_block(flat_index)
-    q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
-    k = blocks.k.index_select(0, key_block)
-    v = blocks.v.index_select(0, key_block)
-    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)  # [rows * k, Tq, Tk]
-
+    logits = _selected_logits(blocks, query_block, key_block, head_dim)  # [rows * k, Tq, Tk]
     row_max = _quantised_row_max(blocks, logits, query_block)  # [rows * nb, Tq]
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
     weights = torch.exp(logits - row_max.index_select(0, query_block)[..., None])
+    del logits  # eagerly: at most two block-sized tensors alive at a time, not five
+    v = blocks.v.index_select(0, key_block)
     key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
 
     out = _sum_per_query_block(torch.matmul(weights, v), query_block, blocks_per_query_block)
     norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block,
                                 blocks_per_query_block)
     return out, norm, row_max
+
+
+def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> torch.Tensor:
+    """Step 4: the 32x32 logits of each selected block (gathered Q and K freed on return)."""
+    q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
+    k = blocks.k.index_select(0, key_block)
+    return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
 
 
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
@@ -232,20 +237,24 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
     Difference of prefix sums, in two levels so that float32 stays exact enough: within chunks of
     16 blocks in float32 (small partial sums), and over whole chunks in float64 (16x less data
-    than a float64 prefix of everything). As precise as a float32 ``index_add``, deterministic.
+    than a float64 prefix of everything). As precise as a float32 ``index_add``, deterministic,
+    and two passes over ``values`` (pad, cumsum): everything else touches one row per segment.
     """
     flat = values.reshape(values.shape[0], -1)
-    pad = (-values.shape[0]) % SEGMENT_CHUNK + SEGMENT_CHUNK  # whole chunks + one zero chunk
-    chunks = F.pad(flat, (0, 0, 0, pad)).reshape(-1, SEGMENT_CHUNK, flat.shape[-1])
-    within = (torch.cumsum(chunks, dim=1) - chunks).reshape(-1, flat.shape[-1])  # exclusive
-    totals = chunks.sum(dim=1).double()
-    before_chunk = torch.cumsum(totals, dim=0) - totals  # exclusive, float64
+    width = flat.shape[-1]
+    chunks = F.pad(flat, (0, 0, 0, (-values.shape[0]) % SEGMENT_CHUNK))
+    inclusive = torch.cumsum(chunks.reshape(-1, SEGMENT_CHUNK, width), dim=1)
+    totals = inclusive[:, -1].double()
+    before_chunk = F.pad(torch.cumsum(totals, dim=0), (0, 0, 1, 0))  # [chunks + 1], exclusive
+    inclusive = inclusive.reshape(-1, width)
     end = torch.cumsum(counts, dim=0)
     start = end - counts
 
     def prefix(position):  # the sum of the blocks before `position`, in its two parts
         chunk = torch.div(position, SEGMENT_CHUNK, rounding_mode="floor")
-        return before_chunk.index_select(0, chunk), within.index_select(0, position)
+        in_chunk = (position - chunk * SEGMENT_CHUNK > 0).float()[:, None]  # none at a chunk start
+        within = inclusive.index_select(0, torch.clamp(position - 1, min=0)) * in_chunk
+        return before_chunk.index_select(0, chunk), within
 
     (end_chunks, end_within), (start_chunks, start_within) = prefix(end), prefix(start)
     sums = (end_chunks - start_chunks).float() + (end_within - start_within)

@@ -76,9 +76,11 @@ def torch_backend(name: str, kind: str, model, device: str) -> Backend:
 def ort_backend(name: str, kind: str, path: Path, provider: str) -> Backend:
     if provider not in ort.get_available_providers():
         return Backend(name, kind, "onnxruntime", skipped=f"this onnxruntime has no {provider}")
-    session = ort.InferenceSession(str(path), default_options(), providers=[provider])
 
     def prepare(batch, length):
+        # A fresh session per shape: onnxruntime's arena keeps what earlier shapes reserved, so
+        # a reused session would hide this shape's peak memory.
+        session = ort.InferenceSession(str(path), default_options(), providers=[provider])
         ids, mask = inputs(batch, length)
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         return lambda: session.run(None, feed)

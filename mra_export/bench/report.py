@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 
 TARGET_LENGTH, GROWTH_FROM = 4096, 512
 
@@ -113,8 +114,10 @@ def plots(run: dict, folder: Path) -> list[Path]:
             axis.legend(fontsize=8)
         figure.tight_layout()
         path = folder / name
-        figure.savefig(path, dpi=110)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110)
         plt.close(figure)
+        atomic_write_bytes(path, png.getvalue())
         written.append(path)
     return written
 
