@@ -14,6 +14,7 @@ Where transformers differs (and is wrong), this implementation:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,19 +82,52 @@ def mra_attention(
     return context.to(query.dtype)
 
 
+class BlockSelection(NamedTuple):
+    """What ``mra_attention`` decides before its high-resolution step, per (batch, head) row."""
+
+    indices: torch.Tensor  # [rows, k] selected flat cells query_block * nb + key_block, ascending
+    scores: torch.Tensor  # [rows, nb * nb] the selection scores (with priors)
+    threshold: torch.Tensor  # [rows, 1] the k-th largest score
+    logit_max: torch.Tensor  # [rows, nb * T] each query's largest selected logit, unquantised
+
+
 def selected_blocks(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                     *, num_blocks: int, block_size: int = 32, initial_prior_first_n_blocks: int = 0,
                     initial_prior_diagonal_n_blocks: int = 0) -> torch.Tensor:
     """The cells ``mra_attention`` computes at high resolution: ``[batch * heads, k]`` flat
     indices ``query_block * nb + key_block`` per (batch, head), ascending."""
-    _check_arguments(query, key, key, attention_mask, num_blocks, "full", block_size,
-                     initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    _, selection = _select(query, key, attention_mask, num_blocks, block_size,
+                           initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    return selection[1]
+
+
+def block_selection(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    *, num_blocks: int, block_size: int = 32, initial_prior_first_n_blocks: int = 0,
+                    initial_prior_diagonal_n_blocks: int = 0) -> BlockSelection:
+    """The selection with what another implementation needs to judge its differences: scores
+    and threshold (a cell within an ulp of the threshold may go either way), and each query's
+    largest selected logit (one within an ulp of a 1e-3 step may truncate either way)."""
+    blocks, (scores, indices, threshold, _) = _select(
+        query, key, attention_mask, num_blocks, block_size, initial_prior_first_n_blocks,
+        initial_prior_diagonal_n_blocks)
+    query_block, key_block = blocks.global_block(indices)
+    block_max = _selected_logits(blocks, query_block, key_block, query.shape[-1]).amax(dim=-1)
+    start = torch.full((blocks.rows * blocks.n_blocks, block_size), -math.inf, device=query.device)
+    index = query_block[:, None].expand(-1, block_size)
+    logit_max = start.scatter_reduce(0, index, block_max, reduce="amax", include_self=True)
+    return BlockSelection(indices, scores.reshape(blocks.rows, -1), threshold,
+                          logit_max.reshape(blocks.rows, -1))
+
+
+def _select(query, key, attention_mask, num_blocks, block_size, first_n, diagonal_n):
+    """Steps 1-3 for ``selected_blocks`` and ``block_selection``."""
+    _check_arguments(query, key, key, attention_mask, num_blocks, "full", block_size, first_n,
+                     diagonal_n)
     if attention_mask is None:
         attention_mask = torch.ones(query.shape[0], query.shape[2], device=query.device)
     blocks = _Blocks.of(query, key, key, attention_mask, block_size)
     low_logits, row_max, _, _ = _low_resolution(blocks, query.shape[-1])
-    return _selection(low_logits, row_max, num_blocks, initial_prior_first_n_blocks,
-                      initial_prior_diagonal_n_blocks)[1]
+    return blocks, _selection(low_logits, row_max, num_blocks, first_n, diagonal_n)
 
 
 def _selection(low_logits, row_max, num_blocks: int, first_n: int, diagonal_n: int):
@@ -196,8 +230,9 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
-    weights = torch.exp(logits - row_max.index_select(0, query_block)[..., None])
-    del logits  # eagerly: at most two block-sized tensors alive at a time, not five
+    # In place: one block-sized tensor instead of three (a tracer turns these into plain ops).
+    weights = logits.sub_(row_max.index_select(0, query_block)[..., None]).exp_()
+    del logits
     v = blocks.v.index_select(0, key_block)
     key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
 
@@ -211,7 +246,7 @@ def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> 
     """Step 4: the 32x32 logits of each selected block (gathered Q and K freed on return)."""
     q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
     k = blocks.k.index_select(0, key_block)
-    return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
+    return torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(head_dim))
 
 
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -87,3 +89,27 @@ def sha256_of(path: str | Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class JsonRecord:
+    """A dataclass saved as ``FILE_NAME`` in a folder (atomically) and loaded back with one-line
+    errors; subclasses say what made the folder (``MADE_BY``) and how to redo it (``REDO``)."""
+
+    FILE_NAME: str
+    MADE_BY: str  # e.g. "mra-export build"
+    REDO: str  # e.g. "rebuild the engine"
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_text(Path(folder) / self.FILE_NAME,
+                          json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        path = Path(folder) / cls.FILE_NAME
+        if not path.is_file():
+            raise UserError(f"{folder} has no {cls.FILE_NAME}; pass a folder made by "
+                            f"'{cls.MADE_BY}'")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise UserError(f"{path} is corrupt ({error}); {cls.REDO}") from None

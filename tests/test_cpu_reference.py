@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mra_export.attention import mra_attention, selected_blocks
 from mra_export.native import MraAttentionParams
+from mra_export.transformers_reference import transformers_mra2_attention
 
 from .conftest import random_qkv, ragged_mask
 
@@ -130,3 +131,20 @@ def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
     with pytest.raises(RuntimeError, match="invalid argument"):
         cpu_library.attention(q, q, q, torch.ones(1, 64), num_blocks=4, approx_mode="full",
                               initial_prior_first_n_blocks=-1)
+
+
+def test_rows_whose_logits_are_all_below_minus_1e5_keep_the_kernels_floor(cpu_library):
+    """The original's integer row max starts at -1e8, so M never goes below -1e5 (= -1e8 / 1e3):
+    with every logit at -1.875e5 the high-resolution part then weighs exp(P - M) = 0."""
+    _, _, v = random_qkv(1, 2, 64, 64, seed=11)
+    q, k = torch.zeros_like(v), torch.zeros_like(v)
+    q[..., 0], k[..., 0] = 1000.0, -1500.0  # every logit -1.5e6 / sqrt(64) = -1.875e5
+    mask = torch.ones(1, 64)
+    for mode in ("full", "sparse"):
+        ours = mra_attention(q, k, v, mask, num_blocks=4, approx_mode=mode)
+        theirs = transformers_mra2_attention(q, k, v, mask, num_blocks=4, approx_mode=mode,
+                                             spec_ties=True)
+        assert (ours - theirs.reshape(ours.shape)).abs().max().item() <= TOLERANCE
+        assert check(cpu_library, q, k, v, mask, num_blocks=4, approx_mode=mode) <= TOLERANCE
+    sparse = mra_attention(q, k, v, mask, num_blocks=4, approx_mode="sparse")
+    assert sparse.abs().max().item() == 0.0  # exp(-8.75e4) underflows: the floor held

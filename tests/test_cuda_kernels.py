@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mra_export import native
-from mra_export.attention import mra_attention, selected_blocks
+from mra_export.kernel_check import compare_with_reference
 
 from .conftest import random_qkv, ragged_mask
 
@@ -35,17 +35,16 @@ def test_fp32_matches_pytorch_and_selects_the_same_blocks(cuda_library, head_dim
     kw = dict(num_blocks=8 * ((seq_len + 31) // 32), approx_mode=mode,
               initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3)
     ours, selected = cuda_library.attention(q, k, v, mask, **kw)
-    expected = mra_attention(q, k, v, mask, **kw)
-    kw.pop("approx_mode")
-    assert torch.equal(selected.cpu(), selected_blocks(q, k, mask, **kw).cpu().int())
-    assert (ours - expected).abs().max().item() <= 1e-5
+    result = compare_with_reference(ours, selected, q, k, v, mask, tolerance=1e-5, **kw)
+    assert result.passed, result.summary()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_the_relative_target(cuda_library, dtype):
     q, k, v = (t.cuda().to(dtype) for t in random_qkv(2, 12, 512, 64, seed=1))
     mask = ragged_mask(2, 512, [512, 300]).cuda()
-    ours, _ = cuda_library.attention(q, k, v, mask, num_blocks=128)
-    expected = mra_attention(q.float(), k.float(), v.float(), mask, num_blocks=128)
-    relative = (ours.float() - expected).norm() / expected.norm()
-    assert relative.item() <= (2e-3 if dtype == torch.float16 else 1e-2)
+    ours, selected = cuda_library.attention(q, k, v, mask, num_blocks=128)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-2
+    result = compare_with_reference(ours, selected, q, k, v, mask, tolerance=tolerance,
+                                    relative=True, num_blocks=128)
+    assert result.passed, result.summary()

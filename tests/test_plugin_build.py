@@ -45,6 +45,10 @@ def test_cuda_entry_point_checks_arguments_before_touching_the_gpu():
     params = cuda.params(torch.empty(1, 1, 64, 64), num_blocks=4)
     status = cuda.lib.mraAttentionCuda(ctypes.byref(params), *[fake] * 6, ctypes.c_size_t(16), null)
     assert status == 3  # MRA_WORKSPACE_TOO_SMALL
+    misaligned = [fake, ctypes.c_void_p(256 + 8), fake, fake, fake, fake]  # key 8 bytes off
+    status = cuda.lib.mraAttentionCuda(ctypes.byref(params), *misaligned, ctypes.c_size_t(1 << 30),
+                                       null)
+    assert status == 1  # MRA_INVALID_ARGUMENT: Q, K, V and output move in 16-byte vectors
 
 
 def test_plugin_contract_through_tensorrt_interfaces():

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime
 import torch
 
 from ..errors import UserError
@@ -91,4 +92,5 @@ def _machine() -> str:
     threads = torch.get_num_threads()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (torch "
-            f"threads {threads}), {gpu}; torch {torch.__version__}")
+            f"threads {threads}), {gpu}; torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}")

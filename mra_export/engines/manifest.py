@@ -8,11 +8,10 @@ compares them with the running system and says, in one line, what differs and ho
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
+from typing import ClassVar
 
-from ..errors import UserError
-from ..files import atomic_write_text, sha256_of
+from ..files import JsonRecord, sha256_of
 
 FILE_NAME = "manifest.json"
 ENGINE_FILE = "model.plan"
@@ -28,7 +27,11 @@ class SystemInfo:
 
 
 @dataclasses.dataclass
-class EngineManifest:
+class EngineManifest(JsonRecord):
+    FILE_NAME: ClassVar[str] = FILE_NAME
+    MADE_BY: ClassVar[str] = "mra-export build"
+    REDO: ClassVar[str] = "rebuild the engine"
+
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
@@ -44,19 +47,6 @@ class EngineManifest:
     mra_export_version: str
     engine_file: str = ENGINE_FILE
     format: str = FORMAT
-
-    def save(self, folder: str | Path) -> None:
-        atomic_write_text(Path(folder) / FILE_NAME, json.dumps(dataclasses.asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> EngineManifest:
-        path = Path(folder) / FILE_NAME
-        if not path.is_file():
-            raise UserError(f"{folder} has no {FILE_NAME}; pass a folder made by 'mra-export build'")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise UserError(f"{path} is corrupt ({error}); rebuild the engine") from None
 
     @property
     def rebuild_command(self) -> str:

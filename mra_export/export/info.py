@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import UserError
-from ..files import atomic_write_text, sha256_of
+from ..files import JsonRecord, sha256_of
 
 FILE_NAME = "export.json"
 FORMAT = "mra-export/1"
 
 
 @dataclasses.dataclass
-class ExportInfo:
+class ExportInfo(JsonRecord):
+    FILE_NAME: ClassVar[str] = FILE_NAME
+    MADE_BY: ClassVar[str] = "mra-export export"
+    REDO: ClassVar[str] = "export the model again"
+
     flavour: str  # "portable" or "plugin"
     dtype: str  # "fp32", "fp16" or "bf16": the graph's weights and activations
     opset: int
@@ -35,21 +39,6 @@ class ExportInfo:
     validation: dict | None = None  # onnxruntime vs PyTorch on a sample, portable flavour
     tokenizer: bool = False
     format: str = FORMAT
-
-    def save(self, folder: str | Path) -> None:
-        atomic_write_text(Path(folder) / FILE_NAME, json.dumps(dataclasses.asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> ExportInfo:
-        path = Path(folder) / FILE_NAME
-        if not path.is_file():
-            raise UserError(f"{folder} has no {FILE_NAME}; pass a folder made by 'mra-export "
-                            "export'")
-        try:
-            data = json.loads(path.read_text())
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError) as error:
-            raise UserError(f"{path} is corrupt ({error}); export the model again") from None
 
     def onnx_path(self, folder: str | Path) -> Path:
         return Path(folder) / self.onnx_file

@@ -121,10 +121,10 @@ def default_options() -> ort.SessionOptions:
     """Full graph optimisation; no memory patterns; intra-op threads as onnxruntime chooses (one
     per core) unless ``MRA_EXPORT_ORT_THREADS`` says otherwise.
 
-    Memory patterns are planned per input shape, and every batch and length is a new shape here:
-    without them the first run at a shape is 2-4x faster and, for MRA at 4096 tokens, every run
-    10% faster (283 -> 255 ms; the large gathers stop touching fresh pages). Measured with
-    ``mra-export bench`` shapes; see tools/results/.
+    Memory patterns are planned per input shape, and every batch and length is a new shape for a
+    model served with dynamic axes, so each would keep its own plan. For this graph they bring
+    nothing measurable: 285 vs 281 ms and the same 421 MB peak at 4096 tokens (one mra-base
+    layer, 2 CPUs, onnxruntime 1.32; ``tools/compare_commits.py`` style measurement).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

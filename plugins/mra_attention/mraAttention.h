@@ -63,7 +63,8 @@ MRA_API MraStatus mraAttentionCpu(const MraAttentionParams* params, const void* 
                                   void* output, void* workspace, size_t workspace_size);
 
 /* The CUDA kernels; device pointers, all work queued on `stream` (a cudaStream_t), no
- * allocation and no host synchronisation. */
+ * allocation and no host synchronisation. query, key, value and output must be 16-byte aligned
+ * (they move in 16-byte vectors; cudaMalloc and TensorRT give 256): MRA_INVALID_ARGUMENT if not. */
 MRA_API MraStatus mraAttentionCuda(const MraAttentionParams* params, const void* query,
                                    const void* key, const void* value, const int32_t* mask,
                                    void* output, void* workspace, size_t workspace_size,

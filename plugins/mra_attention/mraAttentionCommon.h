@@ -57,6 +57,40 @@ struct WorkspaceLayout
 
 WorkspaceLayout makeLayout(Problem const& problem);
 
+//! The workspace sections as typed pointers (host memory for the CPU, device memory for CUDA).
+struct Scratch
+{
+    float* counts;
+    float* queryMean;
+    float* keyMean;
+    float* valueMean;
+    float* lowLogits;
+    float* rowMax;
+    float* threshold;
+    int32_t* selected;
+    int32_t* rowStart;
+
+    Scratch(WorkspaceLayout const& layout, void* workspace)
+        : counts(at<float>(workspace, layout.counts))
+        , queryMean(at<float>(workspace, layout.queryMean))
+        , keyMean(at<float>(workspace, layout.keyMean))
+        , valueMean(at<float>(workspace, layout.valueMean))
+        , lowLogits(at<float>(workspace, layout.lowLogits))
+        , rowMax(at<float>(workspace, layout.rowMax))
+        , threshold(at<float>(workspace, layout.threshold))
+        , selected(at<int32_t>(workspace, layout.selected))
+        , rowStart(at<int32_t>(workspace, layout.rowStart))
+    {
+    }
+
+private:
+    template <typename T>
+    static T* at(void* workspace, size_t offset)
+    {
+        return reinterpret_cast<T*>(static_cast<char*>(workspace) + offset);
+    }
+};
+
 //! Selection score of cell (i, j): (L - r) plus the priors, added one at a time like PyTorch.
 MRA_HOST_DEVICE inline float selectionScore(
     float lowLogit, float rowMax, int32_t i, int32_t j, int32_t priorFirst, int32_t priorDiagonal)

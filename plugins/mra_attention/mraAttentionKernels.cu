@@ -23,8 +23,10 @@
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
+#include <cstdint>
 #include <cstdio>
 #include <mutex>
+#include <set>
 
 namespace mra
 {
@@ -37,6 +39,12 @@ constexpr int kSelectThreads = 1024;
 constexpr int kLogitThreads = 128;
 
 thread_local char gLastCudaError[256] = "";
+
+//! Q, K, V and the output are read and written in 16-byte vectors (uint4).
+bool isVectorAligned(void const* pointer)
+{
+    return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
+}
 
 // ---- storage types -------------------------------------------------------------------------
 
@@ -62,34 +70,6 @@ struct Storage<__nv_bfloat16>
 {
     __device__ static float toFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
     __device__ static __nv_bfloat16 fromFloat(float x) { return __float2bfloat16_rn(x); }
-};
-
-//! Workspace sections as typed device pointers.
-struct Scratch
-{
-    float* counts;
-    float* queryMean;
-    float* keyMean;
-    float* valueMean;
-    float* lowLogits;
-    float* rowMax;
-    float* threshold;
-    int32_t* selected;
-    int32_t* rowStart;
-
-    Scratch(WorkspaceLayout const& layout, void* workspace)
-    {
-        char* base = static_cast<char*>(workspace);
-        counts = reinterpret_cast<float*>(base + layout.counts);
-        queryMean = reinterpret_cast<float*>(base + layout.queryMean);
-        keyMean = reinterpret_cast<float*>(base + layout.keyMean);
-        valueMean = reinterpret_cast<float*>(base + layout.valueMean);
-        lowLogits = reinterpret_cast<float*>(base + layout.lowLogits);
-        rowMax = reinterpret_cast<float*>(base + layout.rowMax);
-        threshold = reinterpret_cast<float*>(base + layout.threshold);
-        selected = reinterpret_cast<int32_t*>(base + layout.selected);
-        rowStart = reinterpret_cast<int32_t*>(base + layout.rowStart);
-    }
 };
 
 __device__ inline bool isReal(Problem const& p, int32_t const* mask, int32_t batch, int32_t position)
@@ -610,7 +590,7 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     }
     bool const hasBlocks = end > begin;
     float const quantisedMax
-        = hasBlocks ? truncf(state.runningMax * kRowMaxScale) / kRowMaxScale : kEmptyRowMax / kRowMaxScale;
+        = (hasBlocks ? fmaxf(truncf(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax) / kRowMaxScale;
     float const toQuantised = hasBlocks ? expf(state.runningMax - quantisedMax) : 0.0f;
     float const hiNorm = state.norm * toQuantised;
     float const maxGap = s.rowMax[row * p.nb + i] - quantisedMax;
@@ -682,17 +662,32 @@ MraStatus cudaFailure(cudaError_t error, char const* where)
         }                                                                                                              \
     } while (0)
 
-//! Opt the kernel in to more than 48 KB of shared memory, once per instantiation.
+//! Opt the kernel in to more than 48 KB of shared memory. The attribute belongs to the current
+//! device's context, so it is set once per (instantiation, device), not once per process.
 template <typename T, int D>
 MraStatus prepareHighResolution()
 {
-    static std::once_flag once;
-    static cudaError_t status = cudaSuccess;
-    std::call_once(once, [] {
-        status = cudaFuncSetAttribute(highResolution<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-            static_cast<int>(HighResolutionSmem<T, D>::kTotal));
-    });
-    return status == cudaSuccess ? MRA_OK : cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
+    static std::mutex mutex;
+    static std::set<int> preparedDevices;
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaGetDevice");
+    }
+    std::lock_guard<std::mutex> const lock(mutex);
+    if (preparedDevices.count(device) != 0)
+    {
+        return MRA_OK;
+    }
+    status = cudaFuncSetAttribute(highResolution<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(HighResolutionSmem<T, D>::kTotal));
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
+    }
+    preparedDevices.insert(device);
+    return MRA_OK;
 }
 
 template <typename T, int D>
@@ -748,6 +743,10 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
         || workspace == nullptr)
     {
         return MRA_INVALID_ARGUMENT;
+    }
+    if (!isVectorAligned(query) || !isVectorAligned(key) || !isVectorAligned(value) || !isVectorAligned(output))
+    {
+        return MRA_INVALID_ARGUMENT; // the tiles move in 16-byte vectors
     }
     bool const supported = params->block_size == kBlock
         && (params->head_dim == 32 || params->head_dim == 64 || params->head_dim == 128);

@@ -143,33 +143,6 @@ struct Inputs
     int32_t const* mask;
 };
 
-struct Scratch
-{
-    float* counts;
-    float* queryMean;
-    float* keyMean;
-    float* valueMean;
-    float* lowLogits;
-    float* rowMax;
-    float* threshold;
-    int32_t* selected;
-    int32_t* rowStart;
-
-    Scratch(WorkspaceLayout const& layout, void* workspace)
-    {
-        char* base = static_cast<char*>(workspace);
-        counts = reinterpret_cast<float*>(base + layout.counts);
-        queryMean = reinterpret_cast<float*>(base + layout.queryMean);
-        keyMean = reinterpret_cast<float*>(base + layout.keyMean);
-        valueMean = reinterpret_cast<float*>(base + layout.valueMean);
-        lowLogits = reinterpret_cast<float*>(base + layout.lowLogits);
-        rowMax = reinterpret_cast<float*>(base + layout.rowMax);
-        threshold = reinterpret_cast<float*>(base + layout.threshold);
-        selected = reinterpret_cast<int32_t*>(base + layout.selected);
-        rowStart = reinterpret_cast<int32_t*>(base + layout.rowStart);
-    }
-};
-
 bool isReal(Problem const& p, int32_t const* mask, int32_t batch, int32_t position)
 {
     return position < p.seqLen && mask[static_cast<size_t>(batch) * p.seqLen + position] != 0;
@@ -402,8 +375,10 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
             }
         }
         // The kernel's quantised row max: trunc(max * 1000) / 1000, -1e5 for an empty row.
-        float const quantisedMax = hasBlocks ? std::trunc(state.runningMax * kRowMaxScale) / kRowMaxScale
-                                             : kEmptyRowMax / kRowMaxScale;
+        // (The integer max starts at -1e8, so a row whose logits are all below -1e5 still gets -1e5.)
+        float const quantisedMax
+            = (hasBlocks ? std::max(std::trunc(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax)
+            / kRowMaxScale;
         float const toQuantised = hasBlocks ? std::exp(state.runningMax - quantisedMax) : 0.0f;
         float const hiNorm = state.norm * toQuantised;
         float const maxGap = rowMax - quantisedMax;

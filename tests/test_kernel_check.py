@@ -1,0 +1,107 @@
+"""The comparison that judges the CUDA kernels (tools/gpu_check.py, test_cuda_kernels.py), checked on
+the CPU: it passes the C++ twin, and it accepts a difference only at a real edge of MRA's output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mra_export.attention import mra_attention, selected_blocks
+from mra_export.kernel_check import compare_with_reference
+
+from .conftest import random_qkv, ragged_mask
+
+SETTINGS = dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
+                initial_prior_diagonal_n_blocks=3)
+
+
+def on_step_inputs():
+    """Every logit is exactly 0.5 (500 steps of 1e-3): each query's row max sits on a step."""
+    q, k, v = random_qkv(1, 2, 512, 64, seed=3)
+    q, k = torch.zeros_like(q), torch.zeros_like(k)
+    q[..., 0], k[..., 0] = 1.0, 4.0  # 1 * 4 / sqrt(64)
+    return q, k, v, torch.ones(1, 512)
+
+
+def with_error_at(output: torch.Tensor, queries, size: float) -> torch.Tensor:
+    output = output.clone()
+    for head, position in queries:
+        output[0, head, position] += size
+    return output
+
+
+def test_the_cpu_twin_passes_with_no_edge_cases(cpu_library):
+    q, k, v = random_qkv(3, 2, 300, 32, seed=5)
+    mask = ragged_mask(3, 300, [300, 150, 0])
+    output, selected = cpu_library.attention(q, k, v, mask, **SETTINGS)
+    result = compare_with_reference(output, selected, q, k, v, mask, tolerance=1e-5, **SETTINGS)
+    assert result.passed and result.same_blocks, result.summary()
+    assert result.max_error <= 1e-5 and result.step_queries == 0
+
+
+def test_an_error_off_any_edge_fails():
+    q, k, v = random_qkv(1, 2, 512, 64, seed=3)
+    mask = torch.ones(1, 512)
+    expected = mra_attention(q, k, v, mask, **SETTINGS)
+    selected = selected_blocks(q, k, mask, num_blocks=40, initial_prior_first_n_blocks=1,
+                               initial_prior_diagonal_n_blocks=3)
+    exact = compare_with_reference(expected, selected, q, k, v, mask, tolerance=1e-5, **SETTINGS)
+    assert exact.passed and exact.max_error == 0.0
+    wrong = with_error_at(expected, [(1, 100)], 1e-4)
+    result = compare_with_reference(wrong, selected, q, k, v, mask, tolerance=1e-5, **SETTINGS)
+    assert not result.passed and result.max_error == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_a_rare_error_on_a_quantisation_step_is_accepted_and_counted():
+    q, k, v, mask = on_step_inputs()
+    expected = mra_attention(q, k, v, mask, num_blocks=40)
+    selected = selected_blocks(q, k, mask, num_blocks=40)
+    largest = expected.abs().max().item()
+
+    one = with_error_at(expected, [(0, 7)], 5e-4 * largest)
+    result = compare_with_reference(one, selected, q, k, v, mask, tolerance=1e-5, num_blocks=40)
+    assert result.passed and result.step_queries == 1 and result.max_error == 0.0
+
+    two = with_error_at(expected, [(0, 7), (1, 9)], 5e-4 * largest)  # 2 of 1024: too many
+    assert not compare_with_reference(two, selected, q, k, v, mask, tolerance=1e-5,
+                                       num_blocks=40).passed
+    large = with_error_at(expected, [(0, 7)], 1e-2 * largest)  # more than a step can move
+    assert not compare_with_reference(large, selected, q, k, v, mask, tolerance=1e-5,
+                                      num_blocks=40).passed
+
+
+def test_a_different_selection_is_accepted_only_at_a_tie():
+    q, k, v = random_qkv(1, 2, 512, 64, seed=3)
+    mask = torch.ones(1, 512)
+    expected = mra_attention(q, k, v, mask, num_blocks=40)
+    selected = selected_blocks(q, k, mask, num_blocks=40)
+    swapped = selected.clone()
+    swapped[0, -1] = 255  # the last cell of the grid, far from the threshold here
+    assert 255 not in selected[0].tolist()
+    result = compare_with_reference(expected, swapped, q, k, v, mask, tolerance=1e-5,
+                                    num_blocks=40)
+    assert not result.passed and result.untied_blocks == 2 and result.tied_blocks == 0
+
+    q, k, v, mask = on_step_inputs()  # constant logits: every score ties with the threshold
+    expected = mra_attention(q, k, v, mask, num_blocks=40)
+    selected = selected_blocks(q, k, mask, num_blocks=40)
+    swapped = selected.clone()
+    swapped[0, -1] = 255
+    result = compare_with_reference(expected, swapped, q, k, v, mask, tolerance=1e-5,
+                                    num_blocks=40)
+    assert result.tied_blocks == 2 and result.untied_blocks == 0 and not result.same_blocks
+
+
+def test_gpu_check_says_in_one_line_that_it_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: tools/gpu_check.py would run for minutes")
+    script = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one"]
