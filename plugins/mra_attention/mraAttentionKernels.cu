@@ -380,25 +380,31 @@ template <int D>
 struct RowState
 {
     static constexpr int kDims = D / 4; // output dims per thread: d = lane + 4 * u
-    float runningMax = -FLT_MAX;
-    float norm = 0.0f;
-    float out[kDims] = {};
+    float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
+    float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials below
+    float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
+    float out[kDims] = {};       //!< sum of exp(P - baseMax) * V
 
-    //! Fold in one block's 8 scores per thread (keys lane + 4t): update the max, rescale, and
+    //! Fold in one block's 8 scores per thread (keys lane + 4t): update the maxima, rescale, and
     //! write this block's weights to `weights` (row of 32). Returns after the weights are
-    //! visible to the row's 4 threads.
+    //! visible to the row's 4 threads. Padded keys count for M (they do in the original) but
+    //! not for the base: with M pinned at 0 by them, exp(P - M) of real keys far below 0 would
+    //! underflow in the fp16 weight tile; exp(P - baseMax) <= 1 with one weight exactly 1.
     __device__ void absorbScores(float const (&scores)[8], bool const* keyReal, float* weights, int32_t lane)
     {
         float blockMax = scores[0];
-        for (int32_t t = 1; t < 8; ++t)
+        float blockRealMax = -FLT_MAX;
+        for (int32_t t = 0; t < 8; ++t)
         {
             blockMax = fmaxf(blockMax, scores[t]);
+            blockRealMax = fmaxf(blockRealMax, keyReal[lane + 4 * t] ? scores[t] : -FLT_MAX);
         }
-        blockMax = fmaxf(blockMax, __shfl_xor_sync(0xffffffffu, blockMax, 1));
-        blockMax = fmaxf(blockMax, __shfl_xor_sync(0xffffffffu, blockMax, 2));
-        float const newMax = fmaxf(runningMax, blockMax);
-        float const rescale = expf(runningMax - newMax);
-        runningMax = newMax;
+        blockMax = rowMaxOf4(blockMax);
+        blockRealMax = rowMaxOf4(blockRealMax);
+        runningMax = fmaxf(runningMax, blockMax);
+        float const newBase = fmaxf(baseMax, blockRealMax);
+        float const rescale = expf(baseMax - newBase); // 1 while no real key has been seen
+        baseMax = newBase;
         norm *= rescale;
         for (int32_t u = 0; u < kDims; ++u)
         {
@@ -408,7 +414,7 @@ struct RowState
         for (int32_t t = 0; t < 8; ++t)
         {
             int32_t const key = lane + 4 * t;
-            float const weight = keyReal[key] ? expf(scores[t] - newMax) : 0.0f; // exp(.. - 1e4) is 0
+            float const weight = keyReal[key] ? expf(scores[t] - newBase) : 0.0f; // exp(.. - 1e4) is 0
             weights[key] = weight;
             partial += weight;
         }
@@ -416,6 +422,13 @@ struct RowState
         partial += __shfl_xor_sync(0xffffffffu, partial, 2);
         norm += partial;
         __syncwarp();
+    }
+
+    //! Maximum over the 4 threads of one query row.
+    __device__ static float rowMaxOf4(float value)
+    {
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
+        return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
     }
 };
 
@@ -591,7 +604,8 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     bool const hasBlocks = end > begin;
     float const quantisedMax
         = (hasBlocks ? fmaxf(truncf(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax) / kRowMaxScale;
-    float const toQuantised = hasBlocks ? expf(state.runningMax - quantisedMax) : 0.0f;
+    // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow.
+    float const toQuantised = hasBlocks ? expf(state.baseMax - quantisedMax) : 0.0f;
     float const hiNorm = state.norm * toQuantised;
     float const maxGap = s.rowMax[row * p.nb + i] - quantisedMax;
     float const loScale = expf(fminf(maxGap, 0.0f));

@@ -276,11 +276,14 @@ void selectBlocks(Problem const& p, Scratch& s)
 }
 
 //! Per-query state of the high-resolution pass: an online softmax over the selected blocks.
+//! As in the CUDA kernel, the exponentials are taken against the maximum over real keys (so fp16
+//! weights cannot all underflow there) and moved to the quantised M in the epilogue.
 struct QueryState
 {
-    float runningMax = -std::numeric_limits<float>::infinity();
-    float norm = 0.0f;
-    std::vector<float> out;
+    float runningMax = -std::numeric_limits<float>::infinity(); //!< every key: gives M
+    float baseMax = std::numeric_limits<float>::lowest();       //!< real keys only
+    float norm = 0.0f;            //!< sum of exp(P - baseMax)
+    std::vector<float> out;       //!< sum of exp(P - baseMax) * V
 };
 
 // 4. One query block i of one (batch, head): its selected key blocks, then the epilogue.
@@ -341,6 +344,7 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
         {
             int32_t const j = selected[index] % p.nb;
             float blockMax = -std::numeric_limits<float>::infinity();
+            float blockRealMax = std::numeric_limits<float>::lowest();
             for (int32_t u = 0; u < p.blockSize; ++u)
             {
                 float dot = 0.0f;
@@ -348,17 +352,22 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
                 {
                     dot += q[d] * maskedAt(p, in, in.key, row, j * p.blockSize + u, d);
                 }
-                scores[u] = dot / p.scaleDivisor; // masked keys: 0, and they count in the max
+                scores[u] = dot / p.scaleDivisor; // masked keys: 0, and they count in M
                 blockMax = std::max(blockMax, scores[u]);
+                if (isReal(p, in.mask, batch, j * p.blockSize + u))
+                {
+                    blockRealMax = std::max(blockRealMax, scores[u]);
+                }
             }
-            float const newMax = std::max(state.runningMax, blockMax);
-            float const rescale = std::exp(state.runningMax - newMax); // 0 on the first block
+            state.runningMax = std::max(state.runningMax, blockMax);
+            float const newBase = std::max(state.baseMax, blockRealMax);
+            float const rescale = std::exp(state.baseMax - newBase); // 1 until a real key is seen
             state.norm *= rescale;
             for (float& value : state.out)
             {
                 value *= rescale;
             }
-            state.runningMax = newMax;
+            state.baseMax = newBase;
             for (int32_t u = 0; u < p.blockSize; ++u)
             {
                 int32_t const key = j * p.blockSize + u;
@@ -366,7 +375,7 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
                 {
                     continue; // exp(P - M - 1e4) is exactly 0 in float32
                 }
-                float const weight = std::exp(scores[u] - newMax);
+                float const weight = std::exp(scores[u] - newBase);
                 state.norm += weight;
                 for (int32_t d = 0; d < p.headDim; ++d)
                 {
@@ -379,7 +388,8 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
         float const quantisedMax
             = (hasBlocks ? std::max(std::trunc(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax)
             / kRowMaxScale;
-        float const toQuantised = hasBlocks ? std::exp(state.runningMax - quantisedMax) : 0.0f;
+        // exp(P - M) = exp(P - baseMax) * exp(baseMax - M), and baseMax <= M + 1e-3.
+        float const toQuantised = hasBlocks ? std::exp(state.baseMax - quantisedMax) : 0.0f;
         float const hiNorm = state.norm * toQuantised;
         float const maxGap = rowMax - quantisedMax;
         float const loScale = std::exp(std::min(maxGap, 0.0f));
