@@ -230,8 +230,7 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
-    # In place: one block-sized tensor instead of three (a tracer turns these into plain ops).
-    weights = logits.sub_(row_max.index_select(0, query_block)[..., None]).exp_()
+    weights = _exp_shifted(logits, row_max.index_select(0, query_block)[..., None])
     del logits
     v = blocks.v.index_select(0, key_block)
     key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
@@ -246,7 +245,17 @@ def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> 
     """Step 4: the 32x32 logits of each selected block (gathered Q and K freed on return)."""
     q = blocks.q.index_select(0, query_block)  # [rows * k, T, D]
     k = blocks.k.index_select(0, key_block)
-    return torch.matmul(q, k.transpose(-1, -2)).div_(math.sqrt(head_dim))
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    scale = math.sqrt(head_dim)
+    return logits / scale if logits.requires_grad else logits.div_(scale)
+
+
+def _exp_shifted(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``exp(logits - shift)``, in place when no gradient is recorded: one block-sized tensor
+    instead of three (tracing for export turns the in-place ops into ordinary ones)."""
+    if logits.requires_grad:
+        return torch.exp(logits - shift)  # autograd needs the logits as they were
+    return logits.sub_(shift).exp_()
 
 
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,

@@ -68,7 +68,8 @@ def compare_with_reference(output: torch.Tensor, selected: torch.Tensor, query: 
     differs = _chosen(selected, reference.scores) != _chosen(reference.indices, reference.scores)
     near_tie = ((reference.scores - reference.threshold).abs()
                 <= TIE_DISTANCE * reference.threshold.abs().clamp_min(1.0))
-    reselected = _per_token(differs, settings.get("block_size", 32), seq_len)  # queries whose block row was selected differently
+    # Queries whose block row was selected differently (judged by the tie count instead):
+    reselected = _per_token(differs, settings.get("block_size", 32), seq_len)
     logit_max = reference.logit_max[:, :seq_len] * ROW_MAX_SCALE
     on_step = (logit_max - torch.round(logit_max)).abs() <= STEP_DISTANCE * ROW_MAX_SCALE
     stepped = on_step & ~reselected & (error > tolerance)

@@ -62,3 +62,16 @@ def test_low_precision_inputs_are_computed_in_float32_and_returned_in_their_dtyp
     assert ours.dtype == dtype
     expected = dense_attention_float64(q.float(), k.float(), v.float(), mask)
     assert (ours.double() - expected).abs().max().item() <= 1e-2  # the output rounding only
+
+
+def test_gradients_match_dense_softmax_when_every_block_is_selected():
+    """mra_attention stays differentiable (patched models can be fine-tuned): with every block
+    selected its gradients are softmax attention's, the quantised maximum being a constant."""
+    q, k, v = random_qkv(2, 2, 80, 32, seed=8)
+    mask = ragged_mask(2, 80, [80, 50])
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    mra_attention(*ours, mask, num_blocks=9).square().sum().backward()
+    dense = [t.double().requires_grad_() for t in (q, k, v)]
+    dense_attention_float64(*dense, mask).square().sum().backward()
+    for mine, exact in zip(ours, dense):
+        assert (mine.grad.double() - exact.grad).abs().max().item() <= 1e-4
