@@ -3,6 +3,7 @@ the CPU: it passes the C++ twin, and it accepts a difference only at a real edge
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from mra_export.kernel_check import compare_with_reference
 
 from .conftest import random_qkv, ragged_mask
 
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 SETTINGS = dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
                 initial_prior_diagonal_n_blocks=3)
 
@@ -99,9 +101,25 @@ def test_a_different_selection_is_accepted_only_at_a_tie():
 def test_gpu_check_says_in_one_line_that_it_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: tools/gpu_check.py would run for minutes")
-    script = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.py"
+    script = TOOLS / "gpu_check.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one"]
+
+
+def test_gpu_check_correctness_table_runs_on_the_cpu_twin(cpu_library, capsys):
+    """tools/gpu_check.py's correctness pass, end to end, with the C++ twin in place of the
+    kernels: every kind of case it runs on a GPU (dtypes, head dims, priors, all-padding)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", TOOLS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    cases = [(3, 100, 64, dtype, mode, priors) for dtype in gpu_check.TOLERANCES
+             for mode in ("full", "sparse") for priors in (False, True)]
+    cases += [(2, 64, 32, torch.float32, "full", False), (2, 64, 128, torch.float16, "full", True)]
+    rows = gpu_check.check_correctness(cpu_library, cases, device="cpu")
+    gpu_check.print_correctness(rows)
+    table = capsys.readouterr().out
+    assert len(rows) == len(cases) and all(row["passed"] for row in rows), table
+    assert table.count(" pass") == len(cases) and "FAIL" not in table

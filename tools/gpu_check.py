@@ -66,16 +66,16 @@ def build_kernels(build_dir: Path) -> native.MraLibrary:
     return native.MraLibrary(build_dir / native.CUDA_LIBRARY)
 
 
-def inputs(batch: int, seq_len: int, dtype, seed: int, head_dim: int = HEAD_DIM):
+def inputs(batch: int, seq_len: int, dtype, seed: int, head_dim: int = HEAD_DIM, device: str = "cuda"):
     """Random Q, K, V and a ragged mask: sample 0 full, the last one all padding when batch > 2."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(batch, HEADS, seq_len, head_dim, device="cuda", generator=generator).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(batch, HEADS, seq_len, head_dim, device=device, generator=generator).to(dtype)
                for _ in range(3))
-    lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), device="cuda", generator=generator)
+    lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), device=device, generator=generator)
     lengths[0] = seq_len
     if batch > 2:
         lengths[-1] = 0
-    mask = (torch.arange(seq_len, device="cuda")[None, :] < lengths[:, None]).to(torch.int32)
+    mask = (torch.arange(seq_len, device=device)[None, :] < lengths[:, None]).to(torch.int32)
     return q, k, v, mask
 
 
@@ -103,10 +103,12 @@ def correctness_cases(quick: bool):
             yield 4, 1000, head_dim, dtype, "full", head_dim == 32
 
 
-def check_correctness(lib, quick: bool) -> list[dict]:
+def check_correctness(lib, cases, device: str = "cuda") -> list[dict]:
+    """One row per case of ``correctness_cases``; ``lib`` on ``device`` (the CPU twin in CI)."""
     rows = []
-    for batch, seq_len, head_dim, dtype, mode, priors in correctness_cases(quick):
-        q, k, v, mask = inputs(batch, seq_len, dtype, seed=seq_len + batch + head_dim, head_dim=head_dim)
+    for batch, seq_len, head_dim, dtype, mode, priors in cases:
+        q, k, v, mask = inputs(batch, seq_len, dtype, seed=seq_len + batch + head_dim, head_dim=head_dim,
+                               device=device)
         kw = settings(seq_len, mode, priors)
         ours, chosen = lib.attention(q, k, v, mask, **kw)
         result = compare_with_reference(ours, chosen, q, k, v, mask, tolerance=TOLERANCES[dtype],
@@ -189,6 +191,11 @@ def benchmark(lib, quick: bool, bandwidth: float) -> list[dict]:
 
 def print_tables(correctness, timings, bandwidth, device):
     print(f"\n{device}; device-to-device copy {bandwidth:.0f} GB/s (read + write)")
+    print_correctness(correctness)
+    print_speed(timings)
+
+
+def print_correctness(correctness):
     print("\ncorrectness (CUDA kernels vs mra_export.mra_attention; fp16/bf16 relative to the largest output;"
           "\n  'step': queries on a 1e-3 row-max step, 'ties': blocks swapped within an ulp of the threshold)")
     print(f"{'batch':>5} {'seq':>5} {'D':>4} {'dtype':>9} {'mode':>6} {'priors':>6} {'error':>10} {'target':>8} "
@@ -198,6 +205,9 @@ def print_tables(correctness, timings, bandwidth, device):
         print(f"{r['batch']:>5} {r['seq_len']:>5} {r['head_dim']:>4} {r['dtype']:>9} {r['mode']:>6} "
               f"{'yes' if r['priors'] else 'no':>6} {r['error']:>10.2e} {r['target']:>8.0e} {blocks:>7} "
               f"{r['tied_blocks']:>5} {r['step_queries']:>5}  {'pass' if r['passed'] else 'FAIL'}")
+
+
+def print_speed(timings):
     print(f"\nspeed ({HEADS} heads, head_dim {HEAD_DIM}, {BLOCKS_PER_ROW} blocks per row, mode full; median ms)")
     print(f"{'batch':>5} {'seq':>5} | {'kern32':>8} {'torch32':>8} {'sdpa32':>8} {'x torch':>8} {'x sdpa':>7} | "
           f"{'kern16':>8} {'torch16':>8} {'sdpa16':>8} {'x torch':>8} {'x sdpa':>7} | {'GB/s 16':>8}")
@@ -221,7 +231,7 @@ def main() -> int:
     lib = build_kernels(Path(args.build_dir))
     device = torch.cuda.get_device_name()
     print("checking correctness ...", flush=True)
-    correctness = check_correctness(lib, args.quick)
+    correctness = check_correctness(lib, correctness_cases(args.quick))
     bandwidth = copy_bandwidth_gbs()
     print("timing ...", flush=True)
     timings = benchmark(lib, args.quick, bandwidth)
