@@ -88,6 +88,7 @@ class BlockSelection(NamedTuple):
     indices: torch.Tensor  # [rows, k] selected flat cells query_block * nb + key_block, ascending
     scores: torch.Tensor  # [rows, nb * nb] the selection scores (with priors)
     threshold: torch.Tensor  # [rows, 1] the k-th largest score
+    chosen: torch.Tensor  # [rows, nb * nb] bool: the selected cells
     logit_max: torch.Tensor  # [rows, nb * T] each query's largest selected logit, unquantised
 
 
@@ -107,15 +108,13 @@ def block_selection(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
     """The selection with what another implementation needs to judge its differences: scores
     and threshold (a cell within an ulp of the threshold may go either way), and each query's
     largest selected logit (one within an ulp of a 1e-3 step may truncate either way)."""
-    blocks, (scores, indices, threshold, _) = _select(
+    blocks, (scores, indices, threshold, chosen) = _select(
         query, key, attention_mask, num_blocks, block_size, initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks)
     query_block, key_block = blocks.global_block(indices)
     block_max = _selected_logits(blocks, query_block, key_block, query.shape[-1]).amax(dim=-1)
-    start = torch.full((blocks.rows * blocks.n_blocks, block_size), -math.inf, device=query.device)
-    index = query_block[:, None].expand(-1, block_size)
-    logit_max = start.scatter_reduce(0, index, block_max, reduce="amax", include_self=True)
-    return BlockSelection(indices, scores.reshape(blocks.rows, -1), threshold,
+    logit_max = _max_per_query_block(blocks, block_max, query_block, -math.inf)
+    return BlockSelection(indices, scores.reshape(blocks.rows, -1), threshold, chosen,
                           logit_max.reshape(blocks.rows, -1))
 
 
@@ -313,11 +312,18 @@ def _quantised_row_max(blocks: _Blocks, logits: torch.Tensor, query_block: torch
     every integer below 2**24 in magnitude.
     """
     quantised = torch.trunc(logits.amax(dim=-1) * ROW_MAX_SCALE)  # [rows * k, Tq]
-    start = torch.full((blocks.rows * blocks.n_blocks, blocks.block_size), EMPTY_ROW_MAX,
-                       device=logits.device)
-    index = query_block[:, None].expand(-1, blocks.block_size)
-    row_max = start.scatter_reduce(0, index, quantised, reduce="amax", include_self=True)
+    row_max = _max_per_query_block(blocks, quantised, query_block, EMPTY_ROW_MAX)
     return row_max / ROW_MAX_SCALE
+
+
+def _max_per_query_block(blocks: _Blocks, values: torch.Tensor, query_block: torch.Tensor,
+                         start: float) -> torch.Tensor:
+    """``[rows * k, T]`` per-block values -> ``[rows * nb, T]``: the max over each query
+    block's selected blocks, ``start`` where it has none."""
+    initial = torch.full((blocks.rows * blocks.n_blocks, blocks.block_size), start,
+                         device=values.device)
+    index = query_block[:, None].expand(-1, blocks.block_size)
+    return initial.scatter_reduce(0, index, values, reduce="amax", include_self=True)
 
 
 def _combine_full(blocks, hi_out, hi_norm, quantised_max, low_logits, row_max, exact, count,

@@ -60,37 +60,36 @@ def compare_with_reference(output: torch.Tensor, selected: torch.Tensor, query: 
     expected = mra_attention(query, key, value, mask, **settings)
     selection_settings = {name: v for name, v in settings.items() if name != "approx_mode"}
     reference = block_selection(query, key, mask, **selection_settings)
+    block_size = settings.get("block_size", 32)
     batch, heads, seq_len, _ = query.shape
-    largest = expected.abs().max().clamp_min(1e-30).item()
     error = (output.float() - expected).abs().amax(dim=-1).reshape(batch * heads, seq_len)
-    error = error / largest if relative else error
+    error_of_largest = error / expected.abs().max().clamp_min(1e-30).item()
+    judged = error_of_largest if relative else error
 
-    differs = _chosen(selected, reference.scores) != _chosen(reference.indices, reference.scores)
+    differs = _chosen(selected, reference.chosen) != reference.chosen
     near_tie = ((reference.scores - reference.threshold).abs()
                 <= TIE_DISTANCE * reference.threshold.abs().clamp_min(1.0))
     # Queries whose block row was selected differently (judged by the tie count instead):
-    reselected = _per_token(differs, settings.get("block_size", 32), seq_len)
+    reselected = _per_query(differs, block_size, seq_len)
     logit_max = reference.logit_max[:, :seq_len] * ROW_MAX_SCALE
     on_step = (logit_max - torch.round(logit_max)).abs() <= STEP_DISTANCE * ROW_MAX_SCALE
-    stepped = on_step & ~reselected & (error > tolerance)
+    stepped = on_step & ~reselected & (judged > tolerance)
     held = ~(stepped | reselected)
     return KernelComparison(
-        max_error=_max(error[held]), tolerance=tolerance, queries=error.numel(),
-        step_queries=int(stepped.sum()),
-        step_error=_max(error[stepped]) * (1.0 if relative else 1.0 / largest),
+        max_error=_max(judged[held]), tolerance=tolerance, queries=error.numel(),
+        step_queries=int(stepped.sum()), step_error=_max(error_of_largest[stepped]),
         tied_blocks=int((differs & near_tie).sum()), untied_blocks=int((differs & ~near_tie).sum()))
 
 
-def _chosen(indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return chosen.scatter(1, indices.to(scores.device).long(), True)
+def _chosen(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, k]`` flat cell indices -> a ``[rows, nb * nb]`` mask shaped ``like``."""
+    return torch.zeros_like(like).scatter(1, indices.to(like.device).long(), True)
 
 
-def _per_token(differs: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+def _per_query(differs: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
     """``[rows, nb * nb]`` cell flags -> ``[rows, seq_len]``: the query's block row has one."""
-    rows, cells = differs.shape
-    n_blocks = round(cells ** 0.5)
-    block_row = differs.reshape(rows, n_blocks, n_blocks).any(dim=-1)
+    n_blocks = -(-seq_len // block_size)
+    block_row = differs.reshape(differs.shape[0], n_blocks, n_blocks).any(dim=-1)
     return block_row.repeat_interleave(block_size, dim=1)[:, :seq_len]
 
 

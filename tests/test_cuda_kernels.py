@@ -59,8 +59,8 @@ def test_real_keys_far_below_a_padded_key_maximum_do_not_underflow(cuda_library,
     q, k = torch.zeros_like(v), torch.zeros_like(v)
     q[..., 0], k[..., 0] = 1.0, -112.0  # real logits 1 * -112 / sqrt(64) = -14
     mask = ragged_mask(1, 64, [40])  # key block 1 is a quarter padding: M = 0 there
-    q, k, v, mask = (t.cuda() for t in (q, k, v.to(dtype), mask))
-    q, k = q.to(dtype), k.to(dtype)
+    q, k, v = (t.to(dtype).cuda() for t in (q, k, v))
+    mask = mask.cuda()
     ours, selected = cuda_library.attention(q, k, v, mask, num_blocks=4, approx_mode="sparse")
     result = compare_with_reference(ours, selected, q, k, v, mask, tolerance=2e-3, relative=True,
                                     num_blocks=4, approx_mode="sparse")

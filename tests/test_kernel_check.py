@@ -17,8 +17,8 @@ from mra_export.kernel_check import compare_with_reference
 from .conftest import random_qkv, ragged_mask
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
-SETTINGS = dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
-                initial_prior_diagonal_n_blocks=3)
+SELECTION = dict(num_blocks=40, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3)
+SETTINGS = dict(SELECTION, approx_mode="full")
 
 
 def on_step_inputs():
@@ -49,8 +49,7 @@ def test_an_error_off_any_edge_fails():
     q, k, v = random_qkv(1, 2, 512, 64, seed=3)
     mask = torch.ones(1, 512)
     expected = mra_attention(q, k, v, mask, **SETTINGS)
-    selected = selected_blocks(q, k, mask, num_blocks=40, initial_prior_first_n_blocks=1,
-                               initial_prior_diagonal_n_blocks=3)
+    selected = selected_blocks(q, k, mask, **SELECTION)
     exact = compare_with_reference(expected, selected, q, k, v, mask, tolerance=1e-5, **SETTINGS)
     assert exact.passed and exact.max_error == 0.0
     wrong = with_error_at(expected, [(1, 100)], 1e-4)

@@ -26,7 +26,9 @@ LENGTH = 4096
 
 
 def measure_this_tree() -> dict:
-    """Runs in the child process, with the commit's tree first on sys.path."""
+    """Runs in the child process, with the commit's tree first on sys.path. The model is spelled
+    out here rather than taken from ``mra_export.bench.models``, which older commits lack (same
+    model shapes and seed; the input ids differ)."""
     import onnx_ir as ir
     import onnxruntime as ort
     import torch

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import statistics
@@ -114,11 +115,8 @@ def check_correctness(lib, cases, device: str = "cuda") -> list[dict]:
         result = compare_with_reference(ours, chosen, q, k, v, mask, tolerance=TOLERANCES[dtype],
                                         relative=dtype != torch.float32, **kw)
         rows.append(dict(batch=batch, seq_len=seq_len, head_dim=head_dim, dtype=str(dtype).split(".")[-1],
-                         mode=mode, priors=priors, error=result.max_error,
-                         error_kind="abs" if dtype == torch.float32 else "rel", target=result.tolerance,
-                         same_blocks=result.same_blocks, tied_blocks=result.tied_blocks,
-                         untied_blocks=result.untied_blocks, step_queries=result.step_queries,
-                         step_error=result.step_error, passed=result.passed))
+                         mode=mode, priors=priors, error_kind="abs" if dtype == torch.float32 else "rel",
+                         **dataclasses.asdict(result), same_blocks=result.same_blocks, passed=result.passed))
         del q, k, v, mask, ours
     return rows
 
@@ -203,7 +201,7 @@ def print_correctness(correctness):
     for r in correctness:
         blocks = "same" if r["same_blocks"] else ("ties" if r["untied_blocks"] == 0 else "DIFFER")
         print(f"{r['batch']:>5} {r['seq_len']:>5} {r['head_dim']:>4} {r['dtype']:>9} {r['mode']:>6} "
-              f"{'yes' if r['priors'] else 'no':>6} {r['error']:>10.2e} {r['target']:>8.0e} {blocks:>7} "
+              f"{'yes' if r['priors'] else 'no':>6} {r['max_error']:>10.2e} {r['tolerance']:>8.0e} {blocks:>7} "
               f"{r['tied_blocks']:>5} {r['step_queries']:>5}  {'pass' if r['passed'] else 'FAIL'}")
 
 

@@ -122,9 +122,9 @@ def default_options() -> ort.SessionOptions:
     per core) unless ``MRA_EXPORT_ORT_THREADS`` says otherwise.
 
     Memory patterns are planned per input shape, and every batch and length is a new shape for a
-    model served with dynamic axes, so each would keep its own plan. For this graph they bring
-    nothing measurable: 285 vs 281 ms and the same 421 MB peak at 4096 tokens (one mra-base
-    layer, 2 CPUs, onnxruntime 1.32; ``tools/compare_commits.py`` style measurement).
+    model served with dynamic axes, so each would keep its own plan. For this graph they brought
+    nothing measurable in a one-off check (not a committed tool): 285 vs 281 ms and the same
+    421 MB peak at 4096 tokens, one mra-base layer, 2 CPUs, onnxruntime 1.32, 15 runs each.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -8,6 +8,7 @@
 
 #include "mraAttention.h"
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -90,6 +91,14 @@ private:
         return reinterpret_cast<T*>(static_cast<char*>(workspace) + offset);
     }
 };
+
+//! The original's quantised row maximum M: an integer max of trunc(x * 1000) that starts at
+//! -1e8, divided by 1000. A row with no selected block (runningMax = -inf or -FLT_MAX, whose
+//! product overflows to -inf) gets -1e5, as does one whose logits are all below -1e5.
+MRA_HOST_DEVICE inline float quantisedRowMax(float runningMax)
+{
+    return fmaxf(truncf(runningMax * kRowMaxScale), kEmptyRowMax) / kRowMaxScale;
+}
 
 //! Selection score of cell (i, j): (L - r) plus the priors, added one at a time like PyTorch.
 MRA_HOST_DEVICE inline float selectionScore(

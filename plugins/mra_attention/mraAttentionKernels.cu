@@ -392,7 +392,7 @@ struct RowState
     //! underflow in the fp16 weight tile; exp(P - baseMax) <= 1 with one weight exactly 1.
     __device__ void absorbScores(float const (&scores)[8], bool const* keyReal, float* weights, int32_t lane)
     {
-        float blockMax = scores[0];
+        float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
         for (int32_t t = 0; t < 8; ++t)
         {
@@ -601,11 +601,10 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     {
         lowResolutionTerm<D>(p, s, row, i, chunkWeights, lowOut, lowNorm);
     }
-    bool const hasBlocks = end > begin;
-    float const quantisedMax
-        = (hasBlocks ? fmaxf(truncf(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax) / kRowMaxScale;
-    // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow.
-    float const toQuantised = hasBlocks ? expf(state.baseMax - quantisedMax) : 0.0f;
+    float const quantisedMax = quantisedRowMax(state.runningMax);
+    // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow, and
+    // baseMax = -FLT_MAX (no real key) gives 0.
+    float const toQuantised = expf(state.baseMax - quantisedMax);
     float const hiNorm = state.norm * toQuantised;
     float const maxGap = s.rowMax[row * p.nb + i] - quantisedMax;
     float const loScale = expf(fminf(maxGap, 0.0f));

@@ -293,7 +293,6 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
     int32_t const batch = row / p.heads;
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
     int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK;
-    bool const hasBlocks = rowStart[i + 1] > rowStart[i];
 
     // The low-resolution term of this block row (mode "full"), shared by its queries.
     std::vector<float> lowOut(p.headDim, 0.0f);
@@ -383,13 +382,10 @@ void queryBlock(Problem const& p, Inputs const& in, Scratch const& s, int32_t ro
                 }
             }
         }
-        // The kernel's quantised row max: trunc(max * 1000) / 1000, -1e5 for an empty row.
-        // (The integer max starts at -1e8, so a row whose logits are all below -1e5 still gets -1e5.)
-        float const quantisedMax
-            = (hasBlocks ? std::max(std::trunc(state.runningMax * kRowMaxScale), kEmptyRowMax) : kEmptyRowMax)
-            / kRowMaxScale;
-        // exp(P - M) = exp(P - baseMax) * exp(baseMax - M), and baseMax <= M + 1e-3.
-        float const toQuantised = hasBlocks ? std::exp(state.baseMax - quantisedMax) : 0.0f;
+        float const quantisedMax = quantisedRowMax(state.runningMax);
+        // exp(P - M) = exp(P - baseMax) * exp(baseMax - M), and baseMax <= M + 1e-3; a row
+        // without real keys (baseMax = lowest) gets 0.
+        float const toQuantised = std::exp(state.baseMax - quantisedMax);
         float const hiNorm = state.norm * toQuantised;
         float const maxGap = rowMax - quantisedMax;
         float const loScale = std::exp(std::min(maxGap, 0.0f));
