@@ -164,7 +164,8 @@ class _Blocks:
 
     @classmethod
     def of(cls, query, key, value, attention_mask, block_size: int) -> _Blocks:
-        """``[B, H, S, D]`` inputs, padded with masked positions to a block multiple."""
+        """``[B, H, S, D]`` inputs, masked (step 1) and padded with masked positions to a block
+        multiple."""
         pad = (-query.shape[2]) % block_size
         q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)
         return cls(q, k, v, mask, q.shape[1] // block_size, block_size)
@@ -173,11 +174,8 @@ class _Blocks:
         rows, _, head_dim = q.shape
         self.rows, self.n_blocks, self.block_size = rows, n_blocks, block_size
         shape = (rows * n_blocks, block_size, head_dim)
-        # Step 1: Q, K and V are multiplied by the mask.
         self.query_mask = mask
-        self.q = (q * mask[..., None]).reshape(shape)
-        self.k = (k * mask[..., None]).reshape(shape)
-        self.v = (v * mask[..., None]).reshape(shape)
+        self.q, self.k, self.v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         self.token_mask = mask.reshape(rows * n_blocks, block_size)
 
     def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -345,16 +343,34 @@ def _combine_full(blocks, hi_out, hi_norm, quantised_max, low_logits, row_max, e
 
 
 def _to_padded_rows(query, key, value, attention_mask, pad: int):
-    """fp32 ``[batch * heads, seq + pad, D]`` rows and each row's own ``[.., seq + pad]`` mask."""
+    """Step 1: Q, K and V times the mask, as fp32 ``[batch * heads, seq + pad, D]`` rows, and
+    each row's own ``[.., seq + pad]`` mask."""
     batch, heads, seq_len, head_dim = query.shape
+    mask = F.pad((attention_mask != 0).float().to(query.device), (0, pad))
+    token_mask = mask[:, None, :, None]  # [B, 1, S + pad, 1]
 
     def rows_of(tensor):
-        tensor = F.pad(tensor.float(), (0, 0, 0, pad))
-        return tensor.reshape(batch * heads, seq_len + pad, head_dim)
+        masked = _masked_and_padded(tensor, token_mask, pad)
+        return masked.reshape(batch * heads, seq_len + pad, head_dim)
 
-    mask = F.pad((attention_mask != 0).float().to(query.device), (0, pad))
-    mask = mask[:, None, :].expand(batch, heads, seq_len + pad).reshape(batch * heads, -1)
-    return rows_of(query), rows_of(key), rows_of(value), mask
+    row_mask = mask[:, None, :].expand(batch, heads, seq_len + pad).reshape(batch * heads, -1)
+    return rows_of(query), rows_of(key), rows_of(value), row_mask
+
+
+def _masked_and_padded(tensor, token_mask, pad: int) -> torch.Tensor:
+    """``tensor * mask`` padded by ``pad`` masked positions, as a contiguous fp32 tensor.
+
+    Q, K and V arrive as head-transposed views, so padding, reshaping and masking them would copy
+    each three times; eagerly without gradients one pass writes straight into the padded rows.
+    Autograd and export get the two ordinary ops.
+    """
+    if tensor.requires_grad or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return F.pad(tensor.float(), (0, 0, 0, pad)) * token_mask
+    batch, heads, seq_len, head_dim = tensor.shape
+    out = torch.empty(batch, heads, seq_len + pad, head_dim, device=tensor.device)
+    torch.mul(tensor, token_mask[:, :, :seq_len], out=out[:, :, :seq_len])
+    out[:, :, seq_len:] = 0
+    return out
 
 
 def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode, block_size,

@@ -19,7 +19,7 @@ from .files import atomic_write_text
 from .parity import format_table, run_parity
 from .patching import patch_model
 from .tasks import TASKS
-from .transformers_reference import transformers_model_outputs
+from .transformers_reference import padding_unsupported_reason, transformers_model_outputs
 
 SAMPLE_TEXTS = [
     "Long documents need attention whose cost grows linearly with the number of tokens.",
@@ -38,7 +38,8 @@ def run_demo(out: str | Path = "out/demo", log=print) -> bool:
 
     log("\n== patched PyTorch vs transformers' own MRA (its CUDA primitives reproduced on the "
         "CPU), ragged batch of 3, one sample at a time on the transformers side")
-    log(_torch_table(checkpoints))
+    reason = padding_unsupported_reason()
+    log(f"   skipped: {reason}" if reason else _torch_table(checkpoints))
 
     log(f"\n== exporting every head in both flavours under {out / 'onnx'}")
     exports = {}

@@ -10,6 +10,11 @@ multiple of 64 in ``sparse_dense_mm``, of 16 in ``mm_to_sparse``), it raises ins
 transformers itself is wrong there.
 
 It shares no code with ``mra_export.attention``; everything above the primitives is transformers.
+
+Whole transformers models are a reference only where their padding mask is right: before 5.19,
+``MraSelfAttention`` undoes the additive mask with ``1 + mask / 10000`` (written for a -10000
+mask) while the model passes ``finfo.min``, so padded tokens are multiplied by -2**31.
+``transformers_model_outputs`` refuses padded inputs there (``padding_unsupported_reason``).
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ import types
 from collections.abc import Iterator
 
 import torch
+import transformers
+from packaging.version import Version
+
+from .errors import UserError
 
 BLOCK = 32
 INT32_MAX = 2**31 - 1
 KERNEL_EMPTY_MAX = -100_000_000  # ``max_buffer[idx] = -1e8`` stored as int
+PADDING_FIXED_IN = Version("5.19.0")  # the first transformers whose MRA undoes its mask correctly
 
 
 class CpuMraKernels:
@@ -148,11 +158,29 @@ def transformers_mra2_attention(query, key, value, attention_mask, *, num_blocks
         )
 
 
+def padding_unsupported_reason(version: str | None = None) -> str | None:
+    """Why the installed transformers' own MRA models are wrong on padded inputs, or ``None``."""
+    version = version or transformers.__version__
+    if Version(version) >= PADDING_FIXED_IN:
+        return None
+    return (f"transformers {version}'s MRA multiplies padded tokens by -2**31 (MraSelfAttention "
+            "undoes the model's finfo.min padding mask with 1 + mask / 10000), so it cannot be "
+            f"the reference for padded inputs; pip install -U 'transformers>={PADDING_FIXED_IN}'")
+
+
+def require_padding_support(attention_mask: torch.Tensor | None) -> None:
+    """Refuse, in one line, padded inputs that the installed transformers gets wrong."""
+    reason = padding_unsupported_reason()
+    if reason and attention_mask is not None and bool((attention_mask == 0).any()):
+        raise UserError(reason)
+
+
 def transformers_model_outputs(model, task, inputs: dict, spec_ties: bool = True) -> dict:
     """An unpatched transformers MRA head run where transformers is correct: one sequence at a
     time (for multiple-choice one choice at a time too, since it folds choices into the batch),
     its outputs concatenated back. ``inputs`` are torch tensors; lengths must be multiples of 32
-    with enough blocks for the config's num_blocks."""
+    with enough blocks for the config's num_blocks. Padded inputs need transformers >= 5.19."""
+    require_padding_support(inputs.get("attention_mask"))
     batch = inputs["input_ids"].shape[0]
     choices = inputs["input_ids"].shape[1] if task.has_choices else None
 

@@ -13,11 +13,16 @@ from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_model
 from mra_export.patching import MraAttentionCore, PatchedMraSelfAttention, attention_cores
 from mra_export.tasks import TASKS
-from mra_export.transformers_reference import cpu_kernels, transformers_model_outputs
+from mra_export.errors import UserError
+from mra_export.transformers_reference import (cpu_kernels, padding_unsupported_reason,
+                                                  transformers_model_outputs)
 
 from .conftest import SMALL_MODEL, ragged_mask
 
 TOLERANCE = 1e-4
+# The whole-model comparisons below feed transformers padded samples.
+needs_padding_support = pytest.mark.skipif(padding_unsupported_reason() is not None,
+                                           reason=str(padding_unsupported_reason()))
 
 
 def model_inputs(task, batch, seq_len, lengths, seed=0):
@@ -39,6 +44,7 @@ def one_sample(inputs, b):
     return {name: t[b:b + 1] for name, t in inputs.items()}
 
 
+@needs_padding_support
 @pytest.mark.parametrize("task_name", list(TASKS))
 @pytest.mark.parametrize("seq_len,lengths", [(128, [128, 90]), (256, [256, 200, 33])])
 def test_every_head_matches_transformers_one_sample_at_a_time(small_checkpoints, task_name,
@@ -54,6 +60,7 @@ def test_every_head_matches_transformers_one_sample_at_a_time(small_checkpoints,
         assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE, output
 
 
+@needs_padding_support
 def test_matches_transformers_own_topk_on_a_whole_model(small_checkpoints):
     # transformers untouched (its own torch.topk): num_blocks = 16 >= nb = 8 and no priors, so
     # the row maxima are all selected and no tie group is cut at this seed.
@@ -67,6 +74,7 @@ def test_matches_transformers_own_topk_on_a_whole_model(small_checkpoints):
     assert (ours.logits - theirs).abs().max().item() <= TOLERANCE
 
 
+@needs_padding_support
 def test_with_priors_and_sparse_mode(tmp_path):
     task = TASKS["question-answering"]
     folder = build_checkpoint(tmp_path, task, **{**SMALL_MODEL, "approx_mode": "sparse",
@@ -79,6 +87,28 @@ def test_with_priors_and_sparse_mode(tmp_path):
     theirs = transformers_model_outputs(reference, task, inputs)
     for output in task.outputs:
         assert (ours[output] - theirs[output]).abs().max().item() <= TOLERANCE
+
+
+def test_transformers_before_5_19_is_refused_as_a_reference_for_padded_inputs(
+        small_checkpoints, monkeypatch):
+    task = TASKS["feature-extraction"]
+    reference, _ = load_model(small_checkpoints[task.name], task)
+    monkeypatch.setattr("transformers.__version__", "5.17.0")
+    padded = model_inputs(task, 2, 128, [128, 90])
+    with pytest.raises(UserError, match=r"^transformers 5\.17\.0's MRA multiplies padded tokens "
+                                        r"by -2\*\*31 .*pip install -U 'transformers>=5\.19\.0'$"):
+        transformers_model_outputs(reference, task, padded)
+    unpadded = model_inputs(task, 1, 128, [128])  # no padding: that transformers is still right
+    theirs = transformers_model_outputs(reference, task, unpadded)
+    ours = run(patch_model(load_model(small_checkpoints[task.name], task)[0]), unpadded)
+    assert (ours.last_hidden_state - theirs["last_hidden_state"]).abs().max() <= TOLERANCE
+
+
+def test_padding_support_starts_at_transformers_5_19():
+    assert padding_unsupported_reason("5.18.0") is not None
+    assert padding_unsupported_reason("5.0.0") is not None
+    assert padding_unsupported_reason("5.19.0") is None
+    assert padding_unsupported_reason("5.24.0") is None
 
 
 @pytest.mark.parametrize("task_name", list(TASKS))

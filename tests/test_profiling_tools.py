@@ -1,0 +1,72 @@
+"""tools/memory_trace.py and tools/profile_layer.py end to end, on small shapes (seconds).
+
+Their numbers are quoted in the README's Performance section from full-size runs; here they must
+run, report every step and operator they promise, and leave ``mra_export`` as they found it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mra_export import attention, patching
+from mra_export.bench import models
+
+pytestmark = pytest.mark.slow
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=500)
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def small_models(monkeypatch):
+    for key, value in SMALL.items():
+        monkeypatch.setitem(models.SHAPES, key, value)
+
+
+def megabytes(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(-?\d+\.\d) ", line.replace(" MB", " "))]
+
+
+def test_memory_trace_reports_every_attention_step_and_restores_them(small_models, capsys):
+    before = {name: getattr(attention, name) for name in load_tool("memory_trace").STEPS}
+    entry = patching.mra_attention
+    load_tool("memory_trace").main(["--length", "512"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    steps = [line.split()[0] for line in lines[:-1]]
+    assert set(steps) == set(before) | {"mra_attention"}
+    assert steps[-1] == "mra_attention"  # the outermost call ends last
+    for line in lines[:-1]:
+        start, peak, end = megabytes(line)
+        assert peak >= max(start, end)
+    assert lines[-1].startswith("one layer, batch 1, 512 tokens: peak ")
+    assert {name: getattr(attention, name) for name in before} == before
+    assert patching.mra_attention is entry
+
+
+def test_profile_layer_prints_both_runtimes_operators(small_models, capsys):
+    load_tool("profile_layer").main(["--length", "1024", "--runs", "2"])
+    out = capsys.readouterr().out
+    sections = out.split("\n\n")
+    assert sections[0].startswith(f"one MRA layer, batch 1, 1024 tokens, 2 runs; torch threads "
+                                  f"{torch.get_num_threads()}")
+    pytorch, onnxruntime, nodes = sections[1], sections[2], sections[3]
+    assert pytorch.startswith("PyTorch (eager): ") and "aten::addmm" in pytorch
+    assert onnxruntime.startswith("onnxruntime: ") and re.search(r"\n  MatMul +\d", onnxruntime)
+    assert nodes.startswith("onnxruntime: heaviest nodes")
+    for section in (pytorch, onnxruntime, nodes):
+        rows = section.splitlines()[1:]
+        assert 0 < len(rows) <= 12
+        times = [float(row.split()[-2]) for row in rows]
+        assert times == sorted(times, reverse=True) and times[0] > 0
