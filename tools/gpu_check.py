@@ -39,8 +39,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torch.utils.cpp_extension import CUDA_HOME  # noqa: E402
-
 from mra_export import native  # noqa: E402
 from mra_export.attention import mra_attention  # noqa: E402
 from mra_export.kernel_check import compare_with_reference  # noqa: E402
@@ -55,6 +53,9 @@ def build_kernels(build_dir: Path) -> native.MraLibrary:
     print(f"building the kernels for sm_{architecture} in {build_dir} ...", flush=True)
     configure = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir),
                  f"-DMRA_CUDA_ARCHITECTURES={architecture}"]
+    # Imported here: on a machine without a GPU, a CUDA build of torch logs a warning on import.
+    from torch.utils.cpp_extension import CUDA_HOME
+
     nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
     if nvcc.is_file():
         configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
