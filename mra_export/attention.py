@@ -255,6 +255,15 @@ def _exp_shifted(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return logits.sub_(shift).exp_()
 
 
+def _exporting() -> bool:
+    """Whether this call is being traced for export (ONNX, or torch.export beneath it).
+
+    ``torch.onnx.is_in_onnx_export`` alone is not enough on every torch: 2.6's dynamo export left
+    it False, and the eager ``index_add`` below was exported as a racing ScatterND.
+    """
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
                          blocks_per_query_block: torch.Tensor) -> torch.Tensor:
     """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``).
@@ -264,7 +273,7 @@ def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
     several threads (microsoft/onnxruntime#18048; measured here with 1.32), ScatterElements is
     serial (0.29 s for 4096 tokens), and a float32 prefix sum over all blocks loses 4e-3.
     """
-    if not torch.onnx.is_in_onnx_export():
+    if not _exporting():
         out = torch.zeros(blocks_per_query_block.shape[0], *values.shape[1:], device=values.device)
         return out.index_add(0, query_block, values)
     return _sorted_segment_sum(values, blocks_per_query_block)
@@ -362,9 +371,9 @@ def _masked_and_padded(tensor, token_mask, pad: int) -> torch.Tensor:
 
     Q, K and V arrive as head-transposed views, so padding, reshaping and masking them would copy
     each three times; eagerly without gradients one pass writes straight into the padded rows.
-    Autograd and export get the two ordinary ops.
+    Autograd, export and torch.compile get the two ordinary ops.
     """
-    if tensor.requires_grad or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if tensor.requires_grad or torch.compiler.is_compiling() or _exporting():
         return F.pad(tensor.float(), (0, 0, 0, pad)) * token_mask
     batch, heads, seq_len, head_dim = tensor.shape
     out = torch.empty(batch, heads, seq_len + pad, head_dim, device=tensor.device)
