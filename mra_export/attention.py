@@ -97,9 +97,9 @@ def selected_blocks(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
                     initial_prior_diagonal_n_blocks: int = 0) -> torch.Tensor:
     """The cells ``mra_attention`` computes at high resolution: ``[batch * heads, k]`` flat
     indices ``query_block * nb + key_block`` per (batch, head), ascending."""
-    _, selection = _select(query, key, attention_mask, num_blocks, block_size,
-                           initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
-    return selection[1]
+    _, (_, indices, _, _) = _select(query, key, attention_mask, num_blocks, block_size,
+                                    initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+    return indices
 
 
 def block_selection(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -371,9 +371,10 @@ def _masked_and_padded(tensor, token_mask, pad: int) -> torch.Tensor:
 
     Q, K and V arrive as head-transposed views, so padding, reshaping and masking them would copy
     each three times; eagerly without gradients one pass writes straight into the padded rows.
-    Autograd, export and torch.compile get the two ordinary ops.
+    Autograd and traced calls (torch.compile, and export, which traces as compiling) get the two
+    ordinary ops.
     """
-    if tensor.requires_grad or torch.compiler.is_compiling() or _exporting():
+    if tensor.requires_grad or torch.compiler.is_compiling():
         return F.pad(tensor.float(), (0, 0, 0, pad)) * token_mask
     batch, heads, seq_len, head_dim = tensor.shape
     out = torch.empty(batch, heads, seq_len + pad, head_dim, device=tensor.device)

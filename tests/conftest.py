@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -17,6 +20,18 @@ hf_logging.set_verbosity_error()
 SMALL_MODEL = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256,
                    num_hidden_layers=2, max_position_embeddings=256, block_per_row=2,
                    initializer_range=0.1)
+# The bench's model (mra_export.bench.models.SHAPES) made small enough for seconds-long runs.
+SMALL_BENCH_SHAPES = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                          vocab_size=500)
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str):
+    """``tools/NAME.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_qkv(batch, heads, seq_len, head_dim, seed=0, scale=1.0):

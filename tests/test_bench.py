@@ -13,16 +13,17 @@ from mra_export.bench import models
 from mra_export.bench.cli import run_bench
 from mra_export.cli import main
 
+from .conftest import SMALL_BENCH_SHAPES
+
 pytestmark = pytest.mark.slow
 
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=500)
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in SMALL.items():
+        for key, value in SMALL_BENCH_SHAPES.items():
             patch.setitem(models.SHAPES, key, value)
         run = run_bench(out, lengths=[512, 4096], batches=[1, 2], layers=1, budget=0.2,
                         command="mra-export bench (test)", log=lambda message: None)

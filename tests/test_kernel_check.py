@@ -3,10 +3,8 @@ the CPU: it passes the C++ twin, and it accepts a difference only at a real edge
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,8 @@ import torch
 from mra_export.attention import mra_attention, selected_blocks
 from mra_export.kernel_check import compare_with_reference
 
-from .conftest import random_qkv, ragged_mask
+from .conftest import TOOLS, load_tool, random_qkv, ragged_mask
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 SELECTION = dict(num_blocks=40, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3)
 SETTINGS = dict(SELECTION, approx_mode="full")
 
@@ -111,9 +108,7 @@ def test_gpu_check_says_in_one_line_that_it_needs_a_gpu():
 def test_gpu_check_correctness_table_runs_on_the_cpu_twin(cpu_library, capsys):
     """tools/gpu_check.py's correctness pass, end to end, with the C++ twin in place of the
     kernels: every kind of case it runs on a GPU (dtypes, head dims, priors, all-padding)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", TOOLS / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_tool("gpu_check")
     cases = [(3, 100, 64, dtype, mode, priors) for dtype in gpu_check.TOLERANCES
              for mode in ("full", "sparse") for priors in (False, True)]
     cases += [(2, 64, 32, torch.float32, "full", False), (2, 64, 128, torch.float16, "full", True)]

@@ -11,9 +11,9 @@ from transformers.models.mra.modeling_mra import MraSelfAttention
 
 from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_model
+from mra_export.errors import UserError
 from mra_export.patching import MraAttentionCore, PatchedMraSelfAttention, attention_cores
 from mra_export.tasks import TASKS
-from mra_export.errors import UserError
 from mra_export.transformers_reference import (cpu_kernels, padding_unsupported_reason,
                                                   transformers_model_outputs)
 
@@ -21,8 +21,9 @@ from .conftest import SMALL_MODEL, ragged_mask
 
 TOLERANCE = 1e-4
 # The whole-model comparisons below feed transformers padded samples.
-needs_padding_support = pytest.mark.skipif(padding_unsupported_reason() is not None,
-                                           reason=str(padding_unsupported_reason()))
+PADDING_UNSUPPORTED = padding_unsupported_reason()
+needs_padding_support = pytest.mark.skipif(PADDING_UNSUPPORTED is not None,
+                                           reason=str(PADDING_UNSUPPORTED))
 
 
 def model_inputs(task, batch, seq_len, lengths, seed=0):

@@ -6,9 +6,7 @@ run, report every step and operator they promise, and leave ``mra_export`` as th
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +14,14 @@ import torch
 from mra_export import attention, patching
 from mra_export.bench import models
 
+from .conftest import SMALL_BENCH_SHAPES, load_tool
+
 pytestmark = pytest.mark.slow
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=500)
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
 def small_models(monkeypatch):
-    for key, value in SMALL.items():
+    for key, value in SMALL_BENCH_SHAPES.items():
         monkeypatch.setitem(models.SHAPES, key, value)
 
 
@@ -40,9 +30,10 @@ def megabytes(line: str) -> list[float]:
 
 
 def test_memory_trace_reports_every_attention_step_and_restores_them(small_models, capsys):
-    before = {name: getattr(attention, name) for name in load_tool("memory_trace").STEPS}
+    memory_trace = load_tool("memory_trace")
+    before = {name: getattr(attention, name) for name in memory_trace.STEPS}
     entry = patching.mra_attention
-    load_tool("memory_trace").main(["--length", "512"])
+    memory_trace.main(["--length", "512"])
     lines = capsys.readouterr().out.strip().splitlines()
     steps = [line.split()[0] for line in lines[:-1]]
     assert set(steps) == set(before) | {"mra_attention"}

@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import functools
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -26,68 +24,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mra_export import attention, patching  # noqa: E402
 from mra_export.bench import models  # noqa: E402
-from mra_export.bench.measure import release_freed_memory, resident_bytes  # noqa: E402
+from mra_export.bench.measure import PeakMemory, resident_bytes  # noqa: E402
 
 STEPS = ("_to_padded_rows", "_low_resolution", "_selection", "_high_resolution",
          "_selected_logits", "_quantised_row_max", "_sum_per_query_block", "_combine_full")
+SAMPLE_INTERVAL = 0.0005  # seconds: the steps last milliseconds
 
 
-class Sampler:
-    """The highest resident set seen since the last ``restart``, sampled every half millisecond."""
+class StepTracer:
+    """Wraps functions so that each call prints its start, peak and end memory (MB above the
+    level where ``memory`` was entered), indented by how deeply the calls nest."""
 
-    def __init__(self):
-        self.peak, self._stop = resident_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, memory: PeakMemory):
+        self.memory, self.depth = memory, 0
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.0005)
-
-    def restart(self) -> int:
-        self.peak = resident_bytes()
-        return self.peak
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def traced(function, name: str, sampler: Sampler, base: list, depth: list):
-    """``function``, printing its start, peak and end memory (MB above ``base[0]``)."""
-
-    @functools.wraps(function)
-    def run(*args, **kwargs):
-        outer_peak = sampler.peak
-        start = sampler.restart()
-        depth[0] += 1
-        try:
-            return function(*args, **kwargs)
-        finally:
-            depth[0] -= 1
-            end = resident_bytes()
-            own_peak = max(sampler.peak, end)
-            sampler.peak = max(outer_peak, own_peak)
-            megabytes = [(value - base[0]) / 2**20 for value in (start, own_peak, end)]
-            print(f"{'  ' * depth[0]}{name:<{30 - 2 * depth[0]}} start {megabytes[0]:7.1f}   "
-                  f"peak {megabytes[1]:7.1f}   end {megabytes[2]:7.1f} MB")
-    return run
+    def wrap(self, function, name: str):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            outer_peak = self.memory.peak
+            start = self.memory.restart()
+            self.depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                end = resident_bytes() - self.memory.base
+                own_peak = max(self.memory.peak, end)
+                self.memory.peak = max(outer_peak, own_peak)  # the caller's peak includes ours
+                start_mb, peak_mb, end_mb = (value / 2**20 for value in (start, own_peak, end))
+                print(f"{'  ' * self.depth}{name:<{30 - 2 * self.depth}} start {start_mb:7.1f}   "
+                      f"peak {peak_mb:7.1f}   end {end_mb:7.1f} MB")
+        return run
 
 
 @contextlib.contextmanager
-def steps_traced(sampler: Sampler, base: list):
+def steps_traced(memory: PeakMemory):
     """Trace ``mra_attention`` and its steps (module attributes, looked up at each call)."""
-    depth = [0]
+    tracer = StepTracer(memory)
     originals = {name: getattr(attention, name) for name in STEPS}
     original_entry = patching.mra_attention
     try:
         for name, function in originals.items():
-            setattr(attention, name, traced(function, name, sampler, base, depth))
-        patching.mra_attention = traced(original_entry, "mra_attention", sampler, base, depth)
+            setattr(attention, name, tracer.wrap(function, name))
+        patching.mra_attention = tracer.wrap(original_entry, "mra_attention")
         yield
     finally:
         for name, function in originals.items():
@@ -106,13 +85,10 @@ def main(argv=None) -> None:
     with torch.no_grad():
         mra(input_ids=ids, attention_mask=mask)  # warm-up
 
-    base = [0]
-    with Sampler() as sampler, steps_traced(sampler, base):
-        release_freed_memory()
-        base[0] = sampler.restart()
+    with PeakMemory(interval=SAMPLE_INTERVAL) as memory, steps_traced(memory):
         with torch.no_grad():
             mra(input_ids=ids, attention_mask=mask)
-        whole = (max(sampler.peak, resident_bytes()) - base[0]) / 2**20
+    whole = memory.peak / 2**20
     print(f"one layer, batch {args.batch}, {args.length} tokens: peak {whole:.1f} MB above the "
           "level before the forward pass (steps print when they end; nested ones first)")
 

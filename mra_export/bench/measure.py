@@ -42,6 +42,11 @@ class PeakMemory:
         self._thread.start()
         return self
 
+    def restart(self) -> int:
+        """Start a new peak from the present level (above entry), which it returns."""
+        self.peak = resident_bytes() - self.base
+        return self.peak
+
     def _sample(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, resident_bytes() - self.base)
