@@ -222,20 +222,33 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
                      head_dim: int):
     """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
     query_block, key_block = blocks.global_block(flat_index)
-    logits = _selected_logits(blocks, query_block, key_block, head_dim)  # [rows * k, Tq, Tk]
-    row_max = _quantised_row_max(blocks, logits, query_block)  # [rows * nb, Tq]
+    selected = query_block.shape[0]
+    query_block_padded, key_block_padded = _chunk_aligned(query_block), _chunk_aligned(key_block)
+    logits = _selected_logits(blocks, query_block_padded, key_block_padded, head_dim)
+    row_max = _quantised_row_max(blocks, logits.amax(dim=-1)[:selected], query_block)
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
-    weights = _exp_shifted(logits, row_max.index_select(0, query_block)[..., None])
+    weights = _exp_shifted(logits, row_max.index_select(0, query_block_padded)[..., None])
     del logits
-    v = blocks.v.index_select(0, key_block)
-    key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
+    v = blocks.v.index_select(0, key_block_padded)
+    key_real = blocks.token_mask.index_select(0, key_block_padded)[..., None]  # [rows * k, Tk, 1]
 
-    out = _sum_per_query_block(torch.matmul(weights, v), query_block, blocks_per_query_block)
-    norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block,
+    out = _sum_per_query_block(torch.matmul(weights, v), query_block_padded,
+                               blocks_per_query_block)
+    norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block_padded,
                                 blocks_per_query_block)
     return out, norm, row_max
+
+
+def _chunk_aligned(block_index: torch.Tensor) -> torch.Tensor:
+    """The exported per-query-block sum takes whole chunks of ``SEGMENT_CHUNK`` blocks. Padding
+    the list of selected blocks (with block 0: those products are computed but never summed)
+    makes the products come out whole chunks, instead of padding the products themselves (a
+    100 MB copy at 4096 tokens). The eager ``index_add`` needs no padding."""
+    if not _exporting():
+        return block_index
+    return F.pad(block_index, (0, (-block_index.shape[0]) % SEGMENT_CHUNK))
 
 
 def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> torch.Tensor:
@@ -266,7 +279,8 @@ def _exporting() -> bool:
 
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
                          blocks_per_query_block: torch.Tensor) -> torch.Tensor:
-    """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``).
+    """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``);
+    ``query_block`` and ``values`` may carry ``_chunk_aligned``'s padding, which is not summed.
 
     Eagerly this is ``index_add``. In an ONNX export it is ``_sorted_segment_sum`` instead:
     onnxruntime's CPU ScatterND with reduction="add" races on repeated indices when it runs on
@@ -288,12 +302,13 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     Difference of prefix sums, in two levels so that float32 stays exact enough: within chunks of
     16 blocks in float32 (small partial sums), and over whole chunks in float64 (16x less data
     than a float64 prefix of everything). As precise as a float32 ``index_add``, deterministic,
-    and two passes over ``values`` (pad, cumsum): everything else touches one row per segment.
+    and one pass over ``values`` (the cumsum): everything else touches one row per segment.
+    ``values`` comes in whole chunks (see ``_chunk_aligned``); blocks after the last segment are
+    never read.
     """
     flat = values.reshape(values.shape[0], -1)
     width = flat.shape[-1]
-    chunks = F.pad(flat, (0, 0, 0, (-values.shape[0]) % SEGMENT_CHUNK))
-    inclusive = torch.cumsum(chunks.reshape(-1, SEGMENT_CHUNK, width), dim=1)
+    inclusive = torch.cumsum(flat.reshape(-1, SEGMENT_CHUNK, width), dim=1)
     totals = inclusive[:, -1].double()
     before_chunk = F.pad(torch.cumsum(totals, dim=0), (0, 0, 1, 0))  # [chunks + 1], exclusive
     inclusive = inclusive.reshape(-1, width)
@@ -311,14 +326,15 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     return sums.reshape(counts.shape[0], *values.shape[1:])
 
 
-def _quantised_row_max(blocks: _Blocks, logits: torch.Tensor, query_block: torch.Tensor):
-    """Step 5: max over the row's selected blocks of trunc(x * 1000), divided by 1000.
+def _quantised_row_max(blocks: _Blocks, block_max: torch.Tensor, query_block: torch.Tensor):
+    """Step 5: max over the row's selected blocks of trunc(x * 1000), divided by 1000, from each
+    selected block's per-query maximum ``[rows * k, Tq]``.
 
     The kernel truncates each fp32 product to int and takes an integer max starting from -1e8;
     trunc commutes with max, and fp32 division by 1000 equals the kernel's double division for
     every integer below 2**24 in magnitude.
     """
-    quantised = torch.trunc(logits.amax(dim=-1) * ROW_MAX_SCALE)  # [rows * k, Tq]
+    quantised = torch.trunc(block_max * ROW_MAX_SCALE)
     row_max = _max_per_query_block(blocks, quantised, query_block, EMPTY_ROW_MAX)
     return row_max / ROW_MAX_SCALE
 
