@@ -222,21 +222,20 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
                      head_dim: int):
     """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
     query_block, key_block = blocks.global_block(flat_index)
-    selected = query_block.shape[0]
-    query_block_padded, key_block_padded = _chunk_aligned(query_block), _chunk_aligned(key_block)
-    logits = _selected_logits(blocks, query_block_padded, key_block_padded, head_dim)
-    row_max = _quantised_row_max(blocks, logits.amax(dim=-1)[:selected], query_block)
+    selected = query_block.shape[0]  # the rest is _chunk_aligned's padding, kept out of the max
+    query_block, key_block = _chunk_aligned(query_block), _chunk_aligned(key_block)
+    logits = _selected_logits(blocks, query_block, key_block, head_dim)
+    row_max = _quantised_row_max(blocks, logits.amax(dim=-1)[:selected], query_block[:selected])
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
-    weights = _exp_shifted(logits, row_max.index_select(0, query_block_padded)[..., None])
+    weights = _exp_shifted(logits, row_max.index_select(0, query_block)[..., None])
     del logits
-    v = blocks.v.index_select(0, key_block_padded)
-    key_real = blocks.token_mask.index_select(0, key_block_padded)[..., None]  # [rows * k, Tk, 1]
+    v = blocks.v.index_select(0, key_block)
+    key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
 
-    out = _sum_per_query_block(torch.matmul(weights, v), query_block_padded,
-                               blocks_per_query_block)
-    norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block_padded,
+    out = _sum_per_query_block(torch.matmul(weights, v), query_block, blocks_per_query_block)
+    norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block,
                                 blocks_per_query_block)
     return out, norm, row_max
 

@@ -66,7 +66,7 @@ def profile_onnxruntime(path: Path, ids, mask, runs: int, folder: Path):
                 event["dur"]
     scale = 1000 * (runs + 1)  # microseconds over runs + warm-up -> ms per run
     return (wall, [(name, us / scale) for name, us in per_op.most_common()],
-            [(name, us / scale) for name, us in per_node.most_common(TOP)])
+            [(name, us / scale) for name, us in per_node.most_common()])
 
 
 def print_table(title: str, rows) -> None:
