@@ -14,8 +14,8 @@ from mra_export.kernel_check import compare_with_reference
 
 from .conftest import TOOLS, load_tool, random_qkv, ragged_mask
 
-SELECTION = dict(num_blocks=40, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3)
-SETTINGS = dict(SELECTION, approx_mode="full")
+SETTINGS = dict(num_blocks=40, initial_prior_first_n_blocks=1, initial_prior_diagonal_n_blocks=3,
+                approx_mode="full")
 
 
 def on_step_inputs():
@@ -24,6 +24,20 @@ def on_step_inputs():
     q, k = torch.zeros_like(q), torch.zeros_like(k)
     q[..., 0], k[..., 0] = 1.0, 4.0  # 1 * 4 / sqrt(64)
     return q, k, v, torch.ones(1, 512)
+
+
+def reference(q, k, v, mask, **settings):
+    """``mra_attention``'s output and ``selected_blocks``' cells: what a perfect native call returns."""
+    selection = {name: value for name, value in settings.items() if name != "approx_mode"}
+    return mra_attention(q, k, v, mask, **settings), selected_blocks(q, k, mask, **selection)
+
+
+def with_last_cell_swapped(selected: torch.Tensor) -> torch.Tensor:
+    """Row 0's last selected cell replaced by the grid's last cell (255 of 16 x 16)."""
+    assert 255 not in selected[0].tolist()
+    swapped = selected.clone()
+    swapped[0, -1] = 255
+    return swapped
 
 
 def with_error_at(output: torch.Tensor, queries, size: float) -> torch.Tensor:
@@ -45,8 +59,7 @@ def test_the_cpu_twin_passes_with_no_edge_cases(cpu_library):
 def test_an_error_off_any_edge_fails():
     q, k, v = random_qkv(1, 2, 512, 64, seed=3)
     mask = torch.ones(1, 512)
-    expected = mra_attention(q, k, v, mask, **SETTINGS)
-    selected = selected_blocks(q, k, mask, **SELECTION)
+    expected, selected = reference(q, k, v, mask, **SETTINGS)
     exact = compare_with_reference(expected, selected, q, k, v, mask, tolerance=1e-5, **SETTINGS)
     assert exact.passed and exact.max_error == 0.0
     wrong = with_error_at(expected, [(1, 100)], 1e-4)
@@ -56,8 +69,7 @@ def test_an_error_off_any_edge_fails():
 
 def test_a_rare_error_on_a_quantisation_step_is_accepted_and_counted():
     q, k, v, mask = on_step_inputs()
-    expected = mra_attention(q, k, v, mask, num_blocks=40)
-    selected = selected_blocks(q, k, mask, num_blocks=40)
+    expected, selected = reference(q, k, v, mask, num_blocks=40)
     largest = expected.abs().max().item()
 
     one = with_error_at(expected, [(0, 7)], 5e-4 * largest)
@@ -75,20 +87,15 @@ def test_a_rare_error_on_a_quantisation_step_is_accepted_and_counted():
 def test_a_different_selection_is_accepted_only_at_a_tie():
     q, k, v = random_qkv(1, 2, 512, 64, seed=3)
     mask = torch.ones(1, 512)
-    expected = mra_attention(q, k, v, mask, num_blocks=40)
-    selected = selected_blocks(q, k, mask, num_blocks=40)
-    swapped = selected.clone()
-    swapped[0, -1] = 255  # the last cell of the grid, far from the threshold here
-    assert 255 not in selected[0].tolist()
+    expected, selected = reference(q, k, v, mask, num_blocks=40)
+    swapped = with_last_cell_swapped(selected)  # far from the threshold here
     result = compare_with_reference(expected, swapped, q, k, v, mask, tolerance=1e-5,
                                     num_blocks=40)
     assert not result.passed and result.untied_blocks == 2 and result.tied_blocks == 0
 
     q, k, v, mask = on_step_inputs()  # constant logits: every score ties with the threshold
-    expected = mra_attention(q, k, v, mask, num_blocks=40)
-    selected = selected_blocks(q, k, mask, num_blocks=40)
-    swapped = selected.clone()
-    swapped[0, -1] = 255
+    expected, selected = reference(q, k, v, mask, num_blocks=40)
+    swapped = with_last_cell_swapped(selected)
     result = compare_with_reference(expected, swapped, q, k, v, mask, tolerance=1e-5,
                                     num_blocks=40)
     assert result.tied_blocks == 2 and result.untied_blocks == 0 and not result.same_blocks
