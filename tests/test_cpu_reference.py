@@ -119,6 +119,11 @@ def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
     bad = MraAttentionParams(1, 1, 0, 32, 4, 32, 0, 0, 0, 0)  # seq_len 0
     assert lib.mraCheckParams(ctypes.byref(bad)) == 1
     assert lib.mraWorkspaceSize(ctypes.byref(bad)) == 0
+    # batch * heads * seq_len * head_dim and batch * heads * nb * nb pass 2**63: they must not wrap
+    # around into "fits".
+    huge = MraAttentionParams(2**31 - 1, 2**31 - 1, 64, 4, 4, 32, 0, 0, 0, 0)
+    assert lib.mraCheckParams(ctypes.byref(huge)) == 2
+    assert lib.mraWorkspaceSize(ctypes.byref(huge)) == 0
     q = torch.zeros(1, 1, 64, 32)
     good = cpu_library.params(q, num_blocks=4)
     needed = lib.mraWorkspaceSize(ctypes.byref(good))

@@ -2,6 +2,7 @@
 #include "mraAttentionCommon.h"
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 namespace mra
@@ -16,9 +17,20 @@ size_t alignUp(size_t bytes)
     return (bytes + kAlignment - 1) / kAlignment * kAlignment;
 }
 
-bool fitsInInt32(int64_t value)
+// Multiplies step by step so that no intermediate product can overflow int64: every factor is
+// a positive int32, and each partial product is checked before the next multiplication.
+bool productFitsInInt32(std::initializer_list<int64_t> factors)
 {
-    return value <= std::numeric_limits<int32_t>::max();
+    int64_t product = 1;
+    for (int64_t const factor : factors)
+    {
+        product *= factor;
+        if (product > std::numeric_limits<int32_t>::max())
+        {
+            return false;
+        }
+    }
+    return true;
 }
 
 } // namespace
@@ -89,9 +101,9 @@ MraStatus mraCheckParams(MraAttentionParams const* params)
     }
     // Indices are int32 in the kernels: every tensor and the block grid must fit.
     int64_t const nb = (int64_t{p.seq_len} + p.block_size - 1) / p.block_size;
-    int64_t const rows = int64_t{p.batch} * p.heads;
-    bool const fits = mra::fitsInInt32(rows * p.seq_len * p.head_dim)
-        && mra::fitsInInt32(rows * nb * nb) && mra::fitsInInt32(nb * p.block_size);
+    bool const fits = mra::productFitsInInt32({p.batch, p.heads, p.seq_len, p.head_dim})
+        && mra::productFitsInInt32({p.batch, p.heads, nb, nb})
+        && mra::productFitsInInt32({nb, p.block_size});
     return fits ? MRA_OK : MRA_UNSUPPORTED;
 }
 

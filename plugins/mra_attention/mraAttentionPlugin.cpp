@@ -2,6 +2,7 @@
 // kernels behind mraAttention.h.
 #include "mraAttentionPlugin.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -39,6 +40,22 @@ bool supportedHeadDim(int64_t headDim)
     return headDim == 32 || headDim == 64 || headDim == 128;
 }
 
+bool sameDims(Dims const& a, Dims const& b)
+{
+    return a.nbDims == b.nbDims && std::equal(a.d, a.d + a.nbDims, b.d);
+}
+
+//! "[8, 12, 4096, 64]", for error messages.
+std::string shapeString(Dims const& dims)
+{
+    std::string text = "[";
+    for (int32_t i = 0; i < dims.nbDims; ++i)
+    {
+        text += (i > 0 ? ", " : "") + std::to_string(dims.d[i]);
+    }
+    return text + "]";
+}
+
 //! An int32 field; the ONNX parser gives INT attributes as kINT32 (kINT64 accepted too).
 bool readInt(PluginField const& field, int32_t& value)
 {
@@ -53,8 +70,9 @@ bool readInt(PluginField const& field, int32_t& value)
     }
     if (field.type == PluginFieldType::kINT64)
     {
-        value = static_cast<int32_t>(*static_cast<int64_t const*>(field.data));
-        return true;
+        int64_t const wide = *static_cast<int64_t const*>(field.data);
+        value = static_cast<int32_t>(wide);
+        return wide == value; // refused (as a bad field) if it does not fit in int32
     }
     return false;
 }
@@ -271,6 +289,15 @@ int32_t MraAttentionPlugin::configurePlugin(
             + " is not supported by the CUDA kernels (32, 64 or 128; the exporter pads smaller head dims to 32)");
         return -1;
     }
+    // getWorkspaceSize sizes the workspace at the profile's maxima: refuse the build here if the
+    // kernels cannot take that shape, rather than fail in every enqueue.
+    MraAttentionParams const largest = params(in[kQuery].max, in[kQuery].desc.type);
+    if (mraCheckParams(&largest) != MRA_OK)
+    {
+        logError("MraAttention: the profile's largest query shape " + shapeString(in[kQuery].max)
+            + " is past the kernels' int32 index range; lower the profile's maximum batch or sequence");
+        return -1;
+    }
     (void) out;
     return 0;
 }
@@ -302,8 +329,21 @@ size_t MraAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* input
 int32_t MraAttentionPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kInputs || nbOutputs != kOutputs || in[kMask].dims.d[0] != in[kQuery].dims.d[0]
-        || in[kMask].dims.d[1] != in[kQuery].dims.d[2])
+    if (nbInputs != kInputs || nbOutputs != kOutputs)
+    {
+        return -1;
+    }
+    Dims const& query = in[kQuery].dims;
+    for (int32_t input : {kKey, kValue})
+    {
+        if (!sameDims(in[input].dims, query))
+        {
+            logError("MraAttention: key and value must have the query's shape " + shapeString(query) + ", got "
+                + shapeString(in[input].dims));
+            return -1;
+        }
+    }
+    if (in[kMask].dims.nbDims != 2 || in[kMask].dims.d[0] != query.d[0] || in[kMask].dims.d[1] != query.d[2])
     {
         logError("MraAttention: mask must be [batch, seq] of the query");
         return -1;

@@ -269,6 +269,34 @@ int main(int argc, char** argv)
     std::printf("(an error message about head_dim 96 is expected next)\n");
     expect(build->configurePlugin(odd.data(), 4, odd.data() + 4, 1) != 0, "head_dim 96 is refused");
 
+    auto huge = descriptors(DataType::kHALF, DataType::kINT32, 64);
+    huge[0].max = dims4(1 << 20, 12, 4096, 64); // batch * heads * nb * nb past int32
+    std::printf("(an error message about the profile's largest query shape is expected next)\n");
+    expect(build->configurePlugin(huge.data(), 4, huge.data() + 4, 1) != 0,
+        "a profile past the kernels' index range is refused at build time");
+
+    // onShapeChange checks the runtime shapes the profile's wildcards left open.
+    auto runtimeDescs = [](Dims query, Dims key, Dims mask) {
+        std::vector<PluginTensorDesc> descs(5);
+        for (auto& desc : descs)
+        {
+            desc.type = DataType::kHALF;
+            desc.format = TensorFormat::kLINEAR;
+            desc.dims = query;
+        }
+        descs[1].dims = key;
+        descs[3].type = DataType::kINT32;
+        descs[3].dims = mask;
+        return descs;
+    };
+    auto shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 100));
+    expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) == 0, "matching runtime shapes");
+    std::printf("(two error messages about runtime shapes are expected next)\n");
+    shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 96, 64), dims2(2, 100));
+    expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a key of another length is refused");
+    shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 64));
+    expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a mask of another length is refused");
+
     // Workspace from the profile's maxima.
     MraAttentionParams largest{8, 12, 4096, 64, 64, 32, MRA_SPARSE, 1, 3, MRA_FLOAT16};
     expect(build->getWorkspaceSize(good.data(), 4, good.data() + 4, 1) == workspaceSize(&largest),
@@ -276,7 +304,7 @@ int main(int argc, char** argv)
     expect(workspaceSize(&largest) > 0, "workspace is non-zero");
 
     // Bad node fields fail createPlugin (the builder then names the node).
-    std::printf("(three error messages about bad fields are expected next)\n");
+    std::printf("(four error messages about bad fields are expected next)\n");
     NodeFields badMode;
     badMode.mode = "dense";
     expect(creator->createPlugin("bad", badMode.get(), TensorRTPhase::kBUILD) == nullptr, "approx_mode 'dense'");
@@ -286,6 +314,17 @@ int main(int argc, char** argv)
     NodeFields badCount;
     badCount.numBlocks = 0;
     expect(creator->createPlugin("bad", badCount.get(), TensorRTPhase::kBUILD) == nullptr, "num_blocks 0");
+    NodeFields wideCount;
+    int64_t const tooMany = (int64_t{1} << 32) + 64; // would wrap to a valid 64 in int32
+    wideCount.get();
+    wideCount.fields[0] = PluginField("num_blocks", &tooMany, PluginFieldType::kINT64, 1);
+    expect(creator->createPlugin("bad", &wideCount.collection, TensorRTPhase::kBUILD) == nullptr,
+        "an int64 num_blocks past int32");
+    int64_t const wideButFine = 64;
+    wideCount.fields[0] = PluginField("num_blocks", &wideButFine, PluginFieldType::kINT64, 1);
+    IPluginV3* fromInt64 = creator->createPlugin("wide", &wideCount.collection, TensorRTPhase::kBUILD);
+    expect(fromInt64 != nullptr, "an int64 num_blocks that fits is accepted");
+    delete fromInt64;
 
     delete plugin;
     std::printf("%d passed, %d failed\n", gPassed, gFailed);
