@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import types
 
 import pytest
 
 from mra_export.cli import main
 from mra_export.engines import build as build_module
+from mra_export.engines import plugin_library as plugin_library_module
 from mra_export.engines.manifest import EngineManifest, SystemInfo
+from mra_export.engines.plugin_library import register_plugin_library
 from mra_export.engines.spec import load_spec_file, parse_shapes, resolve_spec
 from mra_export.errors import MissingTensorRT, UserError
 from mra_export.export.info import ExportInfo
@@ -157,6 +161,72 @@ def test_build_refuses_portable_exports_and_missing_plugins(exports, tmp_path, p
     with pytest.raises(UserError, match="plugin library .*none.so not found; build it with 'make "
                                         "plugins TensorRT_ROOT"):
         build_module.build_engine(spec, builder=fake_builder)
+
+
+# --- registering the plugin library with TensorRT ------------------------------------------------
+
+class FakeRegistry:
+    """TensorRT's plugin registry as far as loading libraries goes: ``load_library`` returns a
+    handle, or None as TensorRT does when the library cannot be loaded or registered."""
+
+    def __init__(self, handle="handle"):
+        self.loaded, self.handle = [], handle
+
+    def load_library(self, path):
+        self.loaded.append(path)
+        return self.handle
+
+
+def fake_tensorrt_module(registry):
+    return types.SimpleNamespace(get_plugin_registry=lambda: registry)
+
+
+@pytest.fixture
+def fresh_registrations(monkeypatch):
+    monkeypatch.setattr(plugin_library_module, "_loaded", {})
+
+
+def test_the_plugin_library_is_loaded_into_the_registry_once_per_process(plugin_library,
+                                                                         fresh_registrations):
+    registry = FakeRegistry()
+    register_plugin_library(fake_tensorrt_module(registry), plugin_library)
+    register_plugin_library(fake_tensorrt_module(registry), str(plugin_library))
+    # TensorRT refuses a second load of registered creators, so the second call must not make one.
+    assert registry.loaded == [str(plugin_library.resolve())]
+
+
+def test_a_plugin_library_tensorrt_cannot_load_is_one_line(plugin_library, tmp_path,
+                                                           fresh_registrations):
+    with pytest.raises(UserError, match=r"TensorRT could not load the plugin library .*"
+                                        r"libmra_attention_plugin.so .*make plugins"):
+        register_plugin_library(fake_tensorrt_module(FakeRegistry(handle=None)), plugin_library)
+    with pytest.raises(UserError, match="plugin library .*none.so not found"):
+        register_plugin_library(fake_tensorrt_module(FakeRegistry()), tmp_path / "none.so")
+
+
+def test_the_build_registers_the_plugin_before_the_onnx_is_parsed(
+        exports, tmp_path, plugin_library, fresh_registrations, monkeypatch):
+    """The parser finds MraAttention only in the registry: opening the library is not enough."""
+    from polygraphy.backend import trt as polygraphy_trt
+
+    registry = FakeRegistry()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt_module(registry))
+    registered_when_parsed = []
+
+    class ParserReached(Exception):
+        pass
+
+    def network_from_onnx_path(path, *args, **kwargs):
+        registered_when_parsed.append(list(registry.loaded))
+        raise ParserReached
+
+    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", network_from_onnx_path)
+    spec = resolve_spec(onnx=str(exports["fill-mask", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"))
+    info = ExportInfo.load(spec.export_folder)
+    with pytest.raises(ParserReached):
+        build_module.build_serialized_engine(spec, info, "fp32", spec.profile(info), H200)
+    assert registered_when_parsed == [[str(plugin_library.resolve())]]
 
 
 # --- refusing engines that do not fit ------------------------------------------------------------

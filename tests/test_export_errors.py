@@ -14,6 +14,7 @@ from mra_export.cli import main
 from mra_export.errors import InputError, UserError
 from mra_export.export import export_model
 from mra_export.runtime import OrtMraModel
+from mra_export.runtime import ort as ort_module
 from mra_export.runtime.plugin_reference import ReferencePluginModel
 
 
@@ -164,10 +165,24 @@ def test_ort_model_provider_errors(exports):
                                         "onnxruntime.*pip install 'mra-export\\[gpu\\]'"):
         OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
                                     provider="CUDAExecutionProvider")
-    with pytest.raises(UserError, match="plugin flavour's MraAttention node runs only on TensorRT"):
-        OrtMraModel.from_pretrained(exports["fill-mask", "plugin"])
+    for provider in (None, "TensorrtExecutionProvider", "CPUExecutionProvider"):
+        with pytest.raises(UserError, match="plugin flavour's MraAttention node runs only in "
+                                            "TensorRT engines \\(mra-export build, then "
+                                            "TrtMraModel.from_engine\\), not in onnxruntime"):
+            OrtMraModel.from_pretrained(exports["fill-mask", "plugin"], provider=provider)
     with pytest.raises(UserError, match="is a portable export"):
         ReferencePluginModel.from_pretrained(exports["fill-mask", "portable"])
+
+
+def test_providers_with_options_are_checked_by_name(monkeypatch):
+    """parity asks for CUDA as ("CUDAExecutionProvider", {"use_tf32": "0"}), as onnxruntime takes it."""
+    monkeypatch.setattr(ort_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert ort_module.choose_providers(cuda, "portable") == cuda
+    with pytest.raises(UserError, match="TensorrtExecutionProvider is not available"):
+        ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"],
+                                    "portable")
 
 
 def test_export_json_round_trips(exports):

@@ -1,9 +1,9 @@
 """``mra-export build``: a plugin-flavour ONNX export -> ``engines/NAME/model.plan`` + manifest.
 
-The TensorRT work goes through Polygraphy's loaders (plugin library, ONNX parser, profile,
-builder config, timing cache); everything else (the spec, the checks, the files) is plain Python
-so that it is tested where TensorRT is absent. The engine folder is built under a temporary name
-and renamed: a failed build leaves nothing behind.
+The TensorRT work goes through TensorRT's plugin registry (the plugin library) and Polygraphy's
+loaders (ONNX parser, profile, builder config, timing cache); everything else (the spec, the
+checks, the files) is plain Python so that it is tested where TensorRT is absent. The engine
+folder is built under a temporary name and renamed: a failed build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..export.info import ExportInfo
 from ..files import sha256_of, staged_folder
 from .manifest import ENGINE_FILE, EngineManifest, SystemInfo
+from .plugin_library import register_plugin_library
 from .spec import BuildSpec, resolve_spec
 from .system import current_system
 
@@ -97,14 +98,15 @@ def build_serialized_engine(spec: BuildSpec, info: ExportInfo, precision: str, p
                             system: SystemInfo) -> bytes:
     """The TensorRT build, with Polygraphy's loaders; returns the serialised engine."""
     import tensorrt as trt
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, LoadPlugins,
-                                        ModifyNetworkOutputs, NetworkFromOnnxPath, Profile)
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, ModifyNetworkOutputs,
+                                        NetworkFromOnnxPath, Profile)
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
     from .progress import build_progress_monitor
 
-    network = LoadPlugins(plugins=[str(spec.plugin)], obj=NetworkFromOnnxPath(str(spec.onnx_file)))
+    register_plugin_library(trt, spec.plugin)  # before parsing: the parser looks the node up there
+    network = NetworkFromOnnxPath(str(spec.onnx_file))
     if spec.attention_outputs:  # for parity's per-head diagnostic
         network = ModifyNetworkOutputs(network, outputs=list(info.outputs) + info.attention_contexts)
     trt_profile = Profile()

@@ -34,17 +34,16 @@ class OrtMraModel(ExportedModel):
     @classmethod
     def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
                         session_options: ort.SessionOptions | None = None,
-                        plugin_library: str | Path | None = None,
                         verify: bool = True) -> OrtMraModel:
-        """Load ``folder`` (made by ``mra-export export``).
+        """Load ``folder`` (made by ``mra-export export``), a portable export.
 
         ``provider``: an execution provider or a list in order of preference; by default
-        TensorRT, CUDA, then CPU, whichever this onnxruntime has. The plugin flavour runs only on
-        the TensorRT provider with ``plugin_library`` (the built ``MraAttention`` plugin).
-        ``verify`` checks the ONNX files against the sha256 in ``export.json``.
+        TensorRT, CUDA, then CPU, whichever this onnxruntime has. ``verify`` checks the ONNX
+        files against the sha256 in ``export.json``. Plugin-flavour exports are refused: they run
+        as TensorRT engines (``mra-export build``, then ``TrtMraModel``).
         """
         info, config = cls.load_export(folder, verify)
-        providers = choose_providers(provider, info.flavour, plugin_library)
+        providers = choose_providers(provider, info.flavour)
         return cls(info, config, folder, providers, session_options or default_options())
 
     @property
@@ -96,25 +95,30 @@ class OrtMraModel(ExportedModel):
         return binding.copy_outputs_to_cpu()
 
 
-def choose_providers(provider, flavour: str, plugin_library=None) -> list:
-    """The providers to ask onnxruntime for, checked against what it has."""
+def choose_providers(provider, flavour: str) -> list:
+    """The providers to ask onnxruntime for, checked against what it has. ``provider`` is a
+    name, or a list of names and ``(name, options)`` pairs as onnxruntime takes them."""
+    if flavour == "plugin":
+        # onnxruntime's TensorRT provider makes custom ops only of plugins that register
+        # themselves when their library is opened, and lists them with getPluginCreatorList,
+        # which holds no IPluginV3 creators; this plugin registers through getCreators.
+        raise UserError("the plugin flavour's MraAttention node runs only in TensorRT engines "
+                        "(mra-export build, then TrtMraModel.from_engine), not in onnxruntime; "
+                        "use a portable export (--flavour portable) with onnxruntime")
     available = ort.get_available_providers()
     if provider is None:
-        wanted = [p for p in PREFERENCE if p in available]
-    else:
-        wanted = [provider] if isinstance(provider, str) else list(provider)
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); for CUDA or TensorRT install "
-                            "onnxruntime-gpu (pip install 'mra-export[gpu]')")
-    if flavour != "plugin":
-        return wanted
-    if TENSORRT not in wanted or not plugin_library:
-        raise UserError("the plugin flavour's MraAttention node runs only on TensorRT (the "
-                        "TensorRT provider with plugin_library set to the built plugin); use a "
-                        "portable export (--flavour portable) for onnxruntime CPU and CUDA")
-    return [(TENSORRT, {"trt_extra_plugin_lib_paths": str(plugin_library)})]
+        return [p for p in PREFERENCE if p in available]
+    wanted = [provider] if isinstance(provider, str) else list(provider)
+    missing = [name for name in map(_provider_name, wanted) if name not in available]
+    if missing:
+        raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
+                        f"(available: {', '.join(available)}); for CUDA or TensorRT install "
+                        "onnxruntime-gpu (pip install 'mra-export[gpu]')")
+    return wanted
+
+
+def _provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 def default_options() -> ort.SessionOptions:

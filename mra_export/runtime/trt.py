@@ -13,6 +13,7 @@ import numpy as np
 
 from ..checkpoints import load_config
 from ..engines.manifest import EngineManifest
+from ..engines.plugin_library import register_plugin_library
 from ..engines.system import current_system
 from ..errors import InputError, UserError
 from ..export.info import ExportInfo
@@ -42,7 +43,7 @@ class TrtMraModel(ExportedModel):
         import tensorrt
         from polygraphy.backend.trt import EngineFromBytes
 
-        tensorrt.get_plugin_registry().load_library(manifest.plugin_library)
+        register_plugin_library(tensorrt, manifest.plugin_library)
         engine = EngineFromBytes((folder / manifest.engine_file).read_bytes())()
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
