@@ -235,24 +235,42 @@ float scoreAt(Problem const& p, Scratch const& s, int32_t row, int32_t cell)
         p.priorFirst, p.priorDiagonal);
 }
 
+//! The score as an unsigned key in the same order (the CUDA kernel's radix select uses the same
+//! keys): a total order even for NaN, so nth_element is well defined; -0 and +0 are one key.
+uint32_t orderedKey(float value)
+{
+    value = value == 0.0f ? 0.0f : value;
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+float keyValue(uint32_t key)
+{
+    uint32_t const bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
 // 3. The k best cells; at the k-th value, the lower flat indices first. Cells come out sorted.
 void selectBlocks(Problem const& p, Scratch& s)
 {
     int32_t const cells = p.nb * p.nb;
-    std::vector<float> scores(cells);
+    std::vector<uint32_t> keys(cells);
     for (int32_t row = 0; row < p.rows; ++row)
     {
         for (int32_t cell = 0; cell < cells; ++cell)
         {
-            scores[cell] = scoreAt(p, s, row, cell);
+            keys[cell] = orderedKey(scoreAt(p, s, row, cell));
         }
-        std::vector<float> order(scores);
-        std::nth_element(order.begin(), order.begin() + (p.topK - 1), order.end(), std::greater<float>());
-        float const threshold = order[p.topK - 1];
+        std::vector<uint32_t> order(keys);
+        std::nth_element(order.begin(), order.begin() + (p.topK - 1), order.end(), std::greater<uint32_t>());
+        uint32_t const threshold = order[p.topK - 1];
         int32_t tiesToTake = p.topK;
-        for (float score : scores)
+        for (uint32_t key : keys)
         {
-            tiesToTake -= score > threshold ? 1 : 0;
+            tiesToTake -= key > threshold ? 1 : 0;
         }
         int32_t* selected = s.selected + static_cast<size_t>(row) * p.topK;
         int32_t* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
@@ -263,15 +281,15 @@ void selectBlocks(Problem const& p, Scratch& s)
             {
                 rowStart[cell / p.nb] = taken;
             }
-            bool const tie = scores[cell] == threshold && tiesToTake > 0;
-            if (scores[cell] > threshold || tie)
+            bool const tie = keys[cell] == threshold && tiesToTake > 0;
+            if (keys[cell] > threshold || tie)
             {
                 tiesToTake -= tie ? 1 : 0;
                 selected[taken++] = cell;
             }
         }
         rowStart[p.nb] = taken;
-        s.threshold[row] = threshold;
+        s.threshold[row] = keyValue(threshold);
     }
 }
 
