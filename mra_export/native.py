@@ -79,10 +79,15 @@ class MraLibrary:
                                   MODES[approx_mode], initial_prior_first_n_blocks,
                                   initial_prior_diagonal_n_blocks, DTYPES[query.dtype])
 
-    def attention(self, query, key, value, mask, *, stream=None, **settings):
+    def attention(self, query, key, value, mask, **settings):
         """MRA attention of ``[B, H, S, D]`` tensors on the library's device; returns
         ``(output, selected blocks [B * H, k])``. Tensors must be on the CPU for the CPU library
-        and on a CUDA device for the CUDA one."""
+        and on one CUDA device for the CUDA one, where the kernels run on that device's current
+        stream."""
+        devices = {t.device for t in (query, key, value, mask)}
+        if len(devices) != 1:
+            raise ValueError(f"query, key, value and mask must be on one device, got "
+                             f"{', '.join(sorted(map(str, devices)))}")
         params = self.params(query, **settings)
         self.check(self.lib.mraCheckParams(ctypes.byref(params)))
         query, key, value = (t.contiguous() for t in (query, key, value))
@@ -92,10 +97,11 @@ class MraLibrary:
         workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
         pointers = [ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)]
         if query.is_cuda:
-            stream = stream if stream is not None else torch.cuda.current_stream().cuda_stream
-            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
-                                               ctypes.c_void_p(workspace.data_ptr()),
-                                               ctypes.c_size_t(size), ctypes.c_void_p(stream))
+            with torch.cuda.device(query.device):  # the kernels launch on the current device
+                stream = torch.cuda.current_stream(query.device).cuda_stream
+                status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
+                                                   ctypes.c_void_p(workspace.data_ptr()),
+                                                   ctypes.c_size_t(size), ctypes.c_void_p(stream))
         else:
             status = self.lib.mraAttentionCpu(ctypes.byref(params), *pointers,
                                               ctypes.c_void_p(workspace.data_ptr()),

@@ -76,3 +76,47 @@ def test_bad_lengths_are_one_line_errors(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "--lengths must be within 1..4096" in errors[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_a_gpu_backend_gets_its_own_copy_of_the_model():
+    """Module.to moves in place: the CPU backends must keep their model on the CPU."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    backend = models.torch_backend("mra pytorch-meta", "mra", model, "meta")
+    assert next(model.parameters()).device.type == "cpu"
+    assert backend.runtime == "pytorch-meta"
+
+
+def test_gpu_cells_measure_device_memory(monkeypatch):
+    from mra_export.bench import measure as measure_module
+
+    used = [100 << 20]  # bytes in use on the device, as cudaMemGetInfo would say
+    monkeypatch.setattr(measure_module, "device_used_bytes", lambda: used[0])
+    monkeypatch.setattr(measure_module, "release_cached_device_memory", lambda: None)
+
+    def run():
+        used[0] += 5 << 20  # each run keeps 5 MB more on the device, none on the host
+
+    first = measure_module.measure(run, min_runs=3, max_runs=3, budget_s=0, on_gpu=True)
+    assert first["memory"] == "gpu" and first["peak_memory_mb"] == 5.0
+    assert measure_module.measure(lambda: None, max_runs=3, budget_s=0)["memory"] == "host"
+    assert models.Backend("x", "mra", "onnxruntime-cuda").on_gpu
+    assert models.Backend("x", "mra", "tensorrt-fp16").on_gpu
+    assert not models.Backend("x", "mra", "onnxruntime-cpu").on_gpu
+
+
+def test_a_cell_that_fails_with_any_error_is_reported_not_fatal():
+    """onnxruntime's and Polygraphy's exceptions are not RuntimeErrors; one cell must not stop
+    the whole run."""
+    from mra_export.bench.cli import _measure_cell
+
+    class ProviderFailure(Exception):  # as onnxruntime's EPFail derives from Exception
+        pass
+
+    def prepare(batch, length):
+        raise ProviderFailure("CUDA out of memory in the provider\nmore detail")
+
+    cell = _measure_cell(models.Backend("mra onnxruntime-cuda", "mra", "onnxruntime-cuda", prepare),
+                         1, 512, budget=0.1)
+    assert cell == {"skipped": "failed: CUDA out of memory in the provider"}

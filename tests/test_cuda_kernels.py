@@ -20,10 +20,13 @@ pytestmark = pytest.mark.gpu
 def cuda_library():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here (these tests run on a machine with one; see tools/gpu_check.py)")
-    path = native.build_dir() / native.CUDA_LIBRARY
-    if not path.is_file():
-        pytest.skip(f"{path} was not built (make plugins, with nvcc)")
-    return native.MraLibrary(path)
+    # make plugins builds into native.build_dir(); tools/gpu_check.py into plugins/build-gpu.
+    places = [native.build_dir(), native.BUILD_DIR.parent / "build-gpu"]
+    built = [place / native.CUDA_LIBRARY for place in places if (place / native.CUDA_LIBRARY).is_file()]
+    if not built:
+        pytest.skip(f"the CUDA kernels are not built in {' or '.join(map(str, places))} (make "
+                    "plugins, or python tools/gpu_check.py; both need nvcc)")
+    return native.MraLibrary(built[0])
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

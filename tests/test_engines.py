@@ -11,7 +11,9 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
+import torch
 
 from mra_export.cli import main
 from mra_export.engines import build as build_module
@@ -204,9 +206,10 @@ def test_a_plugin_library_tensorrt_cannot_load_is_one_line(plugin_library, tmp_p
         register_plugin_library(fake_tensorrt_module(FakeRegistry()), tmp_path / "none.so")
 
 
-def test_the_build_registers_the_plugin_before_the_onnx_is_parsed(
+def test_the_build_registers_the_plugin_before_parsing_a_network_of_the_exports_types(
         exports, tmp_path, plugin_library, fresh_registrations, monkeypatch):
-    """The parser finds MraAttention only in the registry: opening the library is not enough."""
+    """The parser finds MraAttention only in the registry: opening the library is not enough.
+    The network keeps the export's types (strongly typed) unless TensorRT 10's flags lower it."""
     from polygraphy.backend import trt as polygraphy_trt
 
     registry = FakeRegistry()
@@ -216,17 +219,19 @@ def test_the_build_registers_the_plugin_before_the_onnx_is_parsed(
     class ParserReached(Exception):
         pass
 
-    def network_from_onnx_path(path, *args, **kwargs):
-        registered_when_parsed.append(list(registry.loaded))
+    def network_from_onnx_path(path, strongly_typed=False):
+        registered_when_parsed.append((list(registry.loaded), strongly_typed))
         raise ParserReached
 
     monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", network_from_onnx_path)
     spec = resolve_spec(onnx=str(exports["fill-mask", "plugin"]), plugin=str(plugin_library),
                         out=str(tmp_path / "engine"))
     info = ExportInfo.load(spec.export_folder)
-    with pytest.raises(ParserReached):
-        build_module.build_serialized_engine(spec, info, "fp32", spec.profile(info), H200)
-    assert registered_when_parsed == [[str(plugin_library.resolve())]]
+    for precision in ("fp32", "fp16"):  # the export's own type; lowered by TensorRT 10's flags
+        with pytest.raises(ParserReached):
+            build_module.build_serialized_engine(spec, info, precision, spec.profile(info), H200)
+    library = [str(plugin_library.resolve())]
+    assert registered_when_parsed == [(library, True), (library, False)]
 
 
 # --- refusing engines that do not fit ------------------------------------------------------------
@@ -260,6 +265,48 @@ def test_refused_when_the_plugin_or_engine_changed(built_engine, plugin_library)
     assert "is missing" in manifest.refusal(H200, built_engine)
     (built_engine / "model.plan").write_bytes(b"corrupt")
     assert "does not match its recorded sha256" in manifest.refusal(H200, built_engine)
+
+
+class ReusingRunner:
+    """Polygraphy's TrtRunner as far as results go: torch outputs (bfloat16 here, as a bf16
+    engine gives them) in one host buffer per output, overwritten by the next call."""
+
+    def __init__(self, engine, name):
+        self.buffers, self.is_active = {}, False
+
+    def activate(self):
+        self.is_active = True
+
+    def deactivate(self):
+        self.is_active = False
+
+    def infer(self, feed_dict):
+        ids = feed_dict["input_ids"]
+        assert isinstance(ids, torch.Tensor)  # so that Polygraphy returns torch outputs
+        for name in ("start_logits", "end_logits"):
+            self.buffers.setdefault(name, torch.empty(0, dtype=torch.bfloat16))
+            self.buffers[name].resize_(ids.shape).copy_(ids / 3)
+        return self.buffers
+
+
+def test_engine_results_are_copied_out_of_the_runners_buffers(built_engine, monkeypatch):
+    from polygraphy.backend import trt as polygraphy_trt
+
+    from mra_export.runtime.trt import TrtMraModel
+
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", ReusingRunner)
+    manifest = EngineManifest.load(built_engine)
+    model = TrtMraModel(ExportInfo(**manifest.export), None, built_engine, manifest, engine=None)
+    first_ids = np.array([[5, 6, 7]], dtype=np.int64)
+    first = model.run_raw({"input_ids": first_ids, "attention_mask": np.ones_like(first_ids)})
+    second_ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    model.run_raw({"input_ids": second_ids, "attention_mask": np.ones_like(second_ids)})
+    expected = torch.from_numpy(first_ids / 3).bfloat16().float().numpy()
+    for name in ("start_logits", "end_logits"):
+        assert first[name].dtype == np.float32  # bfloat16 widened: numpy has no bfloat16
+        np.testing.assert_array_equal(first[name], expected)  # not the second call's values
+    model.close()
+    assert not model.runner.is_active
 
 
 def test_corrupt_or_missing_manifest(tmp_path):
@@ -302,3 +349,30 @@ def test_help_works_everywhere(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: mra-export" in capsys.readouterr().out
+
+
+def test_a_tensorrt_package_that_does_not_load_is_one_line(monkeypatch):
+    """As PyPI's tensorrt stub does on a machine without NVIDIA's libraries."""
+    from mra_export.engines import availability
+
+    class BrokenFinder:
+        def find_spec(self, name, path=None, target=None):
+            if name != "tensorrt":
+                return None
+            return importlib.util.spec_from_loader(name, BrokenLoader())
+
+    class BrokenLoader:
+        def create_module(self, spec):
+            raise OSError("libnvinfer.so.10: cannot open shared object file: No such file or "
+                          "directory\nsecond line")
+
+        def exec_module(self, module):
+            pass
+
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenFinder(), *sys.meta_path])
+    with pytest.raises(UserError, match=r"^mra-export build needs TensorRT, whose Python package "
+                                        r"is installed but does not load \(libnvinfer.so.10: "
+                                        r"cannot open shared object file: No such file or "
+                                        r"directory\); reinstall it .*mra-export\[gpu\]'$"):
+        availability.require_tensorrt("mra-export build")

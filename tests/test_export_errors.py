@@ -191,3 +191,26 @@ def test_export_json_round_trips(exports):
     assert data["dynamic_axes"]["input_ids"] == {"0": "batch_size", "1": "num_choices",
                                                  "2": "sequence_length"}
     assert data["dynamic_axes"]["logits"] == {"0": "batch_size", "1": "num_choices"}
+
+
+def test_bfloat16_outputs_are_cast_to_float32_for_onnxruntime():
+    """onnxruntime cannot hand a bfloat16 result to numpy; the cast graph gives its exact float32."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)], "bf16_output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([1.0, 1 / 3, -2.7182817, 65504.25], dtype=np.float32)
+    original = ort_module.ort.InferenceSession(model.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="bfloat16"):
+        original.run(None, {"x": x})
+    ort_module.cast_outputs_to_float32(model.graph)
+    session = ort_module.ort.InferenceSession(model.SerializeToString(),
+                                              providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["y" + ort_module.AS_FLOAT32]
+    (y,) = session.run(None, {"x": x})
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, torch.from_numpy(x).bfloat16().float().numpy())

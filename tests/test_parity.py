@@ -58,3 +58,27 @@ def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exp
                                                     exports["question-answering", "portable"]])
     with pytest.raises(UserError, match="nothing to check"):
         run_parity(small_checkpoints["fill-mask"])
+
+
+def test_an_exported_model_runner_closes_its_model_when_deactivated():
+    """An engine holds a CUDA stream and device buffers: parity must release each one it loads."""
+    import numpy as np
+
+    from mra_export.parity.runners import ExportedModelRunner
+
+    class Model:
+        closed = False
+
+        def run_raw(self, arrays, extra_outputs=()):
+            return {"logits": arrays["input_ids"].astype(np.float32)}
+
+        def close(self):
+            self.closed = True
+
+    model = Model()
+    runner = ExportedModelRunner(lambda: model, TASKS["text-classification"], ["input_ids"], [],
+                                 name="fake")
+    with runner:
+        (value,) = runner.infer({"input_ids": np.array([[1, 2]])}).values()
+    assert value.tolist() == [[1.0, 2.0]]
+    assert model.closed and runner.model is None

@@ -81,9 +81,9 @@ def _measure_cell(backend, batch: int, length: int, budget: float) -> dict:
             return {"skipped": f"needs ~{needed / 2**30:.1f} GB of attention scores, more than "
                                "half the memory available here"}
     try:
-        result = measure(backend.prepare(batch, length), budget_s=budget)
-    except (RuntimeError, MemoryError) as error:
-        result = {"skipped": f"failed: {str(error).splitlines()[0][:200]}"}
+        result = measure(backend.prepare(batch, length), budget_s=budget, on_gpu=backend.on_gpu)
+    except Exception as error:  # onnxruntime's and Polygraphy's errors are not RuntimeErrors
+        result = {"skipped": f"failed: {(str(error).splitlines() or [type(error).__name__])[0][:200]}"}
     gc.collect()
     return result
 

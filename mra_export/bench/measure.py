@@ -3,7 +3,9 @@
 Memory is the peak of the process's resident set during the first run at a shape, above its
 level just before (a thread samples /proc/self/statm every millisecond; freed heap is returned to
 the system with malloc_trim between measurements). It covers every allocator: PyTorch's and
-onnxruntime's. The first run is also the warm-up.
+onnxruntime's. The first run is also the warm-up. For runs on a GPU it is the device's memory in
+use instead (cudaMemGetInfo through torch, sampled the same way, PyTorch's cache emptied first),
+which covers onnxruntime's and TensorRT's allocations too.
 """
 
 from __future__ import annotations
@@ -28,39 +30,59 @@ def release_freed_memory() -> None:
     _libc.malloc_trim(0)
 
 
-class PeakMemory:
-    """Context manager: ``peak`` is the highest resident set above the level at entry."""
+def device_used_bytes() -> int:
+    import torch
 
-    def __init__(self, interval: float = 0.001):
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def release_cached_device_memory() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+class PeakMemory:
+    """Context manager: ``peak`` is the highest use above the level at entry, by default of the
+    resident set (``used`` and ``release`` say what to sample and what to free first)."""
+
+    def __init__(self, interval: float = 0.001, used=resident_bytes, release=release_freed_memory):
         self.interval, self.peak = interval, 0
+        self._used, self._release = used, release
         self._stop = threading.Event()
 
     def __enter__(self):
-        release_freed_memory()
-        self.base = resident_bytes()
+        self._release()
+        self.base = self._used()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def restart(self) -> int:
         """Start a new peak from the present level (above entry), which it returns."""
-        self.peak = resident_bytes() - self.base
+        self.peak = self._used() - self.base
         return self.peak
 
     def _sample(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes() - self.base)
+            self.peak = max(self.peak, self._used() - self.base)
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, resident_bytes() - self.base)
+        self.peak = max(self.peak, self._used() - self.base)
 
 
-def measure(run, min_runs: int = 3, max_runs: int = 10, budget_s: float = 20.0) -> dict:
-    """Median seconds of ``run`` over repeated calls after one warm-up, and its peak memory."""
-    with PeakMemory() as memory:
+def measure(run, min_runs: int = 3, max_runs: int = 10, budget_s: float = 20.0,
+            on_gpu: bool = False) -> dict:
+    """Median seconds of ``run`` over repeated calls after one warm-up, and its peak memory
+    (the GPU's when ``on_gpu``)."""
+    memory = (PeakMemory(used=device_used_bytes, release=release_cached_device_memory)
+              if on_gpu else PeakMemory())
+    with memory:
         start = time.perf_counter()
         run()
         warmup = time.perf_counter() - start
@@ -71,4 +93,4 @@ def measure(run, min_runs: int = 3, max_runs: int = 10, budget_s: float = 20.0) 
         run()
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "runs": len(times), "warmup_s": warmup,
-            "peak_memory_mb": memory.peak / 2**20}
+            "peak_memory_mb": memory.peak / 2**20, "memory": "gpu" if on_gpu else "host"}

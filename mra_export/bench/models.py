@@ -7,6 +7,7 @@ positions) against what a user would pick instead: transformers' RoBERTa of the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,10 @@ class Backend:
     runtime: str
     prepare: Callable | None = None  # (batch, length) -> run()
     skipped: str | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return "cuda" in self.runtime or self.runtime.startswith("tensorrt")
 
 
 def build_models(layers: int, seed: int = 0):
@@ -69,7 +74,8 @@ def torch_backend(name: str, kind: str, model, device: str) -> Backend:
             if device == "cuda":
                 torch.cuda.synchronize()
         return run
-    model = model.to(device)
+    if device != "cpu":  # a copy: Module.to moves in place, and the CPU backends keep theirs
+        model = copy.deepcopy(model).to(device)
     return Backend(name, kind, f"pytorch-{device}", prepare)
 
 

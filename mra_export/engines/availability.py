@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import MissingTensorRT
+from ..errors import MissingTensorRT, UserError
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -19,9 +19,15 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def require_tensorrt(what: str):
-    """Import and return ``tensorrt``, or raise ``MissingTensorRT`` naming ``what``."""
+    """Import and return ``tensorrt``, or raise ``MissingTensorRT`` naming ``what``; a package
+    whose libraries do not load (e.g. PyPI's stub without its CUDA libraries) says so in one line."""
     if importlib.util.find_spec("tensorrt") is None:
         raise MissingTensorRT(what)
-    import tensorrt
-
+    try:
+        import tensorrt
+    except Exception as error:  # ImportError, OSError from its shared libraries, or its own
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{what} needs TensorRT, whose Python package is installed but does not "
+                        f"load ({first_line}); reinstall it on this NVIDIA machine with "
+                        "pip install 'mra-export[gpu]'") from None
     return tensorrt

@@ -106,13 +106,16 @@ def build_serialized_engine(spec: BuildSpec, info: ExportInfo, precision: str, p
     from .progress import build_progress_monitor
 
     register_plugin_library(trt, spec.plugin)  # before parsing: the parser looks the node up there
-    network = NetworkFromOnnxPath(str(spec.onnx_file))
+    # TensorRT 10: an fp32 export lowered by builder flags needs a weakly typed network; any other
+    # build takes the export's own types (strongly typed: without it TensorRT 10 may run an fp16
+    # export's layers in fp32). TensorRT 11 is always strongly typed and ignores the flag.
+    lowered = precision != info.dtype
+    network = NetworkFromOnnxPath(str(spec.onnx_file), strongly_typed=not lowered)
     if spec.attention_outputs:  # for parity's per-head diagnostic
         network = ModifyNetworkOutputs(network, outputs=list(info.outputs) + info.attention_contexts)
     trt_profile = Profile()
     for name, (low, opt, high) in profile.items():
         trt_profile.add(name, min=low, opt=opt, max=high)
-    lowered = precision != info.dtype  # TensorRT 10: fp32 export, fp16/bf16 builder flags
     config = CreateConfig(
         fp16=lowered and precision == "fp16", bf16=lowered and precision == "bf16",
         profiles=[trt_profile],

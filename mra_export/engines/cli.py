@@ -10,7 +10,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", help="the MraAttention plugin library (make plugins builds "
                         "plugins/build/libmra_attention_plugin.so)")
     parser.add_argument("--out", help="engine folder, e.g. engines/NAME")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default fp32")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                        help="default: the export's own type")
     parser.add_argument("--shapes", help="optimisation profile, e.g. "
                         "batch=1/4/8,sequence=1/128/512[,choices=1/2/4] (min/opt/max); default "
                         "batch 1/1/8 and sequence 1/128/max_position_embeddings")

@@ -88,10 +88,13 @@ class ExportedModelRunner(BaseRunner):
         self.inference_time = time.perf_counter() - start
         return OrderedDict((name, comparable(value)) for name, value in values.items())
 
+    def deactivate_impl(self):
+        close = getattr(self.model, "close", None)
+        if close is not None:  # a TensorRT engine's stream and device buffers
+            close()
+        self.model = None
+
 
 def comparable(array: np.ndarray) -> np.ndarray:
     """bfloat16 arrays (ml_dtypes') as float32: Polygraphy's comparator knows numpy's types."""
     return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
-
-    def deactivate_impl(self):
-        self.model = None

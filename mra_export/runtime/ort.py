@@ -20,6 +20,7 @@ from .base import ExportedModel
 TENSORRT, CUDA, CPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                        "CPUExecutionProvider")
 PREFERENCE = (TENSORRT, CUDA, CPU)
+AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
 
 
 class OrtMraModel(ExportedModel):
@@ -28,8 +29,8 @@ class OrtMraModel(ExportedModel):
     def __init__(self, info, config, folder, providers, session_options):
         super().__init__(info, config, folder)
         self._providers, self._options = providers, session_options
-        self.session = self._session(str(info.onnx_path(folder)))
-        self._diagnostic_sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+        self.session = self._session_for(())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
@@ -40,7 +41,8 @@ class OrtMraModel(ExportedModel):
         ``provider``: an execution provider or a list in order of preference; by default
         TensorRT, CUDA, then CPU, whichever this onnxruntime has. ``verify`` checks the ONNX
         files against the sha256 in ``export.json``. Plugin-flavour exports are refused: they run
-        as TensorRT engines (``mra-export build``, then ``TrtMraModel``).
+        as TensorRT engines (``mra-export build``, then ``TrtMraModel``). A bfloat16 export's
+        results come back as float32 (numpy has no bfloat16; the widening is exact).
         """
         info, config = cls.load_export(folder, verify)
         providers = choose_providers(provider, info.flavour)
@@ -51,13 +53,13 @@ class OrtMraModel(ExportedModel):
         return self.session.get_providers()
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
-        session = self._diagnostic_session(tuple(extra_outputs)) if extra_outputs else self.session
+        session = self._session_for(tuple(extra_outputs))
         names = [o.name for o in session.get_outputs()]
         if session.get_providers()[0] == CUDA:
             values = self._run_with_io_binding(session, arrays, names)
         else:
             values = session.run(names, arrays)
-        return dict(zip(names, values))
+        return {name.removesuffix(AS_FLOAT32): value for name, value in zip(names, values)}
 
     def _session(self, model: str | bytes) -> ort.InferenceSession:
         try:
@@ -67,21 +69,30 @@ class OrtMraModel(ExportedModel):
             raise UserError(f"onnxruntime cannot load {self.info.onnx_path(self.folder)}: "
                             f"{str(error).strip().splitlines()[0]}") from None
 
-    def _diagnostic_session(self, extra_outputs: tuple[str, ...]) -> ort.InferenceSession:
-        """A session whose graph also outputs ``extra_outputs`` (intermediate values)."""
-        if extra_outputs not in self._diagnostic_sessions:
+    def _session_for(self, extra_outputs: tuple[str, ...]) -> ort.InferenceSession:
+        """The export's session, or one whose graph also outputs ``extra_outputs``
+        (intermediate values); a bfloat16 export's outputs are cast to float32 in the graph."""
+        if extra_outputs not in self._sessions:
             path = self.info.onnx_path(self.folder)
-            model = onnx.load(str(path), load_external_data=False)
-            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
-                                      for name in extra_outputs)
-            with tempfile.TemporaryDirectory() as scratch:
-                copy = Path(scratch) / path.name
-                onnx.save(model, str(copy))
-                if self.info.external_data:  # the weights stay where they are
-                    os.symlink(path.parent / self.info.external_data,
-                               Path(scratch) / self.info.external_data)
-                self._diagnostic_sessions[extra_outputs] = self._session(str(copy))
-        return self._diagnostic_sessions[extra_outputs]
+            if not extra_outputs and self.info.dtype != "bf16":
+                self._sessions[extra_outputs] = self._session(str(path))  # the file as it is
+            else:
+                self._sessions[extra_outputs] = self._edited_session(path, extra_outputs)
+        return self._sessions[extra_outputs]
+
+    def _edited_session(self, path: Path, extra_outputs: tuple[str, ...]) -> ort.InferenceSession:
+        model = onnx.load(str(path), load_external_data=False)
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name)
+                                  for name in extra_outputs)
+        if self.info.dtype == "bf16":
+            cast_outputs_to_float32(model.graph)
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / path.name
+            onnx.save(model, str(copy))
+            if self.info.external_data:  # the weights stay where they are
+                os.symlink(path.parent / self.info.external_data,
+                           Path(scratch) / self.info.external_data)
+            return self._session(str(copy))
 
     @staticmethod
     def _run_with_io_binding(session, arrays, names) -> list[np.ndarray]:
@@ -115,6 +126,19 @@ def choose_providers(provider, flavour: str) -> list:
                         f"(available: {', '.join(available)}); for CUDA or TensorRT install "
                         "onnxruntime-gpu (pip install 'mra-export[gpu]')")
     return wanted
+
+
+def cast_outputs_to_float32(graph: onnx.GraphProto) -> None:
+    """Replace each output ``X`` by ``Cast(X) -> X + AS_FLOAT32``: onnxruntime's Python API
+    returns results as numpy arrays, and numpy has no bfloat16."""
+    outputs = list(graph.output)
+    del graph.output[:]
+    for output in outputs:
+        widened = output.name + AS_FLOAT32
+        graph.node.append(onnx.helper.make_node("Cast", [output.name], [widened],
+                                                to=onnx.TensorProto.FLOAT))
+        graph.output.append(onnx.helper.make_tensor_value_info(widened, onnx.TensorProto.FLOAT,
+                                                               None))
 
 
 def _provider_name(provider) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoints import load_config
 from ..engines.manifest import EngineManifest
@@ -42,9 +43,13 @@ class TrtMraModel(ExportedModel):
             raise UserError(refusal)
         import tensorrt
         from polygraphy.backend.trt import EngineFromBytes
+        from polygraphy.exception import PolygraphyException
 
         register_plugin_library(tensorrt, manifest.plugin_library)
-        engine = EngineFromBytes((folder / manifest.engine_file).read_bytes())()
+        try:
+            engine = EngineFromBytes((folder / manifest.engine_file).read_bytes())()
+        except PolygraphyException:  # Polygraphy raises where TensorRT returns None
+            engine = None
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
                             f"rebuild it: {manifest.rebuild_command}")
@@ -55,9 +60,11 @@ class TrtMraModel(ExportedModel):
             raise UserError(f"the engine in {self.folder} has no attention outputs; rebuild it "
                             "with --attention-outputs for the per-head diagnostic")
         self._check_profile(arrays)
-        outputs = self.runner.infer(feed_dict=arrays)
+        # Torch inputs make Polygraphy return torch outputs, which (unlike numpy) hold bfloat16.
+        outputs = self.runner.infer(feed_dict={name: torch.from_numpy(array)
+                                               for name, array in arrays.items()})
         names = self.output_names + [n for n in extra_outputs if n not in self.output_names]
-        return {name: np.asarray(outputs[name]) for name in names}
+        return {name: host_copy(outputs[name]) for name in names}
 
     def _check_profile(self, arrays: dict[str, np.ndarray]) -> None:
         profile = self.manifest.profiles[0]
@@ -74,3 +81,12 @@ class TrtMraModel(ExportedModel):
     def close(self) -> None:
         if self.runner.is_active:
             self.runner.deactivate()
+
+
+def host_copy(value) -> np.ndarray:
+    """A result the runner cannot overwrite (Polygraphy reuses, and may reallocate, its output
+    buffers on the next call), bfloat16 widened to float32 (exact; numpy has no bfloat16)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy().copy()
+    return np.array(value, copy=True)
