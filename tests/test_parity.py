@@ -39,6 +39,25 @@ def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path,
     assert len(data["inputs"]) == 8
 
 
+def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
+    """The attention core pads head dims under 32 (as transformers does), and the exported graphs
+    name its padded output: the per-head diagnostic compares that same tensor on both sides."""
+    from mra_export.export import FLAVOURS, export_model
+
+    narrow = dict(SMALL_MODEL, hidden_size=32, intermediate_size=64)  # 2 heads of 16
+    checkpoint = build_checkpoint(tmp_path / "narrow", TASKS["fill-mask"], **narrow)
+    folders = [tmp_path / flavour for flavour in FLAVOURS]
+    for flavour, folder in zip(FLAVOURS, folders):
+        export_model(checkpoint, folder, "fill-mask", flavour, log=lambda m: None)
+    report = run_parity(checkpoint, folders, log=lambda m: None)
+    assert report.passed
+    checked = [b for b in report.to_dict()["backends"] if b["status"] != "skipped"]
+    assert len(checked) == 3
+    for backend in checked:
+        worst = max(max(heads) for heads in backend["attention"]["per_head_max_abs"])
+        assert 0 <= worst <= 1e-4
+
+
 def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp_path, capsys):
     other = build_checkpoint(tmp_path / "other", TASKS["text-classification"], seed=1,
                              **SMALL_MODEL)
@@ -82,3 +101,22 @@ def test_an_exported_model_runner_closes_its_model_when_deactivated():
         (value,) = runner.infer({"input_ids": np.array([[1, 2]])}).values()
     assert value.tolist() == [[1.0, 2.0]]
     assert model.closed and runner.model is None
+
+
+def test_an_attention_context_of_another_shape_is_named_not_a_crash():
+    import numpy as np
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    from mra_export.parity.compare import ShapeMismatch, _per_head_max_abs
+
+    def results(runner, width):
+        return (runner, [IterationResult({"attention_context.0": np.zeros((1, 2, 17, width))},
+                                         runner_name=runner)])
+
+    pair = RunResults([results("pytorch", 16), results("onnxruntime-cpu", 32)])
+    with pytest.raises(ShapeMismatch, match=r"attention_context.0 has shape \[1, 2, 17, 32\], "
+                                            r"PyTorch's \[1, 2, 17, 16\]"):
+        _per_head_max_abs(pair, ["attention_context.0"])
+    same = RunResults([results("pytorch", 16), results("onnxruntime-cpu", 16)])
+    assert _per_head_max_abs(same, ["attention_context.0"]) == [[0.0, 0.0]]

@@ -35,7 +35,10 @@ def check_backend(backend: Backend, reference: RunResults, feeds, task, input_na
                              f"{type(error).__name__}: {message[0] if message else ''}")
     pair = RunResults(list(reference.items()) + list(results.items()))
     outputs = _compare_outputs(pair, task.outputs, backend.tolerance)
-    attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance) if contexts else None
+    try:
+        attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance) if contexts else None
+    except ShapeMismatch as error:  # the others still get checked
+        return BackendResult(backend.name, backend.source, "error", str(error), outputs=outputs)
     passed = all(o.passed for o in outputs.values()) and (attention is None or attention.passed)
     note = None if contexts else ("per-head diagnostic not run: the engine has no attention "
                                   "outputs (build with --attention-outputs)")
@@ -53,12 +56,19 @@ def _compare_outputs(pair: RunResults, names, tolerance: float) -> dict[str, Out
             for name in names}
 
 
+class ShapeMismatch(ValueError):
+    """An exported attention context that cannot be compared head by head with PyTorch's."""
+
+
 def _per_head_max_abs(pair: RunResults, contexts: list[str]) -> list[list[float]]:
     (_, expected), (_, actual) = pair.items()
     rows = []
     for name in contexts:
         worst = None
         for want, got in zip(expected, actual):
+            if want[name].shape != got[name].shape:
+                raise ShapeMismatch(f"{name} has shape {list(got[name].shape)}, PyTorch's "
+                                    f"{list(want[name].shape)}")
             diff = np.abs(want[name].astype(np.float64) - got[name].astype(np.float64))
             per_head = diff.max(axis=(0, 2, 3))
             worst = per_head if worst is None else np.maximum(worst, per_head)

@@ -1,7 +1,8 @@
 """Polygraphy runners: the patched PyTorch model, and any exported model's runtime.
 
 Each returns the task's outputs and, for the per-head diagnostic, every layer's attention
-context ``attention_context.{layer}`` ([batch, heads, seq, head_dim]).
+context ``attention_context.{layer}`` ([batch, heads, seq, head_dim], head dims under 32 padded to
+32 as the attention core computes them).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class TorchRunner(BaseRunner):
 
     def _keep(self, layer: int):
         def hook(module, args, output):
-            # The core sees head dims padded to 32; the context the graph names is sliced back.
-            head_dim = self.model.config.hidden_size // self.model.config.num_attention_heads
-            self._contexts[ATTENTION_CONTEXT.format(layer=layer)] = output[..., :head_dim].numpy()
+            # Kept as the core returns it, head dims under 32 padded to 32 (zeros there): the
+            # exported graphs name this same tensor, before the model slices it back.
+            self._contexts[ATTENTION_CONTEXT.format(layer=layer)] = output.numpy()
         return hook
 
     def get_input_metadata_impl(self):
