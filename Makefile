@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
-demo: setup
+demo: setup plugins
 	$(VENV)/bin/mra-export demo
 
 test: setup plugins

@@ -175,11 +175,16 @@ def test_ort_model_provider_errors(exports):
 
 
 def test_providers_with_options_are_checked_by_name(monkeypatch):
-    """parity asks for CUDA as ("CUDAExecutionProvider", {"use_tf32": "0"}), as onnxruntime takes it."""
+    """parity asks for CUDA as ("CUDAExecutionProvider", {"use_tf32": "0"}), as onnxruntime takes
+    it; so does the default, which takes onnxruntime's TensorRT provider only when named."""
     monkeypatch.setattr(ort_module.ort, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                 "CPUExecutionProvider"])
     cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     assert ort_module.choose_providers(cuda, "portable") == cuda
+    assert ort_module.choose_providers(None, "portable") == cuda  # the default, TF32 off
+    monkeypatch.setattr(ort_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(UserError, match="TensorrtExecutionProvider is not available"):
         ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"],
                                     "portable")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from mra_export import native  # noqa: E402
 from mra_export.attention import mra_attention  # noqa: E402
+from mra_export.files import atomic_write_text  # noqa: E402
 from mra_export.kernel_check import compare_with_reference  # noqa: E402
 
 BLOCKS_PER_ROW = 8
@@ -239,7 +240,8 @@ def main() -> int:
     result = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, command=" ".join(sys.argv),
                   copy_bandwidth_gbs=bandwidth, correctness=correctness, timings=timings, passed=passed,
                   seconds=time.time() - started)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2))  # after minutes of work: all or nothing
     print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
     return 0 if passed else 1
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from ..export.info import ExportInfo
 from ..native import CPU_LIBRARY, build_dir
-from ..runtime.ort import CPU, CUDA, OrtMraModel
+from ..runtime.ort import CPU, CUDA, CUDA_FP32, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
 # Absolute tolerance on every output against the float32 PyTorch model, by the graph's type:
@@ -47,7 +47,7 @@ def export_backends(folder: str | Path) -> list[Backend]:
         backends = [Backend("onnxruntime-cpu", folder, tolerance,
                             lambda: OrtMraModel.from_pretrained(folder, provider=CPU))]
     if CUDA in ort.get_available_providers():
-        cuda = [(CUDA, {"use_tf32": "0"}), CPU]  # TF32 would move results by ~1e-3
+        cuda = [CUDA_FP32, CPU]
         backends.append(Backend("onnxruntime-cuda", folder, tolerance,
                                 lambda: OrtMraModel.from_pretrained(folder, provider=cuda)))
     else:

@@ -17,9 +17,12 @@ import onnxruntime as ort
 from ..errors import UserError
 from .base import ExportedModel
 
-TENSORRT, CUDA, CPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
-                       "CPUExecutionProvider")
-PREFERENCE = (TENSORRT, CUDA, CPU)
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+# CUDA without TF32 (which would move results by ~1e-3 against the float32 model), then the CPU.
+# onnxruntime's TensorRT provider only when asked for: it builds engines on first use and again
+# for each new range of shapes, and TensorRT engines proper are `mra-export build`'s job.
+CUDA_FP32 = (CUDA, {"use_tf32": "0"})
+PREFERENCE = (CUDA_FP32, CPU)
 AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
 
 
@@ -38,8 +41,9 @@ class OrtMraModel(ExportedModel):
                         verify: bool = True) -> OrtMraModel:
         """Load ``folder`` (made by ``mra-export export``), a portable export.
 
-        ``provider``: an execution provider or a list in order of preference; by default
-        TensorRT, CUDA, then CPU, whichever this onnxruntime has. ``verify`` checks the ONNX
+        ``provider``: an execution provider or a list in order of preference (names or
+        ``(name, options)`` pairs); by default CUDA without TF32, then CPU, whichever this
+        onnxruntime has (TensorRT's provider only when named). ``verify`` checks the ONNX
         files against the sha256 in ``export.json``. Plugin-flavour exports are refused: they run
         as TensorRT engines (``mra-export build``, then ``TrtMraModel``). A bfloat16 export's
         results come back as float32 (numpy has no bfloat16; the widening is exact).
@@ -118,7 +122,7 @@ def choose_providers(provider, flavour: str) -> list:
                         "use a portable export (--flavour portable) with onnxruntime")
     available = ort.get_available_providers()
     if provider is None:
-        return [p for p in PREFERENCE if p in available]
+        return [p for p in PREFERENCE if _provider_name(p) in available]
     wanted = [provider] if isinstance(provider, str) else list(provider)
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
