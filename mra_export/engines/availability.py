@@ -8,9 +8,11 @@ from ..errors import MissingTensorRT, UserError
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """None when TensorRT's Python package and a CUDA GPU are present; else why not."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return str(MissingTensorRT("building TensorRT engines"))
+    """None when TensorRT's Python package loads and a CUDA GPU is present; else why not."""
+    try:
+        require_tensorrt("building TensorRT engines")
+    except UserError as error:
+        return str(error)
     import torch
 
     if not torch.cuda.is_available():
