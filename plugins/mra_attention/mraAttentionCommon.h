@@ -1,7 +1,8 @@
 /*
  * What the CPU reference and the CUDA kernels share: the problem's sizes, the workspace layout,
  * the constants of the reference implementation, and the selection score, computed with the
- * same float32 operations in the same order as mra_export.attention (so ties tie alike).
+ * same float32 operations in the same order as mra_export.attention (so ties tie alike), and the
+ * keys top-k ranks it by.
  */
 #ifndef MRA_ATTENTION_COMMON_H
 #define MRA_ATTENTION_COMMON_H
@@ -11,6 +12,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __CUDACC__
 #define MRA_HOST_DEVICE __host__ __device__
@@ -116,6 +118,25 @@ MRA_HOST_DEVICE inline float selectionScore(
         score = score + (j < priorFirst ? kPriorBonus : 0.0f);
     }
     return score;
+}
+
+//! The score as an unsigned key in the same order (-0 and +0 are one key), for top-k: a total
+//! order even for NaN, which the kernels' radix select and the reference's nth_element both need.
+MRA_HOST_DEVICE inline uint32_t orderedKey(float value)
+{
+    value = value == 0.0f ? 0.0f : value;
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+//! The score whose key is ``key`` (the inverse of orderedKey).
+MRA_HOST_DEVICE inline float keyValue(uint32_t key)
+{
+    uint32_t const bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    float value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
 }
 
 } // namespace mra

@@ -169,19 +169,6 @@ __global__ void lowResolutionLogits(Problem p, Scratch s)
 
 // ---- (b) selection -----------------------------------------------------------------------
 
-//! An unsigned key ordered like the float (with -0 == +0), for radix selection.
-__device__ inline uint32_t orderedKey(float value)
-{
-    value = value == 0.0f ? 0.0f : value;
-    uint32_t const bits = __float_as_uint(value);
-    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-__device__ inline float keyValue(uint32_t key)
-{
-    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
 __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t row, int32_t cell)
 {
     int32_t const i = cell / p.nb;

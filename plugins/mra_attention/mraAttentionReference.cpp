@@ -235,25 +235,8 @@ float scoreAt(Problem const& p, Scratch const& s, int32_t row, int32_t cell)
         p.priorFirst, p.priorDiagonal);
 }
 
-//! The score as an unsigned key in the same order (the CUDA kernel's radix select uses the same
-//! keys): a total order even for NaN, so nth_element is well defined; -0 and +0 are one key.
-uint32_t orderedKey(float value)
-{
-    value = value == 0.0f ? 0.0f : value;
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-float keyValue(uint32_t key)
-{
-    uint32_t const bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-}
-
-// 3. The k best cells; at the k-th value, the lower flat indices first. Cells come out sorted.
+// 3. The k best cells; at the k-th value, the lower flat indices first (ranked by orderedKey, as
+// the kernels do). Cells come out sorted.
 void selectBlocks(Problem const& p, Scratch& s)
 {
     int32_t const cells = p.nb * p.nb;
