@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .tasks import TASKS, Task, task_for_config
 
 # Small enough for CI, shaped like mra-base where it matters: head_dim 64 (transformers' CUDA
@@ -46,7 +46,7 @@ def load_config(folder: str | Path) -> MraConfig:
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {folder / 'config.json'}: {_first_line(error)}") from None
+        raise UserError(f"cannot read {folder / 'config.json'}: {first_line(error)}") from None
     if config.model_type != "mra":
         raise UserError(f"{folder} holds a {config.model_type!r} model, not MRA (model_type 'mra')")
     return config
@@ -61,7 +61,7 @@ def load_model(folder: str | Path, task: Task | None = None):
             folder, config=config, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
-                        f"{_first_line(error)}") from None
+                        f"{first_line(error)}") from None
     missing = sorted(loading.get("missing_keys") or ())
     if missing:  # transformers would fill them with random values, silently
         raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"
@@ -105,8 +105,3 @@ def default_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
         cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
         model_max_length=DEFAULT_CONFIG["max_position_embeddings"])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

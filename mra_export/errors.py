@@ -16,3 +16,9 @@ class MissingTensorRT(UserError):
         super().__init__(
             f"{what} needs TensorRT, which is not installed here; on an NVIDIA machine run "
             "pip install 'mra-export[gpu]' (TensorRT's Python package and onnxruntime-gpu)")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line for a one-line message (its type's name when it has no text)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

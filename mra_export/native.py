@@ -17,6 +17,7 @@ import torch
 from .errors import UserError
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
+GPU_CHECK_BUILD_DIR = BUILD_DIR.parent / "build-gpu"  # tools/gpu_check.py's, for its GPU alone
 CPU_LIBRARY = "libmra_attention_cpu.so"
 CUDA_LIBRARY = "libmra_attention_cuda.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"

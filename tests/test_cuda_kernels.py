@@ -20,8 +20,7 @@ pytestmark = pytest.mark.gpu
 def cuda_library():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here (these tests run on a machine with one; see tools/gpu_check.py)")
-    # make plugins builds into native.build_dir(); tools/gpu_check.py into plugins/build-gpu.
-    places = [native.build_dir(), native.BUILD_DIR.parent / "build-gpu"]
+    places = [native.build_dir(), native.GPU_CHECK_BUILD_DIR]  # make plugins', gpu_check's
     built = [place / native.CUDA_LIBRARY for place in places if (place / native.CUDA_LIBRARY).is_file()]
     if not built:
         pytest.skip(f"the CUDA kernels are not built in {' or '.join(map(str, places))} (make "

@@ -51,7 +51,7 @@ def profile_onnxruntime(path: Path, ids, mask, runs: int, folder: Path):
     options.profile_file_prefix = str(folder / "ort")
     session = ort.InferenceSession(str(path), options, providers=[CPU])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    session.run(None, feed)  # warm-up (profiled too, so it is subtracted below)
+    session.run(None, feed)  # warm-up, profiled too: the totals below are per run of runs + 1
     start = time.perf_counter()
     for _ in range(runs):
         session.run(None, feed)

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from . import models, report
 from .measure import measure
 
@@ -83,7 +83,7 @@ def _measure_cell(backend, batch: int, length: int, budget: float) -> dict:
     try:
         result = measure(backend.prepare(batch, length), budget_s=budget, on_gpu=backend.on_gpu)
     except Exception as error:  # onnxruntime's and Polygraphy's errors are not RuntimeErrors
-        result = {"skipped": f"failed: {(str(error).splitlines() or [type(error).__name__])[0][:200]}"}
+        result = {"skipped": f"failed: {first_line(error)[:200]}"}
     gc.collect()
     return result
 

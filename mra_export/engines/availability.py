@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import MissingTensorRT, UserError
+from ..errors import MissingTensorRT, UserError, first_line
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -28,8 +28,7 @@ def require_tensorrt(what: str):
     try:
         import tensorrt
     except Exception as error:  # ImportError, OSError from its shared libraries, or its own
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"{what} needs TensorRT, whose Python package is installed but does not "
-                        f"load ({first_line}); reinstall it on this NVIDIA machine with "
+                        f"load ({first_line(error)}); reinstall it on this NVIDIA machine with "
                         "pip install 'mra-export[gpu]'") from None
     return tensorrt

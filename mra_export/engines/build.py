@@ -12,10 +12,9 @@ import dataclasses
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..export.info import ExportInfo
 from ..files import sha256_of, staged_folder
 from .manifest import ENGINE_FILE, EngineManifest, SystemInfo
@@ -129,4 +128,4 @@ def build_serialized_engine(spec: BuildSpec, info: ExportInfo, precision: str, p
                 network, config=config,
                 save_timing_cache=str(spec.timing_cache) if spec.timing_cache else None)())
     except PolygraphyException as error:
-        raise UserError(f"TensorRT could not build the engine: {str(error).strip().splitlines()[0]}") from None
+        raise UserError(f"TensorRT could not build the engine: {first_line(error)}") from None

@@ -90,9 +90,7 @@ class ExportedModelRunner(BaseRunner):
         return OrderedDict((name, comparable(value)) for name, value in values.items())
 
     def deactivate_impl(self):
-        close = getattr(self.model, "close", None)
-        if close is not None:  # a TensorRT engine's stream and device buffers
-            close()
+        self.model.close()
         self.model = None
 
 

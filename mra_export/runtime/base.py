@@ -46,3 +46,6 @@ class ExportedModel:
         """Run on checked int64 arrays; ``extra_outputs`` names intermediate values (for
         example ``attention_context.0``) to return as well."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the runtime holds beyond memory (a TensorRT engine's CUDA stream)."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import ExportedModel
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -71,7 +71,7 @@ class OrtMraModel(ExportedModel):
                                         providers=self._providers)
         except Exception as error:  # onnxruntime raises its own exception types
             raise UserError(f"onnxruntime cannot load {self.info.onnx_path(self.folder)}: "
-                            f"{str(error).strip().splitlines()[0]}") from None
+                            f"{first_line(error)}") from None
 
     def _session_for(self, extra_outputs: tuple[str, ...]) -> ort.InferenceSession:
         """The export's session, or one whose graph also outputs ``extra_outputs``
