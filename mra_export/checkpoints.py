@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
 
 from .errors import UserError, first_line
@@ -23,6 +24,9 @@ DEFAULT_CONFIG = dict(
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
 DEFAULT_SEED = 0
+# The files a saved tokenizer may consist of (tokenizers' and transformers' names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: pad = 1
 
 _CORPUS = """\
@@ -52,21 +56,28 @@ def load_config(folder: str | Path) -> MraConfig:
     return config
 
 
-def load_model(folder: str | Path, task: Task | None = None):
-    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode."""
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds tokenizer files (transformers would otherwise make up a tokenizer
+    of special tokens only from the config)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_model(folder: str | Path, task: Task | None = None,
+               remedy: str = "pass --task auto or a checkpoint trained for that task"):
+    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode;
+    ``remedy`` ends the error when the checkpoint has no weights for that task's head."""
     config = load_config(folder)
     task = task or task_for_config(config)
     try:
         model, loading = task.model_class.from_pretrained(
             folder, config=config, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights too
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
                         f"{first_line(error)}") from None
     missing = sorted(loading.get("missing_keys") or ())
     if missing:  # transformers would fill them with random values, silently
         raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"
-                        f"{' ...' if len(missing) > 3 else ''} of the {task.name} head; pass "
-                        "--task auto or a checkpoint trained for that task")
+                        f"{' ...' if len(missing) > 3 else ''} of the {task.name} head; {remedy}")
     return model.eval(), task
 
 
@@ -98,7 +109,8 @@ def default_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # it prints blank lines when not on a tty
     tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(

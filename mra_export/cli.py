@@ -7,6 +7,7 @@ a parity failure exits 1.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .errors import UserError
@@ -14,10 +15,16 @@ from .errors import UserError
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that outputs under a temporary name are removed
+    on the way out as they are on Ctrl-C (Python's default for SIGTERM runs no cleanup)."""
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args) or 0
     except UserError as error:
@@ -25,7 +32,16 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _export(args) -> int:

@@ -67,6 +67,8 @@ def _replace_folder(staging: Path, out: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
+    check_writable_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
@@ -77,6 +79,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def check_writable_folder(folder: str | Path) -> None:
+    """A one-line error unless ``folder`` exists or can be made, and takes files; checked before
+    long work so that it does not fail at the end. Creates nothing."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {folder}: {existing} is not a writable folder; choose "
+                        "another output path")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

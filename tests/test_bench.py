@@ -73,9 +73,25 @@ def test_targets_are_the_ratios_of_the_measured_cells(bench_run):
 def test_bad_lengths_are_one_line_errors(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b"), "--lengths", "4097"]) == 2
     assert main(["bench", "--out", str(tmp_path / "b"), "--batches", "one"]) == 2
+    assert main(["bench", "--out", str(tmp_path / "b"), "--layers", "0"]) == 2
+    assert main(["bench", "--out", str(tmp_path / "b"), "--batches", "0,1"]) == 2
+    (tmp_path / "a-file").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "a-file" / "b")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "--lengths must be within 1..4096" in errors[0]
+    assert len(errors) == 5 and "--lengths must be within 1..4096" in errors[0]
+    assert errors[2] == errors[3] and "--batches and --layers take integers of at least 1" in errors[2]
+    assert f"cannot write to {tmp_path / 'a-file' / 'b'}: " in errors[4]
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_without_the_target_cells_says_the_targets_were_not_evaluated():
+    from mra_export.bench import report
+
+    run = {"command": "c", "machine": "m", "model": "x", "backends": [], "results": []}
+    run["targets"] = report.targets(run)
+    assert run["targets"] == []
+    assert report.markdown(run).rstrip().endswith(
+        "Targets:\n\n- not evaluated: they need batch 1 at 512 and 4096 tokens (the default lengths)")
 
 
 def test_a_gpu_backend_gets_its_own_copy_of_the_model():

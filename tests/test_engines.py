@@ -256,6 +256,41 @@ def test_refused_on_another_tensorrt_or_gpu(built_engine, system, message):
     assert "Rebuild it on this machine: mra-export build --onnx" in refusal
 
 
+def test_the_rebuild_command_builds_the_same_engine(exports, tmp_path, plugin_library, fake_tensorrt,
+                                                   monkeypatch):
+    """The command a refusal prints, run as given, builds the same profile, precision and outputs."""
+    spec = resolve_spec(onnx=str(exports["multiple-choice", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"), shapes="batch=1/2/4,choices=2/2/3,sequence=8/64/256",
+                        attention_outputs=True)
+    manifest = build_module.build_engine(spec, log=lambda m: None, builder=fake_builder)
+    refusal = manifest.refusal(SystemInfo("10.9.0.34", "NVIDIA H200", "9.0"), spec.out)
+    command = refusal.split("Rebuild it on this machine: ")[1]
+    assert command.startswith("mra-export build ") and command.endswith(f"--out {spec.out}")
+
+    rebuilt = {}
+    monkeypatch.setattr(build_module, "build_engine", lambda spec, command: rebuilt.setdefault("spec", spec))
+    assert main(command.split()[1:]) == 0
+    assert rebuilt["spec"].precision == manifest.precision and rebuilt["spec"].attention_outputs
+    info = ExportInfo.load(spec.export_folder)
+    assert rebuilt["spec"].profile(info) == spec.profile(info)
+    assert manifest.shapes_flag() == "batch=1/2/4,choices=2/2/3,sequence=8/64/256"
+
+
+def test_parity_refuses_an_engine_for_another_machine_before_any_work(built_engine, monkeypatch,
+                                                                     capsys):
+    from mra_export import parity
+    from mra_export.engines import system
+
+    monkeypatch.setattr(parity, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(system, "current_system",
+                        lambda what="": SystemInfo("10.8.0.43", "NVIDIA L40S", "8.9"))
+    code = main(["parity", "--model", "not-loaded", "--engine", str(built_engine)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert f"cannot use the engine in {built_engine}: it was built for compute capability 9.0" in captured.err
+
+
 def test_refused_when_the_plugin_or_engine_changed(built_engine, plugin_library):
     manifest = EngineManifest.load(built_engine)
     plugin_library.write_bytes(b"another plugin build")

@@ -56,6 +56,38 @@ def test_a_checkpoint_without_the_heads_weights(small_checkpoints, tmp_path):
         export_model(small_checkpoints["question-answering"], tmp_path / "out", task="fill-mask")
 
 
+def test_corrupt_weights(small_checkpoints, tmp_path):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    with open(checkpoint / "model.safetensors", "r+b") as stream:
+        stream.truncate(50)
+    with pytest.raises(UserError, match="cannot load MraForMaskedLM from .*model: Error while "
+                                        "deserializing header"):
+        export_model(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, status):
+    """kill or Ctrl-C in the middle of an export: the partial folder goes with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "mra_export.cli", "export", "--model",
+               str(small_checkpoints["fill-mask"]), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not no_leftovers(tmp_path) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert no_leftovers(tmp_path), "the export never started writing"
+    process.send_signal(getattr(signal, stop))
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == status
+    assert errors.strip().splitlines()[-1] in ("terminated", "interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_output_leaves_nothing(small_checkpoints, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="cannot write to .*a-file"):
@@ -188,6 +220,17 @@ def test_providers_with_options_are_checked_by_name(monkeypatch):
     with pytest.raises(UserError, match="TensorrtExecutionProvider is not available"):
         ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"],
                                     "portable")
+
+
+def test_a_bfloat16_export_is_refused_on_the_cpu_provider_alone(monkeypatch):
+    monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    for provider in (None, "CPUExecutionProvider"):
+        with pytest.raises(UserError, match="this export is bfloat16: onnxruntime's CPU provider "
+                                            "lacks bfloat16 kernels"):
+            ort_module.choose_providers(provider, "portable", "bf16")
+    monkeypatch.setattr(ort_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ort_module.choose_providers(None, "portable", "bf16") == [ort_module.CUDA_FP32, "CPUExecutionProvider"]
 
 
 def test_export_json_round_trips(exports):

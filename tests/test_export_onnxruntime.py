@@ -144,6 +144,22 @@ def test_export_json_describes_the_folder(exports):
     assert info["tokenizer"] is True
 
 
+def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_path):
+    """transformers would make up a tokenizer of special tokens only from the config: the export
+    must not ship it as the model's."""
+    import shutil
+
+    from mra_export.checkpoints import TOKENIZER_FILES
+    from mra_export.export import export_model
+
+    checkpoint = shutil.copytree(small_checkpoints["text-classification"], tmp_path / "model",
+                                 ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)
+    assert info.tokenizer is False
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "export.json",
+                                                                     "model.onnx"]
+
+
 def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path):
     from mra_export.checkpoints import build_checkpoint
     from mra_export.export import export_model

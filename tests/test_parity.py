@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path, capsys):
-    report = tmp_path / "report.json"
+    report = tmp_path / "reports" / "report.json"  # a folder that does not exist yet
     code = main(["parity", "--model", str(small_checkpoints["token-classification"]),
                  "--onnx", str(exports["token-classification", "portable"]),
                  "--onnx", str(exports["token-classification", "plugin"]),
@@ -58,6 +58,37 @@ def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
         assert 0 <= worst <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_exports_match_pytorch_within_their_tolerance(small_checkpoints, tmp_path,
+                                                                       dtype):
+    """The fp16/bf16 graphs TensorRT engines are built from, run on the CPU against the float32
+    PyTorch model: close, but not float32-close (they really compute in reduced precision).
+
+    bf16 runs on the default checkpoint's weight scale: with SMALL_MODEL's weights (5x the usual
+    initialisation) bf16's 8-bit mantissa flips near-tied block selections, so that even eager
+    PyTorch in bf16 moves an attention context by 0.13 against float32 (measured, one-off)."""
+    from mra_export.export import FLAVOURS, export_model
+
+    if dtype == "bf16":
+        checkpoint = build_checkpoint(tmp_path / "default", TASKS["question-answering"])
+    else:
+        checkpoint = small_checkpoints["question-answering"]
+    folders = [tmp_path / flavour for flavour in FLAVOURS]
+    for flavour, folder in zip(FLAVOURS, folders):
+        export_model(checkpoint, folder, flavour=flavour, dtype=dtype, log=lambda m: None)
+    report = run_parity(checkpoint, folders, log=lambda m: None).to_dict()
+    ran = {b["backend"]: b for b in report["backends"] if b["status"] != "skipped"}
+    expected = {"plugin graph on CPU (onnx.reference, PyTorch node)",
+                "plugin graph on CPU (onnx.reference, C++ plugin twin)"}
+    assert set(ran) == (expected if dtype == "bf16" else expected | {"onnxruntime-cpu"})
+    assert report["passed"]
+    for backend in ran.values():
+        worst = max(output["max_abs"] for output in backend["outputs"].values())
+        assert {output["tolerance"] for output in backend["outputs"].values()} == {
+            {"fp16": 2e-2, "bf16": 5e-2}[dtype]}
+        assert 1e-5 < worst <= backend["attention"]["tolerance"]
+
+
 def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp_path, capsys):
     other = build_checkpoint(tmp_path / "other", TASKS["text-classification"], seed=1,
                              **SMALL_MODEL)
@@ -77,6 +108,31 @@ def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exp
                                                     exports["question-answering", "portable"]])
     with pytest.raises(UserError, match="nothing to check"):
         run_parity(small_checkpoints["fill-mask"])
+
+
+def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, exports, tmp_path,
+                                                          capsys):
+    import shutil
+
+    corrupt = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "corrupt")
+    with open(corrupt / "model.onnx", "r+b") as stream:
+        stream.truncate(1000)
+    (tmp_path / "a-file").write_text("")
+    for arguments, message in [
+        (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(corrupt)],
+         r"corrupt/model.onnx does not match the sha256 in export.json \(changed or corrupt\); "
+         "export the model again"),
+        (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(exports["fill-mask", "portable"]),
+          "--report", str(tmp_path / "a-file" / "report.json")], "cannot write to .*a-file"),
+        (["--model", str(small_checkpoints["question-answering"]),
+          "--onnx", str(exports["fill-mask", "portable"])],
+         "has no weights for .* of the fill-mask head; pass the checkpoint the export was made from"),
+    ]:
+        assert main(["parity", *arguments]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing ran
+        assert len(captured.err.strip().splitlines()) == 1
+        assert __import__("re").search(message, captured.err)
 
 
 def test_an_exported_model_runner_closes_its_model_when_deactivated():

@@ -166,27 +166,31 @@ def benchmark(lib, quick: bool, bandwidth: float) -> list[dict]:
         for seq_len in lengths:
             row = dict(batch=batch, seq_len=seq_len)
             for dtype in (torch.float32, torch.float16):
-                name = str(dtype).split(".")[-1]
-                q, k, v, mask = inputs(batch, seq_len, dtype, seed=7)
-                kw = settings(seq_len, "full")
-                kernel_ms = median_ms(kernel_call(lib, q, k, v, mask, **kw))
-                row[f"kernels_{name}_ms"] = kernel_ms
-                moved = 4 * q.numel() * q.element_size()  # Q, K, V read once, the output written
-                row[f"kernels_{name}_gbs"] = moved / (kernel_ms / 1e3) / 1e9
-                row[f"kernels_{name}_bandwidth_fraction"] = row[f"kernels_{name}_gbs"] / bandwidth
-                with torch.no_grad():
-                    row[f"pytorch_{name}_ms"] = median_ms(lambda: mra_attention(q, k, v, mask, **kw), repeats=10)
-                    additive = torch.zeros(batch, 1, 1, seq_len, device="cuda", dtype=dtype).masked_fill(
-                        mask[:, None, None, :] == 0, float("-inf"))
-                    row[f"sdpa_{name}_ms"] = median_ms(
-                        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive))
-                row[f"speedup_vs_pytorch_{name}"] = row[f"pytorch_{name}_ms"] / kernel_ms
-                row[f"speedup_vs_sdpa_{name}"] = row[f"sdpa_{name}_ms"] / kernel_ms
-                del q, k, v, mask
-                torch.cuda.empty_cache()
+                row.update(time_one(lib, batch, seq_len, dtype, bandwidth))
+                torch.cuda.empty_cache()  # the inputs went with time_one's frame
             rows.append(row)
             print(f"  timed batch {batch}, {seq_len} tokens", flush=True)
     return rows
+
+
+def time_one(lib, batch: int, seq_len: int, dtype, bandwidth: float) -> dict:
+    """Kernels, the PyTorch reference and dense SDPA on the same inputs: {column: value}."""
+    name = str(dtype).split(".")[-1]
+    q, k, v, mask = inputs(batch, seq_len, dtype, seed=7)
+    kw = settings(seq_len, "full")
+    kernel_ms = median_ms(kernel_call(lib, q, k, v, mask, **kw))
+    moved = 4 * q.numel() * q.element_size()  # Q, K, V read once, the output written
+    row = {f"kernels_{name}_ms": kernel_ms, f"kernels_{name}_gbs": moved / (kernel_ms / 1e3) / 1e9}
+    row[f"kernels_{name}_bandwidth_fraction"] = row[f"kernels_{name}_gbs"] / bandwidth
+    with torch.no_grad():
+        row[f"pytorch_{name}_ms"] = median_ms(lambda: mra_attention(q, k, v, mask, **kw), repeats=10)
+        additive = torch.zeros(batch, 1, 1, seq_len, device=q.device, dtype=dtype).masked_fill(
+            mask[:, None, None, :] == 0, float("-inf"))
+        row[f"sdpa_{name}_ms"] = median_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive))
+    row[f"speedup_vs_pytorch_{name}"] = row[f"pytorch_{name}_ms"] / kernel_ms
+    row[f"speedup_vs_sdpa_{name}"] = row[f"sdpa_{name}_ms"] / kernel_ms
+    return row
 
 
 def print_tables(correctness, timings, bandwidth, device):

@@ -13,6 +13,7 @@ import onnxruntime
 import torch
 
 from ..errors import UserError, first_line
+from ..files import check_writable_folder
 from . import models, report
 from .measure import measure
 
@@ -39,6 +40,10 @@ def run_bench_from_args(args) -> dict:
         raise UserError("--lengths and --batches take comma-separated integers") from None
     if not lengths or max(lengths) > models.MAX_LENGTH or min(lengths) < 1:
         raise UserError(f"--lengths must be within 1..{models.MAX_LENGTH}")
+    if min(batches) < 1 or args.layers < 1 or not args.budget > 0:
+        raise UserError("--batches and --layers take integers of at least 1, --budget a positive "
+                        "number of seconds")
+    check_writable_folder(args.out)  # now, not after minutes of timing
     return run_bench(Path(args.out), lengths, batches, args.layers, args.budget,
                      command=" ".join(["mra-export", *sys.argv[1:]]))
 

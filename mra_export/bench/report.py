@@ -39,8 +39,10 @@ def markdown(run: dict) -> str:
              for r in run["results"] for n, res in r["backends"].items() if "skipped" in res]
     if notes:
         lines += ["", "Skipped cells: " + "; ".join(notes)]
-    lines += ["", "Targets:", ""] + [f"- {'met' if t['met'] else 'NOT MET'}: {t['text']}"
-                                     for t in run["targets"]]
+    lines += ["", "Targets:", ""] + ([f"- {'met' if t['met'] else 'NOT MET'}: {t['text']}"
+                                      for t in run["targets"]] or
+                                     [f"- not evaluated: they need batch 1 at {GROWTH_FROM} and "
+                                      f"{TARGET_LENGTH} tokens (the default lengths)"])
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 
 from .. import __version__
+from ..checkpoints import TOKENIZER_FILES
 from ..errors import UserError, first_line
 from ..export.info import ExportInfo
 from ..files import sha256_of, staged_folder
@@ -23,8 +24,7 @@ from .spec import BuildSpec, resolve_spec
 from .system import current_system
 
 STRONGLY_TYPED_FROM = 11  # TensorRT 11 builds every network in its own types
-COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
+COPIED_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 def build_from_args(args) -> EngineManifest:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..files import JsonRecord, sha256_of
+from .spec import AXIS_OF_DIMENSION
 
 FILE_NAME = "manifest.json"
 ENGINE_FILE = "model.plan"
@@ -48,10 +49,20 @@ class EngineManifest(JsonRecord):
     engine_file: str = ENGINE_FILE
     format: str = FORMAT
 
-    @property
-    def rebuild_command(self) -> str:
-        return (f"mra-export build --onnx {self.onnx} --plugin {self.plugin_library} "
-                f"--precision {self.precision} --out <engine folder>")
+    def rebuild_command(self, folder: str | Path) -> str:
+        """The build command for this engine's export, precision, profile and outputs."""
+        command = [f"mra-export build --onnx {self.onnx} --plugin {self.plugin_library}",
+                   f"--precision {self.precision}", f"--shapes {self.shapes_flag()}"]
+        if self.attention_outputs:
+            command.append("--attention-outputs")
+        return " ".join([*command, f"--out {folder}"])
+
+    def shapes_flag(self) -> str:
+        """The profile as ``--shapes`` writes it: ``batch=1/1/8,sequence=1/128/512``."""
+        profile = self.profiles[0]["input_ids"]
+        dimensions = self.export["dynamic_axes"]["input_ids"].values()
+        return ",".join(f"{AXIS_OF_DIMENSION[dimension]}={low}/{opt}/{high}" for dimension, low, opt, high
+                        in zip(dimensions, profile["min"], profile["opt"], profile["max"]))
 
     def refusal(self, system: SystemInfo, folder: str | Path) -> str | None:
         """None when the engine fits ``system``; else one line saying what differs and how to
@@ -78,4 +89,4 @@ class EngineManifest(JsonRecord):
         if not problems:
             return None
         return (f"cannot use the engine in {folder}: {'; '.join(problems)}. Rebuild it on this "
-                f"machine: {self.rebuild_command}")
+                f"machine: {self.rebuild_command(folder)}")

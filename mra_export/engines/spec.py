@@ -18,6 +18,7 @@ from ..native import PLUGIN_LIBRARY, build_dir
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 AXES = ("batch", "sequence", "choices")
+AXIS_OF_DIMENSION = {"batch_size": "batch", "sequence_length": "sequence", "num_choices": "choices"}
 KEYS = ("onnx", "plugin", "out", "precision", "shapes", "timing_cache", "workspace_mb",
         "attention_outputs")
 

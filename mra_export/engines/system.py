@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..errors import UserError
 from .availability import require_tensorrt
-from .manifest import SystemInfo
+from .manifest import EngineManifest, SystemInfo
 
 
 def current_system(what: str = "this command") -> SystemInfo:
@@ -12,9 +15,18 @@ def current_system(what: str = "this command") -> SystemInfo:
     import torch
 
     if not torch.cuda.is_available():
-        from ..errors import UserError
-
         raise UserError(f"{what} needs a CUDA GPU for TensorRT, and none is visible here")
     major, minor = torch.cuda.get_device_capability()
     return SystemInfo(tensorrt_version=tensorrt.__version__, gpu_name=torch.cuda.get_device_name(),
                       compute_capability=f"{major}.{minor}")
+
+
+def fitting_manifest(folder: str | Path, what: str) -> EngineManifest:
+    """The manifest of an engine folder that fits this machine; else one line saying what differs
+    and how to rebuild (see ``EngineManifest.refusal``)."""
+    system = current_system(what)
+    manifest = EngineManifest.load(folder)
+    refusal = manifest.refusal(system, folder)
+    if refusal:
+        raise UserError(refusal)
+    return manifest

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from .. import __version__
-from ..checkpoints import load_config, load_model
+from ..checkpoints import has_tokenizer, load_config, load_model
 from ..errors import UserError
 from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
@@ -191,10 +191,12 @@ def _validate_on_onnxruntime(model, task: Task, path: Path) -> dict:
 
 
 def _copy_tokenizer(model_dir, staging: Path) -> bool:
+    if not has_tokenizer(model_dir):
+        return False  # a checkpoint without tokenizer files is fine
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError):
-        return False  # a checkpoint without tokenizer files is fine
+        return False
     tokenizer.save_pretrained(staging)
     return True
 

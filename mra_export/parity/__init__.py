@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints import load_model
+from ..engines.system import fitting_manifest
 from ..errors import MissingTensorRT, UserError
 from ..export.info import ExportInfo
+from ..files import check_writable_folder
 from ..patching import patch_model
 from ..tasks import get_task
 from .backends import engine_backends, export_backends, tensorrt_available
@@ -26,13 +28,20 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
     if engine_dirs and not tensorrt_available():
         raise MissingTensorRT("mra-export parity --engine")
+    if report_path:
+        check_writable_folder(Path(report_path).parent)  # now, not after the comparison
+    for folder in engine_dirs:  # an engine built for another machine is one line, not a result
+        fitting_manifest(folder, "mra-export parity --engine")
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]
+    for folder, info in zip(onnx_dirs, infos):
+        info.verify_files(folder)  # a corrupt or replaced model.onnx is one line, not a result
     tasks = {info.task for info in infos}
     if len(tasks) > 1:
         raise UserError(f"the export folders are for different tasks ({', '.join(sorted(tasks))})"
                         "; check one head at a time")
     task = get_task(tasks.pop()) if tasks else _engine_task(engine_dirs)
-    model = patch_model(load_model(model_dir, task)[0])
+    model = patch_model(load_model(model_dir, task, remedy="pass the checkpoint the export was "
+                                                          "made from")[0])
     input_names = task.input_names(model.config)
     contexts = [f"attention_context.{layer}" for layer in range(model.config.num_hidden_layers)]
     feeds = parity_feeds(task, model.config, seed)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from ..export.info import ExportInfo
 from ..native import CPU_LIBRARY, build_dir
-from ..runtime.ort import CPU, CUDA, CUDA_FP32, OrtMraModel
+from ..runtime.ort import BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
 # Absolute tolerance on every output against the float32 PyTorch model, by the graph's type:
@@ -39,10 +39,8 @@ def export_backends(folder: str | Path) -> list[Backend]:
         return [Backend("plugin graph on CPU (onnx.reference, PyTorch node)", folder,
                         tolerance, lambda: ReferencePluginModel.from_pretrained(folder)),
                 _cpp_node_backend(folder, tolerance)]
-    if info.dtype == "bf16":  # measured: no CPU kernel for bfloat16 Add (onnxruntime 1.32)
-        backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=(
-            "onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the CUDA "
-            "provider, TensorRT, or an fp32/fp16 export"))]
+    if info.dtype == "bf16":
+        backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=BF16_NOT_ON_CPU)]
     else:
         backends = [Backend("onnxruntime-cpu", folder, tolerance,
                             lambda: OrtMraModel.from_pretrained(folder, provider=CPU))]

@@ -24,6 +24,9 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 CUDA_FP32 = (CUDA, {"use_tf32": "0"})
 PREFERENCE = (CUDA_FP32, CPU)
 AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
+# Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
+BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
+                   "CUDA provider, TensorRT, or an fp32/fp16 export")
 
 
 class OrtMraModel(ExportedModel):
@@ -49,7 +52,7 @@ class OrtMraModel(ExportedModel):
         results come back as float32 (numpy has no bfloat16; the widening is exact).
         """
         info, config = cls.load_export(folder, verify)
-        providers = choose_providers(provider, info.flavour)
+        providers = choose_providers(provider, info.flavour, info.dtype)
         return cls(info, config, folder, providers, session_options or default_options())
 
     @property
@@ -110,9 +113,10 @@ class OrtMraModel(ExportedModel):
         return binding.copy_outputs_to_cpu()
 
 
-def choose_providers(provider, flavour: str) -> list:
-    """The providers to ask onnxruntime for, checked against what it has. ``provider`` is a
-    name, or a list of names and ``(name, options)`` pairs as onnxruntime takes them."""
+def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
+    """The providers to ask onnxruntime for, checked against what it has and the export's
+    flavour and dtype. ``provider`` is a name, or a list of names and ``(name, options)`` pairs
+    as onnxruntime takes them."""
     if flavour == "plugin":
         # onnxruntime's TensorRT provider makes custom ops only of plugins that register
         # themselves when their library is opened, and lists them with getPluginCreatorList,
@@ -122,13 +126,16 @@ def choose_providers(provider, flavour: str) -> list:
                         "use a portable export (--flavour portable) with onnxruntime")
     available = ort.get_available_providers()
     if provider is None:
-        return [p for p in PREFERENCE if _provider_name(p) in available]
-    wanted = [provider] if isinstance(provider, str) else list(provider)
+        wanted = [p for p in PREFERENCE if _provider_name(p) in available]
+    else:
+        wanted = [provider] if isinstance(provider, str) else list(provider)
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
         raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
                         f"(available: {', '.join(available)}); for CUDA or TensorRT install "
                         "onnxruntime-gpu (pip install 'mra-export[gpu]')")
+    if dtype == "bf16" and wanted and _provider_name(wanted[0]) == CPU:
+        raise UserError(f"this export is bfloat16: {BF16_NOT_ON_CPU}")
     return wanted
 
 

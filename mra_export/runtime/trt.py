@@ -15,7 +15,8 @@ import torch
 from ..checkpoints import load_config
 from ..engines.manifest import EngineManifest
 from ..engines.plugin_library import register_plugin_library
-from ..engines.system import current_system
+from ..engines.spec import AXIS_OF_DIMENSION
+from ..engines.system import fitting_manifest
 from ..errors import InputError, UserError
 from ..export.info import ExportInfo
 from .base import ExportedModel
@@ -36,11 +37,7 @@ class TrtMraModel(ExportedModel):
     def from_engine(cls, folder: str | Path) -> TrtMraModel:
         """Load an engine folder; refuse it in one line if it does not fit this machine."""
         folder = Path(folder)
-        system = current_system("TrtMraModel")  # TensorRT and a GPU, or one line
-        manifest = EngineManifest.load(folder)
-        refusal = manifest.refusal(system, folder)
-        if refusal:
-            raise UserError(refusal)
+        manifest = fitting_manifest(folder, "TrtMraModel")  # TensorRT, a GPU, the same builds
         import tensorrt
         from polygraphy.backend.trt import EngineFromBytes
         from polygraphy.exception import PolygraphyException
@@ -52,7 +49,7 @@ class TrtMraModel(ExportedModel):
             engine = None
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
-                            f"rebuild it: {manifest.rebuild_command}")
+                            f"rebuild it: {manifest.rebuild_command(folder)}")
         return cls(ExportInfo(**manifest.export), load_config(folder), folder, manifest, engine)
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
@@ -72,8 +69,7 @@ class TrtMraModel(ExportedModel):
             axes = list(self.info.dynamic_axes[name].values())
             for axis, size, low, high in zip(axes, array.shape, profile[name]["min"], profile[name]["max"]):
                 if not low <= size <= high:
-                    flag = {"batch_size": "batch", "sequence_length": "sequence",
-                            "num_choices": "choices"}[axis]
+                    flag = AXIS_OF_DIMENSION[axis]
                     raise InputError(f"{name} has {axis} {size}, outside this engine's profile "
                                      f"{low}..{high}; rebuild with --shapes {flag}=MIN/OPT/MAX "
                                      "covering it")
