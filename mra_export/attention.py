@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 APPROX_MODES = ("full", "sparse")
 
 # Constants of the reference implementation (transformers / the CUDA kernels).
@@ -51,6 +53,8 @@ def mra_attention(
     _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode, block_size,
                      initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
     batch, heads, seq_len, head_dim = query.shape
+    if batch == 0 or heads == 0:  # nothing to attend to (as SDPA, an empty result)
+        return torch.zeros_like(query)
     if attention_mask is None:
         attention_mask = torch.ones(batch, seq_len, device=query.device)
 
@@ -267,6 +271,11 @@ def _exp_shifted(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return logits.sub_(shift).exp_()
 
 
+def running_eagerly() -> bool:
+    """Neither exporting nor compiling: checks that read tensor values may run."""
+    return not (_exporting() or torch.compiler.is_compiling())
+
+
 def _exporting() -> bool:
     """Whether this call is being traced for export (ONNX, or torch.export beneath it).
 
@@ -404,33 +413,39 @@ def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode,
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != 4:
-            raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got shape "
+            raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape "
                              f"{tuple(tensor.shape)}")
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if key.shape != query.shape or value.shape != query.shape:
-        raise ValueError("query, key and value must have the same shape, got "
+        raise InputError("query, key and value must have the same shape, got "
                          f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise InputError("query, key and value must have the same dtype, got "
+                         f"{query.dtype}, {key.dtype} and {value.dtype}")
     if query.shape[2] == 0 or query.shape[3] == 0:
-        raise ValueError(f"seq and head_dim must be at least 1, got shape {tuple(query.shape)}")
+        raise InputError(f"seq and head_dim must be at least 1, got shape {tuple(query.shape)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError("attention_mask must be a torch.Tensor or None, got "
                             f"{type(attention_mask).__name__}")
         expected = (query.shape[0], query.shape[2])
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
-            raise ValueError(f"attention_mask must be [batch, seq] = {list(expected)}, got shape "
+            raise InputError(f"attention_mask must be [batch, seq] = {list(expected)}, got shape "
                              f"{tuple(attention_mask.shape)}")
+        if running_eagerly() and bool((attention_mask < 0).any()):  # 0 / -1e4 / -inf: inverted here
+            raise InputError("attention_mask must be 1 (or non-zero) for tokens and 0 for padding; "
+                             "it has negative values, as an additive mask does: pass (mask == 0)")
     _check_int("num_blocks", num_blocks, minimum=1)
     _check_int("block_size", block_size, minimum=1)
     _check_int("initial_prior_first_n_blocks", first_n, minimum=0)
     _check_int("initial_prior_diagonal_n_blocks", diagonal_n, minimum=0)
     if approx_mode not in APPROX_MODES:
-        raise ValueError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
+        raise InputError(f"approx_mode must be one of {APPROX_MODES}, got {approx_mode!r}")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")

@@ -42,6 +42,8 @@ Every engine is checked against PyTorch before it ships: outputs, heads and laye
 def load_config(folder: str | Path) -> MraConfig:
     """The MRA config of a local checkpoint folder, or a one-line error saying what is wrong."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; pass the folder save_pretrained wrote")
     if not folder.is_dir():
         raise UserError(f"model folder {folder} does not exist; pass a local folder written by "
                         "save_pretrained")
@@ -67,13 +69,17 @@ def load_model(folder: str | Path, task: Task | None = None,
     """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode;
     ``remedy`` ends the error when the checkpoint has no weights for that task's head."""
     config = load_config(folder)
+    if (Path(folder) / "export.json").is_file():
+        raise UserError(f"{folder} is an export (it has export.json), not a checkpoint; pass the "
+                        "checkpoint folder it was exported from (export.json's 'source')")
     task = task or task_for_config(config)
     try:
         model, loading = task.model_class.from_pretrained(
             folder, config=config, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights too
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
-                        f"{first_line(error)}") from None
+                        f"{first_line(error)}; pass a folder with the weights save_pretrained "
+                        "wrote") from None
     missing = sorted(loading.get("missing_keys") or ())
     if missing:  # transformers would fill them with random values, silently
         raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from .checkpoints import build_default_checkpoints, load_model
 from .export import FLAVOURS, export_model
-from .files import atomic_write_text
+from .files import atomic_write_text, check_writable_folder
 from .parity import format_table, run_parity
 from .patching import patch_model
 from .tasks import TASKS
@@ -33,6 +33,7 @@ SAMPLE_LENGTH = 256
 
 def run_demo(out: str | Path = "out/demo", log=print) -> bool:
     out = Path(out)
+    check_writable_folder(out)
     log(f"== building the default checkpoint (six heads) under {out / 'checkpoints'}")
     checkpoints = build_default_checkpoints(out / "checkpoints")
 

@@ -16,14 +16,19 @@ from .errors import UserError
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path) -> Iterator[Path]:
+def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
     """Yield an empty folder beside ``out``; on success it replaces ``out`` in one rename.
 
-    On any error the staging folder is removed and ``out`` is left as it was.
+    ``out`` may already exist only if empty or a previous output of the same kind (it holds
+    ``marker``, e.g. export.json): nothing else is ever deleted. On any error the staging folder
+    is removed and ``out`` is left as it was.
     """
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
+                        "replace); choose a new or empty folder")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,7 @@ def _replace_folder(staging: Path, out: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
-    check_writable_folder(path.parent)
+    check_writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -79,6 +84,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def check_writable_file(path: str | Path) -> None:
+    """A one-line error unless ``path`` can be written as a file (checked before long work)."""
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder; pass a file name")
+    check_writable_folder(Path(path).parent)
 
 
 def check_writable_folder(folder: str | Path) -> None:
@@ -122,6 +134,14 @@ class JsonRecord:
             raise UserError(f"{folder} has no {cls.FILE_NAME}; pass a folder made by "
                             f"'{cls.MADE_BY}'")
         try:
-            return cls(**json.loads(path.read_text()))
+            record = cls(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise UserError(f"{path} is corrupt ({error}); {cls.REDO}") from None
+        problem = record.problem()
+        if problem:
+            raise UserError(f"{path} is corrupt ({problem}); {cls.REDO}")
+        return record
+
+    def problem(self) -> str | None:
+        """What is wrong with the loaded values, if anything (subclasses check theirs)."""
+        return None

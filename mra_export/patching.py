@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mra.modeling_mra import MraModel, MraPreTrainedModel, MraSelfAttention
 
-from .attention import mra_attention
+from .attention import mra_attention, running_eagerly
+from .errors import InputError
 
 # transformers zero-pads head dims under 32 to 32 (its CUDA kernels' warp size) before
 # attention, so the scale becomes 1/sqrt(32); the patched model keeps that rule.
@@ -93,7 +94,7 @@ def patch_model(model: MraPreTrainedModel) -> MraPreTrainedModel:
             attention.mra_core = MraAttentionCore.for_layer(attention)
     for base in model.modules():
         if isinstance(base, MraModel):
-            _refuse_long_inputs(base, model.config.max_position_embeddings)
+            _check_inputs(base, model.config)
     return model
 
 
@@ -114,19 +115,45 @@ def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tenso
     raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
 
 
-def _refuse_long_inputs(base: MraModel, max_length: int) -> None:
-    """Turn transformers' shape error on over-long inputs into a clear one."""
-    if getattr(base, "_mra_export_length_check", False):
+def _check_inputs(base: MraModel, config) -> None:
+    """Clear errors for the inputs transformers would fail on deep inside (an embedding's
+    IndexError, a shape error in the position embeddings), before the forward pass."""
+    if getattr(base, "_mra_export_input_check", False):
         return
 
     def check(module, args, kwargs):
-        tokens = args[0] if args else kwargs.get("input_ids")
+        ids = args[0] if args else kwargs.get("input_ids")
+        name, tokens = ("input_ids", ids) if ids is not None else ("inputs_embeds",
+                                                                    kwargs.get("inputs_embeds"))
         if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] > max_length:
-            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's "
-                             f"max_position_embeddings={max_length}; truncate the input, e.g. "
-                             f"tokenizer(..., truncation=True, max_length={max_length})")
+            return
+        if not isinstance(tokens, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}; use "
+                             "torch.as_tensor (OrtMraModel takes numpy arrays and lists too)")
+        axes = "batch, sequence" if name == "input_ids" else "batch, sequence, hidden"
+        if tokens.dim() != len(axes.split(", ")) or tokens.shape[1] == 0:
+            raise InputError(f"{name} must be [{axes}] with at least one token, got shape "
+                             f"{list(tokens.shape)}")
+        if tokens.shape[1] > config.max_position_embeddings:
+            raise InputError(f"sequence length {tokens.shape[1]} is longer than the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}; "
+                             "truncate the input, e.g. tokenizer(..., truncation=True, "
+                             f"max_length={config.max_position_embeddings})")
+        if name == "input_ids":
+            if tokens.is_floating_point():
+                raise InputError(f"input_ids must hold integers, got {tokens.dtype}")
+            _check_range("input_ids", tokens, config.vocab_size)
+        token_types = kwargs.get("token_type_ids")
+        if isinstance(token_types, torch.Tensor):
+            _check_range("token_type_ids", token_types, config.type_vocab_size)
 
     base.register_forward_pre_hook(check, with_kwargs=True)
-    base._mra_export_length_check = True
+    base._mra_export_input_check = True
+
+
+def _check_range(name: str, tokens: torch.Tensor, size: int) -> None:
+    if running_eagerly() and tokens.numel():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= size:
+            raise InputError(f"{name} must be in [0, {size}) for this model, got values "
+                             f"{low}..{high}")

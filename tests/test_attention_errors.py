@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mra_export import mra_attention, patch_model
+from mra_export.errors import InputError
 
 Q = torch.zeros(2, 3, 40, 16)
 MASK = torch.ones(2, 40)
@@ -28,10 +29,22 @@ MASK = torch.ones(2, 40)
      "initial_prior_first_n_blocks must be >= 0"),
     ((Q, Q, Q, MASK), {"block_size": 0}, ValueError, "block_size must be >= 1"),
     ((Q[:, :, :0], Q[:, :, :0], Q[:, :, :0], MASK[:, :0]), {}, ValueError, "at least 1"),
+    ((Q, Q.half(), Q, MASK), {}, InputError, r"same dtype, got torch.float32, torch.float16"),
+    ((Q, Q, Q, (torch.cat([MASK[:, :30], torch.zeros(2, 10)], 1) - 1) * 1e4), {}, InputError,
+     r"has negative values, as an additive mask"),
 ])
 def test_bad_arguments_are_named(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         mra_attention(*args, **{"num_blocks": 4, **kwargs})
+
+
+@pytest.mark.parametrize("empty", [Q[:0], Q[:, :0]])
+def test_an_empty_batch_or_no_heads_gives_an_empty_result(empty):
+    """As scaled_dot_product_attention does: a shape-preserving empty output, not a crash."""
+    mask = MASK[: empty.shape[0]]
+    for dtype in (torch.float32, torch.float16):
+        out = mra_attention(empty.to(dtype), empty.to(dtype), empty.to(dtype), mask, num_blocks=4)
+        assert out.shape == empty.shape and out.dtype == dtype
 
 
 def test_patch_model_refuses_a_model_that_is_not_mra():

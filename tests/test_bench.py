@@ -70,18 +70,24 @@ def test_targets_are_the_ratios_of_the_measured_cells(bench_run):
     assert [t["met"] for t in run["targets"][:3]] == [speedup >= 2, versus_dense <= 0.6, growth <= 10]
 
 
-def test_bad_lengths_are_one_line_errors(tmp_path, capsys):
-    assert main(["bench", "--out", str(tmp_path / "b"), "--lengths", "4097"]) == 2
-    assert main(["bench", "--out", str(tmp_path / "b"), "--batches", "one"]) == 2
-    assert main(["bench", "--out", str(tmp_path / "b"), "--layers", "0"]) == 2
-    assert main(["bench", "--out", str(tmp_path / "b"), "--batches", "0,1"]) == 2
+def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
-    assert main(["bench", "--out", str(tmp_path / "a-file" / "b")]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 5 and "--lengths must be within 1..4096" in errors[0]
-    assert errors[2] == errors[3] and "--batches and --layers take integers of at least 1" in errors[2]
-    assert f"cannot write to {tmp_path / 'a-file' / 'b'}: " in errors[4]
-    assert not (tmp_path / "b").exists()
+    for flags, message in [
+        (["--lengths", "4097"], "--lengths must be within 1..4096, got 4097"),
+        (["--lengths", ","], "--lengths takes comma-separated integers, got ','"),
+        (["--batches", "one"], "--batches takes comma-separated integers, got 'one'"),
+        (["--batches", "1,,2"], "--batches takes comma-separated integers, got '1,,2'"),
+        (["--batches", "0,1"], "--batches must be at least 1, got 0,1"),
+        (["--layers", "0"], "--layers must be at least 1, got 0"),
+        (["--budget", "-1"], "--budget must be a positive number of seconds, got -1.0"),
+        (["--budget", "inf"], "--budget must be a positive number of seconds, got inf"),
+        (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
+        (["--out", str(tmp_path / "a-file" / "b")], f"cannot write to {tmp_path / 'a-file' / 'b'}: "),
+    ]:
+        assert main(["bench", "--out", str(tmp_path / "b"), *flags]) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and message in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_a_run_without_the_target_cells_says_the_targets_were_not_evaluated():

@@ -151,6 +151,18 @@ def test_a_failed_build_leaves_no_engine_folder(exports, tmp_path, plugin_librar
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+def test_a_build_replaces_only_an_earlier_engine(exports, tmp_path, plugin_library, fake_tensorrt):
+    build(exports, tmp_path, plugin_library)
+    build(exports, tmp_path, plugin_library, precision="fp32")  # an engine folder: replaced
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("keep me")
+    spec = resolve_spec(onnx=str(exports["question-answering", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match="already holds other files \\(no manifest.json"):
+        build_module.build_engine(spec, log=lambda m: None, builder=fake_builder)
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["notes.txt"]
+
+
 def test_build_refuses_portable_exports_and_missing_plugins(exports, tmp_path, plugin_library,
                                                            fake_tensorrt):
     spec = resolve_spec(onnx=str(exports["fill-mask", "portable"]), plugin=str(plugin_library),

@@ -37,6 +37,24 @@ def test_folder_without_config(tmp_path):
         export_model(tmp_path / "missing", tmp_path / "out")
 
 
+def test_a_file_or_an_export_instead_of_a_checkpoint(exports, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a-file is a file; pass the folder save_pretrained wrote"):
+        export_model(tmp_path / "a-file", tmp_path / "out")
+    with pytest.raises(UserError, match="is an export \\(it has export.json\\), not a checkpoint"):
+        export_model(exports["fill-mask", "portable"], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_path):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    (checkpoint / "tokenizer.json").write_text("garbage{")
+    messages = []
+    info = export_model(checkpoint, tmp_path / "out", log=messages.append)
+    assert info.tokenizer is False and not (tmp_path / "out" / "tokenizer.json").exists()
+    assert any(m.startswith(f"warning: the tokenizer files in {checkpoint} cannot be read") for m in messages)
+
+
 def test_a_config_that_is_not_mra(tmp_path):
     BertConfig().save_pretrained(tmp_path / "bert")
     with pytest.raises(UserError, match="holds a 'bert' model, not MRA"):
@@ -61,7 +79,7 @@ def test_corrupt_weights(small_checkpoints, tmp_path):
     with open(checkpoint / "model.safetensors", "r+b") as stream:
         stream.truncate(50)
     with pytest.raises(UserError, match="cannot load MraForMaskedLM from .*model: Error while "
-                                        "deserializing header"):
+                                        "deserializing header.*; pass a folder with the weights"):
         export_model(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
@@ -86,6 +104,24 @@ def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, stat
     assert process.returncode == status
     assert errors.strip().splitlines()[-1] in ("terminated", "interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_only_an_earlier_export(small_checkpoints, tmp_path):
+    """An existing folder is replaced only when it is an export (export.json): a user's folder,
+    or the checkpoint itself, is refused and left as it was."""
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for out in (tmp_path / "mine", checkpoint):
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(UserError, match=f"{out} already holds other files \\(no export.json"):
+            export_model(checkpoint, out, log=lambda m: None)
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    export_model(checkpoint, tmp_path / "empty", log=lambda m: None)  # an empty folder is fine
+    export_model(checkpoint, tmp_path / "empty", "feature-extraction", log=lambda m: None)
+    assert json.loads((tmp_path / "empty" / "export.json").read_text())["task"] == "feature-extraction"
 
 
 def test_unwritable_output_leaves_nothing(small_checkpoints, tmp_path):
@@ -157,6 +193,11 @@ def ids(*shape, high=500):
     (dict(input_ids=ids(0, 10)), "input_ids is empty"),
     (dict(input_ids=ids(2, 10), attention_mask=torch.rand(2, 10)), "attention_mask must hold "
                                                                     "integers"),
+    (dict(input_ids=ids(2, 10), output_attentions=True), "output_attentions is not available from "
+                                                         "an exported model"),
+    (dict(input_ids=ids(2, 10), output_hidden_states=True), "output_hidden_states is not available"),
+    (dict(input_ids=ids(2, 10), token_type_ids=torch.ones(2, 10, dtype=torch.long)),
+     "unexpected input token_type_ids"),
 ])
 def test_ort_model_rejects_bad_input(qa_model, inputs, message):
     with pytest.raises(InputError, match=message):
@@ -175,6 +216,19 @@ def test_ort_model_accepts_numpy_torch_lists_and_float_masks(qa_model):
     assert np.array_equal(as_list.end_logits, as_numpy.end_logits)  # default mask: all ones
 
 
+def test_ort_model_takes_transformers_call_conventions(qa_model):
+    """What a transformers user passes: return_dict=False gives the tuple, a tokenizer's all-zero
+    token_type_ids are what a graph without that input uses anyway, False flags are no-ops."""
+    tokens = ids(2, 12)
+    expected = qa_model(input_ids=tokens)
+    as_tuple = qa_model(input_ids=tokens, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    assert torch.equal(as_tuple[0], expected.start_logits) and torch.equal(as_tuple[1], expected.end_logits)
+    same = qa_model(input_ids=tokens, token_type_ids=torch.zeros_like(tokens), return_dict=True,
+                    output_attentions=False, output_hidden_states=False)
+    assert torch.equal(same.start_logits, expected.start_logits)
+
+
 def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(exports["fill-mask", "portable"], folder)
@@ -184,6 +238,12 @@ def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
         OrtMraModel.from_pretrained(folder)
     with pytest.raises(UserError, match="onnxruntime cannot load"):
         OrtMraModel.from_pretrained(folder, verify=False)
+    record = json.loads((folder / "export.json").read_text())
+    for field, value in (("task", "bogus"), ("flavour", "weird"), ("dtype", "int8")):
+        (folder / "export.json").write_text(json.dumps({**record, field: value}))
+        with pytest.raises(UserError, match=f"export.json is corrupt \\(unknown {field} '{value}'\\); "
+                                            "export the model again"):
+            OrtMraModel.from_pretrained(folder)
     (folder / "export.json").write_text("{")
     with pytest.raises(UserError, match="export.json is corrupt"):
         OrtMraModel.from_pretrained(folder)
@@ -204,6 +264,18 @@ def test_ort_model_provider_errors(exports):
             OrtMraModel.from_pretrained(exports["fill-mask", "plugin"], provider=provider)
     with pytest.raises(UserError, match="is a portable export"):
         ReferencePluginModel.from_pretrained(exports["fill-mask", "portable"])
+
+
+def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
+    for provider in (5, ["CPUExecutionProvider", 5], [("CPUExecutionProvider", "options")]):
+        with pytest.raises(UserError, match="provider must be an execution provider's name, a "
+                                            "\\(name, options\\) pair, or a list of them"):
+            OrtMraModel.from_pretrained(exports["fill-mask", "portable"], provider=provider)
+    single_pair = OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
+                                              provider=("CPUExecutionProvider", {}))
+    assert single_pair.providers == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="pass an export folder \\(made by mra-export export\\), got None"):
+        OrtMraModel.from_pretrained(None)
 
 
 def test_providers_with_options_are_checked_by_name(monkeypatch):
@@ -262,3 +334,11 @@ def test_bfloat16_outputs_are_cast_to_float32_for_onnxruntime():
     (y,) = session.run(None, {"x": x})
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, torch.from_numpy(x).bfloat16().float().numpy())
+
+
+def test_demo_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "a-file")]) == 2
+    assert main(["demo", "--out", str(tmp_path / "a-file" / "demo")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(f"cannot write to {tmp_path / 'a-file'}" in e for e in errors)

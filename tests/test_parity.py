@@ -124,6 +124,8 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
          "export the model again"),
         (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(exports["fill-mask", "portable"]),
           "--report", str(tmp_path / "a-file" / "report.json")], "cannot write to .*a-file"),
+        (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(exports["fill-mask", "portable"]),
+          "--report", str(tmp_path)], f"{tmp_path} is a folder; pass a file name"),
         (["--model", str(small_checkpoints["question-answering"]),
           "--onnx", str(exports["fill-mask", "portable"])],
          "has no weights for .* of the fill-mask head; pass the checkpoint the export was made from"),

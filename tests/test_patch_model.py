@@ -150,6 +150,28 @@ def test_lengths_past_max_position_embeddings_are_refused_clearly(small_checkpoi
         run(model, inputs)
 
 
+def test_inputs_transformers_would_fail_on_deep_inside_are_named(small_checkpoints):
+    from mra_export.errors import InputError
+
+    model = patch_model(load_model(small_checkpoints["fill-mask"])[0])
+    vocab = model.config.vocab_size
+    ids = torch.ones(2, 20, dtype=torch.long)
+    for inputs, message in [
+        ({"input_ids": ids.numpy()}, "input_ids must be a torch.Tensor, got ndarray; use torch.as_tensor"),
+        ({"input_ids": ids[0]}, r"input_ids must be \[batch, sequence\] with at least one token, got "
+                                r"shape \[20\]"),
+        ({"input_ids": ids[:, :0]}, r"at least one token, got shape \[2, 0\]"),
+        ({"input_ids": ids.float()}, "input_ids must hold integers, got torch.float32"),
+        ({"input_ids": ids * vocab}, rf"input_ids must be in \[0, {vocab}\) for this model, got values {vocab}..{vocab}"),
+        ({"input_ids": -ids}, rf"input_ids must be in \[0, {vocab}\).*got values -1..-1"),
+        ({"input_ids": ids, "token_type_ids": ids * 5}, r"token_type_ids must be in \[0, 1\)"),
+        ({"inputs_embeds": torch.zeros(2, 20)}, r"inputs_embeds must be \[batch, sequence, hidden\]"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            model(**inputs)
+    assert model(input_ids=ids[:0]).logits.shape == (0, 20, vocab)  # an empty batch, as in torch
+
+
 def test_patching_keeps_weights_and_is_idempotent(small_checkpoints):
     model = load_model(small_checkpoints["text-classification"])[0]
     before = {name: t.clone() for name, t in model.state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import sys
@@ -33,19 +34,27 @@ def add_bench_arguments(parser) -> None:
 
 
 def run_bench_from_args(args) -> dict:
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-        batches = [int(x) for x in args.batches.split(",")]
-    except ValueError:
-        raise UserError("--lengths and --batches take comma-separated integers") from None
-    if not lengths or max(lengths) > models.MAX_LENGTH or min(lengths) < 1:
-        raise UserError(f"--lengths must be within 1..{models.MAX_LENGTH}")
-    if min(batches) < 1 or args.layers < 1 or not args.budget > 0:
-        raise UserError("--batches and --layers take integers of at least 1, --budget a positive "
-                        "number of seconds")
+    lengths = _integers("--lengths", args.lengths, 1, models.MAX_LENGTH)
+    batches = _integers("--batches", args.batches, 1)
+    if args.layers < 1:
+        raise UserError(f"--layers must be at least 1, got {args.layers}")
+    if not 0 < args.budget < math.inf:
+        raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
     check_writable_folder(args.out)  # now, not after minutes of timing
     return run_bench(Path(args.out), lengths, batches, args.layers, args.budget,
                      command=" ".join(["mra-export", *sys.argv[1:]]))
+
+
+def _integers(flag: str, text: str, low: int, high: float = math.inf) -> list[int]:
+    """``256,512`` -> [256, 512], each within low..high, or a one-line error naming the flag."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not all(low <= value <= high for value in values):
+        bound = f"{low}..{high}" if high < math.inf else f"at least {low}"
+        raise UserError(f"{flag} must be {'within ' if high < math.inf else ''}{bound}, got {text}")
+    return values
 
 
 def _progress(message: str) -> None:

@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..export.info import ExportInfo
+from ..export.info import DTYPE_NAMES, ExportInfo
 from ..native import PLUGIN_LIBRARY, build_dir
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = DTYPE_NAMES
 AXES = ("batch", "sequence", "choices")
 AXIS_OF_DIMENSION = {"batch_size": "batch", "sequence_length": "sequence", "num_choices": "choices"}
 KEYS = ("onnx", "plugin", "out", "precision", "shapes", "timing_cache", "workspace_mb",

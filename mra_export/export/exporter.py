@@ -21,15 +21,14 @@ import transformers
 
 from .. import __version__
 from ..checkpoints import has_tokenizer, load_config, load_model
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
 from ..tasks import Task, get_task, task_for_config
 from . import graph_names, plugin_node
-from .info import ExportInfo
+from .info import DTYPE_NAMES, FLAVOURS, ExportInfo
 
-FLAVOURS = ("portable", "plugin")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_OPSET = 20
 SUPPORTED_OPSETS = range(18, 24)  # 18: ScatterElements with reduction="max"
@@ -55,7 +54,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
                         f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     config = load_config(model_dir)
     chosen = task_for_config(config) if task == "auto" else get_task(task)
-    with staged_folder(out) as staging:
+    with staged_folder(out, marker=ExportInfo.FILE_NAME) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
         model = patch_model(load_model(model_dir, chosen)[0]).to(DTYPES[dtype])
         log(f"exporting {chosen.name} ({flavour} flavour, {dtype}, opset {opset}) ...")
@@ -72,7 +71,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
             validation = {"skipped": "onnxruntime CPU checks fp32 portable exports; use "
                                      "mra-export parity for this one"}
         config.save_pretrained(staging)
-        has_tokenizer = _copy_tokenizer(model_dir, staging)
+        has_tokenizer = _copy_tokenizer(model_dir, staging, log)
         info = _describe(model, chosen, config, flavour, dtype, opset, contexts, staging,
                          external, model_dir, validation, has_tokenizer)
         info.save(staging)
@@ -190,12 +189,14 @@ def _validate_on_onnxruntime(model, task: Task, path: Path) -> dict:
             "tolerance": VALIDATION_TOLERANCE, "batch": 3, "sequence_length": 45}
 
 
-def _copy_tokenizer(model_dir, staging: Path) -> bool:
+def _copy_tokenizer(model_dir, staging: Path, log) -> bool:
     if not has_tokenizer(model_dir):
         return False  # a checkpoint without tokenizer files is fine
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as error:  # the model is still worth exporting
+        log(f"warning: the tokenizer files in {model_dir} cannot be read ({first_line(error)}); "
+            "the export has no tokenizer")
         return False
     tokenizer.save_pretrained(staging)
     return True

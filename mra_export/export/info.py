@@ -11,6 +11,8 @@ from ..files import JsonRecord, sha256_of
 
 FILE_NAME = "export.json"
 FORMAT = "mra-export/1"
+FLAVOURS = ("portable", "plugin")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 @dataclasses.dataclass
@@ -39,6 +41,16 @@ class ExportInfo(JsonRecord):
     validation: dict | None = None  # onnxruntime vs PyTorch on a sample, portable flavour
     tokenizer: bool = False
     format: str = FORMAT
+
+    def problem(self) -> str | None:
+        from ..tasks import TASKS
+
+        for field, value, allowed in (("task", self.task, tuple(TASKS)),
+                                      ("flavour", self.flavour, FLAVOURS),
+                                      ("dtype", self.dtype, DTYPE_NAMES)):
+            if value not in allowed:
+                return f"unknown {field} {value!r}"
+        return None
 
     def onnx_path(self, folder: str | Path) -> Path:
         return Path(folder) / self.onnx_file

@@ -8,7 +8,7 @@ from ..checkpoints import load_model
 from ..engines.system import fitting_manifest
 from ..errors import MissingTensorRT, UserError
 from ..export.info import ExportInfo
-from ..files import check_writable_folder
+from ..files import check_writable_file
 from ..patching import patch_model
 from ..tasks import get_task
 from .backends import engine_backends, export_backends, tensorrt_available
@@ -29,7 +29,7 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     if engine_dirs and not tensorrt_available():
         raise MissingTensorRT("mra-export parity --engine")
     if report_path:
-        check_writable_folder(Path(report_path).parent)  # now, not after the comparison
+        check_writable_file(report_path)  # now, not after the comparison
     for folder in engine_dirs:  # an engine built for another machine is one line, not a result
         fitting_manifest(folder, "mra-export parity --engine")
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]

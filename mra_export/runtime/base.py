@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints import load_config
+from ..errors import InputError, UserError
 from ..export.info import ExportInfo
 from .model_io import prepare_inputs, wrap_outputs
 
@@ -24,17 +25,24 @@ class ExportedModel:
     @staticmethod
     def load_export(folder: str | Path, verify: bool = True):
         """``export.json`` and ``config.json`` of an export folder, files checked by sha256."""
+        if not isinstance(folder, (str, Path)):
+            raise UserError(f"pass an export folder (made by mra-export export), got {folder!r}")
         info = ExportInfo.load(folder)
         if verify:
             info.verify_files(folder)
         return info, load_config(folder)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
-        kwargs.pop("return_dict", None)
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *,
+                 return_dict: bool | None = None, **kwargs):
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(flag, None):
+                raise InputError(f"{flag} is not available from an exported model (its graph "
+                                 "has the task's outputs only); use the PyTorch model for it")
         inputs = prepare_inputs(self.info, self.config,
                                 {"input_ids": input_ids, "attention_mask": attention_mask,
                                  "token_type_ids": token_type_ids, **kwargs})
-        return wrap_outputs(self.info, self.run_raw(inputs.arrays), inputs)
+        outputs = wrap_outputs(self.info, self.run_raw(inputs.arrays), inputs)
+        return outputs.to_tuple() if return_dict is False else outputs
 
     forward = __call__
 

@@ -32,6 +32,9 @@ class ModelInputs:
 
 def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
     """Check and convert the caller's inputs; raise ``InputError`` naming any problem."""
+    given = dict(given)
+    if "token_type_ids" not in info.inputs and _all_zero(given.get("token_type_ids")):
+        del given["token_type_ids"]  # what the graph uses anyway (the config has one type)
     unknown = sorted(name for name, value in given.items()
                      if value is not None and name not in info.inputs)
     if unknown:
@@ -58,6 +61,14 @@ def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
     if "token_type_ids" in arrays:
         _check_range("token_type_ids", arrays["token_type_ids"], config.type_vocab_size)
     return ModelInputs(arrays, device)
+
+
+def _all_zero(value) -> bool:
+    try:
+        return value is not None and not np.asarray(
+            value.detach().cpu() if isinstance(value, torch.Tensor) else value).any()
+    except (TypeError, ValueError):
+        return False  # ragged or odd: reported with the other inputs
 
 
 def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelInputs):

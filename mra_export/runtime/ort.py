@@ -127,8 +127,13 @@ def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
     available = ort.get_available_providers()
     if provider is None:
         wanted = [p for p in PREFERENCE if _provider_name(p) in available]
+    elif _is_provider(provider):
+        wanted = [provider]
+    elif isinstance(provider, (list, tuple)) and all(map(_is_provider, provider)):
+        wanted = list(provider)
     else:
-        wanted = [provider] if isinstance(provider, str) else list(provider)
+        raise UserError(f"provider must be an execution provider's name, a (name, options) pair, "
+                        f"or a list of them, got {provider!r}")
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
         raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
@@ -150,6 +155,12 @@ def cast_outputs_to_float32(graph: onnx.GraphProto) -> None:
                                                 to=onnx.TensorProto.FLOAT))
         graph.output.append(onnx.helper.make_tensor_value_info(widened, onnx.TensorProto.FLOAT,
                                                                None))
+
+
+def _is_provider(provider) -> bool:
+    return isinstance(provider, str) or (isinstance(provider, tuple) and len(provider) == 2
+                                         and isinstance(provider[0], str)
+                                         and isinstance(provider[1], dict))
 
 
 def _provider_name(provider) -> str:
