@@ -46,7 +46,9 @@ def mra_attention(
     """MRA attention of ``[batch, heads, seq, head_dim]`` tensors under a ``[batch, seq]`` mask.
 
     ``attention_mask`` is 1 (or any non-zero) for real tokens and 0 for padding; ``None`` means
-    every token is real. ``num_blocks`` is the number of ``block_size x block_size`` blocks kept
+    every token is real. (An additive mask, 0 for tokens and negative for padding, would read
+    inverted: pass ``mask == 0`` instead. Its values are not checked, to keep this free of
+    device synchronisation.) ``num_blocks`` is the number of ``block_size x block_size`` blocks kept
     at high resolution per ``(batch, head)``; it is clamped to the number of blocks. Computed in
     float32, returned in the dtype of ``query``. Masked query positions are zero.
     """
@@ -272,8 +274,10 @@ def _exp_shifted(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def running_eagerly() -> bool:
-    """Neither exporting nor compiling: checks that read tensor values may run."""
-    return not (_exporting() or torch.compiler.is_compiling())
+    """Neither exporting, compiling nor capturing a CUDA graph: checks that read tensor values
+    (and so wait for the device) may run."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (_exporting() or torch.compiler.is_compiling() or capturing)
 
 
 def _exporting() -> bool:
@@ -433,9 +437,6 @@ def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode,
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
             raise InputError(f"attention_mask must be [batch, seq] = {list(expected)}, got shape "
                              f"{tuple(attention_mask.shape)}")
-        if running_eagerly() and bool((attention_mask < 0).any()):  # 0 / -1e4 / -inf: inverted here
-            raise InputError("attention_mask must be 1 (or non-zero) for tokens and 0 for padding; "
-                             "it has negative values, as an additive mask does: pass (mask == 0)")
     _check_int("num_blocks", num_blocks, minimum=1)
     _check_int("block_size", block_size, minimum=1)
     _check_int("initial_prior_first_n_blocks", first_n, minimum=0)

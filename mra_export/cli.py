@@ -7,8 +7,11 @@ a parity failure exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
+import threading
 
 from .errors import UserError
 
@@ -24,23 +27,40 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    with _cleanup_on_sigterm():
+        try:
+            return args.run(args) or 0
+        except UserError as error:
+            print(f"mra-export {args.command}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm():
+    """Turn SIGTERM into ``Terminated`` while a command runs (main thread only); after the
+    clean-up the signal is delivered again under the previous handler, so the process still
+    ends as killed. A second SIGTERM during the clean-up kills at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    restore = signal.SIG_DFL if previous is None else previous  # None: set outside Python
     try:
-        return args.run(args) or 0
-    except UserError as error:
-        print(f"mra-export {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        yield
     except Terminated:
         print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        signal.signal(signal.SIGTERM, restore)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # the previous handler did not exit
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, restore)
 
 
 def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 

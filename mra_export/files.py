@@ -24,11 +24,11 @@ def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
     is removed and ``out`` is left as it was.
     """
     out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
-                        "replace); choose a new or empty folder")
+    try:
+        _check_replaceable(out, marker)
+    except OSError as error:  # e.g. a folder we may not read
+        raise UserError(f"cannot write to {out}: {error.strerror or error}; choose another "
+                        "output path") from None
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,15 @@ def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _check_replaceable(out: Path, marker: str) -> None:
+    if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
+        raise UserError(f"{out} exists and is not a folder; choose another output path")
+    check_writable_folder(out.parent)
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
+                        "replace); choose a new or empty folder")
 
 
 def _umask() -> int:
@@ -97,8 +106,8 @@ def check_writable_folder(folder: str | Path) -> None:
     """A one-line error unless ``folder`` exists or can be made, and takes files; checked before
     long work so that it does not fail at the end. Creates nothing."""
     folder = Path(folder).absolute()
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = next(path for path in (folder, *folder.parents) if os.path.lexists(path))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {folder}: {existing} is not a writable folder; choose "
                         "another output path")
 

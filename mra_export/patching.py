@@ -152,8 +152,10 @@ def _check_inputs(base: MraModel, config) -> None:
 
 
 def _check_range(name: str, tokens: torch.Tensor, size: int) -> None:
-    if running_eagerly() and tokens.numel():
-        low, high = int(tokens.min()), int(tokens.max())
+    # One device sync per forward pass: on a GPU an index past the embedding would otherwise be a
+    # device-side assert that poisons the CUDA context.
+    if running_eagerly() and tokens.numel() and tokens.device.type != "meta":
+        low, high = (int(bound) for bound in torch.aminmax(tokens))
         if low < 0 or high >= size:
             raise InputError(f"{name} must be in [0, {size}) for this model, got values "
                              f"{low}..{high}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import sys
 import types
 
@@ -272,16 +273,16 @@ def test_the_rebuild_command_builds_the_same_engine(exports, tmp_path, plugin_li
                                                    monkeypatch):
     """The command a refusal prints, run as given, builds the same profile, precision and outputs."""
     spec = resolve_spec(onnx=str(exports["multiple-choice", "plugin"]), plugin=str(plugin_library),
-                        out=str(tmp_path / "engine"), shapes="batch=1/2/4,choices=2/2/3,sequence=8/64/256",
-                        attention_outputs=True)
+                        out=str(tmp_path / "my engines" / "engine"),  # a space: the command quotes it
+                        shapes="batch=1/2/4,choices=2/2/3,sequence=8/64/256", attention_outputs=True)
     manifest = build_module.build_engine(spec, log=lambda m: None, builder=fake_builder)
     refusal = manifest.refusal(SystemInfo("10.9.0.34", "NVIDIA H200", "9.0"), spec.out)
-    command = refusal.split("Rebuild it on this machine: ")[1]
-    assert command.startswith("mra-export build ") and command.endswith(f"--out {spec.out}")
+    command = shlex.split(refusal.split("Rebuild it on this machine: ")[1])
+    assert command[:2] == ["mra-export", "build"] and command[-2:] == ["--out", str(spec.out)]
 
     rebuilt = {}
     monkeypatch.setattr(build_module, "build_engine", lambda spec, command: rebuilt.setdefault("spec", spec))
-    assert main(command.split()[1:]) == 0
+    assert main(command[1:]) == 0
     assert rebuilt["spec"].precision == manifest.precision and rebuilt["spec"].attention_outputs
     info = ExportInfo.load(spec.export_folder)
     assert rebuilt["spec"].profile(info) == spec.profile(info)

@@ -84,9 +84,10 @@ def test_corrupt_weights(small_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("stop,status", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("stop,status", [("SIGTERM", -15), ("SIGINT", 130)])
 def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, status):
-    """kill or Ctrl-C in the middle of an export: the partial folder goes with it."""
+    """kill or Ctrl-C in the middle of an export: the partial folder goes with it. After its
+    clean-up a SIGTERM still ends the process as killed by it (status -15 here, 143 in a shell)."""
     import signal
     import subprocess
     import sys
@@ -94,16 +95,44 @@ def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, stat
 
     command = [sys.executable, "-m", "mra_export.cli", "export", "--model",
                str(small_checkpoints["fill-mask"]), "--out", str(tmp_path / "out")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not no_leftovers(tmp_path) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert no_leftovers(tmp_path), "the export never started writing"
-    process.send_signal(getattr(signal, stop))
-    _, errors = process.communicate(timeout=120)
+    process = subprocess.Popen(  # a background job inherits SIGINT ignored: give it the default
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not no_leftovers(tmp_path) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert no_leftovers(tmp_path), "the export never started writing"
+        process.send_signal(getattr(signal, stop))
+        _, errors = process.communicate(timeout=120)
+    finally:
+        process.kill()
     assert process.returncode == status
-    assert errors.strip().splitlines()[-1] in ("terminated", "interrupted")
+    assert errors.strip().splitlines()[-1] == {"SIGTERM": "terminated", "SIGINT": "interrupted"}[stop]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sigterm_handler_is_the_callers_again_after_a_command(tmp_path):
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["bench", "--layers", "0", "--out", str(tmp_path / "b")]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
+    codes = []  # and a command can run outside the main thread (no handler there)
+    thread = threading.Thread(target=lambda: codes.append(
+        main(["bench", "--layers", "0", "--out", str(tmp_path / "b")])))
+    thread.start()
+    thread.join()
+    assert codes == [2]
+
+
+def test_output_paths_through_a_dangling_link_are_one_line(small_checkpoints, tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for out in (tmp_path / "link", tmp_path / "link" / "out"):
+        with pytest.raises(UserError, match="cannot write to|exists and is not a folder"):
+            export_model(small_checkpoints["fill-mask"], out, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
 
 
 def test_export_replaces_only_an_earlier_export(small_checkpoints, tmp_path):
@@ -198,6 +227,8 @@ def ids(*shape, high=500):
     (dict(input_ids=ids(2, 10), output_hidden_states=True), "output_hidden_states is not available"),
     (dict(input_ids=ids(2, 10), token_type_ids=torch.ones(2, 10, dtype=torch.long)),
      "unexpected input token_type_ids"),
+    (dict(input_ids=ids(2, 10), token_type_ids=torch.zeros(2, 9, dtype=torch.long)),
+     "unexpected input token_type_ids"),
 ])
 def test_ort_model_rejects_bad_input(qa_model, inputs, message):
     with pytest.raises(InputError, match=message):
@@ -276,6 +307,12 @@ def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
     assert single_pair.providers == ["CPUExecutionProvider"]
     with pytest.raises(UserError, match="pass an export folder \\(made by mra-export export\\), got None"):
         OrtMraModel.from_pretrained(None)
+
+    class PathLike:  # e.g. py.path.local: any os.PathLike is a folder
+        def __fspath__(self):
+            return str(exports["fill-mask", "portable"])
+
+    assert OrtMraModel.from_pretrained(PathLike()).task == "fill-mask"
 
 
 def test_providers_with_options_are_checked_by_name(monkeypatch):

@@ -8,6 +8,7 @@ compares them with the running system and says, in one line, what differs and ho
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,11 +52,11 @@ class EngineManifest(JsonRecord):
 
     def rebuild_command(self, folder: str | Path) -> str:
         """The build command for this engine's export, precision, profile and outputs."""
-        command = [f"mra-export build --onnx {self.onnx} --plugin {self.plugin_library}",
-                   f"--precision {self.precision}", f"--shapes {self.shapes_flag()}"]
+        command = ["mra-export", "build", "--onnx", self.onnx, "--plugin", self.plugin_library,
+                   "--precision", self.precision, "--shapes", self.shapes_flag()]
         if self.attention_outputs:
             command.append("--attention-outputs")
-        return " ".join([*command, f"--out {folder}"])
+        return shlex.join([*command, "--out", str(folder)])
 
     def shapes_flag(self) -> str:
         """The profile as ``--shapes`` writes it: ``batch=1/1/8,sequence=1/128/512``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ class ExportedModel:
     @staticmethod
     def load_export(folder: str | Path, verify: bool = True):
         """``export.json`` and ``config.json`` of an export folder, files checked by sha256."""
-        if not isinstance(folder, (str, Path)):
+        if not isinstance(folder, (str, os.PathLike)):
             raise UserError(f"pass an export folder (made by mra-export export), got {folder!r}")
         info = ExportInfo.load(folder)
         if verify:

@@ -33,7 +33,8 @@ class ModelInputs:
 def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
     """Check and convert the caller's inputs; raise ``InputError`` naming any problem."""
     given = dict(given)
-    if "token_type_ids" not in info.inputs and _all_zero(given.get("token_type_ids")):
+    if "token_type_ids" not in info.inputs and _zeros_like_ids(given.get("token_type_ids"),
+                                                               given.get("input_ids")):
         del given["token_type_ids"]  # what the graph uses anyway (the config has one type)
     unknown = sorted(name for name, value in given.items()
                      if value is not None and name not in info.inputs)
@@ -63,12 +64,14 @@ def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
     return ModelInputs(arrays, device)
 
 
-def _all_zero(value) -> bool:
+def _zeros_like_ids(value, ids) -> bool:
+    """Whether ``value`` is all zeros in the shape of ``ids`` (a tokenizer's token_type_ids)."""
     try:
-        return value is not None and not np.asarray(
-            value.detach().cpu() if isinstance(value, torch.Tensor) else value).any()
+        value, ids = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                      for v in (value, ids))
     except (TypeError, ValueError):
         return False  # ragged or odd: reported with the other inputs
+    return value.shape == ids.shape and value.dtype != object and not value.any()
 
 
 def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelInputs):
