@@ -130,10 +130,10 @@ def _check_inputs(base: MraModel, config) -> None:
         if not isinstance(tokens, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}; use "
                              "torch.as_tensor (OrtMraModel takes numpy arrays and lists too)")
-        axes = "batch, sequence" if name == "input_ids" else "batch, sequence, hidden"
-        if tokens.dim() != len(axes.split(", ")) or tokens.shape[1] == 0:
-            raise InputError(f"{name} must be [{axes}] with at least one token, got shape "
-                             f"{list(tokens.shape)}")
+        axes = ["batch", "sequence"] + (["hidden"] if name == "inputs_embeds" else [])
+        if tokens.dim() != len(axes) or tokens.shape[1] == 0:
+            raise InputError(f"{name} must be [{', '.join(axes)}] with at least one token, got "
+                             f"shape {list(tokens.shape)}")
         if tokens.shape[1] > config.max_position_embeddings:
             raise InputError(f"sequence length {tokens.shape[1]} is longer than the model's "
                              f"max_position_embeddings={config.max_position_embeddings}; "

@@ -18,7 +18,6 @@ from .conftest import SMALL_BENCH_SHAPES
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

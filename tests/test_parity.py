@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from mra_export.checkpoints import build_checkpoint
 from mra_export.cli import main
+from mra_export.export import FLAVOURS, export_model
 from mra_export.parity import run_parity
 from mra_export.tasks import TASKS
 
 from .conftest import SMALL_MODEL
 
 pytestmark = pytest.mark.slow
+
+
+def export_both_flavours(checkpoint, root, **settings) -> list:
+    """``checkpoint`` exported in each flavour under ``root``: the folders, in FLAVOURS' order."""
+    folders = [root / flavour for flavour in FLAVOURS]
+    for flavour, folder in zip(FLAVOURS, folders):
+        export_model(checkpoint, folder, flavour=flavour, log=lambda m: None, **settings)
+    return folders
 
 
 def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path, capsys):
@@ -42,14 +52,10 @@ def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path,
 def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
     """The attention core pads head dims under 32 (as transformers does), and the exported graphs
     name its padded output: the per-head diagnostic compares that same tensor on both sides."""
-    from mra_export.export import FLAVOURS, export_model
-
     narrow = dict(SMALL_MODEL, hidden_size=32, intermediate_size=64)  # 2 heads of 16
     checkpoint = build_checkpoint(tmp_path / "narrow", TASKS["fill-mask"], **narrow)
-    folders = [tmp_path / flavour for flavour in FLAVOURS]
-    for flavour, folder in zip(FLAVOURS, folders):
-        export_model(checkpoint, folder, "fill-mask", flavour, log=lambda m: None)
-    report = run_parity(checkpoint, folders, log=lambda m: None)
+    report = run_parity(checkpoint, export_both_flavours(checkpoint, tmp_path, task="fill-mask"),
+                        log=lambda m: None)
     assert report.passed
     checked = [b for b in report.to_dict()["backends"] if b["status"] != "skipped"]
     assert len(checked) == 3
@@ -67,16 +73,12 @@ def test_reduced_precision_exports_match_pytorch_within_their_tolerance(small_ch
     bf16 runs on the default checkpoint's weight scale: with SMALL_MODEL's weights (5x the usual
     initialisation) bf16's 8-bit mantissa flips near-tied block selections, so that even eager
     PyTorch in bf16 moves an attention context by 0.13 against float32 (measured, one-off)."""
-    from mra_export.export import FLAVOURS, export_model
-
     if dtype == "bf16":
         checkpoint = build_checkpoint(tmp_path / "default", TASKS["question-answering"])
     else:
         checkpoint = small_checkpoints["question-answering"]
-    folders = [tmp_path / flavour for flavour in FLAVOURS]
-    for flavour, folder in zip(FLAVOURS, folders):
-        export_model(checkpoint, folder, flavour=flavour, dtype=dtype, log=lambda m: None)
-    report = run_parity(checkpoint, folders, log=lambda m: None).to_dict()
+    report = run_parity(checkpoint, export_both_flavours(checkpoint, tmp_path, dtype=dtype),
+                        log=lambda m: None).to_dict()
     ran = {b["backend"]: b for b in report["backends"] if b["status"] != "skipped"}
     expected = {"plugin graph on CPU (onnx.reference, PyTorch node)",
                 "plugin graph on CPU (onnx.reference, C++ plugin twin)"}
@@ -134,7 +136,7 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
         captured = capsys.readouterr()
         assert captured.out == ""  # nothing ran
         assert len(captured.err.strip().splitlines()) == 1
-        assert __import__("re").search(message, captured.err)
+        assert re.search(message, captured.err)
 
 
 def test_an_exported_model_runner_closes_its_model_when_deactivated():

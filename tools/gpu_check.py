@@ -244,7 +244,6 @@ def main() -> int:
     result = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, command=" ".join(sys.argv),
                   copy_bandwidth_gbs=bandwidth, correctness=correctness, timings=timings, passed=passed,
                   seconds=time.time() - started)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))  # after minutes of work: all or nothing
     print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
     return 0 if passed else 1

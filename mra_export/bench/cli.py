@@ -52,8 +52,8 @@ def _integers(flag: str, text: str, low: int, high: float = math.inf) -> list[in
     except ValueError:
         raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not all(low <= value <= high for value in values):
-        bound = f"{low}..{high}" if high < math.inf else f"at least {low}"
-        raise UserError(f"{flag} must be {'within ' if high < math.inf else ''}{bound}, got {text}")
+        bound = f"within {low}..{high}" if high < math.inf else f"at least {low}"
+        raise UserError(f"{flag} must be {bound}, got {text}")
     return values
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from .spec import PRECISIONS
+
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", help="OUT/model.onnx of a plugin-flavour export")
     parser.add_argument("--plugin", help="the MraAttention plugin library (make plugins builds "
                         "plugins/build/libmra_attention_plugin.so)")
     parser.add_argument("--out", help="engine folder, e.g. engines/NAME")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="default: the export's own type")
     parser.add_argument("--shapes", help="optimisation profile, e.g. "
                         "batch=1/4/8,sequence=1/128/512[,choices=1/2/4] (min/opt/max); default "

@@ -66,12 +66,14 @@ def prepare_inputs(info: ExportInfo, config, given: dict) -> ModelInputs:
 
 def _zeros_like_ids(value, ids) -> bool:
     """Whether ``value`` is all zeros in the shape of ``ids`` (a tokenizer's token_type_ids)."""
+    if value is None or ids is None:
+        return False
     try:
-        value, ids = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
-                      for v in (value, ids))
-    except (TypeError, ValueError):
+        value = _as_int64("token_type_ids", value, allow_float=True)
+        ids = _as_int64("input_ids", ids, allow_float=False)
+    except InputError:
         return False  # ragged or odd: reported with the other inputs
-    return value.shape == ids.shape and value.dtype != object and not value.any()
+    return value.shape == ids.shape and not value.any()
 
 
 def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelInputs):
