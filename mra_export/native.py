@@ -1,7 +1,9 @@
 """The C interface of ``plugins/mra_attention/mraAttention.h``, through ctypes.
 
-Two libraries export it: ``libmra_attention_cpu.so`` (the CPU reference) and
-``libmra_attention_cuda.so`` (the CUDA kernels). ``make plugins`` builds them into
+Three libraries export it: ``libmra_attention_cpu.so`` (the CPU reference),
+``libmra_attention_cuda.so`` (the CUDA kernels) and ``libmra_attention_cuda_emulated.so`` (the
+CUDA kernels' source compiled for the CPU under ``plugins/tests/cuda_emulation``, so that CI runs
+their logic on host memory). ``make plugins`` builds them into
 ``plugins/build``; ``MRA_EXPORT_PLUGIN_BUILD`` points elsewhere.
 """
 
@@ -20,6 +22,7 @@ BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
 GPU_CHECK_BUILD_DIR = BUILD_DIR.parent / "build-gpu"  # tools/gpu_check.py's, for its GPU alone
 CPU_LIBRARY = "libmra_attention_cpu.so"
 CUDA_LIBRARY = "libmra_attention_cuda.so"
+CUDA_EMULATED_LIBRARY = "libmra_attention_cuda_emulated.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -62,6 +65,8 @@ class MraLibrary:
         self.lib.mraStatusString.argtypes = [ctypes.c_int]
         self.lib.mraStatusString.restype = ctypes.c_char_p
         self.lib.mraCheckParams.argtypes = [params]
+        # The emulated kernels take host pointers through the CUDA entry point.
+        self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
 
     @classmethod
     @functools.cache
@@ -71,6 +76,14 @@ class MraLibrary:
     @classmethod
     def cuda(cls) -> MraLibrary:
         return cls(library_path(CUDA_LIBRARY))
+
+    @classmethod
+    def cuda_emulated(cls) -> MraLibrary:
+        return cls(library_path(CUDA_EMULATED_LIBRARY))
+
+    def set_schedule(self, schedule: int) -> None:
+        """The emulated kernels' thread schedule: 0 forward, 1 reverse, else shuffled by it."""
+        self.lib.mraCudaEmulationSetSchedule(ctypes.c_uint32(schedule))
 
     def params(self, query: torch.Tensor, *, num_blocks: int, approx_mode: str = "full",
                block_size: int = 32, initial_prior_first_n_blocks: int = 0,
@@ -83,12 +96,14 @@ class MraLibrary:
     def attention(self, query, key, value, mask, **settings):
         """MRA attention of ``[B, H, S, D]`` tensors on the library's device; returns
         ``(output, selected blocks [B * H, k])``. Tensors must be on the CPU for the CPU library
-        and on one CUDA device for the CUDA one, where the kernels run on that device's current
-        stream."""
+        and the emulated kernels, and on one CUDA device for the CUDA one, where the kernels run
+        on that device's current stream."""
         devices = {t.device for t in (query, key, value, mask)}
         if len(devices) != 1:
             raise ValueError(f"query, key, value and mask must be on one device, got "
                              f"{', '.join(sorted(map(str, devices)))}")
+        if self.emulated and query.is_cuda:
+            raise ValueError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
         params = self.params(query, **settings)
         self.check(self.lib.mraCheckParams(ctypes.byref(params)))
         query, key, value = (t.contiguous() for t in (query, key, value))
@@ -97,7 +112,13 @@ class MraLibrary:
         size = self.lib.mraWorkspaceSize(ctypes.byref(params))
         workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
         pointers = [ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)]
-        if query.is_cuda:
+        if self.emulated:
+            workspace.fill_(0xFF)  # device memory starts as garbage: unwritten reads show as NaN
+            output.fill_(float("nan"))
+            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
+                                               ctypes.c_void_p(workspace.data_ptr()),
+                                               ctypes.c_size_t(size), ctypes.c_void_p(0))
+        elif query.is_cuda:
             with torch.cuda.device(query.device):  # the kernels launch on the current device
                 stream = torch.cuda.current_stream(query.device).cuda_stream
                 status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,

@@ -68,18 +68,33 @@ def exports(small_checkpoints, tmp_path_factory):
     return folders
 
 
-@pytest.fixture(scope="session")
-def cpu_library():
-    """The C++ CPU reference (plugins/build, made by `make plugins`; built here if missing)."""
+def _native_library(file_name: str, target: str):
+    """A library of plugins/ (plugins/build, made by `make plugins`; built here if missing)."""
     import subprocess
 
     from mra_export import native
 
-    path = native.build_dir() / native.CPU_LIBRARY
+    path = native.build_dir() / file_name
     if not path.is_file():
         source = native.BUILD_DIR.parent
         subprocess.run(["cmake", "-S", str(source), "-B", str(native.build_dir())], check=True,
                        capture_output=True)
-        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target",
-                        "mra_attention_cpu"], check=True, capture_output=True)
-    return native.MraLibrary.cpu()
+        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target", target],
+                       check=True, capture_output=True)
+    return native.MraLibrary(path)
+
+
+@pytest.fixture(scope="session")
+def cpu_library():
+    """The C++ CPU reference."""
+    from mra_export import native
+
+    return _native_library(native.CPU_LIBRARY, "mra_attention_cpu")
+
+
+@pytest.fixture(scope="session")
+def emulated_kernels():
+    """The CUDA kernels' source compiled for the CPU under plugins/tests/cuda_emulation."""
+    from mra_export import native
+
+    return _native_library(native.CUDA_EMULATED_LIBRARY, "mra_attention_cuda_emulated")

@@ -38,20 +38,30 @@ CASES = list(itertools.product(
 
 @pytest.mark.parametrize("seq_len,num_blocks,mode,priors", CASES)
 def test_matches_pytorch_with_ragged_and_empty_masks(cpu_library, seq_len, num_blocks, mode, priors):
+    assert_matches_pytorch_with_ragged_and_empty_masks(cpu_library, seq_len, num_blocks, mode, priors)
+
+
+def assert_matches_pytorch_with_ragged_and_empty_masks(lib, seq_len, num_blocks, mode, priors):
+    """One case of CASES (also run on the emulated CUDA kernels)."""
     q, k, v = random_qkv(3, 2, seq_len, 32, seed=seq_len * 7 + num_blocks)
     mask = ragged_mask(3, seq_len, [seq_len, seq_len // 2, 0])  # the last sample is all padding
     kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=priors[0],
               initial_prior_diagonal_n_blocks=priors[1])
-    assert check(cpu_library, q, k, v, mask, **kw) <= TOLERANCE
+    assert check(lib, q, k, v, mask, **kw) <= TOLERANCE
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_head_dims_and_logit_scales(cpu_library, head_dim, scale):
+    assert_head_dim_and_logit_scale(cpu_library, head_dim, scale)
+
+
+def assert_head_dim_and_logit_scale(lib, head_dim, scale):
+    """(Also run on the emulated CUDA kernels, for the head dims they take.)"""
     q, k, v = random_qkv(2, 2, 160, head_dim, seed=head_dim, scale=scale)
     mask = ragged_mask(2, 160, [160, 90])
     for mode in ("full", "sparse"):
-        assert check(cpu_library, q, k, v, mask, num_blocks=8, approx_mode=mode) <= TOLERANCE
+        assert check(lib, q, k, v, mask, num_blocks=8, approx_mode=mode) <= TOLERANCE
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
@@ -71,21 +81,26 @@ def test_very_large_logits_agree_to_float32_resolution(cpu_library, head_dim):
 
 
 def test_exact_ties_go_to_the_lower_flat_index(cpu_library):
+    assert_exact_ties_go_to_the_lower_flat_index(cpu_library)
+
+
+def assert_exact_ties_go_to_the_lower_flat_index(lib):
+    """(Also run on the emulated CUDA kernels.)"""
     # A zero query makes every low-resolution logit exactly 0, whatever the summation order (an
     # "identical blocks" input would not: BLAS rounds edge columns differently): all cells tie.
     _, k, v = random_qkv(1, 2, 192, 32, seed=3)
     q = torch.zeros_like(k)
     mask = torch.ones(1, 192)
-    _, selected = cpu_library.attention(q, k, v, mask, num_blocks=10)
+    _, selected = lib.attention(q, k, v, mask, num_blocks=10)
     assert selected.tolist() == [list(range(10))] * 2
     for mode in ("full", "sparse"):
-        assert check(cpu_library, q, k, v, mask, num_blocks=10, approx_mode=mode) <= TOLERANCE
+        assert check(lib, q, k, v, mask, num_blocks=10, approx_mode=mode) <= TOLERANCE
     # With priors the tied scores become 0, 5e3 and 1e4: ties within each level.
-    assert check(cpu_library, q, k, v, mask, num_blocks=14, initial_prior_first_n_blocks=1,
+    assert check(lib, q, k, v, mask, num_blocks=14, initial_prior_first_n_blocks=1,
                  initial_prior_diagonal_n_blocks=3) <= TOLERANCE
     # Each row's maximum is exactly 0: with 4 < nb = 6 blocks, that tie group is cut.
     q2, k2, v2 = random_qkv(1, 2, 192, 32, seed=4)
-    assert check(cpu_library, q2, k2, v2, mask, num_blocks=4, approx_mode="sparse") <= TOLERANCE
+    assert check(lib, q2, k2, v2, mask, num_blocks=4, approx_mode="sparse") <= TOLERANCE
 
 
 @pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)])

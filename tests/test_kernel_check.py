@@ -109,17 +109,21 @@ def test_gpu_check_says_in_one_line_that_it_needs_a_gpu():
                             timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one"]
+        "gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one (or with "
+        "--emulated to check the kernels' logic on the CPU)"]
 
 
-def test_gpu_check_correctness_table_runs_on_the_cpu_twin(cpu_library, capsys):
-    """tools/gpu_check.py's correctness pass, end to end, with the C++ twin in place of the
+@pytest.mark.parametrize("implementation", ["cpu_library", "emulated_kernels"])
+def test_gpu_check_correctness_table_runs_without_a_gpu(implementation, request, capsys):
+    """tools/gpu_check.py's correctness pass, end to end, with the C++ twin or the kernels' own
+    source under the CPU CUDA emulation (what `gpu_check.py --emulated` runs) in place of the
     kernels: every kind of case it runs on a GPU (dtypes, head dims, priors, all-padding)."""
+    library = request.getfixturevalue(implementation)
     gpu_check = load_tool("gpu_check")
     cases = [(3, 100, 64, dtype, mode, priors) for dtype in gpu_check.TOLERANCES
              for mode in ("full", "sparse") for priors in (False, True)]
     cases += [(2, 64, 32, torch.float32, "full", False), (2, 64, 128, torch.float16, "full", True)]
-    rows = gpu_check.check_correctness(cpu_library, cases, device="cpu")
+    rows = gpu_check.check_correctness(library, cases, device="cpu")
     gpu_check.print_correctness(rows)
     table = capsys.readouterr().out
     assert len(rows) == len(cases) and all(row["passed"] for row in rows), table

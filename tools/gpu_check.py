@@ -15,7 +15,9 @@ PyTorch reference, and time them against it and against dense attention.
    CUDA-event times of the kernels, of mra_export's PyTorch reference on the same GPU, and of
    dense torch.nn.functional.scaled_dot_product_attention; achieved bandwidth (Q, K, V read once
    plus the output) against a measured device-to-device copy.
-Prints one table and writes JSON. Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
+Prints one table and writes JSON. Without a GPU, `--emulated` runs step 2 alone on the kernels'
+source compiled for the CPU under plugins/tests/cuda_emulation (their logic, not their speed or
+tensor-core rounding). Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
 <= 1e-2 relative, the same selection (up to ties within an ulp); at 4096 tokens, batch 1, the
 kernels >= 5x faster than the PyTorch reference and faster than dense SDPA.
 """
@@ -67,6 +69,19 @@ def build_kernels(build_dir: Path) -> native.MraLibrary:
         if result.returncode != 0:
             sys.exit(f"gpu_check: {' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     return native.MraLibrary(build_dir / native.CUDA_LIBRARY)
+
+
+def build_emulated_kernels() -> native.MraLibrary:
+    """The kernels' source under the CPU CUDA emulation, from `make plugins`' build folder."""
+    build_dir = native.build_dir()
+    if not (build_dir / native.CUDA_EMULATED_LIBRARY).is_file():
+        print(f"building the emulated kernels in {build_dir} ...", flush=True)
+        for command in (["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir)],
+                        ["cmake", "--build", str(build_dir), "--target", "mra_attention_cuda_emulated"]):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"gpu_check: {' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    return native.MraLibrary.cuda_emulated()
 
 
 def inputs(batch: int, seq_len: int, dtype, seed: int, head_dim: int = HEAD_DIM, device: str = "cuda"):
@@ -227,9 +242,15 @@ def main() -> int:
     parser.add_argument("--out", default="gpu_check.json", help="JSON results")
     parser.add_argument("--build-dir", default=str(native.GPU_CHECK_BUILD_DIR))
     parser.add_argument("--quick", action="store_true", help="fewer cases")
+    parser.add_argument("--emulated", action="store_true",
+                        help="no GPU needed: the correctness cases on the kernels' source under the CPU "
+                             "CUDA emulation (plugins/tests/cuda_emulation); no timings")
     args = parser.parse_args()
+    if args.emulated:
+        return check_emulated(args)
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one", file=sys.stderr)
+        print("gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one (or with --emulated "
+              "to check the kernels' logic on the CPU)", file=sys.stderr)
         return 2
     started = time.time()
     lib = build_kernels(Path(args.build_dir))
@@ -245,6 +266,22 @@ def main() -> int:
                   copy_bandwidth_gbs=bandwidth, correctness=correctness, timings=timings, passed=passed,
                   seconds=time.time() - started)
     atomic_write_text(args.out, json.dumps(result, indent=2))  # after minutes of work: all or nothing
+    print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
+    return 0 if passed else 1
+
+
+def check_emulated(args) -> int:
+    started = time.time()
+    lib = build_emulated_kernels()
+    device = "CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU"
+    print("checking correctness under the emulation ...", flush=True)
+    correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")
+    print(f"\n{device}; no timings (an emulation says nothing of speed)")
+    print_correctness(correctness)
+    passed = all(r["passed"] for r in correctness)
+    result = dict(device=device, torch=torch.__version__, command=" ".join(sys.argv), correctness=correctness,
+                  timings=[], passed=passed, seconds=time.time() - started)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
     return 0 if passed else 1
 

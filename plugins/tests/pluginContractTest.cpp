@@ -6,6 +6,7 @@
  * Prints "N passed, M failed" and exits non-zero on any failure.
  */
 #include "NvInferRuntime.h"
+#include "expect.h"
 #include "mraAttention.h"
 
 #include <dlfcn.h>
@@ -18,24 +19,10 @@
 
 using namespace nvinfer1;
 
+using checks::expect;
+
 namespace
 {
-
-int gPassed = 0;
-int gFailed = 0;
-
-void expect(bool condition, char const* what)
-{
-    if (condition)
-    {
-        ++gPassed;
-    }
-    else
-    {
-        ++gFailed;
-        std::printf("FAILED: %s\n", what);
-    }
-}
 
 //! Plugin fields of an MraAttention node as the ONNX parser builds them (INT -> kINT32,
 //! STRING -> kCHAR with its NUL).
@@ -163,10 +150,10 @@ int main(int argc, char** argv)
     auto workspaceSize = reinterpret_cast<WorkspaceSize>(dlsym(library, "mraWorkspaceSize"));
     expect(getCreators != nullptr, "the library exports getCreators");
     expect(dlsym(library, "setLoggerFinder") != nullptr, "the library exports setLoggerFinder");
+    expect(workspaceSize != nullptr, "the library exports mraWorkspaceSize");
     if (getCreators == nullptr || workspaceSize == nullptr)
     {
-        std::printf("%d passed, %d failed\n", gPassed, gFailed);
-        return 1;
+        return checks::report();
     }
 
     int32_t count = 0;
@@ -190,8 +177,7 @@ int main(int argc, char** argv)
     expect(plugin != nullptr, "createPlugin from the node's fields");
     if (plugin == nullptr)
     {
-        std::printf("%d passed, %d failed\n", gPassed, gFailed);
-        return 1;
+        return checks::report();
     }
     auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
@@ -327,6 +313,5 @@ int main(int argc, char** argv)
     delete fromInt64;
 
     delete plugin;
-    std::printf("%d passed, %d failed\n", gPassed, gFailed);
-    return gFailed == 0 ? 0 : 1;
+    return checks::report();
 }

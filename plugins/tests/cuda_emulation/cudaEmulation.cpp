@@ -1,0 +1,518 @@
+/*
+ * The emulation's runtime (cudaEmulation.h): CTAs run one at a time, their threads as fibers
+ * switched at barriers and warp collectives, in the order the schedule gives.
+ *
+ * A fiber starts with makecontext/setcontext and then switches with _setjmp/_longjmp, which
+ * (unlike swapcontext) make no system call: a run switches millions of times.
+ */
+#undef _FORTIFY_SOURCE // its longjmp check refuses jumps between stacks, which fibers are
+#include "cudaEmulation.h"
+
+#include <setjmp.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace emu
+{
+namespace
+{
+
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kGuardBytes = 4096; // below each stack, unmapped: an overflow faults at once
+
+enum class State
+{
+    Ready,
+    Waiting,
+    Finished,
+};
+
+struct Barrier
+{
+    int arrived = 0;
+    char const* file = nullptr;
+    int line = 0;
+    unsigned long round = 0;    //!< unique id of the round being gathered
+    unsigned long sequence = 0; //!< rounds completed: its parity picks a warp's word buffer
+};
+
+struct Fiber
+{
+    ucontext_t start;
+    jmp_buf resumeAt;
+    bool started = false;
+    unsigned thread = 0;
+    State state = State::Ready;
+    Barrier const* waitingOn = nullptr;
+};
+
+struct Warp
+{
+    Barrier barrier;
+    int lanes = 0;
+    int finished = 0;
+    uint64_t words[2][kWarpSize][2] = {}; //!< double-buffered by round: lanes may run one round ahead
+    WarpCache cache;
+};
+
+//! The fibers that can run, and which runs next: the lowest thread (schedule 0), the highest (1),
+//! or a random one (a seed > 1). The chosen fiber runs until it blocks or completes a barrier, so
+//! a low-first schedule takes warp 0 as far as it can go before warp 1 starts: a read of another
+//! thread's write without the barrier between them then sees the old value in one schedule or
+//! the other.
+class ReadyFibers
+{
+public:
+    void reset(uint32_t schedule)
+    {
+        mSchedule = schedule;
+        mOrdered.clear();
+        mPool.clear();
+    }
+
+    void add(size_t fiber)
+    {
+        if (mSchedule <= 1)
+        {
+            mOrdered.insert(fiber);
+        }
+        else
+        {
+            mPool.push_back(fiber);
+        }
+    }
+
+    bool empty() const
+    {
+        return mOrdered.empty() && mPool.empty();
+    }
+
+    size_t take(std::mt19937& random)
+    {
+        size_t fiber;
+        if (mSchedule == 0)
+        {
+            fiber = *mOrdered.begin();
+            mOrdered.erase(mOrdered.begin());
+        }
+        else if (mSchedule == 1)
+        {
+            fiber = *mOrdered.rbegin();
+            mOrdered.erase(std::prev(mOrdered.end()));
+        }
+        else
+        {
+            size_t const index = random() % mPool.size();
+            fiber = mPool[index];
+            mPool[index] = mPool.back();
+            mPool.pop_back();
+        }
+        return fiber;
+    }
+
+private:
+    uint32_t mSchedule = 0;
+    std::set<size_t> mOrdered;
+    std::vector<size_t> mPool;
+};
+
+//! Stacks for the fibers, reused by every CTA; each with a guard page below it.
+class Stacks
+{
+public:
+    char* get(size_t index)
+    {
+        while (mStacks.size() <= index)
+        {
+            void* memory = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (memory == MAP_FAILED)
+            {
+                return nullptr;
+            }
+            mprotect(memory, kGuardBytes, PROT_NONE);
+            mStacks.push_back(static_cast<char*>(memory) + kGuardBytes);
+        }
+        return mStacks[index];
+    }
+
+private:
+    std::vector<char*> mStacks; // kept for the process's lifetime
+};
+
+struct Runtime
+{
+    std::mutex launchMutex;
+    jmp_buf scheduler;
+    std::vector<Fiber> fibers;
+    ReadyFibers ready;
+    std::vector<Warp> warps;
+    Barrier block;
+    int finished = 0;
+    Fiber* current = nullptr;
+    std::function<void()> const* body = nullptr;
+    std::string error;
+    Stacks stacks;
+    std::unique_ptr<unsigned char, decltype(&std::free)> shared{nullptr, &std::free};
+    size_t sharedCapacity = 0;
+    unsigned long nextRound = 1;
+    uint32_t schedule = 0;
+    std::mt19937 random;
+    cudaError_t lastError = cudaSuccess;
+    std::string lastMessage;
+    std::map<void const*, size_t> sharedOptIn;
+};
+
+Runtime& runtime()
+{
+    static Runtime instance;
+    return instance;
+}
+
+Fiber& currentFiber()
+{
+    return *runtime().current;
+}
+
+Warp& currentWarp()
+{
+    return runtime().warps[currentFiber().thread / kWarpSize];
+}
+
+void switchToScheduler()
+{
+    Runtime& r = runtime();
+    if (_setjmp(r.current->resumeAt) == 0)
+    {
+        _longjmp(r.scheduler, 1);
+    }
+}
+
+//! Runs ``fiber`` until it next switches back (at a barrier, a collective, its end or a failure).
+__attribute__((noinline)) void resume(Fiber& fiber)
+{
+    Runtime& r = runtime();
+    r.current = &fiber;
+    threadIdx = dim3(fiber.thread);
+    if (_setjmp(r.scheduler) == 0)
+    {
+        if (fiber.started)
+        {
+            _longjmp(fiber.resumeAt, 1);
+        }
+        fiber.started = true;
+        setcontext(&fiber.start);
+    }
+    r.current = nullptr;
+}
+
+void wake(Barrier& barrier)
+{
+    Runtime& r = runtime();
+    for (Fiber& fiber : r.fibers)
+    {
+        if (fiber.state == State::Waiting && fiber.waitingOn == &barrier)
+        {
+            fiber.state = State::Ready;
+            fiber.waitingOn = nullptr;
+            r.ready.add(fiber.thread);
+        }
+    }
+    barrier.arrived = 0;
+    barrier.file = nullptr;
+    barrier.round = r.nextRound++;
+    ++barrier.sequence;
+}
+
+//! Arrive at ``barrier`` of ``expected`` threads; returns the round's id after all arrived.
+unsigned long arrive(Barrier& barrier, int expected, char const* file, int line, char const* what)
+{
+    Fiber& fiber = currentFiber();
+    if (barrier.arrived == 0)
+    {
+        barrier.file = file;
+        barrier.line = line;
+    }
+    else if (barrier.line != line || std::strcmp(barrier.file, file) != 0)
+    {
+        fail("%s at %s:%d reached by thread %u while others wait at %s:%d (divergent)", what, file, line,
+            fiber.thread, barrier.file, barrier.line);
+    }
+    unsigned long const round = barrier.round;
+    if (++barrier.arrived == expected)
+    {
+        wake(barrier);
+        runtime().ready.add(fiber.thread);
+    }
+    else
+    {
+        fiber.state = State::Waiting;
+        fiber.waitingOn = &barrier;
+    }
+    switchToScheduler(); // the others' turn, in the schedule's order
+    return round;
+}
+
+void fiberMain()
+{
+    Runtime& r = runtime();
+    (*r.body)();
+    Fiber& fiber = currentFiber();
+    fiber.state = State::Finished;
+    ++r.finished;
+    ++currentWarp().finished;
+    // Exited threads no longer hold up __syncthreads (as on Volta and later).
+    int const live = static_cast<int>(r.fibers.size()) - r.finished;
+    if (r.block.arrived > 0 && r.block.arrived == live)
+    {
+        wake(r.block);
+    }
+    _longjmp(r.scheduler, 1); // never returns: the fiber's stack is free for the next CTA
+}
+
+std::string describeDeadlock()
+{
+    Runtime const& r = runtime();
+    std::map<std::string, int> waiting;
+    for (Fiber const& fiber : r.fibers)
+    {
+        if (fiber.state == State::Waiting)
+        {
+            char where[512];
+            std::snprintf(where, sizeof(where), "%s:%d", fiber.waitingOn->file, fiber.waitingOn->line);
+            ++waiting[where];
+        }
+    }
+    std::string message = "deadlock:";
+    for (auto const& [where, count] : waiting)
+    {
+        message += " " + std::to_string(count) + " threads wait at " + where + ";";
+    }
+    return message + " " + std::to_string(r.finished) + " finished";
+}
+
+//! Runs one CTA to completion; false (with r.error) if it failed or deadlocked.
+bool runBlock(unsigned threads)
+{
+    Runtime& r = runtime();
+    r.fibers.assign(threads, Fiber{});
+    r.warps.assign((threads + kWarpSize - 1) / kWarpSize, Warp{});
+    r.block = Barrier{};
+    r.block.round = r.nextRound++;
+    r.finished = 0;
+    for (unsigned t = 0; t < threads; ++t)
+    {
+        Warp& warp = r.warps[t / kWarpSize];
+        if (warp.lanes == 0)
+        {
+            warp.barrier.round = r.nextRound++;
+        }
+        ++warp.lanes;
+        Fiber& fiber = r.fibers[t];
+        fiber.thread = t;
+        char* stack = r.stacks.get(t);
+        if (stack == nullptr)
+        {
+            r.error = "out of memory for fiber stacks";
+            return false;
+        }
+        getcontext(&fiber.start);
+        fiber.start.uc_stack.ss_sp = stack;
+        fiber.start.uc_stack.ss_size = kStackBytes;
+        fiber.start.uc_link = nullptr; // fiberMain never returns
+        makecontext(&fiber.start, fiberMain, 0);
+    }
+    r.ready.reset(r.schedule);
+    for (unsigned t = 0; t < threads; ++t)
+    {
+        r.ready.add(t);
+    }
+    while (!r.ready.empty() && r.error.empty())
+    {
+        resume(r.fibers[r.ready.take(r.random)]);
+    }
+    if (r.error.empty() && r.finished < static_cast<int>(threads))
+    {
+        r.error = describeDeadlock();
+    }
+    return r.error.empty();
+}
+
+} // namespace
+
+unsigned long syncThreads(char const* file, int line)
+{
+    Runtime& r = runtime();
+    return arrive(r.block, static_cast<int>(r.fibers.size()) - r.finished, file, line, "__syncthreads");
+}
+
+unsigned long blockRound()
+{
+    return runtime().block.round;
+}
+
+WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second)
+{
+    Warp& warp = currentWarp();
+    int const lane = static_cast<int>(currentFiber().thread % kWarpSize);
+    unsigned const everyLane = warp.lanes == kWarpSize ? ~0u : (1u << warp.lanes) - 1u;
+    if ((mask & everyLane) != everyLane)
+    {
+        fail("warp collective at %s:%d with mask %#x: the emulation runs whole warps only", file, line, mask);
+    }
+    if (warp.finished > 0)
+    {
+        fail("warp collective at %s:%d after lanes of the warp exited", file, line);
+    }
+    auto& words = warp.words[warp.barrier.sequence & 1];
+    words[lane][0] = first;
+    words[lane][1] = second;
+    unsigned long const round = arrive(warp.barrier, warp.lanes, file, line, "warp collective");
+    return WarpRound{words, round, lane};
+}
+
+void syncWarp(char const* file, int line)
+{
+    warpExchange(file, line, ~0u, 0);
+}
+
+WarpCache& warpCache()
+{
+    return currentWarp().cache;
+}
+
+void fail(char const* format, ...)
+{
+    Runtime& r = runtime();
+    char message[1024];
+    va_list arguments;
+    va_start(arguments, format);
+    std::vsnprintf(message, sizeof(message), format, arguments);
+    va_end(arguments);
+    if (r.error.empty())
+    {
+        r.error = message;
+    }
+    Fiber& fiber = currentFiber();
+    fiber.state = State::Finished; // abandoned: never resumed
+    _longjmp(r.scheduler, 1);
+}
+
+unsigned char* dynamicSharedMemory()
+{
+    return runtime().shared.get();
+}
+
+void setSchedule(uint32_t schedule)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    r.schedule = schedule;
+    r.random.seed(schedule);
+}
+
+void setLastError(cudaError_t error)
+{
+    runtime().lastError = error;
+}
+
+size_t maxDynamicShared(void const* kernel)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    auto const found = r.sharedOptIn.find(kernel);
+    return found == r.sharedOptIn.end() ? kDefaultDynamicShared : found->second;
+}
+
+void setMaxDynamicShared(void const* kernel, size_t bytes)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    r.sharedOptIn[kernel] = std::max(bytes, kDefaultDynamicShared);
+}
+
+bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    if (grid.x == 0 || block.x == 0 || block.x > kMaxThreadsPerBlock || grid.y != 1 || grid.z != 1 || block.y != 1
+        || block.z != 1)
+    {
+        r.lastError = cudaErrorInvalidConfiguration; // 1-D grids and blocks are all the kernels use
+        return false;
+    }
+    size_t const capacity = std::max<size_t>(sharedBytes, 16);
+    if (capacity > r.sharedCapacity)
+    {
+        r.shared.reset(static_cast<unsigned char*>(std::aligned_alloc(1024, (capacity + 1023) / 1024 * 1024)));
+        r.sharedCapacity = capacity;
+    }
+    r.body = &body;
+    gridDim = grid;
+    blockDim = block;
+    for (unsigned b = 0; b < grid.x; ++b)
+    {
+        blockIdx = dim3(b);
+        std::memset(r.shared.get(), 0xff, sharedBytes); // garbage, as on a GPU: NaN where read as float
+        r.error.clear();
+        if (!runBlock(block.x))
+        {
+            r.lastError = cudaErrorLaunchFailure;
+            r.lastMessage = "unspecified launch failure (CUDA emulation, block " + std::to_string(b) + ": " + r.error
+                + ")";
+            return false;
+        }
+    }
+    return true;
+}
+
+} // namespace emu
+
+cudaError_t cudaGetLastError()
+{
+    emu::Runtime& r = emu::runtime();
+    cudaError_t const error = r.lastError;
+    r.lastError = cudaSuccess;
+    return error;
+}
+
+cudaError_t cudaPeekAtLastError()
+{
+    return emu::runtime().lastError;
+}
+
+char const* cudaGetErrorString(cudaError_t error)
+{
+    switch (error)
+    {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return emu::runtime().lastMessage.c_str();
+    }
+    return "unknown error";
+}
+
+cudaError_t cudaGetDevice(int* device)
+{
+    *device = 0;
+    return cudaSuccess;
+}
+
+//! For tests: the order fibers resume in, for every later launch (0 forward, 1 reverse, else a
+//! shuffle seeded with it). A correct kernel gives bit-identical results under every schedule.
+extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetSchedule(uint32_t schedule)
+{
+    emu::setSchedule(schedule);
+}

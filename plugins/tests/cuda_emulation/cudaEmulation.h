@@ -1,0 +1,285 @@
+/*
+ * Just enough of CUDA, on the CPU, to run plugins/mra_attention/mraAttentionKernels.cu as written:
+ * CI has no GPU, and this lets it run the kernels' own indexing, tiling, barriers, warp shuffles,
+ * WMMA tiles, radix select and epilogue against the PyTorch reference.
+ *
+ * How it runs a launch: one CTA at a time; each CUDA thread is a fiber on one OS thread,
+ * switched only at __syncthreads, warp collectives (shuffles, ballots, WMMA, __syncwarp) and
+ * CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
+ * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
+ * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
+ * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by
+ * every thread at the same line, a WMMA pointer that differs between lanes or is misaligned, too
+ * much dynamic shared memory without the opt-in. Dynamic shared memory is filled with 0xff
+ * (NaN as float) before each CTA, so reading it before writing shows.
+ *
+ * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
+ * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
+ * build does not), the device's expf (2 ulp), and races between threads that no schedule
+ * exposes. It stands for a GPU in nothing but the kernels' logic.
+ *
+ * The kernel source is compiled with this header forced in first and `<<<`, `>>>` and the
+ * `extern __shared__` declaration rewritten by CMake (plugins/CMakeLists.txt).
+ */
+#ifndef MRA_CUDA_EMULATION_H
+#define MRA_CUDA_EMULATION_H
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static // one CTA runs at a time, so a static is the CTA's shared copy
+#define __syncthreads() ::emu::syncThreads(__FILE__, __LINE__)
+#define __syncwarp(...) ::emu::syncWarp(__FILE__, __LINE__)
+
+struct dim3
+{
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1)
+        : x(x_)
+        , y(y_)
+        , z(z_)
+    {
+    }
+};
+
+struct alignas(16) uint4
+{
+    unsigned x, y, z, w;
+};
+
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w)
+{
+    return uint4{x, y, z, w};
+}
+
+// The running fiber's coordinates; the scheduler sets them before it resumes a fiber.
+inline dim3 threadIdx;
+inline dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+inline int min(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+inline int __popc(unsigned x)
+{
+    return __builtin_popcount(x);
+}
+
+//! Atomic, trivially: no other thread runs until this one reaches a barrier.
+template <typename T>
+T atomicAdd(T* address, T value)
+{
+    T const old = *address;
+    *address = old + value;
+    return old;
+}
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t
+{
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorLaunchFailure = 719,
+};
+
+enum cudaFuncAttribute
+{
+    cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+
+namespace emu
+{
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024; // sm_90's opt-in limit (sm_86/89: 99 KB)
+
+//! A warp collective's view of every lane's two words, after all lanes of the warp arrived.
+struct WarpRound
+{
+    uint64_t const (*words)[2]; //!< [lane][0..1]
+    unsigned long round;        //!< unique per barrier round
+    int lane;
+};
+
+unsigned long syncThreads(char const* file, int line);
+unsigned long blockRound(); //!< the id of the __syncthreads round now being gathered
+void syncWarp(char const* file, int line);
+WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second = 0);
+[[noreturn]] void fail(char const* format, ...) __attribute__((format(printf, 1, 2)));
+unsigned char* dynamicSharedMemory();
+
+//! Whether a result computed once per round (an MMA for its warp, a CUB scan for its block) is
+//! still to be computed for ``round``: the first thread past the barrier computes, the others copy.
+inline bool claimRound(unsigned long round, unsigned long& computedRound)
+{
+    if (computedRound == round)
+    {
+        return false;
+    }
+    computedRound = round;
+    return true;
+}
+
+//! One warp's result of its current collective round (a loaded tile, an MMA): fragments are
+//! uniform across the warp, so one lane computes and the others copy before the next round.
+struct WarpCache
+{
+    unsigned long round = 0;
+    float values[16 * 16];
+};
+
+WarpCache& warpCache();
+
+//! CUB's rule for a collective's TempStorage: a __syncthreads between one use and the next
+//! (else a fast thread overwrites what a slow one still reads). ``lastUse`` is the storage's.
+inline void checkTempStorageReuse(unsigned long& lastUse, char const* collective)
+{
+    if (lastUse == blockRound())
+    {
+        fail("%s: TempStorage reused without a __syncthreads since its last use", collective);
+    }
+}
+
+//! The schedule of later launches: 0 forward, 1 reverse, else shuffled with that seed.
+void setSchedule(uint32_t schedule);
+
+void setLastError(cudaError_t error);
+size_t maxDynamicShared(void const* kernel);
+void setMaxDynamicShared(void const* kernel, size_t bytes);
+bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body);
+
+template <typename T>
+uint64_t bitsOf(T value)
+{
+    static_assert(sizeof(T) <= sizeof(uint64_t), "a warp word holds up to 8 bytes");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof(T));
+    return bits;
+}
+
+template <typename T>
+T fromBits(uint64_t bits)
+{
+    T value;
+    std::memcpy(&value, &bits, sizeof(T));
+    return value;
+}
+
+//! `kernel<<<grid, block, shared, stream>>>(args...)` is rewritten to
+//! `kernel | ::emu::Launch(grid, block, shared, stream) | ::emu::args(args...)`.
+struct Launch
+{
+    dim3 grid, block;
+    size_t sharedBytes;
+    Launch(dim3 grid_, dim3 block_, size_t sharedBytes_ = 0, cudaStream_t = nullptr)
+        : grid(grid_)
+        , block(block_)
+        , sharedBytes(sharedBytes_)
+    {
+    }
+};
+
+template <typename... Params>
+struct BoundLaunch
+{
+    void (*kernel)(Params...);
+    Launch launch;
+};
+
+template <typename... Params>
+BoundLaunch<Params...> operator|(void (*kernel)(Params...), Launch const& launch)
+{
+    return {kernel, launch};
+}
+
+template <typename... Args>
+std::tuple<Args...> args(Args... values)
+{
+    return std::tuple<Args...>(values...);
+}
+
+template <typename... Params, typename... Args>
+void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& arguments)
+{
+    static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
+    // Converted once, as CUDA copies a launch's arguments; every thread calls with the copy.
+    std::tuple<Params...> const converted = std::apply(
+        [](auto const&... values) { return std::tuple<Params...>(values...); }, arguments);
+    auto const kernel = bound.kernel;
+    Launch const& l = bound.launch;
+    if (l.sharedBytes > maxDynamicShared(reinterpret_cast<void const*>(kernel)))
+    {
+        setLastError(cudaErrorInvalidValue); // as CUDA: more than the kernel's opt-in allows
+        return;
+    }
+    runGrid(l.grid, l.block, l.sharedBytes, [&] { std::apply(kernel, converted); });
+}
+
+} // namespace emu
+
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+char const* cudaGetErrorString(cudaError_t error);
+cudaError_t cudaGetDevice(int* device);
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value)
+{
+    if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0
+        || static_cast<size_t>(value) > emu::kMaxDynamicShared)
+    {
+        return cudaErrorInvalidValue;
+    }
+    emu::setMaxDynamicShared(reinterpret_cast<void const*>(kernel), static_cast<size_t>(value));
+    return cudaSuccess;
+}
+
+// ---- warp intrinsics ---------------------------------------------------------------------
+
+#define __shfl_xor_sync(mask, value, laneMask, ...) ::emu::shflXor(__FILE__, __LINE__, mask, value, laneMask)
+#define __ballot_sync(mask, predicate) ::emu::ballot(__FILE__, __LINE__, mask, predicate)
+
+namespace emu
+{
+
+template <typename T>
+T shflXor(char const* file, int line, unsigned mask, T value, int laneMask)
+{
+    WarpRound const round = warpExchange(file, line, mask, bitsOf(value));
+    return fromBits<T>(round.words[(round.lane ^ laneMask) & (kWarpSize - 1)][0]);
+}
+
+inline unsigned ballot(char const* file, int line, unsigned mask, int predicate)
+{
+    WarpRound const round = warpExchange(file, line, mask, predicate != 0 ? 1 : 0);
+    unsigned result = 0;
+    for (int lane = 0; lane < kWarpSize; ++lane)
+    {
+        result |= ((mask >> lane) & 1u) != 0 && round.words[lane][0] != 0 ? 1u << lane : 0u;
+    }
+    return result;
+}
+
+} // namespace emu
+
+#endif // MRA_CUDA_EMULATION_H

@@ -1,0 +1,330 @@
+/*
+ * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
+ * computes (shuffles, ballots, WMMA, CUB's block collectives, barriers) and that it fails where a
+ * GPU would hang or be undefined. Prints "N passed, M failed"; exit status 1 on a failure.
+ * Launches are written in the form CMake rewrites `<<<...>>>` into for the kernels' source.
+ */
+#include "cudaEmulation.h"
+#include "expect.h"
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
+
+using checks::expect;
+
+namespace
+{
+
+//! The launch's error and message, cleared.
+std::string launchError()
+{
+    cudaError_t const error = cudaGetLastError();
+    return error == cudaSuccess ? std::string() : std::string(cudaGetErrorString(error));
+}
+
+bool contains(std::string const& text, char const* part)
+{
+    return text.find(part) != std::string::npos;
+}
+
+// ---- kernels -------------------------------------------------------------------------------
+
+__global__ void shuffleAndBallot(int* sums, unsigned* ballots)
+{
+    int value = static_cast<int>(threadIdx.x);
+    for (int offset = 16; offset > 0; offset /= 2)
+    {
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    }
+    sums[threadIdx.x] = value;
+    ballots[threadIdx.x] = __ballot_sync(0xffffffffu, threadIdx.x % 3 == 0);
+}
+
+__global__ void sharedWithBarrier(int* out)
+{
+    __shared__ int cells[64];
+    cells[threadIdx.x] = static_cast<int>(threadIdx.x) * 10;
+    __syncthreads();
+    out[threadIdx.x] = cells[(threadIdx.x + 1) % 64];
+}
+
+__global__ void sharedWithoutBarrier(int* out)
+{
+    __shared__ int cells[64];
+    cells[threadIdx.x] = static_cast<int>(threadIdx.x) * 10 + static_cast<int>(blockIdx.x);
+    __syncwarp(); // a warp barrier only: thread 31 reads thread 32's cell, another warp's
+    out[threadIdx.x] = cells[(threadIdx.x + 1) % 64];
+}
+
+__global__ void divergentBarrier(int* out)
+{
+    if (threadIdx.x < 16)
+    {
+        __syncthreads();
+    }
+    else
+    {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1;
+}
+
+__global__ void collectiveAfterExit(int* out)
+{
+    if (threadIdx.x == 5)
+    {
+        return;
+    }
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+
+__global__ void earlyExitBeforeBarrier(int* out)
+{
+    if (threadIdx.x >= 32)
+    {
+        return; // exited threads do not hold up __syncthreads
+    }
+    __syncthreads();
+    out[threadIdx.x] = 2;
+}
+
+__global__ void blockCollectives(float* maxima, int* prefixes, int* totals)
+{
+    using Reduce = cub::BlockReduce<float, 128>;
+    using Scan = cub::BlockScan<int, 128>;
+    __shared__ typename Reduce::TempStorage reduceStorage;
+    __shared__ typename Scan::TempStorage scanStorage;
+    float const maximum = Reduce(reduceStorage).Reduce(static_cast<float>((threadIdx.x * 37) % 128), [](float a, float b) {
+        return a > b ? a : b;
+    });
+    if (threadIdx.x == 0)
+    {
+        maxima[blockIdx.x] = maximum;
+    }
+    int prefix;
+    int total;
+    Scan(scanStorage).ExclusiveSum(static_cast<int>(threadIdx.x % 4), prefix, total);
+    prefixes[blockIdx.x * 128 + threadIdx.x] = prefix;
+    totals[blockIdx.x * 128 + threadIdx.x] = total;
+}
+
+__global__ void scanTwiceWithoutBarrier(int* out)
+{
+    using Scan = cub::BlockScan<int, 64>;
+    __shared__ typename Scan::TempStorage storage;
+    int prefix;
+    int total;
+    Scan(storage).ExclusiveSum(1, prefix, total);
+    Scan(storage).ExclusiveSum(2, prefix, total); // CUB needs a __syncthreads before this reuse
+    out[threadIdx.x] = prefix;
+}
+
+__global__ void wmmaProduct(__half const* a, __half const* b, float* c, int offset)
+{
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+    wmma::fill_fragment(fc, 1.0f);
+    wmma::load_matrix_sync(fa, a + offset, 16);
+    wmma::load_matrix_sync(fb, b, 16);
+    wmma::mma_sync(fc, fa, fb, fc);
+    wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+}
+
+__global__ void wmmaLaneDependentPointer(__half const* a, float* c)
+{
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + (threadIdx.x % 2) * 16, 16);
+    c[threadIdx.x] = 0.0f;
+}
+
+__global__ void readsDynamicShared(float* out)
+{
+    float* scratch = reinterpret_cast<float*>(::emu::dynamicSharedMemory());
+    out[threadIdx.x] = scratch[threadIdx.x]; // never written: garbage, as on a GPU
+}
+
+__global__ void usesMuchSharedMemory(int* out)
+{
+    unsigned char* scratch = ::emu::dynamicSharedMemory();
+    scratch[64 * 1024 - 1] = 7;
+    out[0] = scratch[64 * 1024 - 1];
+}
+
+// ---- checks --------------------------------------------------------------------------------
+
+void checkShufflesAndBallots()
+{
+    std::vector<int> sums(64);
+    std::vector<unsigned> ballots(64);
+    shuffleAndBallot | ::emu::Launch(1, 64) | ::emu::args(sums.data(), ballots.data());
+    expect(launchError().empty(), "shuffle kernel runs");
+    bool sumsRight = true;
+    bool ballotsRight = true;
+    for (int t = 0; t < 64; ++t)
+    {
+        int const warpBase = (t / 32) * 32;
+        sumsRight &= sums[t] == 32 * warpBase + 31 * 32 / 2; // sum of the warp's lane ids
+        unsigned expected = 0;
+        for (int lane = 0; lane < 32; ++lane)
+        {
+            expected |= (warpBase + lane) % 3 == 0 ? 1u << lane : 0u;
+        }
+        ballotsRight &= ballots[t] == expected;
+    }
+    expect(sumsRight, "__shfl_xor_sync butterfly sums every lane of its own warp");
+    expect(ballotsRight, "__ballot_sync sets bit l for each lane l whose predicate holds");
+}
+
+void checkBarriersAndSchedules()
+{
+    std::vector<int> out(64);
+    bool barrierHolds = true;
+    for (uint32_t schedule : {0u, 1u, 7u})
+    {
+        mraCudaEmulationSetSchedule(schedule);
+        sharedWithBarrier | ::emu::Launch(1, 64) | ::emu::args(out.data());
+        for (int t = 0; t < 64; ++t)
+        {
+            barrierHolds &= out[t] == ((t + 1) % 64) * 10;
+        }
+    }
+    expect(barrierHolds, "with __syncthreads every schedule reads the neighbour's value");
+
+    std::vector<int> forward(64);
+    std::vector<int> reverse(64);
+    mraCudaEmulationSetSchedule(0);
+    sharedWithoutBarrier | ::emu::Launch(2, 64) | ::emu::args(forward.data());
+    mraCudaEmulationSetSchedule(1);
+    sharedWithoutBarrier | ::emu::Launch(2, 64) | ::emu::args(reverse.data());
+    mraCudaEmulationSetSchedule(0);
+    expect(forward[31] != reverse[31], "a read without its barrier differs between schedules");
+    expect(forward[0] == reverse[0] && forward[0] == 10 + 1, "reads within a warp after __syncwarp agree");
+
+    divergentBarrier | ::emu::Launch(1, 32) | ::emu::args(out.data());
+    std::string error = launchError();
+    expect(contains(error, "divergent") && contains(error, "__syncthreads"),
+        "__syncthreads at two lines fails the launch as divergent");
+
+    collectiveAfterExit | ::emu::Launch(1, 32) | ::emu::args(out.data());
+    expect(contains(launchError(), "after lanes of the warp exited"), "a full-mask shuffle after a lane exited fails");
+
+    std::fill(out.begin(), out.end(), 0);
+    earlyExitBeforeBarrier | ::emu::Launch(1, 64) | ::emu::args(out.data());
+    expect(launchError().empty() && out[0] == 2 && out[31] == 2 && out[32] == 0,
+        "threads that exited do not hold up __syncthreads");
+}
+
+void checkBlockCollectives()
+{
+    std::vector<float> maxima(2);
+    std::vector<int> prefixes(256);
+    std::vector<int> totals(256);
+    blockCollectives | ::emu::Launch(2, 128) | ::emu::args(maxima.data(), prefixes.data(), totals.data());
+    expect(launchError().empty(), "CUB block collectives run");
+    bool right = maxima[0] == 127.0f && maxima[1] == 127.0f;
+    for (int b = 0; b < 2; ++b)
+    {
+        int sum = 0;
+        for (int t = 0; t < 128; ++t)
+        {
+            right &= prefixes[b * 128 + t] == sum && totals[b * 128 + t] == 192;
+            sum += t % 4;
+        }
+    }
+    expect(right, "BlockReduce's maximum (thread 0) and BlockScan's exclusive sums and total");
+
+    scanTwiceWithoutBarrier | ::emu::Launch(1, 64) | ::emu::args(prefixes.data());
+    expect(contains(launchError(), "TempStorage reused without a __syncthreads"),
+        "a CUB TempStorage reused without a barrier in between fails");
+
+    blockCollectives | ::emu::Launch(1, 64) | ::emu::args(maxima.data(), prefixes.data(), totals.data());
+    expect(contains(launchError(), "BlockReduce<T, 128> used in a block of 64 threads"),
+        "a CUB collective in a block of another size fails");
+}
+
+void checkWmma()
+{
+    std::mt19937 random(5);
+    std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+    alignas(32) __half a[16 * 16 + 16];
+    alignas(32) __half b[16 * 16];
+    alignas(32) float c[16 * 16];
+    for (__half& x : a)
+    {
+        x = __float2half_rn(uniform(random));
+    }
+    for (__half& x : b)
+    {
+        x = __float2half_rn(uniform(random));
+    }
+    wmmaProduct | ::emu::Launch(1, 32) | ::emu::args(a, b, c, 0);
+    expect(launchError().empty(), "WMMA kernel runs");
+    double worst = 0.0;
+    for (int r = 0; r < 16; ++r)
+    {
+        for (int col = 0; col < 16; ++col)
+        {
+            double expected = 1.0;
+            for (int k = 0; k < 16; ++k) // B column-major: element (k, col) at b[col * 16 + k]
+            {
+                expected += static_cast<double>(__half2float(a[r * 16 + k])) * __half2float(b[col * 16 + k]);
+            }
+            worst = std::max(worst, std::abs(expected - c[r * 16 + col]));
+        }
+    }
+    expect(worst < 1e-5, "mma_sync gives A * B + C (row-major A, column-major B)");
+
+    wmmaProduct | ::emu::Launch(1, 32) | ::emu::args(a, b, c, 8); // 16 bytes off
+    expect(contains(launchError(), "is not 256-bit aligned"), "a WMMA pointer off 32 bytes fails");
+
+    wmmaLaneDependentPointer | ::emu::Launch(1, 32) | ::emu::args(a, c);
+    expect(contains(launchError(), "pass different pointers"), "lanes with different WMMA pointers fail");
+}
+
+void checkMemoryAndLimits()
+{
+    std::vector<float> out(32);
+    readsDynamicShared | ::emu::Launch(1, 32, 32 * sizeof(float)) | ::emu::args(out.data());
+    expect(launchError().empty() && std::isnan(out[0]) && std::isnan(out[31]),
+        "dynamic shared memory starts as garbage (NaN as float)");
+
+    std::vector<int> flag(1);
+    usesMuchSharedMemory | ::emu::Launch(1, 32, 64 * 1024) | ::emu::args(flag.data());
+    expect(launchError() == "invalid argument", "64 KB of dynamic shared memory without the opt-in is refused");
+    expect(cudaFuncSetAttribute(usesMuchSharedMemory, cudaFuncAttributeMaxDynamicSharedMemorySize, 300 * 1024)
+            == cudaErrorInvalidValue,
+        "an opt-in past the device's 227 KB is refused");
+    expect(cudaFuncSetAttribute(usesMuchSharedMemory, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024)
+            == cudaSuccess,
+        "the opt-in to 64 KB is accepted");
+    usesMuchSharedMemory | ::emu::Launch(1, 32, 64 * 1024) | ::emu::args(flag.data());
+    expect(launchError().empty() && flag[0] == 7, "after the opt-in the launch runs");
+
+    readsDynamicShared | ::emu::Launch(1, 2048) | ::emu::args(out.data());
+    expect(launchError() == "invalid configuration argument", "more than 1024 threads per block are refused");
+}
+
+} // namespace
+
+int main()
+{
+    checkShufflesAndBallots();
+    checkBarriersAndSchedules();
+    checkBlockCollectives();
+    checkWmma();
+    checkMemoryAndLimits();
+    return checks::report();
+}

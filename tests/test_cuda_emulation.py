@@ -1,0 +1,155 @@
+"""The CUDA kernels' own source (plugins/mra_attention/mraAttentionKernels.cu), run on the CPU under
+plugins/tests/cuda_emulation, against the PyTorch reference.
+
+This is what CI can check of the kernels without a GPU: their indexing, tiling, masking, barriers,
+warp shuffles, WMMA tiles, radix select, tie rule and epilogue, under several thread schedules.
+It says nothing of their speed, of tensor-core rounding, of FMA contraction or of the device's
+expf; tests/test_cuda_kernels.py and tools/gpu_check.py check those on a GPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mra_export import native
+from mra_export.attention import mra_attention
+from mra_export.kernel_check import compare_with_reference
+
+from .conftest import random_qkv, ragged_mask
+from .test_cpu_reference import (CASES, TOLERANCE, assert_exact_ties_go_to_the_lower_flat_index,
+                                 assert_head_dim_and_logit_scale,
+                                 assert_matches_pytorch_with_ragged_and_empty_masks, check)
+
+SCHEDULES = [0, 1, 2, 7]  # lowest thread first, highest first, two random ones
+HALF_TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, as on a GPU
+
+
+@pytest.fixture(autouse=True)
+def lowest_thread_first(emulated_kernels):
+    emulated_kernels.set_schedule(0)
+    yield
+    emulated_kernels.set_schedule(0)
+
+
+@pytest.mark.parametrize("seq_len,num_blocks,mode,priors", CASES)
+def test_matches_pytorch_with_ragged_and_empty_masks(emulated_kernels, seq_len, num_blocks, mode,
+                                                     priors):
+    """The C++ twin's grid (tests/test_cpu_reference.py): lengths 1-257, num_blocks below and
+    above nb and nb**2, both modes, priors, an all-padding sample; same blocks, <= 1e-5."""
+    assert_matches_pytorch_with_ragged_and_empty_masks(emulated_kernels, seq_len, num_blocks, mode,
+                                                       priors)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_head_dims_and_logit_scales(emulated_kernels, head_dim, scale):
+    assert_head_dim_and_logit_scale(emulated_kernels, head_dim, scale)
+
+
+def test_more_than_128_blocks_per_row(emulated_kernels):
+    """Past 4096 tokens the low-resolution term and the selection's scans take several chunks
+    of their thread blocks (nb = 132 > 128 threads; 17424 cells > 1024 threads)."""
+    q, k, v = random_qkv(1, 1, 4200, 32, seed=42)
+    mask = ragged_mask(1, 4200, [4150])
+    assert check(emulated_kernels, q, k, v, mask, num_blocks=4 * 132) <= TOLERANCE
+
+
+def test_exact_ties_go_to_the_lower_flat_index(emulated_kernels):
+    assert_exact_ties_go_to_the_lower_flat_index(emulated_kernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_half_precision_tensor_core_path(emulated_kernels, dtype, head_dim):
+    """fp16 and bf16 take the WMMA path (weights rounded to the storage type before P.V)."""
+    q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 200, head_dim, seed=head_dim))
+    mask = ragged_mask(3, 200, [200, 120, 0])
+    for kw in (dict(num_blocks=20, approx_mode="full", initial_prior_diagonal_n_blocks=3),
+               dict(num_blocks=6, approx_mode="sparse")):  # rows with no block at all
+        ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+        assert ours.dtype == dtype
+        result = compare_with_reference(ours, selected, q, k, v, mask, relative=True,
+                                        tolerance=HALF_TOLERANCES[dtype], **kw)
+        assert result.passed and result.same_blocks, result.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_real_keys_far_below_a_padded_key_maximum_do_not_underflow(emulated_kernels, dtype):
+    """As in test_cuda_kernels.py: padded keys (logit 0) set M, real logits are -14; the kernels
+    take the exponentials against the real keys' maximum, so fp16 weights do not go subnormal."""
+    _, _, v = random_qkv(1, 2, 64, 64, seed=21)
+    q, k = torch.zeros_like(v), torch.zeros_like(v)
+    q[..., 0], k[..., 0] = 1.0, -112.0  # real logits 1 * -112 / sqrt(64) = -14
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = ragged_mask(1, 64, [40])
+    kw = dict(num_blocks=4, approx_mode="sparse")
+    ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+    result = compare_with_reference(ours, selected, q, k, v, mask, tolerance=2e-3, relative=True,
+                                    **kw)
+    assert result.passed, result.summary()
+    assert ours[0, :, :40].float().abs().amax().item() > 0.1
+
+
+def test_rows_whose_logits_are_all_below_minus_1e5_keep_the_floor(emulated_kernels):
+    _, _, v = random_qkv(1, 2, 64, 64, seed=11)
+    q, k = torch.zeros_like(v), torch.zeros_like(v)
+    q[..., 0], k[..., 0] = 1000.0, -1500.0  # every logit -1.875e5
+    mask = torch.ones(1, 64)
+    for mode in ("full", "sparse"):
+        assert check(emulated_kernels, q, k, v, mask, num_blocks=4, approx_mode=mode) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_thread_schedule_gives_the_same_bits(emulated_kernels, dtype):
+    """A barrier missing between a write to shared memory and another thread's read of it
+    changes the result under one schedule or another (each one, removed, did in a trial)."""
+    q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 150, 64, seed=8))
+    mask = ragged_mask(3, 150, [150, 70, 0])
+    for kw in (dict(num_blocks=16, approx_mode="full", initial_prior_first_n_blocks=1,
+                    initial_prior_diagonal_n_blocks=3),
+               dict(num_blocks=4, approx_mode="sparse")):
+        results = []
+        for schedule in SCHEDULES:
+            emulated_kernels.set_schedule(schedule)
+            results.append(emulated_kernels.attention(q, k, v, mask, **kw))
+        first_output, first_selected = results[0]
+        expected = mra_attention(q.float(), k.float(), v.float(), mask, **kw)
+        assert (first_output.float() - expected).abs().max().item() <= (
+            TOLERANCE if dtype == torch.float32 else 2e-3 * expected.abs().max().item())
+        for output, selected in results[1:]:
+            assert torch.equal(output, first_output) and torch.equal(selected, first_selected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 2), seq_len=st.integers(1, 150),
+       head_dim=st.sampled_from([32, 64, 128]), num_blocks=st.integers(1, 40),
+       mode=st.sampled_from(["full", "sparse"]), first=st.integers(0, 2),
+       diagonal=st.integers(0, 4), schedule=st.sampled_from(SCHEDULES),
+       seed=st.integers(0, 10_000), data=st.data())
+def test_random_problems(emulated_kernels, batch, heads, seq_len, head_dim, num_blocks, mode,
+                         first, diagonal, schedule, seed, data):
+    lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch))
+    q, k, v = random_qkv(batch, heads, seq_len, head_dim, seed=seed)
+    mask = ragged_mask(batch, seq_len, lengths)
+    emulated_kernels.set_schedule(schedule)
+    kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=first,
+              initial_prior_diagonal_n_blocks=diagonal)
+    assert check(emulated_kernels, q, k, v, mask, **kw) <= TOLERANCE
+
+
+def test_the_emulation_checks_itself(emulated_kernels):
+    """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, WMMA, CUB's block
+    collectives and barriers against known answers, and a failed launch (not a hang or a wrong
+    answer) where a GPU would hang or be undefined."""
+    program = native.build_dir() / "mra_cuda_emulation_test"
+    if not program.is_file():
+        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target",
+                        "mra_cuda_emulation_test"], check=True, capture_output=True)
+    result = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(" passed, 0 failed")
