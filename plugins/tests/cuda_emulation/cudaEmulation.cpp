@@ -5,8 +5,7 @@
  * A fiber starts with makecontext/setcontext and then switches with _setjmp/_longjmp, which
  * (unlike swapcontext) make no system call: a run switches millions of times.
  */
-#undef _FORTIFY_SOURCE // its longjmp check refuses jumps between stacks, which fibers are
-#include "cudaEmulation.h"
+#include "cudaEmulation.h" // built with -U_FORTIFY_SOURCE: its longjmp check refuses jumps between stacks
 
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -23,10 +22,24 @@
 #include <string>
 #include <vector>
 
+// The linker's bounds of the section every __shared__ variable is placed in (cudaEmulation.h).
+extern "C" unsigned char __start_mra_emulated_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" unsigned char __stop_mra_emulated_shared[] __attribute__((weak, visibility("hidden")));
+
 namespace emu
 {
 namespace
 {
+
+//! Fills every static __shared__ variable with garbage, as a new CTA's shared memory is.
+void poisonStaticShared()
+{
+    if (__start_mra_emulated_shared != nullptr) // none in a program without __shared__ variables
+    {
+        std::memset(__start_mra_emulated_shared, 0xff,
+            static_cast<size_t>(__stop_mra_emulated_shared - __start_mra_emulated_shared));
+    }
+}
 
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096; // below each stack, unmapped: an overflow faults at once
@@ -151,6 +164,72 @@ private:
     std::vector<char*> mStacks; // kept for the process's lifetime
 };
 
+//! A launch's dynamic shared memory: exactly the bytes asked for, 128-byte aligned, ending less
+//! than 128 bytes before an unmapped page. A read or write past the end faults (a GPU reports an
+//! illegal address); one into the gap before the page changes a canary checked after each CTA.
+class DynamicShared
+{
+public:
+    ~DynamicShared()
+    {
+        release();
+    }
+
+    bool prepare(size_t bytes)
+    {
+        release();
+        size_t const pages = (bytes + 128 + kPage - 1) / kPage;
+        void* mapped = mmap(nullptr, (pages + 1) * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mapped == MAP_FAILED)
+        {
+            return false;
+        }
+        mMapped = static_cast<unsigned char*>(mapped);
+        mPages = pages + 1;
+        mGuard = mMapped + pages * kPage;
+        mprotect(mGuard, kPage, PROT_NONE);
+        mStart = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(mGuard) - bytes) & ~uintptr_t{127});
+        mBytes = bytes;
+        return true;
+    }
+
+    //! Garbage, as a new CTA's shared memory is (NaN where read as float), and the canary.
+    void poison()
+    {
+        std::memset(mStart, 0xff, mBytes);
+        std::memset(mStart + mBytes, kCanary, static_cast<size_t>(mGuard - (mStart + mBytes)));
+    }
+
+    bool canaryIntact() const
+    {
+        return std::all_of(mStart + mBytes, mGuard, [](unsigned char byte) { return byte == kCanary; });
+    }
+
+    unsigned char* start() const
+    {
+        return mStart;
+    }
+
+private:
+    static constexpr size_t kPage = 4096;
+    static constexpr unsigned char kCanary = 0xa5;
+
+    void release()
+    {
+        if (mMapped != nullptr)
+        {
+            munmap(mMapped, mPages * kPage);
+            mMapped = nullptr;
+        }
+    }
+
+    unsigned char* mMapped = nullptr;
+    size_t mPages = 0;
+    unsigned char* mGuard = nullptr;
+    unsigned char* mStart = nullptr;
+    size_t mBytes = 0;
+};
+
 struct Runtime
 {
     std::mutex launchMutex;
@@ -164,8 +243,7 @@ struct Runtime
     std::function<void()> const* body = nullptr;
     std::string error;
     Stacks stacks;
-    std::unique_ptr<unsigned char, decltype(&std::free)> shared{nullptr, &std::free};
-    size_t sharedCapacity = 0;
+    DynamicShared shared;
     unsigned long nextRound = 1;
     uint32_t schedule = 0;
     std::mt19937 random;
@@ -302,6 +380,22 @@ std::string describeDeadlock()
     return message + " " + std::to_string(r.finished) + " finished";
 }
 
+//! The order CTAs run in: ascending under schedule 0, descending under 1, else shuffled.
+std::vector<unsigned> ctaOrder(unsigned count)
+{
+    Runtime& r = runtime();
+    std::vector<unsigned> order(count);
+    for (unsigned b = 0; b < count; ++b)
+    {
+        order[b] = r.schedule == 1 ? count - 1 - b : b;
+    }
+    if (r.schedule > 1)
+    {
+        std::shuffle(order.begin(), order.end(), r.random);
+    }
+    return order;
+}
+
 //! Runs one CTA to completion; false (with r.error) if it failed or deadlocked.
 bool runBlock(unsigned threads)
 {
@@ -411,7 +505,7 @@ void fail(char const* format, ...)
 
 unsigned char* dynamicSharedMemory()
 {
-    return runtime().shared.get();
+    return runtime().shared.start();
 }
 
 void setSchedule(uint32_t schedule)
@@ -452,21 +546,26 @@ bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> co
         r.lastError = cudaErrorInvalidConfiguration; // 1-D grids and blocks are all the kernels use
         return false;
     }
-    size_t const capacity = std::max<size_t>(sharedBytes, 16);
-    if (capacity > r.sharedCapacity)
+    if (!r.shared.prepare(sharedBytes))
     {
-        r.shared.reset(static_cast<unsigned char*>(std::aligned_alloc(1024, (capacity + 1023) / 1024 * 1024)));
-        r.sharedCapacity = capacity;
+        r.lastError = cudaErrorMemoryAllocation;
+        return false;
     }
     r.body = &body;
     gridDim = grid;
     blockDim = block;
-    for (unsigned b = 0; b < grid.x; ++b)
+    for (unsigned b : ctaOrder(grid.x))
     {
         blockIdx = dim3(b);
-        std::memset(r.shared.get(), 0xff, sharedBytes); // garbage, as on a GPU: NaN where read as float
+        r.shared.poison();
+        poisonStaticShared();
         r.error.clear();
-        if (!runBlock(block.x))
+        bool const ran = runBlock(block.x);
+        if (ran && !r.shared.canaryIntact())
+        {
+            r.error = "wrote past its " + std::to_string(sharedBytes) + " bytes of dynamic shared memory";
+        }
+        if (!r.error.empty())
         {
             r.lastError = cudaErrorLaunchFailure;
             r.lastMessage = "unspecified launch failure (CUDA emulation, block " + std::to_string(b) + ": " + r.error
@@ -499,6 +598,7 @@ char const* cudaGetErrorString(cudaError_t error)
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorLaunchFailure: return emu::runtime().lastMessage.c_str();
     }
     return "unknown error";

@@ -10,13 +10,17 @@
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
  * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by
  * every thread at the same line, a WMMA pointer that differs between lanes or is misaligned, too
- * much dynamic shared memory without the opt-in. Dynamic shared memory is filled with 0xff
- * (NaN as float) before each CTA, so reading it before writing shows.
+ * much dynamic shared memory without the opt-in, an access past the dynamic shared memory. Shared
+ * memory, static and dynamic, is filled with 0xff (NaN as float) before each CTA, so reading it
+ * before writing shows; CTAs run in ascending, descending or shuffled order with the schedule.
  *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
- * build does not), the device's expf (2 ulp), and races between threads that no schedule
- * exposes. It stands for a GPU in nothing but the kernels' logic.
+ * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses, and races
+ * that no schedule exposes. In particular every warp collective (shuffle, ballot, WMMA call)
+ * lets all lanes arrive before any goes on, so it also orders the lanes' memory accesses, which
+ * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
+ * caught. It stands for a GPU in nothing but the kernels' logic.
  *
  * The kernel source is compiled with this header forced in first and `<<<`, `>>>` and the
  * `extern __shared__` declaration rewritten by CMake (plugins/CMakeLists.txt).
@@ -40,7 +44,9 @@
 #define __launch_bounds__(...)
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static // one CTA runs at a time, so a static is the CTA's shared copy
+// One CTA runs at a time, so a static is the CTA's shared copy. Its own section lets the runtime
+// fill every one with 0xff before each CTA, as it does dynamic shared memory.
+#define __shared__ static __attribute__((section("mra_emulated_shared")))
 #define __syncthreads() ::emu::syncThreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::emu::syncWarp(__FILE__, __LINE__)
 
@@ -96,6 +102,7 @@ enum cudaError_t
 {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorLaunchFailure = 719,
 };
@@ -111,7 +118,9 @@ namespace emu
 constexpr int kWarpSize = 32;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
-constexpr size_t kMaxDynamicShared = 227 * 1024; // sm_90's opt-in limit (sm_86/89: 99 KB)
+// The smallest opt-in limit of the default architectures: sm_86/89 (sm_80: 163 KB, sm_90: 227 KB).
+// Static shared memory is not added to it here (the kernels' largest is 9.6 KB).
+constexpr size_t kMaxDynamicShared = 99 * 1024;
 
 //! A warp collective's view of every lane's two words, after all lanes of the warp arrived.
 struct WarpRound
@@ -256,15 +265,20 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, in
 
 // ---- warp intrinsics ---------------------------------------------------------------------
 
-#define __shfl_xor_sync(mask, value, laneMask, ...) ::emu::shflXor(__FILE__, __LINE__, mask, value, laneMask)
+#define __shfl_xor_sync(mask, value, laneMask, ...)                                                                    \
+    ::emu::shflXor(__FILE__, __LINE__, mask, value, laneMask, ##__VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::emu::ballot(__FILE__, __LINE__, mask, predicate)
 
 namespace emu
 {
 
 template <typename T>
-T shflXor(char const* file, int line, unsigned mask, T value, int laneMask)
+T shflXor(char const* file, int line, unsigned mask, T value, int laneMask, int width = kWarpSize)
 {
+    if (width != kWarpSize)
+    {
+        fail("__shfl_xor_sync at %s:%d with width %d: the emulation shuffles whole warps only", file, line, width);
+    }
     WarpRound const round = warpExchange(file, line, mask, bitsOf(value));
     return fromBits<T>(round.words[(round.lane ^ laneMask) & (kWarpSize - 1)][0]);
 }

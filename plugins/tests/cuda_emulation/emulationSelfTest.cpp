@@ -61,7 +61,7 @@ __global__ void sharedWithBarrier(int* out)
 __global__ void sharedWithoutBarrier(int* out)
 {
     __shared__ int cells[64];
-    cells[threadIdx.x] = static_cast<int>(threadIdx.x) * 10 + static_cast<int>(blockIdx.x);
+    cells[threadIdx.x] = static_cast<int>(threadIdx.x) * 10;
     __syncwarp(); // a warp barrier only: thread 31 reads thread 32's cell, another warp's
     out[threadIdx.x] = cells[(threadIdx.x + 1) % 64];
 }
@@ -156,6 +156,18 @@ __global__ void readsDynamicShared(float* out)
     out[threadIdx.x] = scratch[threadIdx.x]; // never written: garbage, as on a GPU
 }
 
+__global__ void readsStaticShared(int* out)
+{
+    __shared__ int cell;
+    out[blockIdx.x] = cell; // never written in this CTA: garbage, whatever the CTA before left
+    cell = 5;
+}
+
+__global__ void writesPastDynamicShared(int)
+{
+    ::emu::dynamicSharedMemory()[100] = 1; // one byte past a launch's 100 bytes
+}
+
 __global__ void usesMuchSharedMemory(int* out)
 {
     unsigned char* scratch = ::emu::dynamicSharedMemory();
@@ -206,12 +218,13 @@ void checkBarriersAndSchedules()
     std::vector<int> forward(64);
     std::vector<int> reverse(64);
     mraCudaEmulationSetSchedule(0);
-    sharedWithoutBarrier | ::emu::Launch(2, 64) | ::emu::args(forward.data());
+    sharedWithoutBarrier | ::emu::Launch(1, 64) | ::emu::args(forward.data());
     mraCudaEmulationSetSchedule(1);
-    sharedWithoutBarrier | ::emu::Launch(2, 64) | ::emu::args(reverse.data());
+    sharedWithoutBarrier | ::emu::Launch(1, 64) | ::emu::args(reverse.data());
     mraCudaEmulationSetSchedule(0);
-    expect(forward[31] != reverse[31], "a read without its barrier differs between schedules");
-    expect(forward[0] == reverse[0] && forward[0] == 10 + 1, "reads within a warp after __syncwarp agree");
+    expect(forward[31] == -1 && reverse[31] == 320,
+        "a read of another warp's write without __syncthreads sees garbage when warp 0 runs first");
+    expect(forward[0] == 10 && reverse[0] == 10, "reads within a warp after __syncwarp agree");
 
     divergentBarrier | ::emu::Launch(1, 32) | ::emu::args(out.data());
     std::string error = launchError();
@@ -301,12 +314,21 @@ void checkMemoryAndLimits()
     expect(launchError().empty() && std::isnan(out[0]) && std::isnan(out[31]),
         "dynamic shared memory starts as garbage (NaN as float)");
 
+    writesPastDynamicShared | ::emu::Launch(1, 1, 100) | ::emu::args(0);
+    expect(contains(launchError(), "wrote past its 100 bytes of dynamic shared memory"),
+        "a write past the dynamic shared memory fails the launch");
+
+    std::vector<int> cells(2);
+    readsStaticShared | ::emu::Launch(2, 1) | ::emu::args(cells.data());
+    expect(launchError().empty() && cells[0] == -1 && cells[1] == -1,
+        "static __shared__ variables start as garbage in every CTA");
+
     std::vector<int> flag(1);
     usesMuchSharedMemory | ::emu::Launch(1, 32, 64 * 1024) | ::emu::args(flag.data());
     expect(launchError() == "invalid argument", "64 KB of dynamic shared memory without the opt-in is refused");
-    expect(cudaFuncSetAttribute(usesMuchSharedMemory, cudaFuncAttributeMaxDynamicSharedMemorySize, 300 * 1024)
+    expect(cudaFuncSetAttribute(usesMuchSharedMemory, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024)
             == cudaErrorInvalidValue,
-        "an opt-in past the device's 227 KB is refused");
+        "an opt-in past sm_86/89's 99 KB is refused");
     expect(cudaFuncSetAttribute(usesMuchSharedMemory, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024)
             == cudaSuccess,
         "the opt-in to 64 KB is accepted");

@@ -111,14 +111,16 @@ void storeMatrixAt(char const* file, int line, float* pointer, fragment<accumula
     unsigned ldm, layout_t layout)
 {
     detail::checkOperand(file, line, "store_matrix_sync", pointer, ldm, sizeof(float));
-    for (int r = 0; r < M; ++r)
+    // Each lane stores its own share of the tile (on a GPU, the elements its fragment registers
+    // hold; which ones is unspecified): reading other lanes' elements needs a barrier first.
+    int const lane = static_cast<int>(threadIdx.x % emu::kWarpSize);
+    for (int element = lane; element < M * N; element += emu::kWarpSize)
     {
-        for (int c = 0; c < N; ++c)
-        {
-            size_t const offset = layout == mem_col_major ? static_cast<size_t>(c) * ldm + r
-                                                          : static_cast<size_t>(r) * ldm + c;
-            pointer[offset] = f.element[r * N + c];
-        }
+        int const r = element / N;
+        int const c = element % N;
+        size_t const offset = layout == mem_col_major ? static_cast<size_t>(c) * ldm + r
+                                                      : static_cast<size_t>(r) * ldm + c;
+        pointer[offset] = f.element[element];
     }
 }
 
