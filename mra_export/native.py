@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -28,6 +29,20 @@ PLUGIN_LIBRARY = "libmra_attention_plugin.so"
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
 STATUS_OK = 0
+
+
+def ensure_built(file_name: str, target: str) -> Path:
+    """``build_dir() / file_name``, built first with CMake's ``target`` if it is missing (what
+    tests and tools do where `make plugins` has not run); a failed build is one UserError
+    carrying CMake's output."""
+    path = build_dir() / file_name
+    if not path.is_file():
+        for command in (["cmake", "-S", str(BUILD_DIR.parent), "-B", str(build_dir())],
+                        ["cmake", "--build", str(build_dir()), "--target", target]):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise UserError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    return path
 
 
 class MraAttentionParams(ctypes.Structure):
@@ -77,12 +92,9 @@ class MraLibrary:
     def cuda(cls) -> MraLibrary:
         return cls(library_path(CUDA_LIBRARY))
 
-    @classmethod
-    def cuda_emulated(cls) -> MraLibrary:
-        return cls(library_path(CUDA_EMULATED_LIBRARY))
-
     def set_schedule(self, schedule: int) -> None:
-        """The emulated kernels' thread schedule: 0 forward, 1 reverse, else shuffled by it."""
+        """The emulated kernels' schedule: lowest thread first (0), highest first (1), else
+        random with that seed (CTAs likewise)."""
         self.lib.mraCudaEmulationSetSchedule(ctypes.c_uint32(schedule))
 
     def params(self, query: torch.Tensor, *, num_blocks: int, approx_mode: str = "full",

@@ -70,18 +70,9 @@ def exports(small_checkpoints, tmp_path_factory):
 
 def _native_library(file_name: str, target: str):
     """A library of plugins/ (plugins/build, made by `make plugins`; built here if missing)."""
-    import subprocess
-
     from mra_export import native
 
-    path = native.build_dir() / file_name
-    if not path.is_file():
-        source = native.BUILD_DIR.parent
-        subprocess.run(["cmake", "-S", str(source), "-B", str(native.build_dir())], check=True,
-                       capture_output=True)
-        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target", target],
-                       check=True, capture_output=True)
-    return native.MraLibrary(path)
+    return native.MraLibrary(native.ensure_built(file_name, target))
 
 
 @pytest.fixture(scope="session")

@@ -146,10 +146,7 @@ def test_the_emulation_checks_itself(emulated_kernels):
     """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, WMMA, CUB's block
     collectives and barriers against known answers, and a failed launch (not a hang or a wrong
     answer) where a GPU would hang or be undefined."""
-    program = native.build_dir() / "mra_cuda_emulation_test"
-    if not program.is_file():
-        subprocess.run(["cmake", "--build", str(native.build_dir()), "--target",
-                        "mra_cuda_emulation_test"], check=True, capture_output=True)
+    program = native.ensure_built("mra_cuda_emulation_test", "mra_cuda_emulation_test")
     result = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(" passed, 0 failed")

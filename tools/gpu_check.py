@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from mra_export import native  # noqa: E402
 from mra_export.attention import mra_attention  # noqa: E402
+from mra_export.errors import UserError  # noqa: E402
 from mra_export.files import atomic_write_text  # noqa: E402
 from mra_export.kernel_check import compare_with_reference  # noqa: E402
 
@@ -73,15 +74,11 @@ def build_kernels(build_dir: Path) -> native.MraLibrary:
 
 def build_emulated_kernels() -> native.MraLibrary:
     """The kernels' source under the CPU CUDA emulation, from `make plugins`' build folder."""
-    build_dir = native.build_dir()
-    if not (build_dir / native.CUDA_EMULATED_LIBRARY).is_file():
-        print(f"building the emulated kernels in {build_dir} ...", flush=True)
-        for command in (["cmake", "-S", str(ROOT / "plugins"), "-B", str(build_dir)],
-                        ["cmake", "--build", str(build_dir), "--target", "mra_attention_cuda_emulated"]):
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                sys.exit(f"gpu_check: {' '.join(command)} failed:\n{result.stdout}{result.stderr}")
-    return native.MraLibrary.cuda_emulated()
+    try:
+        return native.MraLibrary(native.ensure_built(native.CUDA_EMULATED_LIBRARY,
+                                                     "mra_attention_cuda_emulated"))
+    except UserError as error:
+        sys.exit(f"gpu_check: {error}")
 
 
 def inputs(batch: int, seq_len: int, dtype, seed: int, head_dim: int = HEAD_DIM, device: str = "cuda"):
@@ -261,13 +258,11 @@ def main() -> int:
     print("timing ...", flush=True)
     timings = benchmark(lib, args.quick, bandwidth)
     print_tables(correctness, timings, bandwidth, device)
-    passed = all(r["passed"] for r in correctness)
-    result = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, command=" ".join(sys.argv),
-                  copy_bandwidth_gbs=bandwidth, correctness=correctness, timings=timings, passed=passed,
-                  seconds=time.time() - started)
-    atomic_write_text(args.out, json.dumps(result, indent=2))  # after minutes of work: all or nothing
-    print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
-    return 0 if passed else 1
+    return write_result(args.out, dict(device=device, torch=torch.__version__, cuda=torch.version.cuda,
+                                       command=" ".join(sys.argv), copy_bandwidth_gbs=bandwidth,
+                                       correctness=correctness, timings=timings,
+                                       passed=all(r["passed"] for r in correctness),
+                                       seconds=time.time() - started))
 
 
 def check_emulated(args) -> int:
@@ -278,12 +273,18 @@ def check_emulated(args) -> int:
     correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")
     print(f"\n{device}; no timings (an emulation says nothing of speed)")
     print_correctness(correctness)
-    passed = all(r["passed"] for r in correctness)
-    result = dict(device=device, torch=torch.__version__, command=" ".join(sys.argv), correctness=correctness,
-                  timings=[], passed=passed, seconds=time.time() - started)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
-    print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if passed else 'CORRECTNESS FAILURES ABOVE'}; wrote {args.out}")
-    return 0 if passed else 1
+    return write_result(args.out, dict(device=device, torch=torch.__version__, command=" ".join(sys.argv),
+                                       correctness=correctness, timings=[],
+                                       passed=all(r["passed"] for r in correctness),
+                                       seconds=time.time() - started))
+
+
+def write_result(out: str, result: dict) -> int:
+    """The JSON (after minutes of work: all or nothing), the verdict, and the exit status."""
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(f"\n{'ALL CORRECTNESS CHECKS PASSED' if result['passed'] else 'CORRECTNESS FAILURES ABOVE'}; "
+          f"wrote {out}")
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_config
+from ..engines.availability import require_tensorrt
 from ..engines.manifest import EngineManifest
 from ..engines.plugin_library import register_plugin_library
 from ..engines.spec import AXIS_OF_DIMENSION
@@ -34,10 +35,16 @@ class TrtMraModel(ExportedModel):
         self.runner.activate()
 
     @classmethod
-    def from_engine(cls, folder: str | Path) -> TrtMraModel:
-        """Load an engine folder; refuse it in one line if it does not fit this machine."""
+    def from_engine(cls, folder: str | Path, verify: bool = True) -> TrtMraModel:
+        """Load an engine folder; refuse it in one line if it does not fit this machine.
+        ``verify=False`` skips that check (hashing the engine and plugin) for a caller that has
+        just made it, as ``mra-export parity`` has."""
         folder = Path(folder)
-        manifest = fitting_manifest(folder, "TrtMraModel")  # TensorRT, a GPU, the same builds
+        if verify:
+            manifest = fitting_manifest(folder, "TrtMraModel")  # TensorRT, a GPU, the same builds
+        else:
+            require_tensorrt("TrtMraModel")
+            manifest = EngineManifest.load(folder)
         import tensorrt
         from polygraphy.backend.trt import EngineFromBytes
         from polygraphy.exception import PolygraphyException

@@ -516,19 +516,6 @@ void setSchedule(uint32_t schedule)
     r.random.seed(schedule);
 }
 
-void setLastError(cudaError_t error)
-{
-    runtime().lastError = error;
-}
-
-size_t maxDynamicShared(void const* kernel)
-{
-    Runtime& r = runtime();
-    std::lock_guard<std::mutex> const lock(r.launchMutex);
-    auto const found = r.sharedOptIn.find(kernel);
-    return found == r.sharedOptIn.end() ? kDefaultDynamicShared : found->second;
-}
-
 void setMaxDynamicShared(void const* kernel, size_t bytes)
 {
     Runtime& r = runtime();
@@ -536,7 +523,7 @@ void setMaxDynamicShared(void const* kernel, size_t bytes)
     r.sharedOptIn[kernel] = std::max(bytes, kDefaultDynamicShared);
 }
 
-bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body)
+void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body)
 {
     Runtime& r = runtime();
     std::lock_guard<std::mutex> const lock(r.launchMutex);
@@ -544,12 +531,18 @@ bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> co
         || block.z != 1)
     {
         r.lastError = cudaErrorInvalidConfiguration; // 1-D grids and blocks are all the kernels use
-        return false;
+        return;
+    }
+    auto const optIn = r.sharedOptIn.find(kernel);
+    if (sharedBytes > (optIn == r.sharedOptIn.end() ? kDefaultDynamicShared : optIn->second))
+    {
+        r.lastError = cudaErrorInvalidValue; // as CUDA: more than the kernel's opt-in allows
+        return;
     }
     if (!r.shared.prepare(sharedBytes))
     {
         r.lastError = cudaErrorMemoryAllocation;
-        return false;
+        return;
     }
     r.body = &body;
     gridDim = grid;
@@ -570,10 +563,9 @@ bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> co
             r.lastError = cudaErrorLaunchFailure;
             r.lastMessage = "unspecified launch failure (CUDA emulation, block " + std::to_string(b) + ": " + r.error
                 + ")";
-            return false;
+            return;
         }
     }
-    return true;
 }
 
 } // namespace emu
@@ -584,11 +576,6 @@ cudaError_t cudaGetLastError()
     cudaError_t const error = r.lastError;
     r.lastError = cudaSuccess;
     return error;
-}
-
-cudaError_t cudaPeekAtLastError()
-{
-    return emu::runtime().lastError;
 }
 
 char const* cudaGetErrorString(cudaError_t error)
@@ -610,8 +597,8 @@ cudaError_t cudaGetDevice(int* device)
     return cudaSuccess;
 }
 
-//! For tests: the order fibers resume in, for every later launch (0 forward, 1 reverse, else a
-//! shuffle seeded with it). A correct kernel gives bit-identical results under every schedule.
+//! For tests: the schedule of every later launch (see emu::setSchedule). A correct kernel gives
+//! bit-identical results under every schedule.
 extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetSchedule(uint32_t schedule)
 {
     emu::setSchedule(schedule);

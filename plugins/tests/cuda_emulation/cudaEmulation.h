@@ -169,13 +169,13 @@ inline void checkTempStorageReuse(unsigned long& lastUse, char const* collective
     }
 }
 
-//! The schedule of later launches: 0 forward, 1 reverse, else shuffled with that seed.
+//! The schedule of later launches: lowest thread first (0), highest first (1), else random
+//! with that seed; CTAs ascending, descending or shuffled alike.
 void setSchedule(uint32_t schedule);
 
-void setLastError(cudaError_t error);
-size_t maxDynamicShared(void const* kernel);
 void setMaxDynamicShared(void const* kernel, size_t bytes);
-bool runGrid(dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body);
+//! Runs ``body`` as every thread of a 1-D grid; a failure is left for cudaGetLastError.
+void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body);
 
 template <typename T>
 uint64_t bitsOf(T value)
@@ -236,18 +236,13 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
         [](auto const&... values) { return std::tuple<Params...>(values...); }, arguments);
     auto const kernel = bound.kernel;
     Launch const& l = bound.launch;
-    if (l.sharedBytes > maxDynamicShared(reinterpret_cast<void const*>(kernel)))
-    {
-        setLastError(cudaErrorInvalidValue); // as CUDA: more than the kernel's opt-in allows
-        return;
-    }
-    runGrid(l.grid, l.block, l.sharedBytes, [&] { std::apply(kernel, converted); });
+    runGrid(reinterpret_cast<void const*>(kernel), l.grid, l.block, l.sharedBytes,
+        [&] { std::apply(kernel, converted); });
 }
 
 } // namespace emu
 
 cudaError_t cudaGetLastError();
-cudaError_t cudaPeekAtLastError();
 char const* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaGetDevice(int* device);
 
