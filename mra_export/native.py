@@ -3,7 +3,8 @@
 Three libraries export it: ``libmra_attention_cpu.so`` (the CPU reference),
 ``libmra_attention_cuda.so`` (the CUDA kernels) and ``libmra_attention_cuda_emulated.so`` (the
 CUDA kernels' source compiled for the CPU under ``plugins/tests/cuda_emulation``, so that CI runs
-their logic on host memory). ``make plugins`` builds them into
+their logic on host memory). ``PluginRunner`` drives the TensorRT plugin itself, built over those
+emulated kernels, through TensorRT's plugin interfaces. ``make plugins`` builds them into
 ``plugins/build``; ``MRA_EXPORT_PLUGIN_BUILD`` points elsewhere.
 """
 
@@ -25,6 +26,8 @@ CPU_LIBRARY = "libmra_attention_cpu.so"
 CUDA_LIBRARY = "libmra_attention_cuda.so"
 CUDA_EMULATED_LIBRARY = "libmra_attention_cuda_emulated.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"
+PLUGIN_EMULATED_LIBRARY = "libmra_attention_plugin_emulated.so"  # the plugin over emulated kernels
+PLUGIN_RUNNER_LIBRARY = "libmra_attention_plugin_runner.so"  # drives a plugin as TensorRT does
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
@@ -158,3 +161,56 @@ class MraLibrary:
                 self.lib.mraLastCudaError.restype = ctypes.c_char_p
                 message += ": " + self.lib.mraLastCudaError().decode()
             raise RuntimeError(f"{self.path.name}: {message}")
+
+
+class PluginRunner:
+    """The ``MraAttention`` TensorRT plugin of ``plugin_library`` run as TensorRT runs it, on host
+    memory: ``plugins/tests/pluginRunner.cpp`` gives it an ONNX node's attributes as the parser
+    does, builds it for a profile, recreates it from its serialised fields, and enqueues. With
+    the plugin built over the emulated kernels (``PLUGIN_EMULATED_LIBRARY``) this is the whole
+    plugin, fields to output, without TensorRT's libraries or a GPU."""
+
+    def __init__(self, plugin_library: str | Path, runner_library: str | Path):
+        self.plugin_library = Path(plugin_library)
+        self.lib = ctypes.CDLL(str(runner_library))
+        pointer, shape = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+        strings = ctypes.POINTER(ctypes.c_char_p)
+        self.lib.mraPluginRun.argtypes = [ctypes.c_char_p, ctypes.c_int32, strings, strings, shape,
+                                          ctypes.c_int32, shape, shape, shape, shape, pointer,
+                                          pointer, pointer, pointer, pointer, ctypes.c_char_p,
+                                          ctypes.c_size_t]
+        self.lib.mraPluginRun.restype = ctypes.c_int32
+
+    @classmethod
+    @functools.cache
+    def emulated(cls) -> PluginRunner:
+        """The plugin over the emulated kernels (``make plugins`` with TensorRT's headers)."""
+        return cls(library_path(PLUGIN_EMULATED_LIBRARY), library_path(PLUGIN_RUNNER_LIBRARY))
+
+    def attention(self, query, key, value, mask, *, profile_max: tuple[int, int] | None = None,
+                  **attributes) -> torch.Tensor:
+        """The plugin's output for ``[B, H, S, D]`` CPU tensors and a ``[B, S]`` mask.
+        ``attributes`` are the node's (``num_blocks``, ``approx_mode``, ...: an int or a str
+        each). The engine's profile spans batch 1..B' and sequence 1..S' with
+        ``profile_max = (B', S')``, twice the input's by default (the plugin sizes its workspace
+        for the maxima and runs at the input's shape)."""
+        batch, heads, seq_len, head_dim = query.shape
+        high_batch, high_seq = profile_max or (2 * batch, 2 * seq_len)
+        low = (1, heads, 1, head_dim)  # also the profile's opt: the workspace is not sized by it
+        shapes = [(batch, heads, seq_len, head_dim), low, low, (high_batch, heads, high_seq, head_dim)]
+        names = [name.encode() for name in attributes]
+        texts = [v.encode() if isinstance(v, str) else None for v in attributes.values()]
+        numbers = [0 if isinstance(v, str) else int(v) for v in attributes.values()]
+        query, key, value = (t.contiguous() for t in (query, key, value))
+        mask = (mask != 0).to(torch.int32).contiguous()
+        output = torch.full_like(query, float("nan"))  # unwritten outputs show
+        error = ctypes.create_string_buffer(2048)
+        status = self.lib.mraPluginRun(
+            str(self.plugin_library).encode(), len(names), (ctypes.c_char_p * len(names))(*names),
+            (ctypes.c_char_p * len(texts))(*texts), (ctypes.c_int64 * len(numbers))(*numbers),
+            DTYPES[query.dtype], *[(ctypes.c_int64 * 4)(*shape) for shape in shapes],
+            *[ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)],
+            error, ctypes.sizeof(error))
+        if status != 0:
+            raise RuntimeError(f"{self.plugin_library.name}: {error.value.decode()}")
+        return output

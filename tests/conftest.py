@@ -89,3 +89,31 @@ def emulated_kernels():
     from mra_export import native
 
     return _native_library(native.CUDA_EMULATED_LIBRARY, "mra_attention_cuda_emulated")
+
+
+def tensorrt_headers() -> Path | None:
+    """The folder holding TensorRT's NvInferRuntime.h, from TRT_INCLUDE_DIR or TensorRT_ROOT (as
+    plugins/CMakeLists.txt finds it), or None."""
+    import os
+
+    for folder in (os.environ.get("TRT_INCLUDE_DIR"), os.environ.get("TensorRT_ROOT")):
+        for candidate in ([Path(folder), Path(folder) / "include"] if folder else []):
+            if (candidate / "NvInferRuntime.h").is_file():
+                return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulated_plugin():
+    """The TensorRT plugin over the emulated kernels, driven as TensorRT drives it. It compiles
+    against TensorRT's headers only; where none are given (CI) the tests using it are skipped."""
+    from mra_export import native
+
+    targets = {native.PLUGIN_EMULATED_LIBRARY: "mra_attention_plugin_emulated",
+               native.PLUGIN_RUNNER_LIBRARY: "mra_attention_plugin_runner"}
+    built = all((native.build_dir() / name).is_file() for name in targets)
+    if not built and tensorrt_headers() is None:
+        pytest.skip("the plugin over the emulated kernels needs TensorRT's headers to compile: "
+                    "set TRT_INCLUDE_DIR or TensorRT_ROOT (fetch NVIDIA/TensorRT; none in CI)")
+    paths = [native.ensure_built(name, target) for name, target in targets.items()]
+    return native.PluginRunner(*paths)

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..export.info import ExportInfo
-from ..native import CPU_LIBRARY, build_dir
+from ..native import CPU_LIBRARY, PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY, build_dir
 from ..runtime.ort import BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
@@ -40,7 +40,10 @@ def export_backends(folder: str | Path) -> list[Backend]:
     if info.flavour == "plugin":
         return [Backend("plugin graph on CPU (onnx.reference, PyTorch node)", folder,
                         tolerance, lambda: ReferencePluginModel.from_pretrained(folder, verify=False)),
-                _cpp_node_backend(folder, tolerance)]
+                _node_backend(folder, tolerance, "cpp", "C++ plugin twin", [CPU_LIBRARY]),
+                _node_backend(folder, tolerance, "plugin-emulated",
+                              "plugin on emulated CUDA",
+                              [PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY])]
     if info.dtype == "bf16":
         backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=BF16_NOT_ON_CPU)]
     else:
@@ -57,14 +60,19 @@ def export_backends(folder: str | Path) -> list[Backend]:
     return backends
 
 
-def _cpp_node_backend(folder: str, tolerance: float) -> Backend:
-    """The plugin graph with its MraAttention nodes computed by the plugin's C++ CPU twin."""
-    name = "plugin graph on CPU (onnx.reference, C++ plugin twin)"
-    path = build_dir() / CPU_LIBRARY
-    if not path.is_file():
-        return Backend(name, folder, tolerance, skipped=f"{path} is not built (make plugins)")
+def _node_backend(folder: str, tolerance: float, node: str, computed_by: str,
+                  libraries: list[str]) -> Backend:
+    """The plugin graph with its MraAttention nodes computed by ``node`` (built by make plugins;
+    the plugin over the emulated kernels only where TensorRT's headers are)."""
+    name = f"plugin graph on CPU (onnx.reference, {computed_by})"
+    missing = [build_dir() / library for library in libraries
+               if not (build_dir() / library).is_file()]
+    if missing:
+        how = ("make plugins TensorRT_ROOT=<folder with TensorRT's include/>"
+               if node == "plugin-emulated" else "make plugins")
+        return Backend(name, folder, tolerance, skipped=f"{missing[0]} is not built ({how})")
     return Backend(name, folder, tolerance,
-                   lambda: ReferencePluginModel.from_pretrained(folder, node="cpp", verify=False))
+                   lambda: ReferencePluginModel.from_pretrained(folder, node=node, verify=False))
 
 
 def tensorrt_available() -> bool:

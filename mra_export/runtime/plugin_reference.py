@@ -42,7 +42,20 @@ def cpp_reference(query, key, value, mask, **settings) -> np.ndarray:
     return MraLibrary.cpu().attention(*tensors, **settings)[0].float().numpy()
 
 
-NODE_IMPLEMENTATIONS = {"torch": torch_reference, "cpp": cpp_reference}
+def emulated_plugin(query, key, value, mask, **settings) -> np.ndarray:
+    """The node computed by the TensorRT plugin itself, driven as TensorRT drives it, over the
+    CUDA kernels' source run on the CPU (``make plugins`` with TensorRT's headers builds it)."""
+    from ..native import PluginRunner
+
+    tensors = [_as_torch(t) for t in (query, key, value)]
+    if query.dtype.name == "bfloat16":  # exact: the values are bfloat16's
+        tensors = [t.to(torch.bfloat16) for t in tensors]
+    output = PluginRunner.emulated().attention(*tensors, _as_torch(mask), **settings)
+    return output.float().numpy()
+
+
+NODE_IMPLEMENTATIONS = {"torch": torch_reference, "cpp": cpp_reference,
+                        "plugin-emulated": emulated_plugin}
 
 
 def node_settings(attributes: dict) -> dict:

@@ -97,6 +97,7 @@ T atomicAdd(T* address, T value)
 }
 
 typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t; // TensorRT's headers name it
 
 enum cudaError_t
 {

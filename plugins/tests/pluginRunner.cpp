@@ -1,0 +1,401 @@
+/*
+ * Runs one MraAttention node through a plugin library the way TensorRT does, without TensorRT:
+ *   the ONNX parser's fields (INT -> kINT32, STRING -> kCHAR with its NUL, in getFieldNames'
+ *   order) -> createPlugin(kBUILD) -> output type, formats, configurePlugin with the profile,
+ *   getWorkspaceSize (which must cover the input's own shape) -> getFieldsToSerialize, copied as
+ *   an engine stores them -> createPlugin(kRUNTIME) -> attachToContext -> onShapeChange ->
+ *   enqueue, with exactly the workspace asked for (a canary and an unmapped page after it).
+ * With libmra_attention_plugin_emulated.so (the plugin over the CUDA kernels' source under
+ * tests/cuda_emulation) every pointer is host memory, so pytest can check the whole plugin, fields
+ * to output, against the PyTorch reference (mra_export/native.py, PluginRunner).
+ *
+ * int32_t mraPluginRun(library, nbAttributes, names, strings, ints, dataType, shape[4],
+ *                      profileMin[4], profileOpt[4], profileMax[4],
+ *                      query, key, value, mask, output, error, errorSize)
+ *   Attribute i is the string strings[i], or the int ints[i] where strings[i] is NULL.
+ *   dataType is an MraDataType; shapes are the query's [batch, heads, seq, head_dim] (the mask
+ *   follows as [batch, seq]). Returns 0, or non-zero with one line (the step that failed and what
+ *   the plugin logged) in `error`.
+ */
+#include "NvInferRuntime.h"
+#include "mraAttention.h"
+
+#include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+using namespace nvinfer1;
+
+namespace
+{
+
+//! Collects what the plugin logs, for the error line.
+class RecordingLogger : public ILogger
+{
+public:
+    void log(Severity severity, char const* message) noexcept override
+    {
+        if (severity <= Severity::kWARNING)
+        {
+            messages += (messages.empty() ? "" : "; ") + std::string(message);
+        }
+    }
+    std::string messages;
+};
+
+class Finder : public ILoggerFinder
+{
+public:
+    ILogger* findLogger() override
+    {
+        return &logger;
+    }
+    RecordingLogger logger;
+};
+
+Finder gFinder;
+std::mutex gMutex; // one run at a time: the logger is shared
+
+struct Failure
+{
+    std::string what;
+};
+
+void require(bool ok, char const* step)
+{
+    if (!ok)
+    {
+        throw Failure{step};
+    }
+}
+
+//! The library's MraAttention creator (the library is loaded once per path, as TensorRT does).
+IPluginCreatorV3One* findCreator(char const* path)
+{
+    static std::map<std::string, IPluginCreatorV3One*> creators;
+    auto const known = creators.find(path);
+    if (known != creators.end())
+    {
+        return known->second;
+    }
+    void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr)
+    {
+        throw Failure{std::string("cannot load the plugin library: ") + dlerror()};
+    }
+    using GetCreators = IPluginCreatorInterface* const* (*) (int32_t&);
+    using SetLoggerFinder = void (*)(ILoggerFinder*);
+    auto getCreators = reinterpret_cast<GetCreators>(dlsym(library, "getCreators"));
+    if (getCreators == nullptr)
+    {
+        throw Failure{"the plugin library exports no getCreators"};
+    }
+    if (auto setLoggerFinder = reinterpret_cast<SetLoggerFinder>(dlsym(library, "setLoggerFinder")))
+    {
+        setLoggerFinder(&gFinder);
+    }
+    int32_t count = 0;
+    IPluginCreatorInterface* const* all = getCreators(count);
+    for (int32_t i = 0; i < count; ++i)
+    {
+        if (std::strcmp(all[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") != 0)
+        {
+            continue;
+        }
+        auto* creator = static_cast<IPluginCreatorV3One*>(all[i]);
+        if (std::strcmp(creator->getPluginName(), "MraAttention") == 0
+            && std::strcmp(creator->getPluginVersion(), "1") == 0)
+        {
+            return creators[path] = creator;
+        }
+    }
+    throw Failure{"the plugin library has no MraAttention version 1 creator"};
+}
+
+//! Fields that own their data: what the parser builds from a node, or an engine's stored copy.
+struct OwnedFields
+{
+    std::vector<std::string> names;
+    std::vector<std::vector<unsigned char>> data;
+    std::vector<PluginField> fields;
+    PluginFieldCollection collection{};
+
+    void add(char const* name, void const* bytes, size_t size, PluginFieldType type, int32_t length)
+    {
+        names.emplace_back(name);
+        auto const* begin = static_cast<unsigned char const*>(bytes);
+        data.emplace_back(begin, begin + size);
+        fields.emplace_back(nullptr, nullptr, type, length);
+    }
+
+    PluginFieldCollection const* get()
+    {
+        for (size_t i = 0; i < fields.size(); ++i)
+        {
+            fields[i].name = names[i].c_str();
+            fields[i].data = data[i].data();
+        }
+        collection.nbFields = static_cast<int32_t>(fields.size());
+        collection.fields = fields.data();
+        return &collection;
+    }
+};
+
+//! The parser's loadFields: the creator's field names, in order, from the node's attributes.
+OwnedFields nodeFields(IPluginCreatorV3One* creator, int32_t nbAttributes, char const* const* names,
+    char const* const* strings, int64_t const* ints)
+{
+    OwnedFields node;
+    PluginFieldCollection const* wanted = creator->getFieldNames();
+    for (int32_t f = 0; f < wanted->nbFields; ++f)
+    {
+        for (int32_t a = 0; a < nbAttributes; ++a)
+        {
+            if (std::strcmp(names[a], wanted->fields[f].name) != 0)
+            {
+                continue;
+            }
+            if (strings[a] != nullptr)
+            {
+                size_t const size = std::strlen(strings[a]) + 1;
+                node.add(names[a], strings[a], size, PluginFieldType::kCHAR, static_cast<int32_t>(size));
+            }
+            else
+            {
+                int32_t const value = static_cast<int32_t>(ints[a]); // the parser reads INT as int32_t
+                node.add(names[a], &value, sizeof(value), PluginFieldType::kINT32, 1);
+            }
+        }
+    }
+    return node;
+}
+
+size_t fieldBytes(PluginField const& field)
+{
+    switch (field.type)
+    {
+    case PluginFieldType::kINT64:
+    case PluginFieldType::kFLOAT64: return 8 * field.length;
+    case PluginFieldType::kINT32:
+    case PluginFieldType::kFLOAT32: return 4 * field.length;
+    case PluginFieldType::kINT16:
+    case PluginFieldType::kFLOAT16:
+    case PluginFieldType::kBF16: return 2 * field.length;
+    default: return field.length;
+    }
+}
+
+//! What an engine keeps of the build-time plugin: a deep copy of its serialised fields.
+OwnedFields storedFields(PluginFieldCollection const* serialized)
+{
+    OwnedFields stored;
+    for (int32_t i = 0; i < serialized->nbFields; ++i)
+    {
+        PluginField const& field = serialized->fields[i];
+        stored.add(field.name, field.data, fieldBytes(field), field.type, field.length);
+    }
+    return stored;
+}
+
+Dims dimsOf(int64_t const* values, int32_t rank)
+{
+    Dims dims{};
+    dims.nbDims = rank;
+    for (int32_t d = 0; d < rank; ++d)
+    {
+        dims.d[d] = values[d];
+    }
+    return dims;
+}
+
+//! The mask's [batch, seq] from the query's [batch, heads, seq, head_dim].
+Dims maskDims(int64_t const* query)
+{
+    int64_t const values[2] = {query[0], query[2]};
+    return dimsOf(values, 2);
+}
+
+DataType trtType(int32_t mraType)
+{
+    return mraType == MRA_FLOAT16 ? DataType::kHALF : mraType == MRA_BFLOAT16 ? DataType::kBF16 : DataType::kFLOAT;
+}
+
+//! query, key, value, mask, output at the actual shape.
+std::vector<PluginTensorDesc> runtimeDescs(DataType type, int64_t const* shape)
+{
+    std::vector<PluginTensorDesc> descs(5);
+    for (int32_t i = 0; i < 5; ++i)
+    {
+        bool const isMask = i == 3;
+        descs[i].type = isMask ? DataType::kINT32 : type;
+        descs[i].format = TensorFormat::kLINEAR;
+        descs[i].dims = isMask ? maskDims(shape) : dimsOf(shape, 4);
+    }
+    return descs;
+}
+
+//! The same at build time: batch and sequence dynamic (-1), the profile's min/opt/max.
+std::vector<DynamicPluginTensorDesc> buildDescs(
+    DataType type, int64_t const* shape, int64_t const* low, int64_t const* opt, int64_t const* high)
+{
+    int64_t dynamicShape[4] = {-1, shape[1], -1, shape[3]};
+    std::vector<DynamicPluginTensorDesc> descs(5);
+    std::vector<PluginTensorDesc> const typed = runtimeDescs(type, shape);
+    for (int32_t i = 0; i < 5; ++i)
+    {
+        bool const isMask = i == 3;
+        descs[i].desc = typed[i];
+        descs[i].desc.dims = isMask ? maskDims(dynamicShape) : dimsOf(dynamicShape, 4);
+        descs[i].min = isMask ? maskDims(low) : dimsOf(low, 4);
+        descs[i].opt = isMask ? maskDims(opt) : dimsOf(opt, 4);
+        descs[i].max = isMask ? maskDims(high) : dimsOf(high, 4);
+    }
+    return descs;
+}
+
+struct PluginDeleter
+{
+    void operator()(IPluginV3* plugin) const
+    {
+        delete plugin;
+    }
+};
+using PluginPtr = std::unique_ptr<IPluginV3, PluginDeleter>;
+
+//! TensorRT's workspace: getWorkspaceSize bytes, 256-aligned, uninitialised (0xff here). enqueue
+//! is not told its size, so a plugin that asked for too little writes past it: the bytes up to
+//! the next 256 hold a canary, and an unmapped page follows.
+class GuardedWorkspace
+{
+public:
+    explicit GuardedWorkspace(size_t size)
+        : mSize(size)
+    {
+        size_t const page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        size_t const bytes = (std::max<size_t>(size, 1) + 255) / 256 * 256;
+        mMapped = (bytes + page - 1) / page * page + page;
+        void* mapped = mmap(nullptr, mMapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        require(mapped != MAP_FAILED, "no memory for the workspace");
+        mBase = static_cast<unsigned char*>(mapped);
+        unsigned char* guard = mBase + mMapped - page;
+        mprotect(guard, page, PROT_NONE);
+        start = guard - bytes;
+        std::memset(start, 0xff, size);
+        std::memset(start + size, kCanary, bytes - size);
+        mEnd = guard;
+    }
+    ~GuardedWorkspace()
+    {
+        munmap(mBase, mMapped);
+    }
+    bool intact() const
+    {
+        return std::all_of(start + mSize, mEnd, [](unsigned char byte) { return byte == kCanary; });
+    }
+
+    unsigned char* start{nullptr};
+
+private:
+    static constexpr unsigned char kCanary = 0xa5;
+    size_t mSize;
+    size_t mMapped{0};
+    unsigned char* mBase{nullptr};
+    unsigned char* mEnd{nullptr};
+};
+
+template <typename Capability>
+Capability* capability(IPluginV3* plugin, PluginCapabilityType type)
+{
+    return static_cast<Capability*>(plugin->getCapabilityInterface(type));
+}
+
+//! The build phase; returns the workspace size and the engine's copy of the plugin's fields.
+size_t build(IPluginCreatorV3One* creator, PluginFieldCollection const* node, DataType type, int64_t const* shape,
+    std::vector<DynamicPluginTensorDesc> const& descs, OwnedFields& stored)
+{
+    PluginPtr plugin(creator->createPlugin("mra_attention", node, TensorRTPhase::kBUILD));
+    require(plugin != nullptr, "createPlugin (build phase) refused the node's fields");
+    auto* buildPart = capability<IPluginV3OneBuild>(plugin.get(), PluginCapabilityType::kBUILD);
+    DataType const inputTypes[4] = {type, type, type, DataType::kINT32};
+    DataType outputType{};
+    require(buildPart->getNbOutputs() == 1 && buildPart->getOutputDataTypes(&outputType, 1, inputTypes, 4) == 0
+            && outputType == type,
+        "getOutputDataTypes");
+    for (int32_t pos = 0; pos < 5; ++pos)
+    {
+        require(buildPart->supportsFormatCombination(pos, descs.data(), 4, 1), "supportsFormatCombination refused");
+    }
+    // The workspace is sized once for the whole profile; it must cover the input's own shape.
+    std::vector<DynamicPluginTensorDesc> const exact = buildDescs(type, shape, shape, shape, shape);
+    require(buildPart->configurePlugin(exact.data(), 4, exact.data() + 4, 1) == 0, "configurePlugin refused");
+    size_t const needed = buildPart->getWorkspaceSize(exact.data(), 4, exact.data() + 4, 1);
+    require(buildPart->configurePlugin(descs.data(), 4, descs.data() + 4, 1) == 0, "configurePlugin refused");
+    size_t const workspace = buildPart->getWorkspaceSize(descs.data(), 4, descs.data() + 4, 1);
+    require(workspace >= needed, "getWorkspaceSize for the profile is less than for a shape inside it");
+    auto* runtimePart = capability<IPluginV3OneRuntime>(plugin.get(), PluginCapabilityType::kRUNTIME);
+    stored = storedFields(runtimePart->getFieldsToSerialize());
+    return workspace;
+}
+
+void run(IPluginCreatorV3One* creator, PluginFieldCollection const* stored, DataType type, int64_t const* shape,
+    void const* const* inputs, void* output, size_t workspaceSize)
+{
+    PluginPtr deserialized(creator->createPlugin("mra_attention", stored, TensorRTPhase::kRUNTIME));
+    require(deserialized != nullptr, "createPlugin (runtime phase) refused the serialised fields");
+    auto* engineRuntime = capability<IPluginV3OneRuntime>(deserialized.get(), PluginCapabilityType::kRUNTIME);
+    PluginPtr attached(engineRuntime->attachToContext(nullptr));
+    require(attached != nullptr, "attachToContext");
+    auto* context = capability<IPluginV3OneRuntime>(attached.get(), PluginCapabilityType::kRUNTIME);
+    std::vector<PluginTensorDesc> const descs = runtimeDescs(type, shape);
+    require(context->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
+    GuardedWorkspace workspace(workspaceSize);
+    void* const outputs[1] = {output};
+    require(context->enqueue(descs.data(), descs.data() + 4, inputs, outputs, workspace.start, nullptr) == 0,
+        "enqueue failed");
+    require(workspace.intact(), "enqueue wrote past the workspace getWorkspaceSize asked for");
+}
+
+} // namespace
+
+extern "C" __attribute__((visibility("default"))) int32_t mraPluginRun(char const* library, int32_t nbAttributes,
+    char const* const* names, char const* const* strings, int64_t const* ints, int32_t dataType, int64_t const* shape,
+    int64_t const* profileMin, int64_t const* profileOpt, int64_t const* profileMax, void const* query,
+    void const* key, void const* value, int32_t const* mask, void* output, char* error, size_t errorSize)
+{
+    std::lock_guard<std::mutex> lock(gMutex);
+    gFinder.logger.messages.clear();
+    try
+    {
+        IPluginCreatorV3One* creator = findCreator(library);
+        OwnedFields node = nodeFields(creator, nbAttributes, names, strings, ints);
+        DataType const type = trtType(dataType);
+        OwnedFields stored;
+        size_t const workspace
+            = build(creator, node.get(), type, shape, buildDescs(type, shape, profileMin, profileOpt, profileMax), stored);
+        void const* const inputs[4] = {query, key, value, mask};
+        run(creator, stored.get(), type, shape, inputs, output, workspace);
+        return 0;
+    }
+    catch (Failure const& failure)
+    {
+        std::string const& logged = gFinder.logger.messages;
+        std::string const line = failure.what + (logged.empty() ? "" : ": " + logged);
+        std::snprintf(error, errorSize, "%s", line.c_str());
+    }
+    catch (std::exception const& e)
+    {
+        std::snprintf(error, errorSize, "%s", e.what());
+    }
+    return 1;
+}
