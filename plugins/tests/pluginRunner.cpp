@@ -2,9 +2,11 @@
  * Runs one MraAttention node through a plugin library the way TensorRT does, without TensorRT:
  *   the ONNX parser's fields (INT -> kINT32, STRING -> kCHAR with its NUL, in getFieldNames'
  *   order) -> createPlugin(kBUILD) -> output type, formats, configurePlugin with the profile,
- *   getWorkspaceSize (which must cover the input's own shape) -> getFieldsToSerialize, copied as
- *   an engine stores them -> createPlugin(kRUNTIME) -> attachToContext -> onShapeChange ->
- *   enqueue, with exactly the workspace asked for (a canary and an unmapped page after it).
+ *   getWorkspaceSize (which must cover the input's own shape) -> onShapeChange and enqueue on
+ *   that build-phase plugin (the builder times it) -> getFieldsToSerialize, copied as an engine
+ *   stores them -> createPlugin(kRUNTIME) -> attachToContext -> onShapeChange -> enqueue. Each
+ *   enqueue gets exactly the workspace asked for (a canary and an unmapped page after it), and
+ *   both must give the same bytes.
  * With libmra_attention_plugin_emulated.so (the plugin over the CUDA kernels' source under
  * tests/cuda_emulation) every pointer is host memory, so pytest can check the whole plugin, fields
  * to output, against the PyTorch reference (mra_export/native.py, PluginRunner).
@@ -320,9 +322,10 @@ Capability* capability(IPluginV3* plugin, PluginCapabilityType type)
     return static_cast<Capability*>(plugin->getCapabilityInterface(type));
 }
 
-//! The build phase; returns the workspace size and the engine's copy of the plugin's fields.
-size_t build(IPluginCreatorV3One* creator, PluginFieldCollection const* node, DataType type, int64_t const* shape,
-    std::vector<DynamicPluginTensorDesc> const& descs, OwnedFields& stored)
+//! The build phase: the plugin from the node's fields, configured for the profile `descs`;
+//! `workspaceSize` is what it asks for.
+PluginPtr build(IPluginCreatorV3One* creator, PluginFieldCollection const* node, DataType type, int64_t const* shape,
+    std::vector<DynamicPluginTensorDesc> const& descs, size_t& workspaceSize)
 {
     PluginPtr plugin(creator->createPlugin("mra_attention", node, TensorRTPhase::kBUILD));
     require(plugin != nullptr, "createPlugin (build phase) refused the node's fields");
@@ -341,27 +344,35 @@ size_t build(IPluginCreatorV3One* creator, PluginFieldCollection const* node, Da
     require(buildPart->configurePlugin(exact.data(), 4, exact.data() + 4, 1) == 0, "configurePlugin refused");
     size_t const needed = buildPart->getWorkspaceSize(exact.data(), 4, exact.data() + 4, 1);
     require(buildPart->configurePlugin(descs.data(), 4, descs.data() + 4, 1) == 0, "configurePlugin refused");
-    size_t const workspace = buildPart->getWorkspaceSize(descs.data(), 4, descs.data() + 4, 1);
-    require(workspace >= needed, "getWorkspaceSize for the profile is less than for a shape inside it");
-    auto* runtimePart = capability<IPluginV3OneRuntime>(plugin.get(), PluginCapabilityType::kRUNTIME);
-    stored = storedFields(runtimePart->getFieldsToSerialize());
-    return workspace;
+    workspaceSize = buildPart->getWorkspaceSize(descs.data(), 4, descs.data() + 4, 1);
+    require(workspaceSize >= needed, "getWorkspaceSize for the profile is less than for a shape inside it");
+    return plugin;
 }
 
-void run(IPluginCreatorV3One* creator, PluginFieldCollection const* stored, DataType type, int64_t const* shape,
-    void const* const* inputs, void* output, size_t workspaceSize)
+//! One layer execution: the inputs at their shape and the workspace size the build asked for.
+struct Call
 {
-    PluginPtr deserialized(creator->createPlugin("mra_attention", stored, TensorRTPhase::kRUNTIME));
-    require(deserialized != nullptr, "createPlugin (runtime phase) refused the serialised fields");
-    auto* engineRuntime = capability<IPluginV3OneRuntime>(deserialized.get(), PluginCapabilityType::kRUNTIME);
-    PluginPtr attached(engineRuntime->attachToContext(nullptr));
-    require(attached != nullptr, "attachToContext");
-    auto* context = capability<IPluginV3OneRuntime>(attached.get(), PluginCapabilityType::kRUNTIME);
-    std::vector<PluginTensorDesc> const descs = runtimeDescs(type, shape);
-    require(context->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
-    GuardedWorkspace workspace(workspaceSize);
+    DataType type;
+    int64_t const* shape;
+    void const* const* inputs;
+    size_t workspaceSize;
+
+    size_t outputBytes() const
+    {
+        return static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]) * (type == DataType::kFLOAT ? 4 : 2);
+    }
+};
+
+//! onShapeChange and enqueue, as TensorRT runs the layer (when timing it in the builder, and in
+//! an execution context).
+void execute(IPluginV3* plugin, Call const& call, void* output)
+{
+    auto* runtime = capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME);
+    std::vector<PluginTensorDesc> const descs = runtimeDescs(call.type, call.shape);
+    require(runtime->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
+    GuardedWorkspace workspace(call.workspaceSize);
     void* const outputs[1] = {output};
-    require(context->enqueue(descs.data(), descs.data() + 4, inputs, outputs, workspace.start, nullptr) == 0,
+    require(runtime->enqueue(descs.data(), descs.data() + 4, call.inputs, outputs, workspace.start, nullptr) == 0,
         "enqueue failed");
     require(workspace.intact(), "enqueue wrote past the workspace getWorkspaceSize asked for");
 }
@@ -380,11 +391,25 @@ extern "C" __attribute__((visibility("default"))) int32_t mraPluginRun(char cons
         IPluginCreatorV3One* creator = findCreator(library);
         OwnedFields node = nodeFields(creator, nbAttributes, names, strings, ints);
         DataType const type = trtType(dataType);
-        OwnedFields stored;
-        size_t const workspace
-            = build(creator, node.get(), type, shape, buildDescs(type, shape, profileMin, profileOpt, profileMax), stored);
+        size_t workspaceSize = 0;
+        PluginPtr built = build(
+            creator, node.get(), type, shape, buildDescs(type, shape, profileMin, profileOpt, profileMax), workspaceSize);
         void const* const inputs[4] = {query, key, value, mask};
-        run(creator, stored.get(), type, shape, inputs, output, workspace);
+        Call const call{type, shape, inputs, workspaceSize};
+        std::vector<unsigned char> timed(call.outputBytes());
+        execute(built.get(), call, timed.data()); // the builder times the build-phase plugin
+        // The engine stores the fields; deserialising recreates the plugin, each context clones it.
+        OwnedFields stored = storedFields(
+            capability<IPluginV3OneRuntime>(built.get(), PluginCapabilityType::kRUNTIME)->getFieldsToSerialize());
+        built.reset();
+        PluginPtr engine(creator->createPlugin("mra_attention", stored.get(), TensorRTPhase::kRUNTIME));
+        require(engine != nullptr, "createPlugin (runtime phase) refused the serialised fields");
+        PluginPtr context(
+            capability<IPluginV3OneRuntime>(engine.get(), PluginCapabilityType::kRUNTIME)->attachToContext(nullptr));
+        require(context != nullptr, "attachToContext");
+        execute(context.get(), call, output);
+        require(std::memcmp(timed.data(), output, timed.size()) == 0,
+            "the build-phase plugin (which TensorRT times) and the engine's give different outputs");
         return 0;
     }
     catch (Failure const& failure)
