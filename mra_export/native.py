@@ -28,6 +28,7 @@ CUDA_EMULATED_LIBRARY = "libmra_attention_cuda_emulated.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"
 PLUGIN_EMULATED_LIBRARY = "libmra_attention_plugin_emulated.so"  # the plugin over emulated kernels
 PLUGIN_RUNNER_LIBRARY = "libmra_attention_plugin_runner.so"  # drives a plugin as TensorRT does
+EMULATED_PLUGIN_LIBRARIES = (PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY)  # PluginRunner.emulated
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
@@ -46,6 +47,18 @@ def ensure_built(file_name: str, target: str) -> Path:
             if result.returncode != 0:
                 raise UserError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     return path
+
+
+def unbuilt(*names: str) -> list[Path]:
+    """The paths of those ``names`` that are not in ``build_dir()`` (not made, or skipped by
+    ``make plugins`` for want of nvcc or TensorRT's headers)."""
+    return [build_dir() / name for name in names if not (build_dir() / name).is_file()]
+
+
+def c_inputs(query, key, value, mask) -> tuple[torch.Tensor, ...]:
+    """Q, K, V and the mask as the C interfaces read them: contiguous, the mask int32 0/1."""
+    query, key, value = (t.contiguous() for t in (query, key, value))
+    return query, key, value, (mask != 0).to(torch.int32).contiguous()
 
 
 class MraAttentionParams(ctypes.Structure):
@@ -121,8 +134,7 @@ class MraLibrary:
             raise ValueError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
         params = self.params(query, **settings)
         self.check(self.lib.mraCheckParams(ctypes.byref(params)))
-        query, key, value = (t.contiguous() for t in (query, key, value))
-        mask = (mask != 0).to(torch.int32).contiguous()
+        query, key, value, mask = c_inputs(query, key, value, mask)
         output = torch.empty_like(query)
         size = self.lib.mraWorkspaceSize(ctypes.byref(params))
         workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
@@ -201,8 +213,7 @@ class PluginRunner:
         names = [name.encode() for name in attributes]
         texts = [v.encode() if isinstance(v, str) else None for v in attributes.values()]
         numbers = [0 if isinstance(v, str) else int(v) for v in attributes.values()]
-        query, key, value = (t.contiguous() for t in (query, key, value))
-        mask = (mask != 0).to(torch.int32).contiguous()
+        query, key, value, mask = c_inputs(query, key, value, mask)
         output = torch.full_like(query, float("nan"))  # unwritten outputs show
         error = ctypes.create_string_buffer(2048)
         status = self.lib.mraPluginRun(

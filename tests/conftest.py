@@ -111,8 +111,7 @@ def emulated_plugin():
 
     targets = {native.PLUGIN_EMULATED_LIBRARY: "mra_attention_plugin_emulated",
                native.PLUGIN_RUNNER_LIBRARY: "mra_attention_plugin_runner"}
-    built = all((native.build_dir() / name).is_file() for name in targets)
-    if not built and tensorrt_headers() is None:
+    if native.unbuilt(*targets) and tensorrt_headers() is None:
         pytest.skip("the plugin over the emulated kernels needs TensorRT's headers to compile: "
                     "set TRT_INCLUDE_DIR or TensorRT_ROOT (fetch NVIDIA/TensorRT; none in CI)")
     paths = [native.ensure_built(name, target) for name, target in targets.items()]

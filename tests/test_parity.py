@@ -26,8 +26,7 @@ def plugin_graph_backends() -> set:
     `make plugins` had TensorRT's headers (not in CI)."""
     ran = {"plugin graph on CPU (onnx.reference, PyTorch node)",
            "plugin graph on CPU (onnx.reference, C++ plugin twin)"}
-    libraries = (native.PLUGIN_EMULATED_LIBRARY, native.PLUGIN_RUNNER_LIBRARY)
-    if all((native.build_dir() / name).is_file() for name in libraries):
+    if not native.unbuilt(*native.EMULATED_PLUGIN_LIBRARIES):
         ran.add(PLUGIN_ITSELF)
     return ran
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..export.info import ExportInfo
-from ..native import CPU_LIBRARY, PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY, build_dir
+from ..native import CPU_LIBRARY, EMULATED_PLUGIN_LIBRARIES, unbuilt
 from ..runtime.ort import BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, OrtMraModel
 from ..runtime.plugin_reference import ReferencePluginModel
 
@@ -38,12 +38,7 @@ def export_backends(folder: str | Path) -> list[Backend]:
     info = ExportInfo.load(folder)
     tolerance = TOLERANCES[info.dtype]
     if info.flavour == "plugin":
-        return [Backend("plugin graph on CPU (onnx.reference, PyTorch node)", folder,
-                        tolerance, lambda: ReferencePluginModel.from_pretrained(folder, verify=False)),
-                _node_backend(folder, tolerance, "cpp", "C++ plugin twin", [CPU_LIBRARY]),
-                _node_backend(folder, tolerance, "plugin-emulated",
-                              "plugin on emulated CUDA",
-                              [PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY])]
+        return [_node_backend(folder, tolerance, *node) for node in PLUGIN_GRAPH_NODES]
     if info.dtype == "bf16":
         backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=BF16_NOT_ON_CPU)]
     else:
@@ -60,17 +55,24 @@ def export_backends(folder: str | Path) -> list[Backend]:
     return backends
 
 
-def _node_backend(folder: str, tolerance: float, node: str, computed_by: str,
-                  libraries: list[str]) -> Backend:
-    """The plugin graph with its MraAttention nodes computed by ``node`` (built by make plugins;
-    the plugin over the emulated kernels only where TensorRT's headers are)."""
+# How the plugin graph's MraAttention nodes are computed on the CPU: the ReferencePluginModel
+# node, its name in the report, the libraries it needs and how to build them.
+PLUGIN_GRAPH_NODES = (
+    ("torch", "PyTorch node", (), ""),
+    ("cpp", "C++ plugin twin", (CPU_LIBRARY,), "make plugins"),
+    ("plugin-emulated", "plugin on emulated CUDA", EMULATED_PLUGIN_LIBRARIES,
+     "make plugins TensorRT_ROOT=<folder with TensorRT's include/>"),
+)
+
+
+def _node_backend(folder: str, tolerance: float, node: str, computed_by: str, libraries,
+                  how_to_build: str) -> Backend:
+    """The plugin graph run by onnx.reference with its MraAttention nodes computed by ``node``."""
     name = f"plugin graph on CPU (onnx.reference, {computed_by})"
-    missing = [build_dir() / library for library in libraries
-               if not (build_dir() / library).is_file()]
+    missing = unbuilt(*libraries)
     if missing:
-        how = ("make plugins TensorRT_ROOT=<folder with TensorRT's include/>"
-               if node == "plugin-emulated" else "make plugins")
-        return Backend(name, folder, tolerance, skipped=f"{missing[0]} is not built ({how})")
+        return Backend(name, folder, tolerance,
+                       skipped=f"{missing[0]} is not built ({how_to_build})")
     return Backend(name, folder, tolerance,
                    lambda: ReferencePluginModel.from_pretrained(folder, node=node, verify=False))
 

@@ -20,13 +20,11 @@
  *   the plugin logged) in `error`.
  */
 #include "NvInferRuntime.h"
+#include "guardedBuffer.h"
 #include "mraAttention.h"
 
 #include <dlfcn.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -275,47 +273,6 @@ struct PluginDeleter
 };
 using PluginPtr = std::unique_ptr<IPluginV3, PluginDeleter>;
 
-//! TensorRT's workspace: getWorkspaceSize bytes, 256-aligned, uninitialised (0xff here). enqueue
-//! is not told its size, so a plugin that asked for too little writes past it: the bytes up to
-//! the next 256 hold a canary, and an unmapped page follows.
-class GuardedWorkspace
-{
-public:
-    explicit GuardedWorkspace(size_t size)
-        : mSize(size)
-    {
-        size_t const page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-        size_t const bytes = (std::max<size_t>(size, 1) + 255) / 256 * 256;
-        mMapped = (bytes + page - 1) / page * page + page;
-        void* mapped = mmap(nullptr, mMapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        require(mapped != MAP_FAILED, "no memory for the workspace");
-        mBase = static_cast<unsigned char*>(mapped);
-        unsigned char* guard = mBase + mMapped - page;
-        mprotect(guard, page, PROT_NONE);
-        start = guard - bytes;
-        std::memset(start, 0xff, size);
-        std::memset(start + size, kCanary, bytes - size);
-        mEnd = guard;
-    }
-    ~GuardedWorkspace()
-    {
-        munmap(mBase, mMapped);
-    }
-    bool intact() const
-    {
-        return std::all_of(start + mSize, mEnd, [](unsigned char byte) { return byte == kCanary; });
-    }
-
-    unsigned char* start{nullptr};
-
-private:
-    static constexpr unsigned char kCanary = 0xa5;
-    size_t mSize;
-    size_t mMapped{0};
-    unsigned char* mBase{nullptr};
-    unsigned char* mEnd{nullptr};
-};
-
 template <typename Capability>
 Capability* capability(IPluginV3* plugin, PluginCapabilityType type)
 {
@@ -370,11 +327,13 @@ void execute(IPluginV3* plugin, Call const& call, void* output)
     auto* runtime = capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME);
     std::vector<PluginTensorDesc> const descs = runtimeDescs(call.type, call.shape);
     require(runtime->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
-    GuardedWorkspace workspace(call.workspaceSize);
+    // TensorRT's workspace: getWorkspaceSize bytes, 256-aligned, uninitialised. enqueue is not
+    // told its size, so a plugin that asked for too little would write past it.
+    checks::GuardedBuffer workspace(call.workspaceSize, 256);
     void* const outputs[1] = {output};
-    require(runtime->enqueue(descs.data(), descs.data() + 4, call.inputs, outputs, workspace.start, nullptr) == 0,
+    require(runtime->enqueue(descs.data(), descs.data() + 4, call.inputs, outputs, workspace.start(), nullptr) == 0,
         "enqueue failed");
-    require(workspace.intact(), "enqueue wrote past the workspace getWorkspaceSize asked for");
+    require(workspace.canaryIntact(), "enqueue wrote past the workspace getWorkspaceSize asked for");
 }
 
 } // namespace

@@ -6,6 +6,7 @@
  * (unlike swapcontext) make no system call: a run switches millions of times.
  */
 #include "cudaEmulation.h" // built with -U_FORTIFY_SOURCE: its longjmp check refuses jumps between stacks
+#include "guardedBuffer.h"
 
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -17,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -164,72 +166,6 @@ private:
     std::vector<char*> mStacks; // kept for the process's lifetime
 };
 
-//! A launch's dynamic shared memory: exactly the bytes asked for, 128-byte aligned, ending less
-//! than 128 bytes before an unmapped page. A read or write past the end faults (a GPU reports an
-//! illegal address); one into the gap before the page changes a canary checked after each CTA.
-class DynamicShared
-{
-public:
-    ~DynamicShared()
-    {
-        release();
-    }
-
-    bool prepare(size_t bytes)
-    {
-        release();
-        size_t const pages = (bytes + 128 + kPage - 1) / kPage;
-        void* mapped = mmap(nullptr, (pages + 1) * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (mapped == MAP_FAILED)
-        {
-            return false;
-        }
-        mMapped = static_cast<unsigned char*>(mapped);
-        mPages = pages + 1;
-        mGuard = mMapped + pages * kPage;
-        mprotect(mGuard, kPage, PROT_NONE);
-        mStart = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(mGuard) - bytes) & ~uintptr_t{127});
-        mBytes = bytes;
-        return true;
-    }
-
-    //! Garbage, as a new CTA's shared memory is (NaN where read as float), and the canary.
-    void poison()
-    {
-        std::memset(mStart, 0xff, mBytes);
-        std::memset(mStart + mBytes, kCanary, static_cast<size_t>(mGuard - (mStart + mBytes)));
-    }
-
-    bool canaryIntact() const
-    {
-        return std::all_of(mStart + mBytes, mGuard, [](unsigned char byte) { return byte == kCanary; });
-    }
-
-    unsigned char* start() const
-    {
-        return mStart;
-    }
-
-private:
-    static constexpr size_t kPage = 4096;
-    static constexpr unsigned char kCanary = 0xa5;
-
-    void release()
-    {
-        if (mMapped != nullptr)
-        {
-            munmap(mMapped, mPages * kPage);
-            mMapped = nullptr;
-        }
-    }
-
-    unsigned char* mMapped = nullptr;
-    size_t mPages = 0;
-    unsigned char* mGuard = nullptr;
-    unsigned char* mStart = nullptr;
-    size_t mBytes = 0;
-};
-
 struct Runtime
 {
     std::mutex launchMutex;
@@ -243,7 +179,9 @@ struct Runtime
     std::function<void()> const* body = nullptr;
     std::string error;
     Stacks stacks;
-    DynamicShared shared;
+    // The launch's dynamic shared memory: exactly the bytes asked for, 128-byte aligned, against an
+    // unmapped page (a GPU reports an illegal address past it), poisoned before each CTA.
+    std::optional<checks::GuardedBuffer> shared;
     unsigned long nextRound = 1;
     uint32_t schedule = 0;
     std::mt19937 random;
@@ -505,7 +443,7 @@ void fail(char const* format, ...)
 
 unsigned char* dynamicSharedMemory()
 {
-    return runtime().shared.start();
+    return runtime().shared->start();
 }
 
 void setSchedule(uint32_t schedule)
@@ -539,7 +477,11 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         r.lastError = cudaErrorInvalidValue; // as CUDA: more than the kernel's opt-in allows
         return;
     }
-    if (!r.shared.prepare(sharedBytes))
+    try
+    {
+        r.shared.emplace(sharedBytes, 128);
+    }
+    catch (std::bad_alloc const&)
     {
         r.lastError = cudaErrorMemoryAllocation;
         return;
@@ -550,11 +492,11 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
     for (unsigned b : ctaOrder(grid.x))
     {
         blockIdx = dim3(b);
-        r.shared.poison();
+        r.shared->poison();
         poisonStaticShared();
         r.error.clear();
         bool const ran = runBlock(block.x);
-        if (ran && !r.shared.canaryIntact())
+        if (ran && !r.shared->canaryIntact())
         {
             r.error = "wrote past its " + std::to_string(sharedBytes) + " bytes of dynamic shared memory";
         }
