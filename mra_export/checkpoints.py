@@ -66,8 +66,10 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 def load_model(folder: str | Path, task: Task | None = None,
                remedy: str = "pass --task auto or a checkpoint trained for that task"):
-    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode;
-    ``remedy`` ends the error when the checkpoint has no weights for that task's head."""
+    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode,
+    in float32 whatever the checkpoint's dtype (parity's reference is the float32 model, and
+    exports cast from it); ``remedy`` ends the error when the checkpoint has no weights for
+    that task's head."""
     config = load_config(folder)
     if (Path(folder) / "export.json").is_file():
         raise UserError(f"{folder} is an export (it has export.json), not a checkpoint; pass the "
@@ -75,7 +77,8 @@ def load_model(folder: str | Path, task: Task | None = None,
     task = task or task_for_config(config)
     try:
         model, loading = task.model_class.from_pretrained(
-            folder, config=config, local_files_only=True, output_loading_info=True)
+            folder, config=config, dtype=torch.float32, local_files_only=True,
+            output_loading_info=True)  # transformers would keep an fp16 checkpoint in fp16
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights too
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
                         f"{first_line(error)}; pass a folder with the weights save_pretrained "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import shutil
 import sys
 import types
 
@@ -176,6 +177,20 @@ def test_build_refuses_portable_exports_and_missing_plugins(exports, tmp_path, p
     with pytest.raises(UserError, match="plugin library .*none.so not found; build it with 'make "
                                         "plugins TensorRT_ROOT"):
         build_module.build_engine(spec, builder=fake_builder)
+
+
+def test_build_refuses_an_earlier_plugin_export_of_a_head_dim_the_kernels_lack(
+        exports, tmp_path, plugin_library, fake_tensorrt):
+    """Exports made before the exporter checked head_dim: refused before TensorRT parses them."""
+    folder = tmp_path / "export"
+    shutil.copytree(exports["fill-mask", "plugin"], folder)
+    record = json.loads((folder / "export.json").read_text())
+    record["attention"]["head_dim"] = 48
+    (folder / "export.json").write_text(json.dumps(record))
+    spec = resolve_spec(onnx=str(folder), plugin=str(plugin_library), out=str(tmp_path / "engine"))
+    with pytest.raises(UserError, match="head_dim 32, 64 or 128 .* this model's is 48"):
+        build_module.build_engine(spec, builder=fake_builder)
+    assert not (tmp_path / "engine").exists()
 
 
 # --- registering the plugin library with TensorRT ------------------------------------------------

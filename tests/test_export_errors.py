@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import BertConfig, MraConfig, MraModel
 
 from mra_export.cli import main
 from mra_export.errors import InputError, UserError
@@ -185,6 +185,19 @@ def test_unsupported_opset_and_flavour(small_checkpoints, tmp_path):
         export_model(small_checkpoints["fill-mask"], tmp_path / "out", opset=13)
     with pytest.raises(UserError, match="unknown flavour 'tensorrt'"):
         export_model(small_checkpoints["fill-mask"], tmp_path / "out", flavour="tensorrt")
+
+
+@pytest.mark.parametrize("hidden_size, heads, head_dim", [(96, 2, 48), (512, 2, 256)])
+def test_plugin_exports_of_head_dims_the_cuda_kernels_lack_are_refused_first(
+        tmp_path, hidden_size, heads, head_dim):
+    """The plugin would refuse them only inside TensorRT's build; the export says so at once."""
+    config = MraConfig(vocab_size=50, hidden_size=hidden_size, num_attention_heads=heads,
+                       num_hidden_layers=1, intermediate_size=64, max_position_embeddings=128)
+    MraModel(config).save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError, match=f"CUDA kernels take head_dim 32, 64 or 128 .* this "
+                                        f"model's is {head_dim}; export it with --flavour portable"):
+        export_model(tmp_path / "model", tmp_path / "out", flavour="plugin")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cli_prints_one_line_and_exits_2(small_checkpoints, tmp_path, capsys):

@@ -189,6 +189,21 @@ def test_patching_keeps_weights_and_is_idempotent(small_checkpoints):
                                        initial_prior_diagonal_n_blocks=0)
 
 
+@pytest.mark.parametrize("saved_dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_loads_as_the_float32_model(small_checkpoints, tmp_path,
+                                                                saved_dtype):
+    """Parity's reference is the float32 model; transformers would keep these in their dtype."""
+    source = load_model(small_checkpoints["text-classification"])[0]
+    source.to(saved_dtype).save_pretrained(tmp_path / "half")
+    loaded = patch_model(load_model(tmp_path / "half")[0])
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {
+        torch.float32}
+    expected = patch_model(source.float())  # the saved weights, widened: exact
+    inputs = model_inputs(TASKS["text-classification"], 2, 70, [70, 41])
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected(**inputs).logits)
+
+
 def test_head_dims_under_32_are_padded_to_32_like_transformers():
     # head_dim 16 is zero-padded to 32, so the scale is 1/sqrt(32). With every block selected
     # (num_blocks = 16 = nb**2) the layer is exact softmax attention at that scale.

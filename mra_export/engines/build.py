@@ -16,6 +16,7 @@ import time
 from .. import __version__
 from ..checkpoints import TOKENIZER_FILES
 from ..errors import UserError, first_line
+from ..export import plugin_node
 from ..export.info import ExportInfo
 from ..files import sha256_of, staged_folder
 from .manifest import ENGINE_FILE, EngineManifest, SystemInfo
@@ -76,6 +77,8 @@ def _checked_export(spec: BuildSpec) -> ExportInfo:
     if info.flavour != "plugin":
         raise UserError(f"{folder} is a {info.flavour} export; TensorRT engines are built from "
                         "plugin-flavour exports (mra-export export --flavour plugin)")
+    if isinstance(info.attention.get("head_dim"), int):
+        plugin_node.check_head_dim(info.attention["head_dim"])
     return info
 
 

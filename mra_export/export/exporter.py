@@ -54,6 +54,8 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
                         f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     config = load_config(model_dir)
     chosen = task_for_config(config) if task == "auto" else get_task(task)
+    if flavour == "plugin":
+        plugin_node.check_head_dim(config.hidden_size // config.num_attention_heads)
     with staged_folder(out, marker=ExportInfo.FILE_NAME) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
         model = patch_model(load_model(model_dir, chosen)[0]).to(DTYPES[dtype])

@@ -17,7 +17,8 @@ import torch
 from onnx.defs import OpSchema
 
 from ..attention import mra_attention
-from ..patching import MraAttentionCore, attention_cores
+from ..errors import UserError
+from ..patching import MIN_HEAD_DIM, MraAttentionCore, attention_cores
 
 DOMAIN = "trt.plugins"
 OP_TYPE = "MraAttention"
@@ -27,6 +28,18 @@ PLUGIN_NAMESPACE = ""
 INPUTS = ("query", "key", "value", "mask")
 ATTRIBUTES = ("num_blocks", "approx_mode", "block_size", "initial_prior_first_n_blocks",
               "initial_prior_diagonal_n_blocks", "plugin_version", "plugin_namespace")
+# The head dims the plugin's CUDA kernels are compiled for (plugins/README.md); the plugin
+# refuses others at configurePlugin, which is only reached when TensorRT builds the engine.
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def check_head_dim(model_head_dim: int) -> None:
+    """Refuse, before any work, a model whose attention the plugin cannot run."""
+    head_dim = max(MIN_HEAD_DIM, model_head_dim)  # the patched model pads smaller ones to 32
+    if head_dim not in CUDA_HEAD_DIMS:
+        raise UserError(f"the {OP_TYPE} plugin's CUDA kernels take head_dim 32, 64 or 128 "
+                        f"(smaller ones are padded to 32) and this model's is {model_head_dim}; "
+                        "export it with --flavour portable to run it in onnxruntime")
 
 
 def register_schema() -> None:
