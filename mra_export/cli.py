@@ -33,6 +33,9 @@ def main(argv=None) -> int:
         except UserError as error:
             print(f"mra-export {args.command}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as error:  # the system's (disk full, a folder gone): one line, no trace
+            print(f"mra-export {args.command}: error: {_os_error(error)}", file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 128 + signal.SIGINT
@@ -57,6 +60,13 @@ def _cleanup_on_sigterm():
         raise SystemExit(128 + signal.SIGTERM) from None  # the previous handler did not exit
     finally:
         signal.signal(signal.SIGTERM, restore)
+
+
+def _os_error(error: OSError) -> str:
+    """``[Errno 28] No space left on device: 'out/x'`` as ``out/x: No space left on device``."""
+    if error.filename is None or not error.strerror:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
 
 
 def _raise_terminated(signum, frame):

@@ -104,12 +104,22 @@ def check_writable_file(path: str | Path) -> None:
 
 def check_writable_folder(folder: str | Path) -> None:
     """A one-line error unless ``folder`` exists or can be made, and takes files; checked before
-    long work so that it does not fail at the end. Creates nothing."""
+    long work so that it does not fail at the end. Leaves nothing behind."""
     folder = Path(folder).absolute()
     existing = next(path for path in (folder, *folder.parents) if os.path.lexists(path))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    if not os.path.isdir(existing) or not _can_make_folders_in(existing):
         raise UserError(f"cannot write to {folder}: {existing} is not a writable folder; choose "
                         "another output path")
+
+
+def _can_make_folders_in(folder: Path) -> bool:
+    """Tried, not asked: os.access says yes to root everywhere, /proc and read-only mounts
+    included."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mra-export-check-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -159,6 +161,31 @@ def test_unwritable_output_leaves_nothing(small_checkpoints, tmp_path):
         export_model(small_checkpoints["fill-mask"], tmp_path / "a-file" / "out")
     with pytest.raises(UserError, match="exists and is not a folder"):
         export_model(small_checkpoints["fill-mask"], tmp_path / "a-file")
+    assert no_leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_entries_is_found_before_any_work(small_checkpoints):
+    # os.access says yes to root here (and on read-only mounts); making a folder is what tells.
+    with pytest.raises(UserError, match="cannot write to /proc: /proc is not a "
+                                        "writable folder"):
+        export_model(small_checkpoints["fill-mask"], "/proc/mra-out", log=lambda m: None)
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(small_checkpoints, tmp_path,
+                                                                    monkeypatch, capsys):
+    from mra_export.export import exporter
+
+    def full_disk(onnx_model, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(exporter, "_save", full_disk)
+    code = main(["export", "--model", str(small_checkpoints["fill-mask"]),
+                 "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error and error.count("\n") == 1
+    assert error.startswith("mra-export export: error: ") and error.rstrip().endswith(
+        "model.onnx: No space left on device")
     assert no_leftovers(tmp_path) == []
 
 
