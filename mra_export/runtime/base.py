@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoints import load_config
 from ..errors import InputError, UserError
@@ -46,6 +47,38 @@ class ExportedModel:
         return outputs.to_tuple() if return_dict is False else outputs
 
     forward = __call__
+
+    # What transformers' pipeline() reads of its model, as of Optimum's ORTModel, so that
+    # pipeline("fill-mask", model=OrtMraModel.from_pretrained(...), tokenizer=...) works.
+    input_modalities = ("text",)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes. Tensors on any device are taken; outputs come back on the
+        inputs' device."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The outputs' type: the export's, bfloat16 widened to float32."""
+        return torch.float16 if self.info.dtype == "fp16" else torch.float32
+
+    def to(self, device):
+        """``self`` where it already computes on ``device``'s kind; a one-line error otherwise."""
+        wanted = torch.device(device)
+        if wanted.type != self.device.type:
+            raise UserError(f"this {type(self).__name__} computes on {self.device.type} and "
+                            f"cannot move to {wanted}; {self._how_to_run_on(wanted)}")
+        return self
+
+    def _how_to_run_on(self, device: torch.device) -> str:
+        return "load it for that device"
+
+    def eval(self):
+        return self  # inference only, always
+
+    def can_generate(self) -> bool:
+        return False
 
     @property
     def output_names(self) -> list[str]:

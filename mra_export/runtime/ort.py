@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from ..errors import UserError, first_line
 from .base import ExportedModel
@@ -23,6 +24,8 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # for each new range of shapes, and TensorRT engines proper are `mra-export build`'s job.
 CUDA_FP32 = (CUDA, {"use_tf32": "0"})
 PREFERENCE = (CUDA_FP32, CPU)
+PROVIDER_OF_DEVICE = {"cuda": CUDA_FP32, "cpu": CPU}  # for .to(device)
+ON_GPU = (CUDA, "TensorrtExecutionProvider")
 AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
 # Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
 BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
@@ -58,6 +61,25 @@ class OrtMraModel(ExportedModel):
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.providers[0] in ON_GPU else "cpu")
+
+    def to(self, device):
+        """Run on ``device``'s kind from now on, as Optimum's ORTModel.to does: "cuda" takes the
+        CUDA provider (one line where this onnxruntime lacks it), "cpu" the CPU one."""
+        wanted = torch.device(device)
+        if wanted.type == self.device.type or wanted.type not in PROVIDER_OF_DEVICE:
+            return super().to(wanted)
+        self._providers = choose_providers(PROVIDER_OF_DEVICE[wanted.type], self.info.flavour,
+                                           self.info.dtype)
+        self._sessions.clear()
+        self.session = self._session_for(())
+        return self
+
+    def _how_to_run_on(self, device: torch.device) -> str:
+        return "onnxruntime runs on cpu or cuda (provider=...)"
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))

@@ -1,0 +1,69 @@
+"""transformers' pipeline() over an OrtMraModel gives what it gives over the PyTorch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from transformers import AutoTokenizer, pipeline
+
+from mra_export import patch_model
+from mra_export.checkpoints import load_model
+from mra_export.errors import UserError
+from mra_export.runtime import OrtMraModel
+
+# Batched by two, so that the shorter text of each pair is padded.
+TEXTS = ["the cat sat on the <mask> all day long", "a <mask> day",
+         "models export to onnx and <mask> engines", "<mask>"]
+PIPELINE_TASKS = ["fill-mask", "text-classification", "token-classification",
+                  "feature-extraction"]
+
+
+def both_pipelines(task, small_checkpoints, exports):
+    folder = exports[task, "portable"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = patch_model(load_model(small_checkpoints[task])[0])
+    return (pipeline(task, model=OrtMraModel.from_pretrained(folder), tokenizer=tokenizer),
+            pipeline(task, model=reference, tokenizer=tokenizer))
+
+
+def assert_same_results(ours, theirs, path="result"):
+    """Equal structure, labels and tokens; scores and features within float32 noise."""
+    if isinstance(theirs, list):
+        assert isinstance(ours, list) and len(ours) == len(theirs), path
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_results(a, b, f"{path}[{index}]")
+    elif isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys(), path
+        for key in theirs:
+            assert_same_results(ours[key], theirs[key], f"{path}.{key}")
+    elif isinstance(theirs, (float, np.floating)):
+        assert abs(float(ours) - float(theirs)) <= 1e-5, path
+    else:
+        assert ours == theirs, path
+
+
+@pytest.mark.parametrize("task", PIPELINE_TASKS)
+def test_pipelines_give_the_pytorch_models_results(task, small_checkpoints, exports):
+    ours, theirs = both_pipelines(task, small_checkpoints, exports)
+    texts = TEXTS if task == "fill-mask" else [t.replace("<mask>", "fine") for t in TEXTS]
+    if task == "feature-extraction":  # nested lists of floats: compare as arrays
+        for a, b in zip(ours(texts, batch_size=2), theirs(texts, batch_size=2)):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=0)
+        return
+    assert_same_results(ours(texts, batch_size=2), theirs(texts, batch_size=2))
+
+
+def test_the_model_reports_where_it_computes_and_moves_only_where_onnxruntime_can(exports):
+    model = OrtMraModel.from_pretrained(exports["text-classification", "portable"],
+                                        provider="CPUExecutionProvider")
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.to("cpu") is model and model.eval() is model and not model.can_generate()
+    with pytest.raises(UserError, match="cannot move to mps; onnxruntime runs on cpu or cuda"):
+        model.to("mps")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(UserError, match="CUDAExecutionProvider is not available in this "
+                                            "onnxruntime .* install onnxruntime-gpu"):
+            model.to("cuda")
+        assert model.providers == ["CPUExecutionProvider"]  # unchanged after the refusal
