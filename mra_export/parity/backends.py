@@ -38,7 +38,16 @@ def export_backends(folder: str | Path) -> list[Backend]:
     info = ExportInfo.load(folder)
     tolerance = TOLERANCES[info.dtype]
     if info.flavour == "plugin":
-        return [_node_backend(folder, tolerance, *node) for node in PLUGIN_GRAPH_NODES]
+        backends = [_node_backend(folder, tolerance, *node) for node in PLUGIN_GRAPH_NODES]
+    else:
+        backends = _onnxruntime_backends(folder, info, tolerance)
+    if info.dtype != "fp32":  # an fp32 and an fp16 export of one head, side by side in the table
+        for backend in backends:
+            backend.name = f"{backend.name} [{info.dtype}]"
+    return backends
+
+
+def _onnxruntime_backends(folder: str, info: ExportInfo, tolerance: float) -> list[Backend]:
     if info.dtype == "bf16":
         backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=BF16_NOT_ON_CPU)]
     else:
