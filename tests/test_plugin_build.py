@@ -7,6 +7,8 @@ A part that was not built (no nvcc, no TensorRT headers) is skipped with the rea
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -57,3 +59,21 @@ def test_plugin_contract_through_tensorrt_interfaces():
     result = subprocess.run([str(program), str(library)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(" passed, 0 failed")
+
+
+def test_a_tensorrt_folder_without_headers_is_named_when_configuring(tmp_path):
+    """`make plugins TensorRT_ROOT=<wrong folder>` says where it looked, not 'set TensorRT_ROOT'."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    wrong = tmp_path / "TensorRT-10"
+    wrong.mkdir()
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRT_INCLUDE_DIR", "TensorRT_ROOT")}
+    result = subprocess.run(["cmake", "-S", str(native.BUILD_DIR.parent), "-B", str(tmp_path / "build"),
+                             f"-DTensorRT_ROOT={wrong}"], capture_output=True, text=True,
+                            timeout=300, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if "+ mra_attention_plugin (" in result.stdout:
+        pytest.skip("TensorRT's headers are installed in a system folder, which CMake finds anyway")
+    looked = f"no NvInferRuntime.h in {wrong}/include (TensorRT_ROOT is the folder holding include/)"
+    assert f"SKIPPED mra_attention_plugin: {looked}" in result.stdout
+    assert "the TensorRT plugin is not built" in " ".join(result.stderr.split())  # the warning
