@@ -91,8 +91,11 @@ def test_reduced_precision_exports_match_pytorch_within_their_tolerance(small_ch
         checkpoint = build_checkpoint(tmp_path / "default", TASKS["question-answering"])
     else:
         checkpoint = small_checkpoints["question-answering"]
-    report = run_parity(checkpoint, export_both_flavours(checkpoint, tmp_path, dtype=dtype),
-                        log=lambda m: None).to_dict()
+    folders = export_both_flavours(checkpoint, tmp_path, dtype=dtype)
+    for folder in folders:  # the export's config says the graph's type
+        assert json.loads((folder / "config.json").read_text())["dtype"] == {
+            "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    report = run_parity(checkpoint, folders, log=lambda m: None).to_dict()
     ran = {b["backend"]: b for b in report["backends"] if b["status"] != "skipped"}
     expected = plugin_graph_backends() | ({"onnxruntime-cpu"} if dtype == "fp16" else set())
     assert set(ran) == {f"{name} [{dtype}]" for name in expected}

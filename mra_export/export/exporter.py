@@ -72,6 +72,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
         else:
             validation = {"skipped": "onnxruntime CPU checks fp32 portable exports; use "
                                      "mra-export parity for this one"}
+        config.dtype = DTYPES[dtype]  # the graph's, not the source checkpoint's
         config.save_pretrained(staging)
         has_tokenizer = _copy_tokenizer(model_dir, staging, log)
         info = _describe(model, chosen, config, flavour, dtype, opset, contexts, staging,
