@@ -113,8 +113,8 @@ def check_writable_folder(folder: str | Path) -> None:
 
 
 def _can_make_folders_in(folder: Path) -> bool:
-    """Tried, not asked: os.access says yes to root everywhere, /proc and read-only mounts
-    included."""
+    """Tried, not asked: os.access grants root write access to folders that take no new
+    entries (/proc, some network and FUSE mounts)."""
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".mra-export-check-", dir=folder))
     except OSError:
