@@ -67,3 +67,22 @@ def test_the_model_reports_where_it_computes_and_moves_only_where_onnxruntime_ca
                                             "onnxruntime .* install onnxruntime-gpu"):
             model.to("cuda")
         assert model.providers == ["CPUExecutionProvider"]  # unchanged after the refusal
+
+
+def test_a_provider_that_will_not_start_leaves_the_model_as_it_was(exports, monkeypatch):
+    from mra_export.runtime import ort as ort_module
+
+    model = OrtMraModel.from_pretrained(exports["text-classification", "portable"],
+                                        provider="CPUExecutionProvider")
+    session = model.session
+    monkeypatch.setattr(ort_module, "choose_providers", lambda *args: [ort_module.CUDA_FP32])
+
+    def no_gpu(*args, **kwargs):
+        raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(ort_module.ort, "InferenceSession", no_gpu)
+    with pytest.raises(UserError, match="onnxruntime cannot load .*no CUDA-capable device"):
+        model.to("cuda")
+    assert model.session is session and model.device == torch.device("cpu")
+    assert model(input_ids=[[5, 6, 7]]).logits.shape == (1, model.config.num_labels)
+

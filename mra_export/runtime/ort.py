@@ -72,10 +72,15 @@ class OrtMraModel(ExportedModel):
         wanted = torch.device(device)
         if wanted.type == self.device.type or wanted.type not in PROVIDER_OF_DEVICE:
             return super().to(wanted)
-        self._providers = choose_providers(PROVIDER_OF_DEVICE[wanted.type], self.info.flavour,
-                                           self.info.dtype)
-        self._sessions.clear()
-        self.session = self._session_for(())
+        providers = choose_providers(PROVIDER_OF_DEVICE[wanted.type], self.info.flavour,
+                                     self.info.dtype)
+        before = self._providers, self._sessions
+        self._providers, self._sessions = providers, {}
+        try:
+            self.session = self._session_for(())
+        except UserError:  # the provider would not start: the model stays as it was
+            self._providers, self._sessions = before
+            raise
         return self
 
     def _how_to_run_on(self, device: torch.device) -> str:
