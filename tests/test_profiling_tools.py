@@ -61,3 +61,20 @@ def test_profile_layer_prints_both_runtimes_operators(small_models, capsys):
         assert 0 < len(rows) <= 12
         times = [float(row.split()[-2]) for row in rows]
         assert times == sorted(times, reverse=True) and times[0] > 0
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("profile_layer", ["--length", "0"], "argument --length: must be within 1..4096, got 0"),
+    ("profile_layer", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
+    ("memory_trace", ["--batch", "x"], "argument --batch: takes an integer, got 'x'"),
+    ("compare_commits", ["no-such-commit"], "'no-such-commit' is not a commit of"),
+])
+def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
+                                                                    monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [f"{tool}.py", *argv])  # compare_commits reads sys.argv
+    module = load_tool(tool)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv) if tool != "compare_commits" else module.main()
+    assert stopped.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]  # argparse's usage line comes first
+    assert last_line.startswith(f"{tool}.py: error: {message}")

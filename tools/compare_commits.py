@@ -83,6 +83,11 @@ def main() -> int:
     if args.measure:
         print(json.dumps(measure_this_tree()))
         return 0
+    for commit in args.commits:  # before any measuring, which takes a minute per tree
+        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                                f"{commit}^{{commit}}"], capture_output=True, check=False)
+        if found.returncode != 0:
+            parser.error(f"{commit!r} is not a commit of {ROOT}")
     print(f"batch 1, {LENGTH} tokens, 1 mra-base layer; medians of 15 runs; peak memory (MB)")
     print(f"{'tree':>10} {'pytorch ms':>11} {'pytorch MB':>11} {'ort ms':>8} {'ort MB':>8}")
     trees = [(commit, None) for commit in args.commits] + ([("worktree", ROOT)] if args.worktree

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mra_export import attention, patching  # noqa: E402
 from mra_export.bench import models  # noqa: E402
+from mra_export.bench.cli import int_within  # noqa: E402
 from mra_export.bench.measure import PeakMemory, resident_bytes  # noqa: E402
 
 STEPS = ("_to_padded_rows", "_low_resolution", "_selection", "_high_resolution",
@@ -76,8 +77,8 @@ def steps_traced(memory: PeakMemory):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=models.MAX_LENGTH)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--length", type=int_within(1, models.MAX_LENGTH), default=models.MAX_LENGTH)
+    parser.add_argument("--batch", type=int_within(1), default=1)
     args = parser.parse_args(argv)
 
     mra, _ = models.build_models(layers=1)

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mra_export.bench import models  # noqa: E402
+from mra_export.bench.cli import int_within  # noqa: E402
 from mra_export.runtime.ort import CPU, default_options  # noqa: E402
 
 TOP = 12
@@ -77,9 +78,9 @@ def print_table(title: str, rows) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=models.MAX_LENGTH)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--length", type=int_within(1, models.MAX_LENGTH), default=models.MAX_LENGTH)
+    parser.add_argument("--batch", type=int_within(1), default=1)
+    parser.add_argument("--runs", type=int_within(1), default=5)
     args = parser.parse_args(argv)
 
     mra, _ = models.build_models(layers=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -52,9 +53,25 @@ def _integers(flag: str, text: str, low: int, high: float = math.inf) -> list[in
     except ValueError:
         raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not all(low <= value <= high for value in values):
-        bound = f"within {low}..{high}" if high < math.inf else f"at least {low}"
-        raise UserError(f"{flag} must be {bound}, got {text}")
+        raise UserError(f"{flag} must be {_bound(low, high)}, got {text}")
     return values
+
+
+def int_within(low: int, high: float = math.inf):
+    """An argparse ``type``: an integer within low..high, or argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {_bound(low, high)}, got {value}")
+        return value
+    return parse
+
+
+def _bound(low: int, high: float) -> str:
+    return f"within {low}..{high}" if high < math.inf else f"at least {low}"
 
 
 def _progress(message: str) -> None:
