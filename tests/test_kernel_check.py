@@ -113,6 +113,17 @@ def test_gpu_check_says_in_one_line_that_it_needs_a_gpu():
         "--emulated to check the kernels' logic on the CPU)"]
 
 
+def test_gpu_check_refuses_an_unwritable_output_before_using_the_gpu(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), "--out",
+                             str(tmp_path / "a-file" / "gpu_check.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gpu_check.py: error: cannot write to {tmp_path / 'a-file'}: {tmp_path / 'a-file'} is "
+        "not a writable folder; choose another output path")
+
+
 @pytest.mark.parametrize("implementation", ["cpu_library", "emulated_kernels"])
 def test_gpu_check_correctness_table_runs_without_a_gpu(implementation, request, capsys):
     """tools/gpu_check.py's correctness pass, end to end, with the C++ twin or the kernels' own

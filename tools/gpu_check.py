@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from mra_export import native  # noqa: E402
 from mra_export.attention import mra_attention  # noqa: E402
 from mra_export.errors import UserError  # noqa: E402
-from mra_export.files import atomic_write_text  # noqa: E402
+from mra_export.files import atomic_write_text, check_writable_file  # noqa: E402
 from mra_export.kernel_check import compare_with_reference  # noqa: E402
 
 BLOCKS_PER_ROW = 8
@@ -243,6 +243,10 @@ def main() -> int:
                         help="no GPU needed: the correctness cases on the kernels' source under the CPU "
                              "CUDA emulation (plugins/tests/cuda_emulation); no timings")
     args = parser.parse_args()
+    try:
+        check_writable_file(args.out)  # now, not after minutes of a lent GPU's time
+    except UserError as error:
+        parser.error(str(error))
     if args.emulated:
         return check_emulated(args)
     if not torch.cuda.is_available():
