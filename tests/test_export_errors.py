@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -353,6 +354,16 @@ def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
             return str(exports["fill-mask", "portable"])
 
     assert OrtMraModel.from_pretrained(PathLike()).task == "fill-mask"
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "2.5"])
+def test_a_thread_count_onnxruntime_cannot_take_is_one_line(value, monkeypatch):
+    monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", value)
+    with pytest.raises(UserError, match=f"MRA_EXPORT_ORT_THREADS must be a number of threads "
+                                        f"\\(0: one per core\\), got '{re.escape(value)}'"):
+        ort_module.default_options()
+    monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", " 3 ")
+    assert ort_module.default_options().intra_op_num_threads == 3
 
 
 def test_providers_with_options_are_checked_by_name(monkeypatch):

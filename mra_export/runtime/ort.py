@@ -206,7 +206,10 @@ def default_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_mem_pattern = False
-    threads = os.environ.get("MRA_EXPORT_ORT_THREADS")
+    threads = os.environ.get("MRA_EXPORT_ORT_THREADS", "").strip()
     if threads:
+        if not threads.isdigit():
+            raise UserError(f"MRA_EXPORT_ORT_THREADS must be a number of threads (0: one per "
+                            f"core), got {threads!r}")
         options.intra_op_num_threads = int(threads)
     return options
