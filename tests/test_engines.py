@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,6 +415,16 @@ def test_help_works_everywhere(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: mra-export" in capsys.readouterr().out
+
+
+def test_python_m_mra_export_is_the_command_without_installing(tmp_path):
+    """As on a lent GPU machine: the checkout on PYTHONPATH, run from elsewhere."""
+    checkout = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "mra_export", "bench", "--lengths", "0"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(checkout)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "mra-export bench: error: --lengths must be within 1..4096, got 0"
 
 
 def test_a_tensorrt_package_that_does_not_load_is_one_line(monkeypatch):
