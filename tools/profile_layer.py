@@ -52,20 +52,23 @@ def profile_onnxruntime(path: Path, ids, mask, runs: int, folder: Path):
     options.profile_file_prefix = str(folder / "ort")
     session = ort.InferenceSession(str(path), options, providers=[CPU])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    session.run(None, feed)  # warm-up, profiled too: the totals below are per run of runs + 1
+    session.run(None, feed)  # warm-up: profiled too (onnxruntime cannot start later), left out
     start = time.perf_counter()
     for _ in range(runs):
         session.run(None, feed)
     wall = (time.perf_counter() - start) / runs
     with open(session.end_profiling()) as trace:
         events = json.load(trace)
-    per_op, per_node = collections.Counter(), collections.Counter()
+    per_op, per_node, seen = collections.Counter(), collections.Counter(), set()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = event["name"][:-len("_kernel_time")]
+            if node not in seen:  # each node's first event is the warm-up's, whose first
+                seen.add(node)    # touches of new memory cost up to 20x a steady run's
+                continue
             per_op[event["args"]["op_name"]] += event["dur"]
-            per_node[f"{event['name'][:-len('_kernel_time')]} ({event['args']['op_name']})"] += \
-                event["dur"]
-    scale = 1000 * (runs + 1)  # microseconds over runs + warm-up -> ms per run
+            per_node[f"{node} ({event['args']['op_name']})"] += event["dur"]
+    scale = 1000 * runs  # microseconds over the timed runs -> ms per run
     return (wall, [(name, us / scale) for name, us in per_op.most_common()],
             [(name, us / scale) for name, us in per_node.most_common()])
 
