@@ -55,12 +55,12 @@ def test_pipelines_give_the_pytorch_models_results(task, small_checkpoints, expo
     assert_same_results(ours(texts, batch_size=2), theirs(texts, batch_size=2))
 
 
-def test_the_model_reports_where_it_computes_and_moves_only_where_onnxruntime_can(exports):
+def test_the_model_takes_host_tensors_and_moves_only_where_onnxruntime_can(exports):
     model = OrtMraModel.from_pretrained(exports["text-classification", "portable"],
                                         provider="CPUExecutionProvider")
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.to("cpu") is model and model.eval() is model and not model.can_generate()
-    with pytest.raises(UserError, match="cannot move to mps; onnxruntime runs on cpu or cuda"):
+    with pytest.raises(UserError, match="onnxruntime computes on cpu or cuda, not on mps"):
         model.to("mps")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(UserError, match="CUDAExecutionProvider is not available in this "
@@ -86,3 +86,18 @@ def test_a_provider_that_will_not_start_leaves_the_model_as_it_was(exports, monk
     assert model.session is session and model.device == torch.device("cpu")
     assert model(input_ids=[[5, 6, 7]]).logits.shape == (1, model.config.num_labels)
 
+
+
+def test_the_other_runtimes_say_where_they_compute(exports):
+    from mra_export.runtime import TrtMraModel
+    from mra_export.runtime.plugin_reference import ReferencePluginModel
+
+    reference = ReferencePluginModel.from_pretrained(exports["fill-mask", "plugin"])
+    assert reference.to("cpu") is reference and reference.device == torch.device("cpu")
+    with pytest.raises(UserError, match="ReferencePluginModel computes on the CPU only, not on cuda"):
+        reference.to("cuda:0")
+    engine = object.__new__(TrtMraModel)  # no TensorRT here to load one
+    assert engine.to("cuda:1") is engine
+    with pytest.raises(UserError, match="a TensorRT engine computes on its GPU, not on cpu; use "
+                                        "OrtMraModel with a portable export there"):
+        engine.to("cpu")

@@ -54,8 +54,9 @@ class ExportedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where the model computes. Tensors on any device are taken; outputs come back on the
-        inputs' device."""
+        """Where the model wants its input tensors: host memory, whatever it computes on
+        (onnxruntime and TensorRT copy inputs to the GPU themselves; CUDA tensors are taken too,
+        through a copy to the host, and outputs come back on the inputs' device)."""
         return torch.device("cpu")
 
     @property
@@ -64,15 +65,14 @@ class ExportedModel:
         return torch.float16 if self.info.dtype == "fp16" else torch.float32
 
     def to(self, device):
-        """``self`` where it already computes on ``device``'s kind; a one-line error otherwise."""
-        wanted = torch.device(device)
-        if wanted.type != self.device.type:
-            raise UserError(f"this {type(self).__name__} computes on {self.device.type} and "
-                            f"cannot move to {wanted}; {self._how_to_run_on(wanted)}")
+        """Compute on ``device``'s kind of processor ("cpu", "cuda"), or a one-line error where
+        this runtime cannot; returns ``self``."""
+        self._compute_on(torch.device(device).type)
         return self
 
-    def _how_to_run_on(self, device: torch.device) -> str:
-        return "load it for that device"
+    def _compute_on(self, kind: str) -> None:
+        if kind != "cpu":
+            raise UserError(f"{type(self).__name__} computes on the CPU only, not on {kind}")
 
     def eval(self):
         return self  # inference only, always

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from ..errors import UserError, first_line
 from .base import ExportedModel
@@ -62,29 +61,21 @@ class OrtMraModel(ExportedModel):
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda" if self.providers[0] in ON_GPU else "cpu")
-
-    def to(self, device):
-        """Run on ``device``'s kind from now on, as Optimum's ORTModel.to does: "cuda" takes the
-        CUDA provider (one line where this onnxruntime lacks it), "cpu" the CPU one."""
-        wanted = torch.device(device)
-        if wanted.type == self.device.type or wanted.type not in PROVIDER_OF_DEVICE:
-            return super().to(wanted)
-        providers = choose_providers(PROVIDER_OF_DEVICE[wanted.type], self.info.flavour,
-                                     self.info.dtype)
+    def _compute_on(self, kind: str) -> None:
+        """As Optimum's ORTModel.to: "cuda" takes the CUDA provider (one line where this
+        onnxruntime lacks it or it will not start, the model then unchanged), "cpu" the CPU's."""
+        if kind not in PROVIDER_OF_DEVICE:
+            raise UserError(f"onnxruntime computes on cpu or cuda, not on {kind}")
+        if ("cuda" if self.providers[0] in ON_GPU else "cpu") == kind:
+            return
+        providers = choose_providers(PROVIDER_OF_DEVICE[kind], self.info.flavour, self.info.dtype)
         before = self._providers, self._sessions
         self._providers, self._sessions = providers, {}
         try:
             self.session = self._session_for(())
-        except UserError:  # the provider would not start: the model stays as it was
+        except UserError:
             self._providers, self._sessions = before
             raise
-        return self
-
-    def _how_to_run_on(self, device: torch.device) -> str:
-        return "onnxruntime runs on cpu or cuda (provider=...)"
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))

@@ -59,12 +59,10 @@ class TrtMraModel(ExportedModel):
                             f"rebuild it: {manifest.rebuild_command(folder)}")
         return cls(ExportInfo(**manifest.export), load_config(folder), folder, manifest, engine)
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda")
-
-    def _how_to_run_on(self, device: torch.device) -> str:
-        return "a TensorRT engine runs on its GPU; use OrtMraModel with a portable export elsewhere"
+    def _compute_on(self, kind: str) -> None:
+        if kind != "cuda":
+            raise UserError(f"a TensorRT engine computes on its GPU, not on {kind}; use "
+                            "OrtMraModel with a portable export there")
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         if extra_outputs and not self.manifest.attention_outputs:
