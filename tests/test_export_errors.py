@@ -301,6 +301,14 @@ def test_ort_model_takes_transformers_call_conventions(qa_model):
     assert torch.equal(same.start_logits, expected.start_logits)
 
 
+@pytest.mark.parametrize("target", ["start_positions", "end_positions", "labels"])
+def test_ort_model_says_it_computes_no_loss(qa_model, target):
+    """An evaluation loop written for the PyTorch head passes its loss targets."""
+    with pytest.raises(InputError, match=f"{target} is not taken by an exported model \\(its "
+                                         "graph computes no loss\\); compute the loss from"):
+        qa_model(input_ids=ids(2, 12), **{target: torch.tensor([1, 2])})
+
+
 def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(exports["fill-mask", "portable"], folder)

@@ -14,6 +14,10 @@ from ..export.info import ExportInfo
 from .model_io import prepare_inputs, wrap_outputs
 
 
+# What transformers' heads take to compute a loss (the QA head's positions, the others' labels).
+LOSS_TARGETS = ("labels", "start_positions", "end_positions")
+
+
 class ExportedModel:
     """An exported MRA head used like a transformers model: tokenizer output in, ModelOutput out.
 
@@ -40,6 +44,10 @@ class ExportedModel:
             if kwargs.pop(flag, None):
                 raise InputError(f"{flag} is not available from an exported model (its graph "
                                  "has the task's outputs only); use the PyTorch model for it")
+        for name in LOSS_TARGETS:
+            if kwargs.get(name) is not None:
+                raise InputError(f"{name} is not taken by an exported model (its graph computes "
+                                 "no loss); compute the loss from its outputs")
         inputs = prepare_inputs(self.info, self.config,
                                 {"input_ids": input_ids, "attention_mask": attention_mask,
                                  "token_type_ids": token_type_ids, **kwargs})
