@@ -11,6 +11,7 @@ from mra_export import native
 from mra_export.checkpoints import build_checkpoint
 from mra_export.cli import main
 from mra_export.export import FLAVOURS, export_model
+from mra_export.export.info import ExportInfo
 from mra_export.parity import run_parity
 from mra_export.tasks import TASKS
 
@@ -116,6 +117,9 @@ def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp
     assert code == 1
     assert "FAIL: first diverges at layer 0, head 0" in printed
     assert printed.rstrip().endswith("FAILED")
+    exported = exports["text-classification", "portable"]
+    assert printed.splitlines()[0] == (f"note: {exported} was exported from "
+                                       f"{ExportInfo.load(exported).source}, not from {other}")
 
 
 def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exports):

@@ -42,6 +42,9 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     task = get_task(tasks.pop()) if tasks else _engine_task(engine_dirs)
     model = patch_model(load_model(model_dir, task, remedy="pass the checkpoint the export was "
                                                           "made from")[0])
+    for folder, info in zip(onnx_dirs, infos):  # a likely reason for a failure below
+        if Path(info.source).resolve() != Path(model_dir).resolve():
+            log(f"note: {folder} was exported from {info.source}, not from {model_dir}")
     input_names = task.input_names(model.config)
     contexts = [f"attention_context.{layer}" for layer in range(model.config.num_hidden_layers)]
     feeds = parity_feeds(task, model.config, seed)
