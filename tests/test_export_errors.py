@@ -257,7 +257,7 @@ def ids(*shape, high=500):
                                   "max_position_embeddings=256; truncate"),
     (dict(input_ids=ids(2, 10), attention_mask=torch.ones(2, 9)), r"attention_mask has shape "
                                                                   r"\[2, 9\] but input_ids"),
-    (dict(input_ids=ids(2, 10), labels=ids(2, 10)), "unexpected input labels"),
+    (dict(input_ids=ids(2, 10), position_ids=ids(2, 10)), "unexpected input position_ids"),
     (dict(input_ids=ids(2, 10) + 1000), r"input_ids must be in \[0, 512\)"),
     (dict(input_ids=[[1, 2, 3], [1, 2]]), "input_ids is ragged; pad the batch"),
     (dict(input_ids=ids(0, 10)), "input_ids is empty"),
