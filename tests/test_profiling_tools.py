@@ -71,10 +71,9 @@ def test_profile_layer_prints_both_runtimes_operators(small_models, capsys):
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
                                                                     monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", [f"{tool}.py", *argv])  # compare_commits reads sys.argv
-    module = load_tool(tool)
+    monkeypatch.setattr("sys.argv", [f"{tool}.py"])  # argparse's program name
     with pytest.raises(SystemExit) as stopped:
-        module.main(argv) if tool != "compare_commits" else module.main()
+        load_tool(tool).main(argv)
     assert stopped.value.code == 2
     last_line = capsys.readouterr().err.splitlines()[-1]  # argparse's usage line comes first
     assert last_line.startswith(f"{tool}.py: error: {message}")

@@ -74,12 +74,12 @@ def measure_in_child(tree: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commits", nargs="*")
     parser.add_argument("--worktree", action="store_true", help="also the uncommitted tree")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure_this_tree()))
         return 0

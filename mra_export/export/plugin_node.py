@@ -37,8 +37,10 @@ def check_head_dim(model_head_dim: int) -> None:
     """Refuse, before any work, a model whose attention the plugin cannot run."""
     head_dim = max(MIN_HEAD_DIM, model_head_dim)  # the patched model pads smaller ones to 32
     if head_dim not in CUDA_HEAD_DIMS:
-        raise UserError(f"the {OP_TYPE} plugin's CUDA kernels take head_dim 32, 64 or 128 "
-                        f"(smaller ones are padded to 32) and this model's is {model_head_dim}; "
+        *others, last = CUDA_HEAD_DIMS
+        raise UserError(f"the {OP_TYPE} plugin's CUDA kernels take head_dim "
+                        f"{', '.join(map(str, others))} or {last} (smaller ones are padded to "
+                        f"{MIN_HEAD_DIM}) and this model's is {model_head_dim}; "
                         "export it with --flavour portable to run it in onnxruntime")
 
 
