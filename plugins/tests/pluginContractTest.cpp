@@ -7,6 +7,7 @@
  */
 #include "NvInferRuntime.h"
 #include "expect.h"
+#include "layerDescs.h"
 #include "mraAttention.h"
 
 #include <dlfcn.h>
@@ -103,30 +104,8 @@ Dims dims2(int64_t a, int64_t b)
 //! query, key, value, mask, output descriptors of one format combination.
 std::vector<DynamicPluginTensorDesc> descriptors(DataType activations, DataType mask, int64_t headDim = 64)
 {
-    std::vector<DynamicPluginTensorDesc> descs(5);
-    for (int32_t i = 0; i < 5; ++i)
-    {
-        bool const isMask = i == 3;
-        descs[i].desc.type = isMask ? mask : activations;
-        descs[i].desc.format = TensorFormat::kLINEAR;
-        descs[i].desc.dims = isMask ? dims2(-1, -1) : dims4(-1, 12, -1, headDim);
-        descs[i].min = isMask ? dims2(1, 1) : dims4(1, 12, 1, headDim);
-        descs[i].opt = isMask ? dims2(4, 512) : dims4(4, 12, 512, headDim);
-        descs[i].max = isMask ? dims2(8, 4096) : dims4(8, 12, 4096, headDim);
-    }
-    return descs;
-}
-
-bool allFormatsSupported(IPluginV3OneBuild* build, std::vector<DynamicPluginTensorDesc> const& descs)
-{
-    for (int32_t pos = 0; pos < 5; ++pos)
-    {
-        if (!build->supportsFormatCombination(pos, descs.data(), 4, 1))
-        {
-            return false;
-        }
-    }
-    return true;
+    return checks::layerDescs(activations, mask, {-1, 12, -1, headDim}, {1, 12, 1, headDim},
+        {4, 12, 512, headDim}, {8, 12, 4096, headDim});
 }
 
 } // namespace
@@ -213,11 +192,11 @@ int main(int argc, char** argv)
     delete attached;
 
     // Formats: linear; query/key/value/output one of float32/float16/bfloat16; mask int32.
-    expect(allFormatsSupported(build, descriptors(DataType::kFLOAT, DataType::kINT32)), "float32 + int32 mask");
-    expect(allFormatsSupported(build, descriptors(DataType::kHALF, DataType::kINT32)), "float16 + int32 mask");
-    expect(allFormatsSupported(build, descriptors(DataType::kBF16, DataType::kINT32)), "bfloat16 + int32 mask");
-    expect(!allFormatsSupported(build, descriptors(DataType::kFLOAT, DataType::kFLOAT)), "no float mask");
-    expect(!allFormatsSupported(build, descriptors(DataType::kINT8, DataType::kINT32)), "no int8 activations");
+    expect(checks::supportsAllFormats(build, descriptors(DataType::kFLOAT, DataType::kINT32)), "float32 + int32 mask");
+    expect(checks::supportsAllFormats(build, descriptors(DataType::kHALF, DataType::kINT32)), "float16 + int32 mask");
+    expect(checks::supportsAllFormats(build, descriptors(DataType::kBF16, DataType::kINT32)), "bfloat16 + int32 mask");
+    expect(!checks::supportsAllFormats(build, descriptors(DataType::kFLOAT, DataType::kFLOAT)), "no float mask");
+    expect(!checks::supportsAllFormats(build, descriptors(DataType::kINT8, DataType::kINT32)), "no int8 activations");
     auto mixed = descriptors(DataType::kHALF, DataType::kINT32);
     mixed[2].desc.type = DataType::kFLOAT;
     expect(!build->supportsFormatCombination(2, mixed.data(), 4, 1), "value must match query's type");

@@ -21,6 +21,7 @@
  */
 #include "NvInferRuntime.h"
 #include "guardedBuffer.h"
+#include "layerDescs.h"
 #include "mraAttention.h"
 
 #include <dlfcn.h>
@@ -208,22 +209,9 @@ OwnedFields storedFields(PluginFieldCollection const* serialized)
     return stored;
 }
 
-Dims dimsOf(int64_t const* values, int32_t rank)
+checks::QueryShape shapeOf(int64_t const* values)
 {
-    Dims dims{};
-    dims.nbDims = rank;
-    for (int32_t d = 0; d < rank; ++d)
-    {
-        dims.d[d] = values[d];
-    }
-    return dims;
-}
-
-//! The mask's [batch, seq] from the query's [batch, heads, seq, head_dim].
-Dims maskDims(int64_t const* query)
-{
-    int64_t const values[2] = {query[0], query[2]};
-    return dimsOf(values, 2);
+    return {values[0], values[1], values[2], values[3]};
 }
 
 DataType trtType(int32_t mraType)
@@ -231,35 +219,22 @@ DataType trtType(int32_t mraType)
     return mraType == MRA_FLOAT16 ? DataType::kHALF : mraType == MRA_BFLOAT16 ? DataType::kBF16 : DataType::kFLOAT;
 }
 
-//! query, key, value, mask, output at the actual shape.
-std::vector<PluginTensorDesc> runtimeDescs(DataType type, int64_t const* shape)
-{
-    std::vector<PluginTensorDesc> descs(5);
-    for (int32_t i = 0; i < 5; ++i)
-    {
-        bool const isMask = i == 3;
-        descs[i].type = isMask ? DataType::kINT32 : type;
-        descs[i].format = TensorFormat::kLINEAR;
-        descs[i].dims = isMask ? maskDims(shape) : dimsOf(shape, 4);
-    }
-    return descs;
-}
-
-//! The same at build time: batch and sequence dynamic (-1), the profile's min/opt/max.
+//! The layer at build time: batch and sequence dynamic (-1), the profile's min/opt/max.
 std::vector<DynamicPluginTensorDesc> buildDescs(
     DataType type, int64_t const* shape, int64_t const* low, int64_t const* opt, int64_t const* high)
 {
-    int64_t dynamicShape[4] = {-1, shape[1], -1, shape[3]};
-    std::vector<DynamicPluginTensorDesc> descs(5);
-    std::vector<PluginTensorDesc> const typed = runtimeDescs(type, shape);
-    for (int32_t i = 0; i < 5; ++i)
+    return checks::layerDescs(type, DataType::kINT32, {-1, shape[1], -1, shape[3]}, shapeOf(low), shapeOf(opt),
+        shapeOf(high));
+}
+
+//! query, key, value, mask, output at the actual shape.
+std::vector<PluginTensorDesc> runtimeDescs(DataType type, int64_t const* shape)
+{
+    checks::QueryShape const exact = shapeOf(shape);
+    std::vector<PluginTensorDesc> descs;
+    for (DynamicPluginTensorDesc const& desc : checks::layerDescs(type, DataType::kINT32, exact, exact, exact, exact))
     {
-        bool const isMask = i == 3;
-        descs[i].desc = typed[i];
-        descs[i].desc.dims = isMask ? maskDims(dynamicShape) : dimsOf(dynamicShape, 4);
-        descs[i].min = isMask ? maskDims(low) : dimsOf(low, 4);
-        descs[i].opt = isMask ? maskDims(opt) : dimsOf(opt, 4);
-        descs[i].max = isMask ? maskDims(high) : dimsOf(high, 4);
+        descs.push_back(desc.desc);
     }
     return descs;
 }
@@ -292,10 +267,7 @@ PluginPtr build(IPluginCreatorV3One* creator, PluginFieldCollection const* node,
     require(buildPart->getNbOutputs() == 1 && buildPart->getOutputDataTypes(&outputType, 1, inputTypes, 4) == 0
             && outputType == type,
         "getOutputDataTypes");
-    for (int32_t pos = 0; pos < 5; ++pos)
-    {
-        require(buildPart->supportsFormatCombination(pos, descs.data(), 4, 1), "supportsFormatCombination refused");
-    }
+    require(checks::supportsAllFormats(buildPart, descs), "supportsFormatCombination refused");
     // The workspace is sized once for the whole profile; it must cover the input's own shape.
     std::vector<DynamicPluginTensorDesc> const exact = buildDescs(type, shape, shape, shape, shape);
     require(buildPart->configurePlugin(exact.data(), 4, exact.data() + 4, 1) == 0, "configurePlugin refused");
