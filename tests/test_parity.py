@@ -122,6 +122,15 @@ def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp
                                        f"{ExportInfo.load(exported).source}, not from {other}")
 
 
+def test_an_export_named_twice_is_checked_once(small_checkpoints, exports, monkeypatch):
+    exported = exports["multiple-choice", "portable"]
+    monkeypatch.chdir(exported.parent)
+    report = run_parity(small_checkpoints["multiple-choice"],
+                        [exported, f"./{exported.name}", exported / "."], log=lambda m: None)
+    assert [b.backend for b in report.backends] == ["onnxruntime-cpu", "onnxruntime-cuda",
+                                                       "tensorrt"]
+
+
 def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exports):
     from mra_export.errors import UserError
 

@@ -26,6 +26,7 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     ``model_dir`` on seeded inputs; write ``report_path`` (JSON) if given."""
     if not onnx_dirs and not engine_dirs:
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
+    onnx_dirs, engine_dirs = _once_each(onnx_dirs), _once_each(engine_dirs)
     if engine_dirs and not tensorrt_available():
         raise MissingTensorRT("mra-export parity --engine")
     if report_path:
@@ -68,3 +69,13 @@ def _engine_task(engine_dirs):
     from ..engines.manifest import EngineManifest
 
     return get_task(EngineManifest.load(engine_dirs[0]).export["task"])
+
+
+def _once_each(folders) -> list:
+    """The folders in the order given, each once: ``--onnx out --onnx ./out`` checks it once."""
+    seen, unique = set(), []
+    for folder in folders:
+        if Path(folder).resolve() not in seen:
+            seen.add(Path(folder).resolve())
+            unique.append(folder)
+    return unique
