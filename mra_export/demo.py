@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from .checkpoints import build_default_checkpoints, load_model
 from .export import FLAVOURS, export_model
-from .files import atomic_write_text, check_writable_folder
+from .files import atomic_write_text, folder_filled_in_place
 from .parity import format_table, run_parity
 from .patching import patch_model
 from .tasks import TASKS
@@ -29,11 +29,17 @@ SAMPLE_TEXTS = [
 ]
 # transformers needs a multiple of 32 with num_blocks <= (S / 32) ** 2: 64 blocks -> 256.
 SAMPLE_LENGTH = 256
+SUMMARY = "parity.json"  # also what marks a folder as an earlier demo's, to be replaced
 
 
 def run_demo(out: str | Path = "out/demo", log=print) -> bool:
-    out = Path(out)
-    check_writable_folder(out)
+    """The whole pipeline under ``out``, made in place (its exports record their checkpoints'
+    paths): a failed or stopped demo leaves ``out`` as it was; an earlier demo is replaced."""
+    with folder_filled_in_place(out, SUMMARY):
+        return _run_demo(Path(out), log)
+
+
+def _run_demo(out: Path, log) -> bool:
     log(f"== building the default checkpoint (six heads) under {out / 'checkpoints'}")
     checkpoints = build_default_checkpoints(out / "checkpoints")
 
@@ -60,7 +66,7 @@ def run_demo(out: str | Path = "out/demo", log=print) -> bool:
         reports.append(run_parity(checkpoints[task], list(exports[task].values()),
                                   engines.get(task, []), log=_silent))
     log(format_table(reports))
-    summary = out / "parity.json"
+    summary = out / SUMMARY
     atomic_write_text(summary, json.dumps([r.to_dict() for r in reports], indent=2))
     passed = all(report.passed for report in reports)
     log(f"\nparity report: {summary}\n{'ALL PASSED' if passed else 'FAILURES ABOVE'}")

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,42 @@ def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
+    """As ``staged_folder``, for outputs that record their own paths (the demo's exports name
+    their checkpoints, its engines their ONNX files), so cannot be made under another name:
+    ``out`` is made empty, an earlier output moved aside; on any error or stop ``out`` is removed
+    and the earlier output put back."""
+    out = Path(out).absolute()
+    try:
+        _check_replaceable(out, marker)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        previous = _move_aside(out)
+        out.mkdir()
+    except OSError as error:
+        raise UserError(f"cannot write to {out}: {error.strerror or error}; choose another "
+                        "output path") from None
+    try:
+        yield out
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if previous:
+            os.rename(previous / out.name, out)
+            shutil.rmtree(previous, ignore_errors=True)
+        raise
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _move_aside(out: Path) -> Path | None:
+    """An existing ``out`` moved into a hidden folder beside it (returned), None if none."""
+    if not out.exists():
+        return None
+    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    os.rename(out, previous / out.name)
+    return previous
+
+
 def _check_replaceable(out: Path, marker: str) -> None:
     if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
         raise UserError(f"{out} exists and is not a folder; choose another output path")
@@ -69,13 +107,10 @@ def _make_readable(folder: Path) -> None:
 
 
 def _replace_folder(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
-    os.rename(out, previous / out.name)
+    previous = _move_aside(out)
     os.rename(staging, out)
-    shutil.rmtree(previous, ignore_errors=True)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -153,14 +188,56 @@ class JsonRecord:
             raise UserError(f"{folder} has no {cls.FILE_NAME}; pass a folder made by "
                             f"'{cls.MADE_BY}'")
         try:
-            record = cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
+            data = json.loads(path.read_text())
+        except ValueError as error:  # not JSON, or not text at all
             raise UserError(f"{path} is corrupt ({error}); {cls.REDO}") from None
-        problem = record.problem()
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data, where: str | Path):
+        """The record of ``data`` (as read from ``where``), its fields' types and values checked."""
+        try:
+            record = cls(**data)
+        except TypeError as error:  # not a mapping, or fields missing or unknown
+            raise UserError(f"{where} is corrupt ({error}); {cls.REDO}") from None
+        problem = record._type_problem() or record.problem()
         if problem:
-            raise UserError(f"{path} is corrupt ({problem}); {cls.REDO}")
+            raise UserError(f"{where} is corrupt ({problem}); {cls.REDO}")
         return record
+
+    def _type_problem(self) -> str | None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _has_type(value, hints[field.name]):
+                expected = _type_name(hints[field.name])
+                return f"{field.name} is {json.dumps(value)[:40]}, not {expected}"
+        return None
 
     def problem(self) -> str | None:
         """What is wrong with the loaded values, if anything (subclasses check theirs)."""
         return None
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a field's annotation (``int``, ``str | None``,
+    ``dict[str, str]``, ``list[dict]`` ...); a whole number passes for a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

@@ -69,6 +69,26 @@ def test_targets_are_the_ratios_of_the_measured_cells(bench_run):
     assert [t["met"] for t in run["targets"][:3]] == [speedup >= 2, versus_dense <= 0.6, growth <= 10]
 
 
+def test_a_stopped_bench_leaves_nothing_and_keeps_the_earlier_run(bench_run, tmp_path,
+                                                                   monkeypatch):
+    earlier, _ = bench_run
+    for key, value in SMALL_BENCH_SHAPES.items():
+        monkeypatch.setitem(models.SHAPES, key, value)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()}
+
+    def stop_when_timing_starts(message):
+        if message.startswith("[1/"):  # both models exported by now
+            raise KeyboardInterrupt
+
+    for out in (earlier, tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(out, lengths=[256], batches=[1], layers=1, budget=0.2, command="(test)",
+                      log=stop_when_timing_starts)
+    assert {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()} == before
+    assert list(tmp_path.iterdir()) == []
+    assert not [p for p in earlier.parent.iterdir() if p.name.startswith(f".{earlier.name}.")]
+
+
 def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     for flags, message in [

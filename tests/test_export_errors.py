@@ -261,8 +261,15 @@ def ids(*shape, high=500):
     (dict(input_ids=ids(2, 10) + 1000), r"input_ids must be in \[0, 512\)"),
     (dict(input_ids=[[1, 2, 3], [1, 2]]), "input_ids is ragged; pad the batch"),
     (dict(input_ids=ids(0, 10)), "input_ids is empty"),
-    (dict(input_ids=ids(2, 10), attention_mask=torch.rand(2, 10)), "attention_mask must hold "
-                                                                    "integers"),
+    (dict(input_ids=ids(2, 10), attention_mask=torch.full((2, 10), 0.5)),
+     r"attention_mask must hold 0 and 1, got 0.5 \(float32\)"),
+    (dict(input_ids=5), r"input_ids must be \[batch_size, sequence_length\], got shape \[\]"),
+    (dict(input_ids=ids(2, 10).to_sparse()), r"input_ids is a torch.sparse_coo tensor; pass a "
+                                             r"dense one \(.to_dense\(\)\)"),
+    (dict(input_ids=np.array([[2**63 + 5]], dtype=np.uint64)),
+     "input_ids holds 9223372036854775813, past int64's range"),
+    (dict(input_ids={"input_ids": [[5, 6]]}), r"input_ids is a mapping \(a tokenizer's whole "
+                                              r"output\?\); pass it unpacked: model\(\*\*encoding\)"),
     (dict(input_ids=ids(2, 10), output_attentions=True), "output_attentions is not available from "
                                                          "an exported model"),
     (dict(input_ids=ids(2, 10), output_hidden_states=True), "output_hidden_states is not available"),
@@ -286,6 +293,24 @@ def test_ort_model_accepts_numpy_torch_lists_and_float_masks(qa_model):
     assert isinstance(as_numpy.start_logits, np.ndarray)
     assert np.array_equal(as_torch.start_logits.numpy(), as_numpy.start_logits)
     assert np.array_equal(as_list.end_logits, as_numpy.end_logits)  # default mask: all ones
+
+
+def test_ort_model_takes_a_bfloat16_mask_as_its_0_1_values(qa_model):
+    tokens, mask = ids(2, 12), torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
+    as_bf16 = qa_model(input_ids=tokens, attention_mask=mask.to(torch.bfloat16))
+    assert torch.equal(as_bf16.start_logits, qa_model(input_ids=tokens, attention_mask=mask).start_logits)
+
+
+def test_ort_model_to_a_dtype_or_device_it_cannot_take_is_one_line(qa_model):
+    assert qa_model.to(torch.float32) is qa_model and qa_model.to("cpu") is qa_model
+    with pytest.raises(UserError, match="this export computes in fp32, fixed when it was made; "
+                                        "for torch.float16 export again with --dtype"):
+        qa_model.to(torch.float16)
+    with pytest.raises(UserError, match="unknown device 'bogus'; use 'cpu' or 'cuda'"):
+        qa_model.to("bogus")
+    with pytest.raises(UserError, match="CUDAExecutionProvider is not available"):
+        qa_model.to(0)  # pipeline(device=0): the first GPU
+    assert qa_model.providers == ["CPUExecutionProvider"]
 
 
 def test_ort_model_takes_transformers_call_conventions(qa_model):
@@ -327,9 +352,70 @@ def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
     (folder / "export.json").write_text("{")
     with pytest.raises(UserError, match="export.json is corrupt"):
         OrtMraModel.from_pretrained(folder)
+    (folder / "export.json").write_bytes(b"\xb8\x00")
+    with pytest.raises(UserError, match="export.json is corrupt \\('utf-8' codec can't decode"):
+        OrtMraModel.from_pretrained(folder)
     (folder / "export.json").unlink()
     with pytest.raises(UserError, match="has no export.json"):
         OrtMraModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(sha256=None), r"sha256 is null, not dict\[str, str\]"),
+    (dict(opset="20"), r'opset is "20", not int'),
+    (dict(dynamic_axes={}), r"dynamic_axes of input_ids are \[\], not \['batch_size', "
+                            r"'sequence_length'\]"),
+    (dict(task="question-answering"), r"outputs \['logits'\] are not the question-answering "
+                                      r"head's \['start_logits', 'end_logits'\]"),
+    (dict(inputs={"input_ids": "int64"}), r"inputs \['input_ids'\] are not an MRA model's"),
+])
+def test_an_edited_export_json_is_named_corrupt(exports, tmp_path, edit, message):
+    folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
+    record = json.loads((folder / "export.json").read_text())
+    (folder / "export.json").write_text(json.dumps({**record, **edit}))
+    with pytest.raises(UserError, match=f"copy/export.json is corrupt \\({message}\\); export "
+                                        "the model again"):
+        OrtMraModel.from_pretrained(folder)
+
+
+def test_an_export_json_of_another_export_is_refused(exports, tmp_path):
+    folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
+    shutil.copy(exports["question-answering", "portable"] / "export.json", folder)
+    with pytest.raises(UserError, match="copy/export.json does not describe model.onnx \\(its "
+                                        "inputs are input_ids, attention_mask; outputs logits\\); "
+                                        "export the model again"):
+        OrtMraModel.from_pretrained(folder, verify=False)  # the other export's checksums
+
+
+@pytest.mark.parametrize("name,value", [("max_position_embeddings", 1024),
+                                        ("num_attention_heads", 1)])
+def test_a_config_json_edited_away_from_the_graph_is_refused(exports, tmp_path, name, value):
+    folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, name: value}))
+    with pytest.raises(UserError, match=f"copy/config.json has {name}={value} but the graph was "
+                                        f"exported with {config[name]}; restore"):
+        OrtMraModel.from_pretrained(folder)
+
+
+def test_an_onnxruntime_failure_while_running_is_one_line(exports, tmp_path):
+    """A vocabulary enlarged in config.json passes the input check; the graph's own fails."""
+    folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 5000}))
+    model = OrtMraModel.from_pretrained(folder)
+    with pytest.raises(UserError, match=r"^onnxruntime failed to run .*copy/model.onnx: "
+                                        r"\[ONNXRuntimeError\].*Gather"):
+        model(input_ids=[[4000, 5]])
+
+
+def test_sessions_made_later_survive_a_change_of_directory(exports, monkeypatch):
+    folder = exports["fill-mask", "portable"]
+    monkeypatch.chdir(folder.parent)
+    model = OrtMraModel.from_pretrained(folder.name)
+    monkeypatch.chdir("/")
+    arrays = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64)}
+    assert model.run_raw(arrays, extra_outputs=("attention_context.0",))["logits"].shape[:2] == (1, 3)
 
 
 def test_ort_model_provider_errors(exports):
@@ -344,6 +430,20 @@ def test_ort_model_provider_errors(exports):
             OrtMraModel.from_pretrained(exports["fill-mask", "plugin"], provider=provider)
     with pytest.raises(UserError, match="is a portable export"):
         ReferencePluginModel.from_pretrained(exports["fill-mask", "portable"])
+
+
+@pytest.mark.parametrize("node,library", [("cpp", "libmra_attention_cpu"),
+                                           ("plugin-emulated", "libmra_attention_plugin_emulated")])
+def test_a_reference_node_whose_library_is_not_built_fails_at_load(exports, tmp_path, monkeypatch,
+                                                                   node, library):
+    from mra_export import native
+
+    monkeypatch.setenv("MRA_EXPORT_PLUGIN_BUILD", str(tmp_path))  # an empty build folder
+    for cls, name in ((native.MraLibrary, "cpu"), (native.PluginRunner, "emulated")):
+        uncached = getattr(cls, name).__func__.__wrapped__  # past the libraries already loaded
+        monkeypatch.setattr(cls, name, classmethod(uncached))
+    with pytest.raises(UserError, match=f"{library}.* is not built; run 'make plugins'"):
+        ReferencePluginModel.from_pretrained(exports["fill-mask", "plugin"], node=node)
 
 
 def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
@@ -437,4 +537,39 @@ def test_demo_into_a_file_is_one_line(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "a-file")]) == 2
     assert main(["demo", "--out", str(tmp_path / "a-file" / "demo")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(f"cannot write to {tmp_path / 'a-file'}" in e for e in errors)
+    assert errors == [f"mra-export demo: error: {tmp_path / 'a-file'} exists and is not a folder; "
+                      "choose another output path",
+                      f"mra-export demo: error: cannot write to {tmp_path / 'a-file'}: "
+                      f"{tmp_path / 'a-file'} is not a writable folder; choose another output path"]
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_demo_and_bench_refuse_a_folder_of_other_files(tmp_path, capsys, command):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    assert main([command, "--out", str(tmp_path / "mine")]) == 2
+    marker = {"demo": "parity.json", "bench": "bench.json"}[command]
+    assert capsys.readouterr().err.strip() == (
+        f"mra-export {command}: error: {tmp_path / 'mine'} already holds other files (no {marker}: "
+        "not an earlier output to replace); choose a new or empty folder")
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]
+
+
+def test_a_failed_demo_puts_the_earlier_one_back_and_leaves_nothing_else(tmp_path, monkeypatch):
+    from mra_export import demo
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("[]")
+
+    def broken_export(*args, **kwargs):
+        raise UserError("injected export failure")
+
+    monkeypatch.setattr(demo, "export_model", broken_export)
+    with pytest.raises(UserError, match="injected"):
+        demo.run_demo(earlier, log=lambda m: None)  # after its checkpoints were written
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == [
+        "demo", "demo/parity.json"]
+    with pytest.raises(UserError, match="injected"):
+        demo.run_demo(tmp_path / "new", log=lambda m: None)
+    assert not (tmp_path / "new").exists() and no_leftovers(tmp_path) == []

@@ -193,3 +193,8 @@ def test_weights_beyond_the_limit_go_to_external_data(tmp_path, small_checkpoint
                              TASKS["text-classification"], feed)
     assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
     assert ExportInfo.load(tmp_path / "out").verify_files(tmp_path / "out") is None
+    # parity's per-layer diagnostic: a graph edited in memory, its weights still in the folder
+    with_context = model.run_raw(feed, extra_outputs=("attention_context.0",))
+    assert np.array_equal(with_context["logits"], model.run_raw(feed)["logits"])
+    batch, length = feed["input_ids"].shape
+    assert with_context["attention_context.0"].shape[::2] == (batch, length)

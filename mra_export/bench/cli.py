@@ -15,7 +15,7 @@ import onnxruntime
 import torch
 
 from ..errors import UserError, first_line
-from ..files import check_writable_folder
+from ..files import check_writable_folder, staged_folder
 from . import models, report
 from .measure import measure
 
@@ -80,6 +80,16 @@ def _progress(message: str) -> None:
 
 def run_bench(out: Path, lengths, batches, layers: int, budget: float, command: str,
               log=_progress) -> dict:
+    with staged_folder(out, report.JSON_NAME) as staging:  # a stopped bench leaves nothing
+        run = _timed_run(staging, lengths, batches, layers, budget, command, log)
+        written = [out / path.relative_to(staging) for path in report.save(run, staging)]
+    log("\n" + report.markdown(run))
+    log("wrote " + ", ".join(str(p) for p in written))
+    return run
+
+
+def _timed_run(out: Path, lengths, batches, layers: int, budget: float, command: str,
+               log) -> dict:
     started = time.time()
     mra, dense = models.build_models(layers)
     backends = models.backends(mra, dense, out / "models", log)
@@ -99,9 +109,6 @@ def run_bench(out: Path, lengths, batches, layers: int, budget: float, command: 
         run["results"].append(row)
     run["targets"] = report.targets(run)
     run["seconds"] = round(time.time() - started, 1)
-    written = report.save(run, out)
-    log("\n" + report.markdown(run))
-    log("wrote " + ", ".join(str(p) for p in written))
     return run
 
 

@@ -50,6 +50,22 @@ class ExportInfo(JsonRecord):
                                       ("dtype", self.dtype, DTYPE_NAMES)):
             if value not in allowed:
                 return f"unknown {field} {value!r}"
+        return self._interface_problem(TASKS[self.task])
+
+    def _interface_problem(self, task) -> str | None:
+        """What disagrees with the task's inputs and outputs (the graph's own are checked
+        against these when a runtime loads it)."""
+        if tuple(self.outputs) != task.outputs:
+            return (f"outputs {list(self.outputs)} are not the {task.name} head's "
+                    f"{list(task.outputs)}")
+        if list(self.inputs)[:2] != ["input_ids", "attention_mask"] or not set(self.inputs) <= {
+                "input_ids", "attention_mask", "token_type_ids"}:
+            return f"inputs {list(self.inputs)} are not an MRA model's"
+        for name, axes in [*((n, task.input_axes) for n in self.inputs),
+                           *((n, task.output_axes) for n in self.outputs)]:
+            given = list(self.dynamic_axes.get(name, {}).values())
+            if given[:len(axes)] != list(axes):
+                return f"dynamic_axes of {name} are {given}, not {list(axes)}"
         return None
 
     def onnx_path(self, folder: str | Path) -> Path:

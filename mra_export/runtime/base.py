@@ -25,8 +25,17 @@ class ExportedModel:
     """
 
     def __init__(self, info: ExportInfo, config, folder: Path):
-        self.info, self.config, self.folder = info, config, Path(folder)
+        # absolute: sessions made later (intermediate outputs, another provider) survive a chdir
+        self.info, self.config, self.folder = info, config, Path(folder).absolute()
         self.task = info.task
+
+    def check_graph_interface(self, inputs, outputs) -> None:
+        """Refuse an export.json that does not describe the graph beside it (edited, or copied
+        from another export): the checksums cover the graph, not export.json."""
+        if set(inputs) != set(self.info.inputs) or not set(self.info.outputs) <= set(outputs):
+            raise UserError(f"{self.folder / ExportInfo.FILE_NAME} does not describe "
+                            f"{self.info.onnx_file} (its inputs are {', '.join(inputs)}; outputs "
+                            f"{', '.join(outputs)}); export the model again")
 
     @staticmethod
     def load_export(folder: str | Path, verify: bool = True):
@@ -36,7 +45,9 @@ class ExportedModel:
         info = ExportInfo.load(folder)
         if verify:
             info.verify_files(folder)
-        return info, load_config(folder)
+        config = load_config(folder)
+        _check_config_matches(config, info, folder)
+        return info, config
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *,
                  return_dict: bool | None = None, **kwargs):
@@ -73,9 +84,15 @@ class ExportedModel:
         return torch.float16 if self.info.dtype == "fp16" else torch.float32
 
     def to(self, device):
-        """Compute on ``device``'s kind of processor ("cpu", "cuda"), or a one-line error where
-        this runtime cannot; returns ``self``."""
-        self._compute_on(torch.device(device).type)
+        """Compute on ``device``'s kind of processor ("cpu", "cuda", or a GPU's index as in
+        ``pipeline(device=0)``), or a one-line error where this runtime cannot; returns ``self``.
+        A dtype is taken only if it is the export's own (it is fixed when the model is exported)."""
+        if isinstance(device, torch.dtype):
+            if device != self.dtype:
+                raise UserError(f"this export computes in {self.info.dtype}, fixed when it was "
+                                f"made; for {device} export again with --dtype")
+            return self
+        self._compute_on(_device_kind(device))
         return self
 
     def _compute_on(self, kind: str) -> None:
@@ -99,3 +116,25 @@ class ExportedModel:
 
     def close(self) -> None:
         """Release what the runtime holds beyond memory (a TensorRT engine's CUDA stream)."""
+
+
+def _device_kind(device) -> str:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cuda"  # transformers' convention: a GPU's index
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+
+
+def _check_config_matches(config, info: ExportInfo, folder) -> None:
+    """config.json (which a user may edit, e.g. its labels) against the shapes the graph was
+    exported with: the input checks read the config."""
+    recorded = {"max_position_embeddings": info.max_sequence_length,
+                "num_hidden_layers": info.attention.get("layers"),
+                "num_attention_heads": info.attention.get("heads")}
+    for name, exported in recorded.items():
+        if exported is not None and getattr(config, name) != exported:
+            raise UserError(f"{Path(folder) / 'config.json'} has {name}={getattr(config, name)} "
+                            f"but the graph was exported with {exported}; restore the export's "
+                            "config.json or export the model again")

@@ -8,6 +8,7 @@ ones/zeros, as in transformers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,19 +87,39 @@ def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelI
 
 
 def _as_int64(name: str, value, allow_float: bool) -> np.ndarray:
+    array = _as_array(name, value)
+    if array.size == 0:
+        return array.astype(np.int64)  # an empty list is float64 to numpy; reported as empty
+    if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{name} holds {array.max()}, past int64's range")
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64, order="C", copy=False)
+    if allow_float and np.issubdtype(array.dtype, np.floating):
+        is_01 = np.isin(array, (0, 1))
+        if is_01.all():
+            return array.astype(np.int64, order="C")  # a 0/1 mask given as floats
+        raise InputError(f"{name} must hold 0 and 1, got {array[~is_01].flat[0]} ({array.dtype})")
+    raise InputError(f"{name} must hold integers, got {array.dtype}")
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    if isinstance(value, Mapping):
+        raise InputError(f"{name} is a mapping (a tokenizer's whole output?); pass it unpacked: "
+                         "model(**encoding)")
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        if value.layout != torch.strided:
+            raise InputError(f"{name} is a {value.layout} tensor; pass a dense one (.to_dense())")
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        value = value.numpy()
     try:
         array = np.asarray(value)
-    except ValueError:
-        raise InputError(f"{name} is ragged; pad the batch (tokenizer(..., padding=True))") from None
-    if array.dtype == object:
+    except ValueError:  # numpy refuses some ragged lists, and makes objects of others
+        array = None
+    if array is None or array.dtype == object:
         raise InputError(f"{name} is ragged; pad the batch (tokenizer(..., padding=True))")
-    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
-        return np.ascontiguousarray(array, dtype=np.int64)
-    if allow_float and np.issubdtype(array.dtype, np.floating) and np.isin(array, (0, 1)).all():
-        return np.ascontiguousarray(array, dtype=np.int64)  # a 0/1 mask given as floats
-    raise InputError(f"{name} must hold integers, got {array.dtype}")
+    return array
 
 
 def _check_rank(name: str, array: np.ndarray, info: ExportInfo) -> None:

@@ -7,7 +7,6 @@ the task, its inputs and outputs, and calls return the task's ModelOutput.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,9 @@ CUDA_FP32 = (CUDA, {"use_tf32": "0"})
 PREFERENCE = (CUDA_FP32, CPU)
 PROVIDER_OF_DEVICE = {"cuda": CUDA_FP32, "cpu": CPU}  # for .to(device)
 ON_GPU = (CUDA, "TensorrtExecutionProvider")
+# Where onnxruntime looks for the weights of a graph given as bytes (an edited graph) that keeps
+# them in a file of their own (exports over 2 GB).
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
 # Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
 BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
@@ -39,6 +41,9 @@ class OrtMraModel(ExportedModel):
         self._providers, self._options = providers, session_options
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
         self.session = self._session_for(())
+        self.check_graph_interface([i.name for i in self.session.get_inputs()],
+                                   [o.name.removesuffix(AS_FLOAT32)
+                                    for o in self.session.get_outputs()])
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
@@ -80,10 +85,14 @@ class OrtMraModel(ExportedModel):
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))
         names = [o.name for o in session.get_outputs()]
-        if session.get_providers()[0] == CUDA:
-            values = self._run_with_io_binding(session, arrays, names)
-        else:
-            values = session.run(names, arrays)
+        try:
+            if session.get_providers()[0] == CUDA:
+                values = self._run_with_io_binding(session, arrays, names)
+            else:
+                values = session.run(names, arrays)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise UserError(f"onnxruntime failed to run {self.info.onnx_path(self.folder)}: "
+                            f"{first_line(error)}") from None
         return {name.removesuffix(AS_FLOAT32): value for name, value in zip(names, values)}
 
     def _session(self, model: str | bytes) -> ort.InferenceSession:
@@ -111,13 +120,9 @@ class OrtMraModel(ExportedModel):
                                   for name in extra_outputs)
         if self.info.dtype == "bf16":
             cast_outputs_to_float32(model.graph)
-        with tempfile.TemporaryDirectory() as scratch:
-            copy = Path(scratch) / path.name
-            onnx.save(model, str(copy))
-            if self.info.external_data:  # the weights stay where they are
-                os.symlink(path.parent / self.info.external_data,
-                           Path(scratch) / self.info.external_data)
-            return self._session(str(copy))
+        if self.info.external_data:  # the graph goes from memory, its weights stay in the folder
+            self._options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent))
+        return self._session(model.SerializeToString())
 
     @staticmethod
     def _run_with_io_binding(session, arrays, names) -> list[np.ndarray]:
@@ -202,5 +207,8 @@ def default_options() -> ort.SessionOptions:
         if not threads.isdigit():
             raise UserError(f"MRA_EXPORT_ORT_THREADS must be a number of threads (0: one per "
                             f"core), got {threads!r}")
-        options.intra_op_num_threads = int(threads)
+        try:
+            options.intra_op_num_threads = int(threads)
+        except (TypeError, OverflowError):  # past a C int
+            raise UserError(f"MRA_EXPORT_ORT_THREADS={threads} is too many threads") from None
     return options

@@ -58,6 +58,16 @@ NODE_IMPLEMENTATIONS = {"torch": torch_reference, "cpp": cpp_reference,
                         "plugin-emulated": emulated_plugin}
 
 
+def require_native_library(node: str) -> None:
+    """Fail at load, in one line, where the node's library is not built (not at the first call)."""
+    from ..native import MraLibrary, PluginRunner
+
+    if node == "cpp":
+        MraLibrary.cpu()
+    elif node == "plugin-emulated":
+        PluginRunner.emulated()
+
+
 def node_settings(attributes: dict) -> dict:
     """The ``mra_attention`` keyword arguments of a node's attributes (strings decoded)."""
     def text(value):
@@ -95,8 +105,11 @@ class ReferencePluginModel(ExportedModel):
         if node not in NODE_IMPLEMENTATIONS:
             raise UserError(f"unknown MraAttention implementation {node!r}; choose one of: "
                             f"{', '.join(NODE_IMPLEMENTATIONS)}")
+        require_native_library(node)
         self.node = node
         model = onnx.load(str(info.onnx_path(folder)))
+        self.check_graph_interface([i.name for i in model.graph.input],
+                                   [o.name for o in model.graph.output])
         self.evaluator = ReferenceEvaluator(model, new_ops=[_node_class(NODE_IMPLEMENTATIONS[node])])
 
     @classmethod

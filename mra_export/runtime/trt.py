@@ -7,6 +7,7 @@ GPU compute capability, plugin library and engine checksums. The engine runs thr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ class TrtMraModel(ExportedModel):
         """Load an engine folder; refuse it in one line if it does not fit this machine.
         ``verify=False`` skips that check (hashing the engine and plugin) for a caller that has
         just made it, as ``mra-export parity`` has."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise UserError(f"pass an engine folder (made by mra-export build), got {folder!r}")
         folder = Path(folder)
         if verify:
             manifest = fitting_manifest(folder, "TrtMraModel")  # TensorRT, a GPU, the same builds
@@ -57,7 +60,8 @@ class TrtMraModel(ExportedModel):
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
                             f"rebuild it: {manifest.rebuild_command(folder)}")
-        return cls(ExportInfo(**manifest.export), load_config(folder), folder, manifest, engine)
+        info = ExportInfo.from_dict(manifest.export, f"{folder / manifest.FILE_NAME} (its export)")
+        return cls(info, load_config(folder), folder, manifest, engine)
 
     def _compute_on(self, kind: str) -> None:
         if kind != "cuda":
@@ -79,7 +83,8 @@ class TrtMraModel(ExportedModel):
         profile = self.manifest.profiles[0]
         for name, array in arrays.items():
             axes = list(self.info.dynamic_axes[name].values())
-            for axis, size, low, high in zip(axes, array.shape, profile[name]["min"], profile[name]["max"]):
+            limits = zip(axes, array.shape, profile[name]["min"], profile[name]["max"])
+            for axis, size, low, high in limits:
                 if not low <= size <= high:
                     flag = AXIS_OF_DIMENSION[axis]
                     raise InputError(f"{name} has {axis} {size}, outside this engine's profile "
