@@ -7,6 +7,7 @@ byte-level BPE tokenizer trained locally, saved with ``save_pretrained`` like an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -55,7 +56,29 @@ def load_config(folder: str | Path) -> MraConfig:
         raise UserError(f"cannot read {folder / 'config.json'}: {first_line(error)}") from None
     if config.model_type != "mra":
         raise UserError(f"{folder} holds a {config.model_type!r} model, not MRA (model_type 'mra')")
+    problem = _config_problem(config)
+    if problem:
+        raise UserError(f"{folder / 'config.json'}: {problem}; fix it or pass another checkpoint")
     return config
+
+
+def _config_problem(config: MraConfig) -> str | None:
+    """What transformers would fail on deep inside (a KeyError for an unknown activation) or
+    MRA cannot compute (no blocks to select)."""
+    from transformers.activations import ACT2FN
+
+    if isinstance(config.hidden_act, str) and config.hidden_act not in ACT2FN:
+        return f"unknown hidden_act {config.hidden_act!r}"
+    if config.hidden_size % config.num_attention_heads:
+        return (f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                f"{config.num_attention_heads}")
+    if config.approx_mode not in ("full", "sparse"):
+        return f"approx_mode must be 'full' or 'sparse', got {config.approx_mode!r}"
+    if config.block_per_row < 1 or config.max_position_embeddings < 32:
+        return (f"block_per_row={config.block_per_row} and max_position_embeddings="
+                f"{config.max_position_embeddings} leave MRA no block to select (it needs "
+                "block_per_row >= 1 and max_position_embeddings >= 32)")
+    return None
 
 
 def has_tokenizer(folder: str | Path) -> bool:
@@ -78,16 +101,40 @@ def load_model(folder: str | Path, task: Task | None = None,
     try:
         model, loading = task.model_class.from_pretrained(
             folder, config=config, dtype=torch.float32, local_files_only=True,
-            output_loading_info=True)  # transformers would keep an fp16 checkpoint in fp16
+            output_loading_info=True,  # transformers would keep an fp16 checkpoint in fp16
+            ignore_mismatched_sizes=True)  # reported below, by name
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights too
         raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
                         f"{first_line(error)}; pass a folder with the weights save_pretrained "
                         "wrote") from None
+    _check_weights_fit(folder, task, loading, remedy)
+    return model.eval(), task
+
+
+def _check_weights_fit(folder, task: Task, loading: dict, remedy: str) -> None:
+    """What transformers would otherwise fill with random values or drop, silently."""
+    config_json = Path(folder) / "config.json"
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if mismatched:
+        name, stored, wanted = mismatched[0]
+        raise UserError(f"{config_json} does not fit the weights: {name} is {list(stored)} in the "
+                        f"checkpoint but {list(wanted)} for the config; fix config.json")
+    unused = _backbone(loading.get("unexpected_keys"))  # another head's weights are fine
+    if unused:
+        raise UserError(f"{config_json} does not fit the weights: the checkpoint holds {unused[0]}, "
+                        "which a model of this config has no place for; fix config.json")
     missing = sorted(loading.get("missing_keys") or ())
-    if missing:  # transformers would fill them with random values, silently
+    if _backbone(missing):
+        raise UserError(f"{config_json} does not fit the weights: the checkpoint has no "
+                        f"{_backbone(missing)[0]}, which this config needs; fix config.json")
+    if missing:
         raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"
                         f"{' ...' if len(missing) > 3 else ''} of the {task.name} head; {remedy}")
-    return model.eval(), task
+
+
+def _backbone(keys) -> list[str]:
+    """The encoder's and embeddings' weights among ``keys`` (not a task head's)."""
+    return sorted(key for key in keys or () if re.search(r"(^|\.)(embeddings|encoder)\.", key))
 
 
 def build_checkpoint(folder: str | Path, task: Task, seed: int = DEFAULT_SEED,

@@ -24,9 +24,11 @@ class Terminated(BaseException):
 
 
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+    try:
+        args = _parser().parse_args(argv)  # imports torch and transformers: seconds
+        _quiet_libraries()
+    except KeyboardInterrupt:
+        return _interrupted()
     with _cleanup_on_sigterm():
         try:
             return args.run(args) or 0
@@ -37,8 +39,12 @@ def main(argv=None) -> int:
             print(f"mra-export {args.command}: error: {_os_error(error)}", file=sys.stderr)
             return EXIT_USAGE
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT
+            return _interrupted()
+
+
+def _interrupted() -> int:
+    print("interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 @contextlib.contextmanager
@@ -89,7 +95,10 @@ def _parity(args) -> int:
     print(format_table([report]))
     if args.report:
         print(f"report: {args.report}")
-    print("PASSED" if report.passed else "FAILED")
+    if not report.checked:
+        print("FAILED: no backend could run here, so nothing was checked (reasons above)")
+    else:
+        print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else EXIT_FAILED
 
 
@@ -114,7 +123,7 @@ def _demo(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .export.exporter import DEFAULT_OPSET, FLAVOURS
+    from .export.exporter import DEFAULT_OPSET, FLAVOURS, SUPPORTED_OPSETS
     from .tasks import TASKS
 
     parser = argparse.ArgumentParser(
@@ -130,11 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--flavour", choices=FLAVOURS, default="portable",
                         help="portable: standard ONNX ops (onnxruntime CPU/CUDA); plugin: one "
-                        "MraAttention node per layer (TensorRT with the plugin)")
+                        "MraAttention node per layer (TensorRT with the plugin) (default: "
+                        "portable)")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="weights and activations of the graph (TensorRT 11 builds engines "
-                        "in this type); the attention computes in float32 either way")
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18-23)")
+                        "in this type); the attention computes in float32 either way "
+                        "(default: fp32)")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (default: "
+                        f"{DEFAULT_OPSET})")
     export.set_defaults(run=_export)
 
     parity = commands.add_parser("parity", help="check exports and engines against PyTorch")

@@ -18,22 +18,23 @@ from .errors import UserError
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
+def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     """Yield an empty folder beside ``out``; on success it replaces ``out`` in one rename.
 
     ``out`` may already exist only if empty or a previous output of the same kind (it holds
-    ``marker``, e.g. export.json): nothing else is ever deleted. On any error the staging folder
-    is removed and ``out`` is left as it was.
+    ``marker``, e.g. export.json), and must not hold any of the command's ``inputs``: nothing
+    else is ever deleted. On any error the staging folder, and the parents made for it, are
+    removed and ``out`` is left as it was.
     """
-    out = Path(out).absolute()
+    out = absolute(out)
     try:
-        _check_replaceable(out, marker)
+        _check_replaceable(out, marker, inputs)
     except OSError as error:  # e.g. a folder we may not read
         raise UserError(f"cannot write to {out}: {error.strerror or error}; choose another "
                         "output path") from None
     parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     except OSError as error:
         raise UserError(f"cannot write to {parent}: {error.strerror or error}; choose another "
@@ -42,9 +43,31 @@ def staged_folder(out: str | Path, marker: str) -> Iterator[Path]:
         yield staging
         _make_readable(staging)
         _replace_folder(staging, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(made)
+        if isinstance(error, OSError) and error.filename is None:  # a write: name where
+            raise OSError(error.errno, error.strerror, str(out)) from error
         raise
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute with ``..`` resolved (``sub/..`` is the folder itself, whose
+    parent and name are what a staged replacement needs), links kept."""
+    return Path(os.path.abspath(path))
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; return those made, innermost last."""
+    missing = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -53,10 +76,10 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
     their checkpoints, its engines their ONNX files), so cannot be made under another name:
     ``out`` is made empty, an earlier output moved aside; on any error or stop ``out`` is removed
     and the earlier output put back."""
-    out = Path(out).absolute()
+    out = absolute(out)
     try:
         _check_replaceable(out, marker)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(out.parent)
         previous = _move_aside(out)
         out.mkdir()
     except OSError as error:
@@ -69,6 +92,7 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
         if previous:
             os.rename(previous / out.name, out)
             shutil.rmtree(previous, ignore_errors=True)
+        _remove_if_empty(made)
         raise
     if previous:
         shutil.rmtree(previous, ignore_errors=True)
@@ -83,13 +107,17 @@ def _move_aside(out: Path) -> Path | None:
     return previous
 
 
-def _check_replaceable(out: Path, marker: str) -> None:
+def _check_replaceable(out: Path, marker: str, inputs=()) -> None:
     if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
         raise UserError(f"{out} exists and is not a folder; choose another output path")
     check_writable_folder(out.parent)
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
                         "replace); choose a new or empty folder")
+    for given in inputs:  # in an earlier output, which the new one replaces
+        if out.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
+            raise UserError(f"{given} is inside {out}, which this command would replace; "
+                            "choose another output folder")
 
 
 def _umask() -> int:
@@ -124,9 +152,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             stream.write(data)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename is None:  # a write: name where
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 
@@ -140,7 +170,7 @@ def check_writable_file(path: str | Path) -> None:
 def check_writable_folder(folder: str | Path) -> None:
     """A one-line error unless ``folder`` exists or can be made, and takes files; checked before
     long work so that it does not fail at the end. Leaves nothing behind."""
-    folder = Path(folder).absolute()
+    folder = absolute(folder)
     existing = next(path for path in (folder, *folder.parents) if os.path.lexists(path))
     if not os.path.isdir(existing) or not _can_make_folders_in(existing):
         raise UserError(f"cannot write to {folder}: {existing} is not a writable folder; choose "
@@ -196,14 +226,19 @@ class JsonRecord:
     @classmethod
     def from_dict(cls, data, where: str | Path):
         """The record of ``data`` (as read from ``where``), its fields' types and values checked."""
+        problem = cls.problem_of(data)
+        if problem:
+            raise UserError(f"{where} is corrupt ({problem}); {cls.REDO}")
+        return cls(**data)
+
+    @classmethod
+    def problem_of(cls, data) -> str | None:
+        """What is wrong with ``data`` as this record, if anything."""
         try:
             record = cls(**data)
         except TypeError as error:  # not a mapping, or fields missing or unknown
-            raise UserError(f"{where} is corrupt ({error}); {cls.REDO}") from None
-        problem = record._type_problem() or record.problem()
-        if problem:
-            raise UserError(f"{where} is corrupt ({problem}); {cls.REDO}")
-        return record
+            return str(error)
+        return record._type_problem() or record.problem()
 
     def _type_problem(self) -> str | None:
         hints = typing.get_type_hints(type(self))

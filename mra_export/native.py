@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
 GPU_CHECK_BUILD_DIR = BUILD_DIR.parent / "build-gpu"  # tools/gpu_check.py's, for its GPU alone
@@ -80,12 +80,20 @@ def library_path(name: str) -> Path:
     return path
 
 
+def open_library(path: str | Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as error:  # not a library, another architecture, a missing dependency
+        raise UserError(f"cannot load {path} ({first_line(error)}); rebuild it with 'make "
+                        "plugins'") from None
+
+
 class MraLibrary:
     """One of the libraries exporting ``mraAttention.h``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.lib = ctypes.CDLL(str(self.path))
+        self.lib = open_library(self.path)
         params = ctypes.POINTER(MraAttentionParams)
         self.lib.mraWorkspaceSize.argtypes = [params]
         self.lib.mraWorkspaceSize.restype = ctypes.c_size_t
@@ -184,7 +192,7 @@ class PluginRunner:
 
     def __init__(self, plugin_library: str | Path, runner_library: str | Path):
         self.plugin_library = Path(plugin_library)
-        self.lib = ctypes.CDLL(str(runner_library))
+        self.lib = open_library(runner_library)
         pointer, shape = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
         strings = ctypes.POINTER(ctypes.c_char_p)
         self.lib.mraPluginRun.argtypes = [ctypes.c_char_p, ctypes.c_int32, strings, strings, shape,

@@ -85,10 +85,16 @@ def test_spec_file_and_flag_overrides(tmp_path):
     ('{"onnx": "x", "shapes": {"batch": [1, 2]}}', r"batch must be \[MIN, OPT, MAX\]"),
     ('{"onnx": "x", "shapes": {"height": [1, 2, 3]}}', "unknown axis 'height'"),
     ('{"onnx": "x", "shapes": [1, 2, 3]}', "shapes must be an object"),
+    ('{"onnx": 5, "out": "y"}', "onnx must be a string, got 5"),
+    ('{"onnx": "x", "plugin": null}', "plugin must be a string, got null"),
+    ('{"onnx": "x", "attention_outputs": "yes"}', 'attention_outputs must be true or false, got "yes"'),
+    ('{"onnx": "x", "shapes": {"batch": [true, true, true]}}', r"batch must be \[MIN, OPT, MAX\] "
+                                                              "integers, got"),
+    ("\udcff", "is not valid JSON"),  # not text at all
 ])
 def test_bad_spec_files(tmp_path, content, message):
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(content)
+    spec_file.write_bytes(content.encode(errors="surrogateescape"))
     with pytest.raises(UserError, match=message):
         load_spec_file(spec_file)
 
@@ -96,6 +102,12 @@ def test_bad_spec_files(tmp_path, content, message):
 def test_incomplete_or_invalid_specs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_spec_file(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="is a folder; pass a spec file"):
+        load_spec_file(tmp_path)
+    with pytest.raises(UserError, match="workspace must be a positive number of MB, got True"):
+        resolve_spec(onnx="x.onnx", out="y", workspace_mb=True)
+    with pytest.raises(UserError, match="--shapes: batch is given twice; give each axis once"):
+        parse_shapes("batch=1/1/1,batch=2/2/2")
     with pytest.raises(UserError, match="nothing to build"):
         resolve_spec(out="x")
     with pytest.raises(UserError, match="pass --out"):
@@ -154,6 +166,17 @@ def test_a_failed_build_leaves_no_engine_folder(exports, tmp_path, plugin_librar
         build_module.build_engine(spec, log=lambda m: None, builder=crashing_builder)
     assert not (tmp_path / "engine").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_build_into_the_folder_holding_its_export_is_refused(exports, tmp_path, plugin_library,
+                                                                fake_tensorrt):
+    build(exports, tmp_path, plugin_library)
+    inside = shutil.copytree(exports["question-answering", "plugin"], tmp_path / "engine" / "onnx")
+    spec = resolve_spec(onnx=str(inside), plugin=str(plugin_library), out=str(tmp_path / "engine"))
+    with pytest.raises(UserError, match="engine/onnx is inside .*engine, which this command would "
+                                        "replace"):
+        build_module.build_engine(spec, log=lambda m: None, builder=fake_builder)
+    assert (inside / "model.onnx").is_file()
 
 
 def test_a_build_replaces_only_an_earlier_engine(exports, tmp_path, plugin_library, fake_tensorrt):
@@ -381,6 +404,25 @@ def test_corrupt_or_missing_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="manifest.json is corrupt"):
         EngineManifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["sha256"].pop("plugin"), "no sha256 for the plugin"),
+    (lambda m: m.update(profiles=[]), "profiles must be one profile of min, opt and max shapes"),
+    (lambda m: m.update(export={}), "its export record: .*missing 16 required"),
+    (lambda m: m["export"].update(task="fill-mask"), r"its export record: outputs \['start_logits', "
+                                                     r"'end_logits'\] are not the fill-mask head's"),
+    (lambda m: m.update(plugin_library=None), "plugin_library is null, not str"),
+    (lambda m: m.update(compute_capability=9.0), "compute_capability is 9.0, not str"),
+    (lambda m: m.update(engine_file="../model.plan"), "'../model.plan' is not a file name"),
+])
+def test_an_edited_manifest_is_named_corrupt(built_engine, edit, message):
+    record = json.loads((built_engine / "manifest.json").read_text())
+    edit(record)
+    (built_engine / "manifest.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"engine/manifest.json is corrupt \\({message}.*\\); "
+                                        "rebuild the engine"):
+        EngineManifest.load(built_engine)
 
 
 # --- where TensorRT is absent (as on CI) ---------------------------------------------------------

@@ -77,6 +77,72 @@ def test_a_checkpoint_without_the_heads_weights(small_checkpoints, tmp_path):
         export_model(small_checkpoints["question-answering"], tmp_path / "out", task="fill-mask")
 
 
+def edited_checkpoint(source, folder, **config_edits):
+    """A copy of the checkpoint ``source`` whose config.json has ``config_edits``."""
+    folder = shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_edits}))
+    return folder
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(hidden_act="foo"), "unknown hidden_act 'foo'"),
+    (dict(num_attention_heads=3), "hidden_size 128 is not a multiple of num_attention_heads 3"),
+    (dict(approx_mode="bogus"), "approx_mode must be 'full' or 'sparse', got 'bogus'"),
+    (dict(block_per_row=0), "block_per_row=0 and max_position_embeddings=256 leave MRA no block "
+                            "to select"),
+    (dict(max_position_embeddings=16), "block_per_row=2 and max_position_embeddings=16 leave"),
+])
+def test_a_config_mra_cannot_run_is_named_before_transformers_fails(small_checkpoints, tmp_path,
+                                                                      edit, message):
+    checkpoint = edited_checkpoint(small_checkpoints["fill-mask"], tmp_path / "model", **edit)
+    with pytest.raises(UserError, match=f"model/config.json: {message}.*; fix it or pass another "
+                                        "checkpoint"):
+        export_model(checkpoint, tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(num_hidden_layers=1), "the checkpoint holds mra.encoder.layer.1.* which a model of this "
+                                "config has no place for"),
+    (dict(num_hidden_layers=3), "the checkpoint has no mra.encoder.layer.2.*, which this config "
+                                "needs"),
+    (dict(intermediate_size=512), r"mra.encoder.layer.0.intermediate.dense.bias is \[256\] in "
+                                  r"the checkpoint but \[512\] for the config"),
+])
+def test_a_config_that_does_not_fit_the_weights_is_named(small_checkpoints, tmp_path, edit,
+                                                         message):
+    """transformers drops unused weights and fills missing or mis-shaped ones at random, and
+    says so only in its (muted) log."""
+    checkpoint = edited_checkpoint(small_checkpoints["fill-mask"], tmp_path / "model", **edit)
+    with pytest.raises(UserError, match=f"model/config.json does not fit the weights: {message}"
+                                        ".*; fix config.json"):
+        export_model(checkpoint, tmp_path / "out")
+
+
+def test_an_export_into_the_folder_holding_its_checkpoint_is_refused(small_checkpoints, exports,
+                                                                      tmp_path):
+    earlier = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "out")
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], earlier / "checkpoint")
+    with pytest.raises(UserError, match="out/checkpoint is inside .*out, which this command would "
+                                        "replace; choose another output folder"):
+        export_model(checkpoint, earlier)
+    assert (checkpoint / "model.safetensors").is_file()
+
+
+def test_a_failed_export_removes_the_parent_folders_it_made(small_checkpoints, tmp_path):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="cannot load MraForMaskedLM"):
+        export_model(checkpoint, tmp_path / "new" / "deeper" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_output_path_through_dot_dot_is_the_folder_it_names(small_checkpoints, tmp_path):
+    (tmp_path / "out").mkdir()
+    export_model(small_checkpoints["fill-mask"], tmp_path / "out" / "sub" / "..", log=lambda m: None)
+    assert (tmp_path / "out" / "export.json").is_file() and no_leftovers(tmp_path / "out") == []
+
+
 def test_corrupt_weights(small_checkpoints, tmp_path):
     checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
     with open(checkpoint / "model.safetensors", "r+b") as stream:
@@ -368,6 +434,9 @@ def test_ort_model_refuses_changed_or_corrupt_files(exports, tmp_path):
     (dict(task="question-answering"), r"outputs \['logits'\] are not the question-answering "
                                       r"head's \['start_logits', 'end_logits'\]"),
     (dict(inputs={"input_ids": "int64"}), r"inputs \['input_ids'\] are not an MRA model's"),
+    (dict(onnx_file="../../etc/hostname"), r"'../../etc/hostname' is not a file name in the export "
+                                           r"folder"),
+    (dict(sha256={}), "no sha256 for model.onnx"),
 ])
 def test_an_edited_export_json_is_named_corrupt(exports, tmp_path, edit, message):
     folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
@@ -375,6 +444,16 @@ def test_an_edited_export_json_is_named_corrupt(exports, tmp_path, edit, message
     (folder / "export.json").write_text(json.dumps({**record, **edit}))
     with pytest.raises(UserError, match=f"copy/export.json is corrupt \\({message}\\); export "
                                         "the model again"):
+        OrtMraModel.from_pretrained(folder)
+
+
+def test_an_export_json_whose_dtype_is_not_the_graphs_is_refused(exports, tmp_path):
+    """Its dtype sets parity's tolerance: fp16's 2e-2 would pass an fp32 graph's 1e-3 errors."""
+    folder = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "copy")
+    record = json.loads((folder / "export.json").read_text())
+    (folder / "export.json").write_text(json.dumps({**record, "dtype": "fp16"}))
+    with pytest.raises(UserError, match=r"copy/export.json says dtype fp16, but model.onnx outputs "
+                                        r"tensor\(float\); export the model again"):
         OrtMraModel.from_pretrained(folder)
 
 
@@ -416,6 +495,33 @@ def test_sessions_made_later_survive_a_change_of_directory(exports, monkeypatch)
     monkeypatch.chdir("/")
     arrays = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64)}
     assert model.run_raw(arrays, extra_outputs=("attention_context.0",))["logits"].shape[:2] == (1, 3)
+
+
+def test_a_file_that_is_not_a_library_is_one_line(tmp_path):
+    from mra_export.native import MraLibrary
+
+    (tmp_path / "libmra_attention_cpu.so").write_text("not a library")
+    with pytest.raises(UserError, match="cannot load .*libmra_attention_cpu.so \\(.*\\); rebuild "
+                                        "it with 'make plugins'"):
+        MraLibrary(tmp_path / "libmra_attention_cpu.so")
+
+
+def test_the_command_starts_without_torch_and_takes_ctrl_c_while_it_loads(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from mra_export import cli
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mra_export.cli; "
+                             "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False"
+
+    def ctrl_c_while_importing():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", ctrl_c_while_importing)
+    assert cli.main(["export", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_ort_model_provider_errors(exports):

@@ -149,7 +149,20 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
     with open(corrupt / "model.onnx", "r+b") as stream:
         stream.truncate(1000)
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    narrower = build_checkpoint(tmp_path / "narrower", TASKS["fill-mask"],
+                                **{**SMALL_MODEL, "max_position_embeddings": 128})
+    fill_mask = ["--model", str(small_checkpoints["fill-mask"]),
+                 "--onnx", str(exports["fill-mask", "portable"])]
     for arguments, message in [
+        ([*fill_mask, "--report", ""], "--report takes a file name, got ''"),
+        ([*fill_mask, "--report", str(tmp_path / "notes.json")],
+         "notes.json exists and is not a parity report; choose a new file name"),
+        (["--model", str(small_checkpoints["fill-mask"]), "--onnx", ""],
+         "--onnx and --engine take a folder, got ''"),
+        (["--model", str(narrower), "--onnx", str(exports["fill-mask", "portable"])],
+         "was exported from a model with max_position_embeddings=256, but --model has 128; pass "
+         "the checkpoint the export was made from"),
         (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(corrupt)],
          r"corrupt/model.onnx does not match the sha256 in export.json \(changed or corrupt\); "
          "export the model again"),
@@ -166,6 +179,31 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
         assert captured.out == ""  # nothing ran
         assert len(captured.err.strip().splitlines()) == 1
         assert re.search(message, captured.err)
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+
+
+def test_an_earlier_report_is_replaced(tmp_path):
+    from mra_export.parity.report import check_report_path
+
+    for earlier in ('{"task": "fill-mask", "backends": [], "passed": true}',
+                    '[{"task": "fill-mask", "backends": [], "passed": false}]'):  # the demo's
+        (tmp_path / "report.json").write_text(earlier)
+        check_report_path(tmp_path / "report.json")
+
+
+def test_parity_with_nothing_that_can_run_here_fails(small_checkpoints, tmp_path, capsys):
+    """A bfloat16 portable export runs on onnxruntime's CUDA provider only: here every backend
+    is skipped, and a run that checked nothing is no proof."""
+    checkpoint = small_checkpoints["fill-mask"]
+    export_model(checkpoint, tmp_path / "bf16", dtype="bf16", log=lambda m: None)
+    code = main(["parity", "--model", str(checkpoint), "--onnx", str(tmp_path / "bf16"),
+                 "--report", str(tmp_path / "report.json")])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert printed.rstrip().endswith("FAILED: no backend could run here, so nothing was checked "
+                                     "(reasons above)")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False and report["checked"] == 0
 
 
 def test_an_exported_model_runner_closes_its_model_when_deactivated():

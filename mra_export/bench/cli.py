@@ -26,12 +26,14 @@ BATCHES = (1, 8)
 def add_bench_arguments(parser) -> None:
     parser.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and "
                         "the plots (default out/bench)")
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="token counts")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
+                        help=f"token counts (default: {','.join(map(str, LENGTHS))})")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help=f"batch sizes (default: {','.join(map(str, BATCHES))})")
     parser.add_argument("--layers", type=int, default=1,
                         help="encoder layers (default 1; times are per layer then)")
     parser.add_argument("--budget", type=float, default=20.0,
-                        help="seconds of timed runs per cell at most (at least 3 runs)")
+                        help="seconds of timed runs per cell at most, at least 3 runs (default: 20)")
 
 
 def run_bench_from_args(args) -> dict:

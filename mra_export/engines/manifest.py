@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import ClassVar
 
+from ..export.info import ExportInfo
 from ..files import JsonRecord, sha256_of
 from .spec import AXIS_OF_DIMENSION
 
@@ -49,6 +50,19 @@ class EngineManifest(JsonRecord):
     mra_export_version: str
     engine_file: str = ENGINE_FILE
     format: str = FORMAT
+
+    def problem(self) -> str | None:
+        missing = [key for key in ("onnx", "plugin", "engine") if key not in self.sha256]
+        if missing:
+            return f"no sha256 for the {', '.join(missing)}"
+        if Path(self.engine_file).name != self.engine_file:
+            return f"{self.engine_file!r} is not a file name in the engine folder"
+        if len(self.profiles) != 1 or any(
+                not isinstance(shapes, dict) or not {"min", "opt", "max"} <= shapes.keys()
+                for shapes in self.profiles[0].values()):
+            return "profiles must be one profile of min, opt and max shapes per input"
+        problem = ExportInfo.problem_of(self.export)
+        return f"its export record: {problem}" if problem else None
 
     def rebuild_command(self, folder: str | Path) -> str:
         """The build command for this engine's export, precision, profile and outputs."""

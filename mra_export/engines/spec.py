@@ -64,23 +64,33 @@ def parse_shapes(text: str) -> dict[str, tuple[int, int, int]]:
         if not match or match[1] not in AXES:
             raise UserError(f"--shapes: cannot read {item!r}; write AXIS=MIN/OPT/MAX with AXIS one "
                             f"of {', '.join(AXES)}, e.g. batch=1/4/8,sequence=1/128/512")
+        if match[1] in shapes:
+            raise UserError(f"--shapes: {match[1]} is given twice; give each axis once")
         shapes[match[1]] = _checked_range(match[1], [int(match[i]) for i in (2, 3, 4)])
     return shapes
 
 
 def load_spec_file(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"spec {path} is a folder; pass a spec file (engines/*.json)")
     if not path.is_file():
         raise UserError(f"spec {path} does not exist")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, or not text at all
         raise UserError(f"spec {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise UserError(f"spec {path} must be a JSON object of {', '.join(KEYS)}")
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise UserError(f"spec {path}: unknown key {', '.join(unknown)} (allowed: {', '.join(KEYS)})")
+    for key in ("onnx", "out", "plugin", "timing_cache", "precision"):
+        if not isinstance(data.get(key, ""), str):
+            raise UserError(f"spec {path}: {key} must be a string, got {json.dumps(data[key])}")
+    if not isinstance(data.get("attention_outputs", False), bool):
+        raise UserError(f"spec {path}: attention_outputs must be true or false, got "
+                        f"{json.dumps(data['attention_outputs'])}")
     if "shapes" in data:
         if not isinstance(data["shapes"], dict):
             raise UserError(f"spec {path}: shapes must be an object like "
@@ -106,7 +116,7 @@ def resolve_spec(spec_file=None, **flags) -> BuildSpec:
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     workspace = values.get("workspace_mb")
-    if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
+    if workspace is not None and (not _is_int(workspace) or workspace < 1):
         raise UserError(f"workspace must be a positive number of MB, got {workspace!r}")
     return BuildSpec(
         onnx=Path(values["onnx"]), out=Path(values["out"]),
@@ -120,9 +130,13 @@ def _checked_range(axis: str, value, where="--shapes") -> tuple[int, int, int]:
     if axis not in AXES:
         raise UserError(f"{where}: unknown axis {axis!r} (axes: {', '.join(AXES)})")
     if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(v, int) for v in value)):
+            or not all(map(_is_int, value))):
         raise UserError(f"{where}: {axis} must be [MIN, OPT, MAX] integers, got {value!r}")
     low, opt, high = value
     if not 1 <= low <= opt <= high:
         raise UserError(f"{where}: {axis} needs 1 <= MIN <= OPT <= MAX, got {low}/{opt}/{high}")
     return (low, opt, high)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no size

@@ -56,7 +56,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
     chosen = task_for_config(config) if task == "auto" else get_task(task)
     if flavour == "plugin":
         plugin_node.check_head_dim(config.hidden_size // config.num_attention_heads)
-    with staged_folder(out, marker=ExportInfo.FILE_NAME) as staging:
+    with staged_folder(out, marker=ExportInfo.FILE_NAME, inputs=[model_dir]) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
         model = patch_model(load_model(model_dir, chosen)[0]).to(DTYPES[dtype])
         log(f"exporting {chosen.name} ({flavour} flavour, {dtype}, opset {opset}) ...")

@@ -50,7 +50,16 @@ class ExportInfo(JsonRecord):
                                       ("dtype", self.dtype, DTYPE_NAMES)):
             if value not in allowed:
                 return f"unknown {field} {value!r}"
-        return self._interface_problem(TASKS[self.task])
+        return self._files_problem() or self._interface_problem(TASKS[self.task])
+
+    def _files_problem(self) -> str | None:
+        """The graph's files must be in the folder and under checksum."""
+        for name in filter(None, (self.onnx_file, self.external_data)):
+            if Path(name).name != name:
+                return f"{name!r} is not a file name in the export folder"
+            if name not in self.sha256:
+                return f"no sha256 for {name}"
+        return None
 
     def _interface_problem(self, task) -> str | None:
         """What disagrees with the task's inputs and outputs (the graph's own are checked

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints import load_model
+from ..checkpoints import load_config, load_model
 from ..engines.system import fitting_manifest
 from ..errors import MissingTensorRT, UserError
 from ..export.info import ExportInfo
-from ..files import check_writable_file
 from ..patching import patch_model
 from ..tasks import get_task
 from .backends import engine_backends, export_backends, tensorrt_available
 from .compare import check_backend, run_quietly
 from .inputs import describe, parity_feeds
-from .report import ParityReport, format_table
+from .report import ParityReport, check_report_path, format_table
 from .runners import TorchRunner
 
 __all__ = ["ParityReport", "format_table", "run_parity"]
@@ -26,11 +25,13 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     ``model_dir`` on seeded inputs; write ``report_path`` (JSON) if given."""
     if not onnx_dirs and not engine_dirs:
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
+    if not all(str(folder).strip() for folder in (*onnx_dirs, *engine_dirs)):
+        raise UserError("--onnx and --engine take a folder, got ''")
     onnx_dirs, engine_dirs = _once_each(onnx_dirs), _once_each(engine_dirs)
     if engine_dirs and not tensorrt_available():
         raise MissingTensorRT("mra-export parity --engine")
-    if report_path:
-        check_writable_file(report_path)  # now, not after the comparison
+    if report_path is not None:
+        check_report_path(report_path)  # now, not after the comparison
     for folder in engine_dirs:  # an engine built for another machine is one line, not a result
         fitting_manifest(folder, "mra-export parity --engine")
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]
@@ -43,8 +44,9 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     task = get_task(tasks.pop()) if tasks else _engine_task(engine_dirs)
     model = patch_model(load_model(model_dir, task, remedy="pass the checkpoint the export was "
                                                           "made from")[0])
-    for folder, info in zip(onnx_dirs, infos):  # a likely reason for a failure below
-        if Path(info.source).resolve() != Path(model_dir).resolve():
+    for folder, info in zip(onnx_dirs, infos):
+        _check_same_shapes(folder, load_config(folder), model.config)
+        if Path(info.source).resolve() != Path(model_dir).resolve():  # a likely reason to fail
             log(f"note: {folder} was exported from {info.source}, not from {model_dir}")
     input_names = task.input_names(model.config)
     contexts = [f"attention_context.{layer}" for layer in range(model.config.num_hidden_layers)]
@@ -79,3 +81,17 @@ def _once_each(folders) -> list:
             seen.add(Path(folder).resolve())
             unique.append(folder)
     return unique
+
+
+# What must agree between an export and the checkpoint it is checked against, for the inputs
+# drawn from the checkpoint's config to fit the graph.
+SHAPE_SETTINGS = ("vocab_size", "type_vocab_size", "max_position_embeddings", "hidden_size",
+                  "num_hidden_layers", "num_attention_heads")
+
+
+def _check_same_shapes(folder, exported, given) -> None:
+    for name in SHAPE_SETTINGS:
+        if getattr(exported, name) != getattr(given, name):
+            raise UserError(f"{folder} was exported from a model with {name}="
+                            f"{getattr(exported, name)}, but --model has {getattr(given, name)}; "
+                            "pass the checkpoint the export was made from")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..errors import UserError
+from ..files import atomic_write_text, check_writable_file
 
 
 @dataclasses.dataclass
@@ -62,8 +64,14 @@ class ParityReport:
     backends: list[BackendResult]
 
     @property
+    def checked(self) -> int:
+        """How many backends ran (the others were skipped here, each with its reason)."""
+        return sum(b.status != "skipped" for b in self.backends)
+
+    @property
     def passed(self) -> bool:
-        return all(b.status in ("passed", "skipped") for b in self.backends)
+        """Every backend that ran passed, and at least one ran: nothing checked is no proof."""
+        return self.checked > 0 and all(b.status in ("passed", "skipped") for b in self.backends)
 
     def to_dict(self) -> dict:
         def with_properties(result):
@@ -77,10 +85,31 @@ class ParityReport:
             return data
 
         return {"model": self.model, "task": self.task, "passed": self.passed,
+                "checked": self.checked,
                 "inputs": self.inputs, "backends": [with_properties(b) for b in self.backends]}
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+def check_report_path(path: str | Path) -> None:
+    """A one-line error unless ``path`` is new or an earlier parity report (which it replaces):
+    a mistyped --report must not overwrite a config.json or a model.onnx."""
+    if not str(path).strip():  # before Path(), which makes "" the current folder
+        raise UserError("--report takes a file name, got ''")
+    path = Path(path)
+    check_writable_file(path)
+    if os.path.lexists(path) and not _is_parity_report(path):
+        raise UserError(f"{path} exists and is not a parity report; choose a new file name")
+
+
+def _is_parity_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    reports = data if isinstance(data, list) else [data]  # the demo's holds one per head
+    return all(isinstance(r, dict) and {"task", "backends", "passed"} <= r.keys() for r in reports)
 
 
 HEADER = ("head", "backend", "output", "max abs", "max rel", "tolerance", "result")

@@ -44,6 +44,7 @@ class OrtMraModel(ExportedModel):
         self.check_graph_interface([i.name for i in self.session.get_inputs()],
                                    [o.name.removesuffix(AS_FLOAT32)
                                     for o in self.session.get_outputs()])
+        self._check_graph_dtype()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
@@ -81,6 +82,16 @@ class OrtMraModel(ExportedModel):
         except UserError:
             self._providers, self._sessions = before
             raise
+
+    def _check_graph_dtype(self) -> None:
+        """export.json's dtype sets parity's tolerance: it must be the graph's (a bfloat16
+        graph's outputs are cast to float32 here, so only fp32 and fp16 are told apart)."""
+        expected = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}.get(self.info.dtype)
+        found = {o.name: o.type for o in self.session.get_outputs() if o.name in self.info.outputs}
+        if expected and any(kind != expected for kind in found.values()):
+            raise UserError(f"{self.folder / 'export.json'} says dtype {self.info.dtype}, but "
+                            f"{self.info.onnx_file} outputs {', '.join(sorted(set(found.values())))};"
+                            " export the model again")
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))
