@@ -661,6 +661,21 @@ def test_demo_and_bench_refuse_a_folder_of_other_files(tmp_path, capsys, command
     assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]
 
 
+def test_an_output_made_in_place_replaces_the_earlier_one(tmp_path):
+    from mra_export.files import folder_filled_in_place
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+    (earlier / "stale.txt").write_text("from the earlier run")
+    with folder_filled_in_place(earlier, "parity.json") as folder:
+        assert folder == earlier and list(folder.iterdir()) == []
+        (folder / "parity.json").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert [p.name for p in earlier.iterdir()] == ["parity.json"]
+    assert (earlier / "parity.json").read_text() == "new"
+
+
 def test_a_failed_demo_puts_the_earlier_one_back_and_leaves_nothing_else(tmp_path, monkeypatch):
     from mra_export import demo
 
