@@ -124,9 +124,10 @@ def _check_weights_fit(folder, task: Task, loading: dict, remedy: str) -> None:
         raise UserError(f"{config_json} does not fit the weights: the checkpoint holds {unused[0]}, "
                         "which a model of this config has no place for; fix config.json")
     missing = sorted(loading.get("missing_keys") or ())
-    if _backbone(missing):
+    needed = _backbone(missing)
+    if needed:
         raise UserError(f"{config_json} does not fit the weights: the checkpoint has no "
-                        f"{_backbone(missing)[0]}, which this config needs; fix config.json")
+                        f"{needed[0]}, which this config needs; fix config.json")
     if missing:
         raise UserError(f"{folder} has no weights for {', '.join(missing[:3])}"
                         f"{' ...' if len(missing) > 3 else ''} of the {task.name} head; {remedy}")

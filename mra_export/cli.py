@@ -145,8 +145,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="weights and activations of the graph (TensorRT 11 builds engines "
                         "in this type); the attention computes in float32 either way "
                         "(default: fp32)")
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (default: "
-                        f"{DEFAULT_OPSET})")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+                        f"(default: {DEFAULT_OPSET})")
     export.set_defaults(run=_export)
 
     parity = commands.add_parser("parity", help="check exports and engines against PyTorch")

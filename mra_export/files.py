@@ -30,15 +30,13 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     try:
         _check_replaceable(out, marker, inputs)
     except OSError as error:  # e.g. a folder we may not read
-        raise UserError(f"cannot write to {out}: {error.strerror or error}; choose another "
-                        "output path") from None
+        raise _cannot_write(out, error) from None
     parent = out.parent
     try:
         made = _make_parents(parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     except OSError as error:
-        raise UserError(f"cannot write to {parent}: {error.strerror or error}; choose another "
-                        "output path") from None
+        raise _cannot_write(parent, error) from None
     try:
         yield staging
         _make_readable(staging)
@@ -46,9 +44,20 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_if_empty(made)
-        if isinstance(error, OSError) and error.filename is None:  # a write: name where
-            raise OSError(error.errno, error.strerror, str(out)) from error
-        raise
+        _raise_naming(error, out)
+
+
+def _raise_naming(error: BaseException, path: Path) -> None:
+    """Re-raise ``error``; an OSError without a path (a failed write) as one naming ``path``,
+    for the CLI's one line ``PATH: reason``."""
+    if isinstance(error, OSError) and error.filename is None:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    raise error
+
+
+def _cannot_write(path: Path, error: OSError) -> UserError:
+    return UserError(f"cannot write to {path}: {error.strerror or error}; choose another output "
+                     "path")
 
 
 def absolute(path: str | Path) -> Path:
@@ -83,8 +92,7 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
         previous = _move_aside(out)
         out.mkdir()
     except OSError as error:
-        raise UserError(f"cannot write to {out}: {error.strerror or error}; choose another "
-                        "output path") from None
+        raise _cannot_write(out, error) from None
     try:
         yield out
     except BaseException:
@@ -155,9 +163,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        if isinstance(error, OSError) and error.filename is None:  # a write: name where
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
+        _raise_naming(error, path)
 
 
 def check_writable_file(path: str | Path) -> None:
@@ -226,19 +232,25 @@ class JsonRecord:
     @classmethod
     def from_dict(cls, data, where: str | Path):
         """The record of ``data`` (as read from ``where``), its fields' types and values checked."""
-        problem = cls.problem_of(data)
+        record, problem = cls._checked(data)
         if problem:
             raise UserError(f"{where} is corrupt ({problem}); {cls.REDO}")
-        return cls(**data)
+        return record
 
     @classmethod
     def problem_of(cls, data) -> str | None:
         """What is wrong with ``data`` as this record, if anything."""
+        return cls._checked(data)[1]
+
+    @classmethod
+    def _checked(cls, data):
+        """``(record, None)``, or ``(None, what is wrong)``."""
         try:
             record = cls(**data)
         except TypeError as error:  # not a mapping, or fields missing or unknown
-            return str(error)
-        return record._type_problem() or record.problem()
+            return None, str(error)
+        problem = record._type_problem() or record.problem()
+        return (None, problem) if problem else (record, None)
 
     def _type_problem(self) -> str | None:
         hints = typing.get_type_hints(type(self))
@@ -265,13 +277,18 @@ def _has_type(value, hint) -> bool:
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_json_int(value)
     if origin is dict:
         return isinstance(value, dict) and all(
             _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
     if origin is list:
         return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
     return isinstance(value, hint)
+
+
+def is_json_int(value) -> bool:
+    """An integer as JSON has it: Python's bool is an int, JSON's true is no number."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _type_name(hint) -> str:

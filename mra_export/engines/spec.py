@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..export.info import DTYPE_NAMES, ExportInfo
+from ..files import is_json_int
 from ..native import PLUGIN_LIBRARY, build_dir
 
 PRECISIONS = DTYPE_NAMES
@@ -116,7 +117,7 @@ def resolve_spec(spec_file=None, **flags) -> BuildSpec:
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     workspace = values.get("workspace_mb")
-    if workspace is not None and (not _is_int(workspace) or workspace < 1):
+    if workspace is not None and (not is_json_int(workspace) or workspace < 1):
         raise UserError(f"workspace must be a positive number of MB, got {workspace!r}")
     return BuildSpec(
         onnx=Path(values["onnx"]), out=Path(values["out"]),
@@ -130,13 +131,9 @@ def _checked_range(axis: str, value, where="--shapes") -> tuple[int, int, int]:
     if axis not in AXES:
         raise UserError(f"{where}: unknown axis {axis!r} (axes: {', '.join(AXES)})")
     if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(map(_is_int, value))):
+            or not all(map(is_json_int, value))):
         raise UserError(f"{where}: {axis} must be [MIN, OPT, MAX] integers, got {value!r}")
     low, opt, high = value
     if not 1 <= low <= opt <= high:
         raise UserError(f"{where}: {axis} needs 1 <= MIN <= OPT <= MAX, got {low}/{opt}/{high}")
     return (low, opt, high)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no size

@@ -75,12 +75,10 @@ def _engine_task(engine_dirs):
 
 def _once_each(folders) -> list:
     """The folders in the order given, each once: ``--onnx out --onnx ./out`` checks it once."""
-    seen, unique = set(), []
+    unique = {}
     for folder in folders:
-        if Path(folder).resolve() not in seen:
-            seen.add(Path(folder).resolve())
-            unique.append(folder)
-    return unique
+        unique.setdefault(Path(folder).resolve(), folder)
+    return list(unique.values())
 
 
 # What must agree between an export and the checkpoint it is checked against, for the inputs

@@ -87,11 +87,11 @@ class OrtMraModel(ExportedModel):
         """export.json's dtype sets parity's tolerance: it must be the graph's (a bfloat16
         graph's outputs are cast to float32 here, so only fp32 and fp16 are told apart)."""
         expected = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}.get(self.info.dtype)
-        found = {o.name: o.type for o in self.session.get_outputs() if o.name in self.info.outputs}
-        if expected and any(kind != expected for kind in found.values()):
+        found = {o.type for o in self.session.get_outputs() if o.name in self.info.outputs}
+        if expected and found != {expected}:
             raise UserError(f"{self.folder / 'export.json'} says dtype {self.info.dtype}, but "
-                            f"{self.info.onnx_file} outputs {', '.join(sorted(set(found.values())))};"
-                            " export the model again")
+                            f"{self.info.onnx_file} outputs {', '.join(sorted(found))}; export the "
+                            "model again")
 
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))

@@ -60,8 +60,8 @@ class TrtMraModel(ExportedModel):
         if engine is None:
             raise UserError(f"TensorRT could not deserialise {folder / manifest.engine_file}; "
                             f"rebuild it: {manifest.rebuild_command(folder)}")
-        info = ExportInfo.from_dict(manifest.export, f"{folder / manifest.FILE_NAME} (its export)")
-        return cls(info, load_config(folder), folder, manifest, engine)
+        # manifest.json's load checked its export record (EngineManifest.problem)
+        return cls(ExportInfo(**manifest.export), load_config(folder), folder, manifest, engine)
 
     def _compute_on(self, kind: str) -> None:
         if kind != "cuda":
