@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <mutex>
 #include <set>
+#include <type_traits>
 
 namespace mra
 {
@@ -34,9 +35,12 @@ namespace
 {
 
 constexpr int kBlock = 32;           // tokens per block: the kernels are written for 32
-constexpr int kHighResThreads = 128; // 4 warps; 4 threads per query row
+// highResolution: 4 warps hold one query block, warp w its rows 8w..8w+7 (4 threads per row).
+constexpr int kHighResThreads = 128;
 constexpr int kSelectThreads = 1024;
 constexpr int kLogitThreads = 128;
+constexpr int kLogitQueryBlocks = 8; // query blocks per lowResolutionLogits CTA
+constexpr int kMaxHeadDim = 128;
 
 thread_local char gLastCudaError[256] = "";
 
@@ -97,77 +101,108 @@ __global__ void countTokens(Problem p, int32_t const* mask, float* counts)
     }
 }
 
-//! Sum of the masked tokens of one block, in token order, at dimension d.
+//! Sum of the masked tokens of one block, in token order, at dimension d. `real` has bit t set
+//! when token t of the block is real (the same in every thread, so the branch does not diverge).
 template <typename T>
-__device__ inline float blockSum(Problem const& p, T const* source, int32_t const* mask, int32_t row, int32_t block,
-    int32_t d)
+__device__ inline float blockSum(Problem const& p, T const* source, uint32_t real, int32_t row, int32_t block, int32_t d)
 {
-    int32_t const batch = row / p.heads;
+    T const* column = source + (static_cast<size_t>(row) * p.seqLen + block * kBlock) * p.headDim + d;
     float sum = 0.0f;
     for (int32_t t = 0; t < kBlock; ++t)
     {
-        int32_t const position = block * kBlock + t;
-        if (isReal(p, mask, batch, position))
+        if ((real >> t) & 1u)
         {
-            sum += Storage<T>::toFloat(source[(static_cast<size_t>(row) * p.seqLen + position) * p.headDim + d]);
+            sum += Storage<T>::toFloat(column[static_cast<size_t>(t) * p.headDim]);
         }
     }
     return sum;
 }
 
-//! One CTA per (row, block): block means of the masked Q, K, V: sums over c + 1e-6.
+//! One CTA per (row, block), D threads (a multiple of 32): block means of the masked Q, K, V:
+//! sums over c + 1e-6.
 template <typename T>
 __global__ void blockMeans(Problem p, T const* query, T const* key, T const* value, int32_t const* mask,
     float const* counts, float* queryMean, float* keyMean, float* valueMean)
 {
     int32_t const block = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
+    // Each warp reads the block's 32 mask entries once, instead of every thread reading each.
+    uint32_t const real = __ballot_sync(0xffffffffu, isReal(p, mask, row / p.heads, block * kBlock + threadIdx.x % 32));
     float const denominator = counts[(row / p.heads) * p.nb + block] + kNormaliserEps;
     size_t const base = (static_cast<size_t>(row) * p.nb + block) * p.headDim;
     for (int32_t d = threadIdx.x; d < p.headDim; d += blockDim.x)
     {
-        queryMean[base + d] = blockSum(p, query, mask, row, block, d) / denominator;
-        keyMean[base + d] = blockSum(p, key, mask, row, block, d) / denominator;
-        valueMean[base + d] = blockSum(p, value, mask, row, block, d) / denominator;
+        queryMean[base + d] = blockSum(p, query, real, row, block, d) / denominator;
+        keyMean[base + d] = blockSum(p, key, real, row, block, d) / denominator;
+        valueMean[base + d] = blockSum(p, value, real, row, block, d) / denominator;
     }
 }
 
-//! One CTA per (row, query block i): L[i, :] = Qh_i Kh^T / sqrt(D), r_i = max_j L (before
-//! masking), then the masking.
-__global__ void lowResolutionLogits(Problem p, Scratch s)
+//! One CTA per (row, group of kLogitQueryBlocks query blocks i), a thread per key block j:
+//! L[i, j] = Qh_i . Kh_j / sqrt(D) (summed in d order), r_i = max_j L before masking, then the
+//! masking. The group shares each Kh_j a thread loads (16-byte loads, Qh from shared memory).
+__global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, Scratch s)
 {
     using Reduce = cub::BlockReduce<float, kLogitThreads>;
     __shared__ typename Reduce::TempStorage reduceStorage;
-    int32_t const i = blockIdx.x % p.nb;
-    int32_t const row = blockIdx.x / p.nb;
+    __shared__ float4 queries[kLogitQueryBlocks][kMaxHeadDim / 4];
+    int32_t const groups = (p.nb + kLogitQueryBlocks - 1) / kLogitQueryBlocks;
+    int32_t const row = blockIdx.x / groups;
+    int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
+    int32_t const vectors = p.headDim / 4;
     float const* counts = s.counts + (row / p.heads) * p.nb;
-    float const* q = s.queryMean + (static_cast<size_t>(row) * p.nb + i) * p.headDim;
-    float* logits = s.lowLogits + (static_cast<size_t>(row) * p.nb + i) * p.nb;
+    for (int32_t index = threadIdx.x; index < kLogitQueryBlocks * vectors; index += blockDim.x)
+    {
+        int32_t const u = index / vectors;
+        float4 const* q = reinterpret_cast<float4 const*>(s.queryMean + (static_cast<size_t>(row) * p.nb + first + u) * p.headDim);
+        queries[u][index % vectors] = first + u < p.nb ? q[index % vectors] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    __syncthreads();
 
-    float localMax = -FLT_MAX;
+    float localMax[kLogitQueryBlocks];
+    for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
+    {
+        localMax[u] = -FLT_MAX;
+    }
     for (int32_t j = threadIdx.x; j < p.nb; j += blockDim.x)
     {
-        float const* k = s.keyMean + (static_cast<size_t>(row) * p.nb + j) * p.headDim;
-        float dot = 0.0f;
-        for (int32_t d = 0; d < p.headDim; ++d)
+        float4 const* k = reinterpret_cast<float4 const*>(s.keyMean + (static_cast<size_t>(row) * p.nb + j) * p.headDim);
+        float dot[kLogitQueryBlocks] = {};
+        for (int32_t v = 0; v < vectors; ++v)
         {
-            dot += q[d] * k[d];
+            float4 const key = k[v];
+            for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
+            {
+                float4 const query = queries[u][v];
+                dot[u] += query.x * key.x;
+                dot[u] += query.y * key.y;
+                dot[u] += query.z * key.z;
+                dot[u] += query.w * key.w;
+            }
         }
-        logits[j] = dot / p.scaleDivisor;
-        localMax = fmaxf(localMax, logits[j]);
+        for (int32_t u = 0; u < kLogitQueryBlocks && first + u < p.nb; ++u)
+        {
+            int32_t const i = first + u;
+            float const logit = dot[u] / p.scaleDivisor;
+            localMax[u] = fmaxf(localMax[u], logit);
+            s.lowLogits[(static_cast<size_t>(row) * p.nb + i) * p.nb + j]
+                = logit - (counts[i] * counts[j] < 0.5f ? kMaskedLogitPenalty : 0.0f);
+        }
     }
-    float const rowMax = Reduce(reduceStorage).Reduce(localMax, Maximum());
-    if (threadIdx.x == 0)
+    for (int32_t u = 0; u < kLogitQueryBlocks && first + u < p.nb; ++u)
     {
-        s.rowMax[row * p.nb + i] = rowMax;
-    }
-    for (int32_t j = threadIdx.x; j < p.nb; j += blockDim.x) // the thread's own entries
-    {
-        logits[j] = logits[j] - (counts[i] * counts[j] < 0.5f ? kMaskedLogitPenalty : 0.0f);
+        float const rowMax = Reduce(reduceStorage).Reduce(localMax[u], Maximum());
+        if (threadIdx.x == 0)
+        {
+            s.rowMax[row * p.nb + first + u] = rowMax;
+        }
+        __syncthreads(); // before reduceStorage is used again
     }
 }
 
 // ---- (b) selection -----------------------------------------------------------------------
+
+using SelectScan = cub::BlockScan<int32_t, kSelectThreads>;
 
 __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t row, int32_t cell)
 {
@@ -178,11 +213,30 @@ __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t 
     return orderedKey(score);
 }
 
+//! Digit `shift` of the k-th largest key: thread t < 256 holds the count of digit 255 - t, so an
+//! exclusive scan gives the number of keys above each digit, and the one thread whose digit
+//! reaches `remaining` extends the prefix. Every thread calls it; it ends with a barrier.
+__device__ inline void chooseDigit(SelectScan::TempStorage& scanStorage, uint32_t const* histogram, int32_t shift,
+    uint32_t& prefix, int32_t& remaining)
+{
+    int32_t const digit = 255 - static_cast<int32_t>(threadIdx.x);
+    int32_t const count = digit >= 0 ? static_cast<int32_t>(histogram[digit]) : 0;
+    int32_t const wanted = remaining; // read by every thread before the one below writes it
+    int32_t above;
+    int32_t total;
+    SelectScan(scanStorage).ExclusiveSum(count, above, total);
+    if (count > 0 && above < wanted && above + count >= wanted)
+    {
+        prefix |= static_cast<uint32_t>(digit) << shift;
+        remaining = wanted - above;
+    }
+    __syncthreads();
+}
+
 //! One CTA per row (batch * head): the k best cells, ties in flat order; writes them ascending, with row starts.
 __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratch s)
 {
-    using Scan = cub::BlockScan<int32_t, kSelectThreads>;
-    __shared__ typename Scan::TempStorage scanStorage;
+    __shared__ typename SelectScan::TempStorage scanStorage;
     __shared__ uint32_t histogram[256];
     __shared__ uint32_t prefix;
     __shared__ int32_t remaining;
@@ -213,55 +267,53 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
             }
         }
         __syncthreads();
-        if (threadIdx.x == 0)
-        {
-            int32_t above = 0;
-            for (int32_t digit = 255; digit >= 0; --digit)
-            {
-                if (above + static_cast<int32_t>(histogram[digit]) >= remaining)
-                {
-                    prefix |= static_cast<uint32_t>(digit) << shift;
-                    remaining -= above;
-                    break;
-                }
-                above += histogram[digit];
-            }
-        }
+        chooseDigit(scanStorage, histogram, shift, prefix, remaining);
         prefixMask |= 0xffu << shift;
-        __syncthreads();
     }
     uint32_t const thresholdKey = prefix;
     int32_t const tiesToTake = remaining; // how many cells equal to the k-th score are selected
 
+    // Each thread takes a contiguous run of cells, so two block scans order the whole row: the
+    // ties before the run (the first tiesToTake ties in flat order are taken), then the cells
+    // taken before it (where the run's cells go in `selected`).
+    int32_t const perThread = (cells + blockDim.x - 1) / blockDim.x;
+    int32_t const begin = min(static_cast<int32_t>(threadIdx.x) * perThread, cells);
+    int32_t const end = min(begin + perThread, cells);
+    int32_t above = 0;
+    int32_t ties = 0;
+    for (int32_t cell = begin; cell < end; ++cell)
+    {
+        uint32_t const key = scoreKey(p, s, row, cell);
+        above += key > thresholdKey ? 1 : 0;
+        ties += key == thresholdKey ? 1 : 0;
+    }
+    int32_t tieRank;
+    int32_t total;
+    SelectScan(scanStorage).ExclusiveSum(ties, tieRank, total);
+    __syncthreads(); // before scanStorage is used again
+    int32_t const tiesTaken = min(ties, max(tiesToTake - tieRank, 0));
+    int32_t position;
+    SelectScan(scanStorage).ExclusiveSum(above + tiesTaken, position, total);
+
     int32_t* selected = s.selected + static_cast<size_t>(row) * p.topK;
     int32_t* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
-    int32_t tiesBefore = 0;
-    int32_t takenBefore = 0;
-    for (int32_t base = 0; base < cells; base += blockDim.x)
+    for (int32_t cell = begin; cell < end; ++cell)
     {
-        int32_t const cell = base + threadIdx.x;
-        bool const valid = cell < cells;
-        uint32_t const key = valid ? scoreKey(p, s, row, cell) : 0u;
-        int32_t tieRank;
-        int32_t tiesHere;
-        Scan(scanStorage).ExclusiveSum(valid && key == thresholdKey ? 1 : 0, tieRank, tiesHere);
-        __syncthreads();
-        bool const take = valid
-            && (key > thresholdKey || (key == thresholdKey && tiesBefore + tieRank < tiesToTake));
-        int32_t position;
-        int32_t takenHere;
-        Scan(scanStorage).ExclusiveSum(take ? 1 : 0, position, takenHere);
-        __syncthreads();
+        uint32_t const key = scoreKey(p, s, row, cell);
+        bool take = key > thresholdKey;
+        if (key == thresholdKey)
+        {
+            take = tieRank < tiesToTake;
+            ++tieRank;
+        }
+        if (cell % p.nb == 0)
+        {
+            rowStart[cell / p.nb] = position;
+        }
         if (take)
         {
-            selected[takenBefore + position] = cell;
+            selected[position++] = cell;
         }
-        if (valid && cell % p.nb == 0)
-        {
-            rowStart[cell / p.nb] = takenBefore + position;
-        }
-        tiesBefore += tiesHere;
-        takenBefore += takenHere;
     }
     if (threadIdx.x == 0)
     {
@@ -272,11 +324,12 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
 
 // ---- (c) + (d) high resolution with the epilogue -------------------------------------------
 
-//! 16-byte loads of a [32, D] tile of rows (first + 0..31) into shared memory; masked rows and
-//! rows past the sequence are zero. Element (r, d) lands at tile[r * stride + d].
-template <typename T, int D, typename S>
+//! 16-byte loads of a [32, D] tile of rows (first + 0..31) into shared memory, stored as loaded
+//! (`stride` keeps rows 16-byte aligned); masked rows and rows past the sequence are zero.
+//! Element (r, d) lands at tile[r * stride + d].
+template <typename T, int D>
 __device__ inline void loadTile(Problem const& p, T const* source, int32_t const* mask, int32_t row, int32_t first,
-    S* tile, int32_t stride)
+    T* tile, int32_t stride)
 {
     constexpr int kVector = 16 / sizeof(T);
     constexpr int kVectorsPerRow = D / kVector;
@@ -286,29 +339,71 @@ __device__ inline void loadTile(Problem const& p, T const* source, int32_t const
         int32_t const r = index / kVectorsPerRow;
         int32_t const d = (index % kVectorsPerRow) * kVector;
         int32_t const position = first + r;
-        union
-        {
-            uint4 raw;
-            T values[kVector];
-        } chunk;
-        chunk.raw = make_uint4(0, 0, 0, 0);
+        uint4 chunk = make_uint4(0, 0, 0, 0);
         if (isReal(p, mask, batch, position))
         {
-            chunk.raw = *reinterpret_cast<uint4 const*>(source + (static_cast<size_t>(row) * p.seqLen + position) * D + d);
+            chunk = *reinterpret_cast<uint4 const*>(source + (static_cast<size_t>(row) * p.seqLen + position) * D + d);
         }
-        for (int32_t e = 0; e < kVector; ++e)
+        *reinterpret_cast<uint4*>(tile + r * stride + d) = chunk;
+    }
+}
+
+//! One key block's K and V tiles and key mask, held in registers between the loads that start
+//! them and the shared-memory stores that end them, so that the next block's loads are in
+//! flight while the current one is computed. Thread x holds 16-byte vectors x, x + 128, ...
+template <typename T, int D>
+struct KeyBlockFetch
+{
+    static constexpr int kVector = 16 / sizeof(T);
+    static constexpr int kVectorsPerRow = D / kVector;
+    static constexpr int kPerThread = kBlock * kVectorsPerRow / kHighResThreads;
+    uint4 key[kPerThread];
+    uint4 value[kPerThread];
+    bool keyReal = false; //!< token threadIdx.x of the block (warp 0)
+
+    //! Starts the loads of key block j. The data and the mask are loaded independently (the
+    //! data of padded tokens is in memory too) and padding is zeroed afterwards.
+    __device__ void start(Problem const& p, T const* keys, T const* values, int32_t const* mask, int32_t row, int32_t j)
+    {
+        int32_t const batch = row / p.heads;
+        for (int32_t v = 0; v < kPerThread; ++v)
         {
-            if constexpr (sizeof(S) == sizeof(T))
+            int32_t const index = threadIdx.x + v * kHighResThreads;
+            int32_t const position = j * kBlock + index / kVectorsPerRow;
+            size_t const offset = (static_cast<size_t>(row) * p.seqLen + position) * D + (index % kVectorsPerRow) * kVector;
+            bool const inside = position < p.seqLen;
+            key[v] = inside ? *reinterpret_cast<uint4 const*>(keys + offset) : make_uint4(0, 0, 0, 0);
+            value[v] = inside ? *reinterpret_cast<uint4 const*>(values + offset) : make_uint4(0, 0, 0, 0);
+            if (inside && mask[static_cast<size_t>(batch) * p.seqLen + position] == 0)
             {
-                tile[r * stride + d + e] = chunk.values[e];
+                key[v] = make_uint4(0, 0, 0, 0);
+                value[v] = make_uint4(0, 0, 0, 0);
             }
-            else
+        }
+        keyReal = threadIdx.x < kBlock && isReal(p, mask, batch, j * kBlock + threadIdx.x);
+    }
+
+    //! Stores the block into the tiles (element (r, d) at r * stride + d) and its key mask (bit t:
+    //! token t is real) into `realKeys`.
+    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeys) const
+    {
+        for (int32_t v = 0; v < kPerThread; ++v)
+        {
+            int32_t const index = threadIdx.x + v * kHighResThreads;
+            int32_t const at = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
+            *reinterpret_cast<uint4*>(keyTile + at) = key[v];
+            *reinterpret_cast<uint4*>(valueTile + at) = value[v];
+        }
+        if (threadIdx.x < kBlock)
+        {
+            uint32_t const bits = __ballot_sync(0xffffffffu, keyReal);
+            if (threadIdx.x == 0)
             {
-                tile[r * stride + d + e] = Storage<T>::toFloat(chunk.values[e]);
+                *realKeys = bits;
             }
         }
     }
-}
+};
 
 //! The low-resolution term of block row i (mode "full"): sum_j lo_j * Vh_j and sum_j lo_j, with
 //! lo_j = exp((L_ij - r_i) - 1e4 * [score_ij >= threshold]) * c_j, accumulated in j order.
@@ -362,29 +457,41 @@ __device__ void lowResolutionTerm(Problem const& p, Scratch const& s, int32_t ro
     __syncthreads();
 }
 
-//! Per-query online softmax state, kept by the 4 threads of the query's row.
+//! Per-query online softmax state, kept by the 4 threads of the query's row. Thread `lane` holds
+//! the output dims in 16-byte groups lane, lane + 4, ... (dimOf), so that the 4 lanes' float4
+//! reads of one shared-memory row fall in distinct banks.
 template <int D>
 struct RowState
 {
-    static constexpr int kDims = D / 4; // output dims per thread: d = lane + 4 * u
+    static constexpr int kDims = D / 4;
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
     float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials below
     float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
-    float out[kDims] = {};       //!< sum of exp(P - baseMax) * V
+    float out[kDims] = {};       //!< sum of exp(P - baseMax) * V, at dims dimOf(lane, u)
 
-    //! Fold in one block's 8 scores per thread (keys lane + 4t): update the maxima, rescale, and
-    //! write this block's weights to `weights` (row of 32). Returns after the weights are
-    //! visible to the row's 4 threads. Padded keys count for M (they do in the original) but
-    //! not for the base: with M pinned at 0 by them, exp(P - M) of real keys far below 0 would
-    //! underflow in the fp16 weight tile; exp(P - baseMax) <= 1 with one weight exactly 1.
-    __device__ void absorbScores(float const (&scores)[8], bool const* keyReal, float* weights, int32_t lane)
+    __device__ static int32_t dimOf(int32_t lane, int32_t u) { return 16 * (u / 4) + 4 * lane + u % 4; }
+
+    //! The key of a thread's score t: fp16/bf16 threads take 8 adjacent keys (two 16-byte reads of
+    //! the score tile, one 16-byte store of weights); fp32 threads keys lane + 4t (their K rows
+    //! fall in distinct banks).
+    template <bool kTensorCores>
+    __device__ static int32_t keyOf(int32_t lane, int32_t t) { return kTensorCores ? 8 * lane + t : lane + 4 * t; }
+
+    //! Fold in one block's 8 scores per thread (keys keyOf(lane, t)): update the maxima,
+    //! rescale, and return the block's weights of those keys in `weights`. fp16/bf16 take the
+    //! fast exponential (a few ulp of fp32), as their weight tile rounds to 8 or 11 bits anyway. Padded keys count for M (they do
+    //! in the original) but not for the base: with M pinned at 0 by them, exp(P - M) of real keys
+    //! far below 0 would underflow in the fp16 weight tile; exp(P - baseMax) <= 1 with one weight
+    //! exactly 1.
+    template <bool kTensorCores>
+    __device__ void absorbScores(float const (&scores)[8], uint32_t realKeys, int32_t lane, float (&weights)[8])
     {
         float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
         for (int32_t t = 0; t < 8; ++t)
         {
             blockMax = fmaxf(blockMax, scores[t]);
-            blockRealMax = fmaxf(blockRealMax, keyReal[lane + 4 * t] ? scores[t] : -FLT_MAX);
+            blockRealMax = fmaxf(blockRealMax, (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u ? scores[t] : -FLT_MAX);
         }
         blockMax = rowMaxOf4(blockMax);
         blockRealMax = rowMaxOf4(blockRealMax);
@@ -400,15 +507,27 @@ struct RowState
         float partial = 0.0f;
         for (int32_t t = 0; t < 8; ++t)
         {
-            int32_t const key = lane + 4 * t;
-            float const weight = keyReal[key] ? expf(scores[t] - newBase) : 0.0f; // exp(.. - 1e4) is 0
-            weights[key] = weight;
-            partial += weight;
+            float const exponent = scores[t] - newBase;
+            bool const real = (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u;
+            weights[t] = !real ? 0.0f : kTensorCores ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
+            partial += weights[t];
         }
         partial += __shfl_xor_sync(0xffffffffu, partial, 1);
         partial += __shfl_xor_sync(0xffffffffu, partial, 2);
         norm += partial;
-        __syncwarp();
+    }
+
+    //! out += row[dimOf(lane, u)] for a float row of D (16-byte aligned), times `weight`.
+    __device__ void accumulate(float const* row, int32_t lane, float weight)
+    {
+        for (int32_t group = 0; group < D / 16; ++group)
+        {
+            float4 const v = *reinterpret_cast<float4 const*>(row + 16 * group + 4 * lane);
+            out[4 * group] += weight * v.x;
+            out[4 * group + 1] += weight * v.y;
+            out[4 * group + 2] += weight * v.z;
+            out[4 * group + 3] += weight * v.w;
+        }
     }
 
     //! Maximum over the 4 threads of one query row.
@@ -424,66 +543,67 @@ template <typename T, int D>
 struct HighResolutionSmem
 {
     static constexpr bool kTensorCores = sizeof(T) == 2;
-    // fp32: float tiles padded by 1 (no bank conflicts); fp16/bf16: 16-element pad keeps the
-    // 32-byte row alignment WMMA needs.
-    static constexpr int kTileStride = kTensorCores ? D + 16 : D + 1;
+    // fp16/bf16: a 16-element pad keeps the 32-byte row alignment WMMA needs; fp32: a 4-element
+    // pad keeps rows 16-byte aligned, and float4 reads of 8 rows (a quarter warp) in distinct banks.
+    static constexpr int kTileStride = kTensorCores ? D + 16 : D + 4;
     static constexpr int kScoreStride = 36;    // float [32][36], WMMA store target
-    static constexpr int kWeightStride = 48;   // T [32][48], WMMA operand (fp16/bf16)
-    static constexpr int kProductStride = D + 4; // float [32][D + 4], P.V of one block
-    using Element = typename std::conditional<kTensorCores, T, float>::type;
-    static constexpr size_t kTile = sizeof(Element) * kBlock * kTileStride;
+    static constexpr int kWeightStride = 40;   // T [32][40], WMMA operand (fp16/bf16): its 8-row reads in distinct banks
+    static constexpr int kProductStride = D + 16; // float [32][D + 16], P.V of one block (distinct banks)
+    static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
     static constexpr size_t kScores = sizeof(float) * kBlock * kScoreStride;
     static constexpr size_t kWeights = kTensorCores ? sizeof(T) * kBlock * kWeightStride : 0;
     static constexpr size_t kProduct = kTensorCores ? sizeof(float) * kBlock * kProductStride : 0;
     static constexpr size_t kTotal = 3 * kTile + kScores + kWeights + kProduct + kHighResThreads * sizeof(float)
-        + D * sizeof(float) + 2 * sizeof(float) + kBlock * sizeof(bool) + 64;
+        + D * sizeof(float) + 2 * sizeof(float) + sizeof(uint32_t) + 64;
 };
 
-//! Scores of one selected block: thread (row r, lane) gets keys lane + 4t. fp32: FMA from
-//! shared memory, in d order; fp16/bf16: WMMA into the `scores` tile first.
+// fp16/bf16: each warp multiplies its own 8 query rows (WMMA's 8x32x16 shape), so the scores,
+// weights and products a warp writes are read by that warp alone: a __syncwarp between the
+// steps, not a CTA barrier.
+constexpr int kWarpRows = 8;
+
+//! One warp's 8x32 product C = A B: A row-major, 8 x depth (a multiple of 16), B depth x 32 in
+//! `BLayout`; C stored row-major. Pointers and leading dimensions as WMMA takes them.
+template <typename T, typename BLayout>
+__device__ inline void warpMultiply(T const* a, int32_t lda, T const* b, int32_t ldb, int32_t depth, float* c, int32_t ldc)
+{
+    using namespace nvcuda;
+    constexpr bool kColumnMajor = std::is_same<BLayout, wmma::col_major>::value;
+    wmma::fragment<wmma::accumulator, kWarpRows, 32, 16, float> accumulator;
+    wmma::fill_fragment(accumulator, 0.0f);
+    for (int32_t k = 0; k < depth; k += 16)
+    {
+        wmma::fragment<wmma::matrix_a, kWarpRows, 32, 16, T, wmma::row_major> left;
+        wmma::fragment<wmma::matrix_b, kWarpRows, 32, 16, T, BLayout> right;
+        wmma::load_matrix_sync(left, a + k, lda);
+        wmma::load_matrix_sync(right, b + (kColumnMajor ? k : k * ldb), ldb);
+        wmma::mma_sync(accumulator, left, right, accumulator);
+    }
+    wmma::store_matrix_sync(c, accumulator, ldc, wmma::mem_row_major);
+}
+
+//! fp32: the scores of keys lane + 4t of query row r, by FMA from shared memory in d order.
 template <typename T, int D>
-__device__ inline void blockScores(Problem const& p, typename HighResolutionSmem<T, D>::Element const* queryTile,
-    typename HighResolutionSmem<T, D>::Element const* keyTile, float* scoreTile, int32_t r, int32_t lane,
-    float (&scores)[8])
+__device__ inline void scoresByFma(
+    Problem const& p, T const* queryTile, T const* keyTile, int32_t r, int32_t lane, float (&scores)[8])
 {
     using Smem = HighResolutionSmem<T, D>;
-    if constexpr (Smem::kTensorCores)
+    float dot[8] = {};
+    for (int32_t d = 0; d < D; d += 4)
     {
-        using namespace nvcuda;
-        int32_t const warp = threadIdx.x / 32;
-        int32_t const tileRow = (warp / 2) * 16;
-        int32_t const tileCol = (warp % 2) * 16;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator;
-        wmma::fill_fragment(accumulator, 0.0f);
-        for (int32_t k = 0; k < D; k += 16)
-        {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, queryTile + tileRow * Smem::kTileStride + k, Smem::kTileStride);
-            wmma::load_matrix_sync(b, keyTile + tileCol * Smem::kTileStride + k, Smem::kTileStride);
-            wmma::mma_sync(accumulator, a, b, accumulator);
-        }
-        wmma::store_matrix_sync(scoreTile + tileRow * Smem::kScoreStride + tileCol, accumulator, Smem::kScoreStride,
-            wmma::mem_row_major);
-        __syncthreads();
+        float4 const q = *reinterpret_cast<float4 const*>(queryTile + r * Smem::kTileStride + d);
         for (int32_t t = 0; t < 8; ++t)
         {
-            scores[t] = scoreTile[r * Smem::kScoreStride + lane + 4 * t] / p.scaleDivisor;
+            float4 const k = *reinterpret_cast<float4 const*>(keyTile + (lane + 4 * t) * Smem::kTileStride + d);
+            dot[t] += q.x * k.x;
+            dot[t] += q.y * k.y;
+            dot[t] += q.z * k.z;
+            dot[t] += q.w * k.w;
         }
     }
-    else
+    for (int32_t t = 0; t < 8; ++t)
     {
-        for (int32_t t = 0; t < 8; ++t)
-        {
-            float const* q = queryTile + r * Smem::kTileStride;
-            float const* k = keyTile + (lane + 4 * t) * Smem::kTileStride;
-            float dot = 0.0f;
-            for (int32_t d = 0; d < D; ++d)
-            {
-                dot += q[d] * k[d];
-            }
-            scores[t] = dot / p.scaleDivisor;
-        }
+        scores[t] = dot[t] / p.scaleDivisor;
     }
 }
 
@@ -493,11 +613,10 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
 {
     using Smem = HighResolutionSmem<T, D>;
-    using Element = typename Smem::Element;
     extern __shared__ __align__(128) unsigned char smem[];
-    Element* queryTile = reinterpret_cast<Element*>(smem);
-    Element* keyTile = reinterpret_cast<Element*>(smem + Smem::kTile);
-    Element* valueTile = reinterpret_cast<Element*>(smem + 2 * Smem::kTile);
+    T* queryTile = reinterpret_cast<T*>(smem);
+    T* keyTile = reinterpret_cast<T*>(smem + Smem::kTile);
+    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile);
     float* scoreTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile);
     T* weightTile = reinterpret_cast<T*>(smem + 3 * Smem::kTile + Smem::kScores);
     float* productTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile + Smem::kScores + Smem::kWeights);
@@ -505,80 +624,92 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
         smem + 3 * Smem::kTile + Smem::kScores + Smem::kWeights + Smem::kProduct);
     float* lowOut = chunkWeights + kHighResThreads;
     float* lowNorm = lowOut + D;
-    bool* keyReal = reinterpret_cast<bool*>(lowNorm + 2);
+    uint32_t* realKeys = reinterpret_cast<uint32_t*>(lowNorm + 2);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
     int32_t const batch = row / p.heads;
     int32_t const r = threadIdx.x / 4; // the query row of this thread
     int32_t const lane = threadIdx.x % 4;
+    int32_t const warp = threadIdx.x / 32;
     int32_t const position = i * kBlock + r;
     bool const queryReal = isReal(p, mask, batch, position);
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
-    int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK;
+    int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
     int32_t const begin = rowStart[i];
     int32_t const end = rowStart[i + 1];
+    // fp16/bf16 scale by the reciprocal (1 ulp from dividing, far inside their tolerance); fp32
+    // divides, as PyTorch does.
+    float const inverseScale = 1.0f / p.scaleDivisor;
 
     loadTile<T, D>(p, query, mask, row, i * kBlock, queryTile, Smem::kTileStride);
     RowState<D> state;
+    KeyBlockFetch<T, D> fetch;
+    if (begin < end)
+    {
+        fetch.start(p, key, value, mask, row, selected[begin] - i * p.nb);
+    }
     for (int32_t index = begin; index < end; ++index)
     {
-        int32_t const j = selected[index] - i * p.nb; // the key block of cell (i, j)
-        __syncthreads();                             // the previous tiles are consumed
-        loadTile<T, D>(p, key, mask, row, j * kBlock, keyTile, Smem::kTileStride);
-        loadTile<T, D>(p, value, mask, row, j * kBlock, valueTile, Smem::kTileStride);
-        if (threadIdx.x < kBlock)
+        __syncthreads(); // the previous tiles are consumed
+        fetch.store(keyTile, valueTile, Smem::kTileStride, realKeys);
+        if (index + 1 < end)
         {
-            keyReal[threadIdx.x] = isReal(p, mask, batch, j * kBlock + threadIdx.x);
+            fetch.start(p, key, value, mask, row, selected[index + 1] - i * p.nb);
         }
         __syncthreads();
+        uint32_t const blockRealKeys = *realKeys;
         float scores[8];
-        blockScores<T, D>(p, queryTile, keyTile, scoreTile, r, lane, scores);
+        float weights[8];
         if constexpr (Smem::kTensorCores)
         {
-            state.absorbScores(scores, keyReal, scoreTile + r * Smem::kScoreStride, lane);
-            for (int32_t key = lane; key < kBlock; key += 4) // weights as WMMA operands
+            // Q K^T of the warp's 8 queries (K^T is K read column-major), then P V below.
+            warpMultiply<T, nvcuda::wmma::col_major>(queryTile + warp * kWarpRows * Smem::kTileStride,
+                Smem::kTileStride, keyTile, Smem::kTileStride, D, scoreTile + warp * kWarpRows * Smem::kScoreStride,
+                Smem::kScoreStride);
+            __syncwarp();
+            float const* rowScores = scoreTile + r * Smem::kScoreStride + 8 * lane;
+            float4 const low = *reinterpret_cast<float4 const*>(rowScores);
+            float4 const high = *reinterpret_cast<float4 const*>(rowScores + 4);
+            float const raw[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+            for (int32_t t = 0; t < 8; ++t)
             {
-                weightTile[r * Smem::kWeightStride + key] = Storage<T>::fromFloat(scoreTile[r * Smem::kScoreStride + key]);
+                scores[t] = raw[t] * inverseScale;
             }
-            __syncthreads();
-            using namespace nvcuda;
-            int32_t const warp = threadIdx.x / 32;
-            for (int32_t tile = warp; tile < 2 * (D / 16); tile += kHighResThreads / 32)
+            state.template absorbScores<true>(scores, blockRealKeys, lane, weights);
+            union
             {
-                int32_t const tileRow = (tile % 2) * 16;
-                int32_t const tileCol = (tile / 2) * 16;
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> product;
-                wmma::fill_fragment(product, 0.0f);
-                for (int32_t k = 0; k < kBlock; k += 16)
-                {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                    wmma::load_matrix_sync(a, weightTile + tileRow * Smem::kWeightStride + k, Smem::kWeightStride);
-                    wmma::load_matrix_sync(b, valueTile + k * Smem::kTileStride + tileCol, Smem::kTileStride);
-                    wmma::mma_sync(product, a, b, product);
-                }
-                wmma::store_matrix_sync(productTile + tileRow * Smem::kProductStride + tileCol, product,
-                    Smem::kProductStride, wmma::mem_row_major);
-            }
-            __syncthreads();
-            for (int32_t u = 0; u < RowState<D>::kDims; ++u)
+                uint4 raw;
+                T values[8];
+            } packed;
+            for (int32_t t = 0; t < 8; ++t)
             {
-                state.out[u] += productTile[r * Smem::kProductStride + lane + 4 * u];
+                packed.values[t] = Storage<T>::fromFloat(weights[t]);
             }
+            *reinterpret_cast<uint4*>(weightTile + r * Smem::kWeightStride + 8 * lane) = packed.raw;
+            __syncwarp();
+            for (int32_t column = 0; column < D; column += 32)
+            {
+                warpMultiply<T, nvcuda::wmma::row_major>(weightTile + warp * kWarpRows * Smem::kWeightStride,
+                    Smem::kWeightStride, valueTile + column, Smem::kTileStride, kBlock,
+                    productTile + warp * kWarpRows * Smem::kProductStride + column, Smem::kProductStride);
+            }
+            __syncwarp();
+            state.accumulate(productTile + r * Smem::kProductStride, lane, 1.0f);
         }
         else
         {
-            float* weights = scoreTile + r * Smem::kScoreStride;
-            state.absorbScores(scores, keyReal, weights, lane);
-            for (int32_t key = 0; key < kBlock; ++key)
+            scoresByFma<T, D>(p, queryTile, keyTile, r, lane, scores);
+            state.template absorbScores<false>(scores, blockRealKeys, lane, weights);
+            float* rowWeights = scoreTile + r * Smem::kScoreStride; // the row's 32, for its 4 threads
+            for (int32_t t = 0; t < 8; ++t)
             {
-                float const weight = weights[key];
-                Element const* v = valueTile + key * Smem::kTileStride + lane;
-                for (int32_t u = 0; u < RowState<D>::kDims; ++u)
-                {
-                    state.out[u] += weight * v[4 * u];
-                }
+                rowWeights[lane + 4 * t] = weights[t];
+            }
+            __syncwarp();
+            for (int32_t k = 0; k < kBlock; ++k)
+            {
+                state.accumulate(valueTile + k * Smem::kTileStride, lane, rowWeights[k]);
             }
         }
     }
@@ -599,19 +730,12 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     __syncthreads(); // the query tile becomes the output staging tile
     for (int32_t u = 0; u < RowState<D>::kDims; ++u)
     {
-        int32_t const d = lane + 4 * u;
+        int32_t const d = RowState<D>::dimOf(lane, u);
         float const hiOut = state.out[u] * toQuantised;
         float value = p.full ? (hiOut * hiScale + lowOut[d] * loScale) / (hiNorm * hiScale + *lowNorm * loScale + kNormaliserEps)
                              : hiOut / (hiNorm + kNormaliserEps);
         value = queryReal ? value : 0.0f;
-        if constexpr (Smem::kTensorCores)
-        {
-            queryTile[r * Smem::kTileStride + d] = Storage<T>::fromFloat(value);
-        }
-        else
-        {
-            queryTile[r * Smem::kTileStride + d] = value;
-        }
+        queryTile[r * Smem::kTileStride + d] = Storage<T>::fromFloat(value);
     }
     __syncthreads();
     constexpr int kVector = 16 / sizeof(T);
@@ -620,27 +744,11 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
         int32_t const rr = index / (D / kVector);
         int32_t const d = (index % (D / kVector)) * kVector;
         int32_t const outPosition = i * kBlock + rr;
-        if (outPosition >= p.seqLen)
+        if (outPosition < p.seqLen)
         {
-            continue;
+            *reinterpret_cast<uint4*>(output + (static_cast<size_t>(row) * p.seqLen + outPosition) * D + d)
+                = *reinterpret_cast<uint4 const*>(queryTile + rr * Smem::kTileStride + d);
         }
-        union
-        {
-            uint4 raw;
-            T values[kVector];
-        } chunk;
-        for (int32_t e = 0; e < kVector; ++e)
-        {
-            if constexpr (Smem::kTensorCores)
-            {
-                chunk.values[e] = queryTile[rr * Smem::kTileStride + d + e];
-            }
-            else
-            {
-                chunk.values[e] = Storage<T>::fromFloat(queryTile[rr * Smem::kTileStride + d + e]);
-            }
-        }
-        *reinterpret_cast<uint4*>(output + (static_cast<size_t>(row) * p.seqLen + outPosition) * D + d) = chunk.raw;
     }
 }
 
@@ -711,10 +819,11 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
 {
     countTokens<<<p.nb * p.batch, kBlock, 0, stream>>>(p, mask, s.counts);
     MRA_CHECK_LAUNCH("countTokens");
-    blockMeans<T><<<p.nb * p.rows, min(p.headDim, 128), 0, stream>>>(p, static_cast<T const*>(q),
+    blockMeans<T><<<p.nb * p.rows, p.headDim, 0, stream>>>(p, static_cast<T const*>(q),
         static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean, s.keyMean, s.valueMean);
     MRA_CHECK_LAUNCH("blockMeans");
-    lowResolutionLogits<<<p.nb * p.rows, kLogitThreads, 0, stream>>>(p, s);
+    int32_t const queryGroups = (p.nb + kLogitQueryBlocks - 1) / kLogitQueryBlocks;
+    lowResolutionLogits<<<queryGroups * p.rows, kLogitThreads, 0, stream>>>(p, s);
     MRA_CHECK_LAUNCH("lowResolutionLogits");
     selectBlocks<<<p.rows, kSelectThreads, 0, stream>>>(p, s);
     MRA_CHECK_LAUNCH("selectBlocks");

@@ -71,6 +71,16 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w)
     return uint4{x, y, z, w};
 }
 
+struct alignas(16) float4
+{
+    float x, y, z, w;
+};
+
+inline float4 make_float4(float x, float y, float z, float w)
+{
+    return float4{x, y, z, w};
+}
+
 // The running fiber's coordinates; the scheduler sets them before it resumes a fiber.
 inline dim3 threadIdx;
 inline dim3 blockIdx;
@@ -80,6 +90,17 @@ inline dim3 gridDim;
 inline int min(int a, int b)
 {
     return a < b ? a : b;
+}
+
+//! The device's fast exponential (ex2.approx, a few ulp); here the exact one.
+inline float __expf(float x)
+{
+    return std::exp(x);
+}
+
+inline int max(int a, int b)
+{
+    return a > b ? a : b;
 }
 
 inline int __popc(unsigned x)
@@ -155,7 +176,7 @@ inline bool claimRound(unsigned long round, unsigned long& computedRound)
 struct WarpCache
 {
     unsigned long round = 0;
-    float values[16 * 16];
+    float values[16 * 32]; // the largest WMMA operand: 16x32 (m8n32k16's B)
 };
 
 WarpCache& warpCache();

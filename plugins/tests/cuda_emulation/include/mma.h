@@ -1,4 +1,4 @@
-// The CUDA emulation's stand-in for <mma.h> (WMMA): 16x16x16 tiles, float32 accumulation.
+// The CUDA emulation's stand-in for <mma.h> (WMMA): any tile shape, float32 accumulation.
 // Every lane holds the whole tile; the warp-wide calls check what CUDA requires of their
 // arguments (the same pointer and ldm in every lane, 256-bit aligned, ldm a multiple of 16 bytes)
 // and fail the launch where a GPU would be undefined.
