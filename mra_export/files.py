@@ -123,7 +123,8 @@ def _check_replaceable(out: Path, marker: str, inputs=()) -> None:
         raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
                         "replace); choose a new or empty folder")
     for given in inputs:  # in an earlier output, which the new one replaces
-        if out.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
+        resolved = Path(given).resolve()
+        if out.resolve() in (resolved, *resolved.parents):
             raise UserError(f"{given} is inside {out}, which this command would replace; "
                             "choose another output folder")
 

@@ -81,6 +81,12 @@ __device__ inline bool isReal(Problem const& p, int32_t const* mask, int32_t bat
     return position < p.seqLen && mask[static_cast<size_t>(batch) * p.seqLen + position] != 0;
 }
 
+//! Bit t set where token t of `block` is real; called by a whole warp (lane t reads token t).
+__device__ inline uint32_t realTokenBits(Problem const& p, int32_t const* mask, int32_t batch, int32_t block)
+{
+    return __ballot_sync(0xffffffffu, isReal(p, mask, batch, block * kBlock + threadIdx.x % 32));
+}
+
 struct Maximum // cub::Max is gone from CUDA 13's CUB; this works with every version
 {
     __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
@@ -93,8 +99,7 @@ __global__ void countTokens(Problem p, int32_t const* mask, float* counts)
 {
     int32_t const block = blockIdx.x % p.nb;
     int32_t const batch = blockIdx.x / p.nb;
-    bool const real = isReal(p, mask, batch, block * kBlock + threadIdx.x);
-    int32_t const count = __popc(__ballot_sync(0xffffffffu, real));
+    int32_t const count = __popc(realTokenBits(p, mask, batch, block));
     if (threadIdx.x == 0)
     {
         counts[batch * p.nb + block] = static_cast<float>(count);
@@ -118,24 +123,22 @@ __device__ inline float blockSum(Problem const& p, T const* source, uint32_t rea
     return sum;
 }
 
-//! One CTA per (row, block), D threads (a multiple of 32): block means of the masked Q, K, V:
-//! sums over c + 1e-6.
+//! One CTA per (row, block), a thread per dimension d (D threads, a multiple of 32): block means
+//! of the masked Q, K, V: sums over c + 1e-6.
 template <typename T>
 __global__ void blockMeans(Problem p, T const* query, T const* key, T const* value, int32_t const* mask,
     float const* counts, float* queryMean, float* keyMean, float* valueMean)
 {
     int32_t const block = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
+    int32_t const d = threadIdx.x;
     // Each warp reads the block's 32 mask entries once, instead of every thread reading each.
-    uint32_t const real = __ballot_sync(0xffffffffu, isReal(p, mask, row / p.heads, block * kBlock + threadIdx.x % 32));
+    uint32_t const real = realTokenBits(p, mask, row / p.heads, block);
     float const denominator = counts[(row / p.heads) * p.nb + block] + kNormaliserEps;
-    size_t const base = (static_cast<size_t>(row) * p.nb + block) * p.headDim;
-    for (int32_t d = threadIdx.x; d < p.headDim; d += blockDim.x)
-    {
-        queryMean[base + d] = blockSum(p, query, real, row, block, d) / denominator;
-        keyMean[base + d] = blockSum(p, key, real, row, block, d) / denominator;
-        valueMean[base + d] = blockSum(p, value, real, row, block, d) / denominator;
-    }
+    size_t const at = (static_cast<size_t>(row) * p.nb + block) * p.headDim + d;
+    queryMean[at] = blockSum(p, query, real, row, block, d) / denominator;
+    keyMean[at] = blockSum(p, key, real, row, block, d) / denominator;
+    valueMean[at] = blockSum(p, value, real, row, block, d) / denominator;
 }
 
 //! One CTA per (row, group of kLogitQueryBlocks query blocks i), a thread per key block j:
@@ -324,83 +327,81 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
 
 // ---- (c) + (d) high resolution with the epilogue -------------------------------------------
 
-//! 16-byte loads of a [32, D] tile of rows (first + 0..31) into shared memory, stored as loaded
-//! (`stride` keeps rows 16-byte aligned); masked rows and rows past the sequence are zero.
-//! Element (r, d) lands at tile[r * stride + d].
-template <typename T, int D>
-__device__ inline void loadTile(Problem const& p, T const* source, int32_t const* mask, int32_t row, int32_t first,
-    T* tile, int32_t stride)
-{
-    constexpr int kVector = 16 / sizeof(T);
-    constexpr int kVectorsPerRow = D / kVector;
-    int32_t const batch = row / p.heads;
-    for (int32_t index = threadIdx.x; index < kBlock * kVectorsPerRow; index += blockDim.x)
-    {
-        int32_t const r = index / kVectorsPerRow;
-        int32_t const d = (index % kVectorsPerRow) * kVector;
-        int32_t const position = first + r;
-        uint4 chunk = make_uint4(0, 0, 0, 0);
-        if (isReal(p, mask, batch, position))
-        {
-            chunk = *reinterpret_cast<uint4 const*>(source + (static_cast<size_t>(row) * p.seqLen + position) * D + d);
-        }
-        *reinterpret_cast<uint4*>(tile + r * stride + d) = chunk;
-    }
-}
-
-//! One key block's K and V tiles and key mask, held in registers between the loads that start
-//! them and the shared-memory stores that end them, so that the next block's loads are in
-//! flight while the current one is computed. Thread x holds 16-byte vectors x, x + 128, ...
-template <typename T, int D>
-struct KeyBlockFetch
+//! [32, D] tiles of rows first + 0..31 of kTensors tensors (Q; or K and V), in registers between
+//! the loads that `start` them and the shared-memory stores that end them, so that the next key
+//! block's loads are in flight while the current one is computed. Thread x holds 16-byte vectors
+//! x, x + 128, ... of each; masked tokens and rows past the sequence are zero (the data and the
+//! mask are loaded independently, the data of padded tokens being in memory too).
+template <typename T, int D, int kTensors>
+struct TileFetch
 {
     static constexpr int kVector = 16 / sizeof(T);
     static constexpr int kVectorsPerRow = D / kVector;
     static constexpr int kPerThread = kBlock * kVectorsPerRow / kHighResThreads;
-    uint4 key[kPerThread];
-    uint4 value[kPerThread];
-    bool keyReal = false; //!< token threadIdx.x of the block (warp 0)
+    uint4 vectors[kTensors][kPerThread];
 
-    //! Starts the loads of key block j. The data and the mask are loaded independently (the
-    //! data of padded tokens is in memory too) and padding is zeroed afterwards.
-    __device__ void start(Problem const& p, T const* keys, T const* values, int32_t const* mask, int32_t row, int32_t j)
+    __device__ void start(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
+        int32_t first)
     {
         int32_t const batch = row / p.heads;
         for (int32_t v = 0; v < kPerThread; ++v)
         {
             int32_t const index = threadIdx.x + v * kHighResThreads;
-            int32_t const position = j * kBlock + index / kVectorsPerRow;
+            int32_t const position = first + index / kVectorsPerRow;
             size_t const offset = (static_cast<size_t>(row) * p.seqLen + position) * D + (index % kVectorsPerRow) * kVector;
             bool const inside = position < p.seqLen;
-            key[v] = inside ? *reinterpret_cast<uint4 const*>(keys + offset) : make_uint4(0, 0, 0, 0);
-            value[v] = inside ? *reinterpret_cast<uint4 const*>(values + offset) : make_uint4(0, 0, 0, 0);
+            for (int32_t t = 0; t < kTensors; ++t)
+            {
+                vectors[t][v] = inside ? *reinterpret_cast<uint4 const*>(sources[t] + offset) : make_uint4(0, 0, 0, 0);
+            }
             if (inside && mask[static_cast<size_t>(batch) * p.seqLen + position] == 0)
             {
-                key[v] = make_uint4(0, 0, 0, 0);
-                value[v] = make_uint4(0, 0, 0, 0);
+                for (int32_t t = 0; t < kTensors; ++t)
+                {
+                    vectors[t][v] = make_uint4(0, 0, 0, 0);
+                }
             }
         }
-        keyReal = threadIdx.x < kBlock && isReal(p, mask, batch, j * kBlock + threadIdx.x);
     }
 
-    //! Stores the block into the tiles (element (r, d) at r * stride + d) and its key mask (bit t:
-    //! token t is real) into `realKeys`.
-    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeys) const
+    //! Element (r, d) of tensor t lands at tiles[t][r * stride + d] (`stride` keeps rows 16-byte
+    //! aligned).
+    __device__ void store(T* const (&tiles)[kTensors], int32_t stride) const
     {
         for (int32_t v = 0; v < kPerThread; ++v)
         {
             int32_t const index = threadIdx.x + v * kHighResThreads;
             int32_t const at = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
-            *reinterpret_cast<uint4*>(keyTile + at) = key[v];
-            *reinterpret_cast<uint4*>(valueTile + at) = value[v];
+            for (int32_t t = 0; t < kTensors; ++t)
+            {
+                *reinterpret_cast<uint4*>(tiles[t] + at) = vectors[t][v];
+            }
         }
+    }
+};
+
+//! Key block j's K and V tiles and its key mask (bit t: token t is real), fetched one block ahead.
+template <typename T, int D>
+struct KeyBlockFetch
+{
+    TileFetch<T, D, 2> tiles;
+    uint32_t realKeys = 0; //!< held by warp 0
+
+    __device__ void start(Problem const& p, T const* keys, T const* values, int32_t const* mask, int32_t row, int32_t j)
+    {
+        tiles.start(p, {keys, values}, mask, row, j * kBlock);
         if (threadIdx.x < kBlock)
         {
-            uint32_t const bits = __ballot_sync(0xffffffffu, keyReal);
-            if (threadIdx.x == 0)
-            {
-                *realKeys = bits;
-            }
+            realKeys = realTokenBits(p, mask, row / p.heads, j);
+        }
+    }
+
+    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeysOut) const
+    {
+        tiles.store({keyTile, valueTile}, stride);
+        if (threadIdx.x == 0)
+        {
+            *realKeysOut = realKeys;
         }
     }
 };
@@ -479,19 +480,21 @@ struct RowState
 
     //! Fold in one block's 8 scores per thread (keys keyOf(lane, t)): update the maxima,
     //! rescale, and return the block's weights of those keys in `weights`. fp16/bf16 take the
-    //! fast exponential (a few ulp of fp32), as their weight tile rounds to 8 or 11 bits anyway. Padded keys count for M (they do
-    //! in the original) but not for the base: with M pinned at 0 by them, exp(P - M) of real keys
-    //! far below 0 would underflow in the fp16 weight tile; exp(P - baseMax) <= 1 with one weight
-    //! exactly 1.
+    //! fast exponential (a few ulp of fp32), as their weight tile rounds to 8 or 11 bits anyway.
+    //! Padded keys count for M (they do in the original) but not for the base: with M pinned at 0
+    //! by them, exp(P - M) of real keys far below 0 would underflow in the fp16 weight tile;
+    //! exp(P - baseMax) <= 1 with one weight exactly 1.
     template <bool kTensorCores>
     __device__ void absorbScores(float const (&scores)[8], uint32_t realKeys, int32_t lane, float (&weights)[8])
     {
+        bool real[8];
         float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
         for (int32_t t = 0; t < 8; ++t)
         {
+            real[t] = (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u;
             blockMax = fmaxf(blockMax, scores[t]);
-            blockRealMax = fmaxf(blockRealMax, (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u ? scores[t] : -FLT_MAX);
+            blockRealMax = fmaxf(blockRealMax, real[t] ? scores[t] : -FLT_MAX);
         }
         blockMax = rowMaxOf4(blockMax);
         blockRealMax = rowMaxOf4(blockRealMax);
@@ -508,8 +511,7 @@ struct RowState
         for (int32_t t = 0; t < 8; ++t)
         {
             float const exponent = scores[t] - newBase;
-            bool const real = (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u;
-            weights[t] = !real ? 0.0f : kTensorCores ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
+            weights[t] = !real[t] ? 0.0f : kTensorCores ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
             partial += weights[t];
         }
         partial += __shfl_xor_sync(0xffffffffu, partial, 1);
@@ -642,7 +644,9 @@ __global__ void __launch_bounds__(kHighResThreads) highResolution(
     // divides, as PyTorch does.
     float const inverseScale = 1.0f / p.scaleDivisor;
 
-    loadTile<T, D>(p, query, mask, row, i * kBlock, queryTile, Smem::kTileStride);
+    TileFetch<T, D, 1> queries;
+    queries.start(p, {query}, mask, row, i * kBlock);
+    queries.store({queryTile}, Smem::kTileStride);
     RowState<D> state;
     KeyBlockFetch<T, D> fetch;
     if (begin < end)
