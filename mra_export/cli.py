@@ -19,8 +19,16 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the program is, so that outputs under a temporary name are removed
-    on the way out as they are on Ctrl-C (Python's default for SIGTERM runs no cleanup)."""
+    """SIGTERM or SIGHUP (a closed terminal), raised where the program is, so that outputs under a
+    temporary name are removed on the way out as they are on Ctrl-C (Python's default for these
+    runs no clean-up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOPPING_SIGNALS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 def main(argv=None) -> int:
@@ -49,23 +57,29 @@ def _interrupted() -> int:
 
 @contextlib.contextmanager
 def _cleanup_on_sigterm():
-    """Turn SIGTERM into ``Terminated`` while a command runs (main thread only); after the
-    clean-up the signal is delivered again under the previous handler, so the process still
-    ends as killed. A second SIGTERM during the clean-up kills at once."""
+    """Turn SIGTERM and SIGHUP into ``Terminated`` while a command runs (main thread only); after
+    the clean-up the signal is delivered again under the previous handler, so the process still
+    ends as killed by it. A second signal during the clean-up kills at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    restore = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOPPING_SIGNALS}
+    restore = {signum: signal.SIG_DFL if handler is None else handler  # None: set outside Python
+               for signum, handler in previous.items()}
     try:
         yield
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        signal.signal(signal.SIGTERM, restore)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise SystemExit(128 + signal.SIGTERM) from None  # the previous handler did not exit
+    except Terminated as stop:
+        print(STOPPING_SIGNALS[stop.signum], file=sys.stderr)
+        _restore_handlers(restore)
+        os.kill(os.getpid(), stop.signum)
+        raise SystemExit(128 + stop.signum) from None  # the previous handler did not exit
     finally:
-        signal.signal(signal.SIGTERM, restore)
+        _restore_handlers(restore)
+
+
+def _restore_handlers(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def _os_error(error: OSError) -> str:
@@ -76,8 +90,9 @@ def _os_error(error: OSError) -> str:
 
 
 def _raise_terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated()
+    for stopping in STOPPING_SIGNALS:
+        signal.signal(stopping, signal.SIG_DFL)
+    raise Terminated(signum)
 
 
 def _export(args) -> int:
@@ -90,10 +105,14 @@ def _export(args) -> int:
 
 def _parity(args) -> int:
     from .parity import format_table, run_parity
+    from .parity.report import check_report_path
 
-    report = run_parity(args.model, args.onnx or (), args.engine or (), args.report)
-    print(format_table([report]))
-    if args.report:
+    if args.report is not None:
+        check_report_path(args.report)  # now, not after the comparison
+    report = run_parity(args.model, args.onnx or (), args.engine or ())
+    print(format_table([report]))  # before the report is written: a failed write loses no result
+    if args.report is not None:
+        report.save(args.report)
         print(f"report: {args.report}")
     if not report.checked:
         print("FAILED: no backend could run here, so nothing was checked (reasons above)")

@@ -1,5 +1,7 @@
 """Errors a user can act on: the CLI prints them as one line, without a traceback."""
 
+import sys
+
 
 class UserError(Exception):
     """Bad input or a missing prerequisite; the message names the problem and the fix."""
@@ -22,3 +24,8 @@ def first_line(error: BaseException) -> str:
     """An exception's first line for a one-line message (its type's name when it has no text)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def warn(message: str) -> None:
+    """A warning or note for the user, on stderr: stdout keeps the results (tables, reports)."""
+    print(message, file=sys.stderr, flush=True)

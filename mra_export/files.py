@@ -1,4 +1,10 @@
-"""Never a half-written output: outputs are built under a temporary name, then renamed."""
+"""Never a half-written output: outputs are built under a temporary name, then renamed.
+
+The temporary names sit beside the output and carry the writing process's id
+(``.NAME.partial-PID-XXXX``): a run killed outright (SIGKILL, the OOM killer) cleans up nothing,
+so the next run for the same output clears what a dead process left and puts back an earlier
+output it had moved aside.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import types
@@ -28,13 +35,14 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     """
     out = absolute(out)
     try:
+        clear_stopped_runs(out)
         _check_replaceable(out, marker, inputs)
     except OSError as error:  # e.g. a folder we may not read
         raise _cannot_write(out, error) from None
     parent = out.parent
     try:
         made = _make_parents(parent)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        staging = Path(_temporary_sibling(out, "partial"))
     except OSError as error:
         raise _cannot_write(parent, error) from None
     try:
@@ -45,6 +53,75 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_if_empty(made)
         _raise_naming(error, out)
+
+
+LEFTOVER_KINDS = ("partial", "previous")  # being written, an earlier output moved aside
+WRITING = ".mra-export-writing"  # in an output filled in place until it is whole: the writer's id
+
+
+def _temporary_sibling(out: Path, kind: str, folder: bool = True) -> str:
+    """A new hidden folder (or empty file) beside ``out``, named for this process."""
+    prefix = f".{out.name}.{kind}-{os.getpid()}-"
+    if folder:
+        return tempfile.mkdtemp(prefix=prefix, dir=out.parent)
+    handle, path = tempfile.mkstemp(prefix=prefix, dir=out.parent)
+    os.close(handle)
+    return path
+
+
+def clear_stopped_runs(out: Path) -> None:
+    """Clear what runs killed while writing ``out`` left: their temporary folders and files
+    beside it, the remains of an output they were filling in place, and put back an earlier
+    output they had moved aside (where nothing has replaced it). A live run's are left alone;
+    one filling ``out`` in place stops this run with a one-line error."""
+    writer = _in_place_writer(out)
+    if writer is not None and _alive(writer):
+        raise UserError(f"{out} is being written by another mra-export (process {writer}); wait "
+                        "for it to finish or choose another output path")
+    if writer is not None:
+        _remove(out)  # the remains of an in-place run (its marker says so)
+    for pid, kind, path in _leftovers_of(out):
+        if _alive(pid):
+            continue
+        earlier = path / out.name
+        if kind == "previous" and not os.path.lexists(out) and os.path.lexists(earlier):
+            os.rename(earlier, out)
+        _remove(path)
+
+
+def _in_place_writer(out: Path) -> int | None:
+    """The process filling ``out`` in place, or that was when it was stopped; None if none."""
+    if out.is_symlink() or not (out / WRITING).is_file():
+        return None
+    text = (out / WRITING).read_text().strip()
+    return int(text) if text.isdigit() else None  # not ours: leave the folder alone
+
+
+def _leftovers_of(out: Path) -> list[tuple[int, str, Path]]:
+    """``(process id, kind, path)`` of every temporary sibling of ``out``."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({'|'.join(LEFTOVER_KINDS)})-(\d+)-[^/]+")
+    siblings = sorted(os.listdir(out.parent)) if out.parent.is_dir() else []
+    matches = (pattern.fullmatch(name) for name in siblings)
+    return [(int(m[2]), m[1], out.parent / m[0]) for m in matches if m]
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _raise_naming(error: BaseException, path: Path) -> None:
@@ -87,10 +164,11 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
     and the earlier output put back."""
     out = absolute(out)
     try:
+        clear_stopped_runs(out)
         _check_replaceable(out, marker)
         made = _make_parents(out.parent)
         previous = _move_aside(out)
-        out.mkdir()
+        _make_marked(out)
     except OSError as error:
         raise _cannot_write(out, error) from None
     try:
@@ -104,13 +182,23 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
         raise
     if previous:
         shutil.rmtree(previous, ignore_errors=True)
+    (out / WRITING).unlink()  # last: until here a later run can undo this one
+
+
+def _make_marked(out: Path) -> None:
+    """Make ``out`` holding only the marker of this process's in-place run, in one rename, so
+    that it never exists without the marker while the run lasts."""
+    fresh = Path(_temporary_sibling(out, "partial"))
+    (fresh / WRITING).write_text(str(os.getpid()))
+    fresh.chmod(0o777 & ~_umask())  # as mkdir would have made it (mkdtemp's is private)
+    os.rename(fresh, out)
 
 
 def _move_aside(out: Path) -> Path | None:
     """An existing ``out`` moved into a hidden folder beside it (returned), None if none."""
     if not out.exists():
         return None
-    previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+    previous = Path(_temporary_sibling(out, "previous"))
     os.rename(out, previous / out.name)
     return previous
 
@@ -155,9 +243,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     check_writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    clear_stopped_runs(path)
+    temporary = _temporary_sibling(path, "partial", folder=False)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with open(temporary, "wb") as stream:
             stream.write(data)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)

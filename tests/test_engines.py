@@ -78,6 +78,23 @@ def test_spec_file_and_flag_overrides(tmp_path):
     assert str(spec.out) == "engines/a" and spec.plugin.name == "libmra_attention_plugin.so"
 
 
+def test_flags_replace_a_specs_bad_values_instead_of_failing_on_them(tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"onnx": 5, "out": "engines/a", "precision": "int8",
+                                     "attention_outputs": "yes", "workspace_mb": -1,
+                                     "shapes": {"batch": [1, 2, 4], "sequence": [9, 1, 1]}}))
+    with pytest.raises(UserError, match="sequence needs 1 <= MIN <= OPT <= MAX, got 9/1/1"):
+        resolve_spec(spec_file, onnx="b/model.onnx", precision="fp16", attention_outputs=True,
+                     workspace_mb=64)
+    spec = resolve_spec(spec_file, onnx="b/model.onnx", precision="fp16", attention_outputs=True,
+                        workspace_mb=64, shapes="sequence=1/64/256")
+    assert (str(spec.onnx), spec.precision, spec.attention_outputs, spec.workspace_mb) == (
+        "b/model.onnx", "fp16", True, 64)
+    assert spec.shapes == {"batch": (1, 2, 4), "sequence": (1, 64, 256)}
+    with pytest.raises(UserError, match="onnx must be a string, got 5"):  # not overridden
+        resolve_spec(spec_file, shapes="sequence=1/64/256")
+
+
 @pytest.mark.parametrize("content,message", [
     ("{oops", "is not valid JSON"),
     ("[1, 2]", "must be a JSON object"),

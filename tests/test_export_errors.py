@@ -49,13 +49,13 @@ def test_a_file_or_an_export_instead_of_a_checkpoint(exports, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_path):
+def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_path, capsys):
     checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
     (checkpoint / "tokenizer.json").write_text("garbage{")
-    messages = []
-    info = export_model(checkpoint, tmp_path / "out", log=messages.append)
+    info = export_model(checkpoint, tmp_path / "out", log=lambda m: None)  # progress silenced
     assert info.tokenizer is False and not (tmp_path / "out" / "tokenizer.json").exists()
-    assert any(m.startswith(f"warning: the tokenizer files in {checkpoint} cannot be read") for m in messages)
+    warned = capsys.readouterr().err  # warnings still said, on stderr
+    assert warned.startswith(f"warning: the tokenizer files in {checkpoint} cannot be read")
 
 
 def test_a_config_that_is_not_mra(tmp_path):
@@ -153,10 +153,11 @@ def test_corrupt_weights(small_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("stop,status", [("SIGTERM", -15), ("SIGINT", 130)])
+@pytest.mark.parametrize("stop,status", [("SIGTERM", -15), ("SIGHUP", -1), ("SIGINT", 130)])
 def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, status):
-    """kill or Ctrl-C in the middle of an export: the partial folder goes with it. After its
-    clean-up a SIGTERM still ends the process as killed by it (status -15 here, 143 in a shell)."""
+    """kill, a closed terminal or Ctrl-C in the middle of an export: the partial folder goes
+    with it. After its clean-up a SIGTERM still ends the process as killed by it (status -15
+    here, 143 in a shell), a SIGHUP likewise."""
     import signal
     import subprocess
     import sys
@@ -177,17 +178,18 @@ def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, stat
     finally:
         process.kill()
     assert process.returncode == status
-    assert errors.strip().splitlines()[-1] == {"SIGTERM": "terminated", "SIGINT": "interrupted"}[stop]
+    assert errors.strip().splitlines()[-1] == {"SIGTERM": "terminated", "SIGHUP": "hung up",
+                                               "SIGINT": "interrupted"}[stop]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_sigterm_handler_is_the_callers_again_after_a_command(tmp_path):
+def test_the_signal_handlers_are_the_callers_again_after_a_command(tmp_path):
     import signal
     import threading
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
     assert main(["bench", "--layers", "0", "--out", str(tmp_path / "b")]) == 2
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
     codes = []  # and a command can run outside the main thread (no handler there)
     thread = threading.Thread(target=lambda: codes.append(
         main(["bench", "--layers", "0", "--out", str(tmp_path / "b")])))
@@ -669,7 +671,7 @@ def test_an_output_made_in_place_replaces_the_earlier_one(tmp_path):
     (earlier / "parity.json").write_text("old")
     (earlier / "stale.txt").write_text("from the earlier run")
     with folder_filled_in_place(earlier, "parity.json") as folder:
-        assert folder == earlier and list(folder.iterdir()) == []
+        assert folder == earlier and [p.name for p in folder.iterdir()] == [".mra-export-writing"]
         (folder / "parity.json").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     assert [p.name for p in earlier.iterdir()] == ["parity.json"]
@@ -694,3 +696,93 @@ def test_a_failed_demo_puts_the_earlier_one_back_and_leaves_nothing_else(tmp_pat
     with pytest.raises(UserError, match="injected"):
         demo.run_demo(tmp_path / "new", log=lambda m: None)
     assert not (tmp_path / "new").exists() and no_leftovers(tmp_path) == []
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from mra_export import files
+how, out = sys.argv[1], sys.argv[2]
+writer = files.folder_filled_in_place if how == "in-place" else files.staged_folder
+with writer(out, "parity.json") as folder:
+    (folder / "parity.json").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs: as the OOM killer or kill -9
+"""
+
+
+def _killed_while_writing(how, out):
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", KILLED_WRITER, how, str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == -9, process.stderr
+
+
+@pytest.mark.parametrize("how", ["in-place", "staged"])
+def test_a_run_killed_outright_is_undone_by_the_next_one(tmp_path, how):
+    """SIGKILL runs no clean-up: the next run for the same output clears what the killed one
+    left (its half-made output, its staging folder) and restores the earlier output it had moved
+    aside, so a failing next run leaves the earlier output and a passing one replaces it."""
+    from mra_export.files import folder_filled_in_place, staged_folder
+
+    writer = folder_filled_in_place if how == "in-place" else staged_folder
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+    _killed_while_writing(how, earlier)
+    hidden = {"in-place": ".demo.previous-", "staged": ".demo.partial-"}[how]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[0].startswith(hidden) and left[1] == "demo", left
+
+    with pytest.raises(UserError, match="injected"):
+        with writer(earlier, "parity.json"):
+            raise UserError("injected")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+    assert (earlier / "parity.json").read_text() == "old"
+
+    _killed_while_writing(how, earlier)
+    with writer(earlier, "parity.json") as folder:
+        (folder / "parity.json").write_text("new")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+    assert (earlier / "parity.json").read_text() == "new"
+
+
+def test_a_killed_first_run_leaves_nothing_after_the_next(tmp_path):
+    from mra_export.files import folder_filled_in_place
+
+    _killed_while_writing("in-place", tmp_path / "demo")
+    assert (tmp_path / "demo" / ".mra-export-writing").is_file()  # the remains, marked
+    with folder_filled_in_place(tmp_path / "demo", "parity.json") as folder:
+        (folder / "parity.json").write_text("new")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+
+
+def test_an_output_being_filled_by_a_live_run_is_refused(tmp_path):
+    from mra_export.files import folder_filled_in_place
+
+    with folder_filled_in_place(tmp_path / "demo", "parity.json"):
+        with pytest.raises(UserError) as refused:
+            with folder_filled_in_place(tmp_path / "demo", "parity.json"):
+                pass
+        assert str(refused.value) == (
+            f"{tmp_path / 'demo'} is being written by another mra-export (process {os.getpid()}); "
+            "wait for it to finish or choose another output path")
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_report_write_killed_outright_leaves_no_temporary_file_after_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\nfrom mra_export import files\n"
+              "files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "files.atomic_write_text(sys.argv[1], 'half')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "report.json")], timeout=120)
+    assert len(list(tmp_path.iterdir())) == 1 and not (tmp_path / "report.json").exists()
+    from mra_export.files import atomic_write_text
+
+    atomic_write_text(tmp_path / "report.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -113,13 +113,13 @@ def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp
                              **SMALL_MODEL)
     code = main(["parity", "--model", str(other),
                  "--onnx", str(exports["text-classification", "portable"])])
-    printed = capsys.readouterr().out
+    printed, warned = capsys.readouterr()
     assert code == 1
     assert "FAIL: first diverges at layer 0, head 0" in printed
     assert printed.rstrip().endswith("FAILED")
     exported = exports["text-classification", "portable"]
-    assert printed.splitlines()[0] == (f"note: {exported} was exported from "
-                                       f"{ExportInfo.load(exported).source}, not from {other}")
+    assert warned == (f"note: {exported} was exported from "  # on stderr, beside the results
+                      f"{ExportInfo.load(exported).source}, not from {other}\n")
 
 
 def test_an_export_named_twice_is_checked_once(small_checkpoints, exports, monkeypatch):
@@ -180,6 +180,29 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
         assert len(captured.err.strip().splitlines()) == 1
         assert re.search(message, captured.err)
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+
+
+def test_a_failed_report_write_still_shows_the_results(small_checkpoints, exports, tmp_path,
+                                                        capsys, monkeypatch):
+    """The comparison takes minutes: a disk that fills up before the report is written must not
+    take the table with it."""
+    import errno
+
+    from mra_export.parity import report as report_module
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report_module, "atomic_write_text", full_disk)
+    code = main(["parity", "--model", str(small_checkpoints["fill-mask"]),
+                 "--onnx", str(exports["fill-mask", "portable"]),
+                 "--report", str(tmp_path / "report.json")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert re.search(r"fill-mask +onnxruntime-cpu +logits .* pass\n", captured.out)
+    assert captured.err == (f"mra-export parity: error: {tmp_path / 'report.json'}: No space left "
+                            "on device\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_earlier_report_is_replaced(tmp_path):

@@ -71,7 +71,9 @@ def parse_shapes(text: str) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def load_spec_file(path: str | Path) -> dict:
+def load_spec_file(path: str | Path, overridden=frozenset()) -> dict:
+    """The spec's values, checked; keys (and ``shapes.AXIS``) in ``overridden`` are replaced on
+    the command line, so theirs are not checked: a flag can fix a bad value in a spec."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"spec {path} is a folder; pass a spec file (engines/*.json)")
@@ -86,6 +88,7 @@ def load_spec_file(path: str | Path) -> dict:
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise UserError(f"spec {path}: unknown key {', '.join(unknown)} (allowed: {', '.join(KEYS)})")
+    data = {key: value for key, value in data.items() if key not in overridden}
     for key in ("onnx", "out", "plugin", "timing_cache", "precision"):
         if not isinstance(data.get(key, ""), str):
             raise UserError(f"spec {path}: {key} must be a string, got {json.dumps(data[key])}")
@@ -97,17 +100,20 @@ def load_spec_file(path: str | Path) -> dict:
             raise UserError(f"spec {path}: shapes must be an object like "
                             '{"batch": [1, 4, 8], "sequence": [1, 128, 512]}')
         data["shapes"] = {axis: _checked_range(axis, value, path)
-                          for axis, value in data["shapes"].items()}
+                          for axis, value in data["shapes"].items()
+                          if f"shapes.{axis}" not in overridden}
     return data
 
 
 def resolve_spec(spec_file=None, **flags) -> BuildSpec:
     """The spec file's values, overridden by the flags that are not None."""
-    values = load_spec_file(spec_file) if spec_file else {}
-    shapes = flags.pop("shapes", None)
-    values.update({key: value for key, value in flags.items() if value is not None})
+    shapes = parse_shapes(flags.pop("shapes", None) or "")
+    given = {key: value for key, value in flags.items() if value is not None}
+    overridden = {*given, *(f"shapes.{axis}" for axis in shapes)}
+    values = load_spec_file(spec_file, overridden) if spec_file else {}
+    values.update(given)
     if shapes:  # each axis given on the command line replaces the spec's
-        values["shapes"] = {**values.get("shapes", {}), **parse_shapes(shapes)}
+        values["shapes"] = {**values.get("shapes", {}), **shapes}
     if not values.get("onnx"):
         raise UserError("nothing to build: pass --onnx OUT/model.onnx (a plugin-flavour export) "
                         "or --spec FILE")

@@ -21,7 +21,7 @@ import transformers
 
 from .. import __version__
 from ..checkpoints import has_tokenizer, load_config, load_model
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, warn
 from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
 from ..tasks import Task, get_task, task_for_config
@@ -198,8 +198,8 @@ def _copy_tokenizer(model_dir, staging: Path, log) -> bool:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:  # the model is still worth exporting
-        log(f"warning: the tokenizer files in {model_dir} cannot be read ({first_line(error)}); "
-            "the export has no tokenizer")
+        warn(f"warning: the tokenizer files in {model_dir} cannot be read ({first_line(error)}); "
+             "the export has no tokenizer")
         return False
     tokenizer.save_pretrained(staging)
     return True

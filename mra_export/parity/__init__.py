@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..checkpoints import load_config, load_model
 from ..engines.system import fitting_manifest
-from ..errors import MissingTensorRT, UserError
+from ..errors import MissingTensorRT, UserError, warn
 from ..export.info import ExportInfo
 from ..patching import patch_model
 from ..tasks import get_task
@@ -47,7 +47,7 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     for folder, info in zip(onnx_dirs, infos):
         _check_same_shapes(folder, load_config(folder), model.config)
         if Path(info.source).resolve() != Path(model_dir).resolve():  # a likely reason to fail
-            log(f"note: {folder} was exported from {info.source}, not from {model_dir}")
+            warn(f"note: {folder} was exported from {info.source}, not from {model_dir}")
     input_names = task.input_names(model.config)
     contexts = [f"attention_context.{layer}" for layer in range(model.config.num_hidden_layers)]
     feeds = parity_feeds(task, model.config, seed)
