@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         _quiet_libraries()
     except KeyboardInterrupt:
         return _interrupted()
-    with _cleanup_on_sigterm():
+    with _cleanup_on_stop():
         try:
             return args.run(args) or 0
         except UserError as error:
@@ -56,16 +56,15 @@ def _interrupted() -> int:
 
 
 @contextlib.contextmanager
-def _cleanup_on_sigterm():
+def _cleanup_on_stop():
     """Turn SIGTERM and SIGHUP into ``Terminated`` while a command runs (main thread only); after
     the clean-up the signal is delivered again under the previous handler, so the process still
     ends as killed by it. A second signal during the clean-up kills at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_terminated) for signum in STOPPING_SIGNALS}
-    restore = {signum: signal.SIG_DFL if handler is None else handler  # None: set outside Python
-               for signum, handler in previous.items()}
+    restore = {signum: _handler_to_restore(signal.signal(signum, _raise_terminated))
+               for signum in STOPPING_SIGNALS}
     try:
         yield
     except Terminated as stop:
@@ -75,6 +74,10 @@ def _cleanup_on_sigterm():
         raise SystemExit(128 + stop.signum) from None  # the previous handler did not exit
     finally:
         _restore_handlers(restore)
+
+
+def _handler_to_restore(previous):
+    return signal.SIG_DFL if previous is None else previous  # None: set outside Python
 
 
 def _restore_handlers(handlers: dict) -> None:

@@ -35,14 +35,14 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     """
     out = absolute(out)
     try:
-        clear_stopped_runs(out)
+        _clear_stopped_runs(out)
         _check_replaceable(out, marker, inputs)
     except OSError as error:  # e.g. a folder we may not read
         raise _cannot_write(out, error) from None
     parent = out.parent
     try:
         made = _make_parents(parent)
-        staging = Path(_temporary_sibling(out, "partial"))
+        staging = _temporary_folder(out, "partial")
     except OSError as error:
         raise _cannot_write(parent, error) from None
     try:
@@ -59,17 +59,16 @@ LEFTOVER_KINDS = ("partial", "previous")  # being written, an earlier output mov
 WRITING = ".mra-export-writing"  # in an output filled in place until it is whole: the writer's id
 
 
-def _temporary_sibling(out: Path, kind: str, folder: bool = True) -> str:
-    """A new hidden folder (or empty file) beside ``out``, named for this process."""
-    prefix = f".{out.name}.{kind}-{os.getpid()}-"
-    if folder:
-        return tempfile.mkdtemp(prefix=prefix, dir=out.parent)
-    handle, path = tempfile.mkstemp(prefix=prefix, dir=out.parent)
-    os.close(handle)
-    return path
+def _sibling_prefix(out: Path, kind: str) -> str:
+    """The start of a temporary name beside ``out``, for mkdtemp/mkstemp: names this process."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
 
 
-def clear_stopped_runs(out: Path) -> None:
+def _temporary_folder(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, kind), dir=out.parent))
+
+
+def _clear_stopped_runs(out: Path) -> None:
     """Clear what runs killed while writing ``out`` left: their temporary folders and files
     beside it, the remains of an output they were filling in place, and put back an earlier
     output they had moved aside (where nothing has replaced it). A live run's are left alone;
@@ -83,10 +82,10 @@ def clear_stopped_runs(out: Path) -> None:
     for pid, kind, path in _leftovers_of(out):
         if _alive(pid):
             continue
-        earlier = path / out.name
-        if kind == "previous" and not os.path.lexists(out) and os.path.lexists(earlier):
-            os.rename(earlier, out)
-        _remove(path)
+        if kind == "previous" and not os.path.lexists(out) and os.path.lexists(path / out.name):
+            _put_back(path, out)
+        else:
+            _remove(path)
 
 
 def _in_place_writer(out: Path) -> int | None:
@@ -113,7 +112,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -164,7 +163,7 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
     and the earlier output put back."""
     out = absolute(out)
     try:
-        clear_stopped_runs(out)
+        _clear_stopped_runs(out)
         _check_replaceable(out, marker)
         made = _make_parents(out.parent)
         previous = _move_aside(out)
@@ -176,8 +175,7 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         if previous:
-            os.rename(previous / out.name, out)
-            shutil.rmtree(previous, ignore_errors=True)
+            _put_back(previous, out)
         _remove_if_empty(made)
         raise
     if previous:
@@ -188,7 +186,7 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
 def _make_marked(out: Path) -> None:
     """Make ``out`` holding only the marker of this process's in-place run, in one rename, so
     that it never exists without the marker while the run lasts."""
-    fresh = Path(_temporary_sibling(out, "partial"))
+    fresh = _temporary_folder(out, "partial")
     (fresh / WRITING).write_text(str(os.getpid()))
     fresh.chmod(0o777 & ~_umask())  # as mkdir would have made it (mkdtemp's is private)
     os.rename(fresh, out)
@@ -198,9 +196,15 @@ def _move_aside(out: Path) -> Path | None:
     """An existing ``out`` moved into a hidden folder beside it (returned), None if none."""
     if not out.exists():
         return None
-    previous = Path(_temporary_sibling(out, "previous"))
+    previous = _temporary_folder(out, "previous")
     os.rename(out, previous / out.name)
     return previous
+
+
+def _put_back(previous: Path, out: Path) -> None:
+    """Undo ``_move_aside``: the earlier output back at ``out`` (which must not exist)."""
+    os.rename(previous / out.name, out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _check_replaceable(out: Path, marker: str, inputs=()) -> None:
@@ -243,10 +247,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     check_writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stopped_runs(path)
-    temporary = _temporary_sibling(path, "partial", folder=False)
+    _clear_stopped_runs(path)
+    handle, temporary = tempfile.mkstemp(prefix=_sibling_prefix(path, "partial"), dir=path.parent)
     try:
-        with open(temporary, "wb") as stream:
+        with os.fdopen(handle, "wb") as stream:
             stream.write(data)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)

@@ -702,14 +702,20 @@ KILLED_WRITER = """
 import os, signal, sys
 from mra_export import files
 how, out = sys.argv[1], sys.argv[2]
+def killed(*args):  # no clean-up runs: as the OOM killer or kill -9
+    os.kill(os.getpid(), signal.SIGKILL)
+if how == "file":  # between writing the temporary file and renaming it
+    files.os.replace = killed
+    files.atomic_write_text(out, "half")
 writer = files.folder_filled_in_place if how == "in-place" else files.staged_folder
 with writer(out, "parity.json") as folder:
     (folder / "parity.json").write_text("half")
-    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs: as the OOM killer or kill -9
+    killed()
 """
 
 
 def _killed_while_writing(how, out):
+    """``how``: "in-place" (the demo's output), "staged" (export, build, bench) or "file"."""
     import subprocess
     import sys
 
@@ -774,13 +780,7 @@ def test_an_output_being_filled_by_a_live_run_is_refused(tmp_path):
 
 
 def test_a_report_write_killed_outright_leaves_no_temporary_file_after_the_next(tmp_path):
-    import subprocess
-    import sys
-
-    script = ("import os, signal, sys\nfrom mra_export import files\n"
-              "files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "files.atomic_write_text(sys.argv[1], 'half')\n")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "report.json")], timeout=120)
+    _killed_while_writing("file", tmp_path / "report.json")
     assert len(list(tmp_path.iterdir())) == 1 and not (tmp_path / "report.json").exists()
     from mra_export.files import atomic_write_text
 

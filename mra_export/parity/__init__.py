@@ -13,16 +13,16 @@ from ..tasks import get_task
 from .backends import engine_backends, export_backends, tensorrt_available
 from .compare import check_backend, run_quietly
 from .inputs import describe, parity_feeds
-from .report import ParityReport, check_report_path, format_table
+from .report import ParityReport, format_table
 from .runners import TorchRunner
 
 __all__ = ["ParityReport", "format_table", "run_parity"]
 
 
-def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=None,
-               seed: int = 0, log=print) -> ParityReport:
+def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 0,
+               log=print) -> ParityReport:
     """Check each export folder (and engine) against the patched PyTorch model of
-    ``model_dir`` on seeded inputs; write ``report_path`` (JSON) if given."""
+    ``model_dir`` on seeded inputs (``report.save(path)`` writes the JSON report)."""
     if not onnx_dirs and not engine_dirs:
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
     if not all(str(folder).strip() for folder in (*onnx_dirs, *engine_dirs)):
@@ -30,8 +30,6 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
     onnx_dirs, engine_dirs = _once_each(onnx_dirs), _once_each(engine_dirs)
     if engine_dirs and not tensorrt_available():
         raise MissingTensorRT("mra-export parity --engine")
-    if report_path is not None:
-        check_report_path(report_path)  # now, not after the comparison
     for folder in engine_dirs:  # an engine built for another machine is one line, not a result
         fitting_manifest(folder, "mra-export parity --engine")
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]
@@ -60,11 +58,8 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), report_path=
         if not backend.skipped:
             log(f"  {backend.name} ({backend.source}) ...")
         results.append(check_backend(backend, reference, feeds, task, input_names, contexts))
-    report = ParityReport(str(Path(model_dir).absolute()), task.name,
-                          [describe(feed) for feed in feeds], results)
-    if report_path:
-        report.save(report_path)
-    return report
+    return ParityReport(str(Path(model_dir).absolute()), task.name,
+                        [describe(feed) for feed in feeds], results)
 
 
 def _engine_task(engine_dirs):

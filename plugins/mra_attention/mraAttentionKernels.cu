@@ -42,6 +42,12 @@ constexpr int kLogitThreads = 128;
 constexpr int kLogitQueryBlocks = 8; // query blocks per lowResolutionLogits CTA
 constexpr int kMaxHeadDim = 128;
 
+//! lowResolutionLogits' CTAs per row: the launch and the kernel agree on it through this.
+__host__ __device__ inline int32_t logitQueryGroups(int32_t nb)
+{
+    return (nb + kLogitQueryBlocks - 1) / kLogitQueryBlocks;
+}
+
 thread_local char gLastCudaError[256] = "";
 
 //! Q, K, V and the output are read and written in 16-byte vectors (uint4).
@@ -149,7 +155,7 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, 
     using Reduce = cub::BlockReduce<float, kLogitThreads>;
     __shared__ typename Reduce::TempStorage reduceStorage;
     __shared__ float4 queries[kLogitQueryBlocks][kMaxHeadDim / 4];
-    int32_t const groups = (p.nb + kLogitQueryBlocks - 1) / kLogitQueryBlocks;
+    int32_t const groups = logitQueryGroups(p.nb);
     int32_t const row = blockIdx.x / groups;
     int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
     int32_t const vectors = p.headDim / 4;
@@ -826,8 +832,7 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
     blockMeans<T><<<p.nb * p.rows, p.headDim, 0, stream>>>(p, static_cast<T const*>(q),
         static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean, s.keyMean, s.valueMean);
     MRA_CHECK_LAUNCH("blockMeans");
-    int32_t const queryGroups = (p.nb + kLogitQueryBlocks - 1) / kLogitQueryBlocks;
-    lowResolutionLogits<<<queryGroups * p.rows, kLogitThreads, 0, stream>>>(p, s);
+    lowResolutionLogits<<<logitQueryGroups(p.nb) * p.rows, kLogitThreads, 0, stream>>>(p, s);
     MRA_CHECK_LAUNCH("lowResolutionLogits");
     selectBlocks<<<p.rows, kSelectThreads, 0, stream>>>(p, s);
     MRA_CHECK_LAUNCH("selectBlocks");
