@@ -6,11 +6,12 @@ The speed targets themselves are met in the recorded full run (tools/results/), 
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 
 from mra_export.bench import models
-from mra_export.bench.cli import run_bench
+from mra_export.bench.cli import cpu_name, run_bench
 from mra_export.cli import main
 
 from .conftest import SMALL_BENCH_SHAPES
@@ -161,3 +162,21 @@ def test_a_cell_that_fails_with_any_error_is_reported_not_fatal():
     cell = _measure_cell(models.Backend("mra onnxruntime-cuda", "mra", "onnxruntime-cuda", prepare),
                          1, 512, budget=0.1)
     assert cell == {"skipped": "failed: CUDA out of memory in the provider"}
+
+
+def test_the_machine_line_names_the_cpu_model(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9R14\n")
+    assert cpu_name(cpuinfo) == "AMD EPYC 9R14"
+    # no such file (not Linux), or no model name in it (some ARM kernels): the architecture
+    assert cpu_name(tmp_path / "missing") == (platform.processor() or platform.machine())
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert cpu_name(cpuinfo) == (platform.processor() or platform.machine())
+
+
+def test_a_recorded_run_says_which_cpu_it_ran_on(bench_run):
+    out, run = bench_run
+    assert run["machine"].startswith(f"{cpu_name()} ({platform.machine()}), ")
+    assert json.loads((out / "bench.json").read_text())["machine"] == run["machine"]
+    assert f"Machine: {run['machine']}" in (out / "bench.md").read_text()

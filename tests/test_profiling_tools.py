@@ -1,4 +1,4 @@
-"""tools/memory_trace.py and tools/profile_layer.py end to end, on small shapes (seconds).
+"""tools/memory_trace.py, memory_floor.py and profile_layer.py end to end, on small shapes.
 
 Their numbers are quoted in the README's Performance section from full-size runs; here they must
 run, report every step and operator they promise, and leave ``mra_export`` as they found it.
@@ -63,10 +63,44 @@ def test_profile_layer_prints_both_runtimes_operators(small_models, capsys):
         assert times == sorted(times, reverse=True) and times[0] > 0
 
 
+def test_memory_floor_frees_only_the_attention_and_restores_it(small_models, monkeypatch):
+    memory_floor = load_tool("memory_floor")
+    entry, free, calls = patching.mra_attention, memory_floor.free_attention, []
+
+    def counting_free_attention(query, *args, **settings):
+        calls.append(query.shape)
+        return free(query, *args, **settings)
+
+    monkeypatch.setattr(memory_floor, "free_attention", counting_free_attention)
+    runs = memory_floor.peaks("mra, free attention", length=512, batch=2, runs=2)
+    assert calls == [(2, SMALL_BENCH_SHAPES["num_attention_heads"], 512, 32)] * 2
+    assert patching.mra_attention is entry
+    assert len(runs) == 2 and all(whole >= before >= 0 for whole, before in runs)
+    assert memory_floor.peaks("mra", length=512, batch=2, runs=1)  # the real attention runs
+    assert not calls[2:]
+
+
+def test_memory_floor_shows_a_free_attention_far_below_mra_in_fresh_processes(capsys):
+    # The bench's real shapes at 1024 tokens, where the configured blocks are the whole grid:
+    # MRA's attention holds 200 MB more than the rest of the layer, far beyond the noise.
+    load_tool("memory_floor").main(["--length", "1024", "--runs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("one layer, batch 1, 1024 tokens, a process per model")
+    rows = {line[2:22].strip(): megabytes(line.replace("(", " ").replace(")", " ") + " ")
+            for line in lines[1:4]}
+    assert set(rows) == {"dense", "mra", "mra, free attention"}
+    (mra, mra_before), (free, free_before) = rows["mra"], rows["mra, free attention"]
+    assert mra == mra_before  # MRA's attention sets its peak
+    assert free > free_before  # with a free attention, the feed-forward layer does
+    assert mra > free + 150
+    assert lines[4].startswith(f"first run: the MRA model with a free attention peaks at {free:.1f} MB")
+
+
 @pytest.mark.parametrize("tool, argv, message", [
     ("profile_layer", ["--length", "0"], "argument --length: must be within 1..4096, got 0"),
     ("profile_layer", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
     ("memory_trace", ["--batch", "x"], "argument --batch: takes an integer, got 'x'"),
+    ("memory_floor", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
     ("compare_commits", ["no-such-commit"], "'no-such-commit' is not a commit of"),
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,

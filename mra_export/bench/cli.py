@@ -131,6 +131,18 @@ def _measure_cell(backend, batch: int, length: int, budget: float) -> dict:
 def _machine() -> str:
     threads = torch.get_num_threads()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (torch "
-            f"threads {threads}), {gpu}; torch {torch.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}")
+    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs (torch threads "
+            f"{threads}), {gpu}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, which the results depend on (matrix products on two x86 CPUs of the
+    same count differed 2x here); the architecture where the system does not say."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            label, _, value = line.partition(":")
+            if label.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
