@@ -1,4 +1,5 @@
-"""tools/memory_trace.py, memory_floor.py and profile_layer.py end to end, on small shapes.
+"""tools/memory_trace.py, memory_floor.py, speed_ceiling.py and profile_layer.py end to end, on
+small shapes.
 
 Their numbers are quoted in the README's Performance section from full-size runs; here they must
 run, report every step and operator they promise, and leave ``mra_export`` as they found it.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -96,11 +100,65 @@ def test_memory_floor_shows_a_free_attention_far_below_mra_in_fresh_processes(ca
     assert lines[4].startswith(f"first run: the MRA model with a free attention peaks at {free:.1f} MB")
 
 
+def op_counts(path) -> dict[str, int]:
+    nodes = onnx.load(str(path)).graph.node
+    return {op: sum(node.op_type == op for node in nodes) for op in ("MatMul", "CumSum")}
+
+
+def test_speed_ceiling_exports_the_same_layer_with_only_the_attention_freed(small_models,
+                                                                            tmp_path):
+    speed_ceiling = load_tool("speed_ceiling")
+    entry = patching.mra_attention
+    mra, _ = models.build_models(layers=1)
+    paths = speed_ceiling.exports(mra, tmp_path)
+    assert patching.mra_attention is entry
+    real, free = (op_counts(paths[name]) for name in
+                  ("mra onnxruntime", "mra onnxruntime, free attention"))
+    assert real["CumSum"] > 0 and free["CumSum"] == 0  # MRA's block selection is gone
+    assert free["MatMul"] == 6  # but the query, key, value, output and feed-forward products stay
+
+    ids, mask = models.inputs(2, 256)
+    try:
+        patching.mra_attention = speed_ceiling.free_attention
+        with torch.no_grad():
+            expected = mra(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    finally:
+        patching.mra_attention = entry
+    session = ort.InferenceSession(str(paths["mra onnxruntime, free attention"]),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(["last_hidden_state"], {"input_ids": ids.numpy(),
+                                              "attention_mask": mask.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_speed_ceiling_prints_the_ratio_its_times_give(small_models, capsys):
+    load_tool("speed_ceiling").main(["--length", "512", "--batch", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("one MRA layer"))
+    assert lines[start].startswith("one MRA layer, batch 2, 512 tokens, on ")
+    rows = dict(line.strip().rsplit(None, 1) for line in lines[start + 1:start + 4])
+    times = {name.strip(): float(ms) for name, ms in rows.items()}
+    assert set(times) == {"mra pytorch", "mra onnxruntime", "mra onnxruntime, free attention"}
+    assert all(ms > 0 for ms in times.values())
+    measured, ceiling = (float(x) for x in re.findall(r"(\d+\.\d+)x", lines[start + 4])[:2])
+
+    def ratio_within_rounding(printed, pytorch, onnxruntime, half_step=0.005):
+        low = (pytorch - half_step) / (onnxruntime + half_step) - half_step
+        high = (pytorch + half_step) / (onnxruntime - half_step) + half_step
+        return low <= printed <= high
+    assert ratio_within_rounding(measured, times["mra pytorch"], times["mra onnxruntime"])
+    assert ratio_within_rounding(ceiling, times["mra pytorch"],
+                                 times["mra onnxruntime, free attention"])
+    verdict = "within reach" if ceiling >= 2 else "out of reach"
+    assert lines[start + 4].endswith(f"(target >= 2x: {verdict})")
+
+
 @pytest.mark.parametrize("tool, argv, message", [
     ("profile_layer", ["--length", "0"], "argument --length: must be within 1..4096, got 0"),
     ("profile_layer", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
     ("memory_trace", ["--batch", "x"], "argument --batch: takes an integer, got 'x'"),
     ("memory_floor", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
+    ("speed_ceiling", ["--length", "4097"], "argument --length: must be within 1..4096, got 4097"),
     ("compare_commits", ["no-such-commit"], "'no-such-commit' is not a commit of"),
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
