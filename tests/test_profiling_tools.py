@@ -8,6 +8,7 @@ run, report every step and operator they promise, and leave ``mra_export`` as th
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -118,12 +119,9 @@ def test_speed_ceiling_exports_the_same_layer_with_only_the_attention_freed(smal
     assert free["MatMul"] == 6  # but the query, key, value, output and feed-forward products stay
 
     ids, mask = models.inputs(2, 256)
-    try:
-        patching.mra_attention = speed_ceiling.free_attention
-        with torch.no_grad():
-            expected = mra(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-    finally:
-        patching.mra_attention = entry
+    with mock.patch.object(patching, "mra_attention", speed_ceiling.free_attention), \
+            torch.no_grad():
+        expected = mra(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     session = ort.InferenceSession(str(paths["mra onnxruntime, free attention"]),
                                    providers=["CPUExecutionProvider"])
     got = session.run(["last_hidden_state"], {"input_ids": ids.numpy(),
@@ -136,8 +134,8 @@ def test_speed_ceiling_prints_the_ratio_its_times_give(small_models, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("one MRA layer"))
     assert lines[start].startswith("one MRA layer, batch 2, 512 tokens, on ")
-    rows = dict(line.strip().rsplit(None, 1) for line in lines[start + 1:start + 4])
-    times = {name.strip(): float(ms) for name, ms in rows.items()}
+    rows = (line.strip().rsplit(None, 1) for line in lines[start + 1:start + 4])
+    times = {name: float(ms) for name, ms in rows}
     assert set(times) == {"mra pytorch", "mra onnxruntime", "mra onnxruntime, free attention"}
     assert all(ms > 0 for ms in times.values())
     measured, ceiling = (float(x) for x in re.findall(r"(\d+\.\d+)x", lines[start + 4])[:2])

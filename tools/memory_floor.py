@@ -16,10 +16,12 @@ level before the forward pass); the bench reports the first run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -49,21 +51,19 @@ def peaks(variant: str, length: int, batch: int, runs: int) -> list[tuple[float,
         nonlocal before_feed_forward
         before_feed_forward = memory.peak
 
+    freed = (mock.patch.object(patching, "mra_attention", free_attention)
+             if variant == "mra, free attention" else contextlib.nullcontext())
     hook = model.encoder.layer[0].intermediate.register_forward_pre_hook(feed_forward_starts)
-    original = patching.mra_attention
-    if variant == "mra, free attention":
-        patching.mra_attention = free_attention
-    try:
-        found = []
-        with torch.no_grad():
+    found = []
+    with freed, torch.no_grad():
+        try:
             for _ in range(runs):
                 with PeakMemory(interval=0.0003) as memory:  # steps last milliseconds
                     model(input_ids=ids, attention_mask=mask)
                 found.append((memory.peak / 2**20, before_feed_forward / 2**20))
-        return found
-    finally:
-        patching.mra_attention = original
-        hook.remove()
+        finally:
+            hook.remove()
+    return found
 
 
 def in_fresh_process(variant: str, args) -> list[tuple[float, float]]:

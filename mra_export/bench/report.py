@@ -9,6 +9,7 @@ from pathlib import Path
 from ..files import atomic_write_bytes, atomic_write_text
 
 TARGET_LENGTH, GROWTH_FROM = 4096, 512
+SPEEDUP_OVER_PYTORCH = 2.0  # onnxruntime MRA against the patched PyTorch model
 JSON_NAME = "bench.json"  # also what marks a folder as an earlier bench's, to be replaced
 
 
@@ -61,9 +62,9 @@ def targets(run: dict) -> list[dict]:
     dense_ort = time_of("dense onnxruntime", TARGET_LENGTH)
     if mra_ort and mra_torch:
         ratio = mra_torch["median_s"] / mra_ort["median_s"]
-        checks.append({"met": ratio >= 2.0, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
+        checks.append({"met": ratio >= SPEEDUP_OVER_PYTORCH, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
                        f"batch 1, onnxruntime MRA is {ratio:.2f}x faster than the patched PyTorch "
-                       "model (target >= 2x)"})
+                       f"model (target >= {SPEEDUP_OVER_PYTORCH:g}x)"})
     if mra_ort and dense_ort:
         ratio = mra_ort["median_s"] / dense_ort["median_s"]
         checks.append({"met": ratio <= 0.6, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
