@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch range is already satisfied and pip pulls no CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test plugins clean
+.PHONY: setup demo test plugins triton-server clean
 
 setup: $(STAMP)
 
@@ -20,18 +20,34 @@ $(STAMP): pyproject.toml
 demo: setup plugins
 	$(VENV)/bin/mra-export demo
 
-test: setup plugins
+# TensorRT's and onnxruntime's public headers, where ../shared/third_party has them (CI does):
+# `make test` then builds and tests the plugin over the emulated kernels and the onnxruntime op.
+THIRD_PARTY := $(abspath ../shared/third_party)
+TEST_HEADERS := $(if $(wildcard $(THIRD_PARTY)/tensorrt/include/NvInferRuntime.h),TRT_INCLUDE_DIR=$(THIRD_PARTY)/tensorrt/include) \
+  $(if $(wildcard $(THIRD_PARTY)/onnxruntime/include/onnxruntime_c_api.h),ORT_INCLUDE_DIR=$(THIRD_PARTY)/onnxruntime/include)
+
+test: setup
+	$(MAKE) plugins $(TEST_HEADERS)
+	$(MAKE) triton-server
 	$(PY) -m pytest -q
 
 # The CPU reference always; the CUDA kernels when nvcc is found; the TensorRT plugin when its
-# headers are found (TensorRT_ROOT=DIR or TRT_INCLUDE_DIR=DIR). CMake prints what it skipped.
+# headers are found (TensorRT_ROOT=DIR or TRT_INCLUDE_DIR=DIR); the onnxruntime op when
+# onnxruntime's C API headers are found (ORT_INCLUDE_DIR=DIR). CMake prints what it skipped.
 PLUGIN_BUILD ?= plugins/build
 plugins:
 	cmake -S plugins -B $(PLUGIN_BUILD) -DCMAKE_BUILD_TYPE=Release \
 	  $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT)) \
 	  $(if $(TRT_INCLUDE_DIR),-DTRT_INCLUDE_DIR=$(TRT_INCLUDE_DIR)) \
+	  $(if $(ORT_INCLUDE_DIR),-DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR)) \
 	  $(if $(MRA_CUDA_ARCHITECTURES),-DMRA_CUDA_ARCHITECTURES="$(MRA_CUDA_ARCHITECTURES)")
 	cmake --build $(PLUGIN_BUILD) -j $$(nproc)
+
+# Triton Inference Server from PyPI's nvidia-pytriton wheel (binary and python backend, no
+# onnxruntime or TensorRT backend) into .triton/, for tests/test_triton.py and
+# `python -m mra_export.serving.server`; fetched once, checked every time.
+triton-server: setup
+	$(PY) tools/fetch_tritonserver.py
 
 clean:
 	rm -rf $(VENV) build plugins/build out

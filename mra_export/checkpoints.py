@@ -6,6 +6,8 @@ byte-level BPE tokenizer trained locally, saved with ``save_pretrained`` like an
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -15,7 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
 
 from .errors import UserError, first_line
-from .tasks import TASKS, Task, task_for_config
+from .tasks import TASKS, Task, get_task, task_for_config
 
 # Small enough for CI, shaped like mra-base where it matters: head_dim 64 (transformers' CUDA
 # kernels need a multiple of 64), 32-token blocks, 4 blocks per row, 512 positions.
@@ -87,28 +89,58 @@ def has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_model(folder: str | Path, task: Task | None = None,
-               remedy: str = "pass --task auto or a checkpoint trained for that task"):
-    """Load a local MRA checkpoint for ``task`` (default: its config's architectures), eval mode,
-    in float32 whatever the checkpoint's dtype (parity's reference is the float32 model, and
-    exports cast from it); ``remedy`` ends the error when the checkpoint has no weights for
-    that task's head."""
+WRONG_HEAD_REMEDY = "pass --task auto or a checkpoint trained for that task"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A local checkpoint folder read once for one task: its config, whether it ships tokenizer
+    files, and its weights (``model``, loaded on first use: seconds for a large model, so a
+    caller can refuse bad arguments first)."""
+
+    folder: str | Path  # as given, so that errors name it as the user wrote it
+    config: MraConfig
+    task: Task
+    has_tokenizer: bool
+    remedy: str = WRONG_HEAD_REMEDY  # ends the error when the weights lack the task's head
+
+    @functools.cached_property
+    def model(self):
+        """The weights as a float32 model in eval mode, whatever the checkpoint's dtype
+        (parity's reference is the float32 model, and exports cast from it)."""
+        try:
+            model, loading = self.task.model_class.from_pretrained(
+                self.folder, config=self.config, dtype=torch.float32, local_files_only=True,
+                output_loading_info=True,  # transformers would keep an fp16 checkpoint in fp16
+                ignore_mismatched_sizes=True)  # reported below, by name
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights
+            raise UserError(f"cannot load {self.task.model_class.__name__} from {self.folder}: "
+                            f"{first_line(error)}; pass a folder with the weights save_pretrained "
+                            "wrote") from None
+        _check_weights_fit(self.folder, self.task, loading, self.remedy)
+        return model.eval()
+
+
+def open_checkpoint(folder: str | Path, task: str | Task | None = "auto",
+                    remedy: str = WRONG_HEAD_REMEDY) -> Checkpoint:
+    """A local MRA checkpoint for ``task`` (a Task, a task name, or "auto"/None: its config's
+    architectures); its config is read here, its weights when ``model`` is first used."""
     config = load_config(folder)
     if (Path(folder) / "export.json").is_file():
         raise UserError(f"{folder} is an export (it has export.json), not a checkpoint; pass the "
                         "checkpoint folder it was exported from (export.json's 'source')")
-    task = task or task_for_config(config)
-    try:
-        model, loading = task.model_class.from_pretrained(
-            folder, config=config, dtype=torch.float32, local_files_only=True,
-            output_loading_info=True,  # transformers would keep an fp16 checkpoint in fp16
-            ignore_mismatched_sizes=True)  # reported below, by name
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights too
-        raise UserError(f"cannot load {task.model_class.__name__} from {folder}: "
-                        f"{first_line(error)}; pass a folder with the weights save_pretrained "
-                        "wrote") from None
-    _check_weights_fit(folder, task, loading, remedy)
-    return model.eval(), task
+    if task is None or task == "auto":
+        task = task_for_config(config)
+    elif isinstance(task, str):
+        task = get_task(task)
+    return Checkpoint(folder, config, task, has_tokenizer(folder), remedy)
+
+
+def load_model(folder: str | Path, task: Task | None = None, remedy: str = WRONG_HEAD_REMEDY):
+    """The float32 eval-mode model of a local MRA checkpoint for ``task`` (default: its config's
+    architectures), and that task."""
+    checkpoint = open_checkpoint(folder, task, remedy)
+    return checkpoint.model, checkpoint.task
 
 
 def _check_weights_fit(folder, task: Task, loading: dict, remedy: str) -> None:

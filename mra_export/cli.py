@@ -1,4 +1,4 @@
-"""The ``mra-export`` command: export, parity, build, bench, demo.
+"""The ``mra-export`` command: export, quantize, parity, build, bench, triton, demo.
 
 Problems the user can fix (bad input, missing files, TensorRT absent) print one line and exit 2;
 a parity failure exits 1.
@@ -106,6 +106,13 @@ def _export(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from .export.quantize import quantize_export
+
+    quantize_export(args.onnx, args.out)
+    return 0
+
+
 def _parity(args) -> int:
     from .parity import format_table, run_parity
     from .parity.report import check_report_path
@@ -138,6 +145,13 @@ def _bench(args) -> int:
     return 0
 
 
+def _triton(args) -> int:
+    from .serving.triton import run_triton_from_args
+
+    run_triton_from_args(args)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -161,8 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--flavour", choices=FLAVOURS, default="portable",
                         help="portable: standard ONNX ops (onnxruntime CPU/CUDA); plugin: one "
-                        "MraAttention node per layer (TensorRT with the plugin) (default: "
-                        "portable)")
+                        "MraAttention node per layer (TensorRT with the plugin, or onnxruntime "
+                        "with libmra_attention_ort.so) (default: portable)")
     export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="weights and activations of the graph (TensorRT 11 builds engines "
                         "in this type); the attention computes in float32 either way "
@@ -171,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"ONNX opset, {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
                         f"(default: {DEFAULT_OPSET})")
     export.set_defaults(run=_export)
+
+    quantize = commands.add_parser(
+        "quantize", help="int8 weight MatMuls of an fp32 portable export, for onnxruntime's CPU")
+    quantize.add_argument("--onnx", required=True, metavar="OUT",
+                          help="an fp32 portable export folder (mra-export export)")
+    quantize.add_argument("--out", required=True, metavar="OUT8",
+                          help="output folder for the int8 export (dynamic quantization: int8 "
+                          "weights, activations quantized at run time; the attention stays "
+                          "float32)")
+    quantize.set_defaults(run=_quantize)
 
     parity = commands.add_parser("parity", help="check exports and engines against PyTorch")
     parity.add_argument("--model", required=True, help="the checkpoint folder exported")
@@ -192,6 +216,13 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency and memory against dense attention")
     add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
+
+    from .serving.triton import add_triton_arguments
+
+    triton = commands.add_parser("triton", help="a Triton Inference Server model repository for "
+                                 "an export or an engine")
+    add_triton_arguments(triton)
+    triton.set_defaults(run=_triton)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the built-in default model")
     demo.add_argument("--out", default="out/demo", help="working folder (default: out/demo)")

@@ -82,7 +82,7 @@ def _torch_table(checkpoints: dict) -> str:
     for task_name, folder in checkpoints.items():
         task = TASKS[task_name]
         reference = load_model(folder, task)[0]
-        patched = patch_model(load_model(folder, task)[0])
+        patched = patch_model(load_model(folder, task)[0], attention="reference")
         inputs = _sample_batch(folder, task)
         with torch.no_grad():
             ours = patched(**inputs)

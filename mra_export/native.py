@@ -28,7 +28,9 @@ CUDA_EMULATED_LIBRARY = "libmra_attention_cuda_emulated.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"
 PLUGIN_EMULATED_LIBRARY = "libmra_attention_plugin_emulated.so"  # the plugin over emulated kernels
 PLUGIN_RUNNER_LIBRARY = "libmra_attention_plugin_runner.so"  # drives a plugin as TensorRT does
+PLUGIN_RUNNER_CUDA_LIBRARY = "libmra_attention_plugin_runner_cuda.so"  # the same, on a GPU
 EMULATED_PLUGIN_LIBRARIES = (PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY)  # PluginRunner.emulated
+ORT_OP_LIBRARY = "libmra_attention_ort.so"  # MraAttention for onnxruntime (runtime/ort.py loads it)
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
@@ -141,8 +143,14 @@ class MraLibrary:
         if self.emulated and query.is_cuda:
             raise ValueError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
         params = self.params(query, **settings)
+        output, workspace = self.run(params, *c_inputs(query, key, value, mask))
+        return output, self._selected(params, workspace)
+
+    def run(self, params: MraAttentionParams, query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of the library on tensors the caller has checked (contiguous, one device,
+        one dtype, an int32 mask); returns ``(output, workspace)``. The workspace comes from
+        PyTorch's allocator; on CUDA everything is queued on the current stream, no sync."""
         self.check(self.lib.mraCheckParams(ctypes.byref(params)))
-        query, key, value, mask = c_inputs(query, key, value, mask)
         output = torch.empty_like(query)
         size = self.lib.mraWorkspaceSize(ctypes.byref(params))
         workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
@@ -164,7 +172,11 @@ class MraLibrary:
                                               ctypes.c_void_p(workspace.data_ptr()),
                                               ctypes.c_size_t(size))
         self.check(status)
-        return output, self._selected(params, workspace)
+        return output, workspace
+
+    def set_cpu_threads(self, threads: int) -> None:
+        """Threads of ``mraAttentionCpu`` (0: one per hardware thread); process-wide."""
+        self.lib.mraSetCpuThreads(ctypes.c_int32(threads))
 
     def _selected(self, params, workspace: torch.Tensor) -> torch.Tensor:
         count = params.batch * params.heads * self.lib.mraSelectedBlocksPerHead(ctypes.byref(params))
@@ -206,6 +218,14 @@ class PluginRunner:
     def emulated(cls) -> PluginRunner:
         """The plugin over the emulated kernels (``make plugins`` with TensorRT's headers)."""
         return cls(library_path(PLUGIN_EMULATED_LIBRARY), library_path(PLUGIN_RUNNER_LIBRARY))
+
+    @classmethod
+    @functools.cache
+    def cuda(cls) -> PluginRunner:
+        """The real plugin (the CUDA kernels) on the GPU: the runner copies the CPU tensors into
+        device memory, enqueues on a stream of its own and copies the output back (``make
+        plugins`` with nvcc and TensorRT's headers)."""
+        return cls(library_path(PLUGIN_LIBRARY), library_path(PLUGIN_RUNNER_CUDA_LIBRARY))
 
     def attention(self, query, key, value, mask, *, profile_max: tuple[int, int] | None = None,
                   **attributes) -> torch.Tensor:

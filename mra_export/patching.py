@@ -4,6 +4,12 @@
 gives it an ``MraAttentionCore`` holding the layer's settings. The weights, the state dict and
 every other module stay as transformers made them. The core is its own module so that exporters
 can find (and replace) each layer's attention by name.
+
+Each core computes its attention one of three ways (``patch_model(model, attention=...)``):
+``"reference"`` is ``mra_export.attention.mra_attention`` (PyTorch operations); ``"fused"`` is the
+``mra_export::mra_attention`` op over the kernel library (``mra_export/fused.py``); ``"auto"``
+takes the op where its library is built for the tensors' device and takes their shape, and the
+reference elsewhere and while exporting (the portable graph is the reference's).
 """
 
 from __future__ import annotations
@@ -13,20 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mra.modeling_mra import MraModel, MraPreTrainedModel, MraSelfAttention
 
-from .attention import mra_attention, running_eagerly
+from . import fused
+from .attention import _exporting, mra_attention, running_eagerly
 from .errors import InputError
 
 # transformers zero-pads head dims under 32 to 32 (its CUDA kernels' warp size) before
 # attention, so the scale becomes 1/sqrt(32); the patched model keeps that rule.
 MIN_HEAD_DIM = 32
+ATTENTION_CHOICES = ("auto", "fused", "reference")
 
 
 class MraAttentionCore(nn.Module):
     """One layer's attention core: ``[B, H, S, D]`` query/key/value and a ``[B, S]`` mask."""
 
     def __init__(self, *, num_blocks: int, approx_mode: str, initial_prior_first_n_blocks: int,
-                 initial_prior_diagonal_n_blocks: int, block_size: int = 32):
+                 initial_prior_diagonal_n_blocks: int, block_size: int = 32,
+                 attention: str = "auto"):
         super().__init__()
+        self.attention = attention  # one of ATTENTION_CHOICES
         self.num_blocks = num_blocks
         self.approx_mode = approx_mode
         self.initial_prior_first_n_blocks = initial_prior_first_n_blocks
@@ -46,10 +56,19 @@ class MraAttentionCore(nn.Module):
                     initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks)
 
     def forward(self, query, key, value, attention_mask):
+        if self.runs_fused(query):
+            return fused.fused_mra_attention(query, key, value, attention_mask, **self.settings())
         return mra_attention(query, key, value, attention_mask, **self.settings())
 
+    def runs_fused(self, query: torch.Tensor) -> bool:
+        if self.attention == "fused":
+            return True
+        return (self.attention == "auto" and not _exporting()
+                and fused.runs_fused(query, self.block_size))
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={value!r}" for name, value in self.settings().items())
+        settings = {**self.settings(), "attention": self.attention}
+        return ", ".join(f"{name}={value!r}" for name, value in settings.items())
 
 
 class PatchedMraSelfAttention(MraSelfAttention):
@@ -75,27 +94,42 @@ class PatchedMraSelfAttention(MraSelfAttention):
         return heads.transpose(1, 2)
 
 
-def patch_model(model: MraPreTrainedModel) -> MraPreTrainedModel:
+def patch_model(model: MraPreTrainedModel, attention: str = "auto") -> MraPreTrainedModel:
     """Patch a transformers ``Mra*`` model in place (any of the six heads) and return it.
 
     The patched model runs on any device, gives each sample of a ragged batch the output it gets
-    alone, and accepts every length from 1 to ``config.max_position_embeddings``. Patching twice
-    is harmless.
+    alone, and accepts every length from 1 to ``config.max_position_embeddings``. ``attention``:
+    "auto" (the fused op where its library is built, else the reference), "fused" or
+    "reference" (module docstring). Patching again only sets ``attention``.
     """
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
+                         f"{attention!r}")
     if not isinstance(model, MraPreTrainedModel):
         raise TypeError("patch_model expects a transformers MRA model (MraModel or an MraFor* "
                         f"head), got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, MraSelfAttention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MraSelfAttention layer to patch")
-    for attention in layers:
-        if not isinstance(attention, PatchedMraSelfAttention):
-            attention.__class__ = PatchedMraSelfAttention
-            attention.mra_core = MraAttentionCore.for_layer(attention)
+    if attention == "fused":
+        _check_fused_built(model)
+    for layer in layers:
+        if not isinstance(layer, PatchedMraSelfAttention):
+            layer.__class__ = PatchedMraSelfAttention
+            layer.mra_core = MraAttentionCore.for_layer(layer)
+        layer.mra_core.attention = attention
     for base in model.modules():
         if isinstance(base, MraModel):
             _check_inputs(base, model.config)
     return model
+
+
+def _check_fused_built(model: nn.Module) -> None:
+    """``attention="fused"`` on a device without its library: one line naming make plugins."""
+    parameter = next(model.parameters(), None)
+    device_type = parameter.device.type if parameter is not None else "cpu"
+    if device_type != "meta":
+        fused.kernel_library(device_type)  # raises UserError when not built
 
 
 def attention_cores(model: nn.Module) -> list[MraAttentionCore]:

@@ -22,13 +22,16 @@ pytestmark = pytest.mark.slow
 PLUGIN_ITSELF = "plugin graph on CPU (onnx.reference, plugin on emulated CUDA)"
 
 
-def plugin_graph_backends() -> set:
+def plugin_graph_backends(dtype: str = "fp32") -> set:
     """The backends that run a plugin-flavour export here: the plugin itself only where
-    `make plugins` had TensorRT's headers (not in CI)."""
+    `make plugins` had TensorRT's headers (not in CI), onnxruntime with the op library where it
+    had onnxruntime's (not for bf16: onnxruntime's CPU provider lacks bf16 kernels)."""
     ran = {"plugin graph on CPU (onnx.reference, PyTorch node)",
            "plugin graph on CPU (onnx.reference, C++ plugin twin)"}
     if not native.unbuilt(*native.EMULATED_PLUGIN_LIBRARIES):
         ran.add(PLUGIN_ITSELF)
+    if not native.unbuilt(native.ORT_OP_LIBRARY) and dtype != "bf16":
+        ran.add("onnxruntime-cpu (MraAttention op)")
     return ran
 
 
@@ -98,7 +101,7 @@ def test_reduced_precision_exports_match_pytorch_within_their_tolerance(small_ch
             "fp16": "float16", "bf16": "bfloat16"}[dtype]
     report = run_parity(checkpoint, folders, log=lambda m: None).to_dict()
     ran = {b["backend"]: b for b in report["backends"] if b["status"] != "skipped"}
-    expected = plugin_graph_backends() | ({"onnxruntime-cpu"} if dtype == "fp16" else set())
+    expected = plugin_graph_backends(dtype) | ({"onnxruntime-cpu"} if dtype == "fp16" else set())
     assert set(ran) == {f"{name} [{dtype}]" for name in expected}
     assert report["passed"]
     for backend in ran.values():

@@ -1,7 +1,7 @@
 """tools/memory_trace.py, memory_floor.py, speed_ceiling.py and profile_layer.py end to end, on
 small shapes.
 
-Their numbers are quoted in the README's Performance section from full-size runs; here they must
+Their numbers are quoted in docs/performance.md from full-size runs; here they must
 run, report every step and operator they promise, and leave ``mra_export`` as they found it.
 """
 

@@ -7,7 +7,7 @@ Builds the bench's model (one mra-base layer, 8 blocks per row at 4096 positions
 warm up, then once more while a thread samples the process's resident set (as ``mra-export
 bench`` measures memory), and prints for each step of the attention the resident memory at its
 start, its peak and its end, above the level before the forward pass. Profile with it before
-changing the eager path; the README's Performance section quotes one run.
+changing the eager path; docs/performance.md quotes one run.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Builds the bench's MRA model (one mra-base layer, 8 blocks per row at 4096 posit
 the way ``mra-export bench`` does, and profiles the same input with ``torch.profiler`` (eager,
 no gradients) and with onnxruntime's own profiler (``SessionOptions.enable_profiling``). Prints
 milliseconds per run for the heaviest operators of each. Profile with it before changing the
-attention; the README's Performance section quotes one run.
+attention; docs/performance.md quotes one run.
 """
 
 from __future__ import annotations

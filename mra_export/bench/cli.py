@@ -20,6 +20,7 @@ from . import models, report
 from .measure import measure
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
+DENSE_ON_CPU = ("dense onnxruntime", "dense onnxruntime int8")  # float32 scores either way
 BATCHES = (1, 8)
 
 
@@ -115,7 +116,7 @@ def _timed_run(out: Path, lengths, batches, layers: int, budget: float, command:
 
 
 def _measure_cell(backend, batch: int, length: int, budget: float) -> dict:
-    if backend.name == "dense onnxruntime":  # it materialises batch x heads x S x S floats
+    if backend.name in DENSE_ON_CPU:  # it materialises batch x heads x S x S floats
         needed = models.dense_attention_bytes(batch, length)
         if needed > 0.5 * models.available_bytes():
             return {"skipped": f"needs ~{needed / 2**30:.1f} GB of attention scores, more than "

@@ -17,9 +17,13 @@ import onnxruntime as ort
 import torch
 from transformers import MraConfig, MraModel, RobertaConfig, RobertaModel
 
+from .. import fused
 from ..export.exporter import _trace
+from ..export.quantize import quantize_graph
+from ..native import ORT_OP_LIBRARY, build_dir, unbuilt
 from ..patching import patch_model
-from ..runtime.ort import CPU, CUDA, default_options
+from ..runtime.ort import (CPU, CUDA, OP_LIBRARY_HOW_TO_BUILD, default_options,
+                           op_library_has_cuda_kernel, register_op_library)
 from ..tasks import TASKS
 
 MAX_LENGTH = 4096
@@ -48,14 +52,23 @@ def build_models(layers: int, seed: int = 0):
     torch.manual_seed(seed)
     dense = RobertaModel(RobertaConfig(**SHAPES, num_hidden_layers=layers,
                                        max_position_embeddings=MAX_LENGTH + 2)).eval()
-    return patch_model(mra), dense
+    return patch_model(mra, attention="reference"), dense
 
 
-def export(model, path: Path) -> Path:
-    """The portable export of mra-export's exporter (for RoBERTa too: the same tracing)."""
+def export(model, path: Path, flavour: str = "portable") -> Path:
+    """The portable export of mra-export's exporter (for RoBERTa too: the same tracing), or
+    MRA's plugin flavour (one MraAttention node per layer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(_trace(model, TASKS["feature-extraction"], "portable", 20), path)
+    ir.save(_trace(model, TASKS["feature-extraction"], flavour, 20), path)
     return path
+
+
+def quantize(path: Path, layers: int) -> Path:
+    """The int8 graph of an fp32 one, quantized as mra-export quantize does (encoder weight
+    MatMuls, dynamic): for RoBERTa too, whose layers have the same six weight products."""
+    target = path.with_name(f"{path.stem}-int8.onnx")
+    quantize_graph(path, target, layers)
+    return target
 
 
 def inputs(batch: int, length: int, device="cpu"):
@@ -79,14 +92,19 @@ def torch_backend(name: str, kind: str, model, device: str) -> Backend:
     return Backend(name, kind, f"pytorch-{device}", prepare)
 
 
-def ort_backend(name: str, kind: str, path: Path, provider: str) -> Backend:
+def ort_backend(name: str, kind: str, path: Path, provider: str, op_library: bool = False) -> Backend:
+    """``path`` on onnxruntime's ``provider``; ``op_library``: with libmra_attention_ort.so
+    registered, which computes a plugin-flavour graph's MraAttention nodes."""
     if provider not in ort.get_available_providers():
         return Backend(name, kind, "onnxruntime", skipped=f"this onnxruntime has no {provider}")
 
     def prepare(batch, length):
         # A fresh session per shape: onnxruntime's arena keeps what earlier shapes reserved, so
         # a reused session would hide this shape's peak memory.
-        session = ort.InferenceSession(str(path), default_options(), providers=[provider])
+        options = default_options()
+        if op_library:
+            register_op_library(options)
+        session = ort.InferenceSession(str(path), options, providers=[provider])
         ids, mask = inputs(batch, length)
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         return lambda: session.run(None, feed)
@@ -96,20 +114,65 @@ def ort_backend(name: str, kind: str, path: Path, provider: str) -> Backend:
 def backends(mra, dense, folder: Path, log) -> list[Backend]:
     log("exporting both models to ONNX ...")
     mra_onnx, dense_onnx = export(mra, folder / "mra.onnx"), export(dense, folder / "dense.onnx")
+    log("quantizing both to int8 (as mra-export quantize) ...")
+    layers = mra.config.num_hidden_layers
+    mra_int8, dense_int8 = quantize(mra_onnx, layers), quantize(dense_onnx, layers)
     found = [torch_backend("mra pytorch", "mra", mra, "cpu"),
+             fused_backend(mra, "cpu"),
              ort_backend("mra onnxruntime", "mra", mra_onnx, CPU),
+             ort_backend("mra onnxruntime int8", "mra", mra_int8, CPU),
              torch_backend("dense pytorch", "dense", dense, "cpu"),
-             ort_backend("dense onnxruntime", "dense", dense_onnx, CPU)]
+             ort_backend("dense onnxruntime", "dense", dense_onnx, CPU),
+             ort_backend("dense onnxruntime int8", "dense", dense_int8, CPU)]
     no_gpu = "no CUDA GPU here"
     if torch.cuda.is_available():
         found += [torch_backend("mra pytorch-cuda", "mra", mra, "cuda"),
+                  fused_backend(mra, "cuda"),
                   torch_backend("dense pytorch-cuda", "dense", dense, "cuda"),
                   ort_backend("mra onnxruntime-cuda", "mra", mra_onnx, CUDA),
                   ort_backend("dense onnxruntime-cuda", "dense", dense_onnx, CUDA)]
     else:
         found += [Backend(f"{kind} {runtime}", kind, runtime, skipped=no_gpu)
                   for kind in ("mra", "dense") for runtime in ("pytorch-cuda", "onnxruntime-cuda")]
+        found.append(Backend(f"mra pytorch-cuda {FUSED_SUFFIX}", "mra", "pytorch-cuda", skipped=no_gpu))
+    found += op_backends(mra, folder, log)
     found.append(tensorrt_backend(mra, folder, log))
+    return found
+
+
+OP_SUFFIX = "(MraAttention op)"
+FUSED_SUFFIX = "(fused op)"
+
+
+def fused_backend(mra, device: str) -> Backend:
+    """The patched model with ``attention="fused"``: the mra_export::mra_attention op over the
+    C++ twin (cpu) or the CUDA kernels (cuda)."""
+    name = f"mra pytorch{'' if device == 'cpu' else '-' + device} {FUSED_SUFFIX}"
+    if not fused.library_built(device):
+        return Backend(name, "mra", f"pytorch-{device}", skipped=(
+            f"{build_dir() / fused.LIBRARIES[device]} is not built (make plugins)"))
+    return torch_backend(name, "mra", patch_model(copy.deepcopy(mra), attention="fused"), device)
+
+
+def op_backends(mra, folder: Path, log) -> list[Backend]:
+    """MRA's plugin flavour on onnxruntime, its MraAttention nodes computed by the op library:
+    the C++ twin on the CPU provider, the CUDA kernels on the CUDA provider."""
+    cpu, cuda = f"mra onnxruntime {OP_SUFFIX}", f"mra onnxruntime-cuda {OP_SUFFIX}"
+    missing = unbuilt(ORT_OP_LIBRARY)
+    if missing:
+        reason = f"{missing[0]} is not built ({OP_LIBRARY_HOW_TO_BUILD})"
+        return [Backend(cpu, "mra", "onnxruntime-cpu", skipped=reason),
+                Backend(cuda, "mra", "onnxruntime-cuda", skipped=reason)]
+    log("exporting MRA's plugin flavour (MraAttention nodes) for the onnxruntime op ...")
+    plugin_onnx = export(mra, folder / "mra-plugin.onnx", "plugin")
+    found = [ort_backend(cpu, "mra", plugin_onnx, CPU, op_library=True)]
+    if not torch.cuda.is_available():
+        found.append(Backend(cuda, "mra", "onnxruntime-cuda", skipped="no CUDA GPU here"))
+    elif not op_library_has_cuda_kernel():
+        found.append(Backend(cuda, "mra", "onnxruntime-cuda", skipped=(
+            f"{ORT_OP_LIBRARY} was built without its CUDA kernel (no nvcc)")))
+    else:
+        found.append(ort_backend(cuda, "mra", plugin_onnx, CUDA, op_library=True))
     return found
 
 

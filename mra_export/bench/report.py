@@ -9,7 +9,12 @@ from pathlib import Path
 from ..files import atomic_write_bytes, atomic_write_text
 
 TARGET_LENGTH, GROWTH_FROM = 4096, 512
+# Retired (issue 6, restated): the ratio hangs on the CPU's matrix products, which neither
+# runtime's attention changes (tools/speed_ceiling.py). Reported for information, not judged.
 SPEEDUP_OVER_PYTORCH = 2.0  # onnxruntime MRA against the patched PyTorch model
+# Memory is judged on onnxruntime, the deployment path; PyTorch's peak is reported beside it.
+MEMORY_JUDGED_ON = ("onnxruntime",)
+INT8_SPEEDUP = 1.5  # issue 28: int8 onnxruntime MRA against fp32 onnxruntime MRA
 JSON_NAME = "bench.json"  # also what marks a folder as an earlier bench's, to be replaced
 
 
@@ -41,11 +46,15 @@ def markdown(run: dict) -> str:
              for r in run["results"] for n, res in r["backends"].items() if "skipped" in res]
     if notes:
         lines += ["", "Skipped cells: " + "; ".join(notes)]
-    lines += ["", "Targets:", ""] + ([f"- {'met' if t['met'] else 'NOT MET'}: {t['text']}"
+    lines += ["", "Targets:", ""] + ([f"- {_verdict(t['met'])}: {t['text']}"
                                       for t in run["targets"]] or
                                      [f"- not evaluated: they need batch 1 at {GROWTH_FROM} and "
                                       f"{TARGET_LENGTH} tokens (the default lengths)"])
     return "\n".join(lines) + "\n"
+
+
+def _verdict(met: bool | None) -> str:
+    return "info" if met is None else "met" if met else "NOT MET"
 
 
 def targets(run: dict) -> list[dict]:
@@ -62,9 +71,10 @@ def targets(run: dict) -> list[dict]:
     dense_ort = time_of("dense onnxruntime", TARGET_LENGTH)
     if mra_ort and mra_torch:
         ratio = mra_torch["median_s"] / mra_ort["median_s"]
-        checks.append({"met": ratio >= SPEEDUP_OVER_PYTORCH, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
+        checks.append({"met": None, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
                        f"batch 1, onnxruntime MRA is {ratio:.2f}x faster than the patched PyTorch "
-                       f"model (target >= {SPEEDUP_OVER_PYTORCH:g}x)"})
+                       f"model (the {SPEEDUP_OVER_PYTORCH:g}x target is retired: it depends on the "
+                       "CPU's matrix products, tools/speed_ceiling.py)"})
     if mra_ort and dense_ort:
         ratio = mra_ort["median_s"] / dense_ort["median_s"]
         checks.append({"met": ratio <= 0.6, "value": ratio, "text": f"at {TARGET_LENGTH} tokens, "
@@ -80,12 +90,30 @@ def targets(run: dict) -> list[dict]:
     for runtime in ("onnxruntime", "pytorch"):
         mra, dense = time_of(f"mra {runtime}", TARGET_LENGTH), time_of(f"dense {runtime}", TARGET_LENGTH)
         if mra and dense:
-            checks.append({"met": mra["peak_memory_mb"] < dense["peak_memory_mb"],
+            judged = runtime in MEMORY_JUDGED_ON
+            checks.append({"met": mra["peak_memory_mb"] < dense["peak_memory_mb"] if judged else None,
                            "value": mra["peak_memory_mb"] / max(dense["peak_memory_mb"], 1e-9),
                            "text": f"peak memory at {TARGET_LENGTH} tokens, {runtime}: MRA "
                            f"{mra['peak_memory_mb']:.0f} MB vs dense {dense['peak_memory_mb']:.0f} "
-                           "MB (target: below dense)"})
-    return checks
+                           + ("MB (target: below dense)" if judged else
+                              "MB (reported; memory is judged on onnxruntime)")})
+    return checks + _int8_targets(time_of("mra onnxruntime", TARGET_LENGTH),
+                                  time_of("mra onnxruntime int8", TARGET_LENGTH))
+
+
+def _int8_targets(fp32, int8) -> list[dict]:
+    """Issue 28's: int8 against fp32 onnxruntime MRA, batch 1 at TARGET_LENGTH, one run."""
+    if not (fp32 and int8):
+        return []
+    speedup = fp32["median_s"] / int8["median_s"]
+    return [{"met": speedup >= INT8_SPEEDUP, "value": speedup, "text": f"at {TARGET_LENGTH} "
+             f"tokens, batch 1, int8 onnxruntime MRA is {speedup:.2f}x faster than fp32 "
+             f"onnxruntime MRA (target >= {INT8_SPEEDUP:g}x)"},
+            {"met": int8["peak_memory_mb"] <= fp32["peak_memory_mb"],
+             "value": int8["peak_memory_mb"] / max(fp32["peak_memory_mb"], 1e-9),
+             "text": f"peak memory at {TARGET_LENGTH} tokens, onnxruntime MRA: int8 "
+             f"{int8['peak_memory_mb']:.0f} MB vs fp32 {fp32['peak_memory_mb']:.0f} MB (target: "
+             "not above fp32)"}]
 
 
 def plots(run: dict, folder: Path) -> list[Path]:

@@ -8,6 +8,7 @@ from 1 to ``max_position_embeddings``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -20,11 +21,11 @@ import torch
 import transformers
 
 from .. import __version__
-from ..checkpoints import has_tokenizer, load_config, load_model
+from ..checkpoints import Checkpoint, open_checkpoint
 from ..errors import UserError, first_line, warn
 from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
-from ..tasks import Task, get_task, task_for_config
+from ..tasks import Task
 from . import graph_names, plugin_node
 from .info import DTYPE_NAMES, FLAVOURS, ExportInfo
 
@@ -52,13 +53,13 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
                         f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
-    config = load_config(model_dir)
-    chosen = task_for_config(config) if task == "auto" else get_task(task)
+    checkpoint = open_checkpoint(model_dir, task)  # config, task and tokenizer presence, once
+    config, chosen = checkpoint.config, checkpoint.task
     if flavour == "plugin":
         plugin_node.check_head_dim(config.hidden_size // config.num_attention_heads)
     with staged_folder(out, marker=ExportInfo.FILE_NAME, inputs=[model_dir]) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
-        model = patch_model(load_model(model_dir, chosen)[0]).to(DTYPES[dtype])
+        model = patch_model(checkpoint.model, attention="reference").to(DTYPES[dtype])
         log(f"exporting {chosen.name} ({flavour} flavour, {dtype}, opset {opset}) ...")
         onnx_model = _trace(model, chosen, flavour, opset)
         contexts = _name_graph(onnx_model, chosen, config)
@@ -72,11 +73,10 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
         else:
             validation = {"skipped": "onnxruntime CPU checks fp32 portable exports; use "
                                      "mra-export parity for this one"}
-        config.dtype = DTYPES[dtype]  # the graph's, not the source checkpoint's
-        config.save_pretrained(staging)
-        has_tokenizer = _copy_tokenizer(model_dir, staging, log)
-        info = _describe(model, chosen, config, flavour, dtype, opset, contexts, staging,
-                         external, model_dir, validation, has_tokenizer)
+        _save_config(config, dtype, staging)
+        has_tokenizer = _copy_tokenizer(checkpoint, staging)
+        info = _describe(model, checkpoint, flavour, dtype, opset, contexts, staging, external,
+                         validation, has_tokenizer)
         info.save(staging)
     log(f"wrote {Path(out) / 'model.onnx'}")
     return info
@@ -192,21 +192,32 @@ def _validate_on_onnxruntime(model, task: Task, path: Path) -> dict:
             "tolerance": VALIDATION_TOLERANCE, "batch": 3, "sequence_length": 45}
 
 
-def _copy_tokenizer(model_dir, staging: Path, log) -> bool:
-    if not has_tokenizer(model_dir):
+def _save_config(config, dtype: str, staging: Path) -> None:
+    """The source's config with the graph's dtype, not the checkpoint's (on a copy: the
+    checkpoint's config stays as read)."""
+    config = copy.deepcopy(config)
+    config.dtype = DTYPES[dtype]
+    config.save_pretrained(staging)
+
+
+def _copy_tokenizer(checkpoint: Checkpoint, staging: Path) -> bool:
+    """Whether the export got the source's tokenizer (one that cannot be read is a warning)."""
+    if not checkpoint.has_tokenizer:
         return False  # a checkpoint without tokenizer files is fine
+    folder = checkpoint.folder
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:  # the model is still worth exporting
-        warn(f"warning: the tokenizer files in {model_dir} cannot be read ({first_line(error)}); "
+        warn(f"warning: the tokenizer files in {folder} cannot be read ({first_line(error)}); "
              "the export has no tokenizer")
         return False
     tokenizer.save_pretrained(staging)
     return True
 
 
-def _describe(model, task: Task, config, flavour, dtype, opset, contexts, staging: Path,
-              external, model_dir, validation, has_tokenizer) -> ExportInfo:
+def _describe(model, checkpoint: Checkpoint, flavour, dtype, opset, contexts, staging: Path,
+              external, validation, has_tokenizer) -> ExportInfo:
+    task, config = checkpoint.task, checkpoint.config
     core = attention_cores(model)[0]
     heads = config.num_attention_heads
     files = ["model.onnx"] + ([external] if external else [])
@@ -228,7 +239,7 @@ def _describe(model, task: Task, config, flavour, dtype, opset, contexts, stagin
                   "transformers": transformers.__version__, "onnx": onnx.__version__},
         onnx_file="model.onnx", external_data=external,
         sha256={name: sha256_of(staging / name) for name in files},
-        source=str(Path(model_dir).absolute()),
+        source=str(Path(checkpoint.folder).absolute()),
         plugin=_plugin_contract() if flavour == "plugin" else None,
         validation=validation, tokenizer=has_tokenizer)
 

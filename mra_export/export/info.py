@@ -13,6 +13,7 @@ FILE_NAME = "export.json"
 FORMAT = "mra-export/1"
 FLAVOURS = ("portable", "plugin")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+QUANTIZED_DTYPES = ("int8",)  # made from an fp32 export by mra-export quantize
 
 
 @dataclasses.dataclass
@@ -22,7 +23,8 @@ class ExportInfo(JsonRecord):
     REDO: ClassVar[str] = "export the model again"
 
     flavour: str  # "portable" or "plugin"
-    dtype: str  # "fp32", "fp16" or "bf16": the graph's weights and activations
+    dtype: str  # "fp32", "fp16" or "bf16": the graph's weights and activations; "int8": int8
+    # weight MatMuls, float32 activations (mra-export quantize)
     opset: int
     task: str  # Hugging Face task name
     model_class: str
@@ -40,6 +42,8 @@ class ExportInfo(JsonRecord):
     plugin: dict | None = None  # the MraAttention node contract, plugin flavour only
     validation: dict | None = None  # onnxruntime vs PyTorch on a sample, portable flavour
     tokenizer: bool = False
+    # int8 only: the scheme, the quantized nodes, the onnxruntime that quantized them
+    quantization: dict | None = None
     format: str = FORMAT
 
     def problem(self) -> str | None:
@@ -47,10 +51,22 @@ class ExportInfo(JsonRecord):
 
         for field, value, allowed in (("task", self.task, tuple(TASKS)),
                                       ("flavour", self.flavour, FLAVOURS),
-                                      ("dtype", self.dtype, DTYPE_NAMES)):
+                                      ("dtype", self.dtype, DTYPE_NAMES + QUANTIZED_DTYPES)):
             if value not in allowed:
                 return f"unknown {field} {value!r}"
-        return self._files_problem() or self._interface_problem(TASKS[self.task])
+        return (self._quantization_problem() or self._files_problem()
+                or self._interface_problem(TASKS[self.task]))
+
+    def _quantization_problem(self) -> str | None:
+        """An int8 export is a portable one with its quantization recorded; no other has one."""
+        if self.dtype not in QUANTIZED_DTYPES:
+            return None if self.quantization is None else f"a {self.dtype} export has quantization"
+        if self.flavour != "portable":
+            return f"dtype {self.dtype} with the {self.flavour} flavour"
+        nodes = (self.quantization or {}).get("nodes")
+        if not (isinstance(nodes, list) and nodes and all(isinstance(n, str) for n in nodes)):
+            return f"dtype {self.dtype} without the quantized nodes"
+        return None
 
     def _files_problem(self) -> str | None:
         """The graph's files must be in the folder and under checksum."""

@@ -16,8 +16,8 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from ..attention import mra_attention
 from ..errors import UserError
+from ..fused import CUDA_HEAD_DIMS, mra_attention_op
 from ..patching import MIN_HEAD_DIM, MraAttentionCore, attention_cores
 
 DOMAIN = "trt.plugins"
@@ -28,9 +28,8 @@ PLUGIN_NAMESPACE = ""
 INPUTS = ("query", "key", "value", "mask")
 ATTRIBUTES = ("num_blocks", "approx_mode", "block_size", "initial_prior_first_n_blocks",
               "initial_prior_diagonal_n_blocks", "plugin_version", "plugin_namespace")
-# The head dims the plugin's CUDA kernels are compiled for (plugins/README.md); the plugin
-# refuses others at configurePlugin, which is only reached when TensorRT builds the engine.
-CUDA_HEAD_DIMS = (32, 64, 128)
+# The plugin refuses head dims outside CUDA_HEAD_DIMS at configurePlugin, which is only reached
+# when TensorRT builds the engine: check_head_dim refuses them at export.
 
 
 def check_head_dim(model_head_dim: int) -> None:
@@ -71,24 +70,6 @@ def register_schema() -> None:
             attribute("plugin_namespace", kind.STRING, "TensorRT plugin namespace"),
         ],
     ))
-
-
-@torch.library.custom_op("mra_export::mra_attention", mutates_args=())
-def mra_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: torch.Tensor, num_blocks: int, approx_mode: str, block_size: int,
-                     initial_prior_first_n_blocks: int,
-                     initial_prior_diagonal_n_blocks: int) -> torch.Tensor:
-    """``mra_attention`` as one opaque op, so that export emits one node per layer."""
-    return mra_attention(query, key, value, mask, num_blocks=num_blocks, approx_mode=approx_mode,
-                         block_size=block_size,
-                         initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-                         initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks)
-
-
-@mra_attention_op.register_fake
-def _(query, key, value, mask, num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
-      initial_prior_diagonal_n_blocks):
-    return torch.empty_like(query)
 
 
 def _to_onnx_node(query, key, value, mask, num_blocks: int, approx_mode: str, block_size: int,

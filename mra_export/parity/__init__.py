@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints import load_config, load_model
+from ..engines.manifest import EngineManifest
 from ..engines.system import fitting_manifest
 from ..errors import MissingTensorRT, UserError, warn
 from ..export.info import ExportInfo
@@ -41,7 +42,7 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 
                         "; check one head at a time")
     task = get_task(tasks.pop()) if tasks else _engine_task(engine_dirs)
     model = patch_model(load_model(model_dir, task, remedy="pass the checkpoint the export was "
-                                                          "made from")[0])
+                                                          "made from")[0], attention="reference")
     for folder, info in zip(onnx_dirs, infos):
         _check_same_shapes(folder, load_config(folder), model.config)
         if Path(info.source).resolve() != Path(model_dir).resolve():  # a likely reason to fail
@@ -63,8 +64,6 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 
 
 
 def _engine_task(engine_dirs):
-    from ..engines.manifest import EngineManifest
-
     return get_task(EngineManifest.load(engine_dirs[0]).export["task"])
 
 

@@ -8,6 +8,7 @@ from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..errors import UserError
+from .agreement import task_agreement
 from .backends import Backend
 from .report import AttentionResult, BackendResult, OutputResult
 from .runners import ExportedModelRunner
@@ -35,19 +36,29 @@ def check_backend(backend: Backend, reference: RunResults, feeds, task, input_na
                              f"{type(error).__name__}: {message[0] if message else ''}")
     pair = RunResults(list(reference.items()) + list(results.items()))
     outputs = _compare_outputs(pair, task.outputs, backend.tolerance)
+    agreement = _agreement(pair, task, feeds) if backend.agreement else []
     try:
         attention = AttentionResult(_per_head_max_abs(pair, contexts), backend.tolerance) if contexts else None
     except ShapeMismatch as error:  # the others still get checked
         return BackendResult(backend.name, backend.source, "error", str(error), outputs=outputs)
-    passed = all(o.passed for o in outputs.values()) and (attention is None or attention.passed)
-    note = None if contexts else ("per-head diagnostic not run: the engine has no attention "
-                                  "outputs (build with --attention-outputs)")
+    passed = (all(o.passed for o in outputs.values()) and (attention is None or attention.passed)
+              and all(a.passed for a in agreement))
+    note = None if contexts else f"per-head diagnostic not run: {backend.no_attention}"
     return BackendResult(backend.name, backend.source, "passed" if passed else "failed",
-                         reason=note, outputs=outputs, attention=attention)
+                         reason=note, outputs=outputs, attention=attention, agreement=agreement)
 
 
-def _compare_outputs(pair: RunResults, names, tolerance: float) -> dict[str, OutputResult]:
-    compare = SimpleCompareFunc(atol=tolerance, rtol=0.0, check_error_stat="max")
+def _agreement(pair: RunResults, task, feeds):
+    """The task's agreement with PyTorch over every feed (int8 backends)."""
+    (_, expected), (_, actual) = pair.items()
+    masks = [np.asarray(feed["attention_mask"]) for feed in feeds]
+    return task_agreement(task.name, list(expected), list(actual), masks)
+
+
+def _compare_outputs(pair: RunResults, names, tolerance: float | None) -> dict[str, OutputResult]:
+    # None: the errors are measured and reported, not judged (int8, judged by agreement)
+    compare = SimpleCompareFunc(atol=np.inf if tolerance is None else tolerance, rtol=0.0,
+                                check_error_stat="max")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         accuracy = Comparator.compare_accuracy(pair, compare_func=compare)
     iterations = next(iter(accuracy[0].values()))  # one compare function, one runner pair

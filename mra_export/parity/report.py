@@ -9,17 +9,18 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_write_text, check_writable_file
+from .agreement import AgreementResult
 
 
 @dataclasses.dataclass
 class OutputResult:
     max_abs: float
     max_rel: float
-    tolerance: float
+    tolerance: float | None  # None: reported only (int8 is judged by task agreement)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs <= self.tolerance
+        return self.tolerance is None or self.max_abs <= self.tolerance
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class BackendResult:
     reason: str | None = None  # why it was skipped, the error, or a note on what did not run
     outputs: dict[str, OutputResult] = dataclasses.field(default_factory=dict)
     attention: AttentionResult | None = None
+    agreement: list[AgreementResult] = dataclasses.field(default_factory=list)  # int8
 
 
 @dataclasses.dataclass
@@ -82,6 +84,10 @@ class ParityReport:
                 data["attention"].update(max_abs=result.attention.max_abs,
                                          first_divergence=result.attention.first_divergence,
                                          passed=result.attention.passed)
+            for entry, agreement in zip(data["agreement"], result.agreement):
+                entry["passed"] = agreement.passed
+            if not result.agreement:  # float backends' reports as before
+                del data["agreement"]
             return data
 
         return {"model": self.model, "task": self.task, "passed": self.passed,
@@ -123,9 +129,14 @@ def table_rows(report: ParityReport) -> list[tuple[str, ...]]:
                          f"{result.status}: {result.reason}"))
             continue
         for name, output in result.outputs.items():
+            judged = output.tolerance is not None
             rows.append((report.task, result.backend, name, f"{output.max_abs:.2e}",
-                         f"{output.max_rel:.2e}", f"{output.tolerance:g}",
-                         "pass" if output.passed else "FAIL"))
+                         f"{output.max_rel:.2e}", f"{output.tolerance:g}" if judged else "-",
+                         ("pass" if output.passed else "FAIL") if judged else "reported"))
+        for agreement in result.agreement:
+            rows.append((report.task, result.backend, agreement.metric, "-", "-",
+                         f"> {agreement.threshold:g}",
+                         f"{'pass' if agreement.passed else 'FAIL'}: {agreement.describe()}"))
         if result.attention is None and result.reason:
             rows.append((report.task, result.backend, "attention", "-", "-", "-", result.reason))
         if result.attention:

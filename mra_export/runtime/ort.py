@@ -7,6 +7,7 @@ the task, its inputs and outputs, and calls return the task's ModelOutput.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError, first_line
+from ..native import ORT_OP_LIBRARY, build_dir, open_library
 from .base import ExportedModel
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -31,6 +33,11 @@ AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strip
 # Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
 BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
                    "CUDA provider, TensorRT, or an fp32/fp16 export")
+# Dynamic quantization's int8 kernels (DynamicQuantizeMatMul, uint8 x int8 MatMulInteger) are
+# onnxruntime's CPU provider's.
+INT8_CPU_ONLY = ("onnxruntime computes its dynamically quantized MatMuls on the CPU provider "
+                 "only; use provider='CPUExecutionProvider', or on a GPU the fp32/fp16 export or "
+                 "a TensorRT engine")
 
 
 class OrtMraModel(ExportedModel):
@@ -50,18 +57,24 @@ class OrtMraModel(ExportedModel):
     def from_pretrained(cls, folder: str | Path, provider: str | list[str] | None = None, *,
                         session_options: ort.SessionOptions | None = None,
                         verify: bool = True) -> OrtMraModel:
-        """Load ``folder`` (made by ``mra-export export``), a portable export.
+        """Load ``folder`` (made by ``mra-export export``), of either flavour.
 
         ``provider``: an execution provider or a list in order of preference (names or
         ``(name, options)`` pairs); by default CUDA without TF32, then CPU, whichever this
         onnxruntime has (TensorRT's provider only when named). ``verify`` checks the ONNX
-        files against the sha256 in ``export.json``. Plugin-flavour exports are refused: they run
-        as TensorRT engines (``mra-export build``, then ``TrtMraModel``). A bfloat16 export's
-        results come back as float32 (numpy has no bfloat16; the widening is exact).
+        files against the sha256 in ``export.json``. A plugin-flavour export's ``MraAttention``
+        nodes run through the op library ``libmra_attention_ort.so`` (``make plugins`` with
+        onnxruntime's headers), which this registers in the session options: the C++ twin on the
+        CPU provider, the CUDA kernels on the CUDA provider. A bfloat16 export's
+        results come back as float32 (numpy has no bfloat16; the widening is exact). An int8
+        export (``mra-export quantize``) runs on the CPU provider only.
         """
         info, config = cls.load_export(folder, verify)
         providers = choose_providers(provider, info.flavour, info.dtype)
-        return cls(info, config, folder, providers, session_options or default_options())
+        options = session_options or default_options()
+        if info.flavour == "plugin":
+            register_op_library(options)
+        return cls(info, config, folder, providers, options)
 
     @property
     def providers(self) -> list[str]:
@@ -86,7 +99,8 @@ class OrtMraModel(ExportedModel):
     def _check_graph_dtype(self) -> None:
         """export.json's dtype sets parity's tolerance: it must be the graph's (a bfloat16
         graph's outputs are cast to float32 here, so only fp32 and fp16 are told apart)."""
-        expected = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}.get(self.info.dtype)
+        expected = {"fp32": "tensor(float)", "fp16": "tensor(float16)",
+                    "int8": "tensor(float)"}.get(self.info.dtype)  # int8: weights only
         found = {o.type for o in self.session.get_outputs() if o.name in self.info.outputs}
         if expected and found != {expected}:
             raise UserError(f"{self.folder / 'export.json'} says dtype {self.info.dtype}, but "
@@ -149,18 +163,13 @@ class OrtMraModel(ExportedModel):
 
 def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
     """The providers to ask onnxruntime for, checked against what it has and the export's
-    flavour and dtype. ``provider`` is a name, or a list of names and ``(name, options)`` pairs
-    as onnxruntime takes them."""
-    if flavour == "plugin":
-        # onnxruntime's TensorRT provider makes custom ops only of plugins that register
-        # themselves when their library is opened, and lists them with getPluginCreatorList,
-        # which holds no IPluginV3 creators; this plugin registers through getCreators.
-        raise UserError("the plugin flavour's MraAttention node runs only in TensorRT engines "
-                        "(mra-export build, then TrtMraModel.from_engine), not in onnxruntime; "
-                        "use a portable export (--flavour portable) with onnxruntime")
+    dtype (every flavour runs on each: the plugin flavour's nodes through the op library).
+    ``provider`` is a name, or a list of names and ``(name, options)`` pairs as onnxruntime
+    takes them."""
     available = ort.get_available_providers()
     if provider is None:
-        wanted = [p for p in PREFERENCE if _provider_name(p) in available]
+        preference = (CPU,) if dtype == "int8" else PREFERENCE
+        wanted = [p for p in preference if _provider_name(p) in available]
     elif _is_provider(provider):
         wanted = [provider]
     elif isinstance(provider, (list, tuple)) and all(map(_is_provider, provider)):
@@ -168,6 +177,8 @@ def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
     else:
         raise UserError(f"provider must be an execution provider's name, a (name, options) pair, "
                         f"or a list of them, got {provider!r}")
+    if dtype == "int8" and any(_provider_name(p) in ON_GPU for p in wanted):
+        raise UserError(f"this export is int8: {INT8_CPU_ONLY}")
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
         raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
@@ -176,6 +187,41 @@ def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
     if dtype == "bf16" and wanted and _provider_name(wanted[0]) == CPU:
         raise UserError(f"this export is bfloat16: {BF16_NOT_ON_CPU}")
     return wanted
+
+
+# Session options the op library is registered in: onnxruntime refuses the domain a second time.
+_OPTIONS_WITH_OP_LIBRARY: weakref.WeakSet = weakref.WeakSet()
+OP_LIBRARY_HOW_TO_BUILD = ("make plugins ORT_INCLUDE_DIR=<folder holding onnxruntime_c_api.h, "
+                           "onnxruntime 1.20 or later>")
+
+
+def op_library_path() -> Path:
+    """``libmra_attention_ort.so``, which runs the plugin flavour's ``MraAttention`` nodes in
+    onnxruntime, or a one-line error saying how to build it."""
+    path = build_dir() / ORT_OP_LIBRARY
+    if not path.is_file():
+        raise UserError(f"{path} is not built, and onnxruntime runs the plugin flavour's "
+                        f"MraAttention nodes through it: run '{OP_LIBRARY_HOW_TO_BUILD}'")
+    return path
+
+
+def register_op_library(options: ort.SessionOptions) -> None:
+    """Register the op library in ``options`` (once per options object)."""
+    if options in _OPTIONS_WITH_OP_LIBRARY:
+        return
+    path = op_library_path()
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise UserError(f"onnxruntime {ort.__version__} cannot load {path} ({first_line(error)}); "
+                        f"it needs onnxruntime 1.20 or later, and rebuilding it with "
+                        f"'{OP_LIBRARY_HOW_TO_BUILD}' may help") from None
+    _OPTIONS_WITH_OP_LIBRARY.add(options)
+
+
+def op_library_has_cuda_kernel() -> bool:
+    """Whether the op library holds its CUDA kernel (built where nvcc was found)."""
+    return hasattr(open_library(op_library_path()), "mraAttentionCuda")
 
 
 def cast_outputs_to_float32(graph: onnx.GraphProto) -> None:

@@ -32,7 +32,8 @@ typedef enum {
     MRA_INVALID_ARGUMENT = 1, /* a shape, setting or pointer is invalid */
     MRA_UNSUPPORTED = 2,      /* valid MRA, but not implemented here (e.g. head_dim on CUDA) */
     MRA_WORKSPACE_TOO_SMALL = 3,
-    MRA_CUDA_ERROR = 4        /* a CUDA call or launch failed; see mraLastCudaError() */
+    MRA_CUDA_ERROR = 4,       /* a CUDA call or launch failed; see mraLastCudaError() */
+    MRA_OUT_OF_MEMORY = 5     /* the CPU twin could not get host memory or start its threads */
 } MraStatus;
 
 typedef struct {
@@ -61,6 +62,10 @@ MRA_API const char* mraStatusString(MraStatus status);
 MRA_API MraStatus mraAttentionCpu(const MraAttentionParams* params, const void* query,
                                   const void* key, const void* value, const int32_t* mask,
                                   void* output, void* workspace, size_t workspace_size);
+
+/* Threads mraAttentionCpu may use, over the (batch, head) rows; 0 (the default) is one per
+ * hardware thread. Process-wide; small problems run on the calling thread alone. */
+MRA_API void mraSetCpuThreads(int32_t threads);
 
 /* The CUDA kernels; device pointers, all work queued on `stream` (a cudaStream_t), no
  * allocation and no host synchronisation. query, key, value and output must be 16-byte aligned

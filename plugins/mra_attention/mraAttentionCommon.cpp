@@ -141,6 +141,7 @@ char const* mraStatusString(MraStatus status)
     case MRA_UNSUPPORTED: return "unsupported by this implementation";
     case MRA_WORKSPACE_TOO_SMALL: return "workspace too small (see mraWorkspaceSize)";
     case MRA_CUDA_ERROR: return "CUDA error (see mraLastCudaError)";
+    case MRA_OUT_OF_MEMORY: return "out of host memory, or no thread could be started";
     }
     return "unknown status";
 }

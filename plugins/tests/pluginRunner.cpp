@@ -5,11 +5,16 @@
  *   getWorkspaceSize (which must cover the input's own shape) -> onShapeChange and enqueue on
  *   that build-phase plugin (the builder times it) -> getFieldsToSerialize, copied as an engine
  *   stores them -> createPlugin(kRUNTIME) -> attachToContext -> onShapeChange -> enqueue. Each
- *   enqueue gets exactly the workspace asked for (a canary and an unmapped page after it), and
- *   both must give the same bytes.
+ *   enqueue gets exactly the workspace asked for (a canary after it, and an unmapped page in host
+ *   memory), and both must give the same bytes.
  * With libmra_attention_plugin_emulated.so (the plugin over the CUDA kernels' source under
  * tests/cuda_emulation) every pointer is host memory, so pytest can check the whole plugin, fields
  * to output, against the PyTorch reference (mra_export/native.py, PluginRunner).
+ * Compiled with MRA_RUNNER_ON_DEVICE (libmra_attention_plugin_runner_cuda.so, against the real
+ * CUDA runtime) it drives the real libmra_attention_plugin.so instead: the inputs copied into
+ * cudaMalloc'd memory, the outputs and each workspace there too (poisoned with 0xff, the workspace
+ * followed by canary bytes), enqueue on a stream of its own, the output copied back at the end.
+ * The caller's pointers are read and written with cudaMemcpyDefault: host or device memory.
  *
  * int32_t mraPluginRun(library, nbAttributes, names, strings, ints, dataType, shape[4],
  *                      profileMin[4], profileOpt[4], profileMax[4],
@@ -20,12 +25,17 @@
  *   the plugin logged) in `error`.
  */
 #include "NvInferRuntime.h"
-#include "guardedBuffer.h"
 #include "layerDescs.h"
 #include "mraAttention.h"
+#if MRA_RUNNER_ON_DEVICE
+#include <cuda_runtime_api.h>
+#else
+#include "guardedBuffer.h"
+#endif
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -80,6 +90,149 @@ void require(bool ok, char const* step)
         throw Failure{step};
     }
 }
+
+#if MRA_RUNNER_ON_DEVICE
+
+void requireCuda(cudaError_t status, char const* step)
+{
+    if (status != cudaSuccess)
+    {
+        throw Failure{std::string(step) + ": " + cudaGetErrorString(status)};
+    }
+}
+
+//! Device memory of the runner's own.
+class DeviceBuffer
+{
+public:
+    explicit DeviceBuffer(size_t bytes)
+    {
+        requireCuda(cudaMalloc(&mData, std::max<size_t>(bytes, 1)), "cudaMalloc");
+    }
+
+    ~DeviceBuffer()
+    {
+        cudaFree(mData);
+    }
+
+    DeviceBuffer(DeviceBuffer const&) = delete;
+    DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+
+    unsigned char* get() const
+    {
+        return static_cast<unsigned char*>(mData);
+    }
+
+private:
+    void* mData{nullptr};
+};
+
+//! The stream enqueue gets, as from an execution context: not the legacy default stream.
+class Stream
+{
+public:
+    Stream()
+    {
+        requireCuda(cudaStreamCreateWithFlags(&mStream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    }
+
+    ~Stream()
+    {
+        cudaStreamDestroy(mStream);
+    }
+
+    Stream(Stream const&) = delete;
+    Stream& operator=(Stream const&) = delete;
+
+    cudaStream_t get() const
+    {
+        return mStream;
+    }
+
+    //! Waits for the queued work; a fault in any of it (a kernel's included) fails `step`.
+    void synchronize(char const* step) const
+    {
+        requireCuda(cudaStreamSynchronize(mStream), step);
+    }
+
+private:
+    cudaStream_t mStream{nullptr};
+};
+
+//! TensorRT's workspace on the device: getWorkspaceSize bytes, 256-aligned, uninitialised (0xff
+//! here: NaN where read as float). No unmapped page can follow it, so canary bytes do.
+class Workspace
+{
+public:
+    Workspace(size_t bytes, Stream const& stream)
+        : mBytes(bytes)
+        , mMemory(bytes + kGuard)
+        , mStream(stream)
+    {
+        requireCuda(cudaMemsetAsync(mMemory.get(), 0xff, bytes, stream.get()), "cudaMemsetAsync (workspace)");
+        requireCuda(cudaMemsetAsync(mMemory.get() + bytes, kCanary, kGuard, stream.get()), "cudaMemsetAsync (canary)");
+    }
+
+    void* start() const
+    {
+        return mMemory.get();
+    }
+
+    bool canaryIntact() const
+    {
+        unsigned char guard[kGuard];
+        requireCuda(cudaMemcpyAsync(guard, mMemory.get() + mBytes, kGuard, cudaMemcpyDeviceToHost, mStream.get()),
+            "cudaMemcpyAsync (canary)");
+        mStream.synchronize("reading the workspace's canary");
+        return std::all_of(guard, guard + kGuard, [](unsigned char byte) { return byte == kCanary; });
+    }
+
+private:
+    static constexpr size_t kGuard = 256;
+    static constexpr unsigned char kCanary = 0xa5;
+    size_t mBytes;
+    DeviceBuffer mMemory;
+    Stream const& mStream;
+};
+
+#else
+
+//! The emulated kernels run on the calling thread: no stream, nothing to wait for.
+struct Stream
+{
+    cudaStream_t get() const
+    {
+        return nullptr;
+    }
+
+    void synchronize(char const* /*step*/) const {}
+};
+
+//! TensorRT's workspace in host memory: getWorkspaceSize bytes, 256-aligned, uninitialised,
+//! a canary and an unmapped page after it.
+class Workspace
+{
+public:
+    Workspace(size_t bytes, Stream const& /*stream*/)
+        : mBuffer(bytes, 256)
+    {
+    }
+
+    void* start() const
+    {
+        return mBuffer.start();
+    }
+
+    bool canaryIntact() const
+    {
+        return mBuffer.canaryIntact();
+    }
+
+private:
+    checks::GuardedBuffer mBuffer;
+};
+
+#endif
 
 //! The library's MraAttention creator (the library is loaded once per path, as TensorRT does).
 IPluginCreatorV3One* findCreator(char const* path)
@@ -278,33 +431,155 @@ PluginPtr build(IPluginCreatorV3One* creator, PluginFieldCollection const* node,
     return plugin;
 }
 
-//! One layer execution: the inputs at their shape and the workspace size the build asked for.
+//! One layer execution: the inputs' shape and the workspace size the build asked for.
 struct Call
 {
     DataType type;
     int64_t const* shape;
-    void const* const* inputs;
     size_t workspaceSize;
 
+    //! Also the bytes of the query, the key and the value.
     size_t outputBytes() const
     {
         return static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]) * (type == DataType::kFLOAT ? 4 : 2);
     }
+
+    size_t maskBytes() const
+    {
+        return static_cast<size_t>(shape[0] * shape[2]) * sizeof(int32_t);
+    }
 };
+
+#if MRA_RUNNER_ON_DEVICE
+
+//! The layer's tensors in device memory, as an engine holds them: the caller's inputs copied in,
+//! and two outputs (the builder's timing run's and the engine's), poisoned with 0xff (NaN).
+class LayerTensors
+{
+public:
+    LayerTensors(Call const& call, void const* const* callerInputs, void* callerOutput, Stream const& stream)
+        : mQuery(call.outputBytes())
+        , mKey(call.outputBytes())
+        , mValue(call.outputBytes())
+        , mMask(call.maskBytes())
+        , mTimed(call.outputBytes())
+        , mEngine(call.outputBytes())
+        , mInputs{mQuery.get(), mKey.get(), mValue.get(), mMask.get()}
+        , mCallerOutput(callerOutput)
+        , mOutputBytes(call.outputBytes())
+    {
+        DeviceBuffer const* const targets[4] = {&mQuery, &mKey, &mValue, &mMask};
+        size_t const bytes[4] = {call.outputBytes(), call.outputBytes(), call.outputBytes(), call.maskBytes()};
+        for (int32_t i = 0; i < 4; ++i)
+        {
+            requireCuda(cudaMemcpyAsync(targets[i]->get(), callerInputs[i], bytes[i], cudaMemcpyDefault, stream.get()),
+                "cudaMemcpyAsync (inputs)");
+        }
+        for (DeviceBuffer const* output : {&mTimed, &mEngine})
+        {
+            requireCuda(cudaMemsetAsync(output->get(), 0xff, mOutputBytes, stream.get()), "cudaMemsetAsync (outputs)");
+        }
+    }
+
+    void const* const* inputs() const
+    {
+        return mInputs;
+    }
+
+    void* timedOutput() const
+    {
+        return mTimed.get();
+    }
+
+    void* engineOutput() const
+    {
+        return mEngine.get();
+    }
+
+    bool outputsAgree(Stream const& stream) const
+    {
+        std::vector<unsigned char> timed(mOutputBytes), engine(mOutputBytes);
+        requireCuda(cudaMemcpyAsync(timed.data(), mTimed.get(), mOutputBytes, cudaMemcpyDeviceToHost, stream.get()),
+            "cudaMemcpyAsync (outputs)");
+        requireCuda(cudaMemcpyAsync(engine.data(), mEngine.get(), mOutputBytes, cudaMemcpyDeviceToHost, stream.get()),
+            "cudaMemcpyAsync (outputs)");
+        stream.synchronize("copying the outputs back");
+        return timed == engine;
+    }
+
+    //! The engine's output into the caller's memory.
+    void deliver(Stream const& stream) const
+    {
+        requireCuda(cudaMemcpyAsync(mCallerOutput, mEngine.get(), mOutputBytes, cudaMemcpyDefault, stream.get()),
+            "cudaMemcpyAsync (output)");
+        stream.synchronize("copying the output back");
+    }
+
+private:
+    DeviceBuffer mQuery, mKey, mValue, mMask, mTimed, mEngine;
+    void const* mInputs[4];
+    void* mCallerOutput;
+    size_t mOutputBytes;
+};
+
+#else
+
+//! The layer's tensors in host memory: the caller's own, and a second output for the timing run.
+class LayerTensors
+{
+public:
+    LayerTensors(Call const& call, void const* const* callerInputs, void* callerOutput, Stream const& /*stream*/)
+        : mInputs(callerInputs)
+        , mTimed(call.outputBytes())
+        , mCallerOutput(callerOutput)
+    {
+    }
+
+    void const* const* inputs() const
+    {
+        return mInputs;
+    }
+
+    void* timedOutput()
+    {
+        return mTimed.data();
+    }
+
+    void* engineOutput() const
+    {
+        return mCallerOutput;
+    }
+
+    bool outputsAgree(Stream const& /*stream*/) const
+    {
+        return std::memcmp(mTimed.data(), mCallerOutput, mTimed.size()) == 0;
+    }
+
+    //! The engine wrote into the caller's memory itself.
+    void deliver(Stream const& /*stream*/) const {}
+
+private:
+    void const* const* mInputs;
+    std::vector<unsigned char> mTimed;
+    void* mCallerOutput;
+};
+
+#endif
 
 //! onShapeChange and enqueue, as TensorRT runs the layer (when timing it in the builder, and in
 //! an execution context).
-void execute(IPluginV3* plugin, Call const& call, void* output)
+void execute(IPluginV3* plugin, Call const& call, void const* const* inputs, void* output, Stream const& stream)
 {
     auto* runtime = capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME);
     std::vector<PluginTensorDesc> const descs = runtimeDescs(call.type, call.shape);
     require(runtime->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
-    // TensorRT's workspace: getWorkspaceSize bytes, 256-aligned, uninitialised. enqueue is not
-    // told its size, so a plugin that asked for too little would write past it.
-    checks::GuardedBuffer workspace(call.workspaceSize, 256);
+    // enqueue is not told the workspace's size, so a plugin that asked for too little would
+    // write past it.
+    Workspace workspace(call.workspaceSize, stream);
     void* const outputs[1] = {output};
-    require(runtime->enqueue(descs.data(), descs.data() + 4, call.inputs, outputs, workspace.start(), nullptr) == 0,
+    require(runtime->enqueue(descs.data(), descs.data() + 4, inputs, outputs, workspace.start(), stream.get()) == 0,
         "enqueue failed");
+    stream.synchronize("the work enqueue queued");
     require(workspace.canaryIntact(), "enqueue wrote past the workspace getWorkspaceSize asked for");
 }
 
@@ -325,10 +600,12 @@ extern "C" __attribute__((visibility("default"))) int32_t mraPluginRun(char cons
         size_t workspaceSize = 0;
         PluginPtr built = build(
             creator, node.get(), type, shape, buildDescs(type, shape, profileMin, profileOpt, profileMax), workspaceSize);
-        void const* const inputs[4] = {query, key, value, mask};
-        Call const call{type, shape, inputs, workspaceSize};
-        std::vector<unsigned char> timed(call.outputBytes());
-        execute(built.get(), call, timed.data()); // the builder times the build-phase plugin
+        Call const call{type, shape, workspaceSize};
+        Stream stream;
+        void const* const callerInputs[4] = {query, key, value, mask};
+        LayerTensors tensors(call, callerInputs, output, stream);
+        // The builder times the build-phase plugin.
+        execute(built.get(), call, tensors.inputs(), tensors.timedOutput(), stream);
         // The engine stores the fields; deserialising recreates the plugin, each context clones it.
         OwnedFields stored = storedFields(
             capability<IPluginV3OneRuntime>(built.get(), PluginCapabilityType::kRUNTIME)->getFieldsToSerialize());
@@ -338,9 +615,10 @@ extern "C" __attribute__((visibility("default"))) int32_t mraPluginRun(char cons
         PluginPtr context(
             capability<IPluginV3OneRuntime>(engine.get(), PluginCapabilityType::kRUNTIME)->attachToContext(nullptr));
         require(context != nullptr, "attachToContext");
-        execute(context.get(), call, output);
-        require(std::memcmp(timed.data(), output, timed.size()) == 0,
+        execute(context.get(), call, tensors.inputs(), tensors.engineOutput(), stream);
+        require(tensors.outputsAgree(stream),
             "the build-phase plugin (which TensorRT times) and the engine's give different outputs");
+        tensors.deliver(stream);
         return 0;
     }
     catch (Failure const& failure)

@@ -1,0 +1,143 @@
+"""``mra_export::mra_attention``: MRA attention as one PyTorch op that runs the kernel library.
+
+- CUDA tensors: the CUDA kernels (``libmra_attention_cuda.so``) on the current stream, the
+  workspace from PyTorch's caching allocator, no host synchronisation (CUDA-graph capturable).
+- CPU tensors: the C++ twin (``libmra_attention_cpu.so``) on ``torch.get_num_threads()`` threads,
+  one (batch, head) row per thread at a time.
+- ``register_fake`` lets torch.compile and torch.export trace it; the plugin flavour of the
+  exporter turns it into the ``MraAttention`` ONNX node (``export/plugin_node.py``).
+- Gradients go through the PyTorch reference: the backward pass recomputes ``mra_attention`` with
+  autograd on the saved inputs. Training works, at the reference's cost in the backward pass.
+
+``make plugins`` builds the libraries (nvcc for the CUDA one).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import native
+from .attention import mra_attention
+from .errors import InputError, UserError
+
+# The head dims the CUDA kernels are compiled for (plugins/README.md); the C++ twin takes any.
+CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_BLOCK_SIZE = 32
+LIBRARIES = {"cpu": native.CPU_LIBRARY, "cuda": native.CUDA_LIBRARY}
+ALIGNMENT = 16  # the CUDA kernels move 16-byte vectors
+
+
+def library_built(device_type: str) -> bool:
+    """Whether ``make plugins`` built the kernel library for this device type."""
+    return device_type in LIBRARIES and not native.unbuilt(LIBRARIES[device_type])
+
+
+@functools.cache
+def kernel_library(device_type: str) -> native.MraLibrary:
+    """The kernel library for ``device_type`` ("cpu" or "cuda"), or a one-line error."""
+    if device_type not in LIBRARIES:
+        raise UserError(f"the fused MRA attention runs on cpu or cuda tensors, not {device_type}; "
+                        "patch the model with attention='reference' there")
+    path = native.build_dir() / LIBRARIES[device_type]
+    if not path.is_file():
+        needs = " (it needs nvcc)" if device_type == "cuda" else ""
+        raise UserError(f"the fused MRA attention for {device_type} needs {path}, which is not "
+                        f"built; run 'make plugins'{needs}, or patch the model with "
+                        "attention='reference'")
+    return native.MraLibrary(path)
+
+
+def check_inputs(query, key, value, mask, block_size: int) -> None:
+    """One line for what the libraries cannot take, before they see it."""
+    if not (query.shape == key.shape == value.shape) or query.dim() != 4:
+        raise InputError("query, key and value must share one [batch, heads, seq, head_dim] "
+                         f"shape, got {list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in native.DTYPES:
+        raise InputError("query, key and value must share one dtype of float32, float16 or "
+                         f"bfloat16, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if mask.shape != (query.shape[0], query.shape[2]):
+        raise InputError(f"the mask must be [batch, seq] = {[query.shape[0], query.shape[2]]}, "
+                         f"got {list(mask.shape)}")
+    devices = {t.device for t in (query, key, value, mask)}
+    if len(devices) != 1:
+        raise InputError("query, key, value and mask must be on one device, got "
+                         f"{', '.join(sorted(map(str, devices)))}")
+    if query.is_cuda and (query.shape[-1] not in CUDA_HEAD_DIMS or block_size != CUDA_BLOCK_SIZE):
+        raise InputError(f"the CUDA kernels take head_dim {', '.join(map(str, CUDA_HEAD_DIMS))} "
+                         f"and block_size {CUDA_BLOCK_SIZE}, got head_dim {query.shape[-1]}, "
+                         f"block_size {block_size}; pad the head dim or use attention='reference'")
+
+
+def _as_c_array(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (a view into a larger tensor may be neither)."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
+@torch.library.custom_op("mra_export::mra_attention", mutates_args=())
+def mra_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, num_blocks: int, approx_mode: str, block_size: int,
+                     initial_prior_first_n_blocks: int,
+                     initial_prior_diagonal_n_blocks: int) -> torch.Tensor:
+    """MRA attention of ``[B, H, S, D]`` query/key/value and a ``[B, S]`` mask (non-zero for
+    real tokens), computed by the kernel library of the tensors' device."""
+    check_inputs(query, key, value, mask, block_size)
+    if query.numel() == 0:  # an empty batch, as torch's own ops allow
+        return torch.empty_like(query)
+    library = kernel_library(query.device.type)
+    if not query.is_cuda:
+        library.set_cpu_threads(torch.get_num_threads())
+    params = library.params(query, num_blocks=num_blocks, approx_mode=approx_mode,
+                            block_size=block_size,
+                            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+                            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks)
+    mask = mask if mask.dtype == torch.int32 else (mask != 0).to(torch.int32)
+    output, _ = library.run(params, *(_as_c_array(t) for t in (query, key, value, mask)))
+    return output
+
+
+@mra_attention_op.register_fake
+def _(query, key, value, mask, num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
+      initial_prior_diagonal_n_blocks):
+    return torch.empty_like(query)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    query, key, value, mask, *settings = inputs
+    ctx.save_for_backward(query, key, value, mask)
+    ctx.settings = dict(zip(("num_blocks", "approx_mode", "block_size",
+                             "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks"),
+                            settings))
+
+
+def _backward_through_reference(ctx, grad_output):
+    """The gradients of the PyTorch reference at the saved inputs (the forward recomputed)."""
+    query, key, value, mask = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((query, key, value), wanted)]
+        output = mra_attention(*leaves, mask, **ctx.settings)
+        grads = iter(torch.autograd.grad(output, [t for t in leaves if t.requires_grad],
+                                         grad_output))
+    return (*(next(grads) if need else None for need in wanted), None, None, None, None, None, None)
+
+
+mra_attention_op.register_autograd(_backward_through_reference, setup_context=_save_for_backward)
+
+
+def fused_mra_attention(query, key, value, mask, *, num_blocks: int, approx_mode: str = "full",
+                        block_size: int = 32, initial_prior_first_n_blocks: int = 0,
+                        initial_prior_diagonal_n_blocks: int = 0) -> torch.Tensor:
+    """``mra_attention``'s signature, computed by the op."""
+    return mra_attention_op(query, key, value, mask, num_blocks, approx_mode, block_size,
+                            initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
+
+
+def runs_fused(query: torch.Tensor, block_size: int) -> bool:
+    """Whether ``attention="auto"`` computes these inputs with the op: its library is built
+    for their device and takes their shape."""
+    if not library_built(query.device.type):
+        return False
+    return not query.is_cuda or (query.shape[-1] in CUDA_HEAD_DIMS and block_size == CUDA_BLOCK_SIZE)

@@ -1,0 +1,208 @@
+"""``mra_export::mra_attention`` (mra_export/fused.py): the kernel library as a PyTorch op, and
+``patch_model(attention=...)``.
+
+On the CPU the op runs the C++ twin; it is held to the PyTorch reference (itself checked against
+transformers' mra2_attention) and, with every block selected, to float64 dense attention. The
+CUDA cases are marked gpu and skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mra_export import fused, native
+from mra_export.attention import mra_attention
+from mra_export.checkpoints import load_model
+from mra_export.errors import InputError, UserError
+from mra_export.kernel_check import compare_with_reference
+from mra_export.patching import attention_cores, patch_model
+
+from .conftest import random_qkv, ragged_mask
+from .test_attention_dense import dense_attention_float64, normaliser_error_bound
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_twin():
+    native.ensure_built(native.CPU_LIBRARY, "mra_attention_cpu")
+
+
+def settings(num_blocks, mode="full", first=0, diagonal=0):
+    return dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=first,
+                initial_prior_diagonal_n_blocks=diagonal)
+
+
+@pytest.mark.parametrize("seq_len,num_blocks,mode,priors", [
+    (1, 1, "full", (0, 0)), (100, 6, "full", (1, 0)), (257, 20, "sparse", (0, 3)),
+    (300, 40, "full", (2, 5)), (640, 100, "sparse", (0, 0)),
+])
+def test_cpu_op_matches_the_reference(seq_len, num_blocks, mode, priors):
+    q, k, v = random_qkv(3, 2, seq_len, 64, seed=seq_len)
+    mask = ragged_mask(3, seq_len, [seq_len, seq_len // 2 + 1, 0])
+    kw = settings(num_blocks, mode, *priors)
+    ours = fused.fused_mra_attention(q, k, v, mask, **kw)
+    assert ours.dtype == torch.float32 and ours.shape == q.shape
+    assert (ours - mra_attention(q, k, v, mask, **kw)).abs().max().item() <= TOLERANCE
+    assert torch.all(ours[2] == 0) and torch.all(ours[1, :, seq_len // 2 + 1:] == 0)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_every_block_selected_equals_float64_dense_attention(head_dim, mode):
+    seq_len = 200  # a partial last block
+    q, k, v = random_qkv(2, 3, seq_len, head_dim, seed=head_dim)
+    mask = ragged_mask(2, seq_len, [seq_len, 77])
+    nb = math.ceil(seq_len / 32)
+    ours = fused.fused_mra_attention(q, k, v, mask, **settings(nb * nb, mode))
+    error = (ours.double() - dense_attention_float64(q, k, v, mask)).abs()
+    assert (error <= normaliser_error_bound(q, k, v, mask)).all()
+
+
+@pytest.mark.parametrize("dtype,relative", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_is_computed_in_float32_and_returned_in_its_dtype(dtype, relative):
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 2, 300, 64, seed=5))
+    mask = ragged_mask(2, 300, [300, 120])
+    ours = fused.fused_mra_attention(q, k, v, mask, **settings(30))
+    expected = mra_attention(q.float(), k.float(), v.float(), mask, **settings(30))
+    assert ours.dtype == dtype
+    assert (ours.float() - expected).abs().max() <= relative * expected.abs().max()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    q, k, v = random_qkv(2, 3, 1024, 64, seed=9)  # large enough to run on several threads
+    mask = ragged_mask(2, 1024, [1024, 700])
+    library = fused.kernel_library("cpu")
+    outputs = []
+    for threads in (1, 3):
+        library.set_cpu_threads(threads)
+        params = library.params(q, **settings(256))
+        outputs.append(library.run(params, *native.c_inputs(q, k, v, mask))[0])
+    library.set_cpu_threads(0)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_views_that_are_not_contiguous_or_aligned_are_taken():
+    q, k, v = random_qkv(1, 2, 96, 64, seed=3)
+    mask = torch.ones(1, 96)
+    offset = torch.randn(1, 2, 96, 65)[..., 1:]  # neither contiguous nor 16-byte aligned
+    offset.copy_(q)
+    assert torch.equal(fused.fused_mra_attention(offset, k, v, mask, **settings(9)),
+                       fused.fused_mra_attention(q, k, v, mask, **settings(9)))
+
+
+def test_gradients_are_the_references():
+    q, k, v = random_qkv(2, 2, 130, 32, seed=4)
+    mask = ragged_mask(2, 130, [130, 60])
+    grads = []
+    for attention in (fused.fused_mra_attention, mra_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, mask, **settings(10)).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, expected in zip(*grads):
+        assert ours is not None and (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_compile_and_export_trace_the_op_as_one_node():
+    q, k, v = random_qkv(1, 2, 64, 32, seed=6)
+    mask = torch.ones(1, 64, dtype=torch.int32)
+    eager = fused.mra_attention_op(q, k, v, mask, 4, "full", 32, 0, 0)
+    compiled = torch.compile(fused.mra_attention_op, fullgraph=True)
+    assert torch.equal(compiled(q, k, v, mask, 4, "full", 32, 0, 0), eager)
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return fused.mra_attention_op(q, k, v, mask, 4, "full", 32, 0, 0)
+
+    program = torch.export.export(Attention(), (q, k, v, mask))
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.mra_export.mra_attention.default]
+    result = torch.library.opcheck(fused.mra_attention_op, (q, k, v, mask, 4, "full", 32, 0, 0))
+    assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize("query_change,message", [
+    (lambda q: q.half(), "must share one dtype of float32, float16 or bfloat16"),
+    (lambda q: q[:, :, :10], "must share one .batch, heads, seq, head_dim. shape"),
+])
+def test_mismatched_inputs_are_one_line(query_change, message):
+    q, k, v = random_qkv(1, 2, 64, 32, seed=7)
+    with pytest.raises(InputError, match=message):
+        fused.fused_mra_attention(query_change(q), k, v, torch.ones(1, 64), **settings(4))
+    with pytest.raises(InputError, match=r"the mask must be \[batch, seq\] = \[1, 64\], got \[1, 63\]"):
+        fused.fused_mra_attention(q, k, v, torch.ones(1, 63), **settings(4))
+
+
+def test_patched_model_runs_the_op_when_built_and_the_reference_when_asked(small_checkpoints):
+    checkpoint = small_checkpoints["fill-mask"]
+    ids = torch.randint(0, 100, (2, 150), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 90:] = 0
+    outputs = {}
+    for attention in ("auto", "fused", "reference"):
+        model = patch_model(load_model(checkpoint)[0], attention=attention)
+        query = torch.zeros(1, 2, 8, 64)
+        assert all(core.runs_fused(query) == (attention != "reference")
+                   for core in attention_cores(model))
+        with torch.no_grad():
+            outputs[attention] = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(outputs["auto"], outputs["fused"])
+    assert (outputs["fused"] - outputs["reference"]).abs().max() <= TOLERANCE
+    assert "attention='reference'" in repr(attention_cores(model)[0])
+
+
+def test_fused_without_its_library_is_one_line_naming_make_plugins(small_checkpoints, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("MRA_EXPORT_PLUGIN_BUILD", str(tmp_path))
+    fused.kernel_library.cache_clear()
+    try:
+        model = load_model(small_checkpoints["fill-mask"])[0]
+        with pytest.raises(UserError, match=r"libmra_attention_cpu.so, which is not built; run "
+                                            "'make plugins'"):
+            patch_model(model, attention="fused")
+        patch_model(model)  # auto: the reference, since nothing is built
+        assert not attention_cores(model)[0].runs_fused(torch.zeros(1, 1, 1, 64))
+    finally:
+        fused.kernel_library.cache_clear()
+    with pytest.raises(ValueError, match="attention must be one of auto, fused, reference"):
+        patch_model(model, attention="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3),
+                                             (torch.bfloat16, 1e-2)])  # fp16/bf16: relative
+def test_cuda_op_is_the_kernels_on_the_current_stream(dtype, tolerance):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    if not fused.library_built("cuda"):
+        pytest.skip(f"{native.build_dir() / native.CUDA_LIBRARY} is not built (make plugins with nvcc)")
+    q, k, v = (t.to("cuda", dtype) for t in random_qkv(2, 12, 1000, 64, seed=11))
+    mask = ragged_mask(2, 1000, [1000, 613]).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ours = fused.fused_mra_attention(q, k, v, mask, **settings(250))
+        direct, selected = fused.kernel_library("cuda").attention(q, k, v, mask, **settings(250))
+    stream.synchronize()
+    assert torch.equal(ours, direct)
+    comparison = compare_with_reference(direct.cpu(), selected.cpu(), q.cpu(), k.cpu(), v.cpu(),
+                                        mask.cpu(), tolerance=tolerance,
+                                        relative=dtype != torch.float32, **settings(250))
+    assert comparison.passed, comparison
+
+
+@pytest.mark.gpu
+def test_cuda_op_is_captured_in_a_cuda_graph():
+    if not (torch.cuda.is_available() and fused.library_built("cuda")):
+        pytest.skip("no CUDA GPU or no libmra_attention_cuda.so here")
+    q, k, v = (t.to("cuda", torch.float16) for t in random_qkv(1, 4, 512, 64, seed=12))
+    mask = torch.ones(1, 512, device="cuda", dtype=torch.int32)
+    eager = fused.mra_attention_op(q, k, v, mask, 64, "full", 32, 0, 0)  # warms the library up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused.mra_attention_op(q, k, v, mask, 64, "full", 32, 0, 0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (the device tool), with what was built beforehand on the CPU machine:
+#   make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=90 \
+#     TRT_INCLUDE_DIR=../shared/third_party/tensorrt/include ORT_INCLUDE_DIR=../shared/third_party/onnxruntime/include
+#   python tools/ort_cuda_speed.py export .carry-onnx
+# its libraries copied to .carry-libs and carried with .carry-onnx; onnxruntime-gpu joined from the parts that
+# ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
+# Writes its logs and tables under $OUT and prints the tables.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+nvidia-smi -L
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+echo "== GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels"
+python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py tests/test_plugin_gpu.py \
+  tests/test_cuda_kernels.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+
+echo "== speed: the op against SDPA, the whole model against RoBERTa"
+python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
+
+echo "== onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
+wheel=$(ls .carry/*.whl.sha256 2>/dev/null | head -n1)
+if [ -n "$wheel" ] && [ -d /tmp/parts ]; then
+  name=$(basename "$wheel" .sha256)
+  cat /tmp/parts/part.* > "/tmp/$name" && sha256sum -c "$wheel" \
+    && python3 -m pip install -q --no-index --no-deps --target /tmp/site "/tmp/$name" \
+    && export PYTHONPATH=/tmp/site:$PWD
+  python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py 2>&1 | tee "$OUT/pytest-ort.log" | tail -8
+  python3 tools/ort_cuda_speed.py run .carry-onnx --out "$OUT" 2>&1 | tail -12
+else
+  echo "skipped: no onnxruntime-gpu parts in /tmp/parts"
+fi
+
+echo "== compute-sanitizer on small cases (the three tools in parallel)"
+S=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for t in memcheck racecheck synccheck; do
+  (timeout 150 "$S" --tool $t --error-exitcode 1 python3 tools/sanitize_kernels.py \
+     --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" > "/tmp/sanitize-$t.log" 2>&1
+   echo "$t rc=$?" >> "/tmp/sanitize-$t.log") &
+done
+wait
+for t in memcheck racecheck synccheck; do echo "-- $t"; cat "/tmp/sanitize-$t.log"; done > "$OUT/sanitize.log"
+grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
