@@ -121,7 +121,7 @@ def _trace(model, task: Task, flavour: str, opset: int) -> ir.Model:
     plugin = flavour == "plugin"
     nodes = plugin_node.plugin_nodes(model) if plugin else contextlib.nullcontext()
     chatter = io.StringIO()  # the exporter prints its own progress lines
-    with nodes, warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet("torch"):
+    with nodes, warnings.catch_warnings(), contextlib.redirect_stdout(chatter), quiet_logger("torch"):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -135,8 +135,9 @@ def _trace(model, task: Task, flavour: str, opset: int) -> ir.Model:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
-    """Silence a library logger's notices (torch's exporter logs about torchvision)."""
+def quiet_logger(logger_name: str):
+    """Silence a library logger's notices (torch's exporter logs about torchvision; "" is the
+    root logger, which onnxruntime.quantization logs to)."""
     logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import logging
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ..checkpoints import load_config
 from ..errors import UserError, first_line
 from ..files import sha256_of, staged_folder
 from ..tasks import get_task
+from .exporter import quiet_logger
 from .info import QUANTIZED_DTYPES, ExportInfo
 
 INT8 = QUANTIZED_DTYPES[0]
@@ -132,7 +132,7 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool) -> N
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     chatter = io.StringIO()  # it logs advice on pre-processing, which static quantization needs
-    with contextlib.redirect_stdout(chatter), _quiet_root_logger():
+    with contextlib.redirect_stdout(chatter), quiet_logger(""):
         try:
             quantize_dynamic(source, target, op_types_to_quantize=["MatMul"],
                              nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
@@ -143,15 +143,6 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool) -> N
                             "please report this") from None
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def quantized_nodes(graph: onnx.ModelProto) -> list[str]:

@@ -17,6 +17,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "mraAttention.h"
+#include "mraAttentionNode.h"
 
 #include <cstdint>
 #include <cstring>
@@ -127,16 +128,9 @@ std::string shapeString(std::vector<int64_t> const& shape)
     return text + "]";
 }
 
-//! The node's attributes (the TensorRT plugin's fields; plugin_version and plugin_namespace are
-//! TensorRT's and ignored here), with the plugin's defaults where one is absent.
-struct Settings
-{
-    int32_t numBlocks{1};
-    MraApproxMode approxMode{MRA_FULL};
-    int32_t blockSize{32};
-    int32_t priorFirst{0};
-    int32_t priorDiagonal{0};
-};
+//! The node's attributes, with the plugin's defaults where one is absent (plugin_version and
+//! plugin_namespace are TensorRT's and ignored here).
+using Settings = mra::NodeSettings;
 
 //! Whether the node has attribute `name` (of any type: onnxruntime's getters fail alike when it
 //! is absent and when it has another type).

@@ -13,6 +13,7 @@
 
 #include "NvInferRuntime.h"
 #include "mraAttention.h"
+#include "mraAttentionNode.h"
 
 #include <string>
 #include <vector>
@@ -26,14 +27,7 @@ constexpr char const* kPluginName = "MraAttention";
 constexpr char const* kPluginVersion = "1";
 
 //! The plugin's fields (what the ONNX node's attributes carry).
-struct Settings
-{
-    int32_t numBlocks{1};
-    MraApproxMode approxMode{MRA_FULL};
-    int32_t blockSize{32};
-    int32_t priorFirst{0};
-    int32_t priorDiagonal{0};
-};
+using Settings = NodeSettings;
 
 class MraAttentionPlugin : public nvinfer1::IPluginV3,
                            public nvinfer1::IPluginV3OneCore,
