@@ -192,6 +192,10 @@ class MraLibrary:
             if status == 4 and hasattr(self.lib, "mraLastCudaError"):
                 self.lib.mraLastCudaError.restype = ctypes.c_char_p
                 message += ": " + self.lib.mraLastCudaError().decode()
+                if "no kernel image" in message:  # built for other GPUs: a fixable setup
+                    raise UserError(f"{self.path}: {message}; it was built for other CUDA "
+                                    "architectures: rebuild it with 'make plugins "
+                                    "MRA_CUDA_ARCHITECTURES=<this GPU's, e.g. 90>'")
             raise RuntimeError(f"{self.path.name}: {message}")
 
 

@@ -171,6 +171,28 @@ def test_fused_without_its_library_is_one_line_naming_make_plugins(small_checkpo
         patch_model(model, attention="flash")
 
 
+def test_a_library_built_for_other_gpus_is_one_line_naming_the_architectures():
+    class Function:  # a ctypes function's stand-in: callable, with a restype to set
+        def __init__(self, result: bytes):
+            self.result, self.restype = result, None
+
+        def __call__(self, *args):
+            return self.result
+
+    class Reported:  # what a CUDA library reports after a launch on a GPU it has no code for
+        mraStatusString = Function(b"CUDA error (see mraLastCudaError)")
+        mraLastCudaError = Function(b"no kernel image is available for execution on the device")
+
+    library = native.MraLibrary.__new__(native.MraLibrary)
+    library.path, library.lib = native.build_dir() / native.CUDA_LIBRARY, Reported()
+    with pytest.raises(UserError, match=r"no kernel image .*rebuild it with 'make plugins "
+                                        r"MRA_CUDA_ARCHITECTURES="):
+        library.check(4)
+    library.lib.mraLastCudaError = Function(b"an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        library.check(4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3),
                                              (torch.bfloat16, 1e-2)])  # fp16/bf16: relative

@@ -235,6 +235,8 @@ def test_parity_adds_the_op_rows_and_says_why_cuda_is_skipped(op_library, small_
         assert "no CUDAExecutionProvider" in rows[OP_ROWS[1]]["reason"]
     elif not op_library_has_cuda_kernel():
         assert "built without its CUDA kernel" in rows[OP_ROWS[1]]["reason"]
+    else:  # a GPU machine with onnxruntime-gpu
+        assert rows[OP_ROWS[1]]["status"] == "passed"
 
 
 @pytest.mark.slow
