@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""The CUDA kernels' distance to the H200's limits (issue 25): run under Nsight Compute.
+
+    ncu --section SpeedOfLight --csv --page details -o - \\
+        python tools/kernel_profile.py > ncu.csv              # on the GPU machine
+    python tools/kernel_profile.py --report ncu.csv           # anywhere: the table
+
+The first form calls the fused op twice per case (fp16, 12 heads, head_dim 64, 8 blocks per row,
+4096 tokens, batch 1 and 8): a warm-up, then the call the table reads (the cases run in order and
+launch the same kernels, so each kernel's launches split evenly between them). The second reads
+ncu's CSV: each kernel's duration,
+DRAM throughput as a fraction of peak (ncu's own), and for ``highResolution`` the tensor FLOP rate
+(its multiply-adds counted here: 2 products of 32x64 by 64x32 per selected block and query block)
+against the H200's dense fp16 peak of 989 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HEADS, HEAD_DIM, BLOCKS_PER_ROW, LENGTH = 12, 64, 8, 4096
+BATCHES = (1, 8)
+FP16_DENSE_PEAK_TFLOPS = 989.0  # H200 SXM, dense fp16/bf16 tensor cores (NVIDIA's datasheet)
+
+
+def run_cases() -> None:
+    import torch
+
+    from mra_export.fused import mra_attention_op
+
+    for batch in BATCHES:
+        q, k, v = (torch.randn(batch, HEADS, LENGTH, HEAD_DIM, device="cuda", dtype=torch.float16)
+                   for _ in range(3))
+        mask = torch.ones(batch, LENGTH, device="cuda", dtype=torch.int32)
+        for _ in range(2):  # a warm-up, then the call the table reads
+            mra_attention_op(q, k, v, mask, BLOCKS_PER_ROW * LENGTH // 32, "full", 32, 0, 0)
+        torch.cuda.synchronize()
+
+
+def high_resolution_flops(batch: int) -> float:
+    selected = batch * HEADS * BLOCKS_PER_ROW * (LENGTH // 32)  # blocks of 32 queries x 32 keys
+    return selected * 2 * (2 * 32 * 32 * HEAD_DIM)  # Q.K^T and P.V, 2 flops a multiply-add
+
+
+def report(path: Path) -> str:
+    rows = list(csv.DictReader(line for line in path.read_text().splitlines()
+                               if line.startswith('"')))
+    launches = defaultdict(list)  # kernel -> [(duration ns, dram %)] in launch order
+    for row in rows:
+        name = row["Kernel Name"].split("(")[0].split("<")[0].split("::")[-1]
+        metric, value = row["Metric Name"], row["Metric Value"].replace(",", "")
+        launch = row["ID"]
+        launches[name].append((launch, metric, row["Metric Unit"], value))
+    lines = ["| batch | kernel | time us | DRAM % of peak | SM % of peak | tensor TFLOP/s | % of fp16 peak |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entries in launches.items():
+        by_launch = defaultdict(dict)
+        for launch, metric, unit, value in entries:
+            by_launch[launch][metric] = (unit, value)
+        ordered = [by_launch[k] for k in sorted(by_launch, key=int)]
+        per_case = len(ordered) // len(BATCHES)
+        if per_case == 0 or not name.startswith(("countTokens", "blockMeans", "lowResolution",
+                                                 "selectBlocks", "highResolution")):
+            continue
+        for index, batch in enumerate(BATCHES):
+            metrics = ordered[(index + 1) * per_case - 1]  # the case's last launch
+            unit, duration = metrics.get("Duration", ("ns", "nan"))
+            seconds = float(duration) * {"ns": 1e-9, "us": 1e-6, "usecond": 1e-6, "nsecond": 1e-9,
+                                         "ms": 1e-3, "msecond": 1e-3}.get(unit, 1e-9)
+            dram = metrics.get("DRAM Throughput", ("%", "nan"))[1]
+            sm = metrics.get("Compute (SM) Throughput", ("%", "nan"))[1]
+            rate = fraction = "-"
+            if name.startswith("highResolution"):
+                tflops = high_resolution_flops(batch) / seconds / 1e12
+                rate, fraction = f"{tflops:.0f}", f"{100 * tflops / FP16_DENSE_PEAK_TFLOPS:.1f}"
+            lines.append(f"| {batch} | {name} | {seconds * 1e6:.1f} | {dram} | {sm} | {rate} | {fraction} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", type=Path, help="ncu's CSV: print the table instead of running")
+    args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report), end="")
+    else:
+        run_cases()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
