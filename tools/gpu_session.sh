@@ -3,7 +3,8 @@
 #   make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=90 \
 #     TRT_INCLUDE_DIR=../shared/third_party/tensorrt/include ORT_INCLUDE_DIR=../shared/third_party/onnxruntime/include
 #   python tools/ort_cuda_speed.py export .carry-onnx
-# its libraries copied to .carry-libs and carried with .carry-onnx; onnxruntime-gpu joined from the parts that
+# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git);
+# onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
 set -o pipefail
