@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from .conftest import random_qkv, ragged_mask
 from .test_attention_dense import dense_attention_float64, normaliser_error_bound
 from .test_export_onnxruntime import TOLERANCE as MODEL_TOLERANCE
 from .test_export_onnxruntime import torch_outputs
+from .test_plugin_build import configure_with_empty_folder
 
 TOLERANCE = 1e-5  # float32, against the PyTorch reference (as the C++ twin's own tests)
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
@@ -258,15 +258,8 @@ def test_without_the_library_a_plugin_export_names_make_plugins(exports, tmp_pat
 
 def test_a_folder_without_onnxruntime_headers_is_named_when_configuring(tmp_path):
     """`make plugins ORT_INCLUDE_DIR=<wrong folder>` says where it looked; there is no target."""
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    wrong = tmp_path / "onnxruntime-headers"
-    wrong.mkdir()
-    environment = {k: v for k, v in os.environ.items() if k != "ORT_INCLUDE_DIR"}
-    result = subprocess.run(["cmake", "-S", str(native.BUILD_DIR.parent), "-B", str(tmp_path / "build"),
-                             f"-DORT_INCLUDE_DIR={wrong}"], capture_output=True, text=True,
-                            timeout=300, env=environment)
-    assert result.returncode == 0, result.stdout + result.stderr
+    wrong, result = configure_with_empty_folder(tmp_path, "onnxruntime-headers", "ORT_INCLUDE_DIR",
+                                                ("ORT_INCLUDE_DIR",))
     if "+ mra_attention_ort (" in result.stdout:
         pytest.skip("onnxruntime's headers are installed in a system folder, which CMake finds anyway")
     assert f"SKIPPED mra_attention_ort: no onnxruntime_c_api.h in {wrong}" in result.stdout

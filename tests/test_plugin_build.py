@@ -61,17 +61,25 @@ def test_plugin_contract_through_tensorrt_interfaces():
     assert result.stdout.strip().endswith(" passed, 0 failed")
 
 
-def test_a_tensorrt_folder_without_headers_is_named_when_configuring(tmp_path):
-    """`make plugins TensorRT_ROOT=<wrong folder>` says where it looked, not 'set TensorRT_ROOT'."""
+def configure_with_empty_folder(tmp_path, folder_name: str, option: str, unset: tuple[str, ...]):
+    """``cmake -S plugins -D<option>=<an empty folder>`` in tmp_path, with the environment
+    variables ``unset``: ``(the folder, CMake's result)``; configuring must succeed."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
-    wrong = tmp_path / "TensorRT-10"
+    wrong = tmp_path / folder_name
     wrong.mkdir()
-    environment = {k: v for k, v in os.environ.items() if k not in ("TRT_INCLUDE_DIR", "TensorRT_ROOT")}
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
     result = subprocess.run(["cmake", "-S", str(native.BUILD_DIR.parent), "-B", str(tmp_path / "build"),
-                             f"-DTensorRT_ROOT={wrong}"], capture_output=True, text=True,
+                             f"-D{option}={wrong}"], capture_output=True, text=True,
                             timeout=300, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
+    return wrong, result
+
+
+def test_a_tensorrt_folder_without_headers_is_named_when_configuring(tmp_path):
+    """`make plugins TensorRT_ROOT=<wrong folder>` says where it looked, not 'set TensorRT_ROOT'."""
+    wrong, result = configure_with_empty_folder(tmp_path, "TensorRT-10", "TensorRT_ROOT",
+                                                ("TRT_INCLUDE_DIR", "TensorRT_ROOT"))
     if "+ mra_attention_plugin (" in result.stdout:
         pytest.skip("TensorRT's headers are installed in a system folder, which CMake finds anyway")
     looked = f"no NvInferRuntime.h in {wrong}/include (TensorRT_ROOT is the folder holding include/)"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_check import median_ms  # noqa: E402  (tools/ is this script's folder)
 from mra_export.fused import mra_attention_op  # noqa: E402
 from mra_export.patching import patch_model  # noqa: E402
 
@@ -38,20 +38,6 @@ REPLAYS = 20
 BASE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12,
             vocab_size=50265, type_vocab_size=1, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0)
-
-
-def median_ms(run, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graph_ms(run) -> float:
