@@ -584,13 +584,12 @@ def test_providers_with_options_are_checked_by_name(monkeypatch):
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                  "CPUExecutionProvider"])
     cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-    assert ort_module.choose_providers(cuda, "portable") == cuda
-    assert ort_module.choose_providers(None, "portable") == cuda  # the default, TF32 off
+    assert ort_module.choose_providers(cuda) == cuda
+    assert ort_module.choose_providers(None) == cuda  # the default, TF32 off
     monkeypatch.setattr(ort_module.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(UserError, match="TensorrtExecutionProvider is not available"):
-        ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"],
-                                    "portable")
+        ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"])
 
 
 def test_a_bfloat16_export_is_refused_on_the_cpu_provider_alone(monkeypatch):
@@ -598,10 +597,10 @@ def test_a_bfloat16_export_is_refused_on_the_cpu_provider_alone(monkeypatch):
     for provider in (None, "CPUExecutionProvider"):
         with pytest.raises(UserError, match="this export is bfloat16: onnxruntime's CPU provider "
                                             "lacks bfloat16 kernels"):
-            ort_module.choose_providers(provider, "portable", "bf16")
+            ort_module.choose_providers(provider, "bf16")
     monkeypatch.setattr(ort_module.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert ort_module.choose_providers(None, "portable", "bf16") == [ort_module.CUDA_FP32, "CPUExecutionProvider"]
+    assert ort_module.choose_providers(None, "bf16") == [ort_module.CUDA_FP32, "CPUExecutionProvider"]
 
 
 def test_export_json_round_trips(exports):

@@ -70,7 +70,7 @@ class OrtMraModel(ExportedModel):
         export (``mra-export quantize``) runs on the CPU provider only.
         """
         info, config = cls.load_export(folder, verify)
-        providers = choose_providers(provider, info.flavour, info.dtype)
+        providers = choose_providers(provider, info.dtype)
         options = session_options or default_options()
         if info.flavour == "plugin":
             register_op_library(options)
@@ -87,7 +87,7 @@ class OrtMraModel(ExportedModel):
             raise UserError(f"onnxruntime computes on cpu or cuda, not on {kind}")
         if ("cuda" if self.providers[0] in ON_GPU else "cpu") == kind:
             return
-        providers = choose_providers(PROVIDER_OF_DEVICE[kind], self.info.flavour, self.info.dtype)
+        providers = choose_providers(PROVIDER_OF_DEVICE[kind], self.info.dtype)
         before = self._providers, self._sessions
         self._providers, self._sessions = providers, {}
         try:
@@ -161,9 +161,10 @@ class OrtMraModel(ExportedModel):
         return binding.copy_outputs_to_cpu()
 
 
-def choose_providers(provider, flavour: str, dtype: str = "fp32") -> list:
+def choose_providers(provider, dtype: str = "fp32") -> list:
     """The providers to ask onnxruntime for, checked against what it has and the export's
-    dtype (every flavour runs on each: the plugin flavour's nodes through the op library).
+    dtype (every flavour runs on each provider: the plugin flavour's nodes through the op
+    library).
     ``provider`` is a name, or a list of names and ``(name, options)`` pairs as onnxruntime
     takes them."""
     available = ort.get_available_providers()

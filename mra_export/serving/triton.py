@@ -178,7 +178,7 @@ def _check_runs_here(info: ExportInfo, device: str) -> None:
     when the server loads it (no CUDA provider, bfloat16 on the CPU)."""
     from ..runtime.ort import CPU, CUDA_FP32, choose_providers
 
-    choose_providers(CUDA_FP32 if device == "gpu" else CPU, info.flavour, info.dtype)
+    choose_providers(CUDA_FP32 if device == "gpu" else CPU, info.dtype)
 
 
 def model_config(source: Source, name: str, max_batch_size: int, instances: int, device: str,
