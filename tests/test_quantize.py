@@ -25,7 +25,7 @@ from mra_export.export import ExportInfo, export_model
 from mra_export.export import quantize as quantize_module
 from mra_export.export.exporter import example_inputs
 from mra_export.export.quantize import quantize_export
-from mra_export.parity import agreement, run_parity
+from mra_export.parity import agreement
 from mra_export.parity.agreement import (
     AGREEMENT_THRESHOLD,
     COSINE_THRESHOLD,

@@ -20,10 +20,10 @@ from transformers import MraConfig, MraModel, RobertaConfig, RobertaModel
 from .. import fused
 from ..export.exporter import _trace
 from ..export.quantize import quantize_graph
-from ..native import ORT_OP_LIBRARY, build_dir, unbuilt
+from ..native import build_dir
 from ..patching import patch_model
-from ..runtime.ort import (CPU, CUDA, OP_LIBRARY_HOW_TO_BUILD, default_options,
-                           op_library_has_cuda_kernel, register_op_library)
+from ..runtime.ort import (CPU, CUDA, default_options, op_library_unavailable,
+                           register_op_library)
 from ..tasks import TASKS
 
 MAX_LENGTH = 4096
@@ -158,22 +158,17 @@ def op_backends(mra, folder: Path, log) -> list[Backend]:
     """MRA's plugin flavour on onnxruntime, its MraAttention nodes computed by the op library:
     the C++ twin on the CPU provider, the CUDA kernels on the CUDA provider."""
     cpu, cuda = f"mra onnxruntime {OP_SUFFIX}", f"mra onnxruntime-cuda {OP_SUFFIX}"
-    missing = unbuilt(ORT_OP_LIBRARY)
-    if missing:
-        reason = f"{missing[0]} is not built ({OP_LIBRARY_HOW_TO_BUILD})"
-        return [Backend(cpu, "mra", "onnxruntime-cpu", skipped=reason),
-                Backend(cuda, "mra", "onnxruntime-cuda", skipped=reason)]
-    log("exporting MRA's plugin flavour (MraAttention nodes) for the onnxruntime op ...")
-    plugin_onnx = export(mra, folder / "mra-plugin.onnx", "plugin")
-    found = [ort_backend(cpu, "mra", plugin_onnx, CPU, op_library=True)]
-    if not torch.cuda.is_available():
-        found.append(Backend(cuda, "mra", "onnxruntime-cuda", skipped="no CUDA GPU here"))
-    elif not op_library_has_cuda_kernel():
-        found.append(Backend(cuda, "mra", "onnxruntime-cuda", skipped=(
-            f"{ORT_OP_LIBRARY} was built without its CUDA kernel (no nvcc)")))
-    else:
-        found.append(ort_backend(cuda, "mra", plugin_onnx, CUDA, op_library=True))
-    return found
+    cpu_reason = op_library_unavailable(CPU)  # the library is not built
+    cuda_reason = cpu_reason or ("no CUDA GPU here" if not torch.cuda.is_available()
+                                 else op_library_unavailable(CUDA))
+    plugin_onnx = None
+    if not (cpu_reason and cuda_reason):
+        log("exporting MRA's plugin flavour (MraAttention nodes) for the onnxruntime op ...")
+        plugin_onnx = export(mra, folder / "mra-plugin.onnx", "plugin")
+    return [Backend(name, "mra", runtime, skipped=reason) if reason else
+            ort_backend(name, "mra", plugin_onnx, provider, op_library=True)
+            for name, runtime, provider, reason in ((cpu, "onnxruntime-cpu", CPU, cpu_reason),
+                                                    (cuda, "onnxruntime-cuda", CUDA, cuda_reason))]
 
 
 def tensorrt_backend(mra, folder: Path, log) -> Backend:

@@ -11,9 +11,9 @@ import onnxruntime as ort
 
 from ..engines.manifest import EngineManifest
 from ..export.info import ExportInfo
-from ..native import CPU_LIBRARY, EMULATED_PLUGIN_LIBRARIES, ORT_OP_LIBRARY, unbuilt
-from ..runtime.ort import (BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, INT8_CPU_ONLY,
-                           OP_LIBRARY_HOW_TO_BUILD, OrtMraModel, op_library_has_cuda_kernel)
+from ..native import CPU_LIBRARY, EMULATED_PLUGIN_LIBRARIES, unbuilt
+from ..runtime.ort import (BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, INT8_CPU_ONLY, NO_CUDA_PROVIDER,
+                           OrtMraModel, op_library_unavailable)
 from ..runtime.plugin_reference import ReferencePluginModel
 
 # Absolute tolerance on every output against the float32 PyTorch model, by the graph's type:
@@ -22,8 +22,6 @@ from ..runtime.plugin_reference import ReferencePluginModel
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2, "int8": None}
 NO_TENSORRT = ("TensorRT is not installed here (pip install 'mra-export[gpu]' on an NVIDIA "
                "machine)")
-NO_CUDA_PROVIDER = ("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu "
-                    "on an NVIDIA machine)")
 
 
 @dataclasses.dataclass
@@ -46,7 +44,7 @@ def export_backends(folder: str | Path) -> list[Backend]:
     tolerance = TOLERANCES[info.dtype]
     if info.flavour == "plugin":
         backends = [_node_backend(folder, tolerance, *node) for node in PLUGIN_GRAPH_NODES]
-        backends += _op_library_backends(folder, info, tolerance)
+        backends += _onnxruntime_backends(folder, info, tolerance, op_library=True)
     else:
         backends = _onnxruntime_backends(folder, info, tolerance)
     if info.dtype != "fp32":  # an fp32 and an fp16 export of one head, side by side in the table
@@ -55,46 +53,24 @@ def export_backends(folder: str | Path) -> list[Backend]:
     return backends
 
 
-def _onnxruntime_backends(folder: str, info: ExportInfo, tolerance: float) -> list[Backend]:
+def _onnxruntime_backends(folder: str, info: ExportInfo, tolerance: float,
+                          op_library: bool = False) -> list[Backend]:
+    """The export on onnxruntime's CPU and CUDA providers; ``op_library``: a plugin export, its
+    MraAttention nodes computed by libmra_attention_ort.so (the C++ twin on the CPU provider, the
+    CUDA kernels on CUDA's)."""
     if info.dtype == "int8":
         return _int8_backends(folder)
-    if info.dtype == "bf16":
-        backends = [Backend("onnxruntime-cpu", folder, tolerance, skipped=BF16_NOT_ON_CPU)]
-    else:
-        backends = [Backend("onnxruntime-cpu", folder, tolerance,
-                            lambda: OrtMraModel.from_pretrained(folder, provider=CPU, verify=False))]
-    if CUDA in ort.get_available_providers():
-        cuda = [CUDA_FP32, CPU]
-        backends.append(Backend("onnxruntime-cuda", folder, tolerance,
-                                lambda: OrtMraModel.from_pretrained(folder, provider=cuda, verify=False)))
-    else:
-        backends.append(Backend("onnxruntime-cuda", folder, tolerance, skipped=NO_CUDA_PROVIDER))
-    return backends
-
-
-def _op_library_backends(folder: str, info: ExportInfo, tolerance: float) -> list[Backend]:
-    """The plugin graph itself on onnxruntime, its MraAttention nodes computed by the op library
-    (libmra_attention_ort.so): the C++ twin on the CPU provider, the CUDA kernels on CUDA's."""
-    cpu, cuda = "onnxruntime-cpu (MraAttention op)", "onnxruntime-cuda (MraAttention op)"
-    missing = unbuilt(ORT_OP_LIBRARY)
-    if missing:
-        reason = f"{missing[0]} is not built ({OP_LIBRARY_HOW_TO_BUILD})"
-        return [Backend(cpu, folder, tolerance, skipped=reason),
-                Backend(cuda, folder, tolerance, skipped=reason)]
-    backends = [Backend(cpu, folder, tolerance, skipped=BF16_NOT_ON_CPU) if info.dtype == "bf16"
-                else Backend(cpu, folder, tolerance, lambda: OrtMraModel.from_pretrained(
-                    folder, provider=CPU, verify=False))]
-    if CUDA not in ort.get_available_providers():
-        backends.append(Backend(cuda, folder, tolerance, skipped=NO_CUDA_PROVIDER))
-    elif not op_library_has_cuda_kernel():
-        backends.append(Backend(cuda, folder, tolerance, skipped=(
-            f"{ORT_OP_LIBRARY} was built without its CUDA kernel (no nvcc where 'make plugins' "
-            "ran)")))
-    else:
-        providers = [CUDA_FP32, CPU]
-        backends.append(Backend(cuda, folder, tolerance, lambda: OrtMraModel.from_pretrained(
-            folder, provider=providers, verify=False)))
-    return backends
+    suffix = " (MraAttention op)" if op_library else ""
+    cpu_reason = (op_library_unavailable(CPU) if op_library else None) or (
+        BF16_NOT_ON_CPU if info.dtype == "bf16" else None)
+    cuda_reason = (op_library_unavailable(CUDA) if op_library else None) or (
+        None if CUDA in ort.get_available_providers() else NO_CUDA_PROVIDER)
+    rows = [("onnxruntime-cpu", CPU, cpu_reason), ("onnxruntime-cuda", [CUDA_FP32, CPU], cuda_reason)]
+    return [Backend(name + suffix, folder, tolerance, skipped=reason) if reason else
+            Backend(name + suffix, folder, tolerance,
+                    lambda providers=providers: OrtMraModel.from_pretrained(
+                        folder, provider=providers, verify=False))
+            for name, providers, reason in rows]
 
 
 def _int8_backends(folder: str) -> list[Backend]:

@@ -220,6 +220,21 @@ def register_op_library(options: ort.SessionOptions) -> None:
     _OPTIONS_WITH_OP_LIBRARY.add(options)
 
 
+NO_CUDA_PROVIDER = ("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu "
+                    "on an NVIDIA machine)")
+
+
+def op_library_unavailable(provider: str) -> str | None:
+    """Why the op library cannot compute MraAttention nodes on ``provider`` here, or None."""
+    if not (build_dir() / ORT_OP_LIBRARY).is_file():
+        return f"{build_dir() / ORT_OP_LIBRARY} is not built ({OP_LIBRARY_HOW_TO_BUILD})"
+    if provider == CUDA and CUDA not in ort.get_available_providers():
+        return NO_CUDA_PROVIDER
+    if provider == CUDA and not op_library_has_cuda_kernel():
+        return f"{ORT_OP_LIBRARY} was built without its CUDA kernel (no nvcc where 'make plugins' ran)"
+    return None
+
+
 def op_library_has_cuda_kernel() -> bool:
     """Whether the op library holds its CUDA kernel (built where nvcc was found)."""
     return hasattr(open_library(op_library_path()), "mraAttentionCuda")
