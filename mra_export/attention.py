@@ -251,7 +251,7 @@ def _chunk_aligned(block_index: torch.Tensor) -> torch.Tensor:
     the list of selected blocks (with block 0: those products are computed but never summed)
     makes the products come out whole chunks, instead of padding the products themselves (a
     100 MB copy at 4096 tokens). The eager ``index_add`` needs no padding."""
-    if not _exporting():
+    if not exporting():
         return block_index
     return F.pad(block_index, (0, (-block_index.shape[0]) % SEGMENT_CHUNK))
 
@@ -277,10 +277,10 @@ def running_eagerly() -> bool:
     """Neither exporting, compiling nor capturing a CUDA graph: checks that read tensor values
     (and so wait for the device) may run."""
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return not (_exporting() or torch.compiler.is_compiling() or capturing)
+    return not (exporting() or torch.compiler.is_compiling() or capturing)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Whether this call is being traced for export (ONNX, or torch.export beneath it).
 
     ``torch.onnx.is_in_onnx_export`` alone is not enough on every torch: 2.6's dynamo export left
@@ -299,7 +299,7 @@ def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
     several threads (microsoft/onnxruntime#18048; measured here with 1.32), ScatterElements is
     serial (0.29 s for 4096 tokens), and a float32 prefix sum over all blocks loses 4e-3.
     """
-    if not _exporting():
+    if not exporting():
         out = torch.zeros(blocks_per_query_block.shape[0], *values.shape[1:], device=values.device)
         return out.index_add(0, query_block, values)
     return _sorted_segment_sum(values, blocks_per_query_block)

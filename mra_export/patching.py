@@ -20,7 +20,7 @@ from torch import nn
 from transformers.models.mra.modeling_mra import MraModel, MraPreTrainedModel, MraSelfAttention
 
 from . import fused
-from .attention import _exporting, mra_attention, running_eagerly
+from .attention import exporting, mra_attention, running_eagerly
 from .errors import InputError
 
 # transformers zero-pads head dims under 32 to 32 (its CUDA kernels' warp size) before
@@ -63,7 +63,7 @@ class MraAttentionCore(nn.Module):
     def runs_fused(self, query: torch.Tensor) -> bool:
         if self.attention == "fused":
             return True
-        return (self.attention == "auto" and not _exporting()
+        return (self.attention == "auto" and not exporting()
                 and fused.runs_fused(query, self.block_size))
 
     def extra_repr(self) -> str:
