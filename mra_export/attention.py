@@ -155,10 +155,15 @@ def select_top_blocks(scores: torch.Tensor, k):
     and a second, tie-free top-k over ``n - flat_index`` lists the chosen cells.
     """
     n = scores.shape[-1]
-    threshold = torch.topk(scores, k, dim=-1).values[:, -1:]
+    top_values = torch.topk(scores, k, dim=-1).values
+    threshold = top_values[:, -1:]
     above = scores > threshold
     at = scores == threshold
-    still_needed = k - above.sum(dim=-1, keepdim=True)
+    # The ties to take, k - above.sum(), counted among the top-k values (which hold every score
+    # above the threshold) because k is a shape value: onnxruntime's CUDA provider computes it
+    # on the CPU, and as an operand of device arithmetic it would cost a copy. `~(>)`, not `<=`,
+    # counts a NaN among them as k - above.sum() does.
+    still_needed = (~(top_values > threshold)).sum(dim=-1, keepdim=True)
     chosen = above | (at & (torch.cumsum(at.to(torch.int64), dim=-1) <= still_needed))
     lower_first = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int64)
     indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
@@ -190,10 +195,30 @@ class _Blocks:
 
     def global_block(self, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-global query and key block numbers (into ``[rows * nb]``) of flat cell indices."""
-        row_start = torch.arange(self.rows, device=flat_index.device)[:, None] * self.n_blocks
-        query_block = torch.div(flat_index, self.n_blocks, rounding_mode="floor")
-        key_block = flat_index - query_block * self.n_blocks  # no `%`: n_blocks may be symbolic
+        # Not `flat_index // nb` nor `arange(rows) * nb`: in an export nb is a shape value, which
+        # onnxruntime's CUDA provider computes on the CPU, so each operation with a device tensor
+        # would copy it over. Range takes its bounds on the CPU, and lookup tables (built from nb
+        # by Range and Expand, which also take it there) keep the arithmetic on the device.
+        nb, device = self.n_blocks, flat_index.device
+        row_start = torch.arange(0, self.rows * nb, nb, device=device)[:, None]
+        query_of_cell, key_of_cell = _cell_coordinates(nb, device)
+        query_block = _lookup(query_of_cell, flat_index)  # flat_index // nb
+        key_block = _lookup(key_of_cell, flat_index)  # flat_index % nb
         return (row_start + query_block).reshape(-1), (row_start + key_block).reshape(-1)
+
+
+def _cell_coordinates(n_blocks, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables from a flat cell index ``query_block * nb + key_block`` to its query block
+    and to its key block (``[nb * nb]`` each)."""
+    cell = torch.arange(n_blocks, device=device)
+    query_of_cell = cell[:, None].expand(n_blocks, n_blocks).reshape(-1)
+    key_of_cell = cell[None, :].expand(n_blocks, n_blocks).reshape(-1)
+    return query_of_cell, key_of_cell
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 1-D table and an index of any shape (a Gather in the export)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
 def _low_resolution(blocks: _Blocks, head_dim: int):
@@ -253,7 +278,10 @@ def _chunk_aligned(block_index: torch.Tensor) -> torch.Tensor:
     100 MB copy at 4096 tokens). The eager ``index_add`` needs no padding."""
     if not exporting():
         return block_index
-    return F.pad(block_index, (0, (-block_index.shape[0]) % SEGMENT_CHUNK))
+    # Zeros concatenated rather than F.pad: onnxruntime's CUDA provider has no int64 Pad, so
+    # the block lists would make a round trip through the host.
+    padding = block_index.new_zeros((-block_index.shape[0]) % SEGMENT_CHUNK)
+    return torch.cat((block_index, padding))
 
 
 def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> torch.Tensor:

@@ -27,6 +27,10 @@ CUDA_LIBRARY = "libmra_attention_cuda.so"
 CUDA_EMULATED_LIBRARY = "libmra_attention_cuda_emulated.so"
 PLUGIN_LIBRARY = "libmra_attention_plugin.so"
 PLUGIN_EMULATED_LIBRARY = "libmra_attention_plugin_emulated.so"  # the plugin over emulated kernels
+# Registers PLUGIN_LIBRARY's creator when opened after TensorRT's runtime: what Triton's tensorrt
+# backend, which only dlopens plugin libraries, is given (serving/triton.py); its emulated twin.
+TRITON_PLUGIN_LIBRARY = "libmra_attention_plugin_triton.so"
+TRITON_PLUGIN_EMULATED_LIBRARY = "libmra_attention_plugin_triton_emulated.so"
 PLUGIN_RUNNER_LIBRARY = "libmra_attention_plugin_runner.so"  # drives a plugin as TensorRT does
 PLUGIN_RUNNER_CUDA_LIBRARY = "libmra_attention_plugin_runner_cuda.so"  # the same, on a GPU
 EMULATED_PLUGIN_LIBRARIES = (PLUGIN_EMULATED_LIBRARY, PLUGIN_RUNNER_LIBRARY)  # PluginRunner.emulated

@@ -17,6 +17,7 @@ import torch
 from mra_export import native
 
 PLUGIN_TEST = "mra_attention_plugin_test"
+REGISTRATION_TEST = "mra_attention_plugin_registration_test"  # against a fake libnvinfer
 
 
 def built(name: str):
@@ -57,6 +58,23 @@ def test_plugin_contract_through_tensorrt_interfaces():
     program = built(PLUGIN_TEST)
     library = built(native.PLUGIN_LIBRARY)
     result = subprocess.run([str(program), str(library)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(" passed, 0 failed")
+
+
+@pytest.mark.parametrize("plugin,triton", [
+    (native.PLUGIN_LIBRARY, native.TRITON_PLUGIN_LIBRARY),
+    (native.PLUGIN_EMULATED_LIBRARY, native.TRITON_PLUGIN_EMULATED_LIBRARY)])
+def test_only_the_triton_library_registers_the_plugin_when_opened(plugin, triton):
+    """Opening the plugin library registers nothing (loadLibrary registers what getCreators
+    returns, from inside TensorRT's dlopen of it); Triton's tensorrt backend only dlopens plugin
+    libraries, so it gets the triton library, which registers the plugin library's creator once
+    when opened after libnvinfer, nothing without it, and deregisters it when unloaded. Checked
+    against a fake libnvinfer's registry, not TensorRT's."""
+    program = built(REGISTRATION_TEST)
+    plugin, triton = built(plugin), built(triton)
+    result = subprocess.run([str(program), str(plugin), str(triton)], capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(" passed, 0 failed")
 

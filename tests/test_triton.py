@@ -73,6 +73,14 @@ def assert_close(served: dict, expected, names):
         assert np.abs(served[name] - want).max() <= TOLERANCE, name
 
 
+def cut_to_length(served: dict, names, padded: int, length: int) -> dict:
+    """Per-token outputs (a dim of the padded length after the batch) cut to ``length``."""
+    def cut(array):
+        axes = [axis for axis in range(1, array.ndim) if array.shape[axis] == padded]
+        return array if not axes else np.take(array, range(length), axis=axes[0])
+    return {name: cut(served[name]) for name in names}
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -171,8 +179,15 @@ def test_the_text_ensembles_tokenize_as_the_exports_tokenizer(server, exports):
                 shape = (len(firsts), -1)
             encoded = tokenizer(firsts, seconds, padding=True, return_tensors="np")
             feed = {name: encoded[name].reshape(shape) for name in model.info.inputs}
-            np.testing.assert_array_equal(served["input_ids"], feed["input_ids"])
-            assert_close(served, model(**feed), model.info.outputs)
+            # Padded to the block (32), which the model does itself: the ids past the longest
+            # row are the pad token, and the answers on the real tokens are the unpadded ones.
+            length = feed["input_ids"].shape[-1]
+            padded = served["input_ids"]
+            assert padded.shape[-1] == -(-length // 32) * 32 > length
+            np.testing.assert_array_equal(padded[..., :length], feed["input_ids"])
+            assert (padded[..., length:] == tokenizer.pad_token_id).all()
+            assert_close(cut_to_length(served, model.info.outputs, padded.shape[-1], length),
+                         model(**feed), model.info.outputs)
     finally:
         client.close()
 
@@ -332,9 +347,11 @@ def test_a_plugin_export_names_the_op_library_it_carries(exports, tmp_path, monk
 
 @pytest.fixture
 def engine(exports, tmp_path, monkeypatch):
-    """An engine folder from `mra-export build` (its TensorRT build injected), on an H200."""
+    """An engine folder from `mra-export build` (its TensorRT build injected), on an H200; the
+    triton library beside its plugin library, as `make plugins` builds them."""
     plugin = tmp_path / "libmra_attention_plugin.so"
     plugin.write_bytes(b"a plugin build")
+    (tmp_path / "libmra_attention_plugin_triton.so").write_bytes(b"a triton library build")
     monkeypatch.setattr(build_module, "current_system", lambda what="": H200)
     spec = resolve_spec(onnx=str(exports["question-answering", "plugin"]), plugin=str(plugin),
                         out=str(tmp_path / "engine"), shapes="batch=1/2/4,sequence=8/64/256")
@@ -353,14 +370,29 @@ def test_an_engine_is_served_by_the_tensorrt_backend_with_its_plugin(engine, tmp
     assert instance_groups(config) == [(1, "KIND_GPU")]
     assert [list(t.dims) for t in config.output] == [[-1], [-1]]
     assert (repo / "qa" / "1" / "model.plan").read_bytes() == b"a serialized engine"
+    # Both libraries, side by side: the backend dlopens the triton library, which registers the
+    # creator of the plugin library it loads from its own folder (the plugin itself would not).
     assert (repo / "qa" / "libmra_attention_plugin.so").read_bytes() == b"a plugin build"
+    triton = repo / "qa" / "libmra_attention_plugin_triton.so"
+    assert triton.read_bytes() == b"a triton library build"
     out = capsys.readouterr().out
-    assert f"--backend-config=tensorrt,plugins={repo / 'qa' / 'libmra_attention_plugin.so'}" in out
+    assert f"--backend-config=tensorrt,plugins={triton}" in out
+    assert "plugins=" + str(repo / "qa" / "libmra_attention_plugin.so") not in out
 
     assert cli("--engine", engine, "--repo", repo, "--name", "qa", "--max-batch-size", 5) == 2
     assert "above the engine's profile (batch up to 4)" in one_line_error(capsys)
     assert cli("--engine", engine, "--repo", repo, "--device", "cpu") == 2
     assert "a TensorRT engine runs on its GPU" in one_line_error(capsys)
+
+
+def test_an_engine_without_the_triton_library_is_one_line(engine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(system_module, "current_system", lambda what="": H200)
+    missing = tmp_path / "libmra_attention_plugin_triton.so"
+    missing.unlink()
+    assert cli("--engine", engine, "--repo", tmp_path / "repo") == 2
+    error = one_line_error(capsys)
+    assert f"{missing} is not built" in error and "run 'make plugins TensorRT_ROOT=" in error
+    assert not (tmp_path / "repo").exists()
 
 
 def test_an_engine_the_manifest_refuses_here_writes_nothing(engine, tmp_path, monkeypatch, capsys):

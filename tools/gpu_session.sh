@@ -29,8 +29,10 @@ if [ -n "$wheel" ] && [ -d /tmp/parts ]; then
     && python3 -m pip install -q --no-index --no-deps --target /tmp/site "/tmp/$name" \
     && export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py 2>&1 | tee "$OUT/pytest-ort.log" | tail -8
-  python3 tools/ort_cuda_speed.py run .carry-onnx --out "$OUT" 2>&1 | tail -12
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py tests/test_ort_cuda_placement.py \
+    2>&1 | tee "$OUT/pytest-ort.log" | tail -8
+  # its table, then the copies and the nodes on the CPU provider per graph
+  python3 tools/ort_cuda_speed.py run .carry-onnx --out "$OUT" 2>&1 | tail -30
 else
   echo "skipped: no onnxruntime-gpu parts in /tmp/parts"
 fi
@@ -45,3 +47,11 @@ done
 wait
 for t in memcheck racecheck synccheck; do echo "-- $t"; cat "/tmp/sanitize-$t.log"; done > "$OUT/sanitize.log"
 grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
+
+echo "== Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)"
+N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+timeout 240 "$N" --section SpeedOfLight --csv --page details --print-kernel-base function \
+  --kernel-name regex:"countTokens|blockMeans|lowResolution|selectBlocks|highResolution" \
+  python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
+echo "ncu rc=$?"
+python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"

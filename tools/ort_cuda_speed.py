@@ -11,9 +11,11 @@ lookup's cost does not depend on it), exported as the bench exports it. ``run`` 
 at 4096 tokens, batch 1 and 8 (medians of session.run with the inputs on the host, the outputs
 copied back: the same for every graph), checks the op graph against the portable one, and counts
 the Memcpy nodes the CUDA provider inserted (nodes it placed on the CPU), from its optimized
-graph. ``run`` times the graphs it finds in DIR (a graph of one layer is about 21 MB in fp16:
-the position embeddings of 4096 positions weigh half of it, which matters for what a device
-call may carry).
+graph. It also lists the tensors those nodes copy, with the nodes on either side, and the nodes
+a profiled run shows on the CPU provider (shape arithmetic whose results only feed inputs that
+the CUDA kernels take on the host belongs there, and costs no copy). ``run`` times the graphs it
+finds in DIR (a graph of one layer is about 21 MB in fp16: the position embeddings of 4096
+positions weigh half of it, which matters for what a device call may carry).
 """
 
 from __future__ import annotations
@@ -55,23 +57,79 @@ def export(folder: Path, dtypes: list[str], with_dense: bool) -> None:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)", flush=True)
 
 
-def session(path: Path, optimized: Path):
+def session(path: Path, optimized: Path | None = None, profile_prefix: Path | None = None):
+    """A CUDA-provider session; it saves its optimized graph to ``optimized`` and, given
+    ``profile_prefix``, profiles its runs."""
     import onnxruntime as ort
 
     from mra_export.runtime.ort import CUDA_FP32, default_options, register_op_library
 
     options = default_options()
-    options.optimized_model_filepath = str(optimized)
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     if path.name.startswith("mra-op"):
         register_op_library(options)
     return ort.InferenceSession(str(path), options, providers=[CUDA_FP32])
 
 
-def memcpy_nodes(optimized: Path) -> int:
+def host_copies(optimized: Path) -> list[dict]:
+    """The Memcpy nodes of an optimized graph (saved through ``optimized_model_filepath``): the
+    tensor each copies, the node that makes it (``None``: a graph input) and the nodes that read
+    the copy. MemcpyFromHost: made on the CPU, read on the GPU; MemcpyToHost: the reverse."""
     import onnx
 
     graph = onnx.load(str(optimized), load_external_data=False).graph
-    return sum(node.op_type.startswith("Memcpy") for node in graph.node)
+    producer = {output: node for node in graph.node for output in node.output}
+    copies = []
+    for node in graph.node:
+        if not node.op_type.startswith("Memcpy"):
+            continue
+        tensor = node.input[0]
+        made_by = producer.get(tensor)
+        copies.append(dict(
+            copy=node.op_type, tensor=tensor,
+            made_by=f"{made_by.op_type} {made_by.name}" if made_by is not None else None,
+            read_by=[f"{n.op_type} {n.name}" for n in graph.node if node.output[0] in n.input]))
+    return copies
+
+
+def describe_copy(copy: dict) -> str:
+    return (f"{copy['copy']} {copy['tensor']}: made by {copy['made_by'] or 'the graph input'}, "
+            f"read by {', '.join(copy['read_by']) or 'nothing'}")
+
+
+def cpu_provider_nodes(profile: Path) -> list[str]:
+    """``"OpType node_name"`` of each node a CUDA session's profile shows on the CPU provider."""
+    nodes = {}
+    for event in json.loads(profile.read_text()):
+        args = event.get("args", {})
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and args.get("provider") == "CPUExecutionProvider"):
+            nodes[event["name"].removesuffix("_kernel_time")] = args.get("op_name")
+    return [f"{op} {name}" for name, op in nodes.items()]
+
+
+def placement(path: Path, folder: Path, feed: dict) -> dict:
+    """Where the CUDA provider puts ``path``'s nodes: the copies it inserted (from the optimized
+    graph) and the nodes one profiled run shows on the CPU provider."""
+    optimized = folder / f"{path.stem}-optimized.onnx"
+    profiled = session(path, optimized, profile_prefix=folder / path.stem)
+    profiled.run(None, feed)
+    cpu_nodes = cpu_provider_nodes(Path(profiled.end_profiling()))
+    return dict(copies=host_copies(optimized), cpu_nodes=cpu_nodes)
+
+
+def placement_lines(name: str, where: dict) -> list[str]:
+    """Markdown list items: a graph's copies, then its nodes on the CPU provider."""
+    lines = [f"- {name}: {len(where['copies'])} Memcpy nodes, {len(where['cpu_nodes'])} nodes on "
+             "the CPU provider"]
+    lines += [f"  - {describe_copy(copy)}" for copy in where["copies"]]
+    if where["cpu_nodes"]:
+        lines.append(f"  - on the CPU: {', '.join(where['cpu_nodes'])}")
+    return lines
 
 
 def median_ms(run, repeats: int = 20, warmup: int = 3) -> float:
@@ -91,19 +149,21 @@ def run(folder: Path) -> dict:
     import onnxruntime as ort
 
     ort.preload_dlls()
-    rows = []
-    optimized = Path(tempfile.mkdtemp())
+    rows, placements = [], {}
+    scratch = Path(tempfile.mkdtemp())
     for dtype in ("fp16", "fp32"):
         names = [name for name in GRAPHS if (folder / f"{name}-{dtype}.onnx").is_file()]
         if not names:
             continue
-        sessions = {name: session(folder / f"{name}-{dtype}.onnx", optimized / f"{name}.onnx")
-                    for name in names}
-        memcpy = {name: memcpy_nodes(optimized / f"{name}.onnx") for name in names}
+        paths = {name: folder / f"{name}-{dtype}.onnx" for name in names}
+        placements[dtype] = {name: placement(path, scratch, feed_of(BATCHES[0]))
+                             for name, path in paths.items()}
+        for name, where in placements[dtype].items():
+            print("\n".join(placement_lines(f"{name}-{dtype}", where)), flush=True)
+        memcpy = {name: len(where["copies"]) for name, where in placements[dtype].items()}
+        sessions = {name: session(path) for name, path in paths.items()}
         for batch in BATCHES:
-            rng = np.random.default_rng(batch)
-            feed = {"input_ids": rng.integers(5, 1000, (batch, LENGTH), dtype=np.int64),
-                    "attention_mask": np.ones((batch, LENGTH), dtype=np.int64)}
+            feed = feed_of(batch)
             row = dict(dtype=dtype, batch=batch, length=LENGTH, memcpy_nodes=memcpy)
             outputs = {}
             for name, s in sessions.items():
@@ -115,7 +175,13 @@ def run(folder: Path) -> dict:
                 row["op_over_dense"] = row["mra-op_ms"] / row["dense_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return dict(onnxruntime=ort.__version__, rows=rows)
+    return dict(onnxruntime=ort.__version__, rows=rows, placements=placements)
+
+
+def feed_of(batch: int) -> dict:
+    rng = np.random.default_rng(batch)
+    return {"input_ids": rng.integers(5, 1000, (batch, LENGTH), dtype=np.int64),
+            "attention_mask": np.ones((batch, LENGTH), dtype=np.int64)}
 
 
 def markdown(result: dict) -> str:
@@ -132,6 +198,13 @@ def markdown(result: dict) -> str:
                      f"{r['mra-op_ms']:.2f} | {dense} | {r['portable_over_op']:.2f}x | {versus} | "
                      f"{r['op_vs_portable_max_abs']:.1e} | "
                      f"{', '.join(str(m.get(n, '-')) for n in GRAPHS)} |")
+    placements = result.get("placements", {})
+    if placements:
+        lines += ["", "Placement: the copies the CUDA provider inserted (from its optimized graph) "
+                  "and the nodes a profiled run shows on the CPU provider.", ""]
+        for dtype, graphs in placements.items():
+            for name, where in graphs.items():
+                lines += placement_lines(f"{name}-{dtype}", where)
     return "\n".join(lines) + "\n"
 
 

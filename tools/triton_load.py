@@ -14,9 +14,10 @@ dynamic batching) and ``mra_b1`` (max batch size 1), one CPU instance each. The 
    batch sizes (1, 2, 4) to ``mra``: p50, p99, throughput, errors, and Triton's statistics for
    the run (requests, batch rows, model executions: fewer executions than requests is the
    dynamic batcher merging them);
-2. the same clients send batch-1 requests of mixed lengths to ``mra`` and to ``mra_b1``, in
-   ``--rounds`` rounds of alternating order: the throughput ratio (median over rounds) is what
-   dynamic batching gains over a max batch size of 1 on this machine.
+2. the same clients send batch-1 requests to ``mra`` and to ``mra_b1``, in ``--rounds`` rounds
+   of alternating order, once for each length alone and once for the lengths mixed: the
+   throughput ratio (median over rounds) is what dynamic batching gains over a max batch size of
+   1 on this machine. Triton merges only requests of the same shape, so mixed lengths gain little.
 
 Writes the JSON to ``--out`` and a Markdown table beside it (command, machine, repository tree).
 The run is bounded: clients x requests requests per phase, then the server is stopped.
@@ -97,15 +98,16 @@ def run(args) -> dict:
             before = load.batching_stats(url, BATCHED)
             measured = load.run_load(url, BATCHED, mixed, info.outputs)
             counts = load.batching_stats(url, BATCHED).since(before)
-            singles = [load.mixed_feeds(info.inputs, vocab, args.requests, seed=100 + c,
-                                        batches=(1,), choices=choices)
-                       for c in range(args.clients)]
-            rounds = compare_rounds(url, singles, info.outputs, args.rounds)
+            scenarios = {lengths: compare_rounds(url, batch_one_feeds(info, vocab, lengths, args,
+                                                                      choices),
+                                                 info.outputs, args.rounds)
+                         for lengths in [(length,) for length in load.LENGTHS] + [load.LENGTHS]}
             server_version = server_version_of(server)
     return {
         "command": " ".join(["python", "tools/triton_load.py", *sys.argv[1:]]),
+        "tree": source_tree(),
         "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, load average "
-                   f"{load_average:.1f} before the run (other work on the machine)",
+                   f"{load_average:.1f} before the run",
         "server": f"tritonserver {server_version} (nvidia-pytriton wheel), python backend, "
                   "one CPU instance per model",
         "model": {"export": str(export) if args.onnx else "built-in default checkpoint "
@@ -117,36 +119,64 @@ def run(args) -> dict:
                  "triton_requests": counts.requests, "triton_inference_count": counts.inferences,
                  "triton_execution_count": counts.executions,
                  "first_errors": measured.errors[:5]},
-        "batching_vs_batch_size_1": {
-            "requests_per_round": rounds[0][BATCHED].requests, "batch_size": 1,
-            "lengths": list(load.LENGTHS), "rounds": len(rounds),
-            BATCHED: median_summary([r[BATCHED] for r in rounds]),
-            SINGLE: median_summary([r[SINGLE] for r in rounds]),
-            "throughput_ratio_per_round": [round(ratio(r), 2) for r in rounds],
-            "throughput_ratio_median": round(float(np.median([ratio(r) for r in rounds])), 2)},
+        "batching_vs_batch_size_1": [scenario_summary(lengths, rounds)
+                                     for lengths, rounds in scenarios.items()],
         "repository_tree": tree,
     }
 
 
+def batch_one_feeds(info, vocab: int, lengths, args, choices: bool) -> list:
+    return [load.mixed_feeds(info.inputs, vocab, args.requests, seed=100 + client,
+                             lengths=lengths, batches=(1,), choices=choices)
+            for client in range(args.clients)]
+
+
 def compare_rounds(url: str, feeds, outputs, count: int) -> list[dict]:
     """The same batch-1 load on both models, ``count`` rounds, the order swapped each round (so
-    that other work on the machine weighs on both alike); each round's pair run back to back."""
+    that other work on the machine weighs on both alike); each round's pair run back to back.
+    Each run: its LoadResult and the model's executions (Triton's statistics)."""
     rounds = []
     for index in range(count):
         order = (BATCHED, SINGLE) if index % 2 == 0 else (SINGLE, BATCHED)
-        rounds.append({name: load.run_load(url, name, feeds, outputs) for name in order})
+        rounds.append({name: measured_run(url, name, feeds, outputs) for name in order})
     return rounds
 
 
+def measured_run(url: str, name: str, feeds, outputs) -> tuple:
+    before = load.batching_stats(url, name)
+    result = load.run_load(url, name, feeds, outputs)
+    return result, load.batching_stats(url, name).since(before).executions
+
+
+def scenario_summary(lengths, rounds: list[dict]) -> dict:
+    ratios = [ratio(r) for r in rounds]
+    return {"lengths": list(lengths), "requests_per_round": rounds[0][BATCHED][0].requests,
+            "batch_size": 1, "rounds": len(rounds),
+            BATCHED: median_summary([r[BATCHED] for r in rounds]),
+            SINGLE: median_summary([r[SINGLE] for r in rounds]),
+            "throughput_ratio_per_round": [round(value, 2) for value in ratios],
+            "throughput_ratio_median": round(float(np.median(ratios)), 2)}
+
+
 def ratio(round_: dict) -> float:
-    return round_[BATCHED].throughput / round_[SINGLE].throughput
+    return round_[BATCHED][0].throughput / round_[SINGLE][0].throughput
 
 
-def median_summary(results) -> dict:
-    """The round whose throughput is the median (its own latencies with it)."""
-    ranked = sorted(results, key=lambda result: result.throughput)
-    return {**ranked[len(ranked) // 2].summary(),
-            "errors_all_rounds": sum(len(result.errors) for result in results)}
+def median_summary(runs) -> dict:
+    """The run whose throughput is the median (its own latencies and executions with it)."""
+    ranked = sorted(runs, key=lambda run: run[0].throughput)
+    result, executions = ranked[len(ranked) // 2]
+    return {**result.summary(), "executions": executions,
+            "errors_all_rounds": sum(len(run[0].errors) for run in runs)}
+
+
+def source_tree() -> str:
+    """The commit measured, marked ``-dirty`` where the checkout has uncommitted changes."""
+    import subprocess
+
+    found = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() or "unknown (not a git checkout)"
 
 
 def default_export(folder: Path) -> Path:
@@ -183,38 +213,36 @@ def write_results(result: dict, out: Path) -> None:
 
 def markdown(result: dict) -> str:
     load_ = result["load"]
-    compare = result["batching_vs_batch_size_1"]
-    rows = [
-        f"| mixed load, `{load_['model']}` (max batch 8) | {load_['requests']} | "
-        f"{load_['errors']} | {load_['p50_ms']} | {load_['p99_ms']} | "
-        f"{load_['throughput_requests_per_s']} | {load_['throughput_samples_per_s']} |",
-        *(f"| batch-1 requests, `{name}` (max batch {8 if name == BATCHED else 1}), median of "
-          f"{compare['rounds']} rounds | {s['requests']} | {s['errors_all_rounds']} | "
-          f"{s['p50_ms']} | {s['p99_ms']} | {s['throughput_requests_per_s']} | "
-          f"{s['throughput_samples_per_s']} |"
-          for name, s in ((BATCHED, compare[BATCHED]), (SINGLE, compare[SINGLE])))]
     return "\n".join([
-        f"Command: `{result['command']}`  ",
+        f"Command: `{result['command']}` (tree {result['tree']})  ",
         f"Machine: {result['machine']}  ",
         f"Server: {result['server']}  ",
         f"Model: {result['model']['export']}; {result['model']['dtype']}, up to "
         f"{result['model']['max_sequence_length']} tokens",
         "",
         f"{load_['clients']} concurrent gRPC clients on 127.0.0.1, each sending its requests one "
-        f"after another; lengths {load_['lengths']}, batch sizes {load_['batch_sizes']} (mixed "
-        "load) or 1.",
+        f"after another; lengths {load_['lengths']}, batch sizes {load_['batch_sizes']}.",
         "",
-        "| phase | requests | errors | p50 ms | p99 ms | requests/s | rows/s |",
+        "| mixed load | requests | errors | p50 ms | p99 ms | requests/s | rows/s |",
         "|---|---|---|---|---|---|---|",
-        *rows,
+        f"| `{load_['model']}` (max batch 8) | {load_['requests']} | {load_['errors']} | "
+        f"{load_['p50_ms']} | {load_['p99_ms']} | {load_['throughput_requests_per_s']} | "
+        f"{load_['throughput_samples_per_s']} |",
         "",
         f"Triton's statistics for the mixed load: {load_['triton_requests']} requests, "
         f"{load_['triton_inference_count']} batch rows, {load_['triton_execution_count']} model "
         f"executions ({merged(load_)}).",
         "",
-        f"Dynamic batching over max batch size 1, same clients and requests, rounds run back to "
-        f"back in alternating order: {compare['throughput_ratio_median']}x the throughput "
-        f"(median; per round {compare['throughput_ratio_per_round']}).",
+        "**Dynamic batching against a max batch size of 1**: the same clients send batch-1 "
+        "requests to `mra` (max batch 8, dynamic batching) and to `mra_b1` (max batch 1), rounds "
+        "back to back in alternating order; requests/s, p50 and executions are the median "
+        "round's. Triton merges only requests of the same shape, so with mixed lengths fewer "
+        "requests meet one of their own length in the queue.",
+        "",
+        "| requests of length | `mra` requests/s | `mra` p50 ms | `mra` executions | "
+        "`mra_b1` requests/s | `mra_b1` p50 ms | errors | throughput ratio (median) | per round |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(scenario_row(scenario) for scenario in result["batching_vs_batch_size_1"]),
         "",
         "Repository (`mra-export triton --backend python`, written to a temporary folder):",
         "",
@@ -222,6 +250,17 @@ def markdown(result: dict) -> str:
         *result["repository_tree"],
         "```",
     ])
+
+
+def scenario_row(scenario: dict) -> str:
+    batched, single = scenario[BATCHED], scenario[SINGLE]
+    lengths = ", ".join(map(str, scenario["lengths"]))
+    lengths = lengths if len(scenario["lengths"]) == 1 else f"{lengths} (mixed)"
+    return (f"| {lengths} | {batched['throughput_requests_per_s']} | {batched['p50_ms']} | "
+            f"{batched['executions']} of {batched['requests']} | "
+            f"{single['throughput_requests_per_s']} | {single['p50_ms']} | "
+            f"{batched['errors_all_rounds'] + single['errors_all_rounds']} | "
+            f"{scenario['throughput_ratio_median']}x | {scenario['throughput_ratio_per_round']} |")
 
 
 def merged(load_: dict) -> str:

@@ -3,8 +3,10 @@
 The library registers its creator only through ``getCreators``, which TensorRT calls from
 ``IPluginRegistry::loadLibrary`` (as ``trtexec --dynamicPlugins`` does); opening it with
 ``ctypes`` or ``dlopen`` alone registers nothing, and the ONNX parser then cannot find the node's
-plugin. ``loadLibrary`` fails for creators that are already registered, so each library is loaded
-once and remembered.
+plugin (so nothing of the library calls TensorRT from inside ``loadLibrary``'s own dlopen). Triton,
+which only dlopens, is given ``libmra_attention_plugin_triton.so`` instead, which registers the
+creator when opened (``serving/triton.py``); never pass that one here. ``loadLibrary`` fails for
+creators that are already registered, so each library is loaded once and remembered.
 """
 
 from __future__ import annotations

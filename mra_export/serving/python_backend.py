@@ -16,6 +16,11 @@ import numpy as np
 from ..errors import UserError
 from .parameters import INPUTS, MAX_LENGTH, ROLE, TASK, text_inputs
 
+# The tokenizer pads to a multiple of MRA's block: the model pads there itself (masked), so no
+# answer changes, and requests whose lengths share a block have one shape, which is what Triton's
+# dynamic batcher needs to merge them.
+PAD_MULTIPLE = 32
+
 
 def serve(args: dict, parameters: dict):
     """The server for one model instance (``args`` as the python backend's ``initialize``)."""
@@ -103,14 +108,17 @@ class TokenizerServer:
     def tokenize(self, first: np.ndarray, second: np.ndarray | None = None) -> dict:
         """``[batch, 1]`` strings, with a second text per row (``[batch, 1]``) or a row's choices
         (``[batch, choices]``), as the model's int64 inputs: padded to the request's longest
-        row, cut at the model's length."""
+        row rounded up to PAD_MULTIPLE (where the model's length is a multiple of it), cut at
+        the model's length."""
         shape = (first.shape[0], -1)
         if self.task == "multiple-choice":  # the prompt before each of its choices
             shape = (first.shape[0], second.shape[1], -1)
             first = np.repeat(first, second.shape[1], axis=1)
         pairs = None if second is None else list(second.reshape(-1))
+        multiple = PAD_MULTIPLE if self.max_length % PAD_MULTIPLE == 0 else None
         encoded = self.tokenizer(list(first.reshape(-1)), pairs, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="np",
+                                 max_length=self.max_length, pad_to_multiple_of=multiple,
+                                 return_tensors="np",
                                  return_token_type_ids="token_type_ids" in self.model_inputs)
         return {name: encoded[name].astype(np.int64).reshape(shape) for name in self.model_inputs}
 

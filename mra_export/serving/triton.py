@@ -5,6 +5,8 @@ Laid out as Triton's documentation has it::
     REPO/NAME/config.pbtxt             backend onnxruntime (exports), tensorrt (engines) or python
     REPO/NAME/1/model.onnx|model.plan  with export.json or manifest.json and config.json
     REPO/NAME/1/model.py               python backend: OrtMraModel on the export beside it
+    REPO/NAME/lib*.so                  the op library (plugin flavour), or the TensorRT plugin
+                                       and the triton library that registers it (engines)
     REPO/NAME_tokenizer/               python backend: raw strings to the model's inputs
     REPO/NAME_text/config.pbtxt        ensemble: tokenizer, then NAME
 
@@ -32,6 +34,7 @@ from ..checkpoints import TOKENIZER_FILES, load_config
 from ..errors import UserError
 from ..export.info import ExportInfo
 from ..files import absolute, staged_folder
+from ..native import TRITON_PLUGIN_LIBRARY
 from . import schema
 from .parameters import INPUTS, MANY_STRINGS, MAX_LENGTH, PYTHON, ROLE, SYS_PATH, TASK, text_inputs
 
@@ -56,9 +59,10 @@ class Source:
     config: object  # MraConfig: the outputs' fixed sizes
     backend: str  # onnxruntime, tensorrt or python
     files: list[str]  # copied into REPO/NAME/1
-    library: Path | None  # the op library (plugin-flavour ONNX) or the TensorRT plugin
+    library: Path | None  # the op library (plugin-flavour ONNX), or the triton library (engines)
     max_batch_size: int  # the default, and for engines the profile's limit
     tokenizer_files: list[str]
+    companions: list[Path] = dataclasses.field(default_factory=list)  # copied beside library
 
 
 def write_repository(repo: str | Path, *, onnx: str | Path | None = None,
@@ -130,8 +134,22 @@ def _engine_source(folder, backend: str | None) -> Source:
     info = ExportInfo(**manifest.export)
     files = [manifest.engine_file, EngineManifest.FILE_NAME, "config.json"]
     profile_batch = manifest.profiles[0]["input_ids"]["max"][0]
-    return Source(folder, info, load_config(folder), "tensorrt", files,
-                  Path(manifest.plugin_library), profile_batch, _tokenizer_files(folder))
+    plugin = Path(manifest.plugin_library)
+    return Source(folder, info, load_config(folder), "tensorrt", files, _triton_library(plugin),
+                  profile_batch, _tokenizer_files(folder), companions=[plugin])
+
+
+def _triton_library(plugin: Path) -> Path:
+    """The library Triton's tensorrt backend is given for the engine's ``plugin``: the backend
+    only dlopens plugin libraries, and the plugin library registers its creator only through
+    getCreators (as TensorRT's loadLibrary wants); the triton library beside it registers that
+    creator when opened, and loads the plugin library from its own folder."""
+    path = plugin.with_name(TRITON_PLUGIN_LIBRARY)
+    if not path.is_file():
+        raise UserError(f"{path} is not built, and Triton's tensorrt backend loads the plugin "
+                        f"through it (it registers {plugin.name}'s creator when opened): run "
+                        "'make plugins TensorRT_ROOT=<TensorRT folder>'")
+    return path
 
 
 def _folder(folder, flag: str) -> Path:
@@ -307,8 +325,9 @@ def _fill_model(staging: Path, source: Source) -> None:
     version.mkdir()
     for file in dict.fromkeys(source.files):
         shutil.copy2(source.folder / file, version / file)
-    if source.library is not None:  # the repository carries the library it needs
-        shutil.copy2(source.library, staging / source.library.name)
+    for library in [source.library, *source.companions]:  # the repository carries what it needs
+        if library is not None:
+            shutil.copy2(library, staging / library.name)
     if source.backend == "python":
         shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
 
@@ -345,7 +364,7 @@ def serve_command(repo: Path, name: str, source: Source) -> str:
     if source.backend == "python":  # with this environment, by the server of make triton-server
         return shlex.join([sys.executable, "-m", "mra_export.serving.server", "--repo", str(repo)])
     command = ["tritonserver", f"--model-repository={repo}"]
-    if source.backend == "tensorrt":  # Triton's tensorrt backend opens the plugins named here
+    if source.backend == "tensorrt":  # dlopened: the triton library registers the plugin beside it
         command.append(f"--backend-config=tensorrt,plugins={repo / name / source.library.name}")
     return shlex.join(command)
 

@@ -75,6 +75,8 @@ WorkspaceLayout makeLayout(Problem const& p)
     layout.threshold = take(rows * sizeof(float));
     layout.selected = take(rows * static_cast<size_t>(p.topK) * sizeof(int32_t));
     layout.rowStart = take(rows * (nb + 1) * sizeof(int32_t));
+    layout.lowOut = take(means);
+    layout.lowNorm = take(rows * nb * sizeof(float));
     layout.total = offset;
     return layout;
 }

@@ -55,6 +55,8 @@ struct WorkspaceLayout
     size_t threshold; //!< float [rows]             the k-th largest selection score
     size_t selected;  //!< int32 [rows, topK]       selected flat cells, ascending
     size_t rowStart;  //!< int32 [rows, nb + 1]     where each query block's cells start
+    size_t lowOut;    //!< float [rows, nb, D]      mode "full": sum_j lo_ij Vh_j (the CUDA kernels)
+    size_t lowNorm;   //!< float [rows, nb]         mode "full": sum_j lo_ij
     size_t total;
 };
 
@@ -72,6 +74,8 @@ struct Scratch
     float* threshold;
     int32_t* selected;
     int32_t* rowStart;
+    float* lowOut;
+    float* lowNorm;
 
     Scratch(WorkspaceLayout const& layout, void* workspace)
         : counts(at<float>(workspace, layout.counts))
@@ -83,6 +87,8 @@ struct Scratch
         , threshold(at<float>(workspace, layout.threshold))
         , selected(at<int32_t>(workspace, layout.selected))
         , rowStart(at<int32_t>(workspace, layout.rowStart))
+        , lowOut(at<float>(workspace, layout.lowOut))
+        , lowNorm(at<float>(workspace, layout.lowNorm))
     {
     }
 

@@ -4,12 +4,14 @@
  *   (a) countTokens, blockMeans, lowResolutionLogits: block means and low-resolution logits;
  *   (b) selectBlocks: row max, masking and priors (selectionScore), then a radix select of the
  *       k-th largest score and a block-wide scan that takes ties in flat order;
- *   (c) highResolution: per (batch * head, query block), a loop over that row's selected key
- *       blocks with an online (FlashAttention-style) running max, 32x32 scores, exp and P.V
- *       accumulation in registers; no S x S or nb x nb x 32 x 32 tensor in global memory;
- *   (d) its epilogue: the 1e-3-quantised row max, the low-resolution term and the correction.
- * fp32 uses FMA; fp16 and bf16 use tensor cores (WMMA, fp32 accumulation). Everything runs on
- * the caller's stream, uses only the workspace, and reports launch errors.
+ *   (c) highResolutionMma (fp16/bf16: tensor cores, mma.sync.m16n8k16, fp32 accumulation, sm_80
+ *       and later) and highResolutionFma (fp32): per (batch * head, query block), a loop over
+ *       that row's selected key blocks with an online (FlashAttention-style) running max, 32x32
+ *       scores, exp and P.V accumulation in registers; no S x S or nb x nb x 32 x 32 tensor in
+ *       global memory;
+ *   (d) lowResolutionTerms (mode "full"), then the epilogue of (c): the 1e-3-quantised row max,
+ *       the low-resolution term and the correction.
+ * Everything runs on the caller's stream, uses only the workspace, and reports launch errors.
  */
 #include "mraAttention.h"
 #include "mraAttentionCommon.h"
@@ -17,7 +19,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
+
+#ifdef MRA_CUDA_EMULATION_H
+#include "ptxMma.h" // the CPU emulation's mma.sync (plugins/tests/cuda_emulation)
+#endif
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -28,6 +33,14 @@
 #include <mutex>
 #include <set>
 #include <type_traits>
+
+// Loops over register arrays (fragments, accumulators) are unrolled so that the arrays stay in
+// registers: indexed at run time they would live in local memory. The emulation has no pragma.
+#ifdef MRA_CUDA_EMULATION_H
+#define MRA_UNROLL
+#else
+#define MRA_UNROLL _Pragma("unroll")
+#endif
 
 namespace mra
 {
@@ -331,19 +344,95 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     }
 }
 
-// ---- (c) + (d) high resolution with the epilogue -------------------------------------------
+// ---- (d) low-resolution terms (mode "full") -------------------------------------------------
+
+//! One CTA per (row, group of kLogitQueryBlocks query blocks i), thread d the value dim d:
+//! lowOut[i] = sum_j lo_ij Vh_j and lowNorm[i] = sum_j lo_ij, accumulated in j order, with
+//! lo_ij = exp((L_ij - r_i) - 1e4 [score_ij >= threshold]) c_j. The group reads each Vh_j once
+//! for its query blocks (a CTA per query block read the row's Vh whole, once each).
+__global__ void __launch_bounds__(kLogitThreads) lowResolutionTerms(Problem p, Scratch s)
+{
+    static_assert(kMaxHeadDim <= kLogitThreads, "a thread per value dim");
+    __shared__ float weights[kLogitQueryBlocks][kLogitThreads];
+    int32_t const groups = logitQueryGroups(p.nb);
+    int32_t const row = blockIdx.x / groups;
+    int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
+    int32_t const d = threadIdx.x;
+    float const* counts = s.counts + (row / p.heads) * p.nb;
+    float const threshold = s.threshold[row];
+    float sums[kLogitQueryBlocks] = {};
+    float norm = 0.0f; // thread u < kLogitQueryBlocks: query block first + u
+    for (int32_t chunk = 0; chunk < p.nb; chunk += kLogitThreads)
+    {
+        int32_t const j = chunk + threadIdx.x;
+        MRA_UNROLL
+        for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
+        {
+            int32_t const i = first + u;
+            float weight = 0.0f;
+            if (j < p.nb && i < p.nb)
+            {
+                float const logit = s.lowLogits[(static_cast<size_t>(row) * p.nb + i) * p.nb + j];
+                float const rowMax = s.rowMax[row * p.nb + i];
+                float const score = selectionScore(logit, rowMax, i, j, p.priorFirst, p.priorDiagonal);
+                float const exact = score >= threshold ? 1.0f : 0.0f;
+                weight = expf((logit - rowMax) - kMaskedLogitPenalty * exact) * counts[j];
+            }
+            weights[u][threadIdx.x] = weight;
+        }
+        __syncthreads();
+        int32_t const count = min(kLogitThreads, p.nb - chunk);
+        if (d < p.headDim)
+        {
+            float const* values = s.valueMean + (static_cast<size_t>(row) * p.nb + chunk) * p.headDim + d;
+            for (int32_t k = 0; k < count; ++k)
+            {
+                float const value = values[static_cast<size_t>(k) * p.headDim];
+                MRA_UNROLL
+                for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
+                {
+                    sums[u] += weights[u][k] * value;
+                }
+            }
+        }
+        if (threadIdx.x < kLogitQueryBlocks)
+        {
+            for (int32_t k = 0; k < count; ++k)
+            {
+                norm += weights[threadIdx.x][k];
+            }
+        }
+        __syncthreads(); // before the next chunk's weights
+    }
+    MRA_UNROLL
+    for (int32_t u = 0; u < kLogitQueryBlocks; ++u) // a constant bound keeps sums in registers
+    {
+        if (first + u < p.nb && d < p.headDim)
+        {
+            s.lowOut[(static_cast<size_t>(row) * p.nb + first + u) * p.headDim + d] = sums[u];
+        }
+    }
+    if (threadIdx.x < kLogitQueryBlocks && first + static_cast<int32_t>(threadIdx.x) < p.nb)
+    {
+        s.lowNorm[row * p.nb + first + threadIdx.x] = norm;
+    }
+}
+
+// ---- (c) + (d) high resolution and the epilogue: what both kernels share -------------------
 
 //! [32, D] tiles of rows first + 0..31 of kTensors tensors (Q; or K and V), in registers between
 //! the loads that `start` them and the shared-memory stores that end them, so that the next key
-//! block's loads are in flight while the current one is computed. Thread x holds 16-byte vectors
-//! x, x + 128, ... of each; masked tokens and rows past the sequence are zero (the data and the
-//! mask are loaded independently, the data of padded tokens being in memory too).
-template <typename T, int D, int kTensors>
+//! block's loads are in flight while the current one is computed. Thread x of kThreads holds
+//! 16-byte vectors x, x + kThreads, ... of each; masked tokens and rows past the sequence are
+//! zero (the data and the mask are loaded independently, the data of padded tokens being in
+//! memory too).
+template <typename T, int D, int kTensors, int kThreads>
 struct TileFetch
 {
     static constexpr int kVector = 16 / sizeof(T);
     static constexpr int kVectorsPerRow = D / kVector;
-    static constexpr int kPerThread = kBlock * kVectorsPerRow / kHighResThreads;
+    static constexpr int kPerThread = kBlock * kVectorsPerRow / kThreads;
+    static_assert(kPerThread * kThreads == kBlock * kVectorsPerRow, "the threads share the tile evenly");
     uint4 vectors[kTensors][kPerThread];
 
     __device__ void start(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
@@ -352,7 +441,7 @@ struct TileFetch
         int32_t const batch = row / p.heads;
         for (int32_t v = 0; v < kPerThread; ++v)
         {
-            int32_t const index = threadIdx.x + v * kHighResThreads;
+            int32_t const index = threadIdx.x + v * kThreads;
             int32_t const position = first + index / kVectorsPerRow;
             size_t const offset = (static_cast<size_t>(row) * p.seqLen + position) * D + (index % kVectorsPerRow) * kVector;
             bool const inside = position < p.seqLen;
@@ -372,25 +461,44 @@ struct TileFetch
 
     //! Element (r, d) of tensor t lands at tiles[t][r * stride + d] (`stride` keeps rows 16-byte
     //! aligned).
-    __device__ void store(T* const (&tiles)[kTensors], int32_t stride) const
+    __device__ void store(int32_t t, T* tile, int32_t stride) const
     {
         for (int32_t v = 0; v < kPerThread; ++v)
         {
-            int32_t const index = threadIdx.x + v * kHighResThreads;
+            int32_t const index = threadIdx.x + v * kThreads;
             int32_t const at = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
-            for (int32_t t = 0; t < kTensors; ++t)
+            *reinterpret_cast<uint4*>(tile + at) = vectors[t][v];
+        }
+    }
+
+    //! Element (r, d) of tensor t lands at tile[d * stride + r]: V^T, whose rows are the B
+    //! fragments of P V (pairs of adjacent keys at one dim).
+    __device__ void storeTransposed(int32_t t, T* tile, int32_t stride) const
+    {
+        for (int32_t v = 0; v < kPerThread; ++v)
+        {
+            int32_t const index = threadIdx.x + v * kThreads;
+            int32_t const r = index / kVectorsPerRow;
+            int32_t const d = (index % kVectorsPerRow) * kVector;
+            union
             {
-                *reinterpret_cast<uint4*>(tiles[t] + at) = vectors[t][v];
+                uint4 raw;
+                T values[kVector];
+            } unpacked;
+            unpacked.raw = vectors[t][v];
+            for (int32_t e = 0; e < kVector; ++e)
+            {
+                tile[(d + e) * stride + r] = unpacked.values[e];
             }
         }
     }
 };
 
 //! Key block j's K and V tiles and its key mask (bit t: token t is real), fetched one block ahead.
-template <typename T, int D>
+template <typename T, int D, int kThreads>
 struct KeyBlockFetch
 {
-    TileFetch<T, D, 2> tiles;
+    TileFetch<T, D, 2, kThreads> tiles;
     uint32_t realKeys = 0; //!< held by warp 0
 
     __device__ void start(Problem const& p, T const* keys, T const* values, int32_t const* mask, int32_t row, int32_t j)
@@ -402,9 +510,19 @@ struct KeyBlockFetch
         }
     }
 
-    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeysOut) const
+    //! K row-major; V row-major (`transposeValues` false) or as V^T.
+    __device__ void store(T* keyTile, T* valueTile, int32_t keyStride, int32_t valueStride, bool transposeValues,
+        uint32_t* realKeysOut) const
     {
-        tiles.store({keyTile, valueTile}, stride);
+        tiles.store(0, keyTile, keyStride);
+        if (transposeValues)
+        {
+            tiles.storeTransposed(1, valueTile, valueStride);
+        }
+        else
+        {
+            tiles.store(1, valueTile, valueStride);
+        }
         if (threadIdx.x == 0)
         {
             *realKeysOut = realKeys;
@@ -412,190 +530,179 @@ struct KeyBlockFetch
     }
 };
 
-//! The low-resolution term of block row i (mode "full"): sum_j lo_j * Vh_j and sum_j lo_j, with
-//! lo_j = exp((L_ij - r_i) - 1e4 * [score_ij >= threshold]) * c_j, accumulated in j order.
-template <int D>
-__device__ void lowResolutionTerm(Problem const& p, Scratch const& s, int32_t row, int32_t i, float* weights,
-    float* lowOut, float* lowNorm)
+//! Runs `compute(realKeys)` for each selected key block of query block i, in order, after the
+//! block's K and V tiles are in shared memory (V transposed where asked; `realKeys` bit t: key t
+//! is real) and while the next block's are loading into registers. Every thread calls it.
+template <typename T, int D, int kThreads, typename Compute>
+__device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, int32_t const* mask, Scratch const& s,
+    int32_t row, int32_t i, T* keyTile, int32_t keyStride, T* valueTile, int32_t valueStride, bool transposeValues,
+    uint32_t* realKeys, Compute&& compute)
 {
-    int32_t const batch = row / p.heads;
-    float const rowMax = s.rowMax[row * p.nb + i];
-    float const threshold = s.threshold[row];
-    float sum = 0.0f; // the value dimension threadIdx.x (when < D)
-    float norm = 0.0f;
-    for (int32_t chunk = 0; chunk < p.nb; chunk += blockDim.x)
+    int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
+    int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
+    int32_t const begin = rowStart[i];
+    int32_t const end = rowStart[i + 1];
+    KeyBlockFetch<T, D, kThreads> fetch;
+    if (begin < end)
     {
-        int32_t const j = chunk + threadIdx.x;
-        if (j < p.nb)
+        fetch.start(p, key, value, mask, row, selected[begin] - i * p.nb);
+    }
+    for (int32_t index = begin; index < end; ++index)
+    {
+        __syncthreads(); // the previous tiles are consumed
+        fetch.store(keyTile, valueTile, keyStride, valueStride, transposeValues, realKeys);
+        if (index + 1 < end)
         {
-            int32_t const cell = i * p.nb + j;
-            float const logit = s.lowLogits[static_cast<size_t>(row) * p.nb * p.nb + cell];
-            float const score = selectionScore(logit, rowMax, i, j, p.priorFirst, p.priorDiagonal);
-            float const exact = score >= threshold ? 1.0f : 0.0f;
-            weights[threadIdx.x] = expf((logit - rowMax) - kMaskedLogitPenalty * exact) * s.counts[batch * p.nb + j];
+            fetch.start(p, key, value, mask, row, selected[index + 1] - i * p.nb);
         }
         __syncthreads();
-        int32_t const count = min(static_cast<int32_t>(blockDim.x), p.nb - chunk);
-        if (threadIdx.x < D)
-        {
-            float const* values = s.valueMean + (static_cast<size_t>(row) * p.nb + chunk) * D + threadIdx.x;
-            for (int32_t u = 0; u < count; ++u)
-            {
-                sum += weights[u] * values[static_cast<size_t>(u) * D];
-            }
-        }
-        if (threadIdx.x == 0)
-        {
-            for (int32_t u = 0; u < count; ++u)
-            {
-                norm += weights[u];
-            }
-        }
-        __syncthreads();
+        compute(*realKeys);
     }
-    if (threadIdx.x < D)
-    {
-        lowOut[threadIdx.x] = sum;
-    }
-    if (threadIdx.x == 0)
-    {
-        *lowNorm = norm;
-    }
-    __syncthreads();
 }
 
-//! Per-query online softmax state, kept by the 4 threads of the query's row. Thread `lane` holds
-//! the output dims in 16-byte groups lane, lane + 4, ... (dimOf), so that the 4 lanes' float4
-//! reads of one shared-memory row fall in distinct banks.
-template <int D>
-struct RowState
+//! Maximum over the 4 threads of one query row (lanes 4g..4g+3 of a warp).
+__device__ inline float rowMaxOf4(float value)
 {
-    static constexpr int kDims = D / 4;
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
+    return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
+}
+
+//! Sum over the 4 threads of one query row.
+__device__ inline float rowSumOf4(float value)
+{
+    value += __shfl_xor_sync(0xffffffffu, value, 1);
+    return value + __shfl_xor_sync(0xffffffffu, value, 2);
+}
+
+//! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
+//! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
+//! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
+//! with one weight exactly 1.
+struct SoftmaxStats
+{
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
-    float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials below
+    float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials
     float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
-    float out[kDims] = {};       //!< sum of exp(P - baseMax) * V, at dims dimOf(lane, u)
 
-    __device__ static int32_t dimOf(int32_t lane, int32_t u) { return 16 * (u / 4) + 4 * lane + u % 4; }
-
-    //! The key of a thread's score t: fp16/bf16 threads take 8 adjacent keys (two 16-byte reads of
-    //! the score tile, one 16-byte store of weights); fp32 threads keys lane + 4t (their K rows
-    //! fall in distinct banks).
-    template <bool kTensorCores>
-    __device__ static int32_t keyOf(int32_t lane, int32_t t) { return kTensorCores ? 8 * lane + t : lane + 4 * t; }
-
-    //! Fold in one block's 8 scores per thread (keys keyOf(lane, t)): update the maxima,
-    //! rescale, and return the block's weights of those keys in `weights`. fp16/bf16 take the
-    //! fast exponential (a few ulp of fp32), as their weight tile rounds to 8 or 11 bits anyway.
-    //! Padded keys count for M (they do in the original) but not for the base: with M pinned at 0
-    //! by them, exp(P - M) of real keys far below 0 would underflow in the fp16 weight tile;
-    //! exp(P - baseMax) <= 1 with one weight exactly 1.
-    template <bool kTensorCores>
-    __device__ void absorbScores(float const (&scores)[8], uint32_t realKeys, int32_t lane, float (&weights)[8])
+    //! Fold in one block's scores of a row, 8 per thread of its 4 (`real`: the key is real).
+    //! Returns the factor the row's earlier sums are rescaled by, and the weights in `weights`.
+    //! fp16/bf16 take the fast exponential (a few ulp of fp32), as their weights round to 8 or
+    //! 11 bits anyway.
+    template <bool kFastExp>
+    __device__ float absorb(float const (&scores)[8], bool const (&real)[8], float (&weights)[8])
     {
-        bool real[8];
         float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
         for (int32_t t = 0; t < 8; ++t)
         {
-            real[t] = (realKeys >> keyOf<kTensorCores>(lane, t)) & 1u;
             blockMax = fmaxf(blockMax, scores[t]);
             blockRealMax = fmaxf(blockRealMax, real[t] ? scores[t] : -FLT_MAX);
         }
-        blockMax = rowMaxOf4(blockMax);
-        blockRealMax = rowMaxOf4(blockRealMax);
-        runningMax = fmaxf(runningMax, blockMax);
-        float const newBase = fmaxf(baseMax, blockRealMax);
+        runningMax = fmaxf(runningMax, rowMaxOf4(blockMax));
+        float const newBase = fmaxf(baseMax, rowMaxOf4(blockRealMax));
         float const rescale = expf(baseMax - newBase); // 1 while no real key has been seen
         baseMax = newBase;
-        norm *= rescale;
-        for (int32_t u = 0; u < kDims; ++u)
-        {
-            out[u] *= rescale;
-        }
         float partial = 0.0f;
         for (int32_t t = 0; t < 8; ++t)
         {
             float const exponent = scores[t] - newBase;
-            weights[t] = !real[t] ? 0.0f : kTensorCores ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
+            weights[t] = !real[t] ? 0.0f : kFastExp ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
             partial += weights[t];
         }
-        partial += __shfl_xor_sync(0xffffffffu, partial, 1);
-        partial += __shfl_xor_sync(0xffffffffu, partial, 2);
-        norm += partial;
+        norm = norm * rescale + rowSumOf4(partial);
+        return rescale;
     }
+};
 
-    //! out += row[dimOf(lane, u)] for a float row of D (16-byte aligned), times `weight`.
-    __device__ void accumulate(float const* row, int32_t lane, float weight)
+//! Query block i's low-resolution terms (lowResolutionTerms' output; zero in mode "sparse").
+struct LowResolution
+{
+    float const* values = nullptr;
+    float lowNorm = 0.0f;
+
+    __device__ LowResolution(Problem const& p, Scratch const& s, int32_t row, int32_t i)
     {
-        for (int32_t group = 0; group < D / 16; ++group)
+        if (p.full)
         {
-            float4 const v = *reinterpret_cast<float4 const*>(row + 16 * group + 4 * lane);
-            out[4 * group] += weight * v.x;
-            out[4 * group + 1] += weight * v.y;
-            out[4 * group + 2] += weight * v.z;
-            out[4 * group + 3] += weight * v.w;
+            values = s.lowOut + (static_cast<size_t>(row) * p.nb + i) * p.headDim;
+            lowNorm = s.lowNorm[row * p.nb + i];
         }
     }
 
-    //! Maximum over the 4 threads of one query row.
-    __device__ static float rowMaxOf4(float value)
-    {
-        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
-        return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
-    }
+    __device__ float out(int32_t d) const { return values != nullptr ? values[d] : 0.0f; }
+    __device__ float norm() const { return lowNorm; }
 };
 
-//! Shared memory of the high-resolution kernel (bytes), per storage type and head dim.
+//! (d) The epilogue's combination for one query row: the quantised row max, the low-resolution
+//! term (mode "full") and the correction; `hiOut` is sum exp(P - baseMax) V at one dim.
+struct RowEpilogue
+{
+    float toQuantised, hiNorm, loScale, hiScale;
+    bool full;
+
+    __device__ RowEpilogue(Problem const& p, SoftmaxStats const& stats, float blockRowMax, float lowNorm)
+        : full(p.full)
+    {
+        float const quantisedMax = quantisedRowMax(stats.runningMax);
+        // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow,
+        // and baseMax = -FLT_MAX (no real key) gives 0.
+        toQuantised = expf(stats.baseMax - quantisedMax);
+        float const maxGap = blockRowMax - quantisedMax;
+        loScale = expf(fminf(maxGap, 0.0f));
+        hiScale = expf(-fmaxf(maxGap, 0.0f));
+        hiNorm = stats.norm * toQuantised;
+        denominator = full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps;
+    }
+
+    __device__ float operator()(float hiOut, float lowOut) const
+    {
+        float const hi = hiOut * toQuantised;
+        return full ? (hi * hiScale + lowOut * loScale) / denominator : hi / denominator;
+    }
+
+private:
+    float denominator;
+};
+
+//! The CTA's [32, D] output tile, staged in shared memory as T, written in 16-byte vectors.
 template <typename T, int D>
-struct HighResolutionSmem
+__device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride, int32_t row, int32_t i, T* output)
 {
-    static constexpr bool kTensorCores = sizeof(T) == 2;
-    // fp16/bf16: a 16-element pad keeps the 32-byte row alignment WMMA needs; fp32: a 4-element
-    // pad keeps rows 16-byte aligned, and float4 reads of 8 rows (a quarter warp) in distinct banks.
-    static constexpr int kTileStride = kTensorCores ? D + 16 : D + 4;
-    static constexpr int kScoreStride = 36;    // float [32][36], WMMA store target
-    static constexpr int kWeightStride = 40;   // T [32][40], WMMA operand (fp16/bf16): its 8-row reads in distinct banks
-    static constexpr int kProductStride = D + 16; // float [32][D + 16], P.V of one block (distinct banks)
-    static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
-    static constexpr size_t kScores = sizeof(float) * kBlock * kScoreStride;
-    static constexpr size_t kWeights = kTensorCores ? sizeof(T) * kBlock * kWeightStride : 0;
-    static constexpr size_t kProduct = kTensorCores ? sizeof(float) * kBlock * kProductStride : 0;
-    static constexpr size_t kTotal = 3 * kTile + kScores + kWeights + kProduct + kHighResThreads * sizeof(float)
-        + D * sizeof(float) + 2 * sizeof(float) + sizeof(uint32_t) + 64;
-};
-
-// fp16/bf16: each warp multiplies its own 8 query rows (WMMA's 8x32x16 shape), so the scores,
-// weights and products a warp writes are read by that warp alone: a __syncwarp between the
-// steps, not a CTA barrier.
-constexpr int kWarpRows = 8;
-
-//! One warp's 8x32 product C = A B: A row-major, 8 x depth (a multiple of 16), B depth x 32 in
-//! `BLayout`; C stored row-major. Pointers and leading dimensions as WMMA takes them.
-template <typename T, typename BLayout>
-__device__ inline void warpMultiply(T const* a, int32_t lda, T const* b, int32_t ldb, int32_t depth, float* c, int32_t ldc)
-{
-    using namespace nvcuda;
-    constexpr bool kColumnMajor = std::is_same<BLayout, wmma::col_major>::value;
-    wmma::fragment<wmma::accumulator, kWarpRows, 32, 16, float> accumulator;
-    wmma::fill_fragment(accumulator, 0.0f);
-    for (int32_t k = 0; k < depth; k += 16)
+    constexpr int kVector = 16 / sizeof(T);
+    for (int32_t index = threadIdx.x; index < kBlock * (D / kVector); index += blockDim.x)
     {
-        wmma::fragment<wmma::matrix_a, kWarpRows, 32, 16, T, wmma::row_major> left;
-        wmma::fragment<wmma::matrix_b, kWarpRows, 32, 16, T, BLayout> right;
-        wmma::load_matrix_sync(left, a + k, lda);
-        wmma::load_matrix_sync(right, b + (kColumnMajor ? k : k * ldb), ldb);
-        wmma::mma_sync(accumulator, left, right, accumulator);
+        int32_t const r = index / (D / kVector);
+        int32_t const d = (index % (D / kVector)) * kVector;
+        int32_t const outPosition = i * kBlock + r;
+        if (outPosition < p.seqLen)
+        {
+            *reinterpret_cast<uint4*>(output + (static_cast<size_t>(row) * p.seqLen + outPosition) * D + d)
+                = *reinterpret_cast<uint4 const*>(tile + r * stride + d);
+        }
     }
-    wmma::store_matrix_sync(c, accumulator, ldc, wmma::mem_row_major);
 }
 
-//! fp32: the scores of keys lane + 4t of query row r, by FMA from shared memory in d order.
-template <typename T, int D>
-__device__ inline void scoresByFma(
-    Problem const& p, T const* queryTile, T const* keyTile, int32_t r, int32_t lane, float (&scores)[8])
+// ---- (c) fp32: FMA -------------------------------------------------------------------------
+
+//! Shared memory of the fp32 kernel (bytes): a 4-element pad keeps rows 16-byte aligned, and
+//! float4 reads of 8 rows (a quarter warp) in distinct banks.
+template <int D>
+struct FmaSmem
 {
-    using Smem = HighResolutionSmem<T, D>;
+    static constexpr int kTileStride = D + 4;
+    static constexpr int kWeightStride = 36; // float [32][36]: each row's 32 weights, for its 4 threads
+    static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
+    static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
+    static constexpr size_t kTotal = 3 * kTile + kWeights + sizeof(uint32_t) + 64;
+};
+
+//! The scores of keys lane + 4t of query row r, by FMA from shared memory in d order (the K rows
+//! of the 4 lanes fall in distinct banks).
+template <int D>
+__device__ inline void scoresByFma(
+    Problem const& p, float const* queryTile, float const* keyTile, int32_t r, int32_t lane, float (&scores)[8])
+{
+    using Smem = FmaSmem<D>;
     float dot[8] = {};
     for (int32_t d = 0; d < D; d += 4)
     {
@@ -611,155 +718,265 @@ __device__ inline void scoresByFma(
     }
     for (int32_t t = 0; t < 8; ++t)
     {
-        scores[t] = dot[t] / p.scaleDivisor;
+        scores[t] = dot[t] / p.scaleDivisor; // divides, as PyTorch does
     }
 }
 
-//! One CTA per (row, query block i), 128 threads; the CTAs of a row are adjacent (L2 reuse).
-template <typename T, int D>
-__global__ void __launch_bounds__(kHighResThreads) highResolution(
-    Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
+//! One CTA per (row, query block i), 128 threads: query row r = threadIdx.x / 4, its 4 threads
+//! each the keys lane + 4t and the output dims in 16-byte groups lane, lane + 4, ... (so that the
+//! 4 lanes' float4 reads of one shared-memory row fall in distinct banks). The CTAs of a row are
+//! adjacent (L2 reuse).
+template <int D>
+__global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
+    Problem p, float const* query, float const* key, float const* value, int32_t const* mask, Scratch s, float* output)
 {
-    using Smem = HighResolutionSmem<T, D>;
+    using Smem = FmaSmem<D>;
+    constexpr int kDims = D / 4;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* queryTile = reinterpret_cast<T*>(smem);
-    T* keyTile = reinterpret_cast<T*>(smem + Smem::kTile);
-    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile);
-    float* scoreTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile);
-    T* weightTile = reinterpret_cast<T*>(smem + 3 * Smem::kTile + Smem::kScores);
-    float* productTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile + Smem::kScores + Smem::kWeights);
-    float* chunkWeights = reinterpret_cast<float*>(
-        smem + 3 * Smem::kTile + Smem::kScores + Smem::kWeights + Smem::kProduct);
-    float* lowOut = chunkWeights + kHighResThreads;
-    float* lowNorm = lowOut + D;
-    uint32_t* realKeys = reinterpret_cast<uint32_t*>(lowNorm + 2);
+    float* queryTile = reinterpret_cast<float*>(smem);
+    float* keyTile = reinterpret_cast<float*>(smem + Smem::kTile);
+    float* valueTile = reinterpret_cast<float*>(smem + 2 * Smem::kTile);
+    float* weightTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile);
+    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 3 * Smem::kTile + Smem::kWeights);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
-    int32_t const batch = row / p.heads;
-    int32_t const r = threadIdx.x / 4; // the query row of this thread
+    int32_t const r = threadIdx.x / 4;
     int32_t const lane = threadIdx.x % 4;
-    int32_t const warp = threadIdx.x / 32;
-    int32_t const position = i * kBlock + r;
-    bool const queryReal = isReal(p, mask, batch, position);
-    int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
-    int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
-    int32_t const begin = rowStart[i];
-    int32_t const end = rowStart[i + 1];
-    // fp16/bf16 scale by the reciprocal (1 ulp from dividing, far inside their tolerance); fp32
-    // divides, as PyTorch does.
-    float const inverseScale = 1.0f / p.scaleDivisor;
 
-    TileFetch<T, D, 1> queries;
+    TileFetch<float, D, 1, kHighResThreads> queries;
     queries.start(p, {query}, mask, row, i * kBlock);
-    queries.store({queryTile}, Smem::kTileStride);
-    RowState<D> state;
-    KeyBlockFetch<T, D> fetch;
-    if (begin < end)
-    {
-        fetch.start(p, key, value, mask, row, selected[begin] - i * p.nb);
-    }
-    for (int32_t index = begin; index < end; ++index)
-    {
-        __syncthreads(); // the previous tiles are consumed
-        fetch.store(keyTile, valueTile, Smem::kTileStride, realKeys);
-        if (index + 1 < end)
-        {
-            fetch.start(p, key, value, mask, row, selected[index + 1] - i * p.nb);
-        }
-        __syncthreads();
-        uint32_t const blockRealKeys = *realKeys;
+    queries.store(0, queryTile, Smem::kTileStride);
+    SoftmaxStats stats;
+    float out[kDims] = {}; // sum exp(P - baseMax) V at dims 16 (u / 4) + 4 lane + u % 4
+    forEachKeyBlock<float, D, kHighResThreads>(p, key, value, mask, s, row, i, keyTile, Smem::kTileStride, valueTile,
+        Smem::kTileStride, false, realKeys, [&](uint32_t blockRealKeys) {
         float scores[8];
+        bool real[8];
         float weights[8];
-        if constexpr (Smem::kTensorCores)
+        scoresByFma<D>(p, queryTile, keyTile, r, lane, scores);
+        for (int32_t t = 0; t < 8; ++t)
         {
-            // Q K^T of the warp's 8 queries (K^T is K read column-major), then P V below.
-            warpMultiply<T, nvcuda::wmma::col_major>(queryTile + warp * kWarpRows * Smem::kTileStride,
-                Smem::kTileStride, keyTile, Smem::kTileStride, D, scoreTile + warp * kWarpRows * Smem::kScoreStride,
-                Smem::kScoreStride);
-            __syncwarp();
-            float const* rowScores = scoreTile + r * Smem::kScoreStride + 8 * lane;
-            float4 const low = *reinterpret_cast<float4 const*>(rowScores);
-            float4 const high = *reinterpret_cast<float4 const*>(rowScores + 4);
-            float const raw[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
-            for (int32_t t = 0; t < 8; ++t)
-            {
-                scores[t] = raw[t] * inverseScale;
-            }
-            state.template absorbScores<true>(scores, blockRealKeys, lane, weights);
-            union
-            {
-                uint4 raw;
-                T values[8];
-            } packed;
-            for (int32_t t = 0; t < 8; ++t)
-            {
-                packed.values[t] = Storage<T>::fromFloat(weights[t]);
-            }
-            *reinterpret_cast<uint4*>(weightTile + r * Smem::kWeightStride + 8 * lane) = packed.raw;
-            __syncwarp();
-            for (int32_t column = 0; column < D; column += 32)
-            {
-                warpMultiply<T, nvcuda::wmma::row_major>(weightTile + warp * kWarpRows * Smem::kWeightStride,
-                    Smem::kWeightStride, valueTile + column, Smem::kTileStride, kBlock,
-                    productTile + warp * kWarpRows * Smem::kProductStride + column, Smem::kProductStride);
-            }
-            __syncwarp();
-            state.accumulate(productTile + r * Smem::kProductStride, lane, 1.0f);
+            real[t] = (blockRealKeys >> (lane + 4 * t)) & 1u;
         }
-        else
+        float const rescale = stats.absorb<false>(scores, real, weights);
+        float* rowWeights = weightTile + r * Smem::kWeightStride;
+        for (int32_t t = 0; t < 8; ++t)
         {
-            scoresByFma<T, D>(p, queryTile, keyTile, r, lane, scores);
-            state.template absorbScores<false>(scores, blockRealKeys, lane, weights);
-            float* rowWeights = scoreTile + r * Smem::kScoreStride; // the row's 32, for its 4 threads
-            for (int32_t t = 0; t < 8; ++t)
+            rowWeights[lane + 4 * t] = weights[t];
+        }
+        __syncwarp();
+        for (int32_t u = 0; u < kDims; ++u)
+        {
+            out[u] *= rescale;
+        }
+        for (int32_t k = 0; k < kBlock; ++k)
+        {
+            float const weight = rowWeights[k];
+            for (int32_t group = 0; group < D / 16; ++group)
             {
-                rowWeights[lane + 4 * t] = weights[t];
-            }
-            __syncwarp();
-            for (int32_t k = 0; k < kBlock; ++k)
-            {
-                state.accumulate(valueTile + k * Smem::kTileStride, lane, rowWeights[k]);
+                float4 const v = *reinterpret_cast<float4 const*>(valueTile + k * Smem::kTileStride + 16 * group + 4 * lane);
+                out[4 * group] += weight * v.x;
+                out[4 * group + 1] += weight * v.y;
+                out[4 * group + 2] += weight * v.z;
+                out[4 * group + 3] += weight * v.w;
             }
         }
-    }
+    });
 
-    // (d) The epilogue: quantised row max, low-resolution term, correction, masked queries.
-    if (p.full)
-    {
-        lowResolutionTerm<D>(p, s, row, i, chunkWeights, lowOut, lowNorm);
-    }
-    float const quantisedMax = quantisedRowMax(state.runningMax);
-    // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow, and
-    // baseMax = -FLT_MAX (no real key) gives 0.
-    float const toQuantised = expf(state.baseMax - quantisedMax);
-    float const hiNorm = state.norm * toQuantised;
-    float const maxGap = s.rowMax[row * p.nb + i] - quantisedMax;
-    float const loScale = expf(fminf(maxGap, 0.0f));
-    float const hiScale = expf(-fmaxf(maxGap, 0.0f));
+    LowResolution const low(p, s, row, i);
+    RowEpilogue const combine(p, stats, s.rowMax[row * p.nb + i], low.norm());
+    bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + r);
     __syncthreads(); // the query tile becomes the output staging tile
-    for (int32_t u = 0; u < RowState<D>::kDims; ++u)
+    for (int32_t u = 0; u < kDims; ++u)
     {
-        int32_t const d = RowState<D>::dimOf(lane, u);
-        float const hiOut = state.out[u] * toQuantised;
-        float value = p.full ? (hiOut * hiScale + lowOut[d] * loScale) / (hiNorm * hiScale + *lowNorm * loScale + kNormaliserEps)
-                             : hiOut / (hiNorm + kNormaliserEps);
-        value = queryReal ? value : 0.0f;
-        queryTile[r * Smem::kTileStride + d] = Storage<T>::fromFloat(value);
+        int32_t const d = 16 * (u / 4) + 4 * lane + u % 4;
+        queryTile[r * Smem::kTileStride + d] = queryReal ? combine(out[u], low.out(d)) : 0.0f;
     }
     __syncthreads();
-    constexpr int kVector = 16 / sizeof(T);
-    for (int32_t index = threadIdx.x; index < kBlock * (D / kVector); index += blockDim.x)
+    storeOutputTile<float, D>(p, queryTile, Smem::kTileStride, row, i, output);
+}
+
+// ---- (c) fp16/bf16: tensor cores -----------------------------------------------------------
+//
+// FlashAttention-2's layout on mma.sync.m16n8k16 (sm_80 and later): warp w of 2 holds query rows
+// 16w..16w+15; S = Q K^T, the softmax and O += P V stay in registers, as the accumulator
+// fragment of S is, pair for pair, the A fragment of P. In a fragment, lane = 4 g + t holds rows
+// g and g + 8 and, of an 8-wide n tile, columns 2t and 2t + 1 (PTX ISA, "Matrix Fragments for
+// mma.m16n8k16").
+
+constexpr int kMmaThreads = 64;
+
+//! d += a b for one warp: A 16x16 row-major, B 16x8 column-major (T: __half or __nv_bfloat16),
+//! D fp32, in the PTX ISA's fragments; a register holds two adjacent elements, the lower column
+//! (A) or row (B) in its low half.
+template <typename T>
+__device__ inline void warpMma(float (&d)[4], uint32_t const (&a)[4], uint32_t const (&b)[2])
+{
+#ifdef MRA_CUDA_EMULATION_H // the CPU emulation (plugins/tests/cuda_emulation), same fragments
+    ::emu::mmaM16N8K16<T>(__FILE__, __LINE__, d, a, b);
+#else
+    if constexpr (std::is_same<T, __half>::value)
     {
-        int32_t const rr = index / (D / kVector);
-        int32_t const d = (index % (D / kVector)) * kVector;
-        int32_t const outPosition = i * kBlock + rr;
-        if (outPosition < p.seqLen)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    else
+    {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#endif
+}
+
+//! Two adjacent 16-bit elements of a shared-memory tile, as one fragment register.
+template <typename T>
+__device__ inline uint32_t pairAt(T const* tile, int32_t offset)
+{
+    return *reinterpret_cast<uint32_t const*>(tile + offset);
+}
+
+//! Two floats rounded to T, the first in the low half.
+template <typename T>
+__device__ inline uint32_t packPair(float low, float high)
+{
+    union
+    {
+        uint32_t word;
+        T values[2];
+    } packed;
+    packed.values[0] = Storage<T>::fromFloat(low);
+    packed.values[1] = Storage<T>::fromFloat(high);
+    return packed.word;
+}
+
+//! Shared memory of the tensor-core kernel (bytes). Q and K rows are padded by 8 elements
+//! (16 bytes): a fragment load's 8 rows x 4 lanes then fall in distinct banks; V^T rows (a dim's
+//! 32 keys) likewise.
+template <typename T, int D>
+struct MmaSmem
+{
+    static constexpr int kTileStride = D + 8;
+    static constexpr int kValueStride = kBlock + 8;
+    static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
+    static constexpr size_t kValueTile = sizeof(T) * D * kValueStride;
+    static constexpr size_t kTotal = 2 * kTile + kValueTile + sizeof(uint32_t) + 64;
+};
+
+//! One CTA per (row, query block i), 2 warps; the CTAs of a row are adjacent (L2 reuse).
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
+    Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
+{
+    using Smem = MmaSmem<T, D>;
+    constexpr int kDimTiles = D / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* queryTile = reinterpret_cast<T*>(smem);
+    T* keyTile = reinterpret_cast<T*>(smem + Smem::kTile);
+    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile); // V^T
+    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 2 * Smem::kTile + Smem::kValueTile);
+
+    int32_t const i = blockIdx.x % p.nb;
+    int32_t const row = blockIdx.x / p.nb;
+    int32_t const lane = threadIdx.x % 32;
+    int32_t const g = lane / 4;
+    int32_t const t = lane % 4;
+    int32_t const rows[2] = {16 * static_cast<int32_t>(threadIdx.x / 32) + g, 16 * static_cast<int32_t>(threadIdx.x / 32) + g + 8};
+    // Scaled by the reciprocal (1 ulp from dividing, far inside fp16/bf16 tolerances).
+    float const inverseScale = 1.0f / p.scaleDivisor;
+
+    TileFetch<T, D, 1, kMmaThreads> queries;
+    queries.start(p, {query}, mask, row, i * kBlock);
+    queries.store(0, queryTile, Smem::kTileStride);
+    SoftmaxStats stats[2];             // rows[0], rows[1]
+    float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
+    forEachKeyBlock<T, D, kMmaThreads>(p, key, value, mask, s, row, i, keyTile, Smem::kTileStride, valueTile,
+        Smem::kValueStride, true, realKeys, [&](uint32_t blockRealKeys) {
+        // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns.
+        float scoreTiles[4][4] = {};
+        MRA_UNROLL
+        for (int32_t k = 0; k < D; k += 16)
         {
-            *reinterpret_cast<uint4*>(output + (static_cast<size_t>(row) * p.seqLen + outPosition) * D + d)
-                = *reinterpret_cast<uint4 const*>(queryTile + rr * Smem::kTileStride + d);
+            uint32_t const a[4] = {pairAt(queryTile, rows[0] * Smem::kTileStride + k + 2 * t),
+                pairAt(queryTile, rows[1] * Smem::kTileStride + k + 2 * t),
+                pairAt(queryTile, rows[0] * Smem::kTileStride + k + 8 + 2 * t),
+                pairAt(queryTile, rows[1] * Smem::kTileStride + k + 8 + 2 * t)};
+            MRA_UNROLL
+            for (int32_t n = 0; n < 4; ++n)
+            {
+                uint32_t const b[2] = {pairAt(keyTile, (8 * n + g) * Smem::kTileStride + k + 2 * t),
+                    pairAt(keyTile, (8 * n + g) * Smem::kTileStride + k + 8 + 2 * t)};
+                warpMma<T>(scoreTiles[n], a, b);
+            }
+        }
+
+        // The softmax of each of the thread's two rows: its keys 8n + 2t + c (n < 4, c < 2).
+        float weights[2][8];
+        MRA_UNROLL
+        for (int32_t h = 0; h < 2; ++h)
+        {
+            float scores[8];
+            bool real[8];
+            MRA_UNROLL
+            for (int32_t n = 0; n < 4; ++n)
+            {
+                MRA_UNROLL
+                for (int32_t c = 0; c < 2; ++c)
+                {
+                    scores[2 * n + c] = scoreTiles[n][2 * h + c] * inverseScale;
+                    real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
+                }
+            }
+            float const rescale = stats[h].absorb<true>(scores, real, weights[h]);
+            MRA_UNROLL
+            for (int32_t n = 0; n < kDimTiles; ++n)
+            {
+                out[n][2 * h] *= rescale;
+                out[n][2 * h + 1] *= rescale;
+            }
+        }
+
+        // O += P V: P's A fragment for keys 16u..16u+15 is S's n tiles 2u and 2u + 1, rounded to T.
+        MRA_UNROLL
+        for (int32_t u = 0; u < 2; ++u)
+        {
+            uint32_t const a[4] = {packPair<T>(weights[0][4 * u], weights[0][4 * u + 1]),
+                packPair<T>(weights[1][4 * u], weights[1][4 * u + 1]),
+                packPair<T>(weights[0][4 * u + 2], weights[0][4 * u + 3]),
+                packPair<T>(weights[1][4 * u + 2], weights[1][4 * u + 3])};
+            MRA_UNROLL
+            for (int32_t n = 0; n < kDimTiles; ++n)
+            {
+                uint32_t const b[2] = {pairAt(valueTile, (8 * n + g) * Smem::kValueStride + 16 * u + 2 * t),
+                    pairAt(valueTile, (8 * n + g) * Smem::kValueStride + 16 * u + 8 + 2 * t)};
+                warpMma<T>(out[n], a, b);
+            }
+        }
+    });
+
+    LowResolution const low(p, s, row, i);
+    float const blockRowMax = s.rowMax[row * p.nb + i];
+    __syncthreads(); // the query tile becomes the output staging tile
+    MRA_UNROLL
+    for (int32_t h = 0; h < 2; ++h)
+    {
+        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm());
+        bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
+        MRA_UNROLL
+        for (int32_t n = 0; n < kDimTiles; ++n)
+        {
+            int32_t const d = 8 * n + 2 * t;
+            float const first = queryReal ? combine(out[n][2 * h], low.out(d)) : 0.0f;
+            float const second = queryReal ? combine(out[n][2 * h + 1], low.out(d + 1)) : 0.0f;
+            *reinterpret_cast<uint32_t*>(queryTile + rows[h] * Smem::kTileStride + d) = packPair<T>(first, second);
         }
     }
+    __syncthreads();
+    storeOutputTile<T, D>(p, queryTile, Smem::kTileStride, row, i, output);
 }
 
 // ---- launching -----------------------------------------------------------------------------
@@ -780,6 +997,28 @@ MraStatus cudaFailure(cudaError_t error, char const* where)
         }                                                                                                              \
     } while (0)
 
+//! The high-resolution kernel of a storage type and head dim, with its shared memory and CTA.
+template <typename T, int D>
+struct HighResolutionKernel
+{
+    using Kernel = void (*)(Problem, T const*, T const*, T const*, int32_t const*, Scratch, T*);
+    static constexpr bool kTensorCores = sizeof(T) == 2;
+    static constexpr size_t kSmem = kTensorCores ? MmaSmem<T, D>::kTotal : FmaSmem<D>::kTotal;
+    static constexpr int kThreads = kTensorCores ? kMmaThreads : kHighResThreads;
+
+    static Kernel kernel()
+    {
+        if constexpr (kTensorCores)
+        {
+            return highResolutionMma<T, D>;
+        }
+        else
+        {
+            return highResolutionFma<D>;
+        }
+    }
+};
+
 //! Opt the kernel in to more than 48 KB of shared memory. The attribute belongs to the current
 //! device's context, so it is set once per (instantiation, device), not once per process.
 template <typename T, int D>
@@ -798,8 +1037,9 @@ MraStatus prepareHighResolution()
     {
         return MRA_OK;
     }
-    status = cudaFuncSetAttribute(highResolution<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(HighResolutionSmem<T, D>::kTotal));
+    using Chosen = HighResolutionKernel<T, D>;
+    status = cudaFuncSetAttribute(
+        Chosen::kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Chosen::kSmem));
     if (status != cudaSuccess)
     {
         return cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
@@ -817,8 +1057,9 @@ MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, v
     {
         return status;
     }
-    highResolution<T, D><<<p.nb * p.rows, kHighResThreads, HighResolutionSmem<T, D>::kTotal, stream>>>(p,
-        static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
+    using Chosen = HighResolutionKernel<T, D>;
+    Chosen::kernel()<<<p.nb * p.rows, Chosen::kThreads, Chosen::kSmem, stream>>>(p, static_cast<T const*>(q),
+        static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
     MRA_CHECK_LAUNCH("highResolution");
     return MRA_OK;
 }
@@ -836,6 +1077,11 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
     MRA_CHECK_LAUNCH("lowResolutionLogits");
     selectBlocks<<<p.rows, kSelectThreads, 0, stream>>>(p, s);
     MRA_CHECK_LAUNCH("selectBlocks");
+    if (p.full)
+    {
+        lowResolutionTerms<<<logitQueryGroups(p.nb) * p.rows, kLogitThreads, 0, stream>>>(p, s);
+        MRA_CHECK_LAUNCH("lowResolutionTerms");
+    }
     switch (p.headDim)
     {
     case 32: return launchHighResolution<T, 32>(p, q, k, v, mask, s, output, stream);

@@ -1,5 +1,9 @@
 // The entry points TensorRT looks for in a plugin library: `trtexec --dynamicPlugins=LIB` and
 // IPluginRegistry::loadLibrary call getCreators (and setLoggerFinder, to lend us a logger).
+// The creator is registered only by whoever calls getCreators, never when the library is opened:
+// nothing of ours calls TensorRT from inside loadLibrary's own dlopen. Hosts that only dlopen plugin
+// libraries (Triton's tensorrt backend) open libmra_attention_plugin_triton.so instead
+// (mraAttentionTritonRegistration.cpp), which registers this library's creator when opened.
 #include "mraAttentionPlugin.h"
 
 #include <cstdio>
@@ -14,6 +18,13 @@ namespace
 
 std::mutex gLoggerMutex;
 nvinfer1::ILoggerFinder* gLoggerFinder = nullptr;
+
+//! The one creator, returned by getCreators.
+MraAttentionPluginCreator& theCreator()
+{
+    static MraAttentionPluginCreator creator;
+    return creator;
+}
 
 } // namespace
 
@@ -40,8 +51,7 @@ void logError(std::string const& message) noexcept
 extern "C" __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(
     int32_t& nbCreators)
 {
-    static mra::plugin::MraAttentionPluginCreator creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&mra::plugin::theCreator()};
     nbCreators = 1;
     return creators;
 }

@@ -1,11 +1,12 @@
 /*
  * Just enough of CUDA, on the CPU, to run plugins/mra_attention/mraAttentionKernels.cu as written:
  * CI has no GPU, and this lets it run the kernels' own indexing, tiling, barriers, warp shuffles,
- * WMMA tiles, radix select and epilogue against the PyTorch reference.
+ * tensor-core fragments (mma.sync, ptxMma.h), radix select and epilogue against the PyTorch
+ * reference.
  *
  * How it runs a launch: one CTA at a time; each CUDA thread is a fiber on one OS thread,
- * switched only at __syncthreads, warp collectives (shuffles, ballots, WMMA, __syncwarp) and
- * CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
+ * switched only at __syncthreads, warp collectives (shuffles, ballots, WMMA, mma.sync,
+ * __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
  * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
  * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by

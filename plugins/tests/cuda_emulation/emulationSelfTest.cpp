@@ -11,6 +11,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cuda_fp16.h>
 #include <mma.h>
+#include "ptxMma.h"
 
 #include <cstdio>
 #include <cstring>
@@ -142,6 +143,27 @@ __global__ void wmmaProduct(__half const* a, __half const* b, float* c, int offs
     wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
 }
 
+//! D = A B + 1 through emu::mmaM16N8K16, each lane loading the registers the PTX ISA gives it
+//! (A 16x16 row-major, B 16x8 with element (k, n) at b[k * 8 + n]); D row-major 16x8.
+__global__ void ptxMmaProduct(__half const* a, __half const* b, float* d)
+{
+    auto pair = [](__half low, __half high) { return uint32_t(low.bits) | uint32_t(high.bits) << 16; };
+    int const g = threadIdx.x / 4;
+    int const t = threadIdx.x % 4;
+    uint32_t const fa[4] = {pair(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
+        pair(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
+        pair(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]),
+        pair(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9])};
+    uint32_t const fb[2] = {pair(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
+        pair(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g])};
+    float fd[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    ::emu::mmaM16N8K16<__half>(__FILE__, __LINE__, fd, fa, fb);
+    for (int e = 0; e < 4; ++e)
+    {
+        d[(g + 8 * (e / 2)) * 8 + 2 * t + e % 2] = fd[e];
+    }
+}
+
 __global__ void wmmaLaneDependentPointer(__half const* a, float* c)
 {
     using namespace nvcuda;
@@ -198,6 +220,7 @@ void checkShufflesAndBallots()
     }
     expect(sumsRight, "__shfl_xor_sync butterfly sums every lane of its own warp");
     expect(ballotsRight, "__ballot_sync sets bit l for each lane l whose predicate holds");
+
 }
 
 void checkBarriersAndSchedules()
@@ -305,6 +328,23 @@ void checkWmma()
 
     wmmaLaneDependentPointer | ::emu::Launch(1, 32) | ::emu::args(a, c);
     expect(contains(launchError(), "pass different pointers"), "lanes with different WMMA pointers fail");
+
+    ptxMmaProduct | ::emu::Launch(1, 32) | ::emu::args(a, b, c); // a: 16x16, b: 16x8
+    expect(launchError().empty(), "mma.sync kernel runs");
+    worst = 0.0;
+    for (int r = 0; r < 16; ++r)
+    {
+        for (int n = 0; n < 8; ++n)
+        {
+            double expected = 1.0;
+            for (int k = 0; k < 16; ++k)
+            {
+                expected += static_cast<double>(__half2float(a[r * 16 + k])) * __half2float(b[k * 8 + n]);
+            }
+            worst = std::max(worst, std::abs(expected - c[r * 8 + n]));
+        }
+    }
+    expect(worst < 1e-5, "mmaM16N8K16 gives A * B + C from the PTX ISA's m16n8k16 fragments");
 }
 
 void checkMemoryAndLimits()

@@ -1,0 +1,84 @@
+// The CUDA emulation's PTX instruction mma.sync.m16n8k16 (emu::mmaM16N8K16), with its per-lane
+// fragments: the kernels' warpMma calls it where a GPU runs the instruction.
+#pragma once
+#include "cudaEmulation.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace emu
+{
+
+inline float toFloat(__half value)
+{
+    return __half2float(value);
+}
+
+inline float toFloat(__nv_bfloat16 value)
+{
+    return __bfloat162float(value);
+}
+
+} // namespace emu
+
+namespace emu
+{
+
+//! mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.f32 for the calling warp: d += a b, each lane
+//! holding the fragments the PTX ISA assigns it ("Matrix Fragments for mma.m16n8k16 with
+//! floating point type"): with g = lane / 4 and t = lane % 4, A's register r holds row
+//! g + 8 (r % 2), columns 2t + 8 (r / 2) + {0, 1}; B's register r rows 2t + 8 r + {0, 1} of
+//! column g; d[e] row g + 8 (e / 2), column 2t + e % 2. The lower index is a register's low half.
+//! Products are summed in float32, k in order.
+template <typename T>
+void mmaM16N8K16(char const* file, int line, float (&d)[4], uint32_t const (&a)[4], uint32_t const (&b)[2])
+{
+    static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16");
+    // Every lane's registers, copied before the next collective reuses the exchange's words.
+    uint32_t aOf[kWarpSize][4];
+    uint32_t bOf[kWarpSize][2];
+    WarpRound const aRound = warpExchange(
+        file, line, ~0u, a[0] | static_cast<uint64_t>(a[1]) << 32, a[2] | static_cast<uint64_t>(a[3]) << 32);
+    for (int lane = 0; lane < kWarpSize; ++lane)
+    {
+        for (int r = 0; r < 4; ++r)
+        {
+            aOf[lane][r] = static_cast<uint32_t>(aRound.words[lane][r / 2] >> (32 * (r % 2)));
+        }
+    }
+    WarpRound const bRound = warpExchange(file, line, ~0u, b[0] | static_cast<uint64_t>(b[1]) << 32);
+    for (int lane = 0; lane < kWarpSize; ++lane)
+    {
+        bOf[lane][0] = static_cast<uint32_t>(bRound.words[lane][0]);
+        bOf[lane][1] = static_cast<uint32_t>(bRound.words[lane][0] >> 32);
+    }
+    auto element = [](uint32_t word, int half) {
+        T value;
+        uint16_t const bits = static_cast<uint16_t>(word >> (16 * half));
+        std::memcpy(&value, &bits, sizeof(bits));
+        return toFloat(value);
+    };
+    auto aAt = [&](int row, int k) { // A[row][k]
+        return element(aOf[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+    };
+    auto bAt = [&](int k, int column) { // B[k][column]
+        return element(bOf[4 * column + (k % 8) / 2][k / 8], k % 2);
+    };
+    int const lane = aRound.lane;
+    for (int e = 0; e < 4; ++e)
+    {
+        int const row = lane / 4 + 8 * (e / 2);
+        int const column = 2 * (lane % 4) + e % 2;
+        float sum = d[e];
+        for (int k = 0; k < 16; ++k)
+        {
+            sum += aAt(row, k) * bAt(k, column);
+        }
+        d[e] = sum;
+    }
+}
+
+} // namespace emu

@@ -1,0 +1,82 @@
+"""Where onnxruntime's CUDA provider places the portable graph's nodes.
+
+Every host-device crossing costs a Memcpy node and a synchronisation. The GPU test counts them
+in the graph onnxruntime itself optimized and partitioned (``optimized_model_filepath``); the
+CPU tests check the readers of tools/ort_cuda_speed.py, which lists them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from mra_export.checkpoints import build_checkpoint
+from mra_export.export import export_model
+from mra_export.runtime.ort import CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, default_options
+from mra_export.tasks import TASKS
+
+from .conftest import SMALL_MODEL, load_tool
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason=NO_CUDA_PROVIDER)
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_the_cuda_provider_copies_nothing_between_host_and_device(tmp_path, dtype):
+    """Shape arithmetic may stay on the CPU where it only feeds inputs the CUDA kernels take on
+    the host (Reshape's shape, TopK's k, Range...); nothing else may: no Memcpy node."""
+    task = TASKS["feature-extraction"]
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", task, **SMALL_MODEL)
+    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable", dtype=dtype,
+                 log=lambda message: None)
+    options = default_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), options, providers=[CUDA_FP32])
+    tool = load_tool("ort_cuda_speed")
+    copies = tool.host_copies(tmp_path / "optimized.onnx")
+    assert not copies, "\n".join(map(tool.describe_copy, copies))
+
+
+def test_the_tool_names_each_copy_with_the_nodes_on_either_side(tmp_path):
+    """A graph as onnxruntime saves it after placing a Pad on the CPU (the CUDA provider has no
+    int64 Pad): one copy to the host, one back."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten"),
+         helper.make_node("MemcpyToHost", ["flat"], ["flat_on_host"], name="copy_1"),
+         helper.make_node("Pad", ["flat_on_host", "pads"], ["padded"], name="pad"),
+         helper.make_node("MemcpyFromHost", ["padded"], ["padded_on_device"], name="copy_2"),
+         helper.make_node("Gather", ["table", "padded_on_device"], ["y"], name="gather")],
+        "placed", [helper.make_tensor_value_info("x", TensorProto.INT64, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [6])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [-1]),
+         helper.make_tensor("pads", TensorProto.INT64, [2], [0, 2]),
+         helper.make_tensor("table", TensorProto.INT64, [4], [5, 6, 7, 8])])
+    onnx.save(helper.make_model(graph), tmp_path / "optimized.onnx")
+    tool = load_tool("ort_cuda_speed")
+    copies = tool.host_copies(tmp_path / "optimized.onnx")
+    assert [tool.describe_copy(c) for c in copies] == [
+        "MemcpyToHost flat: made by Reshape flatten, read by Pad pad",
+        "MemcpyFromHost padded: made by Pad pad, read by Gather gather"]
+
+
+def test_the_tool_reads_each_nodes_provider_from_onnxruntimes_profile(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["shape"], name="shape_of_x"),
+         helper.make_node("Reshape", ["x", "shape"], ["y"], name="same_shape")],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    options = default_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "tiny")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+    session.run(None, {"x": np.zeros((2, 3), np.float32)})
+    profile = Path(session.end_profiling())
+    nodes = load_tool("ort_cuda_speed").cpu_provider_nodes(profile)
+    assert nodes == ["Shape shape_of_x", "Reshape same_shape"]
