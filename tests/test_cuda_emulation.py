@@ -2,7 +2,8 @@
 plugins/tests/cuda_emulation, against the PyTorch reference.
 
 This is what CI can check of the kernels without a GPU: their indexing, tiling, masking, barriers,
-warp shuffles, WMMA tiles, radix select, tie rule and epilogue, under several thread schedules.
+warp shuffles, tensor-core fragments, radix select, tie rule and epilogue, under several thread
+schedules.
 It says nothing of their speed, of tensor-core rounding, of FMA contraction or of the device's
 expf; tests/test_cuda_kernels.py and tools/gpu_check.py check those on a GPU.
 """
@@ -66,7 +67,7 @@ def test_exact_ties_go_to_the_lower_flat_index(emulated_kernels):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_half_precision_tensor_core_path(emulated_kernels, dtype, head_dim):
-    """fp16 and bf16 take the WMMA path (weights rounded to the storage type before P.V)."""
+    """fp16 and bf16 take the tensor-core path (mma.sync; weights rounded to the storage type before P.V)."""
     q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 200, head_dim, seed=head_dim))
     mask = ragged_mask(3, 200, [200, 120, 0])
     for kw in (dict(num_blocks=20, approx_mode="full", initial_prior_diagonal_n_blocks=3),
@@ -143,7 +144,7 @@ def test_random_problems(emulated_kernels, batch, heads, seq_len, head_dim, num_
 
 
 def test_the_emulation_checks_itself(emulated_kernels):
-    """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, WMMA, CUB's block
+    """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, mma.sync, CUB's block
     collectives and barriers against known answers, and a failed launch (not a hang or a wrong
     answer) where a GPU would hang or be undefined."""
     program = native.ensure_built("mra_cuda_emulation_test", "mra_cuda_emulation_test")

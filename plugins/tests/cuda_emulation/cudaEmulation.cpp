@@ -78,7 +78,6 @@ struct Warp
     int lanes = 0;
     int finished = 0;
     uint64_t words[2][kWarpSize][2] = {}; //!< double-buffered by round: lanes may run one round ahead
-    WarpCache cache;
 };
 
 //! The fibers that can run, and which runs next: the lowest thread (schedule 0), the highest (1),
@@ -417,11 +416,6 @@ WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first
 void syncWarp(char const* file, int line)
 {
     warpExchange(file, line, ~0u, 0);
-}
-
-WarpCache& warpCache()
-{
-    return currentWarp().cache;
 }
 
 void fail(char const* format, ...)

@@ -5,12 +5,12 @@
  * reference.
  *
  * How it runs a launch: one CTA at a time; each CUDA thread is a fiber on one OS thread,
- * switched only at __syncthreads, warp collectives (shuffles, ballots, WMMA, mma.sync,
+ * switched only at __syncthreads, warp collectives (shuffles, ballots, mma.sync,
  * __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
  * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
  * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by
- * every thread at the same line, a WMMA pointer that differs between lanes or is misaligned, too
+ * every thread at the same line, too
  * much dynamic shared memory without the opt-in, an access past the dynamic shared memory. Shared
  * memory, static and dynamic, is filled with 0xff (NaN as float) before each CTA, so reading it
  * before writing shows; CTAs run in ascending, descending or shuffled order with the schedule.
@@ -18,7 +18,7 @@
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses, and races
- * that no schedule exposes. In particular every warp collective (shuffle, ballot, WMMA call)
+ * that no schedule exposes. In particular every warp collective (shuffle, ballot, mma.sync)
  * lets all lanes arrive before any goes on, so it also orders the lanes' memory accesses, which
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
  * caught. It stands for a GPU in nothing but the kernels' logic.
@@ -160,7 +160,7 @@ WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first
 [[noreturn]] void fail(char const* format, ...) __attribute__((format(printf, 1, 2)));
 unsigned char* dynamicSharedMemory();
 
-//! Whether a result computed once per round (an MMA for its warp, a CUB scan for its block) is
+//! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.
 inline bool claimRound(unsigned long round, unsigned long& computedRound)
 {
@@ -171,16 +171,6 @@ inline bool claimRound(unsigned long round, unsigned long& computedRound)
     computedRound = round;
     return true;
 }
-
-//! One warp's result of its current collective round (a loaded tile, an MMA): fragments are
-//! uniform across the warp, so one lane computes and the others copy before the next round.
-struct WarpCache
-{
-    unsigned long round = 0;
-    float values[16 * 32]; // the largest WMMA operand: 16x32 (m8n32k16's B)
-};
-
-WarpCache& warpCache();
 
 //! CUB's rule for a collective's TempStorage: a __syncthreads between one use and the next
 //! (else a fast thread overwrites what a slow one still reads). ``lastUse`` is the storage's.
