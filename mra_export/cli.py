@@ -59,12 +59,13 @@ def _interrupted() -> int:
 def _cleanup_on_stop():
     """Turn SIGTERM and SIGHUP into ``Terminated`` while a command runs (main thread only); after
     the clean-up the signal is delivered again under the previous handler, so the process still
-    ends as killed by it. A second signal during the clean-up kills at once."""
+    ends as killed by it. A second signal during the clean-up kills at once. A signal the process
+    was started ignoring (SIGHUP under nohup) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     restore = {signum: _handler_to_restore(signal.signal(signum, _raise_terminated))
-               for signum in STOPPING_SIGNALS}
+               for signum in STOPPING_SIGNALS if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
     except Terminated as stop:

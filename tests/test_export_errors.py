@@ -153,6 +153,22 @@ def test_corrupt_weights(small_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
+def test_a_signal_ignored_at_start_stays_ignored_while_a_command_runs():
+    """Under nohup SIGHUP is ignored, and a command must not turn it into a stop."""
+    import signal
+
+    from mra_export.cli import _cleanup_on_stop
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _cleanup_on_stop():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # still turned into a stop
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.mark.parametrize("stop,status", [("SIGTERM", -15), ("SIGHUP", -1), ("SIGINT", 130)])
 def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, status):
     """kill, a closed terminal or Ctrl-C in the middle of an export: the partial folder goes
@@ -165,9 +181,9 @@ def test_a_stopped_export_leaves_nothing(small_checkpoints, tmp_path, stop, stat
 
     command = [sys.executable, "-m", "mra_export.cli", "export", "--model",
                str(small_checkpoints["fill-mask"]), "--out", str(tmp_path / "out")]
-    process = subprocess.Popen(  # a background job inherits SIGINT ignored: give it the default
+    process = subprocess.Popen(  # a background job inherits SIGINT ignored, nohup SIGHUP: the default
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP)])
     try:
         deadline = time.time() + 120
         while not no_leftovers(tmp_path) and process.poll() is None and time.time() < deadline:

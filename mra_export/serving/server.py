@@ -180,10 +180,12 @@ def main(argv=None) -> int:
     parser.add_argument("--log", help="the server's log file (default: a temporary file)")
     args = parser.parse_args(argv)
     # Ctrl-C, SIGTERM and a closed terminal all stop the server (it runs in a session of its
-    # own, so that nothing but this process stops it): a plain SIGTERM would orphan it.
+    # own, so that nothing but this process stops it): a plain SIGTERM would orphan it. A signal
+    # ignored from the start (SIGHUP under nohup) stays ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for stopping in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stopping, _raise_interrupt)
+        if signal.getsignal(stopping) != signal.SIG_IGN:
+            signal.signal(stopping, _raise_interrupt)
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               log_path=args.log)
