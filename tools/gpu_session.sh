@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (the device tool), with what was built beforehand on the CPU machine:
 #   make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=90 \
-#     TRT_INCLUDE_DIR=../shared/third_party/tensorrt/include ORT_INCLUDE_DIR=../shared/third_party/onnxruntime/include
+#     TRT_INCLUDE_DIR=$PWD/../shared/third_party/tensorrt/include \
+#     ORT_INCLUDE_DIR=$PWD/../shared/third_party/onnxruntime/include     (absolute: CMake skips relative ones)
 #   python tools/ort_cuda_speed.py export .carry-onnx
 # its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git);
 # onnxruntime-gpu joined from the parts that
