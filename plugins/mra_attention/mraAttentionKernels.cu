@@ -617,28 +617,27 @@ struct SoftmaxStats
 //! Query block i's low-resolution terms (lowResolutionTerms' output; zero in mode "sparse").
 struct LowResolution
 {
-    float const* values = nullptr;
-    float lowNorm = 0.0f;
+    float const* values = nullptr; //!< sum_j lo_ij Vh_j, D floats
+    float norm = 0.0f;             //!< sum_j lo_ij
 
     __device__ LowResolution(Problem const& p, Scratch const& s, int32_t row, int32_t i)
     {
         if (p.full)
         {
             values = s.lowOut + (static_cast<size_t>(row) * p.nb + i) * p.headDim;
-            lowNorm = s.lowNorm[row * p.nb + i];
+            norm = s.lowNorm[row * p.nb + i];
         }
     }
 
     __device__ float out(int32_t d) const { return values != nullptr ? values[d] : 0.0f; }
-    __device__ float norm() const { return lowNorm; }
 };
 
 //! (d) The epilogue's combination for one query row: the quantised row max, the low-resolution
 //! term (mode "full") and the correction; `hiOut` is sum exp(P - baseMax) V at one dim.
 struct RowEpilogue
 {
-    float toQuantised, hiNorm, loScale, hiScale;
     bool full;
+    float toQuantised, loScale, hiScale, denominator;
 
     __device__ RowEpilogue(Problem const& p, SoftmaxStats const& stats, float blockRowMax, float lowNorm)
         : full(p.full)
@@ -650,7 +649,7 @@ struct RowEpilogue
         float const maxGap = blockRowMax - quantisedMax;
         loScale = expf(fminf(maxGap, 0.0f));
         hiScale = expf(-fmaxf(maxGap, 0.0f));
-        hiNorm = stats.norm * toQuantised;
+        float const hiNorm = stats.norm * toQuantised;
         denominator = full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps;
     }
 
@@ -659,9 +658,6 @@ struct RowEpilogue
         float const hi = hiOut * toQuantised;
         return full ? (hi * hiScale + lowOut * loScale) / denominator : hi / denominator;
     }
-
-private:
-    float denominator;
 };
 
 //! The CTA's [32, D] output tile, staged in shared memory as T, written in 16-byte vectors.
@@ -785,7 +781,7 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     });
 
     LowResolution const low(p, s, row, i);
-    RowEpilogue const combine(p, stats, s.rowMax[row * p.nb + i], low.norm());
+    RowEpilogue const combine(p, stats, s.rowMax[row * p.nb + i], low.norm);
     bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + r);
     __syncthreads(); // the query tile becomes the output staging tile
     for (int32_t u = 0; u < kDims; ++u)
@@ -964,7 +960,7 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     MRA_UNROLL
     for (int32_t h = 0; h < 2; ++h)
     {
-        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm());
+        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
         bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
         MRA_UNROLL
         for (int32_t n = 0; n < kDimTiles; ++n)

@@ -120,22 +120,39 @@ IPluginCreatorInterface* creatorOf(void* library)
     return creators != nullptr && count == 1 ? creators[0] : nullptr;
 }
 
-void pluginOpenedWithoutTensorRT(Libraries const& libraries)
+//! Opens `path` in a process without TensorRT (expected to open, and to load no libnvinfer of its
+//! own); nullptr where it did not open.
+void* openWithoutTensorRT(char const* path, char const* opens)
 {
-    void* plugin = dlopen(libraries.plugin, RTLD_NOW | RTLD_LOCAL);
-    expect(plugin != nullptr, "the plugin library opens in a process without TensorRT");
-    if (plugin == nullptr)
+    void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    expect(library != nullptr, opens);
+    if (library == nullptr)
     {
         std::printf("  %s\n", dlerror());
-        return;
+        return nullptr;
     }
     expect(dlopen(kSoname.c_str(), RTLD_NOW | RTLD_NOLOAD) == nullptr, "it loads no libnvinfer itself");
-    expect(creatorOf(plugin) != nullptr, "getCreators works without TensorRT");
-    expect(dlclose(plugin) == 0, "dlclose");
+    return library;
+}
 
+//! After the library was closed: TensorRT (the fake) loaded now finds nothing registered.
+void expectNothingRegisteredAfterwards()
+{
     FakeTensorRT fake;
     expect(fake.open(), "the fake libnvinfer opens afterwards");
     expect(fake.eventCount() == 0, "nothing was registered anywhere");
+}
+
+void pluginOpenedWithoutTensorRT(Libraries const& libraries)
+{
+    void* plugin = openWithoutTensorRT(libraries.plugin, "the plugin library opens in a process without TensorRT");
+    if (plugin == nullptr)
+    {
+        return;
+    }
+    expect(creatorOf(plugin) != nullptr, "getCreators works without TensorRT");
+    expect(dlclose(plugin) == 0, "dlclose");
+    expectNothingRegisteredAfterwards();
 }
 
 void pluginOpenedAfterTensorRT(Libraries const& libraries)
@@ -183,19 +200,13 @@ void pluginOpenedAfterTensorRT(Libraries const& libraries)
 
 void tritonOpenedWithoutTensorRT(Libraries const& libraries)
 {
-    void* triton = dlopen(libraries.triton, RTLD_NOW | RTLD_LOCAL);
-    expect(triton != nullptr, "the triton library opens in a process without TensorRT");
+    void* triton = openWithoutTensorRT(libraries.triton, "the triton library opens in a process without TensorRT");
     if (triton == nullptr)
     {
-        std::printf("  %s\n", dlerror());
         return;
     }
-    expect(dlopen(kSoname.c_str(), RTLD_NOW | RTLD_NOLOAD) == nullptr, "it loads no libnvinfer itself");
     expect(dlclose(triton) == 0, "dlclose");
-
-    FakeTensorRT fake;
-    expect(fake.open(), "the fake libnvinfer opens afterwards");
-    expect(fake.eventCount() == 0, "nothing was registered anywhere");
+    expectNothingRegisteredAfterwards();
 }
 
 //! dlclose `triton`; whether it was unmapped (else its destructor runs at exit).
