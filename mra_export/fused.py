@@ -4,6 +4,9 @@
   workspace from PyTorch's caching allocator, no host synchronisation (CUDA-graph capturable).
 - CPU tensors: the C++ twin (``libmra_attention_cpu.so``) on ``torch.get_num_threads()`` threads,
   one (batch, head) row per thread at a time.
+- Q, K and V that are heads of a ``[B, S, H * D]`` projection (``view`` + ``transpose``, as the
+  patched model passes them) go to the library as they lie, and the output comes back the same
+  way (``memory_layout``); other tensors are made contiguous.
 - ``register_fake`` lets torch.compile and torch.export trace it; the plugin flavour of the
   exporter turns it into the ``MraAttention`` ONNX node (``export/plugin_node.py``).
 - Gradients go through the PyTorch reference: the backward pass recomputes ``mra_attention`` with
@@ -70,9 +73,20 @@ def check_inputs(query, key, value, mask, block_size: int) -> None:
                          f"block_size {block_size}; pad the head dim or use attention='reference'")
 
 
-def _as_c_array(tensor: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (a view into a larger tensor may be neither)."""
-    tensor = tensor.contiguous()
+def memory_layout(query, key, value) -> str:
+    """How the op hands the three tensors to the library. "bshd" where each is a ``[B, S, H, D]``
+    tensor seen as ``[B, H, S, D]`` (a projection split into heads, as the patched model passes
+    them): no copy in, and the output comes back the same way, so the caller's transpose back to
+    ``[B, S, H * D]`` is free too. Otherwise "bhsd", each made contiguous."""
+    if all(t.transpose(1, 2).is_contiguous() for t in (query, key, value)):
+        return "bshd"
+    return "bhsd"
+
+
+def _as_c_array(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """Laid out as ``layout`` says and 16-byte aligned (a view into a larger tensor may be
+    neither; ``clone`` keeps the strides and gets a fresh, aligned allocation)."""
+    tensor = native.in_layout(tensor, layout)
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
@@ -85,23 +99,26 @@ def mra_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     real tokens), computed by the kernel library of the tensors' device."""
     check_inputs(query, key, value, mask, block_size)
     if query.numel() == 0:  # an empty batch, as torch's own ops allow
-        return torch.empty_like(query)
+        return native.empty_in_layout(query.shape, memory_layout(query, key, value), query)
     library = kernel_library(query.device.type)
     if not query.is_cuda:
         library.set_cpu_threads(torch.get_num_threads())
+    layout = memory_layout(query, key, value)
     params = library.params(query, num_blocks=num_blocks, approx_mode=approx_mode,
                             block_size=block_size,
                             initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-                            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks)
+                            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+                            layout=layout)
     mask = mask if mask.dtype == torch.int32 else (mask != 0).to(torch.int32)
-    output, _ = library.run(params, *(_as_c_array(t) for t in (query, key, value, mask)))
+    mask = mask.contiguous()
+    output, _ = library.run(params, *(_as_c_array(t, layout) for t in (query, key, value)), mask)
     return output
 
 
 @mra_attention_op.register_fake
 def _(query, key, value, mask, num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
       initial_prior_diagonal_n_blocks):
-    return torch.empty_like(query)
+    return native.empty_in_layout(query.shape, memory_layout(query, key, value), query)
 
 
 def _save_for_backward(ctx, inputs, output) -> None:

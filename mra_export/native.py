@@ -38,6 +38,9 @@ ORT_OP_LIBRARY = "libmra_attention_ort.so"  # MraAttention for onnxruntime (runt
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
+# MraLayout: how query, key, value and the output lie in memory (their shape is [B, H, S, D]).
+LAYOUTS = {"bhsd": 0, "bshd": 1}
+LAYOUT_NAMES = {value: name for name, value in LAYOUTS.items()}
 STATUS_OK = 0
 
 
@@ -61,16 +64,33 @@ def unbuilt(*names: str) -> list[Path]:
     return [build_dir() / name for name in names if not (build_dir() / name).is_file()]
 
 
-def c_inputs(query, key, value, mask) -> tuple[torch.Tensor, ...]:
-    """Q, K, V and the mask as the C interfaces read them: contiguous, the mask int32 0/1."""
-    query, key, value = (t.contiguous() for t in (query, key, value))
+def c_inputs(query, key, value, mask, layout: str = "bhsd") -> tuple[torch.Tensor, ...]:
+    """Q, K, V and the mask as the C interfaces read them: Q, K, V laid out as ``layout`` says,
+    the mask contiguous int32 0/1."""
+    query, key, value = (in_layout(t, layout) for t in (query, key, value))
     return query, key, value, (mask != 0).to(torch.int32).contiguous()
 
 
 class MraAttentionParams(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "batch", "heads", "seq_len", "head_dim", "num_blocks", "block_size", "approx_mode",
-        "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks", "dtype")]
+        "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks", "dtype", "layout")]
+
+
+def in_layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """A ``[B, H, S, D]`` tensor laid out in memory as ``layout`` says (a copy unless it is)."""
+    if layout == "bshd":
+        return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+    return tensor.contiguous()
+
+
+def empty_in_layout(shape, layout: str, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[B, H, S, D]`` tensor of ``like``'s dtype and device, laid out as
+    ``layout`` says."""
+    batch, heads, seq_len, head_dim = shape
+    if layout == "bshd":
+        return like.new_empty(batch, seq_len, heads, head_dim).transpose(1, 2)
+    return like.new_empty(batch, heads, seq_len, head_dim)
 
 
 def build_dir() -> Path:
@@ -129,33 +149,35 @@ class MraLibrary:
 
     def params(self, query: torch.Tensor, *, num_blocks: int, approx_mode: str = "full",
                block_size: int = 32, initial_prior_first_n_blocks: int = 0,
-               initial_prior_diagonal_n_blocks: int = 0) -> MraAttentionParams:
+               initial_prior_diagonal_n_blocks: int = 0, layout: str = "bhsd") -> MraAttentionParams:
         batch, heads, seq_len, head_dim = query.shape
         return MraAttentionParams(batch, heads, seq_len, head_dim, num_blocks, block_size,
                                   MODES[approx_mode], initial_prior_first_n_blocks,
-                                  initial_prior_diagonal_n_blocks, DTYPES[query.dtype])
+                                  initial_prior_diagonal_n_blocks, DTYPES[query.dtype],
+                                  LAYOUTS[layout])
 
-    def attention(self, query, key, value, mask, **settings):
+    def attention(self, query, key, value, mask, layout: str = "bhsd", **settings):
         """MRA attention of ``[B, H, S, D]`` tensors on the library's device; returns
         ``(output, selected blocks [B * H, k])``. Tensors must be on the CPU for the CPU library
         and the emulated kernels, and on one CUDA device for the CUDA one, where the kernels run
-        on that device's current stream."""
+        on that device's current stream. ``layout``: how the library sees them in memory."""
         devices = {t.device for t in (query, key, value, mask)}
         if len(devices) != 1:
             raise ValueError(f"query, key, value and mask must be on one device, got "
                              f"{', '.join(sorted(map(str, devices)))}")
         if self.emulated and query.is_cuda:
             raise ValueError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
-        params = self.params(query, **settings)
-        output, workspace = self.run(params, *c_inputs(query, key, value, mask))
+        params = self.params(query, layout=layout, **settings)
+        output, workspace = self.run(params, *c_inputs(query, key, value, mask, layout))
         return output, self._selected(params, workspace)
 
     def run(self, params: MraAttentionParams, query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """One call of the library on tensors the caller has checked (contiguous, one device,
-        one dtype, an int32 mask); returns ``(output, workspace)``. The workspace comes from
-        PyTorch's allocator; on CUDA everything is queued on the current stream, no sync."""
+        """One call of the library on tensors the caller has checked (laid out as
+        ``params.layout`` says, one device, one dtype, an int32 mask); returns ``(output,
+        workspace)``, the output in the same layout. The workspace comes from PyTorch's
+        allocator; on CUDA everything is queued on the current stream, no sync."""
         self.check(self.lib.mraCheckParams(ctypes.byref(params)))
-        output = torch.empty_like(query)
+        output = empty_in_layout(query.shape, LAYOUT_NAMES[params.layout], query)
         size = self.lib.mraWorkspaceSize(ctypes.byref(params))
         workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
         pointers = [ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)]

@@ -153,6 +153,36 @@ def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
                               initial_prior_first_n_blocks=-1)
 
 
+def assert_token_major_layout_is_the_same_attention(lib, dtype, head_dim):
+    """Layout MRA_BSHD: Q, K, V and the output as [batch, seq, heads, head_dim] in memory (a
+    projection split into heads). Every (batch, head) row reads and writes its own strided
+    slices: the result is the [B, H, S, D] layout's, bit for bit, in that memory order."""
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 3, 150, head_dim, seed=head_dim))
+    mask = ragged_mask(2, 150, [150, 61])
+    kw = dict(num_blocks=12, approx_mode="full", initial_prior_first_n_blocks=1,
+              initial_prior_diagonal_n_blocks=3)
+    token_major, token_major_selected = lib.attention(q, k, v, mask, layout="bshd", **kw)
+    head_major, head_major_selected = lib.attention(q, k, v, mask, **kw)
+    assert token_major.transpose(1, 2).is_contiguous()  # written in the layout it was asked for
+    assert torch.equal(token_major, head_major)
+    assert torch.equal(token_major_selected, head_major_selected)
+    expected = mra_attention(q.float(), k.float(), v.float(), mask, **kw)
+    relative = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # storage rounding, as on a GPU
+    tolerance = relative[dtype] * expected.abs().max().item() if dtype in relative else TOLERANCE
+    assert (token_major.float() - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_major_layout_is_the_same_attention(cpu_library, dtype):
+    assert_token_major_layout_is_the_same_attention(cpu_library, dtype, 64)
+
+
+def test_an_unknown_layout_is_an_invalid_argument(cpu_library):
+    params = cpu_library.params(torch.zeros(1, 1, 64, 32), num_blocks=4)
+    params.layout = 2
+    assert cpu_library.lib.mraCheckParams(ctypes.byref(params)) == 1
+
+
 def test_rows_whose_logits_are_all_below_minus_1e5_keep_the_kernels_floor(cpu_library):
     """The original's integer row max starts at -1e8, so M never goes below -1e5 (= -1e8 / 1e3):
     with every logit at -1.875e5 the high-resolution part then weighs exp(P - M) = 0."""

@@ -24,7 +24,8 @@ from mra_export.kernel_check import compare_with_reference
 from .conftest import random_qkv, ragged_mask
 from .test_cpu_reference import (CASES, TOLERANCE, assert_exact_ties_go_to_the_lower_flat_index,
                                  assert_head_dim_and_logit_scale,
-                                 assert_matches_pytorch_with_ragged_and_empty_masks, check)
+                                 assert_matches_pytorch_with_ragged_and_empty_masks,
+                                 assert_token_major_layout_is_the_same_attention, check)
 
 SCHEDULES = [0, 1, 2, 7]  # lowest thread first, highest first, two random ones
 HALF_TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, as on a GPU
@@ -103,6 +104,13 @@ def test_rows_whose_logits_are_all_below_minus_1e5_keep_the_floor(emulated_kerne
     mask = torch.ones(1, 64)
     for mode in ("full", "sparse"):
         assert check(emulated_kernels, q, k, v, mask, num_blocks=4, approx_mode=mode) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_token_major_layout_is_the_same_attention(emulated_kernels, dtype, head_dim):
+    """Block means, the 16-byte tile loads and the output stores at the [B, S, H, D] strides."""
+    assert_token_major_layout_is_the_same_attention(emulated_kernels, dtype, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -68,3 +68,18 @@ def test_real_keys_far_below_a_padded_key_maximum_do_not_underflow(cuda_library,
                                     num_blocks=4, approx_mode="sparse")
     assert result.passed, result.summary()
     assert ours[0, :, :40].float().abs().amax().item() > 0.1  # about the average of V
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_major_layout_is_the_same_attention(cuda_library, dtype):
+    """Layout MRA_BSHD (the patched model's projections, uncopied): the [B, H, S, D] result bit
+    for bit, and the selection (tests/test_cpu_reference.py has the same check for the twin and
+    the emulated kernels)."""
+    q, k, v = (t.cuda().to(dtype) for t in random_qkv(2, 12, 1000, 64, seed=31))
+    mask = ragged_mask(2, 1000, [1000, 421]).cuda()
+    token_major, token_major_selected = cuda_library.attention(q, k, v, mask, layout="bshd",
+                                                               num_blocks=256)
+    head_major, head_major_selected = cuda_library.attention(q, k, v, mask, num_blocks=256)
+    assert token_major.transpose(1, 2).is_contiguous()
+    assert torch.equal(token_major, head_major)
+    assert torch.equal(token_major_selected, head_major_selected)

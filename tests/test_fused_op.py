@@ -94,6 +94,29 @@ def test_views_that_are_not_contiguous_or_aligned_are_taken():
                        fused.fused_mra_attention(q, k, v, mask, **settings(9)))
 
 
+def test_heads_of_a_projection_go_in_and_come_out_without_a_copy():
+    """The patched model's Q, K, V are [B, S, H * D] projections viewed as [B, H, S, D]: the op
+    hands them to the library as they lie (layout bshd) and returns the output the same way, so
+    transposing it back to [B, S, H * D] is a view. Same numbers as contiguous inputs."""
+    batch, heads, seq_len, head_dim = 2, 3, 130, 32
+    projections = [t.transpose(1, 2).reshape(batch, seq_len, heads * head_dim)
+                   for t in random_qkv(batch, heads, seq_len, head_dim, seed=12)]
+    q, k, v = (t.view(batch, seq_len, heads, head_dim).transpose(1, 2) for t in projections)
+    mask = ragged_mask(batch, seq_len, [130, 45])
+    assert fused.memory_layout(q, k, v) == "bshd"
+    output = fused.fused_mra_attention(q, k, v, mask, **settings(10))
+    merged = output.transpose(1, 2).reshape(batch, seq_len, heads * head_dim)
+    assert merged.data_ptr() == output.data_ptr() and merged.is_contiguous()
+    contiguous = [t.contiguous() for t in (q, k, v)]
+    assert fused.memory_layout(*contiguous) == "bhsd"
+    assert torch.equal(output, fused.fused_mra_attention(*contiguous, mask, **settings(10)))
+    assert (output - mra_attention(q, k, v, mask, **settings(10))).abs().max() <= TOLERANCE
+    # The fake kernel (torch.compile, torch.export) gives the real output's strides.
+    result = torch.library.opcheck(fused.mra_attention_op, (q, k, v, mask, 10, "full", 32, 0, 0),
+                                   test_utils=("test_faketensor",))
+    assert set(result.values()) == {"SUCCESS"}
+
+
 def test_gradients_are_the_references():
     q, k, v = random_qkv(2, 2, 130, 32, seed=4)
     mask = ragged_mask(2, 130, [130, 60])

@@ -66,7 +66,7 @@ def report(path: Path) -> str:
             by_launch[launch][metric] = (unit, value)
         ordered = [by_launch[k] for k in sorted(by_launch, key=int)]
         per_case = len(ordered) // len(BATCHES)
-        if per_case == 0 or not name.startswith(("countTokens", "blockMeans", "lowResolution",
+        if per_case == 0 or not name.startswith(("blockMeans", "lowResolution",
                                                  "selectBlocks", "highResolution")):
             continue
         for index, batch in enumerate(BATCHES):

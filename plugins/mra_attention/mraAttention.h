@@ -5,6 +5,7 @@
  *
  * Semantics: MRA_SPEC.md and plugins/README.md. Tensors are dense row-major:
  *   query, key, value, output  [batch, heads, seq, head_dim]  (dtype: float32, float16 or bfloat16)
+ *                              or, with layout MRA_BSHD, [batch, seq, heads, head_dim]
  *   mask                       [batch, seq] int32, non-zero for real tokens
  * Computation is in float32 whatever the dtype.
  */
@@ -27,6 +28,10 @@ extern "C" {
 typedef enum { MRA_FLOAT32 = 0, MRA_FLOAT16 = 1, MRA_BFLOAT16 = 2 } MraDataType;
 typedef enum { MRA_FULL = 0, MRA_SPARSE = 1 } MraApproxMode;
 
+/* How query, key, value and the output lie in memory. MRA_BSHD is a [batch, seq, hidden]
+ * projection viewed as heads: a model passes it without transposing (and copying) each tensor. */
+typedef enum { MRA_BHSD = 0, MRA_BSHD = 1 } MraLayout;
+
 typedef enum {
     MRA_OK = 0,
     MRA_INVALID_ARGUMENT = 1, /* a shape, setting or pointer is invalid */
@@ -44,6 +49,7 @@ typedef struct {
     int32_t initial_prior_first_n_blocks;
     int32_t initial_prior_diagonal_n_blocks;
     MraDataType dtype;
+    MraLayout layout;   /* MRA_BHSD (0) unless set: a zero-initialised struct is the default */
 } MraAttentionParams;
 
 /* Number of blocks per sequence, ceil(seq_len / block_size), and the clamped top-k. */

@@ -51,6 +51,7 @@ Problem makeProblem(MraAttentionParams const& params)
     p.priorFirst = params.initial_prior_first_n_blocks;
     p.priorDiagonal = params.initial_prior_diagonal_n_blocks;
     p.scaleDivisor = static_cast<float>(std::sqrt(static_cast<double>(params.head_dim)));
+    p.tokenMajor = params.layout == MRA_BSHD;
     return p;
 }
 
@@ -96,7 +97,8 @@ MraStatus mraCheckParams(MraAttentionParams const* params)
         && p.block_size >= 1 && p.num_blocks >= 1;
     bool const settings = (p.approx_mode == MRA_FULL || p.approx_mode == MRA_SPARSE)
         && p.initial_prior_first_n_blocks >= 0 && p.initial_prior_diagonal_n_blocks >= 0
-        && (p.dtype == MRA_FLOAT32 || p.dtype == MRA_FLOAT16 || p.dtype == MRA_BFLOAT16);
+        && (p.dtype == MRA_FLOAT32 || p.dtype == MRA_FLOAT16 || p.dtype == MRA_BFLOAT16)
+        && (p.layout == MRA_BHSD || p.layout == MRA_BSHD);
     if (!sizes || !settings)
     {
         return MRA_INVALID_ARGUMENT;

@@ -1,7 +1,8 @@
 /*
  * CUDA kernels of the MRA attention plugin (mraAttention.h), stage by stage like the CPU twin
  * (mraAttentionReference.cpp):
- *   (a) countTokens, blockMeans, lowResolutionLogits: block means and low-resolution logits;
+ *   (a) blockMeans, lowResolutionLogits: real tokens per block, block means and low-resolution
+ *       logits;
  *   (b) selectBlocks: row max, masking and priors (selectionScore), then a radix select of the
  *       k-th largest score and a block-wide scan that takes ties in flat order;
  *   (c) highResolutionMma (fp16/bf16: tensor cores, mma.sync.m16n8k16, fp32 accumulation, sm_80
@@ -50,7 +51,7 @@ namespace
 constexpr int kBlock = 32;           // tokens per block: the kernels are written for 32
 // highResolution: 4 warps hold one query block, warp w its rows 8w..8w+7 (4 threads per row).
 constexpr int kHighResThreads = 128;
-constexpr int kSelectThreads = 1024;
+constexpr int kSelectThreads = 512;
 constexpr int kLogitThreads = 128;
 constexpr int kLogitQueryBlocks = 8; // query blocks per lowResolutionLogits CTA
 constexpr int kMaxHeadDim = 128;
@@ -113,47 +114,43 @@ struct Maximum // cub::Max is gone from CUDA 13's CUB; this works with every ver
 
 // ---- (a) block means and low-resolution logits -----------------------------------------------
 
-//! One CTA per (batch, block) (a 1-D grid, block fastest), one warp: real tokens per block.
-__global__ void countTokens(Problem p, int32_t const* mask, float* counts)
-{
-    int32_t const block = blockIdx.x % p.nb;
-    int32_t const batch = blockIdx.x / p.nb;
-    int32_t const count = __popc(realTokenBits(p, mask, batch, block));
-    if (threadIdx.x == 0)
-    {
-        counts[batch * p.nb + block] = static_cast<float>(count);
-    }
-}
-
 //! Sum of the masked tokens of one block, in token order, at dimension d. `real` has bit t set
 //! when token t of the block is real (the same in every thread, so the branch does not diverge).
 template <typename T>
 __device__ inline float blockSum(Problem const& p, T const* source, uint32_t real, int32_t row, int32_t block, int32_t d)
 {
-    T const* column = source + (static_cast<size_t>(row) * p.seqLen + block * kBlock) * p.headDim + d;
+    T const* column = source + tokenOffset(p, row, block * kBlock) + d;
+    size_t const stride = tokenStride(p);
     float sum = 0.0f;
     for (int32_t t = 0; t < kBlock; ++t)
     {
         if ((real >> t) & 1u)
         {
-            sum += Storage<T>::toFloat(column[static_cast<size_t>(t) * p.headDim]);
+            sum += Storage<T>::toFloat(column[t * stride]);
         }
     }
     return sum;
 }
 
 //! One CTA per (row, block), a thread per dimension d (D threads, a multiple of 32): block means
-//! of the masked Q, K, V: sums over c + 1e-6.
+//! of the masked Q, K, V: sums over c + 1e-6, c the block's real tokens, which the CTAs of head 0
+//! also write to `counts` for the kernels after (a kernel of its own did that before: one launch
+//! more, for nothing but a popcount).
 template <typename T>
 __global__ void blockMeans(Problem p, T const* query, T const* key, T const* value, int32_t const* mask,
-    float const* counts, float* queryMean, float* keyMean, float* valueMean)
+    float* counts, float* queryMean, float* keyMean, float* valueMean)
 {
     int32_t const block = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
     int32_t const d = threadIdx.x;
     // Each warp reads the block's 32 mask entries once, instead of every thread reading each.
     uint32_t const real = realTokenBits(p, mask, row / p.heads, block);
-    float const denominator = counts[(row / p.heads) * p.nb + block] + kNormaliserEps;
+    float const count = static_cast<float>(__popc(real));
+    if (row % p.heads == 0 && d == 0)
+    {
+        counts[(row / p.heads) * p.nb + block] = count;
+    }
+    float const denominator = count + kNormaliserEps;
     size_t const at = (static_cast<size_t>(row) * p.nb + block) * p.headDim + d;
     queryMean[at] = blockSum(p, query, real, row, block, d) / denominator;
     keyMean[at] = blockSum(p, key, real, row, block, d) / denominator;
@@ -235,6 +232,77 @@ __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t 
     return orderedKey(score);
 }
 
+//! One thread's share of a row's selection keys: the contiguous run of cells [begin, end), its
+//! first kCachedKeys keys held in registers from one load (all of them up to nb = 128, 4096
+//! tokens), the rest recomputed from global memory on each pass. The radix passes and the
+//! final scans read every key six times: from global memory each pass waited on L2 latency
+//! (selectBlocks took 31 us at 4096 tokens, alike at batch 1 and 8).
+struct ThreadKeys
+{
+    static constexpr int kCachedKeys = 32;
+    uint32_t cached[kCachedKeys];
+    int32_t begin, end;
+
+    __device__ ThreadKeys(Problem const& p, Scratch const& s, int32_t row)
+    {
+        int32_t const cells = p.nb * p.nb;
+        int32_t const perThread = (cells + blockDim.x - 1) / blockDim.x;
+        begin = min(static_cast<int32_t>(threadIdx.x) * perThread, cells);
+        end = min(begin + perThread, cells);
+        MRA_UNROLL
+        for (int32_t c = 0; c < kCachedKeys; ++c)
+        {
+            cached[c] = begin + c < end ? scoreKey(p, s, row, begin + c) : 0u;
+        }
+    }
+
+    //! visit(cell, key) for the run's cells in ascending order.
+    template <typename Visit>
+    __device__ void forEach(Problem const& p, Scratch const& s, int32_t row, Visit visit) const
+    {
+        MRA_UNROLL
+        for (int32_t c = 0; c < kCachedKeys; ++c)
+        {
+            if (begin + c < end)
+            {
+                visit(begin + c, cached[c]);
+            }
+        }
+        for (int32_t cell = begin + kCachedKeys; cell < end; ++cell)
+        {
+            visit(cell, scoreKey(p, s, row, cell));
+        }
+    }
+};
+
+//! Counts the run's keys under `prefix` by digit `shift`. Neighbouring cells mostly share a
+//! digit (the leading one of nearly every key is alike), so a thread adds each run of equal
+//! digits once: fewer atomics on the few crowded bins.
+__device__ inline void countDigits(Problem const& p, Scratch const& s, int32_t row, ThreadKeys const& keys,
+    uint32_t prefixMask, uint32_t prefix, int32_t shift, uint32_t* histogram)
+{
+    uint32_t runDigit = 0;
+    uint32_t runLength = 0;
+    keys.forEach(p, s, row, [&](int32_t, uint32_t key) {
+        if ((key & prefixMask) != prefix)
+        {
+            return;
+        }
+        uint32_t const digit = (key >> shift) & 0xffu;
+        if (runLength > 0 && digit != runDigit)
+        {
+            atomicAdd(&histogram[runDigit], runLength);
+            runLength = 0;
+        }
+        runDigit = digit;
+        ++runLength;
+    });
+    if (runLength > 0)
+    {
+        atomicAdd(&histogram[runDigit], runLength);
+    }
+}
+
 //! Digit `shift` of the k-th largest key: thread t < 256 holds the count of digit 255 - t, so an
 //! exclusive scan gives the number of keys above each digit, and the one thread whose digit
 //! reaches `remaining` extends the prefix. Every thread calls it; it ends with a barrier.
@@ -263,7 +331,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     __shared__ uint32_t prefix;
     __shared__ int32_t remaining;
     int32_t const row = blockIdx.x;
-    int32_t const cells = p.nb * p.nb;
+    ThreadKeys const keys(p, s, row);
 
     // Radix select, most significant digit first: the exact key of the k-th largest score.
     if (threadIdx.x == 0)
@@ -279,15 +347,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
             histogram[b] = 0;
         }
         __syncthreads();
-        uint32_t const wanted = prefix;
-        for (int32_t cell = threadIdx.x; cell < cells; cell += blockDim.x)
-        {
-            uint32_t const key = scoreKey(p, s, row, cell);
-            if ((key & prefixMask) == wanted)
-            {
-                atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
-            }
-        }
+        countDigits(p, s, row, keys, prefixMask, prefix, shift, histogram);
         __syncthreads();
         chooseDigit(scanStorage, histogram, shift, prefix, remaining);
         prefixMask |= 0xffu << shift;
@@ -295,20 +355,15 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     uint32_t const thresholdKey = prefix;
     int32_t const tiesToTake = remaining; // how many cells equal to the k-th score are selected
 
-    // Each thread takes a contiguous run of cells, so two block scans order the whole row: the
+    // Each thread holds a contiguous run of cells, so two block scans order the whole row: the
     // ties before the run (the first tiesToTake ties in flat order are taken), then the cells
     // taken before it (where the run's cells go in `selected`).
-    int32_t const perThread = (cells + blockDim.x - 1) / blockDim.x;
-    int32_t const begin = min(static_cast<int32_t>(threadIdx.x) * perThread, cells);
-    int32_t const end = min(begin + perThread, cells);
     int32_t above = 0;
     int32_t ties = 0;
-    for (int32_t cell = begin; cell < end; ++cell)
-    {
-        uint32_t const key = scoreKey(p, s, row, cell);
+    keys.forEach(p, s, row, [&](int32_t, uint32_t key) {
         above += key > thresholdKey ? 1 : 0;
         ties += key == thresholdKey ? 1 : 0;
-    }
+    });
     int32_t tieRank;
     int32_t total;
     SelectScan(scanStorage).ExclusiveSum(ties, tieRank, total);
@@ -319,9 +374,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
 
     int32_t* selected = s.selected + static_cast<size_t>(row) * p.topK;
     int32_t* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
-    for (int32_t cell = begin; cell < end; ++cell)
-    {
-        uint32_t const key = scoreKey(p, s, row, cell);
+    keys.forEach(p, s, row, [&](int32_t cell, uint32_t key) {
         bool take = key > thresholdKey;
         if (key == thresholdKey)
         {
@@ -336,7 +389,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
         {
             selected[position++] = cell;
         }
-    }
+    });
     if (threadIdx.x == 0)
     {
         rowStart[p.nb] = p.topK;
@@ -443,7 +496,7 @@ struct TileFetch
         {
             int32_t const index = threadIdx.x + v * kThreads;
             int32_t const position = first + index / kVectorsPerRow;
-            size_t const offset = (static_cast<size_t>(row) * p.seqLen + position) * D + (index % kVectorsPerRow) * kVector;
+            size_t const offset = tokenOffset(p, row, position) + (index % kVectorsPerRow) * kVector;
             bool const inside = position < p.seqLen;
             for (int32_t t = 0; t < kTensors; ++t)
             {
@@ -672,7 +725,7 @@ __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride,
         int32_t const outPosition = i * kBlock + r;
         if (outPosition < p.seqLen)
         {
-            *reinterpret_cast<uint4*>(output + (static_cast<size_t>(row) * p.seqLen + outPosition) * D + d)
+            *reinterpret_cast<uint4*>(output + tokenOffset(p, row, outPosition) + d)
                 = *reinterpret_cast<uint4 const*>(tile + r * stride + d);
         }
     }
@@ -1064,8 +1117,6 @@ template <typename T>
 MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask, Scratch const& s,
     void* output, cudaStream_t stream)
 {
-    countTokens<<<p.nb * p.batch, kBlock, 0, stream>>>(p, mask, s.counts);
-    MRA_CHECK_LAUNCH("countTokens");
     blockMeans<T><<<p.nb * p.rows, p.headDim, 0, stream>>>(p, static_cast<T const*>(q),
         static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean, s.keyMean, s.valueMean);
     MRA_CHECK_LAUNCH("blockMeans");

@@ -296,7 +296,7 @@ Problem describe(Ort::KernelContext const& context, Settings const& settings)
     }
     p.params = MraAttentionParams{static_cast<int32_t>(p.shape[0]), static_cast<int32_t>(p.shape[1]),
         static_cast<int32_t>(p.shape[2]), static_cast<int32_t>(p.shape[3]), settings.numBlocks, settings.blockSize,
-        settings.approxMode, settings.priorFirst, settings.priorDiagonal, dtype};
+        settings.approxMode, settings.priorFirst, settings.priorDiagonal, dtype, MRA_BHSD};
     p.elementBytes = dtype == MRA_FLOAT32 ? 4 : 2;
     if (!p.empty)
     {

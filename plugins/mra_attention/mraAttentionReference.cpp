@@ -188,14 +188,14 @@ struct ThreadScratch
 void loadMasked(Problem const& p, Tensor const& source, int32_t row, float const* real, std::vector<float>& into)
 {
     into.assign(static_cast<size_t>(p.nb) * p.blockSize * p.headDim, 0.0f);
-    size_t const base = static_cast<size_t>(row) * p.seqLen * p.headDim;
     for (int32_t t = 0; t < p.seqLen; ++t)
     {
         if (real[t] != 0.0f)
         {
+            size_t const at = tokenOffset(p, row, t);
             for (int32_t d = 0; d < p.headDim; ++d)
             {
-                into[static_cast<size_t>(t) * p.headDim + d] = source[base + static_cast<size_t>(t) * p.headDim + d];
+                into[static_cast<size_t>(t) * p.headDim + d] = source[at + d];
             }
         }
     }
@@ -694,7 +694,7 @@ MRA_INLINE void queryBlock(Problem const& p, Scratch const& s, int32_t row, int3
     float const rowMax = s.rowMax[row * p.nb + i];
     for (int32_t t = 0; t < bs && i * bs + t < p.seqLen; ++t)
     {
-        size_t const outBase = (static_cast<size_t>(row) * p.seqLen + i * bs + t) * headDim;
+        size_t const outBase = tokenOffset(p, row, i * bs + t);
         if (in.real[i * bs + t] == 0.0f)
         {
             for (int32_t d = 0; d < headDim; ++d)

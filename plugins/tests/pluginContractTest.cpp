@@ -263,7 +263,7 @@ int main(int argc, char** argv)
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a mask of another length is refused");
 
     // Workspace from the profile's maxima.
-    MraAttentionParams largest{8, 12, 4096, 64, 64, 32, MRA_SPARSE, 1, 3, MRA_FLOAT16};
+    MraAttentionParams largest{8, 12, 4096, 64, 64, 32, MRA_SPARSE, 1, 3, MRA_FLOAT16, MRA_BHSD};
     expect(build->getWorkspaceSize(good.data(), 4, good.data() + 4, 1) == workspaceSize(&largest),
         "workspace = mraWorkspaceSize at the maxima");
     expect(workspaceSize(&largest) > 0, "workspace is non-zero");
