@@ -9,6 +9,7 @@ import json
 import platform
 
 import pytest
+import torch
 
 from mra_export import native
 from mra_export.bench import models
@@ -65,6 +66,70 @@ def test_backends_that_cannot_run_say_why(bench_run):
     assert all(reason for reason in skipped.values())
 
 
+def test_without_a_gpu_every_gpu_column_says_so_in_both_precisions(bench_run):
+    _, run = bench_run
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: its columns ran")
+    skipped = {b["name"]: b["skipped"] for b in run["backends"] if b.get("skipped")}
+    for tag in ("", " fp16"):
+        for name in (f"mra pytorch-cuda{tag}", f"mra pytorch-cuda{tag} (fused op)",
+                     f"dense pytorch-cuda{tag}", f"mra onnxruntime-cuda{tag}",
+                     f"dense onnxruntime-cuda{tag}", f"mra onnxruntime-cuda{tag} (MraAttention op)"):
+            assert skipped[name] == models.NO_GPU
+
+
+def test_the_fp16_gpu_columns_run_fp16_graphs_and_models(tmp_path, monkeypatch):
+    """What the GPU columns are made of, on this CPU: the fp16 exports (portable MRA and
+    RoBERTa) hold fp16 weights and outputs, and the PyTorch columns get fp16 models."""
+    import onnx
+
+    for key, value in SMALL_BENCH_SHAPES.items():
+        monkeypatch.setitem(models.SHAPES, key, value)
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    handed = {}
+
+    def torch_column(name, kind, model, device):
+        handed[name] = next(model.parameters()).dtype
+        return models.Backend(name, kind, f"pytorch-{device}", skipped="recorded")
+
+    monkeypatch.setattr(models, "torch_backend", torch_column)
+    mra, dense = models.build_models(1)
+    columns = models.cuda_backends(mra, dense, tmp_path, log=lambda message: None, dtype="fp16")
+    assert [c.name for c in columns] == [
+        "mra pytorch-cuda fp16", "mra pytorch-cuda fp16 (fused op)", "dense pytorch-cuda fp16",
+        "mra onnxruntime-cuda fp16", "dense onnxruntime-cuda fp16",
+        "mra onnxruntime-cuda fp16 (MraAttention op)"]
+    assert handed["mra pytorch-cuda fp16"] == handed["dense pytorch-cuda fp16"] == torch.float16
+    assert next(mra.parameters()).dtype == torch.float32  # the CPU columns keep theirs
+    for graph in ("mra-fp16.onnx", "dense-fp16.onnx"):
+        model = onnx.load(tmp_path / graph)
+        assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        floating = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        weights = {w.data_type for w in model.graph.initializer
+                   if len(w.dims) == 2 and w.data_type in floating}  # the weight matrices
+        assert weights == {onnx.TensorProto.FLOAT16}
+
+
+def test_gpu_targets_are_the_ratios_of_the_gpu_cells():
+    from mra_export.bench import report
+
+    def cell(seconds):
+        return {"median_s": seconds, "peak_memory_mb": 1.0, "runs": 3}
+
+    rows = [{"batch": batch, "length": 4096, "backends": {
+        "mra onnxruntime-cuda fp16": cell(0.6 * batch), "dense onnxruntime-cuda fp16": cell(1.0 * batch),
+        "mra pytorch-cuda fp16 (fused op)": cell(1.1), "dense pytorch-cuda fp16": cell(1.0)}}
+        for batch in (1, 8)]
+    for layers, judged in ((1, None), (12, False)):
+        checks = report.targets({"results": rows, "layers": layers})
+        shares = [c for c in checks if "portable graph" in c["text"]]
+        assert [round(c["value"], 3) for c in shares] == [0.6, 0.6]
+        assert all(c["met"] for c in shares)
+        whole = [c for c in checks if "fused op" in c["text"]]
+        assert [round(c["value"], 3) for c in whole] == [1.1, 1.1]
+        assert all(c["met"] is judged for c in whole)
+
+
 def test_targets_are_the_ratios_of_the_measured_cells(bench_run):
     _, run = bench_run
     cell = {(r["length"], name): res for r in run["results"] if r["batch"] == 1
@@ -117,7 +182,8 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys):
         (["--budget", "inf"], "--budget must be a positive number of seconds, got inf"),
         (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
         (["--out", str(tmp_path / "a-file" / "b")], f"cannot write to {tmp_path / 'a-file' / 'b'}: "),
-    ]:
+    ] + ([] if torch.cuda.is_available() else [
+        (["--device", "cuda"], "--device cuda needs a CUDA GPU and there is none here; run --device cpu")]):
         assert main(["bench", "--out", str(tmp_path / "b"), *flags]) == 2
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and message in errors[0]
@@ -131,7 +197,8 @@ def test_a_run_without_the_target_cells_says_the_targets_were_not_evaluated():
     run["targets"] = report.targets(run)
     assert run["targets"] == []
     assert report.markdown(run).rstrip().endswith(
-        "Targets:\n\n- not evaluated: they need batch 1 at 512 and 4096 tokens (the default lengths)")
+        "Targets:\n\n- not evaluated: the CPU ones need batch 1 at 512 and 4096 tokens (the "
+        "default lengths), the GPU ones 4096 tokens at batch 1 or 8")
 
 
 def test_a_gpu_backend_gets_its_own_copy_of_the_model():

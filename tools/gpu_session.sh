@@ -8,12 +8,32 @@
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
+# `bash tools/gpu_session.sh bench` (a second call: the first takes most of a call's 10 minutes)
+# runs `mra-export bench --device cuda` instead: every GPU column in fp32 and fp16.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+install_onnxruntime_gpu() {  # from the parts; returns 1 where there are none
+  local wheel name
+  wheel=$(ls .carry/*.whl.sha256 2>/dev/null | head -n1)
+  [ -n "$wheel" ] && [ -d /tmp/parts ] || return 1
+  name=$(basename "$wheel" .sha256)
+  cat /tmp/parts/part.* > "/tmp/$name" && sha256sum -c "$wheel" \
+    && python3 -m pip install -q --no-index --no-deps --target /tmp/site "/tmp/$name" \
+    && export PYTHONPATH=/tmp/site:$PWD
+  python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+}
+
+if [ "${1:-}" = bench ]; then
+  install_onnxruntime_gpu || echo "no onnxruntime-gpu parts in /tmp/parts: its columns will say so"
+  timeout 540 python3 -m mra_export bench --device cuda --lengths 1024,2048,4096 --batches 1,8 \
+    --budget 0.5 --out "$OUT/bench" 2>&1 | tail -60
+  exit $?
+fi
 
 echo "== GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels"
 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py tests/test_plugin_gpu.py \
@@ -23,13 +43,7 @@ echo "== speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
 
 echo "== onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
-wheel=$(ls .carry/*.whl.sha256 2>/dev/null | head -n1)
-if [ -n "$wheel" ] && [ -d /tmp/parts ]; then
-  name=$(basename "$wheel" .sha256)
-  cat /tmp/parts/part.* > "/tmp/$name" && sha256sum -c "$wheel" \
-    && python3 -m pip install -q --no-index --no-deps --target /tmp/site "/tmp/$name" \
-    && export PYTHONPATH=/tmp/site:$PWD
-  python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+if install_onnxruntime_gpu; then
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py tests/test_ort_cuda_placement.py \
     2>&1 | tee "$OUT/pytest-ort.log" | tail -8
   # its table, then the copies and the nodes on the CPU provider per graph

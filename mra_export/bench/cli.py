@@ -35,6 +35,9 @@ def add_bench_arguments(parser) -> None:
                         help="encoder layers (default 1; times are per layer then)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed runs per cell at most, at least 3 runs (default: 20)")
+    parser.add_argument("--device", choices=models.DEVICES, default="all",
+                        help="which columns: cpu, cuda (PyTorch and onnxruntime on the GPU in fp32 "
+                        "and fp16, and TensorRT) or all (default)")
 
 
 def run_bench_from_args(args) -> dict:
@@ -44,9 +47,11 @@ def run_bench_from_args(args) -> dict:
         raise UserError(f"--layers must be at least 1, got {args.layers}")
     if not 0 < args.budget < math.inf:
         raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda needs a CUDA GPU and there is none here; run --device cpu")
     check_writable_folder(args.out)  # now, not after minutes of timing
     return run_bench(Path(args.out), lengths, batches, args.layers, args.budget,
-                     command=" ".join(["mra-export", *sys.argv[1:]]))
+                     command=" ".join(["mra-export", *sys.argv[1:]]), device=args.device)
 
 
 def _integers(flag: str, text: str, low: int, high: float = math.inf) -> list[int]:
@@ -82,9 +87,9 @@ def _progress(message: str) -> None:
 
 
 def run_bench(out: Path, lengths, batches, layers: int, budget: float, command: str,
-              log=_progress) -> dict:
+              log=_progress, device: str = "all") -> dict:
     with staged_folder(out, report.JSON_NAME) as staging:  # a stopped bench leaves nothing
-        run = _timed_run(staging, lengths, batches, layers, budget, command, log)
+        run = _timed_run(staging, lengths, batches, layers, budget, command, log, device)
         written = [out / path.relative_to(staging) for path in report.save(run, staging)]
     log("\n" + report.markdown(run))
     log("wrote " + ", ".join(str(p) for p in written))
@@ -92,10 +97,10 @@ def run_bench(out: Path, lengths, batches, layers: int, budget: float, command: 
 
 
 def _timed_run(out: Path, lengths, batches, layers: int, budget: float, command: str,
-               log) -> dict:
+               log, device: str) -> dict:
     started = time.time()
     mra, dense = models.build_models(layers)
-    backends = models.backends(mra, dense, out / "models", log)
+    backends = models.backends(mra, dense, out / "models", log, device)
     run = {"command": command, "machine": _machine(), "layers": layers,
            "model": f"{layers} layer(s), hidden 768, 12 heads, intermediate 3072; MRA 8 blocks per "
                     "row at 4096 positions (mode full), dense = RoBERTa with SDPA",

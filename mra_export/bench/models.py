@@ -111,64 +111,100 @@ def ort_backend(name: str, kind: str, path: Path, provider: str, op_library: boo
     return Backend(name, kind, f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}", prepare)
 
 
-def backends(mra, dense, folder: Path, log) -> list[Backend]:
+DEVICES = ("all", "cpu", "cuda")
+# The GPU columns come in both precisions: fp16 is what engines are built in, fp32 what the CPU
+# columns are. The CPU columns stay fp32 (onnxruntime's CPU provider lacks fp16 kernels).
+GPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NO_GPU = "no CUDA GPU here"
+
+
+def backends(mra, dense, folder: Path, log, device: str = "all") -> list[Backend]:
+    """The columns of the bench: ``device`` "cpu", "cuda" (its GPU columns and TensorRT) or
+    "all"."""
+    found = []
+    if device in ("all", "cpu"):
+        found += cpu_backends(mra, dense, folder, log)
+    if device in ("all", "cuda"):
+        for dtype in GPU_DTYPES:
+            found += cuda_backends(mra, dense, folder, log, dtype)
+        found.append(tensorrt_backend(mra, folder, log))
+    return found
+
+
+def cpu_backends(mra, dense, folder: Path, log) -> list[Backend]:
     log("exporting both models to ONNX ...")
     mra_onnx, dense_onnx = export(mra, folder / "mra.onnx"), export(dense, folder / "dense.onnx")
     log("quantizing both to int8 (as mra-export quantize) ...")
     layers = mra.config.num_hidden_layers
     mra_int8, dense_int8 = quantize(mra_onnx, layers), quantize(dense_onnx, layers)
-    found = [torch_backend("mra pytorch", "mra", mra, "cpu"),
-             fused_backend(mra, "cpu"),
-             ort_backend("mra onnxruntime", "mra", mra_onnx, CPU),
-             ort_backend("mra onnxruntime int8", "mra", mra_int8, CPU),
-             torch_backend("dense pytorch", "dense", dense, "cpu"),
-             ort_backend("dense onnxruntime", "dense", dense_onnx, CPU),
-             ort_backend("dense onnxruntime int8", "dense", dense_int8, CPU)]
-    no_gpu = "no CUDA GPU here"
-    if torch.cuda.is_available():
-        found += [torch_backend("mra pytorch-cuda", "mra", mra, "cuda"),
-                  fused_backend(mra, "cuda"),
-                  torch_backend("dense pytorch-cuda", "dense", dense, "cuda"),
-                  ort_backend("mra onnxruntime-cuda", "mra", mra_onnx, CUDA),
-                  ort_backend("dense onnxruntime-cuda", "dense", dense_onnx, CUDA)]
-    else:
-        found += [Backend(f"{kind} {runtime}", kind, runtime, skipped=no_gpu)
-                  for kind in ("mra", "dense") for runtime in ("pytorch-cuda", "onnxruntime-cuda")]
-        found.append(Backend(f"mra pytorch-cuda {FUSED_SUFFIX}", "mra", "pytorch-cuda", skipped=no_gpu))
-    found += op_backends(mra, folder, log)
-    found.append(tensorrt_backend(mra, folder, log))
-    return found
+    return [torch_backend("mra pytorch", "mra", mra, "cpu"),
+            fused_backend(mra, "cpu"),
+            ort_backend("mra onnxruntime", "mra", mra_onnx, CPU),
+            ort_backend("mra onnxruntime int8", "mra", mra_int8, CPU),
+            torch_backend("dense pytorch", "dense", dense, "cpu"),
+            ort_backend("dense onnxruntime", "dense", dense_onnx, CPU),
+            ort_backend("dense onnxruntime int8", "dense", dense_int8, CPU),
+            op_backend(mra, folder, log, CPU)]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_backends(mra, dense, folder: Path, log, dtype: str = "fp32") -> list[Backend]:
+    """PyTorch on CUDA (MRA's reference attention and the fused op, RoBERTa's SDPA) and
+    onnxruntime's CUDA provider (MRA's portable graph and its MraAttention-op graph, RoBERTa),
+    the weights and activations in ``dtype``; names carry " fp16" for fp16."""
+    tag = "" if dtype == "fp32" else f" {dtype}"
+    names = [(f"mra pytorch-cuda{tag}", "mra", "pytorch-cuda"),
+             (f"mra pytorch-cuda{tag} {FUSED_SUFFIX}", "mra", "pytorch-cuda"),
+             (f"dense pytorch-cuda{tag}", "dense", "pytorch-cuda"),
+             (f"mra onnxruntime-cuda{tag}", "mra", "onnxruntime-cuda"),
+             (f"dense onnxruntime-cuda{tag}", "dense", "onnxruntime-cuda"),
+             (f"mra onnxruntime-cuda{tag} {OP_SUFFIX}", "mra", "onnxruntime-cuda")]
+    if not cuda_available():
+        return [Backend(name, kind, runtime, skipped=NO_GPU) for name, kind, runtime in names]
+    mra, dense = (copy.deepcopy(m).to(GPU_DTYPES[dtype]) for m in (mra, dense))
+    suffix = "" if dtype == "fp32" else f"-{dtype}"
+    log(f"exporting both models to ONNX ({dtype}) ...")
+    mra_onnx = export(mra, folder / f"mra{suffix}.onnx")
+    dense_onnx = export(dense, folder / f"dense{suffix}.onnx")
+    return [torch_backend(names[0][0], "mra", mra, "cuda"),
+            fused_backend(mra, "cuda", name=names[1][0]),
+            torch_backend(names[2][0], "dense", dense, "cuda"),
+            ort_backend(names[3][0], "mra", mra_onnx, CUDA),
+            ort_backend(names[4][0], "dense", dense_onnx, CUDA),
+            op_backend(mra, folder, log, CUDA, name=names[5][0], file=f"mra-plugin{suffix}.onnx")]
 
 
 OP_SUFFIX = "(MraAttention op)"
 FUSED_SUFFIX = "(fused op)"
 
 
-def fused_backend(mra, device: str) -> Backend:
+def fused_backend(mra, device: str, name: str | None = None) -> Backend:
     """The patched model with ``attention="fused"``: the mra_export::mra_attention op over the
     C++ twin (cpu) or the CUDA kernels (cuda)."""
-    name = f"mra pytorch{'' if device == 'cpu' else '-' + device} {FUSED_SUFFIX}"
+    name = name or f"mra pytorch{'' if device == 'cpu' else '-' + device} {FUSED_SUFFIX}"
     if not fused.library_built(device):
         return Backend(name, "mra", f"pytorch-{device}", skipped=(
             f"{build_dir() / fused.LIBRARIES[device]} is not built (make plugins)"))
     return torch_backend(name, "mra", patch_model(copy.deepcopy(mra), attention="fused"), device)
 
 
-def op_backends(mra, folder: Path, log) -> list[Backend]:
+def op_backend(mra, folder: Path, log, provider: str, name: str | None = None,
+               file: str = "mra-plugin.onnx") -> Backend:
     """MRA's plugin flavour on onnxruntime, its MraAttention nodes computed by the op library:
     the C++ twin on the CPU provider, the CUDA kernels on the CUDA provider."""
-    cpu, cuda = f"mra onnxruntime {OP_SUFFIX}", f"mra onnxruntime-cuda {OP_SUFFIX}"
-    cpu_reason = op_library_unavailable(CPU)  # the library is not built
-    cuda_reason = cpu_reason or ("no CUDA GPU here" if not torch.cuda.is_available()
-                                 else op_library_unavailable(CUDA))
-    plugin_onnx = None
-    if not (cpu_reason and cuda_reason):
-        log("exporting MRA's plugin flavour (MraAttention nodes) for the onnxruntime op ...")
-        plugin_onnx = export(mra, folder / "mra-plugin.onnx", "plugin")
-    return [Backend(name, "mra", runtime, skipped=reason) if reason else
-            ort_backend(name, "mra", plugin_onnx, provider, op_library=True)
-            for name, runtime, provider, reason in ((cpu, "onnxruntime-cpu", CPU, cpu_reason),
-                                                    (cuda, "onnxruntime-cuda", CUDA, cuda_reason))]
+    runtime = "onnxruntime-cpu" if provider == CPU else "onnxruntime-cuda"
+    name = name or f"mra {'onnxruntime' if provider == CPU else runtime} {OP_SUFFIX}"
+    reason = op_library_unavailable(provider)
+    if reason:
+        return Backend(name, "mra", runtime, skipped=reason)
+    path = folder / file
+    if not path.is_file():
+        log(f"exporting MRA's plugin flavour (MraAttention nodes) to {file} for the onnxruntime op ...")
+        export(mra, path, "plugin")
+    return ort_backend(name, "mra", path, provider, op_library=True)
 
 
 def tensorrt_backend(mra, folder: Path, log) -> Backend:

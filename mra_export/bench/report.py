@@ -1,4 +1,5 @@
-"""Bench results: a Markdown table, PNG plots, and the checks against issue 6's targets."""
+"""Bench results: a Markdown table, PNG plots, and the checks against issue 6's targets (and
+issue 25's where the GPU columns ran)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ SPEEDUP_OVER_PYTORCH = 2.0  # onnxruntime MRA against the patched PyTorch model
 # Memory is judged on onnxruntime, the deployment path; PyTorch's peak is reported beside it.
 MEMORY_JUDGED_ON = ("onnxruntime",)
 INT8_SPEEDUP = 1.5  # issue 28: int8 onnxruntime MRA against fp32 onnxruntime MRA
+ORT_CUDA_SHARE = 0.7  # issue 25: MRA's portable graph against dense on onnxruntime-cuda, at most
 JSON_NAME = "bench.json"  # also what marks a folder as an earlier bench's, to be replaced
 
 
@@ -48,8 +50,9 @@ def markdown(run: dict) -> str:
         lines += ["", "Skipped cells: " + "; ".join(notes)]
     lines += ["", "Targets:", ""] + ([f"- {_verdict(t['met'])}: {t['text']}"
                                       for t in run["targets"]] or
-                                     [f"- not evaluated: they need batch 1 at {GROWTH_FROM} and "
-                                      f"{TARGET_LENGTH} tokens (the default lengths)"])
+                                     [f"- not evaluated: the CPU ones need batch 1 at {GROWTH_FROM} "
+                                      f"and {TARGET_LENGTH} tokens (the default lengths), the GPU "
+                                      f"ones {TARGET_LENGTH} tokens at batch 1 or 8"])
     return "\n".join(lines) + "\n"
 
 
@@ -97,8 +100,33 @@ def targets(run: dict) -> list[dict]:
                            f"{mra['peak_memory_mb']:.0f} MB vs dense {dense['peak_memory_mb']:.0f} "
                            + ("MB (target: below dense)" if judged else
                               "MB (reported; memory is judged on onnxruntime)")})
-    return checks + _int8_targets(time_of("mra onnxruntime", TARGET_LENGTH),
-                                  time_of("mra onnxruntime int8", TARGET_LENGTH))
+    checks += _int8_targets(time_of("mra onnxruntime", TARGET_LENGTH),
+                            time_of("mra onnxruntime int8", TARGET_LENGTH))
+    return checks + _gpu_targets(time_of, run.get("layers"))
+
+
+def _gpu_targets(time_of, layers) -> list[dict]:
+    """Issue 25's, where the GPU columns ran: at TARGET_LENGTH, batch 1 and 8, each precision."""
+    checks = []
+    for batch in (1, 8):
+        for tag in ("", " fp16"):
+            mra = time_of(f"mra onnxruntime-cuda{tag}", TARGET_LENGTH, batch)
+            dense = time_of(f"dense onnxruntime-cuda{tag}", TARGET_LENGTH, batch)
+            if mra and dense:
+                share = mra["median_s"] / dense["median_s"]
+                checks.append({"met": share <= ORT_CUDA_SHARE, "value": share, "text": (
+                    f"at {TARGET_LENGTH} tokens, batch {batch}, onnxruntime-cuda{tag}: MRA's "
+                    f"portable graph takes {share:.2f}x dense's time (target <= {ORT_CUDA_SHARE:g}x)")})
+        fused = time_of("mra pytorch-cuda fp16 (fused op)", TARGET_LENGTH, batch)
+        dense = time_of("dense pytorch-cuda fp16", TARGET_LENGTH, batch)
+        if fused and dense:
+            share = fused["median_s"] / dense["median_s"]
+            whole = layers == 12  # the target is mra-base's 12 layers; fewer are reported only
+            checks.append({"met": share <= 1.0 if whole else None, "value": share, "text": (
+                f"at {TARGET_LENGTH} tokens, batch {batch}, pytorch-cuda fp16: MRA with the fused "
+                f"op takes {share:.2f}x RoBERTa SDPA's time ("
+                + ("target <= 1x" if whole else "judged with --layers 12, the whole mra-base") + ")")})
+    return checks
 
 
 def _int8_targets(fp32, int8) -> list[dict]:
