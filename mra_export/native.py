@@ -259,15 +259,23 @@ class PluginRunner:
 
     def attention(self, query, key, value, mask, *, profile_max: tuple[int, int] | None = None,
                   **attributes) -> torch.Tensor:
-        """The plugin's output for ``[B, H, S, D]`` CPU tensors and a ``[B, S]`` mask.
-        ``attributes`` are the node's (``num_blocks``, ``approx_mode``, ...: an int or a str
-        each). The engine's profile spans batch 1..B' and sequence 1..S' with
-        ``profile_max = (B', S')``, twice the input's by default (the plugin sizes its workspace
-        for the maxima and runs at the input's shape)."""
-        batch, heads, seq_len, head_dim = query.shape
+        """The plugin's output for ``[B, H, S, D]`` CPU tensors (``[B, S, H, D]`` with the
+        attribute ``layout="bshd"``) and a ``[B, S]`` mask. ``attributes`` are the node's
+        (``num_blocks``, ``approx_mode``, ...: an int or a str each). The engine's profile spans
+        batch 1..B' and sequence 1..S' with ``profile_max = (B', S')``, twice the input's by
+        default (the plugin sizes its workspace for the maxima and runs at the input's shape)."""
+        token_major = attributes.get("layout") == "bshd"
+        if token_major:
+            batch, seq_len, heads, head_dim = query.shape
+        else:
+            batch, heads, seq_len, head_dim = query.shape
+
+        def node_shape(batch, seq_len):
+            return (batch, seq_len, heads, head_dim) if token_major else (batch, heads, seq_len, head_dim)
+
         high_batch, high_seq = profile_max or (2 * batch, 2 * seq_len)
-        low = (1, heads, 1, head_dim)  # also the profile's opt: the workspace is not sized by it
-        shapes = [(batch, heads, seq_len, head_dim), low, low, (high_batch, heads, high_seq, head_dim)]
+        low = node_shape(1, 1)  # also the profile's opt: the workspace is not sized by it
+        shapes = [node_shape(batch, seq_len), low, low, node_shape(high_batch, high_seq)]
         names = [name.encode() for name in attributes]
         texts = [v.encode() if isinstance(v, str) else None for v in attributes.values()]
         numbers = [0 if isinstance(v, str) else int(v) for v in attributes.values()]

@@ -119,12 +119,23 @@ def test_plugin_nodes_carry_the_contract(exports, small_checkpoints, task_name):
         assert node.domain == "trt.plugins"
         assert attributes == {"num_blocks": 16, "approx_mode": b"full", "block_size": 32,
                               "initial_prior_first_n_blocks": 0,
-                              "initial_prior_diagonal_n_blocks": 0, "plugin_version": b"1",
-                              "plugin_namespace": b""}
+                              "initial_prior_diagonal_n_blocks": 0, "layout": b"bshd",
+                              "plugin_version": b"1", "plugin_namespace": b""}
         assert [types.get(name) for name in node.input] == [onnx.TensorProto.FLOAT] * 3 + [
             onnx.TensorProto.INT32]
         assert node.output[0] == f"attention_context.{layer}"
     assert not [n for n in model.graph.node if n.op_type in ("TopK", "ScatterElements")]
+    # Layout "bshd": the node reads the projections' [batch, seq, heads, head_dim] views and
+    # its output feeds the output projection; no Transpose is left around it.
+    producer = {output: n.op_type for n in model.graph.node for output in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.op_type)
+    for node in nodes:
+        assert [producer[name] for name in node.input[:3]] == ["Reshape"] * 3
+        assert "Transpose" not in consumers[node.output[0]]
+    assert json.loads((path.parent / "export.json").read_text())["attention_context_layout"] == "bshd"
 
 
 def test_export_json_describes_the_folder(exports):

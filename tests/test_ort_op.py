@@ -165,6 +165,21 @@ def test_each_storage_type_is_the_cpu_twin_bit_for_bit(op_library, cpu_library, 
     assert comparison.passed and comparison.same_blocks, comparison.summary()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_major_layout_is_the_head_major_result_transposed(op_library, dtype):
+    """layout "bshd" (what the exporter writes): [batch, seq, heads, head_dim] in and out."""
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 3, 150, 64, seed=17))
+    mask = ragged_mask(2, 150, [150, 61])
+    settings = attributes(12, "full", 1, 3)
+    head_major = op(op_library, q, k, v, mask, dtype, **settings)
+    token_major = op(op_library, *(t.transpose(1, 2).contiguous() for t in (q, k, v)), mask, dtype,
+                     layout="bshd", **settings)
+    assert token_major.shape == (2, 150, 3, 64)
+    assert torch.equal(token_major, head_major.transpose(1, 2))
+    exact = mra_attention(q.float(), k.float(), v.float(), mask, **settings)
+    assert (head_major - exact).abs().max() <= 2e-3 * exact.abs().max()
+
+
 def test_one_session_serves_every_shape_and_an_empty_batch(op_library):
     sess = session(op_library, node_graph(**attributes(6, "sparse")))
     for batch, heads, seq_len in [(1, 1, 64), (2, 3, 33), (4, 2, 300)]:
@@ -203,6 +218,13 @@ def test_bad_inputs_are_refused_in_one_line_naming_the_problem(op_library):
         op_library, node_graph(**attributes(0)), q, k, v, mask)
     assert 'attribute approx_mode must be "full" or "sparse", got "dense"' in refusal(
         op_library, node_graph(**attributes(4, "dense")), q, k, v, mask)
+    assert 'attribute layout must be "bhsd" or "bshd", got "sbhd"' in refusal(
+        op_library, node_graph(layout="sbhd", **attributes(4)), q, k, v, mask)
+    token_major = node_graph(layout="bshd", **attributes(4))
+    assert "mask must be int32 [batch, seq] = [2, 64], got int32 [2, 2]" in refusal(
+        op_library, token_major, *(t.transpose(1, 2) for t in (q, k, v)), mask[:, :2])
+    assert "query must be [batch, seq, heads, head_dim], got shape [2, 64, 32]" in refusal(
+        op_library, token_major, q[0], k[0], v[0], mask)
 
 
 @pytest.mark.slow

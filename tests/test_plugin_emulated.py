@@ -63,6 +63,21 @@ def test_plugin_output_is_the_kernels_output_bit_for_bit(emulated_plugin, emulat
     assert ours.dtype == dtype and torch.equal(ours, direct)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_layout_field_takes_token_major_tensors(emulated_plugin, dtype):
+    """Field layout "bshd" (what the exporter writes): [batch, seq, heads, head_dim] in and out,
+    the profile and the mask check along those axes; the head-major result transposed."""
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 3, 150, 64, seed=19))
+    mask = ragged_mask(2, 150, [150, 61])
+    attributes = node_attributes(12, "full", 1, 3)
+    head_major = emulated_plugin.attention(q, k, v, mask, **attributes)
+    token_major = emulated_plugin.attention(*(t.transpose(1, 2).contiguous() for t in (q, k, v)),
+                                            mask, layout="bshd", **attributes)
+    assert torch.equal(token_major, head_major.transpose(1, 2))
+    with pytest.raises(RuntimeError, match="field layout has the wrong type or value"):
+        emulated_plugin.attention(q, k, v, mask, layout="sbhd", **attributes)
+
+
 @pytest.mark.parametrize("profile_max", [(2, 96), (8, 4096)])
 def test_workspace_sized_at_the_profile_maxima_serves_smaller_shapes(emulated_plugin, profile_max):
     """getWorkspaceSize sees only the profile; enqueue runs at the input's shape within it."""

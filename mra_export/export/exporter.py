@@ -236,6 +236,7 @@ def _describe(model, checkpoint: Checkpoint, flavour, dtype, opset, contexts, st
         attention={**core.settings(), "heads": heads,
                    "head_dim": config.hidden_size // heads, "layers": len(contexts)},
         attention_contexts=contexts,
+        attention_context_layout=plugin_node.NODE_LAYOUT if flavour == "plugin" else "bhsd",
         versions={"mra_export": __version__, "torch": torch.__version__,
                   "transformers": transformers.__version__, "onnx": onnx.__version__},
         onnx_file="model.onnx", external_data=external,

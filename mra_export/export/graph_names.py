@@ -40,7 +40,12 @@ def name_dynamic_axes(model: ir.Model, axes: dict[str, tuple[str, ...]]) -> None
 
 
 def name_attention_contexts(model: ir.Model) -> list[str]:
-    """Name each layer's attention context ``attention_context.{layer}``; return the names."""
+    """Name each layer's attention context ``attention_context.{layer}``; return the names.
+    In the plugin flavour they are the ``MraAttention`` nodes' outputs, in layer order (the
+    exporter's optimiser folds away the transposes around them, and with them the scopes)."""
+    plugin_nodes = [node for node in model.graph if node.op_type == "MraAttention"]
+    if plugin_nodes:
+        return _name_contexts(dict(enumerate(node.outputs[0] for node in plugin_nodes)))
     found: dict[int, ir.Value] = {}
     for node in model.graph:
         core = _core_scope(node)
@@ -55,6 +60,10 @@ def name_attention_contexts(model: ir.Model) -> list[str]:
     if sorted(found) != list(range(len(found))) or not found:
         raise RuntimeError(f"could not locate every layer's attention context (found layers "
                            f"{sorted(found)}); the exporter's name-scope metadata may have changed")
+    return _name_contexts(found)
+
+
+def _name_contexts(found: dict[int, ir.Value]) -> list[str]:
     names = []
     for layer in sorted(found):
         found[layer].name = ATTENTION_CONTEXT.format(layer=layer)

@@ -45,13 +45,19 @@ class ExportInfo(JsonRecord):
     # int8 only: the scheme, the quantized nodes, the onnxruntime that quantized them
     quantization: dict | None = None
     format: str = FORMAT
+    # How attention_contexts lie: "bhsd" [batch, heads, seq, head_dim]; the plugin flavour's are
+    # its MraAttention nodes' outputs, "bshd" [batch, seq, heads, head_dim] (exports made before
+    # that have none: "bhsd").
+    attention_context_layout: str = "bhsd"
 
     def problem(self) -> str | None:
         from ..tasks import TASKS
 
         for field, value, allowed in (("task", self.task, tuple(TASKS)),
                                       ("flavour", self.flavour, FLAVOURS),
-                                      ("dtype", self.dtype, DTYPE_NAMES + QUANTIZED_DTYPES)):
+                                      ("dtype", self.dtype, DTYPE_NAMES + QUANTIZED_DTYPES),
+                                      ("attention_context_layout", self.attention_context_layout,
+                                       ("bhsd", "bshd"))):
             if value not in allowed:
                 return f"unknown {field} {value!r}"
         return (self._quantization_problem() or self._files_problem()

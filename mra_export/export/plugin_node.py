@@ -26,6 +26,8 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 
 INPUTS = ("query", "key", "value", "mask")
+TOKEN_MAJOR = [0, 2, 1, 3]  # [batch, heads, seq, head_dim] <-> [batch, seq, heads, head_dim]
+NODE_LAYOUT = "bshd"  # the layout attribute the exporter writes
 ATTRIBUTES = ("num_blocks", "approx_mode", "block_size", "initial_prior_first_n_blocks",
               "initial_prior_diagonal_n_blocks", "plugin_version", "plugin_namespace")
 # The plugin refuses head dims outside CUDA_HEAD_DIMS at configurePlugin, which is only reached
@@ -66,6 +68,7 @@ def register_schema() -> None:
             attribute("block_size", kind.INT, "tokens per block (32)"),
             attribute("initial_prior_first_n_blocks", kind.INT, "prior: first block rows/cols"),
             attribute("initial_prior_diagonal_n_blocks", kind.INT, "prior: diagonal band"),
+            attribute("layout", kind.STRING, "'bhsd' (the default) or 'bshd'", required=False),
             attribute("plugin_version", kind.STRING, "TensorRT plugin version"),
             attribute("plugin_namespace", kind.STRING, "TensorRT plugin namespace"),
         ],
@@ -74,12 +77,19 @@ def register_schema() -> None:
 
 def _to_onnx_node(query, key, value, mask, num_blocks: int, approx_mode: str, block_size: int,
                   initial_prior_first_n_blocks: int, initial_prior_diagonal_n_blocks: int):
+    """The node on [batch, seq, heads, head_dim] tensors (layout "bshd"), between transposes
+    that cancel those around it in the model's graph (its heads are split from, and merged
+    back to, [batch, seq, hidden]), so the node reads the projections and feeds the output
+    product with no transpose left."""
     plugins = onnxscript.values.Opset(DOMAIN, 1)
-    return plugins.MraAttention(
+    op = onnxscript.opset18
+    query, key, value = (op.Transpose(t, perm=TOKEN_MAJOR) for t in (query, key, value))
+    context = plugins.MraAttention(
         query, key, value, mask, num_blocks=num_blocks, approx_mode=approx_mode,
         block_size=block_size, initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+        initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks, layout=NODE_LAYOUT,
         plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE)
+    return op.Transpose(context, perm=TOKEN_MAJOR)
 
 
 def translation_table() -> dict:

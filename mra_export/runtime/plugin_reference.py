@@ -28,29 +28,37 @@ def _as_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def torch_reference(query, key, value, mask, **settings) -> np.ndarray:
+def _head_major(layout: str, *arrays: np.ndarray) -> list[np.ndarray]:
+    """The node's query, key and value as [batch, heads, seq, head_dim] (layout "bshd" holds
+    them as [batch, seq, heads, head_dim]); swapping back is the same call."""
+    return [np.swapaxes(a, 1, 2) if layout == "bshd" else a for a in arrays]
+
+
+def torch_reference(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
     """The node computed by ``mra_export.mra_attention`` (the PyTorch reference)."""
-    tensors = (_as_torch(t) for t in (query, key, value, mask))
-    return mra_attention(*tensors, **settings).float().numpy()
+    tensors = (_as_torch(t) for t in (*_head_major(layout, query, key, value), mask))
+    return _head_major(layout, mra_attention(*tensors, **settings).float().numpy())[0]
 
 
-def cpp_reference(query, key, value, mask, **settings) -> np.ndarray:
+def cpp_reference(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
     """The node computed by the plugin's C++ CPU twin (``make plugins`` builds it)."""
     from ..native import MraLibrary
 
-    tensors = (_as_torch(t) for t in (query, key, value, mask))
-    return MraLibrary.cpu().attention(*tensors, **settings)[0].float().numpy()
+    tensors = (_as_torch(t) for t in (*_head_major(layout, query, key, value), mask))
+    output = MraLibrary.cpu().attention(*tensors, **settings)[0].float().numpy()
+    return _head_major(layout, output)[0]
 
 
-def emulated_plugin(query, key, value, mask, **settings) -> np.ndarray:
-    """The node computed by the TensorRT plugin itself, driven as TensorRT drives it, over the
-    CUDA kernels' source run on the CPU (``make plugins`` with TensorRT's headers builds it)."""
+def emulated_plugin(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
+    """The node computed by the TensorRT plugin itself, driven as TensorRT drives it (the
+    node's layout among its fields), over the CUDA kernels' source run on the CPU (``make
+    plugins`` with TensorRT's headers builds it)."""
     from ..native import PluginRunner
 
     tensors = [_as_torch(t) for t in (query, key, value)]
     if query.dtype.name == "bfloat16":  # exact: the values are bfloat16's
         tensors = [t.to(torch.bfloat16) for t in tensors]
-    output = PluginRunner.emulated().attention(*tensors, _as_torch(mask), **settings)
+    output = PluginRunner.emulated().attention(*tensors, _as_torch(mask), layout=layout, **settings)
     return output.float().numpy()
 
 
@@ -86,13 +94,15 @@ def _node_class(implementation):
 
         def _run(self, query, key, value, mask, num_blocks=None, approx_mode=None,
                  block_size=None, initial_prior_first_n_blocks=None,
-                 initial_prior_diagonal_n_blocks=None, plugin_version=None,
+                 initial_prior_diagonal_n_blocks=None, layout=None, plugin_version=None,
                  plugin_namespace=None):
             settings = node_settings(dict(
                 num_blocks=num_blocks, approx_mode=approx_mode, block_size=block_size,
                 initial_prior_first_n_blocks=initial_prior_first_n_blocks,
                 initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks))
-            return (implementation(query, key, value, mask, **settings).astype(query.dtype),)
+            layout = layout.decode() if isinstance(layout, bytes) else layout or "bhsd"
+            output = implementation(query, key, value, mask, layout=layout, **settings)
+            return (output.astype(query.dtype),)
 
     return MraAttention
 

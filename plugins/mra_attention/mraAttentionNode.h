@@ -9,6 +9,7 @@
 #include "mraAttention.h"
 
 #include <stdint.h>
+#include <string.h>
 
 namespace mra
 {
@@ -20,7 +21,39 @@ struct NodeSettings
     int32_t blockSize{32};
     int32_t priorFirst{0};
     int32_t priorDiagonal{0};
+    MraLayout layout{MRA_BHSD}; //!< "bhsd": [batch, heads, seq, head_dim]; "bshd": [batch, seq, heads, head_dim]
+
+    //! Where query's shape holds the heads and the tokens.
+    int32_t headsAxis() const
+    {
+        return layout == MRA_BSHD ? 2 : 1;
+    }
+    int32_t seqAxis() const
+    {
+        return layout == MRA_BSHD ? 1 : 2;
+    }
+    //! The node's view of a query shape, for messages.
+    char const* shapeNames() const
+    {
+        return layout == MRA_BSHD ? "[batch, seq, heads, head_dim]" : "[batch, heads, seq, head_dim]";
+    }
 };
+
+//! The layout attribute's text, "bhsd" or "bshd"; false for any other.
+inline bool parseLayout(char const* text, MraLayout& layout)
+{
+    if (strcmp(text, "bhsd") == 0 || strcmp(text, "bshd") == 0)
+    {
+        layout = strcmp(text, "bshd") == 0 ? MRA_BSHD : MRA_BHSD;
+        return true;
+    }
+    return false;
+}
+
+inline char const* layoutName(MraLayout layout)
+{
+    return layout == MRA_BSHD ? "bshd" : "bhsd";
+}
 
 } // namespace mra
 

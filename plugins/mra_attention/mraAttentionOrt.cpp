@@ -172,6 +172,20 @@ int32_t intAttribute(Ort::ConstKernelInfo const& info, char const* name, int32_t
     return static_cast<int32_t>(value);
 }
 
+std::string stringAttribute(Ort::ConstKernelInfo const& info, char const* name, char const* expected)
+{
+    size_t length = 0;
+    if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_string(info, name, nullptr, &length))
+    {
+        Ort::GetApi().ReleaseStatus(status);
+        throw Refusal(std::string("attribute ") + name + " must be the string " + expected);
+    }
+    std::string text(length, '\0');
+    Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_string(info, name, &text[0], &length));
+    text.resize(std::strlen(text.c_str()));
+    return text;
+}
+
 Settings readSettings(Ort::ConstKernelInfo const& info)
 {
     Settings settings;
@@ -179,24 +193,23 @@ Settings readSettings(Ort::ConstKernelInfo const& info)
     settings.blockSize = intAttribute(info, "block_size", settings.blockSize, 1);
     settings.priorFirst = intAttribute(info, "initial_prior_first_n_blocks", settings.priorFirst, 0);
     settings.priorDiagonal = intAttribute(info, "initial_prior_diagonal_n_blocks", settings.priorDiagonal, 0);
-    if (!hasAttribute(info, "approx_mode"))
+    if (hasAttribute(info, "approx_mode")) // else "full"
     {
-        return settings; // "full"
+        std::string const mode = stringAttribute(info, "approx_mode", "\"full\" or \"sparse\"");
+        if (mode != "full" && mode != "sparse")
+        {
+            throw Refusal("attribute approx_mode must be \"full\" or \"sparse\", got \"" + mode + "\"");
+        }
+        settings.approxMode = mode == "sparse" ? MRA_SPARSE : MRA_FULL;
     }
-    size_t length = 0;
-    if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_string(info, "approx_mode", nullptr, &length))
+    if (hasAttribute(info, "layout")) // else "bhsd"
     {
-        Ort::GetApi().ReleaseStatus(status);
-        throw Refusal("attribute approx_mode must be the string \"full\" or \"sparse\"");
+        std::string const layout = stringAttribute(info, "layout", "\"bhsd\" or \"bshd\"");
+        if (!mra::parseLayout(layout.c_str(), settings.layout))
+        {
+            throw Refusal("attribute layout must be \"bhsd\" or \"bshd\", got \"" + layout + "\"");
+        }
     }
-    std::string mode(length, '\0');
-    Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_string(info, "approx_mode", &mode[0], &length));
-    mode.resize(std::strlen(mode.c_str()));
-    if (mode != "full" && mode != "sparse")
-    {
-        throw Refusal("attribute approx_mode must be \"full\" or \"sparse\", got \"" + mode + "\"");
-    }
-    settings.approxMode = mode == "sparse" ? MRA_SPARSE : MRA_FULL;
     return settings;
 }
 
@@ -247,7 +260,7 @@ private:
 struct Problem
 {
     Ort::ConstValue query{nullptr}, key{nullptr}, value{nullptr}, mask{nullptr};
-    std::vector<int64_t> shape; // query's: [batch, heads, seq, head_dim]
+    std::vector<int64_t> shape; // query's: [batch, heads, seq, head_dim], or [batch, seq, heads, head_dim]
     MraAttentionParams params{};
     size_t elementBytes{0};
     bool empty{false}; // a zero-sized dimension: the output is empty, nothing to compute
@@ -269,8 +282,9 @@ Problem describe(Ort::KernelContext const& context, Settings const& settings)
     p.shape = queryInfo.GetShape();
     if (p.shape.size() != 4)
     {
-        throw Refusal("query must be [batch, heads, seq, head_dim], got shape " + shapeString(p.shape));
+        throw Refusal(std::string("query must be ") + settings.shapeNames() + ", got shape " + shapeString(p.shape));
     }
+    int64_t const batch = p.shape[0], heads = p.shape[settings.headsAxis()], seq = p.shape[settings.seqAxis()];
     for (auto const& [name, info] : {std::pair{"key", &keyInfo}, std::pair{"value", &valueInfo}})
     {
         if (info->GetShape() != p.shape)
@@ -281,9 +295,9 @@ Problem describe(Ort::KernelContext const& context, Settings const& settings)
     }
     std::vector<int64_t> const maskShape = maskInfo.GetShape();
     if (maskInfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
-        || maskShape != std::vector<int64_t>{p.shape[0], p.shape[2]})
+        || maskShape != std::vector<int64_t>{batch, seq})
     {
-        throw Refusal("mask must be int32 [batch, seq] = " + shapeString({p.shape[0], p.shape[2]}) + ", got "
+        throw Refusal("mask must be int32 [batch, seq] = " + shapeString({batch, seq}) + ", got "
             + typeName(maskInfo.GetElementType()) + " " + shapeString(maskShape));
     }
     for (int64_t const size : p.shape)
@@ -294,9 +308,9 @@ Problem describe(Ort::KernelContext const& context, Settings const& settings)
             throw Refusal("query's shape " + shapeString(p.shape) + " is past the kernels' int32 index range");
         }
     }
-    p.params = MraAttentionParams{static_cast<int32_t>(p.shape[0]), static_cast<int32_t>(p.shape[1]),
-        static_cast<int32_t>(p.shape[2]), static_cast<int32_t>(p.shape[3]), settings.numBlocks, settings.blockSize,
-        settings.approxMode, settings.priorFirst, settings.priorDiagonal, dtype, MRA_BHSD};
+    p.params = MraAttentionParams{static_cast<int32_t>(batch), static_cast<int32_t>(heads),
+        static_cast<int32_t>(seq), static_cast<int32_t>(p.shape[3]), settings.numBlocks, settings.blockSize,
+        settings.approxMode, settings.priorFirst, settings.priorDiagonal, dtype, settings.layout};
     p.elementBytes = dtype == MRA_FLOAT32 ? 4 : 2;
     if (!p.empty)
     {
@@ -367,6 +381,22 @@ void computeCpuRow(void* data, size_t row)
         r.output + offset, r.workspace + row * r.rowWorkspaceBytes, r.rowWorkspaceBytes);
 }
 
+//! [n0, n1, n2, chunk] -> [n0, n2, n1, chunk] (chunk: bytes), e.g. [batch, seq, heads, head_dim]
+//! to [batch, heads, seq, head_dim] and back.
+void swapMiddleAxes(char const* from, char* to, size_t n0, size_t n1, size_t n2, size_t chunk)
+{
+    for (size_t a = 0; a < n0; ++a)
+    {
+        for (size_t b = 0; b < n1; ++b)
+        {
+            for (size_t c = 0; c < n2; ++c)
+            {
+                std::memcpy(to + ((a * n2 + c) * n1 + b) * chunk, from + ((a * n1 + b) * n2 + c) * chunk, chunk);
+            }
+        }
+    }
+}
+
 void computeCpu(Ort::KernelContext const& context, Settings const& settings)
 {
     Problem const p = describe(context, settings);
@@ -375,20 +405,44 @@ void computeCpu(Ort::KernelContext const& context, Settings const& settings)
     {
         return;
     }
+    // The rows below are contiguous [seq, head_dim] slices: with layout "bshd" the tensors go
+    // through a head-major copy (what the graph's own Transposes cost before the layout existed;
+    // the copies that layout saves are the GPU's).
+    size_t const batch = size_t(p.params.batch), heads = size_t(p.params.heads), seq = size_t(p.params.seq_len);
+    size_t const tokenBytes = size_t(p.params.head_dim) * p.elementBytes;
+    size_t const tensorBytes = batch * heads * seq * tokenBytes;
+    bool const tokenMajor = p.params.layout == MRA_BSHD;
+    std::unique_ptr<Workspace> headMajor;
+    if (tokenMajor)
+    {
+        headMajor = std::make_unique<Workspace>(context, p.query.GetTensorMemoryInfo(), 4 * tensorBytes);
+    }
+    auto asHeadMajor = [&](Ort::ConstValue const& tensor, size_t slot) -> char const* {
+        char const* data = static_cast<char const*>(tensor.GetTensorRawData());
+        if (!tokenMajor)
+        {
+            return data;
+        }
+        char* copy = static_cast<char*>(headMajor->data()) + slot * tensorBytes;
+        swapMiddleAxes(data, copy, batch, seq, heads, tokenBytes);
+        return copy;
+    };
     CpuRows rows{};
     rows.rowParams = p.params;
     rows.rowParams.batch = rows.rowParams.heads = 1;
+    rows.rowParams.layout = MRA_BHSD;
     rows.heads = p.params.heads;
     rows.rowBytes = size_t(p.params.seq_len) * size_t(p.params.head_dim) * p.elementBytes;
     rows.rowWorkspaceBytes = mraWorkspaceSize(&rows.rowParams); // 256-byte multiples
     size_t const rowCount = size_t(p.params.batch) * size_t(p.params.heads);
     Workspace const workspace(context, p.query.GetTensorMemoryInfo(), rowCount * rows.rowWorkspaceBytes);
     std::vector<MraStatus> statuses(rowCount, MRA_OK);
-    rows.query = static_cast<char const*>(p.query.GetTensorRawData());
-    rows.key = static_cast<char const*>(p.key.GetTensorRawData());
-    rows.value = static_cast<char const*>(p.value.GetTensorRawData());
+    rows.query = asHeadMajor(p.query, 0);
+    rows.key = asHeadMajor(p.key, 1);
+    rows.value = asHeadMajor(p.value, 2);
     rows.mask = p.mask.GetTensorData<int32_t>();
-    rows.output = static_cast<char*>(output.GetTensorMutableRawData());
+    char* const outputData = static_cast<char*>(output.GetTensorMutableRawData());
+    rows.output = tokenMajor ? static_cast<char*>(headMajor->data()) + 3 * tensorBytes : outputData;
     rows.workspace = static_cast<char*>(workspace.data());
     rows.statuses = statuses.data();
     context.ParallelFor(computeCpuRow, rowCount, 0, &rows); // onnxruntime's intra-op threads
@@ -398,6 +452,10 @@ void computeCpu(Ort::KernelContext const& context, Settings const& settings)
         {
             throw Refusal(std::string("the CPU kernel failed: ") + mraStatusString(status));
         }
+    }
+    if (tokenMajor)
+    {
+        swapMiddleAxes(rows.output, outputData, batch, heads, seq, tokenBytes);
     }
 }
 

@@ -124,6 +124,11 @@ bool parseSettings(PluginFieldCollection const* fc, Settings& settings, std::str
             ok = readString(field, mode) && (mode == "full" || mode == "sparse");
             settings.approxMode = mode == "sparse" ? MRA_SPARSE : MRA_FULL;
         }
+        else if (name == "layout") // absent from engines built before it: "bhsd"
+        {
+            std::string layout;
+            ok = readString(field, layout) && parseLayout(layout.c_str(), settings.layout);
+        }
         if (!ok)
         {
             error = "field " + std::string(name) + " has the wrong type or value";
@@ -164,6 +169,8 @@ void MraAttentionPlugin::describeFields()
         PluginField("block_size", &mSettings.blockSize, PluginFieldType::kINT32, 1),
         PluginField("initial_prior_first_n_blocks", &mSettings.priorFirst, PluginFieldType::kINT32, 1),
         PluginField("initial_prior_diagonal_n_blocks", &mSettings.priorDiagonal, PluginFieldType::kINT32, 1),
+        PluginField("layout", layoutName(mSettings.layout), PluginFieldType::kCHAR,
+            static_cast<int32_t>(std::strlen(layoutName(mSettings.layout)) + 1)),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
@@ -230,7 +237,7 @@ int32_t MraAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbI
 {
     if (nbInputs != kInputs || nbOutputs != kOutputs || inputs[kQuery].nbDims != 4 || inputs[kMask].nbDims != 2)
     {
-        logError("MraAttention: query/key/value must be [batch, heads, seq, head_dim] and mask [batch, seq]");
+        logError(std::string("MraAttention: query/key/value must be ") + mSettings.shapeNames() + " and mask [batch, seq]");
         return -1;
     }
     outputs[0] = inputs[kQuery];
@@ -306,8 +313,8 @@ MraAttentionParams MraAttentionPlugin::params(Dims const& query, DataType type) 
 {
     MraAttentionParams p{};
     p.batch = static_cast<int32_t>(query.d[0]);
-    p.heads = static_cast<int32_t>(query.d[1]);
-    p.seq_len = static_cast<int32_t>(query.d[2]);
+    p.heads = static_cast<int32_t>(query.d[mSettings.headsAxis()]);
+    p.seq_len = static_cast<int32_t>(query.d[mSettings.seqAxis()]);
     p.head_dim = static_cast<int32_t>(query.d[3]);
     p.num_blocks = mSettings.numBlocks;
     p.block_size = mSettings.blockSize;
@@ -315,6 +322,7 @@ MraAttentionParams MraAttentionPlugin::params(Dims const& query, DataType type) 
     p.initial_prior_first_n_blocks = mSettings.priorFirst;
     p.initial_prior_diagonal_n_blocks = mSettings.priorDiagonal;
     p.dtype = toMraType(type);
+    p.layout = mSettings.layout;
     return p;
 }
 
@@ -343,7 +351,8 @@ int32_t MraAttentionPlugin::onShapeChange(
             return -1;
         }
     }
-    if (in[kMask].dims.nbDims != 2 || in[kMask].dims.d[0] != query.d[0] || in[kMask].dims.d[1] != query.d[2])
+    if (in[kMask].dims.nbDims != 2 || in[kMask].dims.d[0] != query.d[0]
+        || in[kMask].dims.d[1] != query.d[mSettings.seqAxis()])
     {
         logError("MraAttention: mask must be [batch, seq] of the query");
         return -1;
@@ -390,6 +399,7 @@ MraAttentionPluginCreator::MraAttentionPluginCreator()
         PluginField("block_size", nullptr, PluginFieldType::kINT32, 1),
         PluginField("initial_prior_first_n_blocks", nullptr, PluginFieldType::kINT32, 1),
         PluginField("initial_prior_diagonal_n_blocks", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("layout", nullptr, PluginFieldType::kCHAR, 0),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();

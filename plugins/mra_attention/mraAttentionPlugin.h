@@ -1,11 +1,13 @@
 /*
  * MraAttention: the TensorRT IPluginV3 plugin of transformers' MRA attention.
  *
- * Inputs  0 query, 1 key, 2 value: [batch, heads, seq, head_dim], float32/float16/bfloat16 (all
- *         the same); 3 mask: [batch, seq] int32, non-zero for real tokens.
- * Output  0 context: [batch, heads, seq, head_dim], the type of the inputs.
+ * Inputs  0 query, 1 key, 2 value: [batch, heads, seq, head_dim] ([batch, seq, heads, head_dim]
+ *         with layout "bshd"), float32/float16/bfloat16 (all the same); 3 mask: [batch, seq]
+ *         int32, non-zero for real tokens.
+ * Output  0 context: the query's shape and type.
  * Fields  num_blocks (int32), approx_mode ("full"|"sparse"), block_size (int32, 32),
- *         initial_prior_first_n_blocks (int32), initial_prior_diagonal_n_blocks (int32).
+ *         initial_prior_first_n_blocks (int32), initial_prior_diagonal_n_blocks (int32),
+ *         layout ("bhsd"|"bshd"; "bhsd" where absent).
  * The contract is the ONNX node trt.plugins::MraAttention (plugins/README.md).
  */
 #ifndef MRA_ATTENTION_PLUGIN_H

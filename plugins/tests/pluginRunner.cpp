@@ -20,8 +20,9 @@
  *                      profileMin[4], profileOpt[4], profileMax[4],
  *                      query, key, value, mask, output, error, errorSize)
  *   Attribute i is the string strings[i], or the int ints[i] where strings[i] is NULL.
- *   dataType is an MraDataType; shapes are the query's [batch, heads, seq, head_dim] (the mask
- *   follows as [batch, seq]). Returns 0, or non-zero with one line (the step that failed and what
+ *   dataType is an MraDataType; shapes are the query's [batch, heads, seq, head_dim], or
+ *   [batch, seq, heads, head_dim] where the attribute layout is "bshd" (the mask follows as
+ *   [batch, seq]). Returns 0, or non-zero with one line (the step that failed and what
  *   the plugin logged) in `error`.
  */
 #include "NvInferRuntime.h"
@@ -372,20 +373,36 @@ DataType trtType(int32_t mraType)
     return mraType == MRA_FLOAT16 ? DataType::kHALF : mraType == MRA_BFLOAT16 ? DataType::kBF16 : DataType::kFLOAT;
 }
 
+//! The query's axis of the tokens: 1 where the node's layout attribute is "bshd", else 2.
+int32_t seqAxisOf(int32_t nbAttributes, char const* const* names, char const* const* strings)
+{
+    for (int32_t a = 0; a < nbAttributes; ++a)
+    {
+        if (std::strcmp(names[a], "layout") == 0 && strings[a] != nullptr && std::strcmp(strings[a], "bshd") == 0)
+        {
+            return 1;
+        }
+    }
+    return 2;
+}
+
 //! The layer at build time: batch and sequence dynamic (-1), the profile's min/opt/max.
 std::vector<DynamicPluginTensorDesc> buildDescs(
-    DataType type, int64_t const* shape, int64_t const* low, int64_t const* opt, int64_t const* high)
+    DataType type, int64_t const* shape, int64_t const* low, int64_t const* opt, int64_t const* high, int32_t seqAxis)
 {
-    return checks::layerDescs(type, DataType::kINT32, {-1, shape[1], -1, shape[3]}, shapeOf(low), shapeOf(opt),
-        shapeOf(high));
+    checks::QueryShape dynamic = shapeOf(shape);
+    dynamic[0] = dynamic[seqAxis] = -1;
+    return checks::layerDescs(
+        type, DataType::kINT32, dynamic, shapeOf(low), shapeOf(opt), shapeOf(high), seqAxis);
 }
 
 //! query, key, value, mask, output at the actual shape.
-std::vector<PluginTensorDesc> runtimeDescs(DataType type, int64_t const* shape)
+std::vector<PluginTensorDesc> runtimeDescs(DataType type, int64_t const* shape, int32_t seqAxis)
 {
     checks::QueryShape const exact = shapeOf(shape);
     std::vector<PluginTensorDesc> descs;
-    for (DynamicPluginTensorDesc const& desc : checks::layerDescs(type, DataType::kINT32, exact, exact, exact, exact))
+    for (DynamicPluginTensorDesc const& desc :
+        checks::layerDescs(type, DataType::kINT32, exact, exact, exact, exact, seqAxis))
     {
         descs.push_back(desc.desc);
     }
@@ -410,7 +427,7 @@ Capability* capability(IPluginV3* plugin, PluginCapabilityType type)
 //! The build phase: the plugin from the node's fields, configured for the profile `descs`;
 //! `workspaceSize` is what it asks for.
 PluginPtr build(IPluginCreatorV3One* creator, PluginFieldCollection const* node, DataType type, int64_t const* shape,
-    std::vector<DynamicPluginTensorDesc> const& descs, size_t& workspaceSize)
+    int32_t seqAxis, std::vector<DynamicPluginTensorDesc> const& descs, size_t& workspaceSize)
 {
     PluginPtr plugin(creator->createPlugin("mra_attention", node, TensorRTPhase::kBUILD));
     require(plugin != nullptr, "createPlugin (build phase) refused the node's fields");
@@ -422,7 +439,7 @@ PluginPtr build(IPluginCreatorV3One* creator, PluginFieldCollection const* node,
         "getOutputDataTypes");
     require(checks::supportsAllFormats(buildPart, descs), "supportsFormatCombination refused");
     // The workspace is sized once for the whole profile; it must cover the input's own shape.
-    std::vector<DynamicPluginTensorDesc> const exact = buildDescs(type, shape, shape, shape, shape);
+    std::vector<DynamicPluginTensorDesc> const exact = buildDescs(type, shape, shape, shape, shape, seqAxis);
     require(buildPart->configurePlugin(exact.data(), 4, exact.data() + 4, 1) == 0, "configurePlugin refused");
     size_t const needed = buildPart->getWorkspaceSize(exact.data(), 4, exact.data() + 4, 1);
     require(buildPart->configurePlugin(descs.data(), 4, descs.data() + 4, 1) == 0, "configurePlugin refused");
@@ -437,6 +454,7 @@ struct Call
     DataType type;
     int64_t const* shape;
     size_t workspaceSize;
+    int32_t seqAxis; //!< the query's axis of the tokens (the mask's second)
 
     //! Also the bytes of the query, the key and the value.
     size_t outputBytes() const
@@ -446,7 +464,7 @@ struct Call
 
     size_t maskBytes() const
     {
-        return static_cast<size_t>(shape[0] * shape[2]) * sizeof(int32_t);
+        return static_cast<size_t>(shape[0] * shape[seqAxis]) * sizeof(int32_t);
     }
 };
 
@@ -571,7 +589,7 @@ private:
 void execute(IPluginV3* plugin, Call const& call, void const* const* inputs, void* output, Stream const& stream)
 {
     auto* runtime = capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME);
-    std::vector<PluginTensorDesc> const descs = runtimeDescs(call.type, call.shape);
+    std::vector<PluginTensorDesc> const descs = runtimeDescs(call.type, call.shape, call.seqAxis);
     require(runtime->onShapeChange(descs.data(), 4, descs.data() + 4, 1) == 0, "onShapeChange refused the shapes");
     // enqueue is not told the workspace's size, so a plugin that asked for too little would
     // write past it.
@@ -597,10 +615,11 @@ extern "C" __attribute__((visibility("default"))) int32_t mraPluginRun(char cons
         IPluginCreatorV3One* creator = findCreator(library);
         OwnedFields node = nodeFields(creator, nbAttributes, names, strings, ints);
         DataType const type = trtType(dataType);
+        int32_t const seqAxis = seqAxisOf(nbAttributes, names, strings);
         size_t workspaceSize = 0;
-        PluginPtr built = build(
-            creator, node.get(), type, shape, buildDescs(type, shape, profileMin, profileOpt, profileMax), workspaceSize);
-        Call const call{type, shape, workspaceSize};
+        PluginPtr built = build(creator, node.get(), type, shape, seqAxis,
+            buildDescs(type, shape, profileMin, profileOpt, profileMax, seqAxis), workspaceSize);
+        Call const call{type, shape, workspaceSize, seqAxis};
         Stream stream;
         void const* const callerInputs[4] = {query, key, value, mask};
         LayerTensors tensors(call, callerInputs, output, stream);
