@@ -382,19 +382,29 @@ void computeCpuRow(void* data, size_t row)
 }
 
 //! [n0, n1, n2, chunk] -> [n0, n2, n1, chunk] (chunk: bytes), e.g. [batch, seq, heads, head_dim]
-//! to [batch, heads, seq, head_dim] and back.
-void swapMiddleAxes(char const* from, char* to, size_t n0, size_t n1, size_t n2, size_t chunk)
+//! to [batch, heads, seq, head_dim] and back; a task per (a, b).
+struct AxesSwap
 {
-    for (size_t a = 0; a < n0; ++a)
+    char const* from;
+    char* to;
+    size_t n1, n2, chunk;
+};
+
+void swapOneRow(void* data, size_t row)
+{
+    AxesSwap const& s = *static_cast<AxesSwap const*>(data);
+    size_t const a = row / s.n1, b = row % s.n1;
+    for (size_t c = 0; c < s.n2; ++c)
     {
-        for (size_t b = 0; b < n1; ++b)
-        {
-            for (size_t c = 0; c < n2; ++c)
-            {
-                std::memcpy(to + ((a * n2 + c) * n1 + b) * chunk, from + ((a * n1 + b) * n2 + c) * chunk, chunk);
-            }
-        }
+        std::memcpy(s.to + ((a * s.n2 + c) * s.n1 + b) * s.chunk, s.from + (row * s.n2 + c) * s.chunk, s.chunk);
     }
+}
+
+void swapMiddleAxes(Ort::KernelContext const& context, char const* from, char* to, size_t n0, size_t n1, size_t n2,
+    size_t chunk)
+{
+    AxesSwap swap{from, to, n1, n2, chunk};
+    context.ParallelFor(swapOneRow, n0 * n1, 0, &swap); // onnxruntime's intra-op threads
 }
 
 void computeCpu(Ort::KernelContext const& context, Settings const& settings)
@@ -424,7 +434,7 @@ void computeCpu(Ort::KernelContext const& context, Settings const& settings)
             return data;
         }
         char* copy = static_cast<char*>(headMajor->data()) + slot * tensorBytes;
-        swapMiddleAxes(data, copy, batch, seq, heads, tokenBytes);
+        swapMiddleAxes(context, data, copy, batch, seq, heads, tokenBytes);
         return copy;
     };
     CpuRows rows{};
@@ -455,7 +465,7 @@ void computeCpu(Ort::KernelContext const& context, Settings const& settings)
     }
     if (tokenMajor)
     {
-        swapMiddleAxes(rows.output, outputData, batch, heads, seq, tokenBytes);
+        swapMiddleAxes(context, rows.output, outputData, batch, heads, seq, tokenBytes);
     }
 }
 
