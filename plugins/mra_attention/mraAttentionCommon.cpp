@@ -51,7 +51,12 @@ Problem makeProblem(MraAttentionParams const& params)
     p.priorFirst = params.initial_prior_first_n_blocks;
     p.priorDiagonal = params.initial_prior_diagonal_n_blocks;
     p.scaleDivisor = static_cast<float>(std::sqrt(static_cast<double>(params.head_dim)));
-    p.tokenMajor = params.layout == MRA_BSHD;
+    size_t const headDim = static_cast<size_t>(params.head_dim);
+    size_t const heads = static_cast<size_t>(params.heads), seqLen = static_cast<size_t>(params.seq_len);
+    bool const tokenMajor = params.layout == MRA_BSHD; // [batch, seq, heads, head_dim]
+    p.batchStride = heads * seqLen * headDim;
+    p.headStride = tokenMajor ? headDim : seqLen * headDim;
+    p.tokenStride = tokenMajor ? heads * headDim : headDim;
     return p;
 }
 

@@ -39,25 +39,16 @@ struct Problem
     bool full;        //!< approx_mode "full" (else "sparse")
     int32_t priorFirst, priorDiagonal;
     float scaleDivisor; //!< float(sqrt(head_dim)); logits are divided by it, as in PyTorch
-    bool tokenMajor;    //!< layout MRA_BSHD: [batch, seq, heads, head_dim]
+    //! Elements between consecutive batches, heads and tokens of query/key/value/output: the
+    //! layout (MRA_BHSD or MRA_BSHD) as strides.
+    size_t batchStride, headStride, tokenStride;
 };
-
-//! Elements between one token of a (batch, head) row and the next, in query/key/value/output.
-MRA_HOST_DEVICE inline size_t tokenStride(Problem const& p)
-{
-    return p.tokenMajor ? static_cast<size_t>(p.heads) * p.headDim : static_cast<size_t>(p.headDim);
-}
 
 //! Where token `position` of row `row` (= batch * heads + head) starts, in elements.
 MRA_HOST_DEVICE inline size_t tokenOffset(Problem const& p, int32_t row, int32_t position)
 {
-    if (p.tokenMajor)
-    {
-        size_t const batch = static_cast<size_t>(row / p.heads);
-        size_t const head = static_cast<size_t>(row - static_cast<int32_t>(batch) * p.heads);
-        return (batch * p.seqLen + position) * tokenStride(p) + head * p.headDim;
-    }
-    return (static_cast<size_t>(row) * p.seqLen + position) * p.headDim;
+    int32_t const batch = row / p.heads;
+    return batch * p.batchStride + (row - batch * p.heads) * p.headStride + position * p.tokenStride;
 }
 
 Problem makeProblem(MraAttentionParams const& params);

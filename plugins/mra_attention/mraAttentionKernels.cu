@@ -120,7 +120,7 @@ template <typename T>
 __device__ inline float blockSum(Problem const& p, T const* source, uint32_t real, int32_t row, int32_t block, int32_t d)
 {
     T const* column = source + tokenOffset(p, row, block * kBlock) + d;
-    size_t const stride = tokenStride(p);
+    size_t const stride = p.tokenStride;
     float sum = 0.0f;
     for (int32_t t = 0; t < kBlock; ++t)
     {
@@ -492,15 +492,23 @@ struct TileFetch
         int32_t first)
     {
         int32_t const batch = row / p.heads;
+        // The tile's first token, then 32-bit steps within the tile (heads * head_dim fits int32).
+        size_t const base = tokenOffset(p, row, first);
+        int32_t const stride = static_cast<int32_t>(p.tokenStride);
+        T const* tile[kTensors];
+        for (int32_t t = 0; t < kTensors; ++t)
+        {
+            tile[t] = sources[t] + base;
+        }
         for (int32_t v = 0; v < kPerThread; ++v)
         {
             int32_t const index = threadIdx.x + v * kThreads;
             int32_t const position = first + index / kVectorsPerRow;
-            size_t const offset = tokenOffset(p, row, position) + (index % kVectorsPerRow) * kVector;
+            int32_t const offset = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
             bool const inside = position < p.seqLen;
             for (int32_t t = 0; t < kTensors; ++t)
             {
-                vectors[t][v] = inside ? *reinterpret_cast<uint4 const*>(sources[t] + offset) : make_uint4(0, 0, 0, 0);
+                vectors[t][v] = inside ? *reinterpret_cast<uint4 const*>(tile[t] + offset) : make_uint4(0, 0, 0, 0);
             }
             if (inside && mask[static_cast<size_t>(batch) * p.seqLen + position] == 0)
             {
@@ -718,6 +726,8 @@ template <typename T, int D>
 __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride, int32_t row, int32_t i, T* output)
 {
     constexpr int kVector = 16 / sizeof(T);
+    T* const block = output + tokenOffset(p, row, i * kBlock);
+    int32_t const tokens = static_cast<int32_t>(p.tokenStride);
     for (int32_t index = threadIdx.x; index < kBlock * (D / kVector); index += blockDim.x)
     {
         int32_t const r = index / (D / kVector);
@@ -725,7 +735,7 @@ __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride,
         int32_t const outPosition = i * kBlock + r;
         if (outPosition < p.seqLen)
         {
-            *reinterpret_cast<uint4*>(output + tokenOffset(p, row, outPosition) + d)
+            *reinterpret_cast<uint4*>(block + r * tokens + d)
                 = *reinterpret_cast<uint4 const*>(tile + r * stride + d);
         }
     }
