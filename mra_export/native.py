@@ -114,12 +114,31 @@ def open_library(path: str | Path) -> ctypes.CDLL:
                         "plugins'") from None
 
 
+# MRA_ATTENTION_INTERFACE_VERSION of mraAttention.h: 2 since MraAttentionParams.layout and the
+# node's layout attribute, which a library built before reads past or ignores.
+INTERFACE_VERSION = 2
+
+
+def check_interface_version(path: str | Path, lib: ctypes.CDLL | None = None) -> None:
+    """Refuse, in one line, a library of the kernel library's family (the CPU twin, the kernels,
+    the onnxruntime op, the TensorRT plugin) built from another version of mra-export: it would
+    compute silently wrong results."""
+    lib = lib or open_library(path)
+    version = lib.mraInterfaceVersion if hasattr(lib, "mraInterfaceVersion") else None
+    built = int(version()) if version else 1
+    if built != INTERFACE_VERSION:
+        raise UserError(f"{path} was built from another version of mra-export (its C interface "
+                        f"is version {built}, this mra-export's is {INTERFACE_VERSION}); rebuild "
+                        "it with 'make plugins'")
+
+
 class MraLibrary:
     """One of the libraries exporting ``mraAttention.h``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.lib = open_library(self.path)
+        check_interface_version(self.path, self.lib)
         params = ctypes.POINTER(MraAttentionParams)
         self.lib.mraWorkspaceSize.argtypes = [params]
         self.lib.mraWorkspaceSize.restype = ctypes.c_size_t
@@ -234,6 +253,7 @@ class PluginRunner:
 
     def __init__(self, plugin_library: str | Path, runner_library: str | Path):
         self.plugin_library = Path(plugin_library)
+        check_interface_version(self.plugin_library)
         self.lib = open_library(runner_library)
         pointer, shape = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
         strings = ctypes.POINTER(ctypes.c_char_p)

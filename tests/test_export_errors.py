@@ -524,6 +524,32 @@ def test_a_file_that_is_not_a_library_is_one_line(tmp_path):
         MraLibrary(tmp_path / "libmra_attention_cpu.so")
 
 
+@pytest.mark.parametrize("source", ["int mraNumBlocksPerRow(void) { return 0; }",  # before versions
+                                    "int mraInterfaceVersion(void) { return 1; }"])
+def test_a_library_of_another_version_is_one_line_naming_make_plugins(tmp_path, monkeypatch, source):
+    """A library built before MraAttentionParams.layout reads the struct short and ignores the
+    node's layout: its results would be wrong without a word, so every loader refuses it."""
+    import subprocess
+
+    from mra_export import native
+    from mra_export.engines.plugin_library import register_plugin_library
+    from mra_export.runtime.ort import op_library_path
+
+    (tmp_path / "old.c").write_text(source + "\n")
+    for name in (native.CPU_LIBRARY, native.ORT_OP_LIBRARY, native.PLUGIN_LIBRARY):
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / name), str(tmp_path / "old.c")],
+                       check=True)
+    monkeypatch.setenv("MRA_EXPORT_PLUGIN_BUILD", str(tmp_path))
+    message = (f"{tmp_path}/%s was built from another version of mra-export \\(its C interface is "
+               "version 1, this mra-export's is 2\\); rebuild it with 'make plugins'")
+    with pytest.raises(UserError, match=message % native.CPU_LIBRARY):
+        native.MraLibrary(tmp_path / native.CPU_LIBRARY)
+    with pytest.raises(UserError, match=message % native.ORT_OP_LIBRARY):
+        op_library_path()
+    with pytest.raises(UserError, match=message % native.PLUGIN_LIBRARY):
+        register_plugin_library(None, tmp_path / native.PLUGIN_LIBRARY)  # before TensorRT is asked
+
+
 def test_the_command_starts_without_torch_and_takes_ctrl_c_while_it_loads(monkeypatch, capsys):
     import subprocess
     import sys

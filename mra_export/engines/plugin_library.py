@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..native import check_interface_version
 
 _loaded: dict[Path, object] = {}
 
@@ -26,6 +27,7 @@ def register_plugin_library(tensorrt, path: str | Path) -> None:
     if not path.is_file():
         raise UserError(f"plugin library {path} not found; build it with 'make plugins "
                         "TensorRT_ROOT=<TensorRT folder>'")
+    check_interface_version(path)  # an older plugin would ignore the nodes' layout
     handle = tensorrt.get_plugin_registry().load_library(str(path))
     if handle is None:
         raise UserError(

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError, first_line
-from ..native import ORT_OP_LIBRARY, build_dir, open_library
+from ..native import ORT_OP_LIBRARY, build_dir, check_interface_version, open_library
 from .base import ExportedModel
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -203,6 +203,7 @@ def op_library_path() -> Path:
     if not path.is_file():
         raise UserError(f"{path} is not built, and onnxruntime runs the plugin flavour's "
                         f"MraAttention nodes through it: run '{OP_LIBRARY_HOW_TO_BUILD}'")
+    check_interface_version(path)
     return path
 
 

@@ -52,6 +52,12 @@ typedef struct {
     MraLayout layout;   /* MRA_BHSD (0) unless set: a zero-initialised struct is the default */
 } MraAttentionParams;
 
+/* The version of this interface a library was built with. 2: MraAttentionParams.layout, and
+ * the MraAttention node's layout attribute. A caller of another version reads the struct and
+ * the node differently: it must refuse the library (mra_export/native.py does). */
+#define MRA_ATTENTION_INTERFACE_VERSION 2
+MRA_API int32_t mraInterfaceVersion(void);
+
 /* Number of blocks per sequence, ceil(seq_len / block_size), and the clamped top-k. */
 MRA_API int32_t mraNumBlocksPerRow(const MraAttentionParams* params);
 MRA_API int32_t mraSelectedBlocksPerHead(const MraAttentionParams* params);

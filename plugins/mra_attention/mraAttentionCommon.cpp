@@ -116,6 +116,11 @@ MraStatus mraCheckParams(MraAttentionParams const* params)
     return fits ? MRA_OK : MRA_UNSUPPORTED;
 }
 
+int32_t mraInterfaceVersion(void)
+{
+    return MRA_ATTENTION_INTERFACE_VERSION;
+}
+
 int32_t mraNumBlocksPerRow(MraAttentionParams const* params)
 {
     return mra::makeProblem(*params).nb;
