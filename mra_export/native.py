@@ -122,8 +122,13 @@ INTERFACE_VERSION = 2
 def check_interface_version(path: str | Path, lib: ctypes.CDLL | None = None) -> None:
     """Refuse, in one line, a library of the kernel library's family (the CPU twin, the kernels,
     the onnxruntime op, the TensorRT plugin) built from another version of mra-export: it would
-    compute silently wrong results."""
-    lib = lib or open_library(path)
+    compute silently wrong results. A file that is no shared library at all is left to its
+    loader (onnxruntime, TensorRT), which says so in its own words."""
+    if lib is None:
+        with open(path, "rb") as file:
+            if file.read(4) != b"\x7fELF":
+                return
+        lib = open_library(path)
     version = lib.mraInterfaceVersion if hasattr(lib, "mraInterfaceVersion") else None
     built = int(version()) if version else 1
     if built != INTERFACE_VERSION:
