@@ -129,8 +129,7 @@ def check_interface_version(path: str | Path, lib: ctypes.CDLL | None = None) ->
             if file.read(4) != b"\x7fELF":
                 return
         lib = open_library(path)
-    version = lib.mraInterfaceVersion if hasattr(lib, "mraInterfaceVersion") else None
-    built = int(version()) if version else 1
+    built = lib.mraInterfaceVersion() if hasattr(lib, "mraInterfaceVersion") else 1  # 1: none
     if built != INTERFACE_VERSION:
         raise UserError(f"{path} was built from another version of mra-export (its C interface "
                         f"is version {built}, this mra-export's is {INTERFACE_VERSION}); rebuild "

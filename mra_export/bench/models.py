@@ -138,13 +138,13 @@ def cpu_backends(mra, dense, folder: Path, log) -> list[Backend]:
     layers = mra.config.num_hidden_layers
     mra_int8, dense_int8 = quantize(mra_onnx, layers), quantize(dense_onnx, layers)
     return [torch_backend("mra pytorch", "mra", mra, "cpu"),
-            fused_backend(mra, "cpu"),
+            fused_backend(f"mra pytorch {FUSED_SUFFIX}", mra, "cpu"),
             ort_backend("mra onnxruntime", "mra", mra_onnx, CPU),
             ort_backend("mra onnxruntime int8", "mra", mra_int8, CPU),
             torch_backend("dense pytorch", "dense", dense, "cpu"),
             ort_backend("dense onnxruntime", "dense", dense_onnx, CPU),
             ort_backend("dense onnxruntime int8", "dense", dense_int8, CPU),
-            op_backend(mra, folder, log, CPU)]
+            op_backend(f"mra onnxruntime {OP_SUFFIX}", mra, folder / "mra-plugin.onnx", log, CPU)]
 
 
 def cuda_available() -> bool:
@@ -156,53 +156,49 @@ def cuda_backends(mra, dense, folder: Path, log, dtype: str = "fp32") -> list[Ba
     onnxruntime's CUDA provider (MRA's portable graph and its MraAttention-op graph, RoBERTa),
     the weights and activations in ``dtype``; names carry " fp16" for fp16."""
     tag = "" if dtype == "fp32" else f" {dtype}"
-    names = [(f"mra pytorch-cuda{tag}", "mra", "pytorch-cuda"),
-             (f"mra pytorch-cuda{tag} {FUSED_SUFFIX}", "mra", "pytorch-cuda"),
-             (f"dense pytorch-cuda{tag}", "dense", "pytorch-cuda"),
-             (f"mra onnxruntime-cuda{tag}", "mra", "onnxruntime-cuda"),
-             (f"dense onnxruntime-cuda{tag}", "dense", "onnxruntime-cuda"),
-             (f"mra onnxruntime-cuda{tag} {OP_SUFFIX}", "mra", "onnxruntime-cuda")]
-    if not cuda_available():
-        return [Backend(name, kind, runtime, skipped=NO_GPU) for name, kind, runtime in names]
+    names = [f"mra pytorch-cuda{tag}", f"mra pytorch-cuda{tag} {FUSED_SUFFIX}",
+             f"dense pytorch-cuda{tag}", f"mra onnxruntime-cuda{tag}",
+             f"dense onnxruntime-cuda{tag}", f"mra onnxruntime-cuda{tag} {OP_SUFFIX}"]
+    if not cuda_available():  # each name reads "<model> <runtime> ..."
+        return [Backend(name, *name.split()[:2], skipped=NO_GPU) for name in names]
+    reference, fused_op, sdpa, portable, dense_ort, op_graph = names
     mra, dense = (copy.deepcopy(m).to(GPU_DTYPES[dtype]) for m in (mra, dense))
     suffix = "" if dtype == "fp32" else f"-{dtype}"
     log(f"exporting both models to ONNX ({dtype}) ...")
     mra_onnx = export(mra, folder / f"mra{suffix}.onnx")
     dense_onnx = export(dense, folder / f"dense{suffix}.onnx")
-    return [torch_backend(names[0][0], "mra", mra, "cuda"),
-            fused_backend(mra, "cuda", name=names[1][0]),
-            torch_backend(names[2][0], "dense", dense, "cuda"),
-            ort_backend(names[3][0], "mra", mra_onnx, CUDA),
-            ort_backend(names[4][0], "dense", dense_onnx, CUDA),
-            op_backend(mra, folder, log, CUDA, name=names[5][0], file=f"mra-plugin{suffix}.onnx")]
+    return [torch_backend(reference, "mra", mra, "cuda"),
+            fused_backend(fused_op, mra, "cuda"),
+            torch_backend(sdpa, "dense", dense, "cuda"),
+            ort_backend(portable, "mra", mra_onnx, CUDA),
+            ort_backend(dense_ort, "dense", dense_onnx, CUDA),
+            op_backend(op_graph, mra, folder / f"mra-plugin{suffix}.onnx", log, CUDA)]
 
 
 OP_SUFFIX = "(MraAttention op)"
 FUSED_SUFFIX = "(fused op)"
 
 
-def fused_backend(mra, device: str, name: str | None = None) -> Backend:
+def fused_backend(name: str, mra, device: str) -> Backend:
     """The patched model with ``attention="fused"``: the mra_export::mra_attention op over the
     C++ twin (cpu) or the CUDA kernels (cuda)."""
-    name = name or f"mra pytorch{'' if device == 'cpu' else '-' + device} {FUSED_SUFFIX}"
     if not fused.library_built(device):
         return Backend(name, "mra", f"pytorch-{device}", skipped=(
             f"{build_dir() / fused.LIBRARIES[device]} is not built (make plugins)"))
     return torch_backend(name, "mra", patch_model(copy.deepcopy(mra), attention="fused"), device)
 
 
-def op_backend(mra, folder: Path, log, provider: str, name: str | None = None,
-               file: str = "mra-plugin.onnx") -> Backend:
-    """MRA's plugin flavour on onnxruntime, its MraAttention nodes computed by the op library:
-    the C++ twin on the CPU provider, the CUDA kernels on the CUDA provider."""
+def op_backend(name: str, mra, path: Path, log, provider: str) -> Backend:
+    """MRA's plugin flavour (exported to ``path``) on onnxruntime, its MraAttention nodes
+    computed by the op library: the C++ twin on the CPU provider, the CUDA kernels on the CUDA
+    provider."""
     runtime = "onnxruntime-cpu" if provider == CPU else "onnxruntime-cuda"
-    name = name or f"mra {'onnxruntime' if provider == CPU else runtime} {OP_SUFFIX}"
     reason = op_library_unavailable(provider)
     if reason:
         return Backend(name, "mra", runtime, skipped=reason)
-    path = folder / file
-    if not path.is_file():
-        log(f"exporting MRA's plugin flavour (MraAttention nodes) to {file} for the onnxruntime op ...")
+    if not path.is_file():  # the CPU and the fp32 CUDA columns share one export
+        log(f"exporting MRA's plugin flavour (MraAttention nodes) to {path.name} for the "
+            "onnxruntime op ...")
         export(mra, path, "plugin")
     return ort_backend(name, "mra", path, provider, op_library=True)
 

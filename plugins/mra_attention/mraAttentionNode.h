@@ -42,12 +42,13 @@ struct NodeSettings
 //! The layout attribute's text, "bhsd" or "bshd"; false for any other.
 inline bool parseLayout(char const* text, MraLayout& layout)
 {
-    if (strcmp(text, "bhsd") == 0 || strcmp(text, "bshd") == 0)
+    bool const tokenMajor = strcmp(text, "bshd") == 0;
+    if (!tokenMajor && strcmp(text, "bhsd") != 0)
     {
-        layout = strcmp(text, "bshd") == 0 ? MRA_BSHD : MRA_BHSD;
-        return true;
+        return false;
     }
-    return false;
+    layout = tokenMajor ? MRA_BSHD : MRA_BHSD;
+    return true;
 }
 
 inline char const* layoutName(MraLayout layout)

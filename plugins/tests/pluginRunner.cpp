@@ -28,6 +28,7 @@
 #include "NvInferRuntime.h"
 #include "layerDescs.h"
 #include "mraAttention.h"
+#include "mraAttentionNode.h"
 #if MRA_RUNNER_ON_DEVICE
 #include <cuda_runtime_api.h>
 #else
@@ -373,17 +374,19 @@ DataType trtType(int32_t mraType)
     return mraType == MRA_FLOAT16 ? DataType::kHALF : mraType == MRA_BFLOAT16 ? DataType::kBF16 : DataType::kFLOAT;
 }
 
-//! The query's axis of the tokens: 1 where the node's layout attribute is "bshd", else 2.
+//! The query's axis of the tokens, from the node's layout attribute (as the plugin reads it;
+//! one it refuses fails at createPlugin).
 int32_t seqAxisOf(int32_t nbAttributes, char const* const* names, char const* const* strings)
 {
+    mra::NodeSettings node;
     for (int32_t a = 0; a < nbAttributes; ++a)
     {
-        if (std::strcmp(names[a], "layout") == 0 && strings[a] != nullptr && std::strcmp(strings[a], "bshd") == 0)
+        if (std::strcmp(names[a], "layout") == 0 && strings[a] != nullptr)
         {
-            return 1;
+            mra::parseLayout(strings[a], node.layout);
         }
     }
-    return 2;
+    return node.seqAxis();
 }
 
 //! The layer at build time: batch and sequence dynamic (-1), the profile's min/opt/max.
