@@ -69,7 +69,7 @@ def mra_attention(
     scores, flat_index, threshold, chosen = _selection(
         low_logits, row_max, num_blocks, initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks)
-    blocks_per_query_block = chosen.reshape(rows * n_blocks, n_blocks).sum(dim=-1)
+    blocks_per_query_block = chosen.reshape(rows, n_blocks, n_blocks).sum(dim=-1)  # [rows, nb]
     # 4-6. High resolution on the selected blocks.
     hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index,
                                                       blocks_per_query_block, head_dim)
@@ -137,23 +137,26 @@ def _select(query, key, attention_mask, num_blocks, block_size, first_n, diagona
 
 def _selection(low_logits, row_max, num_blocks: int, first_n: int, diagonal_n: int):
     """Step 3: the scores with priors, and the selected cells of each meta-batch row."""
-    rows, n_blocks = low_logits.shape[0], low_logits.shape[-1]
+    n_blocks = low_logits.shape[-1]
     scores = _with_priors(low_logits - row_max, first_n, diagonal_n)
     top_k = torch.sym_min(num_blocks, n_blocks * n_blocks)
-    flat_index, threshold, chosen = select_top_blocks(scores.reshape(rows, -1), top_k)
+    flat_index, threshold, chosen = select_top_blocks(scores, top_k)
     return scores, flat_index, threshold, chosen
 
 
 def select_top_blocks(scores: torch.Tensor, k):
-    """Flat indices of the ``k`` largest scores per row, ties going to the lower flat index.
+    """Flat indices of the ``k`` largest scores of each row's ``[nb, nb]`` grid of cells, ties
+    going to the lower flat index ``query_block * nb + key_block``.
 
-    Returns ``(indices [rows, k], threshold [rows, 1], chosen [rows, n])``: the threshold is the
-    k-th largest score and ``chosen`` marks the selected cells. The indices come out in
+    Returns ``(indices [rows, k], threshold [rows, 1], chosen [rows, nb * nb])``: the threshold
+    is the k-th largest score and ``chosen`` marks the selected cells. The indices come out in
     ascending flat order, so the blocks of a query row are adjacent.
     ``torch.topk`` gives no tie guarantee, so it is only used for the threshold (whose value does
-    not depend on ties); the ties at the threshold are taken in flat order with a cumulative sum,
+    not depend on ties); the ties at the threshold are taken in flat order with a running count,
     and a second, tie-free top-k over ``n - flat_index`` lists the chosen cells.
     """
+    rows, n_blocks = scores.shape[0], scores.shape[-1]
+    scores = scores.reshape(rows, -1)
     n = scores.shape[-1]
     top_values = torch.topk(scores, k, dim=-1).values
     threshold = top_values[:, -1:]
@@ -164,10 +167,25 @@ def select_top_blocks(scores: torch.Tensor, k):
     # on the CPU, and as an operand of device arithmetic it would cost a copy. `~(>)`, not `<=`,
     # counts a NaN among them as k - above.sum() does.
     still_needed = (~(top_values > threshold)).sum(dim=-1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at.to(torch.int64), dim=-1) <= still_needed))
+    chosen = above | (at & (_running_count(at, n_blocks) <= still_needed))
     lower_first = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int64)
     indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
     return indices, threshold, chosen
+
+
+def _running_count(flags: torch.Tensor, n_blocks) -> torch.Tensor:
+    """``cumsum(flags, dim=-1)`` of ``[rows, nb * nb]`` flags, as two scans of ``nb``: first
+    along each query block's cells, then of the query blocks' totals.
+
+    Exactly the same integers. onnxruntime's CUDA CumSum has every output element add up its
+    whole prefix (``cumsum_impl.cu``), so a scan of ``n`` costs ``n² / 2`` reads: one over the
+    16384 cells of 4096 tokens took more reads than the rest of the attention.
+    """
+    grid = flags.reshape(flags.shape[0], n_blocks, n_blocks).to(torch.int64)
+    within = torch.cumsum(grid, dim=-1)
+    totals = within[:, :, -1]
+    before = torch.cumsum(totals, dim=-1) - totals
+    return (within + before[:, :, None]).reshape(flags.shape)
 
 
 class _Blocks:
@@ -252,11 +270,9 @@ def _with_priors(scores: torch.Tensor, first_n: int, diagonal_n: int) -> torch.T
 def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query_block,
                      head_dim: int):
     """Steps 4-6 on the selected blocks; returns per-query sums and the quantised row max."""
-    query_block, key_block = blocks.global_block(flat_index)
-    selected = query_block.shape[0]  # the rest is _chunk_aligned's padding, kept out of the max
-    query_block, key_block = _chunk_aligned(query_block), _chunk_aligned(key_block)
+    query_block, key_block = blocks.global_block(_chunk_aligned(flat_index))
     logits = _selected_logits(blocks, query_block, key_block, head_dim)
-    row_max = _quantised_row_max(blocks, logits.amax(dim=-1)[:selected], query_block[:selected])
+    row_max = _quantised_row_max(blocks, logits.amax(dim=-1), query_block)
     # Step 6 gives masked keys exp(P - M - 1e4) = 0. Without the penalty their weight is at most
     # exp(0.001) (their P is 0 and M >= -0.001), and V is 0 there, so P.V is unchanged; only the
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
@@ -271,17 +287,19 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
     return out, norm, row_max
 
 
-def _chunk_aligned(block_index: torch.Tensor) -> torch.Tensor:
-    """The exported per-query-block sum takes whole chunks of ``SEGMENT_CHUNK`` blocks. Padding
-    the list of selected blocks (with block 0: those products are computed but never summed)
-    makes the products come out whole chunks, instead of padding the products themselves (a
-    100 MB copy at 4096 tokens). The eager ``index_add`` needs no padding."""
+def _chunk_aligned(flat_index: torch.Tensor) -> torch.Tensor:
+    """The exported per-query-block sum takes each row's blocks in whole chunks of
+    ``SEGMENT_CHUNK``. Padding each row's ``[rows, k]`` list of selected cells makes the products
+    come out whole chunks, instead of padding the products themselves (a 100 MB copy at 4096
+    tokens). The padding repeats the row's last cell: its products are computed but never
+    summed, and its logits leave the row maxima as they are. The eager ``index_add`` needs no
+    padding."""
     if not exporting():
-        return block_index
-    # Zeros concatenated rather than F.pad: onnxruntime's CUDA provider has no int64 Pad, so
-    # the block lists would make a round trip through the host.
-    padding = block_index.new_zeros((-block_index.shape[0]) % SEGMENT_CHUNK)
-    return torch.cat((block_index, padding))
+        return flat_index
+    # The last cell repeated and concatenated rather than F.pad: onnxruntime's CUDA provider
+    # has no int64 Pad, so the lists would make a round trip through the host.
+    padding = flat_index[:, -1:].expand(-1, (-flat_index.shape[1]) % SEGMENT_CHUNK)
+    return torch.cat((flat_index, padding), dim=1)
 
 
 def _selected_logits(blocks: _Blocks, query_block, key_block, head_dim: int) -> torch.Tensor:
@@ -319,8 +337,9 @@ def exporting() -> bool:
 
 def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
                          blocks_per_query_block: torch.Tensor) -> torch.Tensor:
-    """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``);
-    ``query_block`` and ``values`` may carry ``_chunk_aligned``'s padding, which is not summed.
+    """Sum the selected blocks' ``values`` into their query blocks (``[rows * nb, ...]``), given
+    each row's ``[rows, nb]`` blocks per query block; ``query_block`` and ``values`` may carry
+    ``_chunk_aligned``'s padding, which is not summed.
 
     Eagerly this is ``index_add``. In an ONNX export it is ``_sorted_segment_sum`` instead:
     onnxruntime's CPU ScatterND with reduction="add" races on repeated indices when it runs on
@@ -328,7 +347,7 @@ def _sum_per_query_block(values: torch.Tensor, query_block: torch.Tensor,
     serial (0.29 s for 4096 tokens), and a float32 prefix sum over all blocks loses 4e-3.
     """
     if not exporting():
-        out = torch.zeros(blocks_per_query_block.shape[0], *values.shape[1:], device=values.device)
+        out = torch.zeros(blocks_per_query_block.numel(), *values.shape[1:], device=values.device)
         return out.index_add(0, query_block, values)
     return _sorted_segment_sum(values, blocks_per_query_block)
 
@@ -337,33 +356,46 @@ SEGMENT_CHUNK = 16  # blocks per float32 partial prefix sum
 
 
 def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Sums of consecutive segments of ``values`` (segment n has ``counts[n]`` blocks).
+    """Sums of consecutive segments of each row's blocks: ``values`` holds ``[rows * k', ...]``,
+    each row's k' blocks in whole chunks (see ``_chunk_aligned``), and segment n of row r has
+    ``counts[r, n]`` blocks (``[rows, nb]``); returns ``[rows * nb, ...]``.
 
     Difference of prefix sums, in two levels so that float32 stays exact enough: within chunks of
-    16 blocks in float32 (small partial sums), and over whole chunks in float64 (16x less data
-    than a float64 prefix of everything). As precise as a float32 ``index_add``, deterministic,
-    and one pass over ``values`` (the cumsum): everything else touches one row per segment.
-    ``values`` comes in whole chunks (see ``_chunk_aligned``); blocks after the last segment are
-    never read.
+    16 blocks in float32 (small partial sums), and over a row's whole chunks in float64 (16x less
+    data than a float64 prefix of everything). As precise as a float32 ``index_add``,
+    deterministic, and one pass over ``values`` (the cumsum): everything else touches one row per
+    segment. Blocks after a row's last segment are never read. Every scan runs along a row, never
+    across the batch: onnxruntime's CUDA CumSum costs ``n² / 2`` reads for a scan of ``n`` (see
+    ``_running_count``), and one over the whole batch's chunks took most of a layer's time.
     """
-    flat = values.reshape(values.shape[0], -1)
-    width = flat.shape[-1]
-    inclusive = torch.cumsum(flat.reshape(-1, SEGMENT_CHUNK, width), dim=1)
-    totals = inclusive[:, -1].double()
-    before_chunk = F.pad(torch.cumsum(totals, dim=0), (0, 0, 1, 0))  # [chunks + 1], exclusive
-    inclusive = inclusive.reshape(-1, width)
-    end = torch.cumsum(counts, dim=0)
+    rows, n_blocks = counts.shape
+    width = math.prod(values.shape[1:])
+    inclusive = torch.cumsum(values.reshape(rows, -1, SEGMENT_CHUNK, width), dim=2)
+    chunks = inclusive.shape[1]
+    totals = inclusive[:, :, -1].double()
+    before_chunk = F.pad(torch.cumsum(totals, dim=1), (0, 0, 1, 0))  # [rows, chunks + 1], exclusive
+    end = torch.cumsum(counts, dim=1)  # row-local block positions
     start = end - counts
+    # Each row's first block and first chunk in the flattened tables (Range, as in global_block).
+    block_base = torch.arange(0, rows * chunks * SEGMENT_CHUNK, chunks * SEGMENT_CHUNK,
+                              device=values.device)[:, None]
+    chunk_base = torch.arange(0, rows * (chunks + 1), chunks + 1, device=values.device)[:, None]
+    inclusive, before_chunk = inclusive.reshape(-1, width), before_chunk.reshape(-1, width)
 
-    def prefix(position):  # the sum of the blocks before `position`, in its two parts
+    def prefix(position):  # the sum of the row's blocks before `position`, in its two parts
         chunk = torch.div(position, SEGMENT_CHUNK, rounding_mode="floor")
-        in_chunk = (position - chunk * SEGMENT_CHUNK > 0).float()[:, None]  # none at a chunk start
-        within = inclusive.index_select(0, torch.clamp(position - 1, min=0)) * in_chunk
-        return before_chunk.index_select(0, chunk), within
+        in_chunk = (position - chunk * SEGMENT_CHUNK > 0).float()[..., None]  # none at a chunk start
+        within = _rows_of(inclusive, block_base + torch.clamp(position - 1, min=0)) * in_chunk
+        return _rows_of(before_chunk, chunk_base + chunk), within
 
     (end_chunks, end_within), (start_chunks, start_within) = prefix(end), prefix(start)
     sums = (end_chunks - start_chunks).float() + (end_within - start_within)
-    return sums.reshape(counts.shape[0], *values.shape[1:])
+    return sums.reshape(rows * n_blocks, *values.shape[1:])
+
+
+def _rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 2-D table and an index of any shape (a Gather in the export)."""
+    return table.index_select(0, index.reshape(-1)).reshape(*index.shape, table.shape[-1])
 
 
 def _quantised_row_max(blocks: _Blocks, block_max: torch.Tensor, query_block: torch.Tensor):

@@ -1,8 +1,10 @@
-"""Where onnxruntime's CUDA provider places the portable graph's nodes.
+"""Where onnxruntime's CUDA provider places the portable graph's nodes, and what its kernels
+cost there.
 
 Every host-device crossing costs a Memcpy node and a synchronisation. The GPU test counts them
 in the graph onnxruntime itself optimized and partitioned (``optimized_model_filepath``); the
-CPU tests check the readers of tools/ort_cuda_speed.py, which lists them on a GPU machine.
+CPU tests check the readers of tools/ort_cuda_speed.py, which lists them on a GPU machine, and
+the shapes of the scans whose CUDA kernel costs the square of their length.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from mra_export.attention import SEGMENT_CHUNK
 from mra_export.checkpoints import build_checkpoint
 from mra_export.export import export_model
 from mra_export.runtime.ort import CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, default_options
@@ -80,3 +83,42 @@ def test_the_tool_reads_each_nodes_provider_from_onnxruntimes_profile(tmp_path):
     profile = Path(session.end_profiling())
     nodes = load_tool("ort_cuda_speed").cpu_provider_nodes(profile)
     assert nodes == ["Shape shape_of_x", "Reshape same_shape"]
+
+
+def test_every_cumsum_of_the_portable_graph_scans_along_one_row(tmp_path):
+    """onnxruntime's CUDA CumSum has each output element add up its whole prefix
+    (``cumsum_impl.cu``): a scan of n costs n²/2 reads. So every scan of the portable graph runs
+    along one (batch, head) row: its axis is as long at batch 3 as at batch 1, and no longer
+    than a row's query blocks (nb) or its chunks of selected blocks. (At 4096 tokens and batch 8
+    the scan over the whole batch's 6144 chunks came to 3.9e10 reads by that count.)"""
+    task = TASKS["feature-extraction"]
+    config = dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4)
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", task, **config)
+    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable",
+                 log=lambda message: None)
+    path = tmp_path / "export" / "model.onnx"
+    length, n_blocks = 512, 512 // 32
+    chunks = -(-min(n_blocks * config["block_per_row"], n_blocks ** 2) // SEGMENT_CHUNK)
+    scans = load_tool("ort_cuda_speed").cumsum_scans
+    axes = {batch: {name: scan["axis"] for name, scan in scans(
+        path, {"input_ids": np.ones((batch, length), np.int64),
+               "attention_mask": np.ones((batch, length), np.int64)},
+        tmp_path / f"batch{batch}").items()} for batch in (1, 3)}
+    assert axes[1], "no CumSum profiled: the test reads nothing"
+    assert axes[3] == axes[1]
+    too_long = {name: n for name, n in axes[1].items() if n > max(n_blocks, chunks)}
+    assert not too_long, f"scans longer than a row's {n_blocks} blocks: {too_long}"
+
+
+def test_the_tool_counts_a_scans_reads_as_the_cuda_kernel_makes_them(tmp_path):
+    """Each of the 3 lanes of a [3, 4] scan along axis 1 reads 1 + 2 + 3 + 4 elements."""
+    graph = helper.make_graph(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"], name="scan")],
+        "scan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor("axis", TensorProto.INT64, [], [1])])
+    path = tmp_path / "scan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    scans = load_tool("ort_cuda_speed").cumsum_scans(path, {"x": np.zeros((3, 4), np.float32)},
+                                                     tmp_path / "scan")
+    assert scans == {"scan": dict(shape=[3, 4], axis=4, reads=30)}

@@ -4,6 +4,7 @@ nodes run in libmra_attention_ort.so's CUDA kernel, and RoBERTa's (dense) graph 
 
     python tools/ort_cuda_speed.py export DIR [--dtypes fp16,fp32] [--dense]   # here
     python tools/ort_cuda_speed.py run DIR [--out OUT]   # on a GPU with onnxruntime-gpu
+    python tools/ort_cuda_speed.py scans DIR   # here: what the CUDA provider's CumSum costs
 
 One encoder layer of mra-base shapes (hidden 768, 12 heads, intermediate 3072, 8 blocks per row
 at 4096 positions; a 1000-token vocabulary so that the graphs travel light: the embedding
@@ -15,7 +16,9 @@ graph. It also lists the tensors those nodes copy, with the nodes on either side
 a profiled run shows on the CPU provider (shape arithmetic whose results only feed inputs that
 the CUDA kernels take on the host belongs there, and costs no copy). ``run`` times the graphs it
 finds in DIR (a graph of one layer is about 21 MB in fp16: the position embeddings of 4096
-positions weigh half of it, which matters for what a device call may carry).
+positions weigh half of it, which matters for what a device call may carry). ``scans`` runs each
+graph once on the CPU provider, at batch 1 and 8, and lists its CumSum nodes with the reads the
+CUDA provider's CumSum kernel makes for them (``cumsum_scans``).
 """
 
 from __future__ import annotations
@@ -132,6 +135,53 @@ def placement_lines(name: str, where: dict) -> list[str]:
     return lines
 
 
+def cumsum_scans(path: Path, feed: dict, profile_prefix: Path) -> dict[str, dict]:
+    """Each CumSum node of ``path`` in one profiled run on the CPU provider: its input shape,
+    the length of its axis, and the reads onnxruntime's CUDA CumSum makes for it. That kernel
+    has every output element add up its whole prefix (``cumsum_impl.cu``), so an axis of n
+    costs n (n + 1) / 2 reads per lane: a count of work, not a time."""
+    import onnx
+    import onnxruntime as ort
+
+    from mra_export.runtime.ort import CPU, default_options
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+                      for n in graph.node if n.op_type == "Constant"})
+    axis_of = {n.name: int(constants[n.input[1]]) for n in graph.node if n.op_type == "CumSum"}
+    options = default_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names kept
+    options.enable_profiling = True
+    options.profile_file_prefix = str(profile_prefix)
+    session = ort.InferenceSession(str(path), options, providers=[CPU])
+    session.run(None, feed)
+    scans = {}
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        name = event["name"].removesuffix("_kernel_time")
+        if event.get("cat") == "Node" and name in axis_of:
+            shape = next(iter(event["args"]["input_type_shape"][0].values()))
+            n = shape[axis_of[name]]
+            lanes = int(np.prod(shape)) // n if n else 0
+            scans[name] = dict(shape=shape, axis=n, reads=lanes * n * (n + 1) // 2)
+    return scans
+
+
+def print_scans(folder: Path) -> None:
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp())
+    for path in sorted(folder.glob("mra-portable-*.onnx")):
+        for batch in BATCHES:
+            scans = cumsum_scans(path, feed_of(batch), scratch / f"{path.stem}-{batch}")
+            total = sum(scan["reads"] for scan in scans.values())
+            print(f"{path.name}, batch {batch}, {LENGTH} tokens: {len(scans)} CumSum nodes, "
+                  f"{total:.3g} reads on the CUDA provider", flush=True)
+            for name, scan in scans.items():
+                print(f"  {name}: input {scan['shape']}, axis of {scan['axis']}, "
+                      f"{scan['reads']:.3g} reads", flush=True)
+
+
 def median_ms(run, repeats: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
         run()
@@ -210,7 +260,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("export", "run"))
+    parser.add_argument("action", choices=("export", "run", "scans"))
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--dtypes", default="fp16", help="export: fp16, fp32 or both (fp16,fp32)")
@@ -218,6 +268,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.action == "export":
         export(args.folder, args.dtypes.split(","), args.dense)
+        return 0
+    if args.action == "scans":
+        print_scans(args.folder)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.folder)
