@@ -11,6 +11,10 @@
 2. The whole model: mra-base shapes (12 layers, hidden 768, 12 heads, intermediate 3072, 4096
    positions) patched with ``attention="fused"`` and ``"reference"``, against RoBERTa-base with
    SDPA, fp16, 4096 tokens, batch 1 and 8; random weights, medians of events around a forward.
+   The fused op runs twice: as it lays out Q, K and V itself (token-major views, no copy) and
+   forced head-major (the four copies per layer it made before 2026-12-04), so the two columns
+   show what the layout moved. Then each model's heaviest CUDA kernels per forward
+   (torch.profiler), which say where the whole model's time goes against RoBERTa's.
 
 Writes ``gpu_speed.json`` and ``gpu_speed.md`` into --out and prints the tables.
 """
@@ -18,10 +22,12 @@ Writes ``gpu_speed.json`` and ``gpu_speed.md`` into --out and prints the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpu_check import median_ms  # noqa: E402  (tools/ is this script's folder)
+from mra_export import fused  # noqa: E402
 from mra_export.fused import mra_attention_op  # noqa: E402
 from mra_export.patching import patch_model  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCKS_PER_ROW = 12, 64, 8
 REPLAYS = 20
+# The whole model's variants: (column, patch_model's attention, the op's forced memory layout).
+MRA_VARIANTS = (("fused", "fused", None), ("fused_head_major", "fused", "bhsd"),
+                ("reference", "reference", None))
+TOP_KERNELS = 8
 BASE = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=12,
             vocab_size=50265, type_vocab_size=1, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0)
@@ -93,28 +104,81 @@ def models(dtype):
     return mra.eval().to("cuda", dtype), roberta.eval().to("cuda", dtype)
 
 
-def model_rows(quick: bool) -> list[dict]:
-    rows = []
+@contextlib.contextmanager
+def forced_layout(layout: str | None):
+    """The fused op's memory layout forced to ``layout`` (None: the op's own choice)."""
+    if layout is None:
+        yield
+        return
+    with mock.patch.object(fused, "memory_layout", lambda *tensors: layout):
+        yield
+
+
+def heaviest_kernels(forward, runs: int = 3) -> dict:
+    """The CUDA kernels of one ``forward``: their total ms and the TOP_KERNELS heaviest, from
+    torch.profiler over ``runs`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        for _ in range(runs):
+            forward()
+        torch.cuda.synchronize()
+    kernels = [(event.key, event.self_device_time_total / 1e3 / runs)
+               for event in profiled.key_averages()
+               if event.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda kernel: -kernel[1])
+    return dict(total_ms=sum(ms for _, ms in kernels), top=kernels[:TOP_KERNELS])
+
+
+def model_rows(quick: bool) -> tuple[list[dict], list[dict]]:
+    """The whole-model times, and each model's heaviest kernels."""
+    rows, kernels = [], []
     mra, roberta = models(torch.float16)
     print(f"RoBERTa's attention: {roberta.config._attn_implementation}", flush=True)
-    length = 4096
+    length, repeats = 4096, 5 if quick else 10
     for batch in (1, 8):
         ids = torch.randint(5, 1000, (batch, length), device="cuda")
         mask = torch.ones(batch, length, device="cuda", dtype=torch.long)
         row = dict(dtype="float16", batch=batch, length=length)
+        forwards = {}
         with torch.inference_mode():
-            for attention in ("fused", "reference"):
+            for name, attention, layout in MRA_VARIANTS:
                 patch_model(mra, attention=attention)
-                row[f"mra_{attention}_ms"] = median_ms(
-                    lambda: mra(input_ids=ids, attention_mask=mask), repeats=5 if quick else 10)
-            row["roberta_sdpa_ms"] = median_ms(lambda: roberta(input_ids=ids, attention_mask=mask),
-                                               repeats=5 if quick else 10)
+                with forced_layout(layout):
+                    forwards[name] = lambda: mra(input_ids=ids, attention_mask=mask)
+                    row[f"mra_{name}_ms"] = median_ms(forwards[name], repeats=repeats)
+                    if name != "reference":
+                        kernels.append(dict(model=f"mra_{name}", batch=batch,
+                                            **heaviest_kernels(forwards[name])))
+            forward_roberta = lambda: roberta(input_ids=ids, attention_mask=mask)  # noqa: E731
+            row["roberta_sdpa_ms"] = median_ms(forward_roberta, repeats=repeats)
+            kernels.append(dict(model="roberta_sdpa", batch=batch,
+                                **heaviest_kernels(forward_roberta)))
         row["fused_over_roberta"] = row["mra_fused_ms"] / row["roberta_sdpa_ms"]
+        row["head_major_over_fused"] = row["mra_fused_head_major_ms"] / row["mra_fused_ms"]
         row["reference_over_roberta"] = row["mra_reference_ms"] / row["roberta_sdpa_ms"]
         rows.append(row)
-        print(f"| {batch} | {row['mra_fused_ms']:.2f} | {row['mra_reference_ms']:.2f} | "
-              f"{row['roberta_sdpa_ms']:.2f} | {row['fused_over_roberta']:.2f}x |", flush=True)
-    return rows
+        print(_model_line(row), flush=True)
+    return rows, kernels
+
+
+def _model_line(row) -> str:
+    return (f"| {row['batch']} | {row['mra_fused_ms']:.2f} | {row['mra_fused_head_major_ms']:.2f} | "
+            f"{row['mra_reference_ms']:.2f} | {row['roberta_sdpa_ms']:.2f} | "
+            f"{row['fused_over_roberta']:.2f}x | {row['head_major_over_fused']:.2f}x |")
+
+
+MODEL_HEADER = ("| batch | MRA fused | MRA fused, head-major | MRA reference | RoBERTa SDPA | "
+                "fused / RoBERTa | head-major / fused |\n|---|---|---|---|---|---|---|")
+
+
+def _kernel_lines(entry) -> list[str]:
+    lines = [f"- {entry['model']}, batch {entry['batch']}: {entry['total_ms']:.2f} ms of kernels "
+             "per forward"]
+    lines += [f"  - {ms:.3f} ms `{name[:110]}`" for name, ms in entry["top"]]
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -123,10 +187,11 @@ def markdown(result: dict) -> str:
              "| dtype | batch | tokens | MRA device | SDPA device | SDPA / MRA | MRA python | SDPA python |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_attention_line(row) for row in result["attention"]]
-    lines += ["", "## Whole model, 12 layers, fp16, 4096 tokens (ms, from Python)", "",
-              "| batch | MRA fused | MRA reference | RoBERTa SDPA | fused / RoBERTa |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['mra_fused_ms']:.2f} | {r['mra_reference_ms']:.2f} | "
-              f"{r['roberta_sdpa_ms']:.2f} | {r['fused_over_roberta']:.2f}x |" for r in result["models"]]
+    lines += ["", "## Whole model, 12 layers, fp16, 4096 tokens (ms, from Python)", "", MODEL_HEADER]
+    lines += [_model_line(row) for row in result["models"]]
+    lines += ["", "## The heaviest kernels per forward (torch.profiler)", ""]
+    for entry in result["kernels"]:
+        lines += _kernel_lines(entry)
     return "\n".join(lines) + "\n"
 
 
@@ -143,8 +208,8 @@ def main(argv=None) -> int:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   command="python tools/gpu_speed.py " + " ".join(argv or sys.argv[1:]),
                   attention=attention_rows(args.quick))
-    print("| batch | MRA fused | MRA reference | RoBERTa SDPA | fused / RoBERTa |")
-    result["models"] = model_rows(args.quick)
+    print(MODEL_HEADER)
+    result["models"], result["kernels"] = model_rows(args.quick)
     result["seconds"] = time.time() - started
     (args.out / "gpu_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "gpu_speed.md").write_text(markdown(result))
