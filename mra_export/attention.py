@@ -278,13 +278,12 @@ def _high_resolution(blocks: _Blocks, flat_index: torch.Tensor, blocks_per_query
     # normaliser needs the mask. One full-size pass fewer than subtracting the penalty.
     weights = _exp_shifted(logits, row_max.index_select(0, query_block)[..., None])
     del logits
-    v = blocks.v.index_select(0, key_block)
-    key_real = blocks.token_mask.index_select(0, key_block)[..., None]  # [rows * k, Tk, 1]
-
-    out = _sum_per_query_block(torch.matmul(weights, v), query_block, blocks_per_query_block)
-    norm = _sum_per_query_block(torch.matmul(weights, key_real)[..., 0], query_block,
-                                blocks_per_query_block)
-    return out, norm, row_max
+    # Each key's value with its mask as one more column: one product and one per-query-block
+    # sum give both P.V and the normaliser (half the nodes of the export's sums).
+    value_and_real = torch.cat((blocks.v, blocks.token_mask[..., None]), dim=-1)  # [.., Tk, D+1]
+    sums = _sum_per_query_block(torch.matmul(weights, value_and_real.index_select(0, key_block)),
+                                query_block, blocks_per_query_block)
+    return sums[..., :head_dim], sums[..., head_dim], row_max
 
 
 def _chunk_aligned(flat_index: torch.Tensor) -> torch.Tensor:

@@ -122,3 +122,23 @@ def test_the_tool_counts_a_scans_reads_as_the_cuda_kernel_makes_them(tmp_path):
     scans = load_tool("ort_cuda_speed").cumsum_scans(path, {"x": np.zeros((3, 4), np.float32)},
                                                      tmp_path / "scan")
     assert scans == {"scan": dict(shape=[3, 4], axis=4, reads=30)}
+
+
+def test_the_tool_counts_the_bytes_a_graphs_nodes_move(tmp_path):
+    """A Reshape moves nothing; a Gather of 2 of 4 rows of 3 floats reads its 2 indices (int64)
+    and the 2 rows, and writes them; an Add reads both operands and writes its sum."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["table"], name="view"),
+         helper.make_node("Gather", ["table", "rows"], ["picked"], name="gather"),
+         helper.make_node("Add", ["picked", "picked"], ["y"], name="add")],
+        "moves", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [4, 3]),
+         helper.make_tensor("rows", TensorProto.INT64, [2], [3, 0])])
+    path = tmp_path / "moves.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    tool = load_tool("ort_cuda_speed")
+    nodes = tool.profiled_nodes(path, {"x": np.zeros(12, np.float32)}, tmp_path / "moves",
+                                optimized=False)
+    assert [node["op"] for node in nodes] == ["Reshape", "Gather", "Add"]
+    assert tool.bytes_moved(nodes) == dict(nodes=3, moving=0, bytes=(16 + 2 * 24) + 3 * 24)

@@ -4,7 +4,7 @@ nodes run in libmra_attention_ort.so's CUDA kernel, and RoBERTa's (dense) graph 
 
     python tools/ort_cuda_speed.py export DIR [--dtypes fp16,fp32] [--dense]   # here
     python tools/ort_cuda_speed.py run DIR [--out OUT]   # on a GPU with onnxruntime-gpu
-    python tools/ort_cuda_speed.py scans DIR   # here: what the CUDA provider's CumSum costs
+    python tools/ort_cuda_speed.py scans DIR   # here: bytes moved, and what CumSum costs there
 
 One encoder layer of mra-base shapes (hidden 768, 12 heads, intermediate 3072, 8 blocks per row
 at 4096 positions; a 1000-token vocabulary so that the graphs travel light: the embedding
@@ -17,8 +17,9 @@ a profiled run shows on the CPU provider (shape arithmetic whose results only fe
 the CUDA kernels take on the host belongs there, and costs no copy). ``run`` times the graphs it
 finds in DIR (a graph of one layer is about 21 MB in fp16: the position embeddings of 4096
 positions weigh half of it, which matters for what a device call may carry). ``scans`` runs each
-graph once on the CPU provider, at batch 1 and 8, and lists its CumSum nodes with the reads the
-CUDA provider's CumSum kernel makes for them (``cumsum_scans``).
+graph once on the CPU provider, at batch 1 and 8: its nodes and the bytes they move
+(``bytes_moved``), and its CumSum nodes with the reads the CUDA provider's CumSum kernel makes
+for them (``cumsum_scans``).
 """
 
 from __future__ import annotations
@@ -135,48 +136,94 @@ def placement_lines(name: str, where: dict) -> list[str]:
     return lines
 
 
+def profiled_nodes(path: Path, feed: dict, profile_prefix: Path, optimized: bool) -> list[dict]:
+    """One run of ``path`` on the CPU provider under onnxruntime's profiler: each node's name,
+    op type, and inputs and outputs as ``(type, shape)``, in the order they ran. ``optimized``:
+    the nodes of onnxruntime's fully optimized graph (those that run), else of the file itself
+    (no optimisation, so they keep its names)."""
+    import onnxruntime as ort
+
+    from mra_export.runtime.ort import CPU, default_options
+
+    options = default_options()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(profile_prefix)
+    session = ort.InferenceSession(str(path), options, providers=[CPU])
+    session.run(None, feed)
+
+    def tensors(listed):
+        return [next(iter(entry.items())) for entry in listed]
+
+    return [dict(name=event["name"].removesuffix("_kernel_time"), op=event["args"]["op_name"],
+                 inputs=tensors(event["args"].get("input_type_shape", [])),
+                 outputs=tensors(event["args"].get("output_type_shape", [])))
+            for event in json.loads(Path(session.end_profiling()).read_text())
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+
+
 def cumsum_scans(path: Path, feed: dict, profile_prefix: Path) -> dict[str, dict]:
     """Each CumSum node of ``path`` in one profiled run on the CPU provider: its input shape,
     the length of its axis, and the reads onnxruntime's CUDA CumSum makes for it. That kernel
     has every output element add up its whole prefix (``cumsum_impl.cu``), so an axis of n
     costs n (n + 1) / 2 reads per lane: a count of work, not a time."""
     import onnx
-    import onnxruntime as ort
-
-    from mra_export.runtime.ort import CPU, default_options
 
     graph = onnx.load(str(path), load_external_data=False).graph
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     constants.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
                       for n in graph.node if n.op_type == "Constant"})
     axis_of = {n.name: int(constants[n.input[1]]) for n in graph.node if n.op_type == "CumSum"}
-    options = default_options()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names kept
-    options.enable_profiling = True
-    options.profile_file_prefix = str(profile_prefix)
-    session = ort.InferenceSession(str(path), options, providers=[CPU])
-    session.run(None, feed)
     scans = {}
-    for event in json.loads(Path(session.end_profiling()).read_text()):
-        name = event["name"].removesuffix("_kernel_time")
-        if event.get("cat") == "Node" and name in axis_of:
-            shape = next(iter(event["args"]["input_type_shape"][0].values()))
-            n = shape[axis_of[name]]
+    for node in profiled_nodes(path, feed, profile_prefix, optimized=False):
+        if node["name"] in axis_of:
+            shape = node["inputs"][0][1]
+            n = shape[axis_of[node["name"]]]
             lanes = int(np.prod(shape)) // n if n else 0
-            scans[name] = dict(shape=shape, axis=n, reads=lanes * n * (n + 1) // 2)
+            scans[node["name"]] = dict(shape=shape, axis=n, reads=lanes * n * (n + 1) // 2)
     return scans
+
+
+VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Identity"}  # move no data
+GATHERS = {"Gather", "GatherElements", "GatherND"}
+ELEMENT_BYTES = {"float": 4, "float16": 2, "bfloat16": 2, "double": 8, "int64": 8, "int32": 4,
+                 "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def bytes_moved(nodes: list[dict]) -> dict:
+    """What a graph's nodes read and write, counted from their shapes: a view nothing, a gather
+    its indices and twice its output (the rows it reads, then writes), any other node its inputs
+    and outputs. A lower bound on a GPU's memory traffic, and ``moving``: the nodes that move
+    over 100 kB, each at least a kernel launch on a GPU."""
+    def size(tensors):
+        return sum(ELEMENT_BYTES.get(kind, 4) * int(np.prod(shape)) for kind, shape in tensors)
+
+    moved = [size(node["inputs"][1:]) + 2 * size(node["outputs"]) if node["op"] in GATHERS
+             else size(node["inputs"]) + size(node["outputs"])
+             for node in nodes if node["op"] not in VIEWS]
+    return dict(nodes=len(nodes), moving=sum(b > 100_000 for b in moved), bytes=sum(moved))
 
 
 def print_scans(folder: Path) -> None:
     import tempfile
 
     scratch = Path(tempfile.mkdtemp())
-    for path in sorted(folder.glob("mra-portable-*.onnx")):
-        for batch in BATCHES:
-            scans = cumsum_scans(path, feed_of(batch), scratch / f"{path.stem}-{batch}")
+    # Dense at batch 1 only: its attention scores at batch 8 need ~12 GB in fp32; every node of
+    # its graph moves bytes in proportion to the batch.
+    graphs = [(path, BATCHES) for path in sorted(folder.glob("mra-portable-*.onnx"))]
+    graphs += [(path, BATCHES[:1]) for path in sorted(folder.glob("dense-*.onnx"))]
+    for path, batches in graphs:
+        for batch in batches:
+            prefix = scratch / f"{path.stem}-{batch}"
+            moved = bytes_moved(profiled_nodes(path, feed_of(batch), prefix, optimized=True))
+            print(f"{path.name}, batch {batch}, {LENGTH} tokens: {moved['nodes']} nodes run, "
+                  f"{moved['moving']} of them move over 100 kB, {moved['bytes'] / 1e9:.2f} GB "
+                  "moved", flush=True)
+            scans = cumsum_scans(path, feed_of(batch), prefix)
             total = sum(scan["reads"] for scan in scans.values())
-            print(f"{path.name}, batch {batch}, {LENGTH} tokens: {len(scans)} CumSum nodes, "
-                  f"{total:.3g} reads on the CUDA provider", flush=True)
+            print(f"  {len(scans)} CumSum nodes, {total:.3g} reads on the CUDA provider",
+                  flush=True)
             for name, scan in scans.items():
                 print(f"  {name}: input {scan['shape']}, axis of {scan['axis']}, "
                       f"{scan['reads']:.3g} reads", flush=True)
