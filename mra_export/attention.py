@@ -179,7 +179,7 @@ def _running_count(flags: torch.Tensor, n_blocks) -> torch.Tensor:
 
     Exactly the same integers. onnxruntime's CUDA CumSum has every output element add up its
     whole prefix (``cumsum_impl.cu``), so a scan of ``n`` costs ``n² / 2`` reads: one over the
-    16384 cells of 4096 tokens took more reads than the rest of the attention.
+    16384 cells of 4096 tokens came to 1.6e9 reads for the 12 rows of a batch of 1.
     """
     grid = flags.reshape(flags.shape[0], n_blocks, n_blocks).to(torch.int64)
     within = torch.cumsum(grid, dim=-1)
@@ -365,7 +365,8 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     deterministic, and one pass over ``values`` (the cumsum): everything else touches one row per
     segment. Blocks after a row's last segment are never read. Every scan runs along a row, never
     across the batch: onnxruntime's CUDA CumSum costs ``n² / 2`` reads for a scan of ``n`` (see
-    ``_running_count``), and one over the whole batch's chunks took most of a layer's time.
+    ``_running_count``), and one over the whole batch's chunks came to 3.9e10 reads at batch 8
+    and 4096 tokens (docs/gpu.md).
     """
     rows, n_blocks = counts.shape
     width = math.prod(values.shape[1:])
