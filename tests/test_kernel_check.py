@@ -139,3 +139,15 @@ def test_gpu_check_correctness_table_runs_without_a_gpu(implementation, request,
     table = capsys.readouterr().out
     assert len(rows) == len(cases) and all(row["passed"] for row in rows), table
     assert table.count(" pass") == len(cases) and "FAIL" not in table
+
+
+def test_gpu_check_refuses_a_missing_library_in_one_line(tmp_path):
+    missing = tmp_path / "libmra_attention_cuda_emulated.so"
+    result = subprocess.run([sys.executable, str(TOOLS / "gpu_check.py"), "--emulated", "--library",
+                             str(missing), "--out", str(tmp_path / "gpu_check.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"gpu_check.py: error: cannot load {missing} ({missing}: cannot open shared object file: "
+        "No such file or directory); rebuild it with 'make plugins'")
+    assert "Traceback" not in result.stderr

@@ -2,7 +2,7 @@
 """One command on a CUDA machine with PyTorch: build the MRA CUDA kernels, check them against the
 PyTorch reference, and time them against it and against dense attention.
 
-    python tools/gpu_check.py [--out gpu_check.json] [--quick]
+    python tools/gpu_check.py [--out gpu_check.json] [--quick] [--library SO] [--no-timing]
 
 1. builds plugins/ (CMake, with the nvcc of PyTorch's CUDA_HOME when there is one) for this GPU's
    architecture into plugins/build-gpu;
@@ -15,6 +15,8 @@ PyTorch reference, and time them against it and against dense attention.
    CUDA-event times of the kernels, of mra_export's PyTorch reference on the same GPU, and of
    dense torch.nn.functional.scaled_dot_product_attention; achieved bandwidth (Q, K, V read once
    plus the output) against a measured device-to-device copy.
+``--library`` takes a libmra_attention_cuda.so built beforehand instead of step 1, and
+``--no-timing`` leaves out step 3 (both for a lent GPU's scarce minutes: tools/gpu_session.sh).
 Prints one table and writes JSON. Without a GPU, `--emulated` runs step 2 alone on the kernels'
 source compiled for the CPU under plugins/tests/cuda_emulation (their logic, not their speed or
 tensor-core rounding). Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
@@ -239,6 +241,10 @@ def main() -> int:
     parser.add_argument("--out", default="gpu_check.json", help="JSON results")
     parser.add_argument("--build-dir", default=str(native.GPU_CHECK_BUILD_DIR))
     parser.add_argument("--quick", action="store_true", help="fewer cases")
+    parser.add_argument("--library", type=Path,
+                        help="a libmra_attention_cuda.so built beforehand (no CMake build here; "
+                             "with --emulated, a libmra_attention_cuda_emulated.so)")
+    parser.add_argument("--no-timing", action="store_true", help="correctness only")
     parser.add_argument("--emulated", action="store_true",
                         help="no GPU needed: the correctness cases on the kernels' source under the CPU "
                              "CUDA emulation (plugins/tests/cuda_emulation); no timings")
@@ -248,20 +254,31 @@ def main() -> int:
     except UserError as error:
         parser.error(str(error))
     if args.emulated:
-        return check_emulated(args)
+        try:
+            lib = native.MraLibrary(args.library) if args.library else build_emulated_kernels()
+        except UserError as error:
+            parser.error(str(error))
+        return check_emulated(args, lib)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one (or with --emulated "
               "to check the kernels' logic on the CPU)", file=sys.stderr)
         return 2
     started = time.time()
-    lib = build_kernels(Path(args.build_dir))
+    try:
+        lib = native.MraLibrary(args.library) if args.library else build_kernels(Path(args.build_dir))
+    except UserError as error:  # a library that is missing, foreign or of another version
+        parser.error(str(error))
     device = torch.cuda.get_device_name()
     print("checking correctness ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick))
-    bandwidth = copy_bandwidth_gbs()
-    print("timing ...", flush=True)
-    timings = benchmark(lib, args.quick, bandwidth)
-    print_tables(correctness, timings, bandwidth, device)
+    if args.no_timing:
+        bandwidth, timings = None, []
+        print_correctness(correctness)
+    else:
+        bandwidth = copy_bandwidth_gbs()
+        print("timing ...", flush=True)
+        timings = benchmark(lib, args.quick, bandwidth)
+        print_tables(correctness, timings, bandwidth, device)
     return write_result(args.out, dict(device=device, torch=torch.__version__, cuda=torch.version.cuda,
                                        command=" ".join(sys.argv), copy_bandwidth_gbs=bandwidth,
                                        correctness=correctness, timings=timings,
@@ -269,9 +286,8 @@ def main() -> int:
                                        seconds=time.time() - started))
 
 
-def check_emulated(args) -> int:
+def check_emulated(args, lib: native.MraLibrary) -> int:
     started = time.time()
-    lib = build_emulated_kernels()
     device = "CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU"
     print("checking correctness under the emulation ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")

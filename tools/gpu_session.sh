@@ -74,3 +74,8 @@ timeout 240 "$N" --section SpeedOfLight --csv --page details --print-kernel-base
   python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
 echo "ncu rc=$?"
 python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"
+
+echo "== gpu_check's correctness cases on the carried library (no build, no timing)"
+timeout 150 python3 tools/gpu_check.py --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" \
+  --no-timing --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
+echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
