@@ -168,8 +168,9 @@ def select_top_blocks(scores: torch.Tensor, k):
     # counts a NaN among them as k - above.sum() does.
     still_needed = (~(top_values > threshold)).sum(dim=-1, keepdim=True)
     chosen = above | (at & (_running_count(at, n_blocks) <= still_needed))
-    # int32: onnxruntime's CUDA TopK takes one radix pass per byte of its input.
-    lower_first = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int32)
+    # int32: onnxruntime's CUDA TopK takes one radix pass per byte of its input. (Cast after an
+    # int64 arange: an int32 one is exported through a float Range and six more nodes.)
+    lower_first = torch.arange(n, 0, -1, device=scores.device).to(torch.int32)
     indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
     return indices, threshold, chosen
 
