@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from mra_export import patch_model
-from mra_export.checkpoints import load_model
-from mra_export.export import plugin_node
+from mra_export.checkpoints import build_checkpoint, load_model
+from mra_export.export import export_model, plugin_node
 from mra_export.export.info import ExportInfo
 from mra_export.files import sha256_of
 from mra_export.parity.inputs import parity_feeds, parity_shapes
 from mra_export.runtime import OrtMraModel
 from mra_export.runtime.plugin_reference import ReferencePluginModel
 from mra_export.tasks import TASKS
+
+from .conftest import SMALL_MODEL
 
 TOLERANCE = 1e-4
 pytestmark = pytest.mark.slow
@@ -47,6 +49,26 @@ def test_portable_export_matches_pytorch_on_onnxruntime_cpu(small_checkpoints, e
         expected = torch_outputs(small_checkpoints[task_name], task, feed)
         for name in task.outputs:
             assert got[name].shape == expected[name].shape
+            assert np.abs(got[name] - expected[name]).max() <= TOLERANCE, (name, feed["input_ids"].shape)
+
+
+def test_portable_export_sums_rows_of_several_chunks_as_pytorch_does(tmp_path):
+    """The exported per-query-block sums take each (batch, head) row's selected blocks in chunks
+    of 16. The small checkpoints select at most 16 per row, one chunk; with 4 blocks per row at
+    512 positions a row selects 49 blocks at 200 tokens (4 chunks, the last padded) and 64 at
+    512 (4 whole chunks)."""
+    task = TASKS["feature-extraction"]
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", task,
+                                  **dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4))
+    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable",
+                 log=lambda message: None)
+    model = OrtMraModel.from_pretrained(tmp_path / "export", provider="CPUExecutionProvider")
+    feeds = [feed for feed in parity_feeds(task, model.config)
+             if feed["input_ids"].shape[-1] in (200, 512)]
+    assert len(feeds) == 4
+    for feed in feeds:
+        got, expected = model(**feed), torch_outputs(checkpoint, task, feed)
+        for name in task.outputs:
             assert np.abs(got[name] - expected[name]).max() <= TOLERANCE, (name, feed["input_ids"].shape)
 
 
