@@ -237,8 +237,9 @@ def _cell_coordinates(n_blocks, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for a 1-D table and an index of any shape (a Gather in the export)."""
-    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
+    """``table[index]``: the table's rows (or elements, for a 1-D table) at an index of any
+    shape (a Gather in the export)."""
+    return table.index_select(0, index.reshape(-1)).reshape(*index.shape, *table.shape[1:])
 
 
 def _low_resolution(blocks: _Blocks, head_dim: int):
@@ -387,17 +388,12 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     def prefix(position):  # the sum of the row's blocks before `position`, in its two parts
         chunk = torch.div(position, SEGMENT_CHUNK, rounding_mode="floor")
         in_chunk = (position - chunk * SEGMENT_CHUNK > 0).float()[..., None]  # none at a chunk start
-        within = _rows_of(inclusive, block_base + torch.clamp(position - 1, min=0)) * in_chunk
-        return _rows_of(before_chunk, chunk_base + chunk), within
+        within = _lookup(inclusive, block_base + torch.clamp(position - 1, min=0)) * in_chunk
+        return _lookup(before_chunk, chunk_base + chunk), within
 
     (end_chunks, end_within), (start_chunks, start_within) = prefix(end), prefix(start)
     sums = (end_chunks - start_chunks).float() + (end_within - start_within)
     return sums.reshape(rows * n_blocks, *values.shape[1:])
-
-
-def _rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for a 2-D table and an index of any shape (a Gather in the export)."""
-    return table.index_select(0, index.reshape(-1)).reshape(*index.shape, table.shape[-1])
 
 
 def _quantised_row_max(blocks: _Blocks, block_max: torch.Tensor, query_block: torch.Tensor):

@@ -253,21 +253,17 @@ def main() -> int:
         check_writable_file(args.out)  # now, not after minutes of a lent GPU's time
     except UserError as error:
         parser.error(str(error))
-    if args.emulated:
-        try:
-            lib = native.MraLibrary(args.library) if args.library else build_emulated_kernels()
-        except UserError as error:
-            parser.error(str(error))
-        return check_emulated(args, lib)
-    if not torch.cuda.is_available():
+    if not args.emulated and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to PyTorch; run this on a machine with one (or with --emulated "
               "to check the kernels' logic on the CPU)", file=sys.stderr)
         return 2
     started = time.time()
     try:
-        lib = native.MraLibrary(args.library) if args.library else build_kernels(Path(args.build_dir))
+        lib = load_kernels(args)
     except UserError as error:  # a library that is missing, foreign or of another version
         parser.error(str(error))
+    if args.emulated:
+        return check_emulated(args, lib, started)
     device = torch.cuda.get_device_name()
     print("checking correctness ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick))
@@ -286,8 +282,14 @@ def main() -> int:
                                        seconds=time.time() - started))
 
 
-def check_emulated(args, lib: native.MraLibrary) -> int:
-    started = time.time()
+def load_kernels(args) -> native.MraLibrary:
+    """``--library``'s, else the kernels built here: for this GPU, or under the CPU emulation."""
+    if args.library:
+        return native.MraLibrary(args.library)
+    return build_emulated_kernels() if args.emulated else build_kernels(Path(args.build_dir))
+
+
+def check_emulated(args, lib: native.MraLibrary, started: float) -> int:
     device = "CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU"
     print("checking correctness under the emulation ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")

@@ -142,17 +142,16 @@ def model_rows(quick: bool) -> tuple[list[dict], list[dict]]:
         ids = torch.randint(5, 1000, (batch, length), device="cuda")
         mask = torch.ones(batch, length, device="cuda", dtype=torch.long)
         row = dict(dtype="float16", batch=batch, length=length)
-        forwards = {}
+        forward_mra = lambda: mra(input_ids=ids, attention_mask=mask)  # noqa: E731
+        forward_roberta = lambda: roberta(input_ids=ids, attention_mask=mask)  # noqa: E731
         with torch.inference_mode():
             for name, attention, layout in MRA_VARIANTS:
                 patch_model(mra, attention=attention)
                 with forced_layout(layout):
-                    forwards[name] = lambda: mra(input_ids=ids, attention_mask=mask)
-                    row[f"mra_{name}_ms"] = median_ms(forwards[name], repeats=repeats)
+                    row[f"mra_{name}_ms"] = median_ms(forward_mra, repeats=repeats)
                     if name != "reference":
                         kernels.append(dict(model=f"mra_{name}", batch=batch,
-                                            **heaviest_kernels(forwards[name])))
-            forward_roberta = lambda: roberta(input_ids=ids, attention_mask=mask)  # noqa: E731
+                                            **heaviest_kernels(forward_mra)))
             row["roberta_sdpa_ms"] = median_ms(forward_roberta, repeats=repeats)
             kernels.append(dict(model="roberta_sdpa", batch=batch,
                                 **heaviest_kernels(forward_roberta)))

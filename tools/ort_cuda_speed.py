@@ -106,14 +106,24 @@ def describe_copy(copy: dict) -> str:
             f"read by {', '.join(copy['read_by']) or 'nothing'}")
 
 
+def node_runs(profile: Path) -> list[dict]:
+    """Each node run an onnxruntime profile records, in order: its name, op type, provider, and
+    inputs and outputs as ``(type, shape)``."""
+    def tensors(listed):
+        return [next(iter(entry.items())) for entry in listed]
+
+    return [dict(name=event["name"].removesuffix("_kernel_time"), op=event["args"].get("op_name"),
+                 provider=event["args"].get("provider"),
+                 inputs=tensors(event["args"].get("input_type_shape", [])),
+                 outputs=tensors(event["args"].get("output_type_shape", [])))
+            for event in json.loads(profile.read_text())
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")]
+
+
 def cpu_provider_nodes(profile: Path) -> list[str]:
     """``"OpType node_name"`` of each node a CUDA session's profile shows on the CPU provider."""
-    nodes = {}
-    for event in json.loads(profile.read_text()):
-        args = event.get("args", {})
-        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
-                and args.get("provider") == "CPUExecutionProvider"):
-            nodes[event["name"].removesuffix("_kernel_time")] = args.get("op_name")
+    nodes = {run["name"]: run["op"] for run in node_runs(profile)
+             if run["provider"] == "CPUExecutionProvider"}
     return [f"{op} {name}" for name, op in nodes.items()]
 
 
@@ -138,8 +148,8 @@ def placement_lines(name: str, where: dict) -> list[str]:
 
 
 def profiled_nodes(path: Path, feed: dict, profile_prefix: Path, optimized: bool) -> list[dict]:
-    """One run of ``path`` on the CPU provider under onnxruntime's profiler: each node's name,
-    op type, and inputs and outputs as ``(type, shape)``, in the order they ran. ``optimized``:
+    """One run of ``path`` on the CPU provider under onnxruntime's profiler (``node_runs``).
+    ``optimized``:
     the nodes of onnxruntime's fully optimized graph (those that run), else of the file itself
     (no optimisation, so they keep its names)."""
     import onnxruntime as ort
@@ -153,15 +163,7 @@ def profiled_nodes(path: Path, feed: dict, profile_prefix: Path, optimized: bool
     options.profile_file_prefix = str(profile_prefix)
     session = ort.InferenceSession(str(path), options, providers=[CPU])
     session.run(None, feed)
-
-    def tensors(listed):
-        return [next(iter(entry.items())) for entry in listed]
-
-    return [dict(name=event["name"].removesuffix("_kernel_time"), op=event["args"]["op_name"],
-                 inputs=tensors(event["args"].get("input_type_shape", [])),
-                 outputs=tensors(event["args"].get("output_type_shape", [])))
-            for event in json.loads(Path(session.end_profiling()).read_text())
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+    return node_runs(Path(session.end_profiling()))
 
 
 def cumsum_scans(path: Path, feed: dict, profile_prefix: Path) -> dict[str, dict]:

@@ -18,6 +18,7 @@ from polygraphy.common import TensorMetadata
 from ..export.graph_names import ATTENTION_CONTEXT
 from ..patching import attention_cores
 from ..runtime.base import ExportedModel
+from ..runtime.plugin_reference import head_major
 from ..tasks import Task
 
 
@@ -87,20 +88,15 @@ class ExportedModelRunner(BaseRunner):
         start = time.perf_counter()
         values = self.model.run_raw(dict(feed_dict), extra_outputs=self.with_contexts)
         self.inference_time = time.perf_counter() - start
-        if self.with_contexts and self.model.info.attention_context_layout == "bshd":
-            values.update({name: head_major(values[name]) for name in self.with_contexts
+        if self.with_contexts:  # in PyTorch's layout, "bhsd"
+            layout = self.model.info.attention_context_layout
+            values.update({name: head_major(values[name], layout) for name in self.with_contexts
                            if name in values})
         return OrderedDict((name, comparable(value)) for name, value in values.items())
 
     def deactivate_impl(self):
         self.model.close()
         self.model = None
-
-
-def head_major(context: np.ndarray) -> np.ndarray:
-    """A [batch, seq, heads, head_dim] attention context (the plugin flavour's MraAttention
-    output) as [batch, heads, seq, head_dim], how the PyTorch side gives it."""
-    return np.swapaxes(context, 1, 2)
 
 
 def comparable(array: np.ndarray) -> np.ndarray:

@@ -28,25 +28,26 @@ def _as_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _head_major(layout: str, *arrays: np.ndarray) -> list[np.ndarray]:
-    """The node's query, key and value as [batch, heads, seq, head_dim] (layout "bshd" holds
-    them as [batch, seq, heads, head_dim]); swapping back is the same call."""
-    return [np.swapaxes(a, 1, 2) if layout == "bshd" else a for a in arrays]
+def head_major(array: np.ndarray, layout: str) -> np.ndarray:
+    """One of the node's tensors (query, key, value, its output) as [batch, heads, seq,
+    head_dim]; layout "bshd" holds them as [batch, seq, heads, head_dim]. Swapping back is the
+    same call."""
+    return np.swapaxes(array, 1, 2) if layout == "bshd" else array
 
 
 def torch_reference(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
     """The node computed by ``mra_export.mra_attention`` (the PyTorch reference)."""
-    tensors = (_as_torch(t) for t in (*_head_major(layout, query, key, value), mask))
-    return _head_major(layout, mra_attention(*tensors, **settings).float().numpy())[0]
+    tensors = [_as_torch(head_major(t, layout)) for t in (query, key, value)]
+    return head_major(mra_attention(*tensors, _as_torch(mask), **settings).float().numpy(), layout)
 
 
 def cpp_reference(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
     """The node computed by the plugin's C++ CPU twin (``make plugins`` builds it)."""
     from ..native import MraLibrary
 
-    tensors = (_as_torch(t) for t in (*_head_major(layout, query, key, value), mask))
-    output = MraLibrary.cpu().attention(*tensors, **settings)[0].float().numpy()
-    return _head_major(layout, output)[0]
+    tensors = [_as_torch(head_major(t, layout)) for t in (query, key, value)]
+    output = MraLibrary.cpu().attention(*tensors, _as_torch(mask), **settings)[0].float().numpy()
+    return head_major(output, layout)
 
 
 def emulated_plugin(query, key, value, mask, layout="bhsd", **settings) -> np.ndarray:
