@@ -97,7 +97,8 @@ def run(args) -> dict:
                      for c in range(args.clients)]
             before = load.batching_stats(url, BATCHED)
             measured = load.run_load(url, BATCHED, mixed, info.outputs)
-            counts = load.batching_stats(url, BATCHED).since(before)
+            counts = load.batching_stats_since(url, BATCHED, before,
+                                                 measured.requests - len(measured.errors))
             scenarios = {lengths: compare_rounds(url, batch_one_feeds(info, vocab, lengths, args,
                                                                       choices),
                                                  info.outputs, args.rounds)
@@ -145,7 +146,8 @@ def compare_rounds(url: str, feeds, outputs, count: int) -> list[dict]:
 def measured_run(url: str, name: str, feeds, outputs) -> tuple:
     before = load.batching_stats(url, name)
     result = load.run_load(url, name, feeds, outputs)
-    return result, load.batching_stats(url, name).since(before).executions
+    counts = load.batching_stats_since(url, name, before, result.requests - len(result.errors))
+    return result, counts.executions
 
 
 def scenario_summary(lengths, rounds: list[dict]) -> dict:

@@ -167,3 +167,17 @@ def batching_stats(url: str, model: str, protocol: str = "grpc") -> BatchingStat
     success = model_stats.get("inference_stats", {}).get("success", {})
     return BatchingStats(int(success.get("count", 0)), int(model_stats.get("inference_count", 0)),
                          int(model_stats.get("execution_count", 0)))
+
+
+def batching_stats_since(url: str, model: str, before: BatchingStats, requests: int,
+                         protocol: str = "grpc", timeout: float = 10.0) -> BatchingStats:
+    """The counts since ``before`` once ``requests`` successful requests are in them, or after
+    ``timeout`` seconds, whichever comes first. Triton records a request's statistics when it
+    releases the request, which can come after its answer reached the client: read straight
+    after a load, the last request is sometimes missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = batching_stats(url, model, protocol).since(before)
+        if counts.requests >= requests or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
