@@ -531,28 +531,6 @@ struct TileFetch
             *reinterpret_cast<uint4*>(tile + at) = vectors[t][v];
         }
     }
-
-    //! Element (r, d) of tensor t lands at tile[d * stride + r]: V^T, whose rows are the B
-    //! fragments of P V (pairs of adjacent keys at one dim).
-    __device__ void storeTransposed(int32_t t, T* tile, int32_t stride) const
-    {
-        for (int32_t v = 0; v < kPerThread; ++v)
-        {
-            int32_t const index = threadIdx.x + v * kThreads;
-            int32_t const r = index / kVectorsPerRow;
-            int32_t const d = (index % kVectorsPerRow) * kVector;
-            union
-            {
-                uint4 raw;
-                T values[kVector];
-            } unpacked;
-            unpacked.raw = vectors[t][v];
-            for (int32_t e = 0; e < kVector; ++e)
-            {
-                tile[(d + e) * stride + r] = unpacked.values[e];
-            }
-        }
-    }
 };
 
 //! Key block j's K and V tiles and its key mask (bit t: token t is real), fetched one block ahead.
@@ -571,19 +549,11 @@ struct KeyBlockFetch
         }
     }
 
-    //! K row-major; V row-major (`transposeValues` false) or as V^T.
-    __device__ void store(T* keyTile, T* valueTile, int32_t keyStride, int32_t valueStride, bool transposeValues,
-        uint32_t* realKeysOut) const
+    //! K and V row-major, rows `stride` elements apart.
+    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeysOut) const
     {
-        tiles.store(0, keyTile, keyStride);
-        if (transposeValues)
-        {
-            tiles.storeTransposed(1, valueTile, valueStride);
-        }
-        else
-        {
-            tiles.store(1, valueTile, valueStride);
-        }
+        tiles.store(0, keyTile, stride);
+        tiles.store(1, valueTile, stride);
         if (threadIdx.x == 0)
         {
             *realKeysOut = realKeys;
@@ -592,12 +562,11 @@ struct KeyBlockFetch
 };
 
 //! Runs `compute(realKeys)` for each selected key block of query block i, in order, after the
-//! block's K and V tiles are in shared memory (V transposed where asked; `realKeys` bit t: key t
-//! is real) and while the next block's are loading into registers. Every thread calls it.
+//! block's K and V tiles are in shared memory (row-major, rows `stride` apart; `realKeys` bit t:
+//! key t is real) and while the next block's are loading into registers. Every thread calls it.
 template <typename T, int D, int kThreads, typename Compute>
 __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, int32_t const* mask, Scratch const& s,
-    int32_t row, int32_t i, T* keyTile, int32_t keyStride, T* valueTile, int32_t valueStride, bool transposeValues,
-    uint32_t* realKeys, Compute&& compute)
+    int32_t row, int32_t i, T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeys, Compute&& compute)
 {
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
     int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
@@ -611,7 +580,7 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     for (int32_t index = begin; index < end; ++index)
     {
         __syncthreads(); // the previous tiles are consumed
-        fetch.store(keyTile, valueTile, keyStride, valueStride, transposeValues, realKeys);
+        fetch.store(keyTile, valueTile, stride, realKeys);
         if (index + 1 < end)
         {
             fetch.start(p, key, value, mask, row, selected[index + 1] - i * p.nb);
@@ -808,8 +777,8 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     queries.store(0, queryTile, Smem::kTileStride);
     SoftmaxStats stats;
     float out[kDims] = {}; // sum exp(P - baseMax) V at dims 16 (u / 4) + 4 lane + u % 4
-    forEachKeyBlock<float, D, kHighResThreads>(p, key, value, mask, s, row, i, keyTile, Smem::kTileStride, valueTile,
-        Smem::kTileStride, false, realKeys, [&](uint32_t blockRealKeys) {
+    forEachKeyBlock<float, D, kHighResThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
+        realKeys, [&](uint32_t blockRealKeys) {
         float scores[8];
         bool real[8];
         float weights[8];
@@ -899,6 +868,17 @@ __device__ inline uint32_t pairAt(T const* tile, int32_t offset)
     return *reinterpret_cast<uint32_t const*>(tile + offset);
 }
 
+//! Elements `offset` and `offset + stride` of a shared-memory tile (one column, two adjacent
+//! rows) as one fragment register: P V's B fragments from V stored row-major. Lane (g, t) reads
+//! word 36 key + dim / 2 at head_dim 64, bank 8t + 4n + g / 2: the warp's 32 loads fall in
+//! distinct banks (lanes 2j and 2j + 1 share a word).
+template <typename T>
+__device__ inline uint32_t columnPairAt(T const* tile, int32_t offset, int32_t stride)
+{
+    uint16_t const* const bits = reinterpret_cast<uint16_t const*>(tile);
+    return static_cast<uint32_t>(bits[offset]) | static_cast<uint32_t>(bits[offset + stride]) << 16;
+}
+
 //! Two floats rounded to T, the first in the low half.
 template <typename T>
 __device__ inline uint32_t packPair(float low, float high)
@@ -913,17 +893,18 @@ __device__ inline uint32_t packPair(float low, float high)
     return packed.word;
 }
 
-//! Shared memory of the tensor-core kernel (bytes). Q and K rows are padded by 8 elements
-//! (16 bytes): a fragment load's 8 rows x 4 lanes then fall in distinct banks; V^T rows (a dim's
-//! 32 keys) likewise.
+//! Shared memory of the tensor-core kernel (bytes): Q, K and V row-major, rows padded by 8
+//! elements (16 bytes), so that a fragment load's 8 rows x 4 lanes fall in distinct banks, and
+//! so do V's column pairs (columnPairAt). V was stored transposed before, so that its B
+//! fragments were 32-bit loads, but a warp's 2-byte transposing stores fell in 2 banks (8-way
+//! conflicts): 288 shared-memory wavefronts a warp per key block for V at head_dim 64, against
+//! 80 for the row-major stores and the column-pair loads.
 template <typename T, int D>
 struct MmaSmem
 {
     static constexpr int kTileStride = D + 8;
-    static constexpr int kValueStride = kBlock + 8;
     static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
-    static constexpr size_t kValueTile = sizeof(T) * D * kValueStride;
-    static constexpr size_t kTotal = 2 * kTile + kValueTile + sizeof(uint32_t) + 64;
+    static constexpr size_t kTotal = 3 * kTile + sizeof(uint32_t) + 64;
 };
 
 //! One CTA per (row, query block i), 2 warps; the CTAs of a row are adjacent (L2 reuse).
@@ -936,8 +917,8 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     extern __shared__ __align__(128) unsigned char smem[];
     T* queryTile = reinterpret_cast<T*>(smem);
     T* keyTile = reinterpret_cast<T*>(smem + Smem::kTile);
-    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile); // V^T
-    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 2 * Smem::kTile + Smem::kValueTile);
+    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile);
+    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 3 * Smem::kTile);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
@@ -953,8 +934,8 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     queries.store(0, queryTile, Smem::kTileStride);
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
-    forEachKeyBlock<T, D, kMmaThreads>(p, key, value, mask, s, row, i, keyTile, Smem::kTileStride, valueTile,
-        Smem::kValueStride, true, realKeys, [&](uint32_t blockRealKeys) {
+    forEachKeyBlock<T, D, kMmaThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
+        realKeys, [&](uint32_t blockRealKeys) {
         // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns.
         float scoreTiles[4][4] = {};
         MRA_UNROLL
@@ -1010,8 +991,9 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
             MRA_UNROLL
             for (int32_t n = 0; n < kDimTiles; ++n)
             {
-                uint32_t const b[2] = {pairAt(valueTile, (8 * n + g) * Smem::kValueStride + 16 * u + 2 * t),
-                    pairAt(valueTile, (8 * n + g) * Smem::kValueStride + 16 * u + 8 + 2 * t)};
+                int32_t const at = (16 * u + 2 * t) * Smem::kTileStride + 8 * n + g; // key 16u + 2t, dim 8n + g
+                uint32_t const b[2] = {columnPairAt(valueTile, at, Smem::kTileStride),
+                    columnPairAt(valueTile, at + 8 * Smem::kTileStride, Smem::kTileStride)};
                 warpMma<T>(out[n], a, b);
             }
         }
