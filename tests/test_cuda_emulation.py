@@ -152,8 +152,8 @@ def test_random_problems(emulated_kernels, batch, heads, seq_len, head_dim, num_
 
 
 def test_the_emulation_checks_itself(emulated_kernels):
-    """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, mma.sync, CUB's block
-    collectives and barriers against known answers, and a failed launch (not a hang or a wrong
+    """plugins/tests/cuda_emulation/emulationSelfTest.cpp: shuffles, ballots, mma.sync, ldmatrix,
+    CUB's block collectives and barriers against known answers, and a failed launch (not a hang or a wrong
     answer) where a GPU would hang or be undefined."""
     program = native.ensure_built("mra_cuda_emulation_test", "mra_cuda_emulation_test")
     result = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)

@@ -861,22 +861,31 @@ __device__ inline void warpMma(float (&d)[4], uint32_t const (&a)[4], uint32_t c
 #endif
 }
 
-//! Two adjacent 16-bit elements of a shared-memory tile, as one fragment register.
-template <typename T>
-__device__ inline uint32_t pairAt(T const* tile, int32_t offset)
+//! ldmatrix.m8n8.x4: lane l gives the address of row l % 8 of 8x8 matrix l / 8 (8 16-bit
+//! elements, 16 bytes, aligned) in shared memory; register i receives matrix i's fragment,
+//! row l / 4 and columns 2 (l % 4) + {0, 1} (an A or a row-major B fragment of mma.m16n8k16),
+//! or with `kTransposed` rows 2 (l % 4) + {0, 1} of column l / 4 (a B fragment from a tile
+//! stored k-major, as V is). One instruction where the fragments took 4 to 8 shared loads.
+template <bool kTransposed>
+__device__ inline void loadMatrices(uint32_t (&r)[4], void const* rowAddress)
 {
-    return *reinterpret_cast<uint32_t const*>(tile + offset);
-}
-
-//! Elements `offset` and `offset + stride` of a shared-memory tile (one column, two adjacent
-//! rows) as one fragment register: P V's B fragments from V stored row-major. Lane (g, t) reads
-//! word 36 key + dim / 2 at head_dim 64, bank 8t + 4n + g / 2: the warp's 32 loads fall in
-//! distinct banks (lanes 2j and 2j + 1 share a word).
-template <typename T>
-__device__ inline uint32_t columnPairAt(T const* tile, int32_t offset, int32_t stride)
-{
-    uint16_t const* const bits = reinterpret_cast<uint16_t const*>(tile);
-    return static_cast<uint32_t>(bits[offset]) | static_cast<uint32_t>(bits[offset + stride]) << 16;
+#ifdef MRA_CUDA_EMULATION_H
+    ::emu::ldmatrixX4(__FILE__, __LINE__, r, rowAddress, kTransposed);
+#else
+    uint32_t const address = static_cast<uint32_t>(__cvta_generic_to_shared(rowAddress));
+    if constexpr (kTransposed)
+    {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    }
+    else
+    {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    }
+#endif
 }
 
 //! Two floats rounded to T, the first in the low half.
@@ -894,11 +903,10 @@ __device__ inline uint32_t packPair(float low, float high)
 }
 
 //! Shared memory of the tensor-core kernel (bytes): Q, K and V row-major, rows padded by 8
-//! elements (16 bytes), so that a fragment load's 8 rows x 4 lanes fall in distinct banks, and
-//! so do V's column pairs (columnPairAt). V was stored transposed before, so that its B
-//! fragments were 32-bit loads, but a warp's 2-byte transposing stores fell in 2 banks (8-way
-//! conflicts): 288 shared-memory wavefronts a warp per key block for V at head_dim 64, against
-//! 80 for the row-major stores and the column-pair loads.
+//! elements (16 bytes), so that the 8 rows of an ldmatrix matrix fall in distinct banks. V was
+//! stored transposed before, so that its B fragments were 32-bit loads, but a warp's 2-byte
+//! transposing stores fell in 2 banks (8-way conflicts): 288 shared-memory wavefronts a warp
+//! per key block for V at head_dim 64, against 48 for 16-byte stores and ldmatrix.trans.
 template <typename T, int D>
 struct MmaSmem
 {
@@ -925,7 +933,9 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     int32_t const lane = threadIdx.x % 32;
     int32_t const g = lane / 4;
     int32_t const t = lane % 4;
-    int32_t const rows[2] = {16 * static_cast<int32_t>(threadIdx.x / 32) + g, 16 * static_cast<int32_t>(threadIdx.x / 32) + g + 8};
+    int32_t const warpRow = 16 * static_cast<int32_t>(threadIdx.x / 32); // the warp's first query row
+    int32_t const rows[2] = {warpRow + g, warpRow + g + 8};
+    int32_t const matrixRow = lane % 8 + 8 * (lane / 8 % 2); // the row lane l addresses for ldmatrix
     // Scaled by the reciprocal (1 ulp from dividing, far inside fp16/bf16 tolerances).
     float const inverseScale = 1.0f / p.scaleDivisor;
 
@@ -936,21 +946,24 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
     forEachKeyBlock<T, D, kMmaThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
         realKeys, [&](uint32_t blockRealKeys) {
-        // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns.
+        // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns. Lane l addresses
+        // row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims k + 8 (l / 16) (A's four
+        // registers); for K, keys 8 (n + l / 16) + l % 8 at dims k + 8 (l / 8 % 2) (the two
+        // registers of n tiles n and n + 1).
         float scoreTiles[4][4] = {};
         MRA_UNROLL
         for (int32_t k = 0; k < D; k += 16)
         {
-            uint32_t const a[4] = {pairAt(queryTile, rows[0] * Smem::kTileStride + k + 2 * t),
-                pairAt(queryTile, rows[1] * Smem::kTileStride + k + 2 * t),
-                pairAt(queryTile, rows[0] * Smem::kTileStride + k + 8 + 2 * t),
-                pairAt(queryTile, rows[1] * Smem::kTileStride + k + 8 + 2 * t)};
+            uint32_t a[4];
+            loadMatrices<false>(a, queryTile + (warpRow + matrixRow) * Smem::kTileStride + k + 8 * (lane / 16));
             MRA_UNROLL
-            for (int32_t n = 0; n < 4; ++n)
+            for (int32_t n = 0; n < 4; n += 2)
             {
-                uint32_t const b[2] = {pairAt(keyTile, (8 * n + g) * Smem::kTileStride + k + 2 * t),
-                    pairAt(keyTile, (8 * n + g) * Smem::kTileStride + k + 8 + 2 * t)};
-                warpMma<T>(scoreTiles[n], a, b);
+                uint32_t b[4];
+                loadMatrices<false>(b, keyTile + (8 * n + lane % 8 + 8 * (lane / 16)) * Smem::kTileStride + k
+                        + 8 * (lane / 8 % 2));
+                warpMma<T>(scoreTiles[n], a, {b[0], b[1]});
+                warpMma<T>(scoreTiles[n + 1], a, {b[2], b[3]});
             }
         }
 
@@ -981,6 +994,8 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
         }
 
         // O += P V: P's A fragment for keys 16u..16u+15 is S's n tiles 2u and 2u + 1, rounded to T.
+        // V's B fragments by ldmatrix.trans: lane l addresses key 16u + matrixRow at dims
+        // 8 (n + l / 16) (the two registers of dim tiles n and n + 1).
         MRA_UNROLL
         for (int32_t u = 0; u < 2; ++u)
         {
@@ -989,12 +1004,12 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
                 packPair<T>(weights[0][4 * u + 2], weights[0][4 * u + 3]),
                 packPair<T>(weights[1][4 * u + 2], weights[1][4 * u + 3])};
             MRA_UNROLL
-            for (int32_t n = 0; n < kDimTiles; ++n)
+            for (int32_t n = 0; n < kDimTiles; n += 2)
             {
-                int32_t const at = (16 * u + 2 * t) * Smem::kTileStride + 8 * n + g; // key 16u + 2t, dim 8n + g
-                uint32_t const b[2] = {columnPairAt(valueTile, at, Smem::kTileStride),
-                    columnPairAt(valueTile, at + 8 * Smem::kTileStride, Smem::kTileStride)};
-                warpMma<T>(out[n], a, b);
+                uint32_t b[4];
+                loadMatrices<true>(b, valueTile + (16 * u + matrixRow) * Smem::kTileStride + 8 * (n + lane / 16));
+                warpMma<T>(out[n], a, {b[0], b[1]});
+                warpMma<T>(out[n + 1], a, {b[2], b[3]});
             }
         }
     });

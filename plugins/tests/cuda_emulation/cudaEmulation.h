@@ -1,11 +1,11 @@
 /*
  * Just enough of CUDA, on the CPU, to run plugins/mra_attention/mraAttentionKernels.cu as written:
  * CI has no GPU, and this lets it run the kernels' own indexing, tiling, barriers, warp shuffles,
- * tensor-core fragments (mma.sync, ptxMma.h), radix select and epilogue against the PyTorch
+ * tensor-core fragments (mma.sync and ldmatrix, ptxMma.h), radix select and epilogue against the PyTorch
  * reference.
  *
  * How it runs a launch: one CTA at a time; each CUDA thread is a fiber on one OS thread,
- * switched only at __syncthreads, warp collectives (shuffles, ballots, mma.sync,
+ * switched only at __syncthreads, warp collectives (shuffles, ballots, mma.sync, ldmatrix,
  * __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
  * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
@@ -18,7 +18,7 @@
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses, and races
- * that no schedule exposes. In particular every warp collective (shuffle, ballot, mma.sync)
+ * that no schedule exposes. In particular every warp collective (shuffle, ballot, mma.sync, ldmatrix)
  * lets all lanes arrive before any goes on, so it also orders the lanes' memory accesses, which
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
  * caught. It stands for a GPU in nothing but the kernels' logic.

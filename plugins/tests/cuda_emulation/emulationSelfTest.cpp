@@ -150,6 +150,28 @@ __global__ void ptxMmaProduct(__half const* a, __half const* b, float* d)
     }
 }
 
+//! Four 8x8 matrices of 16-bit words through emu::ldmatrixX4 from a [16][24] shared tile (rows
+//! padded, as the kernels pad theirs): matrix m is rows 8 (m % 2).., columns 8 (m / 2)..; each
+//! lane writes its 4 registers to out[lane * 4 + m].
+__global__ void loadsMatrices(uint16_t const* source, uint32_t* out, int transposed, int misaligned)
+{
+    uint16_t* tile = reinterpret_cast<uint16_t*>(::emu::dynamicSharedMemory());
+    for (int index = threadIdx.x; index < 16 * 24; index += blockDim.x)
+    {
+        tile[index] = source[index];
+    }
+    __syncthreads();
+    int const lane = threadIdx.x;
+    int const matrix = lane / 8;
+    uint16_t const* row = tile + (8 * (matrix % 2) + lane % 8) * 24 + 8 * (matrix / 2) + misaligned;
+    uint32_t r[4];
+    ::emu::ldmatrixX4(__FILE__, __LINE__, r, row, transposed != 0);
+    for (int m = 0; m < 4; ++m)
+    {
+        out[lane * 4 + m] = r[m];
+    }
+}
+
 __global__ void readsDynamicShared(float* out)
 {
     float* scratch = reinterpret_cast<float*>(::emu::dynamicSharedMemory());
@@ -302,6 +324,42 @@ void checkMma()
     expect(worst < 1e-5, "mmaM16N8K16 gives A * B + C from the PTX ISA's m16n8k16 fragments");
 }
 
+void checkLdmatrix()
+{
+    std::vector<uint16_t> tile(16 * 24);
+    for (size_t index = 0; index < tile.size(); ++index)
+    {
+        tile[index] = static_cast<uint16_t>(index); // element (row, column) holds row * 24 + column
+    }
+    auto at = [](int matrix, int row, int column) {
+        return static_cast<uint32_t>((8 * (matrix % 2) + row) * 24 + 8 * (matrix / 2) + column);
+    };
+    for (int transposed = 0; transposed < 2; ++transposed)
+    {
+        std::vector<uint32_t> out(32 * 4);
+        loadsMatrices | ::emu::Launch(1, 32, tile.size() * 2) | ::emu::args(tile.data(), out.data(), transposed, 0);
+        expect(launchError().empty(), "ldmatrix kernel runs");
+        bool asTheIsaSays = true;
+        for (int lane = 0; lane < 32; ++lane)
+        {
+            int const g = lane / 4;
+            int const t = lane % 4;
+            for (int m = 0; m < 4; ++m)
+            {
+                uint32_t const expected = transposed != 0 ? at(m, 2 * t, g) | at(m, 2 * t + 1, g) << 16
+                                                          : at(m, g, 2 * t) | at(m, g, 2 * t + 1) << 16;
+                asTheIsaSays = asTheIsaSays && out[lane * 4 + m] == expected;
+            }
+        }
+        expect(asTheIsaSays,
+            transposed != 0 ? "ldmatrix .trans gives lane 4g + t rows 2t, 2t + 1 of column g of each matrix"
+                            : "ldmatrix gives lane 4g + t row g, columns 2t, 2t + 1 of each matrix");
+    }
+    std::vector<uint32_t> out(32 * 4);
+    loadsMatrices | ::emu::Launch(1, 32, tile.size() * 2) | ::emu::args(tile.data(), out.data(), 0, 1);
+    expect(contains(launchError(), "is not 16-byte aligned"), "ldmatrix from a misaligned row fails");
+}
+
 void checkMemoryAndLimits()
 {
     std::vector<float> out(32);
@@ -342,6 +400,7 @@ int main()
     checkBarriersAndSchedules();
     checkBlockCollectives();
     checkMma();
+    checkLdmatrix();
     checkMemoryAndLimits();
     return checks::report();
 }

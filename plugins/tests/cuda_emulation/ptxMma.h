@@ -1,5 +1,6 @@
-// The CUDA emulation's PTX instruction mma.sync.m16n8k16 (emu::mmaM16N8K16), with its per-lane
-// fragments: the kernels' warpMma calls it where a GPU runs the instruction.
+// The CUDA emulation's PTX instructions for tensor cores, with their per-lane fragments:
+// mma.sync.m16n8k16 (emu::mmaM16N8K16, the kernels' warpMma) and ldmatrix.sync.m8n8.x4
+// (emu::ldmatrixX4, the kernels' loadMatrices), called where a GPU runs the instruction.
 #pragma once
 #include "cudaEmulation.h"
 #include "cuda_bf16.h"
@@ -78,6 +79,33 @@ void mmaM16N8K16(char const* file, int line, float (&d)[4], uint32_t const (&a)[
             sum += aAt(row, k) * bAt(k, column);
         }
         d[e] = sum;
+    }
+}
+
+//! ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 for the calling warp: lane l gives the address
+//! of row l % 8 of matrix l / 8 (8 16-bit elements, 16-byte aligned), and receives in register i
+//! two adjacent elements of matrix i (PTX ISA, "Warp-level matrix load instruction: ldmatrix"):
+//! row l / 4, columns 2 (l % 4) + {0, 1}; with `.trans` rows 2 (l % 4) + {0, 1} of column l / 4.
+//! The lower element is the register's low half.
+inline void ldmatrixX4(char const* file, int line, uint32_t (&r)[4], void const* rowAddress, bool transposed)
+{
+    if (reinterpret_cast<uintptr_t>(rowAddress) % 16 != 0)
+    {
+        fail("ldmatrix at %s:%d: row address %p is not 16-byte aligned", file, line, rowAddress);
+    }
+    WarpRound const round = warpExchange(file, line, ~0u, reinterpret_cast<uintptr_t>(rowAddress));
+    auto element = [&](int matrix, int row, int column) {
+        uint16_t bits;
+        std::memcpy(&bits, reinterpret_cast<unsigned char const*>(round.words[8 * matrix + row][0]) + 2 * column,
+            sizeof(bits));
+        return static_cast<uint32_t>(bits);
+    };
+    int const lane = round.lane;
+    for (int i = 0; i < 4; ++i)
+    {
+        r[i] = transposed
+            ? element(i, 2 * (lane % 4), lane / 4) | element(i, 2 * (lane % 4) + 1, lane / 4) << 16
+            : element(i, lane / 4, 2 * (lane % 4)) | element(i, lane / 4, 2 * (lane % 4) + 1) << 16;
     }
 }
 
