@@ -7,6 +7,7 @@ run, report every step and operator they promise, and leave ``mra_export`` as th
 
 from __future__ import annotations
 
+from pathlib import Path
 import re
 from unittest import mock
 
@@ -167,3 +168,25 @@ def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, 
     assert stopped.value.code == 2
     last_line = capsys.readouterr().err.splitlines()[-1]  # argparse's usage line comes first
     assert last_line.startswith(f"{tool}.py: error: {message}")
+
+
+def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkeypatch):
+    """gpu_speed's report (its numbers come from a GPU): an --op-only run, as the A/B of two
+    kernel builds makes, has no whole-model section; a full run has both."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))  # gpu_check
+    gpu_speed = load_tool("gpu_speed")
+    op = dict(dtype="float16", batch=8, length=4096, mra_device_ms=0.4, sdpa_device_ms=0.86,
+              sdpa_over_mra_device=2.15, mra_python_ms=0.5, sdpa_python_ms=0.9)
+    result = dict(device="NVIDIA H200", torch="2.11", command="python tools/gpu_speed.py --op-only",
+                  library=".carry-libs/previous/libmra_attention_cuda.so", attention=[op],
+                  models=[], kernels=[])
+    op_only = gpu_speed.markdown(result)
+    assert "Kernel library: `.carry-libs/previous/libmra_attention_cuda.so`" in op_only
+    assert "| float16 | 8 | 4096 | 0.400 | 0.860 | 2.15x | 0.500 | 0.900 |" in op_only
+    assert "Whole model" not in op_only and "heaviest kernels" not in op_only
+    model = dict(batch=1, mra_fused_ms=11.0, mra_fused_head_major_ms=11.5, mra_reference_ms=38.0,
+                 roberta_sdpa_ms=9.0, fused_over_roberta=1.22, head_major_over_fused=1.05)
+    kernels = dict(model="mra fused", batch=1, total_ms=10.0, top=[("highResolutionMma", 4.0)])
+    full = gpu_speed.markdown({**result, "models": [model], "kernels": [kernels]})
+    assert "| 1 | 11.00 | 11.50 | 38.00 | 9.00 | 1.22x | 1.05x |" in full
+    assert "4.000 ms `highResolutionMma`" in full

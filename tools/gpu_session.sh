@@ -4,7 +4,9 @@
 #     TRT_INCLUDE_DIR=$PWD/../shared/third_party/tensorrt/include \
 #     ORT_INCLUDE_DIR=$PWD/../shared/third_party/onnxruntime/include     (absolute: CMake skips relative ones)
 #   python tools/ort_cuda_speed.py export .carry-onnx
-# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git);
+# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git); an
+# earlier build's libmra_attention_cuda.so in .carry-libs/previous (with its tree in a file TREE)
+# adds an A/B of the op against it;
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
@@ -41,6 +43,13 @@ python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py tests
 
 echo "== speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
+if [ -f .carry-libs/previous/libmra_attention_cuda.so ]; then
+  # The same op timed with an earlier build's kernels (its tree in .carry-libs/previous/TREE):
+  # what the kernel changes since then moved, in one run on one GPU.
+  echo "== A/B: the op with the kernels of $(cat .carry-libs/previous/TREE 2>/dev/null || echo 'an earlier tree')"
+  MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs/previous python3 tools/gpu_speed.py --op-only --quick \
+    --out "$OUT/previous" 2>&1 | tail -12
+fi
 
 echo "== onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
 if install_onnxruntime_gpu; then

@@ -16,6 +16,10 @@
    show what the layout moved. Then each model's heaviest CUDA kernels per forward
    (torch.profiler), which say where the whole model's time goes against RoBERTa's.
 
+``--op-only`` times the op alone (1.), as an A/B of two kernel builds needs: run it once per
+build, each named by ``MRA_EXPORT_PLUGIN_BUILD`` (``tools/gpu_session.sh`` does so for the build
+it carries as ``.carry-libs/previous``).
+
 Writes ``gpu_speed.json`` and ``gpu_speed.md`` into --out and prints the tables.
 """
 
@@ -182,10 +186,13 @@ def _kernel_lines(entry) -> list[str]:
 
 def markdown(result: dict) -> str:
     lines = [f"# GPU speed ({result['device']}, torch {result['torch']})", "",
-             f"`{result['command']}`", "", "## The attention op (ms)", "",
+             f"`{result['command']}`", "", f"Kernel library: `{result['library']}`", "",
+             "## The attention op (ms)", "",
              "| dtype | batch | tokens | MRA device | SDPA device | SDPA / MRA | MRA python | SDPA python |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_attention_line(row) for row in result["attention"]]
+    if not result["models"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Whole model, 12 layers, fp16, 4096 tokens (ms, from Python)", "", MODEL_HEADER]
     lines += [_model_line(row) for row in result["models"]]
     lines += ["", "## The heaviest kernels per forward (torch.profiler)", ""]
@@ -198,6 +205,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
+    parser.add_argument("--op-only", action="store_true",
+                        help="the attention op alone, not the whole model")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.exit(2, "gpu_speed: no CUDA GPU here\n")
@@ -207,8 +216,11 @@ def main(argv=None) -> int:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   command="python tools/gpu_speed.py " + " ".join(argv or sys.argv[1:]),
                   attention=attention_rows(args.quick))
-    print(MODEL_HEADER)
-    result["models"], result["kernels"] = model_rows(args.quick)
+    result["library"] = str(fused.kernel_library("cuda").path)
+    result["models"], result["kernels"] = [], []
+    if not args.op_only:
+        print(MODEL_HEADER)
+        result["models"], result["kernels"] = model_rows(args.quick)
     result["seconds"] = time.time() - started
     (args.out / "gpu_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "gpu_speed.md").write_text(markdown(result))
