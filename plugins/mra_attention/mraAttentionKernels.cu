@@ -627,18 +627,28 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     }
 }
 
-//! Maximum over the 4 threads of one query row (lanes 4g..4g+3 of a warp).
-__device__ inline float rowMaxOf4(float value)
+//! Maximum over the kLanes threads of one query row (kLanes adjacent lanes of a warp, aligned).
+template <int kLanes>
+__device__ inline float rowMaxOver(float value)
 {
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
-    return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
+    MRA_UNROLL
+    for (int32_t offset = 1; offset < kLanes; offset *= 2)
+    {
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    }
+    return value;
 }
 
-//! Sum over the 4 threads of one query row.
-__device__ inline float rowSumOf4(float value)
+//! Sum over the kLanes threads of one query row.
+template <int kLanes>
+__device__ inline float rowSumOver(float value)
 {
-    value += __shfl_xor_sync(0xffffffffu, value, 1);
-    return value + __shfl_xor_sync(0xffffffffu, value, 2);
+    MRA_UNROLL
+    for (int32_t offset = 1; offset < kLanes; offset *= 2)
+    {
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    }
+    return value;
 }
 
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
@@ -651,32 +661,33 @@ struct SoftmaxStats
     float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials
     float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
 
-    //! Fold in one block's scores of a row, 8 per thread of its 4 (`real`: the key is real).
-    //! Returns the factor the row's earlier sums are rescaled by, and the weights in `weights`.
-    //! fp16/bf16 take the fast exponential (a few ulp of fp32), as their weights round to 8 or
-    //! 11 bits anyway.
-    template <bool kFastExp>
-    __device__ float absorb(float const (&scores)[8], bool const (&real)[8], float (&weights)[8])
+    //! Fold in one block's scores of a row, kKeys per thread of its kLanes (`real`: the key is
+    //! real). Returns the factor the row's earlier sums are rescaled by, and the weights in
+    //! `weights`. fp16/bf16 take the fast exponential (a few ulp of fp32), as their weights round
+    //! to 8 or 11 bits anyway.
+    template <bool kFastExp, int kLanes, int kKeys>
+    __device__ float absorb(float const (&scores)[kKeys], bool const (&real)[kKeys], float (&weights)[kKeys])
     {
+        static_assert(kKeys * kLanes == kBlock, "a row's threads hold the block's keys");
         float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
-        for (int32_t t = 0; t < 8; ++t)
+        for (int32_t t = 0; t < kKeys; ++t)
         {
             blockMax = fmaxf(blockMax, scores[t]);
             blockRealMax = fmaxf(blockRealMax, real[t] ? scores[t] : -FLT_MAX);
         }
-        runningMax = fmaxf(runningMax, rowMaxOf4(blockMax));
-        float const newBase = fmaxf(baseMax, rowMaxOf4(blockRealMax));
+        runningMax = fmaxf(runningMax, rowMaxOver<kLanes>(blockMax));
+        float const newBase = fmaxf(baseMax, rowMaxOver<kLanes>(blockRealMax));
         float const rescale = expf(baseMax - newBase); // 1 while no real key has been seen
         baseMax = newBase;
         float partial = 0.0f;
-        for (int32_t t = 0; t < 8; ++t)
+        for (int32_t t = 0; t < kKeys; ++t)
         {
             float const exponent = scores[t] - newBase;
             weights[t] = !real[t] ? 0.0f : kFastExp ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
             partial += weights[t];
         }
-        norm = norm * rescale + rowSumOf4(partial);
+        norm = norm * rescale + rowSumOver<kLanes>(partial);
         return rescale;
     }
 };
@@ -750,53 +761,66 @@ __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride,
 // ---- (c) fp32: FMA -------------------------------------------------------------------------
 
 //! Shared memory of the fp32 kernel (bytes): a 4-element pad keeps rows 16-byte aligned, and
-//! float4 reads of 8 rows (a quarter warp) in distinct banks.
+//! float4 reads of 8 rows (a quarter warp) in distinct banks; weight rows 40 floats apart, so
+//! that the 4 pairs of rows of a warp store and load them in distinct banks.
 template <int D>
 struct FmaSmem
 {
     static constexpr int kTileStride = D + 4;
-    static constexpr int kWeightStride = 36; // float [32][36]: each row's 32 weights, for its 4 threads
+    static constexpr int kWeightStride = 40; // float [32][40]: each row's 32 weights, for its 8 threads
     static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
     static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
     static constexpr size_t kTotal = 3 * kTile + kWeights + sizeof(uint32_t) + 64;
 };
 
-//! The scores of keys lane + 4t of query row r, by FMA from shared memory in d order (the K rows
-//! of the 4 lanes fall in distinct banks).
+//! The scores of keys lane + 8t (t < 4) of query rows r and r + 16, by FMA from shared memory
+//! in d order: each float4 of K read serves two rows (the 8 lanes' K rows fall in distinct
+//! banks; the query rows are one address per quarter warp).
 template <int D>
-__device__ inline void scoresByFma(
-    Problem const& p, float const* queryTile, float const* keyTile, int32_t r, int32_t lane, float (&scores)[8])
+__device__ inline void scoresByFma(Problem const& p, float const* queryTile, float const* keyTile, int32_t r,
+    int32_t lane, float (&scores)[2][4])
 {
     using Smem = FmaSmem<D>;
-    float dot[8] = {};
+    float dot[2][4] = {};
     for (int32_t d = 0; d < D; d += 4)
     {
-        float4 const q = *reinterpret_cast<float4 const*>(queryTile + r * Smem::kTileStride + d);
-        for (int32_t t = 0; t < 8; ++t)
+        float4 const q[2] = {*reinterpret_cast<float4 const*>(queryTile + r * Smem::kTileStride + d),
+            *reinterpret_cast<float4 const*>(queryTile + (r + 16) * Smem::kTileStride + d)};
+        MRA_UNROLL
+        for (int32_t t = 0; t < 4; ++t)
         {
-            float4 const k = *reinterpret_cast<float4 const*>(keyTile + (lane + 4 * t) * Smem::kTileStride + d);
-            dot[t] += q.x * k.x;
-            dot[t] += q.y * k.y;
-            dot[t] += q.z * k.z;
-            dot[t] += q.w * k.w;
+            float4 const k = *reinterpret_cast<float4 const*>(keyTile + (lane + 8 * t) * Smem::kTileStride + d);
+            MRA_UNROLL
+            for (int32_t h = 0; h < 2; ++h)
+            {
+                dot[h][t] += q[h].x * k.x;
+                dot[h][t] += q[h].y * k.y;
+                dot[h][t] += q[h].z * k.z;
+                dot[h][t] += q[h].w * k.w;
+            }
         }
     }
-    for (int32_t t = 0; t < 8; ++t)
+    for (int32_t h = 0; h < 2; ++h)
     {
-        scores[t] = dot[t] / p.scaleDivisor; // divides, as PyTorch does
+        for (int32_t t = 0; t < 4; ++t)
+        {
+            scores[h][t] = dot[h][t] / p.scaleDivisor; // divides, as PyTorch does
+        }
     }
 }
 
-//! One CTA per (row, query block i), 128 threads: query row r = threadIdx.x / 4, its 4 threads
-//! each the keys lane + 4t and the output dims in 16-byte groups lane, lane + 4, ... (so that the
-//! 4 lanes' float4 reads of one shared-memory row fall in distinct banks). The CTAs of a row are
-//! adjacent (L2 reuse).
+//! One CTA per (row, query block i), 128 threads: thread x takes query rows r = x / 8 and
+//! r + 16, keys lane + 8t of each block (lane = x % 8) and the output dims in 16-byte groups
+//! lane, lane + 8, ...: every K and V float4 it reads from shared memory serves two rows. The
+//! kernel had a thread per row before (4 per row, 8 keys each), and read shared memory 1.6x as
+//! much for the same multiply-adds. The CTAs of a row are adjacent (L2 reuse).
 template <int D>
 __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     Problem p, float const* query, float const* key, float const* value, int32_t const* mask, Scratch s, float* output)
 {
+    static_assert(kHighResThreads == 8 * kBlock / 2, "8 threads per pair of query rows");
     using Smem = FmaSmem<D>;
-    constexpr int kDims = D / 4;
+    constexpr int kGroups = D / 32; // the thread's 16-byte groups of output dims
     extern __shared__ __align__(128) unsigned char smem[];
     float* queryTile = reinterpret_cast<float*>(smem);
     float* keyTile = reinterpret_cast<float*>(smem + Smem::kTile);
@@ -806,57 +830,84 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
-    int32_t const r = threadIdx.x / 4;
-    int32_t const lane = threadIdx.x % 4;
+    int32_t const r = threadIdx.x / 8;
+    int32_t const lane = threadIdx.x % 8;
+    int32_t const rows[2] = {r, r + 16};
 
     TileFetch<float, D, 1, kHighResThreads> queries;
     queries.start(p, {query}, mask, row, i * kBlock);
     queries.store(0, queryTile, Smem::kTileStride);
-    SoftmaxStats stats;
-    float out[kDims] = {}; // sum exp(P - baseMax) V at dims 16 (u / 4) + 4 lane + u % 4
+    SoftmaxStats stats[2];
+    float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
     forEachKeyBlock<float, D, kHighResThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
         realKeys, [&](uint32_t blockRealKeys) {
-        float scores[8];
-        bool real[8];
-        float weights[8];
+        float scores[2][4];
         scoresByFma<D>(p, queryTile, keyTile, r, lane, scores);
-        for (int32_t t = 0; t < 8; ++t)
+        bool real[4];
+        for (int32_t t = 0; t < 4; ++t)
         {
-            real[t] = (blockRealKeys >> (lane + 4 * t)) & 1u;
+            real[t] = (blockRealKeys >> (lane + 8 * t)) & 1u;
         }
-        float const rescale = stats.absorb<false>(scores, real, weights);
-        float* rowWeights = weightTile + r * Smem::kWeightStride;
-        for (int32_t t = 0; t < 8; ++t)
+        float rescale[2];
+        for (int32_t h = 0; h < 2; ++h)
         {
-            rowWeights[lane + 4 * t] = weights[t];
+            float weights[4];
+            rescale[h] = stats[h].absorb<false, 8>(scores[h], real, weights);
+            for (int32_t t = 0; t < 4; ++t)
+            {
+                weightTile[rows[h] * Smem::kWeightStride + lane + 8 * t] = weights[t];
+            }
         }
-        __syncwarp();
-        for (int32_t u = 0; u < kDims; ++u)
+        __syncwarp(); // a row's 8 threads are one quarter of a warp
+        MRA_UNROLL
+        for (int32_t h = 0; h < 2; ++h)
         {
-            out[u] *= rescale;
+            MRA_UNROLL
+            for (int32_t group = 0; group < kGroups; ++group)
+            {
+                out[h][group].x *= rescale[h];
+                out[h][group].y *= rescale[h];
+                out[h][group].z *= rescale[h];
+                out[h][group].w *= rescale[h];
+            }
         }
         for (int32_t k = 0; k < kBlock; ++k)
         {
-            float const weight = rowWeights[k];
-            for (int32_t group = 0; group < D / 16; ++group)
+            float const weight[2] = {weightTile[rows[0] * Smem::kWeightStride + k],
+                weightTile[rows[1] * Smem::kWeightStride + k]};
+            MRA_UNROLL
+            for (int32_t group = 0; group < kGroups; ++group)
             {
-                float4 const v = *reinterpret_cast<float4 const*>(valueTile + k * Smem::kTileStride + 16 * group + 4 * lane);
-                out[4 * group] += weight * v.x;
-                out[4 * group + 1] += weight * v.y;
-                out[4 * group + 2] += weight * v.z;
-                out[4 * group + 3] += weight * v.w;
+                float4 const v
+                    = *reinterpret_cast<float4 const*>(valueTile + k * Smem::kTileStride + 4 * (lane + 8 * group));
+                MRA_UNROLL
+                for (int32_t h = 0; h < 2; ++h)
+                {
+                    out[h][group].x += weight[h] * v.x;
+                    out[h][group].y += weight[h] * v.y;
+                    out[h][group].z += weight[h] * v.z;
+                    out[h][group].w += weight[h] * v.w;
+                }
             }
         }
     });
 
     LowResolution const low(p, s, row, i);
-    RowEpilogue const combine(p, stats, s.rowMax[row * p.nb + i], low.norm);
-    bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + r);
+    float const blockRowMax = s.rowMax[row * p.nb + i];
     __syncthreads(); // the query tile becomes the output staging tile
-    for (int32_t u = 0; u < kDims; ++u)
+    for (int32_t h = 0; h < 2; ++h)
     {
-        int32_t const d = 16 * (u / 4) + 4 * lane + u % 4;
-        queryTile[r * Smem::kTileStride + d] = queryReal ? combine(out[u], low.out(d)) : 0.0f;
+        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
+        bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
+        for (int32_t group = 0; group < kGroups; ++group)
+        {
+            int32_t const d = 4 * (lane + 8 * group);
+            float4 const hi = out[h][group];
+            *reinterpret_cast<float4*>(queryTile + rows[h] * Smem::kTileStride + d) = queryReal
+                ? make_float4(combine(hi.x, low.out(d)), combine(hi.y, low.out(d + 1)), combine(hi.z, low.out(d + 2)),
+                    combine(hi.w, low.out(d + 3)))
+                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
     }
     __syncthreads();
     storeOutputTile<float, D>(p, queryTile, Smem::kTileStride, row, i, output);
@@ -1021,7 +1072,7 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
                     real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
                 }
             }
-            float const rescale = stats[h].absorb<true>(scores, real, weights[h]);
+            float const rescale = stats[h].absorb<true, 4>(scores, real, weights[h]);
             MRA_UNROLL
             for (int32_t n = 0; n < kDimTiles; ++n)
             {
