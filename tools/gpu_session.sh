@@ -37,21 +37,26 @@ if [ "${1:-}" = bench ]; then
   exit $?
 fi
 
-echo "== GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels"
+echo "== [${SECONDS}s] GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels"
 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py tests/test_plugin_gpu.py \
   tests/test_cuda_kernels.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
 
-echo "== speed: the op against SDPA, the whole model against RoBERTa"
+echo "== [${SECONDS}s] gpu_check's correctness cases on the carried library (no build, no timing)"
+timeout 150 python3 tools/gpu_check.py --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" \
+  --no-timing --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
+echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
+
+echo "== [${SECONDS}s] speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
 if [ -f .carry-libs/previous/libmra_attention_cuda.so ]; then
   # The same op timed with an earlier build's kernels (its tree in .carry-libs/previous/TREE):
   # what the kernel changes since then moved, in one run on one GPU.
-  echo "== A/B: the op with the kernels of $(cat .carry-libs/previous/TREE 2>/dev/null || echo 'an earlier tree')"
+  echo "== [${SECONDS}s] A/B: the op with the kernels of $(cat .carry-libs/previous/TREE 2>/dev/null || echo 'an earlier tree')"
   MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs/previous python3 tools/gpu_speed.py --op-only --quick \
     --out "$OUT/previous" 2>&1 | tail -12
 fi
 
-echo "== onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
+echo "== [${SECONDS}s] onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
 if install_onnxruntime_gpu; then
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py tests/test_ort_cuda_placement.py \
     2>&1 | tee "$OUT/pytest-ort.log" | tail -8
@@ -65,7 +70,7 @@ else
   echo "skipped: no onnxruntime-gpu parts in /tmp/parts"
 fi
 
-echo "== compute-sanitizer on small cases (the three tools in parallel)"
+echo "== [${SECONDS}s] compute-sanitizer on small cases (the three tools in parallel)"
 S=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for t in memcheck racecheck synccheck; do
   (timeout 150 "$S" --tool $t --error-exitcode 1 python3 tools/sanitize_kernels.py \
@@ -76,15 +81,11 @@ wait
 for t in memcheck racecheck synccheck; do echo "-- $t"; cat "/tmp/sanitize-$t.log"; done > "$OUT/sanitize.log"
 grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
 
-echo "== Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)"
+echo "== [${SECONDS}s] Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)"
 N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 timeout 240 "$N" --section SpeedOfLight --csv --page details --print-kernel-base function \
   --kernel-name regex:"blockMeans|lowResolution|selectBlocks|highResolution" \
   python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
 echo "ncu rc=$?"
 python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"
-
-echo "== gpu_check's correctness cases on the carried library (no build, no timing)"
-timeout 150 python3 tools/gpu_check.py --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" \
-  --no-timing --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
-echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
+echo "== [${SECONDS}s] done"
