@@ -61,6 +61,15 @@ def test_more_than_128_blocks_per_row(emulated_kernels):
     assert check(emulated_kernels, q, k, v, mask, num_blocks=4 * 132) <= TOLERANCE
 
 
+@pytest.mark.parametrize("seq_len,lengths", [(2048, [2048, 1500]), (4096, [4096])])
+def test_selection_at_the_bench_lengths(emulated_kernels, seq_len, lengths):
+    """At 2048 and 4096 tokens (nb = 64, 128) every selection thread's run of cells starts
+    16-byte aligned, so its logits come in 16-byte loads: PyTorch's blocks, 8 per row."""
+    q, k, v = random_qkv(len(lengths), 2, seq_len, 32, seed=seq_len)
+    mask = ragged_mask(len(lengths), seq_len, lengths)
+    assert check(emulated_kernels, q, k, v, mask, num_blocks=8 * (seq_len // 32)) <= TOLERANCE
+
+
 def test_exact_ties_go_to_the_lower_flat_index(emulated_kernels):
     assert_exact_ties_go_to_the_lower_flat_index(emulated_kernels)
 
