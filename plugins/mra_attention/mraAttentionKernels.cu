@@ -25,7 +25,6 @@
 #include "ptxMma.h" // the CPU emulation's mma.sync (plugins/tests/cuda_emulation)
 #endif
 
-#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
@@ -107,10 +106,29 @@ __device__ inline uint32_t realTokenBits(Problem const& p, int32_t const* mask, 
     return __ballot_sync(0xffffffffu, isReal(p, mask, batch, block * kBlock + threadIdx.x % 32));
 }
 
-struct Maximum // cub::Max is gone from CUDA 13's CUB; this works with every version
+//! Maximum over the kLanes threads of one query row (kLanes adjacent lanes of a warp, aligned).
+template <int kLanes>
+__device__ inline float rowMaxOver(float value)
 {
-    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
+    MRA_UNROLL
+    for (int32_t offset = 1; offset < kLanes; offset *= 2)
+    {
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    }
+    return value;
+}
+
+//! Sum over the kLanes threads of one query row.
+template <int kLanes>
+__device__ inline float rowSumOver(float value)
+{
+    MRA_UNROLL
+    for (int32_t offset = 1; offset < kLanes; offset *= 2)
+    {
+        value += __shfl_xor_sync(0xffffffffu, value, offset);
+    }
+    return value;
+}
 
 // ---- (a) block means and low-resolution logits -----------------------------------------------
 
@@ -199,9 +217,9 @@ __global__ void blockMeans(Problem p, T const* query, T const* key, T const* val
 //! masking. The group shares each Kh_j a thread loads (16-byte loads, Qh from shared memory).
 __global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, Scratch s)
 {
-    using Reduce = cub::BlockReduce<float, kLogitThreads>;
-    __shared__ typename Reduce::TempStorage reduceStorage;
+    constexpr int kWarps = kLogitThreads / 32;
     __shared__ float4 queries[kLogitQueryBlocks][kMaxHeadDim / 4];
+    __shared__ float warpMaxima[kLogitQueryBlocks][kWarps];
     int32_t const groups = logitQueryGroups(p.nb);
     int32_t const row = blockIdx.x / groups;
     int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
@@ -245,14 +263,28 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, 
                 = logit - (counts[i] * counts[j] < 0.5f ? kMaskedLogitPenalty : 0.0f);
         }
     }
-    for (int32_t u = 0; u < kLogitQueryBlocks && first + u < p.nb; ++u)
+    // The group's row maxima in one exchange: each warp's by shuffles, then thread u takes the
+    // warps' maximum for query block first + u (it was 8 block-wide reductions in a row, each
+    // with its barriers).
+    MRA_UNROLL
+    for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
     {
-        float const rowMax = Reduce(reduceStorage).Reduce(localMax[u], Maximum());
-        if (threadIdx.x == 0)
+        float const warpMax = rowMaxOver<32>(localMax[u]);
+        if (threadIdx.x % 32 == 0)
         {
-            s.rowMax[row * p.nb + first + u] = rowMax;
+            warpMaxima[u][threadIdx.x / 32] = warpMax;
         }
-        __syncthreads(); // before reduceStorage is used again
+    }
+    __syncthreads();
+    int32_t const u = threadIdx.x;
+    if (u < kLogitQueryBlocks && first + u < p.nb)
+    {
+        float rowMax = warpMaxima[u][0];
+        for (int32_t w = 1; w < kWarps; ++w)
+        {
+            rowMax = fmaxf(rowMax, warpMaxima[u][w]);
+        }
+        s.rowMax[row * p.nb + first + u] = rowMax;
     }
 }
 
@@ -649,30 +681,6 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
         __syncthreads();
         compute(*realKeys);
     }
-}
-
-//! Maximum over the kLanes threads of one query row (kLanes adjacent lanes of a warp, aligned).
-template <int kLanes>
-__device__ inline float rowMaxOver(float value)
-{
-    MRA_UNROLL
-    for (int32_t offset = 1; offset < kLanes; offset *= 2)
-    {
-        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-    }
-    return value;
-}
-
-//! Sum over the kLanes threads of one query row.
-template <int kLanes>
-__device__ inline float rowSumOver(float value)
-{
-    MRA_UNROLL
-    for (int32_t offset = 1; offset < kLanes; offset *= 2)
-    {
-        value += __shfl_xor_sync(0xffffffffu, value, offset);
-    }
-    return value;
 }
 
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
