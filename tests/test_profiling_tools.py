@@ -7,7 +7,6 @@ run, report every step and operator they promise, and leave ``mra_export`` as th
 
 from __future__ import annotations
 
-from pathlib import Path
 import re
 from unittest import mock
 
@@ -20,7 +19,7 @@ import torch
 from mra_export import attention, patching
 from mra_export.bench import models
 
-from .conftest import SMALL_BENCH_SHAPES, load_tool
+from .conftest import SMALL_BENCH_SHAPES, TOOLS, load_tool
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +172,7 @@ def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, 
 def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkeypatch):
     """gpu_speed's report (its numbers come from a GPU): an --op-only run, as the A/B of two
     kernel builds makes, has no whole-model section; a full run has both."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))  # gpu_check
+    monkeypatch.syspath_prepend(str(TOOLS))  # gpu_speed imports gpu_check, as a script does
     gpu_speed = load_tool("gpu_speed")
     op = dict(dtype="float16", batch=8, length=4096, mra_device_ms=0.4, sdpa_device_ms=0.86,
               sdpa_over_mra_device=2.15, mra_python_ms=0.5, sdpa_python_ms=0.9)

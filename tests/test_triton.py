@@ -270,7 +270,6 @@ def test_the_fetch_extracts_again_what_is_partial_or_for_another_python(tmp_path
     assert not fetch._whole(server)
 
 
-
 def test_counts_after_a_load_wait_for_the_requests_triton_records_late(monkeypatch):
     """Triton can record a request's statistics after its answer reached the client: the read
     after a load waits for them (a CI run once counted 399 of 400), and gives up after its
@@ -284,6 +283,7 @@ def test_counts_after_a_load_wait_for_the_requests_triton_records_late(monkeypat
                         lambda url, model, protocol="grpc": load.BatchingStats(399, 0, 0))
     counts = load.batching_stats_since("url", "m", before, requests=400, timeout=0.2)
     assert counts.requests == 399
+
 
 # --- configs against the schema and the graph ----------------------------------------------------
 

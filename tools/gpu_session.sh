@@ -48,11 +48,12 @@ echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
 
 echo "== [${SECONDS}s] speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
-if [ -f .carry-libs/previous/libmra_attention_cuda.so ]; then
-  # The same op timed with an earlier build's kernels (its tree in .carry-libs/previous/TREE):
-  # what the kernel changes since then moved, in one run on one GPU.
-  echo "== [${SECONDS}s] A/B: the op with the kernels of $(cat .carry-libs/previous/TREE 2>/dev/null || echo 'an earlier tree')"
-  MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs/previous python3 tools/gpu_speed.py --op-only --quick \
+PREVIOUS=$MRA_EXPORT_PLUGIN_BUILD/previous
+if [ -f "$PREVIOUS/libmra_attention_cuda.so" ]; then
+  # The same op timed with an earlier build's kernels (its tree in $PREVIOUS/TREE): what the
+  # kernel changes since then moved, in one run on one GPU.
+  echo "== [${SECONDS}s] A/B: the op with the kernels of $(cat "$PREVIOUS/TREE" 2>/dev/null || echo 'an earlier tree')"
+  MRA_EXPORT_PLUGIN_BUILD=$PREVIOUS python3 tools/gpu_speed.py --op-only --quick \
     --out "$OUT/previous" 2>&1 | tail -12
 fi
 

@@ -135,7 +135,7 @@ __device__ inline float rowSumOver(float value)
 //! blockMeans' threads for head_dim D: one per (tensor, 16-byte vector of a token's D values)
 //! of Q, K and V, rounded up to whole warps (the mask's ballot takes a whole warp).
 template <typename T>
-__host__ __device__ constexpr int32_t meanThreads(int32_t headDim)
+constexpr int32_t meanThreads(int32_t headDim)
 {
     return (3 * headDim / (16 / static_cast<int32_t>(sizeof(T))) + 31) / 32 * 32;
 }
@@ -143,9 +143,7 @@ __host__ __device__ constexpr int32_t meanThreads(int32_t headDim)
 //! One CTA per (row, block): block means of the masked Q, K, V, sums in token order over
 //! c + 1e-6, c the block's real tokens, which the CTAs of head 0 also write to `counts` for the
 //! kernels after. Thread x sums vector x % (D / kVector) of tensor x / (D / kVector), so each
-//! load is 16 bytes: a thread per dimension read 2 or 4 bytes a load, 32 loads for 8 bytes of
-//! sums (the kernel took 15.6 us at batch 1 and 73 us at batch 8 under ncu, 25-45% of the DRAM
-//! bandwidth). Each dimension's sum keeps its token order, so the means are the same bits.
+//! load is 16 bytes; each dimension's sum keeps its token order (the C++ twin's bits).
 template <typename T>
 __global__ void blockMeans(Problem p, T const* query, T const* key, T const* value, int32_t const* mask,
     float* counts, float* queryMean, float* keyMean, float* valueMean)
@@ -178,20 +176,20 @@ __global__ void blockMeans(Problem p, T const* query, T const* key, T const* val
     // kInFlight tokens' loads issued together (only real tokens are read: past the sequence
     // there is no memory), then added in token order.
     constexpr int32_t kInFlight = 8;
+    auto const isRealToken = [real](int32_t token) { return ((real >> token) & 1u) != 0; };
     for (int32_t first = 0; first < kBlock; first += kInFlight)
     {
         Token tokens[kInFlight];
         MRA_UNROLL
         for (int32_t u = 0; u < kInFlight; ++u)
         {
-            bool const isRealToken = (real >> (first + u)) & 1u;
-            tokens[u].raw = isRealToken ? *reinterpret_cast<uint4 const*>(source + (first + u) * stride)
-                                        : make_uint4(0, 0, 0, 0);
+            tokens[u].raw = isRealToken(first + u) ? *reinterpret_cast<uint4 const*>(source + (first + u) * stride)
+                                                   : make_uint4(0, 0, 0, 0);
         }
         MRA_UNROLL
         for (int32_t u = 0; u < kInFlight; ++u)
         {
-            if ((real >> (first + u)) & 1u)
+            if (isRealToken(first + u))
             {
                 MRA_UNROLL
                 for (int32_t e = 0; e < kVector; ++e)
@@ -264,8 +262,7 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, 
         }
     }
     // The group's row maxima in one exchange: each warp's by shuffles, then thread u takes the
-    // warps' maximum for query block first + u (it was 8 block-wide reductions in a row, each
-    // with its barriers).
+    // warps' maximum for query block first + u (one barrier for all 8).
     MRA_UNROLL
     for (int32_t u = 0; u < kLogitQueryBlocks; ++u)
     {
@@ -844,8 +841,7 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
 //! One CTA per (row, query block i), 128 threads: thread x takes query rows r = x / 8 and
 //! r + 16, keys lane + 8t of each block (lane = x % 8) and the output dims in 16-byte groups
 //! lane, lane + 8, ...: every K and V float4 it reads from shared memory serves two rows. The
-//! kernel had a thread per row before (4 per row, 8 keys each), and read shared memory 1.6x as
-//! much for the same multiply-adds. The CTAs of a row are adjacent (L2 reuse).
+//! CTAs of a row are adjacent (L2 reuse).
 template <int D>
 __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     Problem p, float const* query, float const* key, float const* value, int32_t const* mask, Scratch s, float* output)
@@ -985,7 +981,7 @@ __device__ inline void warpMma(float (&d)[4], uint32_t const (&a)[4], uint32_t c
 //! elements, 16 bytes, aligned) in shared memory; register i receives matrix i's fragment,
 //! row l / 4 and columns 2 (l % 4) + {0, 1} (an A or a row-major B fragment of mma.m16n8k16),
 //! or with `kTransposed` rows 2 (l % 4) + {0, 1} of column l / 4 (a B fragment from a tile
-//! stored k-major, as V is). One instruction where the fragments took 4 to 8 shared loads.
+//! stored k-major, as V is).
 template <bool kTransposed>
 __device__ inline void loadMatrices(uint32_t (&r)[4], void const* rowAddress)
 {
@@ -1023,10 +1019,9 @@ __device__ inline uint32_t packPair(float low, float high)
 }
 
 //! Shared memory of the tensor-core kernel (bytes): Q, K and V row-major, rows padded by 8
-//! elements (16 bytes), so that the 8 rows of an ldmatrix matrix fall in distinct banks. V was
-//! stored transposed before, so that its B fragments were 32-bit loads, but a warp's 2-byte
-//! transposing stores fell in 2 banks (8-way conflicts): 288 shared-memory wavefronts a warp
-//! per key block for V at head_dim 64, against 48 for 16-byte stores and ldmatrix.trans.
+//! elements (16 bytes), so that the 8 rows of an ldmatrix matrix fall in distinct banks. V is
+//! not stored transposed: a warp's 2-byte transposing stores fall in 2 banks (8-way conflicts);
+//! ldmatrix.trans transposes it on the way to the registers instead.
 template <typename T, int D>
 struct MmaSmem
 {
