@@ -177,10 +177,10 @@ def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkey
     op = dict(dtype="float16", batch=8, length=4096, mra_device_ms=0.4, sdpa_device_ms=0.86,
               sdpa_over_mra_device=2.15, mra_python_ms=0.5, sdpa_python_ms=0.9)
     result = dict(device="NVIDIA H200", torch="2.11", command="python tools/gpu_speed.py --op-only",
-                  library=".carry-libs/previous/libmra_attention_cuda.so", attention=[op],
+                  library=".carry-libs/ab/161901a/libmra_attention_cuda.so", attention=[op],
                   models=[], kernels=[])
     op_only = gpu_speed.markdown(result)
-    assert "Kernel library: `.carry-libs/previous/libmra_attention_cuda.so`" in op_only
+    assert "Kernel library: `.carry-libs/ab/161901a/libmra_attention_cuda.so`" in op_only
     assert "| float16 | 8 | 4096 | 0.400 | 0.860 | 2.15x | 0.500 | 0.900 |" in op_only
     assert "Whole model" not in op_only and "heaviest kernels" not in op_only
     model = dict(batch=1, mra_fused_ms=11.0, mra_fused_head_major_ms=11.5, mra_reference_ms=38.0,

@@ -4,9 +4,9 @@
 #     TRT_INCLUDE_DIR=$PWD/../shared/third_party/tensorrt/include \
 #     ORT_INCLUDE_DIR=$PWD/../shared/third_party/onnxruntime/include     (absolute: CMake skips relative ones)
 #   python tools/ort_cuda_speed.py export .carry-onnx
-# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git); an
-# earlier build's libmra_attention_cuda.so in .carry-libs/previous (with its tree in a file TREE)
-# adds an A/B of the op against it;
+# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git); each
+# other build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (an earlier tree, or this one
+# with other settings, said in a file TREE beside it) adds an A/B of the op against it;
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
@@ -48,14 +48,15 @@ echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
 
 echo "== [${SECONDS}s] speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
-PREVIOUS=$MRA_EXPORT_PLUGIN_BUILD/previous
-if [ -f "$PREVIOUS/libmra_attention_cuda.so" ]; then
-  # The same op timed with an earlier build's kernels (its tree in $PREVIOUS/TREE): what the
-  # kernel changes since then moved, in one run on one GPU.
-  echo "== [${SECONDS}s] A/B: the op with the kernels of $(cat "$PREVIOUS/TREE" 2>/dev/null || echo 'an earlier tree')"
-  MRA_EXPORT_PLUGIN_BUILD=$PREVIOUS python3 tools/gpu_speed.py --op-only --quick \
-    --out "$OUT/previous" 2>&1 | tail -12
-fi
+for build in "$MRA_EXPORT_PLUGIN_BUILD"/ab/*/; do
+  [ -f "$build/libmra_attention_cuda.so" ] || continue
+  # The same op timed with another build's kernels (what it is in $build/TREE): what the
+  # difference moves, on the same GPU in the same call.
+  name=$(basename "$build")
+  echo "== [${SECONDS}s] A/B: the op with build $name: $(cat "$build/TREE" 2>/dev/null || echo 'no TREE file')"
+  MRA_EXPORT_PLUGIN_BUILD=${build%/} python3 tools/gpu_speed.py --op-only --quick \
+    --out "$OUT/ab-$name" 2>&1 | tail -12
+done
 
 echo "== [${SECONDS}s] onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
 if install_onnxruntime_gpu; then

@@ -17,8 +17,8 @@
    (torch.profiler), which say where the whole model's time goes against RoBERTa's.
 
 ``--op-only`` times the op alone (1.), as an A/B of two kernel builds needs: run it once per
-build, each named by ``MRA_EXPORT_PLUGIN_BUILD`` (``tools/gpu_session.sh`` does so for the build
-it carries as ``.carry-libs/previous``).
+build, each named by ``MRA_EXPORT_PLUGIN_BUILD`` (``tools/gpu_session.sh`` does so for each build
+it carries in ``.carry-libs/ab/``).
 
 Writes ``gpu_speed.json`` and ``gpu_speed.md`` into --out and prints the tables.
 """

@@ -55,6 +55,11 @@ constexpr int kLogitThreads = 128;
 constexpr int kLogitQueryBlocks = 8; // query blocks per lowResolutionLogits CTA
 constexpr int kMaxHeadDim = 128;
 
+// The tensor-core kernel's key-block stages (MmaSmem); a build may set another for an A/B.
+#ifndef MRA_MMA_STAGES
+#define MRA_MMA_STAGES 3
+#endif
+
 //! lowResolutionLogits' CTAs per row: the launch and the kernel agree on it through this.
 __host__ __device__ inline int32_t logitQueryGroups(int32_t nb)
 {
@@ -563,121 +568,124 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionTerms(Problem p, S
 
 // ---- (c) + (d) high resolution and the epilogue: what both kernels share -------------------
 
-//! [32, D] tiles of rows first + 0..31 of kTensors tensors (Q; or K and V), in registers between
-//! the loads that `start` them and the shared-memory stores that end them, so that the next key
-//! block's loads are in flight while the current one is computed. Thread x of kThreads holds
-//! 16-byte vectors x, x + kThreads, ... of each; masked tokens and rows past the sequence are
-//! zero (the data and the mask are loaded independently, the data of padded tokens being in
-//! memory too).
-template <typename T, int D, int kTensors, int kThreads>
-struct TileFetch
+//! cp.async.cg (sm_80 and later): 16 bytes from global to shared memory without passing through
+//! registers; `real` false writes 16 zero bytes and reads none (a padded token, or one past the
+//! sequence, whose address may lie past the tensor: `global` is then not read).
+__device__ inline void copyAsync16(void* shared, void const* global, bool real)
 {
-    static constexpr int kVector = 16 / sizeof(T);
-    static constexpr int kVectorsPerRow = D / kVector;
-    static constexpr int kPerThread = kBlock * kVectorsPerRow / kThreads;
-    static_assert(kPerThread * kThreads == kBlock * kVectorsPerRow, "the threads share the tile evenly");
-    uint4 vectors[kTensors][kPerThread];
+#ifdef MRA_CUDA_EMULATION_H
+    ::emu::asyncCopy(__FILE__, __LINE__, shared, global, 16, real ? 16 : 0);
+#else
+    uint32_t const address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(real ? 16 : 0)
+                 : "memory");
+#endif
+}
 
-    __device__ void start(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
-        int32_t first)
+//! cp.async.commit_group: the copies this thread issued since the last commit form a group.
+__device__ inline void commitCopies()
+{
+#ifdef MRA_CUDA_EMULATION_H
+    ::emu::asyncCommit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+//! cp.async.wait_group: this thread's groups but the newest kPending have landed. Other threads
+//! see them after a __syncthreads.
+template <int kPending>
+__device__ inline void waitForCopies()
+{
+#ifdef MRA_CUDA_EMULATION_H
+    ::emu::asyncWait(kPending);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+//! Issues the copies of the [32, D] tiles of tokens first + 0..31 of kTensors tensors (Q; or K
+//! and V) into shared memory, row-major with rows `stride` elements apart (16-byte aligned):
+//! padded tokens and those past the sequence as zeros. Thread x of kThreads copies 16-byte
+//! vectors x, x + kThreads, ... of each. Every thread calls it.
+template <typename T, int D, int kTensors, int kThreads>
+__device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
+    int32_t first, T* const (&tiles)[kTensors], int32_t stride)
+{
+    constexpr int kVector = 16 / sizeof(T);
+    constexpr int kVectorsPerRow = D / kVector;
+    constexpr int kPerThread = kBlock * kVectorsPerRow / kThreads;
+    static_assert(kPerThread * kThreads == kBlock * kVectorsPerRow, "the threads share the tile evenly");
+    int32_t const batch = row / p.heads;
+    // The tile's first token, then 32-bit steps within the tile (heads * head_dim fits int32).
+    size_t const base = tokenOffset(p, row, first);
+    int32_t const tokenStride = static_cast<int32_t>(p.tokenStride);
+    MRA_UNROLL
+    for (int32_t v = 0; v < kPerThread; ++v)
     {
-        int32_t const batch = row / p.heads;
-        // The tile's first token, then 32-bit steps within the tile (heads * head_dim fits int32).
-        size_t const base = tokenOffset(p, row, first);
-        int32_t const stride = static_cast<int32_t>(p.tokenStride);
-        T const* tile[kTensors];
+        int32_t const index = threadIdx.x + v * kThreads;
+        int32_t const r = index / kVectorsPerRow;
+        int32_t const column = (index % kVectorsPerRow) * kVector;
+        bool const real = isReal(p, mask, batch, first + r);
+        MRA_UNROLL
         for (int32_t t = 0; t < kTensors; ++t)
         {
-            tile[t] = sources[t] + base;
-        }
-        for (int32_t v = 0; v < kPerThread; ++v)
-        {
-            int32_t const index = threadIdx.x + v * kThreads;
-            int32_t const position = first + index / kVectorsPerRow;
-            int32_t const offset = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
-            bool const inside = position < p.seqLen;
-            for (int32_t t = 0; t < kTensors; ++t)
-            {
-                vectors[t][v] = inside ? *reinterpret_cast<uint4 const*>(tile[t] + offset) : make_uint4(0, 0, 0, 0);
-            }
-            if (inside && mask[static_cast<size_t>(batch) * p.seqLen + position] == 0)
-            {
-                for (int32_t t = 0; t < kTensors; ++t)
-                {
-                    vectors[t][v] = make_uint4(0, 0, 0, 0);
-                }
-            }
+            T const* const from = real ? sources[t] + base + r * tokenStride + column : sources[t];
+            copyAsync16(tiles[t] + r * stride + column, from, real);
         }
     }
+}
 
-    //! Element (r, d) of tensor t lands at tiles[t][r * stride + d] (`stride` keeps rows 16-byte
-    //! aligned).
-    __device__ void store(int32_t t, T* tile, int32_t stride) const
-    {
-        for (int32_t v = 0; v < kPerThread; ++v)
-        {
-            int32_t const index = threadIdx.x + v * kThreads;
-            int32_t const at = (index / kVectorsPerRow) * stride + (index % kVectorsPerRow) * kVector;
-            *reinterpret_cast<uint4*>(tile + at) = vectors[t][v];
-        }
-    }
-};
-
-//! Key block j's K and V tiles and its key mask (bit t: token t is real), fetched one block ahead.
-template <typename T, int D, int kThreads>
-struct KeyBlockFetch
-{
-    TileFetch<T, D, 2, kThreads> tiles;
-    uint32_t realKeys = 0; //!< held by warp 0
-
-    __device__ void start(Problem const& p, T const* keys, T const* values, int32_t const* mask, int32_t row, int32_t j)
-    {
-        tiles.start(p, {keys, values}, mask, row, j * kBlock);
-        if (threadIdx.x < kBlock)
-        {
-            realKeys = realTokenBits(p, mask, row / p.heads, j);
-        }
-    }
-
-    //! K and V row-major, rows `stride` elements apart.
-    __device__ void store(T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeysOut) const
-    {
-        tiles.store(0, keyTile, stride);
-        tiles.store(1, valueTile, stride);
-        if (threadIdx.x == 0)
-        {
-            *realKeysOut = realKeys;
-        }
-    }
-};
-
-//! Runs `compute(realKeys)` for each selected key block of query block i, in order, after the
-//! block's K and V tiles are in shared memory (row-major, rows `stride` apart; `realKeys` bit t:
-//! key t is real) and while the next block's are loading into registers. Every thread calls it.
-template <typename T, int D, int kThreads, typename Compute>
+//! Runs `compute(keyTile, valueTile, realKeys)` for each selected key block of query block i, in
+//! order, once the block's K and V tiles are in shared memory (row-major, rows `stride` apart;
+//! `realKeys` bit t: key t is real), with the next kStages - 1 blocks' copies in flight: the loop
+//! waits on memory only where a block takes longer to arrive than kStages - 1 blocks take to
+//! compute. `stageTiles` holds kStages (K, V) tile pairs, `stageRealKeys` kStages words. Copies
+//! the caller issued before (the query tile) land with the first block. Every thread calls it;
+//! it returns with no copy in flight.
+template <typename T, int D, int kThreads, int kStages, typename Compute>
 __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, int32_t const* mask, Scratch const& s,
-    int32_t row, int32_t i, T* keyTile, T* valueTile, int32_t stride, uint32_t* realKeys, Compute&& compute)
+    int32_t row, int32_t i, T* stageTiles, int32_t stride, uint32_t* stageRealKeys, Compute&& compute)
 {
+    static_assert(kStages >= 2, "one block computed while the next arrives");
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
     int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
     int32_t const begin = rowStart[i];
     int32_t const end = rowStart[i + 1];
-    KeyBlockFetch<T, D, kThreads> fetch;
-    if (begin < end)
+    int32_t const tileElements = kBlock * stride;
+    auto tile = [&](int32_t stage, int32_t tensor) { return stageTiles + (2 * stage + tensor) * tileElements; };
+    // A group per block, empty past the last, so that wait_group counts blocks.
+    auto fetch = [&](int32_t index) {
+        if (index < end)
+        {
+            int32_t const stage = (index - begin) % kStages;
+            int32_t const j = selected[index] - i * p.nb;
+            copyTiles<T, D, 2, kThreads>(p, {key, value}, mask, row, j * kBlock, {tile(stage, 0), tile(stage, 1)},
+                stride);
+            if (threadIdx.x < kBlock)
+            {
+                uint32_t const bits = realTokenBits(p, mask, row / p.heads, j);
+                if (threadIdx.x == 0)
+                {
+                    stageRealKeys[stage] = bits;
+                }
+            }
+        }
+        commitCopies();
+    };
+    for (int32_t ahead = 0; ahead < kStages - 1; ++ahead)
     {
-        fetch.start(p, key, value, mask, row, selected[begin] - i * p.nb);
+        fetch(begin + ahead);
     }
     for (int32_t index = begin; index < end; ++index)
     {
-        __syncthreads(); // the previous tiles are consumed
-        fetch.store(keyTile, valueTile, stride, realKeys);
-        if (index + 1 < end)
-        {
-            fetch.start(p, key, value, mask, row, selected[index + 1] - i * p.nb);
-        }
-        __syncthreads();
-        compute(*realKeys);
+        waitForCopies<kStages - 2>(); // this thread's copies of block `index`
+        __syncthreads();              // every thread's; and block index - 1's stage is free again
+        fetch(index + kStages - 1);
+        int32_t const stage = (index - begin) % kStages;
+        compute(tile(stage, 0), tile(stage, 1), stageRealKeys[stage]);
     }
+    waitForCopies<0>(); // the query tile's, where no block was selected
 }
 
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
@@ -789,17 +797,21 @@ __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride,
 
 // ---- (c) fp32: FMA -------------------------------------------------------------------------
 
-//! Shared memory of the fp32 kernel (bytes): a 4-element pad keeps rows 16-byte aligned, and
-//! float4 reads of 8 rows (a quarter warp) in distinct banks; weight rows 40 floats apart, so
-//! that the 4 pairs of rows of a warp store and load them in distinct banks.
+//! Shared memory of the fp32 kernel (bytes): the query tile, kStages (K, V) tile pairs, the
+//! weights, the stages' key masks. A 4-element pad keeps rows 16-byte aligned, and float4 reads of
+//! 8 rows (a quarter warp) in distinct banks; weight rows 40 floats apart, so that the 4 pairs of
+//! rows of a warp store and load them in distinct banks. Two stages: three would not fit sm_86's
+//! 99 KB at head_dim 128.
 template <int D>
 struct FmaSmem
 {
+    static constexpr int kStages = 2;
     static constexpr int kTileStride = D + 4;
     static constexpr int kWeightStride = 40; // float [32][40]: each row's 32 weights, for its 8 threads
     static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
-    static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
-    static constexpr size_t kTotal = 3 * kTile + kWeights + sizeof(uint32_t) + 64;
+    static constexpr size_t kWeightsAt = (1 + 2 * kStages) * kTile;
+    static constexpr size_t kRealKeysAt = kWeightsAt + sizeof(float) * kBlock * kWeightStride;
+    static constexpr size_t kTotal = kRealKeysAt + kStages * sizeof(uint32_t);
 };
 
 //! The scores of keys lane + 8t (t < 4) of query rows r and r + 16, by FMA from shared memory
@@ -851,10 +863,9 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     constexpr int kGroups = D / 32; // the thread's 16-byte groups of output dims
     extern __shared__ __align__(128) unsigned char smem[];
     float* queryTile = reinterpret_cast<float*>(smem);
-    float* keyTile = reinterpret_cast<float*>(smem + Smem::kTile);
-    float* valueTile = reinterpret_cast<float*>(smem + 2 * Smem::kTile);
-    float* weightTile = reinterpret_cast<float*>(smem + 3 * Smem::kTile);
-    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 3 * Smem::kTile + Smem::kWeights);
+    float* stageTiles = reinterpret_cast<float*>(smem + Smem::kTile);
+    float* weightTile = reinterpret_cast<float*>(smem + Smem::kWeightsAt);
+    uint32_t* stageRealKeys = reinterpret_cast<uint32_t*>(smem + Smem::kRealKeysAt);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
@@ -862,13 +873,11 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     int32_t const lane = threadIdx.x % 8;
     int32_t const rows[2] = {r, r + 16};
 
-    TileFetch<float, D, 1, kHighResThreads> queries;
-    queries.start(p, {query}, mask, row, i * kBlock);
-    queries.store(0, queryTile, Smem::kTileStride);
+    copyTiles<float, D, 1, kHighResThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
     SoftmaxStats stats[2];
     float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
-    forEachKeyBlock<float, D, kHighResThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
-        realKeys, [&](uint32_t blockRealKeys) {
+    forEachKeyBlock<float, D, kHighResThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles,
+        Smem::kTileStride, stageRealKeys, [&](float const* keyTile, float const* valueTile, uint32_t blockRealKeys) {
         float scores[2][4];
         scoresByFma<D>(p, queryTile, keyTile, r, lane, scores);
         bool real[4];
@@ -1018,16 +1027,20 @@ __device__ inline uint32_t packPair(float low, float high)
     return packed.word;
 }
 
-//! Shared memory of the tensor-core kernel (bytes): Q, K and V row-major, rows padded by 8
-//! elements (16 bytes), so that the 8 rows of an ldmatrix matrix fall in distinct banks. V is
-//! not stored transposed: a warp's 2-byte transposing stores fall in 2 banks (8-way conflicts);
-//! ldmatrix.trans transposes it on the way to the registers instead.
+//! Shared memory of the tensor-core kernel (bytes): the query tile, kStages (K, V) tile pairs and
+//! their key masks. Tiles row-major, rows padded by 8 elements (16 bytes), so that the 8 rows of
+//! an ldmatrix matrix fall in distinct banks. V is not stored transposed: a warp's 2-byte
+//! transposing stores fall in 2 banks (8-way conflicts); ldmatrix.trans transposes it on the way
+//! to the registers instead. kStages - 1 key blocks in flight while one is computed: the kernel
+//! waits on memory (2-3% of the tensor peak under ncu, 2026-12-04), and its CTAs compute little.
 template <typename T, int D>
 struct MmaSmem
 {
+    static constexpr int kStages = MRA_MMA_STAGES;
     static constexpr int kTileStride = D + 8;
     static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
-    static constexpr size_t kTotal = 3 * kTile + sizeof(uint32_t) + 64;
+    static constexpr size_t kRealKeysAt = (1 + 2 * kStages) * kTile;
+    static constexpr size_t kTotal = kRealKeysAt + kStages * sizeof(uint32_t);
 };
 
 //! One CTA per (row, query block i), 2 warps; the CTAs of a row are adjacent (L2 reuse).
@@ -1039,9 +1052,8 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     constexpr int kDimTiles = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     T* queryTile = reinterpret_cast<T*>(smem);
-    T* keyTile = reinterpret_cast<T*>(smem + Smem::kTile);
-    T* valueTile = reinterpret_cast<T*>(smem + 2 * Smem::kTile);
-    uint32_t* realKeys = reinterpret_cast<uint32_t*>(smem + 3 * Smem::kTile);
+    T* stageTiles = reinterpret_cast<T*>(smem + Smem::kTile);
+    uint32_t* stageRealKeys = reinterpret_cast<uint32_t*>(smem + Smem::kRealKeysAt);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
@@ -1054,13 +1066,11 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     // Scaled by the reciprocal (1 ulp from dividing, far inside fp16/bf16 tolerances).
     float const inverseScale = 1.0f / p.scaleDivisor;
 
-    TileFetch<T, D, 1, kMmaThreads> queries;
-    queries.start(p, {query}, mask, row, i * kBlock);
-    queries.store(0, queryTile, Smem::kTileStride);
+    copyTiles<T, D, 1, kMmaThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
-    forEachKeyBlock<T, D, kMmaThreads>(p, key, value, mask, s, row, i, keyTile, valueTile, Smem::kTileStride,
-        realKeys, [&](uint32_t blockRealKeys) {
+    forEachKeyBlock<T, D, kMmaThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles, Smem::kTileStride,
+        stageRealKeys, [&](T const* keyTile, T const* valueTile, uint32_t blockRealKeys) {
         // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns. Lane l addresses
         // row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims k + 8 (l / 16) (A's four
         // registers); for K, keys 8 (n + l / 16) + l % 8 at dims k + 8 (l / 8 % 2) (the two

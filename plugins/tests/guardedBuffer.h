@@ -66,6 +66,11 @@ public:
         return mStart;
     }
 
+    size_t size() const
+    {
+        return mBytes;
+    }
+
 private:
     static constexpr unsigned char kCanary = 0xa5;
     size_t mBytes;

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -62,6 +63,33 @@ struct Barrier
     unsigned long sequence = 0; //!< rounds completed: its parity picks a warp's word buffer
 };
 
+//! One cp.async not yet waited for: `sourceBytes` of `source`, then zeros up to `bytes`; it may
+//! have landed already (the schedule decides when).
+struct AsyncCopy
+{
+    unsigned char* destination;
+    unsigned char const* source;
+    int bytes;
+    int sourceBytes;
+    bool landed = false;
+
+    void land()
+    {
+        if (landed)
+        {
+            return;
+        }
+        landed = true;
+        if (sourceBytes > 0)
+        {
+            std::memcpy(destination, source, static_cast<size_t>(sourceBytes));
+        }
+        std::memset(destination + sourceBytes, 0, static_cast<size_t>(bytes - sourceBytes));
+    }
+};
+
+using AsyncGroup = std::vector<AsyncCopy>;
+
 struct Fiber
 {
     ucontext_t start;
@@ -70,6 +98,8 @@ struct Fiber
     unsigned thread = 0;
     State state = State::Ready;
     Barrier const* waitingOn = nullptr;
+    AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
+    std::deque<AsyncGroup> committedCopies; //!< oldest first
 };
 
 struct Warp
@@ -279,11 +309,28 @@ unsigned long arrive(Barrier& barrier, int expected, char const* file, int line,
     return round;
 }
 
+//! Copies the fiber issued and has not waited for, landed or not.
+size_t copiesNotWaitedFor(Fiber const& fiber)
+{
+    size_t count = fiber.openCopies.size();
+    for (AsyncGroup const& group : fiber.committedCopies)
+    {
+        count += group.size();
+    }
+    return count;
+}
+
 void fiberMain()
 {
     Runtime& r = runtime();
     (*r.body)();
     Fiber& fiber = currentFiber();
+    // A GPU lands them some time after the thread's reads of that memory, on whatever was stored
+    // there since: the kernels wait for every copy they issue.
+    if (copiesNotWaitedFor(fiber) > 0)
+    {
+        fail("thread %u exited with %zu cp.async copies not waited for", fiber.thread, copiesNotWaitedFor(fiber));
+    }
     fiber.state = State::Finished;
     ++r.finished;
     ++currentWarp().finished;
@@ -438,6 +485,77 @@ void fail(char const* format, ...)
 unsigned char* dynamicSharedMemory()
 {
     return runtime().shared->start();
+}
+
+namespace
+{
+
+//! Whether [address, address + bytes) lies in the CTA's dynamic or static shared memory.
+bool isShared(unsigned char const* address, int bytes)
+{
+    Runtime const& r = runtime();
+    auto within = [&](unsigned char const* begin, unsigned char const* end) {
+        return begin != nullptr && address >= begin && address + bytes <= end;
+    };
+    return within(r.shared->start(), r.shared->start() + r.shared->size())
+        || within(__start_mra_emulated_shared, __stop_mra_emulated_shared);
+}
+
+//! Where the schedule lands a copy: at once (0), at the wait (1), either (a random schedule).
+bool landsAtOnce()
+{
+    Runtime& r = runtime();
+    return r.schedule == 0 || (r.schedule > 1 && (r.random() & 1u) != 0);
+}
+
+} // namespace
+
+void asyncCopy(char const* file, int line, void* shared, void const* global, int bytes, int sourceBytes)
+{
+    auto* const destination = static_cast<unsigned char*>(shared);
+    auto const* const source = static_cast<unsigned char const*>(global);
+    if (bytes != 4 && bytes != 8 && bytes != 16)
+    {
+        fail("cp.async at %s:%d of %d bytes: 4, 8 or 16 only", file, line, bytes);
+    }
+    if (sourceBytes < 0 || sourceBytes > bytes)
+    {
+        fail("cp.async at %s:%d reads %d of its %d bytes", file, line, sourceBytes, bytes);
+    }
+    if (reinterpret_cast<uintptr_t>(destination) % bytes != 0 || reinterpret_cast<uintptr_t>(source) % bytes != 0)
+    {
+        fail("cp.async at %s:%d: %p to %p is not %d-byte aligned", file, line, global, shared, bytes);
+    }
+    if (!isShared(destination, bytes))
+    {
+        fail("cp.async at %s:%d: %p is not in the CTA's shared memory", file, line, shared);
+    }
+    AsyncCopy copy{destination, source, bytes, sourceBytes};
+    if (landsAtOnce())
+    {
+        copy.land();
+    }
+    currentFiber().openCopies.push_back(copy);
+}
+
+void asyncCommit()
+{
+    Fiber& fiber = currentFiber();
+    fiber.committedCopies.push_back(std::move(fiber.openCopies));
+    fiber.openCopies.clear();
+}
+
+void asyncWait(int pending)
+{
+    Fiber& fiber = currentFiber();
+    while (fiber.committedCopies.size() > static_cast<size_t>(std::max(pending, 0)))
+    {
+        for (AsyncCopy& copy : fiber.committedCopies.front())
+        {
+            copy.land();
+        }
+        fiber.committedCopies.pop_front();
+    }
 }
 
 void setSchedule(uint32_t schedule)

@@ -15,6 +15,12 @@
  * memory, static and dynamic, is filled with 0xff (NaN as float) before each CTA, so reading it
  * before writing shows; CTAs run in ascending, descending or shuffled order with the schedule.
  *
+ * Asynchronous copies (cp.async, the kernels' copyAsync16) land where the schedule puts them: at
+ * once under schedule 0, at the thread's cp.async.wait_group under schedule 1, either for each
+ * copy under a random one. Read before its wait, a copy shows the shared memory's old contents;
+ * issued into memory other threads still read, it overwrites them. A thread that exits with
+ * copies it did not wait for fails the launch (on a GPU they land on whatever was stored since).
+ *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses, and races
@@ -159,6 +165,15 @@ void syncWarp(char const* file, int line);
 WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second = 0);
 [[noreturn]] void fail(char const* format, ...) __attribute__((format(printf, 1, 2)));
 unsigned char* dynamicSharedMemory();
+
+//! cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16) to `shared` from `global`, of which
+//! `sourceBytes` are read and the rest filled with zeros; joins the thread's open group. Fails the
+//! launch where the addresses are not `bytes`-aligned or `shared` is not the CTA's shared memory.
+void asyncCopy(char const* file, int line, void* shared, void const* global, int bytes, int sourceBytes);
+//! cp.async.commit_group: the thread's open group becomes its newest committed one.
+void asyncCommit();
+//! cp.async.wait_group: the thread's committed groups but the newest `pending` have landed.
+void asyncWait(int pending);
 
 //! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.

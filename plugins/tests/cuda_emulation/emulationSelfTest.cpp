@@ -1,7 +1,7 @@
 /*
  * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
- * computes (shuffles, ballots, mma.sync, CUB's block collectives, barriers) and that it fails where a
- * GPU would hang or be undefined. Prints "N passed, M failed"; exit status 1 on a failure.
+ * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
+ * and that it fails where a GPU would hang or be undefined. Prints "N passed, M failed"; exit status 1 on a failure.
  * Launches are written in the form CMake rewrites `<<<...>>>` into for the kernels' source.
  */
 #include "cudaEmulation.h"
@@ -170,6 +170,38 @@ __global__ void loadsMatrices(uint16_t const* source, uint32_t* out, int transpo
     {
         out[lane * 4 + m] = r[m];
     }
+}
+
+//! Thread t copies source's words 4t..4t+3 to shared words 4t.. (group 0) and 16 zero bytes to
+//! words 128 + 4t.. (group 1), and records what it reads along the way, word 4t of a tile:
+//! seen[0][t] its own group 0 before any wait; after waiting for group 0 and a barrier, seen[1][t]
+//! thread t + 1's group 0 and seen[2][t] its own group 1; after the last wait, seen[3][t] thread
+//! t + 1's group 1. `offset` moves the destination by that many words; `toGlobal` copies into
+//! `seen` instead of shared memory.
+__global__ void copiesAsynchronously(uint32_t const* source, uint32_t* seen, int offset, int toGlobal)
+{
+    uint32_t* const tile = reinterpret_cast<uint32_t*>(::emu::dynamicSharedMemory());
+    int const t = static_cast<int>(threadIdx.x);
+    int const next = (t + 1) % 32;
+    uint32_t* const destination = toGlobal != 0 ? seen : tile + 4 * t + offset;
+    ::emu::asyncCopy(__FILE__, __LINE__, destination, source + 4 * t, 16, 16);
+    ::emu::asyncCommit();
+    ::emu::asyncCopy(__FILE__, __LINE__, tile + 128 + 4 * t, source, 16, 0);
+    ::emu::asyncCommit();
+    seen[t] = tile[4 * t];
+    ::emu::asyncWait(1);
+    __syncthreads();
+    seen[32 + t] = tile[4 * next];
+    seen[64 + t] = tile[128 + 4 * t];
+    ::emu::asyncWait(0);
+    __syncthreads();
+    seen[96 + t] = tile[128 + 4 * next];
+}
+
+__global__ void leavesACopyInFlight(uint32_t const* source)
+{
+    ::emu::asyncCopy(__FILE__, __LINE__, ::emu::dynamicSharedMemory(), source, 16, 16);
+    ::emu::asyncCommit();
 }
 
 __global__ void readsDynamicShared(float* out)
@@ -360,6 +392,56 @@ void checkLdmatrix()
     expect(contains(launchError(), "is not 16-byte aligned"), "ldmatrix from a misaligned row fails");
 }
 
+void checkAsyncCopies()
+{
+    std::vector<uint32_t> source(128);
+    for (size_t word = 0; word < source.size(); ++word)
+    {
+        source[word] = static_cast<uint32_t>(1000 + word);
+    }
+    size_t const sharedBytes = 256 * sizeof(uint32_t);
+    auto run = [&](uint32_t schedule, int offset, int toGlobal) {
+        mraCudaEmulationSetSchedule(schedule);
+        std::vector<uint32_t> seen(128, 7);
+        copiesAsynchronously | ::emu::Launch(1, 32, sharedBytes) | ::emu::args(source.data(), seen.data(), offset,
+            toGlobal);
+        return seen;
+    };
+    auto all = [](std::vector<uint32_t> const& seen, int part, auto expected) {
+        bool same = true;
+        for (int t = 0; t < 32; ++t)
+        {
+            same = same && seen[32 * part + t] == expected(t);
+        }
+        return same;
+    };
+    auto copied = [](int t) { return static_cast<uint32_t>(1000 + 4 * t); };
+    auto nextCopied = [](int t) { return static_cast<uint32_t>(1000 + 4 * ((t + 1) % 32)); };
+    auto zero = [](int) { return 0u; };
+    auto garbage = [](int) { return 0xffffffffu; };
+
+    std::vector<uint32_t> seen = run(1, 0, 0);
+    expect(launchError().empty(), "cp.async kernel runs");
+    expect(all(seen, 0, garbage) && all(seen, 2, garbage),
+        "under schedule 1 a copy lands at its wait: read before it, shared memory is as it was");
+    expect(all(seen, 1, nextCopied) && all(seen, 3, zero),
+        "after wait_group and a barrier another thread's copy is there, with no source bytes as zeros");
+    seen = run(0, 0, 0);
+    expect(launchError().empty() && all(seen, 0, copied) && all(seen, 2, zero) && all(seen, 3, zero),
+        "under schedule 0 a copy lands when issued");
+    seen = run(12345, 0, 0);
+    expect(launchError().empty() && all(seen, 1, nextCopied) && all(seen, 3, zero),
+        "under a random schedule every copy has landed after its wait");
+    run(0, 1, 0);
+    expect(contains(launchError(), "is not 16-byte aligned"), "cp.async to a misaligned address fails");
+    run(0, 0, 1);
+    expect(contains(launchError(), "is not in the CTA's shared memory"), "cp.async to global memory fails");
+    leavesACopyInFlight | ::emu::Launch(1, 1, sharedBytes) | ::emu::args(source.data());
+    expect(contains(launchError(), "exited with 1 cp.async copies not waited for"),
+        "a thread that exits without waiting for its copies fails, under schedule 0 too");
+    mraCudaEmulationSetSchedule(0);
+}
+
 void checkMemoryAndLimits()
 {
     std::vector<float> out(32);
@@ -401,6 +483,7 @@ int main()
     checkBlockCollectives();
     checkMma();
     checkLdmatrix();
+    checkAsyncCopies();
     checkMemoryAndLimits();
     return checks::report();
 }
