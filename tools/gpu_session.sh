@@ -6,7 +6,10 @@
 #   python tools/ort_cuda_speed.py export .carry-onnx
 # its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git); each
 # other build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (an earlier tree, or this one
-# with other settings, said in a file TREE beside it) adds an A/B of the op against it;
+# with other settings, said in a file TREE beside it) adds an A/B of the op against it, e.g.
+#   cmake -S plugins -B /tmp/build-stages2 -DCMAKE_BUILD_TYPE=Release -DMRA_CUDA_ARCHITECTURES=90-real \
+#     -DCMAKE_CUDA_FLAGS=-DMRA_MMA_STAGES=2 && cmake --build /tmp/build-stages2 --target mra_attention_cuda
+# (strip --strip-unneeded keeps the libraries' exports and the carry under its 64 MB);
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
