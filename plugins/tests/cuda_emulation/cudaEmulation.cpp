@@ -325,8 +325,8 @@ void fiberMain()
     Runtime& r = runtime();
     (*r.body)();
     Fiber& fiber = currentFiber();
-    // A GPU lands them some time after the thread's reads of that memory, on whatever was stored
-    // there since: the kernels wait for every copy they issue.
+    // On a GPU a copy never waited for may land after other threads reused its memory: the
+    // kernels wait for every copy they issue.
     if (copiesNotWaitedFor(fiber) > 0)
     {
         fail("thread %u exited with %zu cp.async copies not waited for", fiber.thread, copiesNotWaitedFor(fiber));
