@@ -84,9 +84,11 @@ def memory_layout(query, key, value) -> str:
 
 
 def _as_c_array(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    """Laid out as ``layout`` says and 16-byte aligned (a view into a larger tensor may be
-    neither; ``clone`` keeps the strides and gets a fresh, aligned allocation)."""
-    tensor = native.in_layout(tensor, layout)
+    """Laid out as ``layout`` (from ``memory_layout``) says and 16-byte aligned (a view into a
+    larger tensor may be neither; ``clone`` keeps the strides and gets a fresh, aligned
+    allocation). "bshd" tensors are laid out so already."""
+    if layout != "bshd":
+        tensor = tensor.contiguous()
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 

@@ -80,7 +80,9 @@ class PatchedMraSelfAttention(MraSelfAttention):
         batch, seq_len, _ = hidden_states.shape
         query, key, value = (self._split_heads(projection(hidden_states))
                              for projection in (self.query, self.key, self.value))
-        mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device)
+        # The op's library reads an int32 mask: made so here, the op converts nothing.
+        mask_dtype = torch.int32 if self.mra_core.runs_fused(query) else torch.float32
+        mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device, mask_dtype)
         padding = max(0, MIN_HEAD_DIM - self.attention_head_size)
         if padding:
             query, key, value = (F.pad(t, (0, padding)) for t in (query, key, value))
@@ -137,15 +139,17 @@ def attention_cores(model: nn.Module) -> list[MraAttentionCore]:
     return [m for m in model.modules() if isinstance(m, MraAttentionCore)]
 
 
-def _token_mask(attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:
-    """The ``[batch, seq]`` mask, 1 for real tokens, from what transformers passes down."""
+def _token_mask(attention_mask, batch: int, seq_len: int, device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``[batch, seq]`` mask of ``dtype``, 1 for real tokens, from what transformers passes
+    down."""
     if attention_mask is None:
-        return torch.ones(batch, seq_len, device=device)
+        return torch.ones(batch, seq_len, device=device, dtype=dtype)
     if attention_mask.dim() == 4 and attention_mask.is_floating_point():
         # An additive [B, 1, Q, K] mask: 0 where attended; revert it as transformers does.
-        return (attention_mask[:, 0, -1, :] == 0).float()
+        return (attention_mask[:, 0, -1, :] == 0).to(dtype)
     if attention_mask.dim() == 2:
-        return (attention_mask != 0).float()
+        return (attention_mask != 0).to(dtype)
     raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
 
 

@@ -234,3 +234,28 @@ def test_an_additive_4d_mask_is_read_like_a_2d_mask():
     with torch.no_grad():
         assert torch.equal(layer(hidden, mask)[0], layer(hidden, additive)[0])
     assert isinstance(layer.mra_core, MraAttentionCore)
+
+
+@pytest.mark.parametrize("attention,dtype", [("fused", torch.int32), ("reference", torch.float32)])
+def test_each_attention_gets_the_mask_it_reads_with_no_conversion_in_between(monkeypatch,
+                                                                            attention, dtype):
+    """The op's library reads an int32 mask: the layer makes it so (the op converted a float mask
+    once more on every layer, two kernels a layer on a GPU); the reference keeps its float."""
+    from mra_export import fused, patching
+
+    seen = []
+
+    def recording(original):
+        def attend(query, key, value, mask, **settings):
+            seen.append(mask.dtype)
+            return original(query, key, value, mask, **settings)
+        return attend
+
+    monkeypatch.setattr(fused, "fused_mra_attention", recording(fused.fused_mra_attention))
+    monkeypatch.setattr(patching, "mra_attention", recording(patching.mra_attention))
+    config = MraConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+                       intermediate_size=64, max_position_embeddings=128, vocab_size=50)
+    model = patch_model(MraModel(config).eval(), attention=attention)
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 50, (2, 96)), attention_mask=ragged_mask(2, 96, [96, 40]))
+    assert seen == [dtype, dtype]
