@@ -61,10 +61,14 @@ class MraAttentionCore(nn.Module):
         return mra_attention(query, key, value, attention_mask, **self.settings())
 
     def runs_fused(self, query: torch.Tensor) -> bool:
+        return self.runs_fused_on(query.device.type, query.shape[-1])
+
+    def runs_fused_on(self, device_type: str, head_dim: int) -> bool:
+        """Whether this core computes ``[..., head_dim]`` queries on a device type with the op."""
         if self.attention == "fused":
             return True
         return (self.attention == "auto" and not exporting()
-                and fused.runs_fused(query, self.block_size))
+                and fused.library_takes(device_type, head_dim, self.block_size))
 
     def extra_repr(self) -> str:
         settings = {**self.settings(), "attention": self.attention}
@@ -123,6 +127,7 @@ def patch_model(model: MraPreTrainedModel, attention: str = "auto") -> MraPreTra
     for base in model.modules():
         if isinstance(base, MraModel):
             _check_inputs(base, model.config)
+            _make_the_op_mask_once(base, model.config)
     return model
 
 
@@ -149,6 +154,8 @@ def _token_mask(attention_mask, batch: int, seq_len: int, device,
         # An additive [B, 1, Q, K] mask: 0 where attended; revert it as transformers does.
         return (attention_mask[:, 0, -1, :] == 0).to(dtype)
     if attention_mask.dim() == 2:
+        if attention_mask.dtype == dtype == torch.int32:
+            return attention_mask  # the op's library reads any non-zero as a real token
         return (attention_mask != 0).to(dtype)
     raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
 
@@ -187,6 +194,32 @@ def _check_inputs(base: MraModel, config) -> None:
 
     base.register_forward_pre_hook(check, with_kwargs=True)
     base._mra_export_input_check = True
+
+
+def _make_the_op_mask_once(base: MraModel, config) -> None:
+    """Where every layer runs the op, the forward's ``[batch, seq]`` mask becomes the int32 mask
+    its library reads once, before the layers, instead of in each: two small kernels a layer,
+    each a launch of host time, which is much of a forward at batch 1 on a GPU. An optimisation
+    only: a layer given another mask converts it itself."""
+    if getattr(base, "_mra_export_op_mask", False):
+        return
+    cores = attention_cores(base)
+    head_dim = max(MIN_HEAD_DIM, config.hidden_size // config.num_attention_heads)
+
+    def make_mask(module, args, kwargs):
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        # None stays None: transformers warns of padding without a mask.
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype == torch.int32:
+            return None
+        if not all(core.runs_fused_on(mask.device.type, head_dim) for core in cores):
+            return None
+        mask = (mask != 0).to(torch.int32)
+        if len(args) > 1:
+            return (args[0], mask, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": mask}
+
+    base.register_forward_pre_hook(make_mask, with_kwargs=True)
+    base._mra_export_op_mask = True
 
 
 def _check_range(name: str, tokens: torch.Tensor, size: int) -> None:

@@ -236,26 +236,47 @@ def test_an_additive_4d_mask_is_read_like_a_2d_mask():
     assert isinstance(layer.mra_core, MraAttentionCore)
 
 
-@pytest.mark.parametrize("attention,dtype", [("fused", torch.int32), ("reference", torch.float32)])
-def test_each_attention_gets_the_mask_it_reads_with_no_conversion_in_between(monkeypatch,
-                                                                            attention, dtype):
-    """The op's library reads an int32 mask: the layer makes it so (the op converted a float mask
-    once more on every layer, two kernels a layer on a GPU); the reference keeps its float."""
+def _record_masks(monkeypatch) -> list:
+    """The masks each layer hands the op or the reference, in call order."""
     from mra_export import fused, patching
 
     seen = []
 
     def recording(original):
         def attend(query, key, value, mask, **settings):
-            seen.append(mask.dtype)
+            seen.append(mask)
             return original(query, key, value, mask, **settings)
         return attend
 
     monkeypatch.setattr(fused, "fused_mra_attention", recording(fused.fused_mra_attention))
     monkeypatch.setattr(patching, "mra_attention", recording(patching.mra_attention))
+    return seen
+
+
+def _two_layer_model(attention: str) -> MraModel:
     config = MraConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
                        intermediate_size=64, max_position_embeddings=128, vocab_size=50)
-    model = patch_model(MraModel(config).eval(), attention=attention)
+    torch.manual_seed(0)
+    return patch_model(MraModel(config).eval(), attention=attention)
+
+
+@pytest.mark.parametrize("mask_given", ["keyword", "positional", "none"])
+def test_the_op_gets_one_int32_mask_made_once_for_every_layer(monkeypatch, mask_given):
+    """The op's library reads an int32 mask: made once before the layers (each layer made a
+    float mask and the op converted it again, four small kernels a layer on a GPU), with the
+    reference's output. Without a mask each layer makes its own (transformers warns of padding
+    without a mask, so the model gets none from us)."""
+    seen = _record_masks(monkeypatch)
+    ids = torch.randint(5, 50, (2, 96), generator=torch.Generator().manual_seed(1))
+    mask = ragged_mask(2, 96, [96, 40]).long() if mask_given != "none" else None
+    positional = mask_given == "positional"
+    args, kwargs = ((ids, mask), {}) if positional else ((ids,), {"attention_mask": mask})
     with torch.no_grad():
-        model(input_ids=torch.randint(5, 50, (2, 96)), attention_mask=ragged_mask(2, 96, [96, 40]))
-    assert seen == [dtype, dtype]
+        fused_out = _two_layer_model("fused")(*args, **kwargs).last_hidden_state
+        reference_out = _two_layer_model("reference")(*args, **kwargs).last_hidden_state
+    op_masks, reference_masks = seen[:2], seen[2:]
+    expected = (mask if mask is not None else torch.ones(2, 96)) != 0
+    assert all(m.dtype == torch.int32 and torch.equal(m, expected.int()) for m in op_masks)
+    assert (op_masks[0] is op_masks[1]) == (mask is not None)
+    assert [m.dtype for m in reference_masks] == [torch.float32, torch.float32]
+    assert torch.allclose(fused_out, reference_out, atol=TOLERANCE)
