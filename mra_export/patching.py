@@ -84,12 +84,12 @@ class PatchedMraSelfAttention(MraSelfAttention):
         batch, seq_len, _ = hidden_states.shape
         query, key, value = (self._split_heads(projection(hidden_states))
                              for projection in (self.query, self.key, self.value))
-        # The op's library reads an int32 mask: made so here, the op converts nothing.
-        mask_dtype = torch.int32 if self.mra_core.runs_fused(query) else torch.float32
-        mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device, mask_dtype)
         padding = max(0, MIN_HEAD_DIM - self.attention_head_size)
         if padding:
             query, key, value = (F.pad(t, (0, padding)) for t in (query, key, value))
+        # The op's library reads an int32 mask: it gets one, and converts nothing.
+        mask_dtype = torch.int32 if self.mra_core.runs_fused(query) else torch.float32
+        mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device, mask_dtype)
         context = self.mra_core(query, key, value, mask)[..., : self.attention_head_size]
         context = context.transpose(1, 2).reshape(batch, seq_len, self.all_head_size)
         return (context,)
