@@ -154,14 +154,9 @@ def fused_mra_attention(query, key, value, mask, *, num_blocks: int, approx_mode
                             initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
 
 
-def runs_fused(query: torch.Tensor, block_size: int) -> bool:
-    """Whether ``attention="auto"`` computes these inputs with the op: its library is built
-    for their device and takes their shape."""
-    return library_takes(query.device.type, query.shape[-1], block_size)
-
-
 def library_takes(device_type: str, head_dim: int, block_size: int) -> bool:
-    """``runs_fused`` for inputs of ``head_dim`` on a device type, before they exist."""
+    """Whether ``attention="auto"`` computes inputs of ``head_dim`` on a device type with the
+    op: its library is built for the device type and takes the shape."""
     if not library_built(device_type):
         return False
     return device_type != "cuda" or (head_dim in CUDA_HEAD_DIMS and block_size == CUDA_BLOCK_SIZE)

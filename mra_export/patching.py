@@ -213,7 +213,7 @@ def _make_the_op_mask_once(base: MraModel, config) -> None:
             return None
         if not all(core.runs_fused_on(mask.device.type, head_dim) for core in cores):
             return None
-        mask = (mask != 0).to(torch.int32)
+        mask = _token_mask(mask, *mask.shape, mask.device, torch.int32)
         if len(args) > 1:
             return (args[0], mask, *args[2:]), kwargs
         return args, {**kwargs, "attention_mask": mask}

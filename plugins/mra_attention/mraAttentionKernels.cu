@@ -111,28 +111,29 @@ __device__ inline uint32_t realTokenBits(Problem const& p, int32_t const* mask, 
     return __ballot_sync(0xffffffffu, isReal(p, mask, batch, block * kBlock + threadIdx.x % 32));
 }
 
-//! Maximum over the kLanes threads of one query row (kLanes adjacent lanes of a warp, aligned).
-template <int kLanes>
-__device__ inline float rowMaxOver(float value)
+//! `combine` of `value` over the kLanes threads of one query row (kLanes adjacent lanes of a
+//! warp, aligned), by butterfly shuffles: every lane gets the result.
+template <int kLanes, typename Combine>
+__device__ inline float rowReduceOver(float value, Combine combine)
 {
     MRA_UNROLL
     for (int32_t offset = 1; offset < kLanes; offset *= 2)
     {
-        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+        value = combine(value, __shfl_xor_sync(0xffffffffu, value, offset));
     }
     return value;
 }
 
-//! Sum over the kLanes threads of one query row.
+template <int kLanes>
+__device__ inline float rowMaxOver(float value)
+{
+    return rowReduceOver<kLanes>(value, [](float a, float b) { return fmaxf(a, b); });
+}
+
 template <int kLanes>
 __device__ inline float rowSumOver(float value)
 {
-    MRA_UNROLL
-    for (int32_t offset = 1; offset < kLanes; offset *= 2)
-    {
-        value += __shfl_xor_sync(0xffffffffu, value, offset);
-    }
-    return value;
+    return rowReduceOver<kLanes>(value, [](float a, float b) { return a + b; });
 }
 
 // ---- (a) block means and low-resolution logits -----------------------------------------------
@@ -653,12 +654,13 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     int32_t const begin = rowStart[i];
     int32_t const end = rowStart[i + 1];
     int32_t const tileElements = kBlock * stride;
+    auto stageOf = [begin](int32_t index) { return (index - begin) % kStages; };
     auto tile = [&](int32_t stage, int32_t tensor) { return stageTiles + (2 * stage + tensor) * tileElements; };
     // A group per block, empty past the last, so that wait_group counts blocks.
     auto fetch = [&](int32_t index) {
         if (index < end)
         {
-            int32_t const stage = (index - begin) % kStages;
+            int32_t const stage = stageOf(index);
             int32_t const j = selected[index] - i * p.nb;
             copyTiles<T, D, 2, kThreads>(p, {key, value}, mask, row, j * kBlock, {tile(stage, 0), tile(stage, 1)},
                 stride);
@@ -682,7 +684,7 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
         waitForCopies<kStages - 2>(); // this thread's copies of block `index`
         __syncthreads();              // every thread's; and block index - 1's stage is free again
         fetch(index + kStages - 1);
-        int32_t const stage = (index - begin) % kStages;
+        int32_t const stage = stageOf(index);
         compute(tile(stage, 0), tile(stage, 1), stageRealKeys[stage]);
     }
     waitForCopies<0>(); // the query tile's, where no block was selected

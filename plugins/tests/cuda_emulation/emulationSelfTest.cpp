@@ -1,7 +1,8 @@
 /*
  * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
  * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
- * and that it fails where a GPU would hang or be undefined. Prints "N passed, M failed"; exit status 1 on a failure.
+ * and that it fails where a GPU would hang or be undefined. Prints "N passed, M failed"; exit
+ * status 1 on a failure.
  * Launches are written in the form CMake rewrites `<<<...>>>` into for the kernels' source.
  */
 #include "cudaEmulation.h"
