@@ -9,7 +9,8 @@
 # with other settings, said in a file TREE beside it) adds an A/B of the op against it, e.g.
 #   cmake -S plugins -B /tmp/build-stages2 -DCMAKE_BUILD_TYPE=Release -DMRA_CUDA_ARCHITECTURES=90-real \
 #     -DCMAKE_CUDA_FLAGS=-DMRA_MMA_STAGES=2 && cmake --build /tmp/build-stages2 --target mra_attention_cuda
-# (strip --strip-unneeded keeps the libraries' exports and the carry under its 64 MB);
+# (strip --strip-unneeded keeps the libraries' exports and the carry under its 64 MB; an A/B
+# build may be carried as libmra_attention_cuda.so.xz, a seventh of the size, and is unpacked here);
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
@@ -51,7 +52,13 @@ echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
 
 echo "== [${SECONDS}s] speed: the op against SDPA, the whole model against RoBERTa"
 python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
+unpack_xz() {  # FILE.xz -> FILE, by Python's lzma (the machine may have no xz)
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$1"
+}
 for build in "$MRA_EXPORT_PLUGIN_BUILD"/ab/*/; do
+  if [ ! -f "$build/libmra_attention_cuda.so" ] && [ -f "$build/libmra_attention_cuda.so.xz" ]; then
+    unpack_xz "$build/libmra_attention_cuda.so.xz" || echo "could not unpack $build/libmra_attention_cuda.so.xz"
+  fi
   [ -f "$build/libmra_attention_cuda.so" ] || continue
   # The same op timed with another build's kernels (what it is in $build/TREE): what the
   # difference moves, on the same GPU in the same call.

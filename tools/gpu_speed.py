@@ -14,7 +14,10 @@
    The fused op runs twice: as it lays out Q, K and V itself (token-major views, no copy) and
    forced head-major (the four copies per layer it made before 2026-12-04), so the two columns
    show what the layout moved. Then each model's heaviest CUDA kernels per forward
-   (torch.profiler), which say where the whole model's time goes against RoBERTa's.
+   (torch.profiler), which say where the whole model's time goes against RoBERTa's. On sm_90
+   the op's kernels after the first are programmatic dependent launches, whose profiled time
+   includes their wait for the kernel before: their sums overlap (Nsight Compute's table,
+   tools/kernel_profile.py, gives each kernel's own).
 
 ``--op-only`` times the op alone (1.), as an A/B of two kernel builds needs: run it once per
 build, each named by ``MRA_EXPORT_PLUGIN_BUILD`` (``tools/gpu_session.sh`` does so for each build
@@ -195,7 +198,9 @@ def markdown(result: dict) -> str:
         return "\n".join(lines) + "\n"
     lines += ["", "## Whole model, 12 layers, fp16, 4096 tokens (ms, from Python)", "", MODEL_HEADER]
     lines += [_model_line(row) for row in result["models"]]
-    lines += ["", "## The heaviest kernels per forward (torch.profiler)", ""]
+    lines += ["", "## The heaviest kernels per forward (torch.profiler)", "",
+              "On sm_90 the op's dependent kernels are timed from their start, waits included, "
+              "so their times overlap.", ""]
     for entry in result["kernels"]:
         lines += _kernel_lines(entry)
     return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@
  *       global memory;
  *   (d) lowResolutionTerms (mode "full"), then the epilogue of (c): the 1e-3-quantised row max,
  *       the low-resolution term and the correction.
- * Everything runs on the caller's stream, uses only the workspace, and reports launch errors.
+ * Everything runs on the caller's stream, uses only the workspace, and reports launch errors;
+ * on sm_90 the kernels after (a)'s first are programmatic dependent launches (launchKernel).
  */
 #include "mraAttention.h"
 #include "mraAttentionCommon.h"
@@ -30,8 +31,8 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <mutex>
-#include <set>
 #include <type_traits>
 
 // Loops over register arrays (fragments, accumulators) are unrolled so that the arrays stay in
@@ -60,6 +61,11 @@ constexpr int kMaxHeadDim = 128;
 #define MRA_MMA_STAGES 3
 #endif
 
+// Programmatic dependent launches (waitForPreviousKernel); 0 for an A/B build without them.
+#ifndef MRA_DEPENDENT_LAUNCH
+#define MRA_DEPENDENT_LAUNCH 1
+#endif
+
 //! lowResolutionLogits' CTAs per row: the launch and the kernel agree on it through this.
 __host__ __device__ inline int32_t logitQueryGroups(int32_t nb)
 {
@@ -72,6 +78,37 @@ thread_local char gLastCudaError[256] = "";
 bool isVectorAligned(void const* pointer)
 {
     return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
+}
+
+// ---- programmatic dependent launch (sm_90 and later) ----------------------------------------
+//
+// Every kernel after blockMeans is launched as a programmatic dependent of the one before it
+// (launchKernel): it may start while that one's last CTAs still run, does what needs none of
+// its output, and waits in waitForPreviousKernel until that kernel has completed and its writes
+// are visible. The launch, the CTAs' start and the query tile's copies then overlap the previous
+// kernel's tail instead of following it. Each kernel lets its dependent launch as it starts
+// (startNextKernel): the dependent's CTAs wait, so no read is early. Where the GPU, the code it
+// runs or the launch has no such dependency, both return at once (takesDependentLaunches). blockMeans, whose inputs come from the caller's
+// kernels, starts after them as any launch does.
+
+//! Returns once the kernel launched before this one on the stream has completed and its writes
+//! are visible. Every thread of a dependent kernel calls it before reading what that kernel wrote
+//! (and so before exiting: a kernel completes only after the one it depends on, in turn).
+__device__ inline void waitForPreviousKernel()
+{
+#ifdef MRA_CUDA_EMULATION_H
+    ::emu::gridDependencyWait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+//! Lets the next kernel on the stream, if it is a programmatic dependent, launch now.
+__device__ inline void startNextKernel()
+{
+#if !defined(MRA_CUDA_EMULATION_H) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 // ---- storage types -------------------------------------------------------------------------
@@ -155,6 +192,7 @@ __global__ void blockMeans(Problem p, T const* query, T const* key, T const* val
     float* counts, float* queryMean, float* keyMean, float* valueMean)
 {
     constexpr int32_t kVector = 16 / sizeof(T);
+    startNextKernel();
     int32_t const block = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
     // Each warp reads the block's 32 mask entries once, instead of every thread reading each.
@@ -224,6 +262,8 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionLogits(Problem p, 
     constexpr int kWarps = kLogitThreads / 32;
     __shared__ float4 queries[kLogitQueryBlocks][kMaxHeadDim / 4];
     __shared__ float warpMaxima[kLogitQueryBlocks][kWarps];
+    waitForPreviousKernel(); // the block means and counts
+    startNextKernel();
     int32_t const groups = logitQueryGroups(p.nb);
     int32_t const row = blockIdx.x / groups;
     int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
@@ -426,6 +466,8 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     __shared__ uint32_t histogram[256];
     __shared__ uint32_t prefix;
     __shared__ int32_t remaining;
+    waitForPreviousKernel(); // the low-resolution logits and row maxima
+    startNextKernel();
     int32_t const row = blockIdx.x;
     ThreadKeys const keys(p, s, row);
 
@@ -503,6 +545,8 @@ __global__ void __launch_bounds__(kLogitThreads) lowResolutionTerms(Problem p, S
 {
     static_assert(kMaxHeadDim <= kLogitThreads, "a thread per value dim");
     __shared__ float weights[kLogitQueryBlocks][kLogitThreads];
+    waitForPreviousKernel(); // the threshold (and, before it, the logits and value means)
+    startNextKernel();
     int32_t const groups = logitQueryGroups(p.nb);
     int32_t const row = blockIdx.x / groups;
     int32_t const first = (blockIdx.x % groups) * kLogitQueryBlocks; // the group's first query block
@@ -876,6 +920,7 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
     int32_t const rows[2] = {r, r + 16};
 
     copyTiles<float, D, 1, kHighResThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
+    waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];
     float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
     forEachKeyBlock<float, D, kHighResThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles,
@@ -1069,6 +1114,7 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     float const inverseScale = 1.0f / p.scaleDivisor;
 
     copyTiles<T, D, 1, kMmaThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
+    waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
     forEachKeyBlock<T, D, kMmaThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles, Smem::kTileStride,
@@ -1180,6 +1226,92 @@ MraStatus cudaFailure(cudaError_t error, char const* where)
         }                                                                                                              \
     } while (0)
 
+#define MRA_RETURN_IF_FAILED(call)                                                                                     \
+    do                                                                                                                 \
+    {                                                                                                                  \
+        MraStatus const status_ = (call);                                                                              \
+        if (status_ != MRA_OK)                                                                                         \
+        {                                                                                                              \
+            return status_;                                                                                            \
+        }                                                                                                              \
+    } while (0)
+
+//! `value` for the current device: `compute(device, value)` the first time a device is asked
+//! for, what it gave since (`known`, guarded by `mutex`, is the caller's cache).
+template <typename Value, typename Compute>
+MraStatus forCurrentDevice(std::mutex& mutex, std::map<int, Value>& known, Value& value, Compute&& compute)
+{
+    int device = 0;
+    cudaError_t const status = cudaGetDevice(&device);
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaGetDevice");
+    }
+    std::lock_guard<std::mutex> const lock(mutex);
+    auto const found = known.find(device);
+    if (found != known.end())
+    {
+        value = found->second;
+        return MRA_OK;
+    }
+    MRA_RETURN_IF_FAILED(compute(device, value));
+    known[device] = value;
+    return MRA_OK;
+}
+
+//! Whether the kernels may be programmatic dependents on the current device: the code it runs
+//! was compiled for sm_90 or later, so it has griddepcontrol.wait (an sm_80 build's PTX compiled
+//! for an H100 at load time has not, and launched so its kernels would race).
+MraStatus takesDependentLaunches(bool& takes)
+{
+    static std::mutex mutex;
+    static std::map<int, bool> byDevice;
+    return forCurrentDevice(mutex, byDevice, takes, [](int, bool& value) {
+        cudaFuncAttributes attributes{};
+        cudaError_t const status = cudaFuncGetAttributes(&attributes, lowResolutionLogits);
+        if (status != cudaSuccess)
+        {
+            return cudaFailure(status, "cudaFuncGetAttributes(lowResolutionLogits)");
+        }
+        value = MRA_DEPENDENT_LAUNCH != 0 && attributes.ptxVersion >= 90;
+        return MRA_OK;
+    });
+}
+
+//! How launchKernel starts a kernel: after the stream's previous work (the first kernel), or as
+//! a programmatic dependent of the kernel before it (the others, on a GPU that takes it).
+struct LaunchOrder
+{
+    cudaStream_t stream;
+    bool dependent;
+};
+
+//! Launches `kernel(args...)` on `grid` CTAs of `threads` with `sharedBytes` of dynamic shared
+//! memory, on `order.stream` and as a programmatic dependent where `order` says so; `name`
+//! names it in an error.
+template <typename... Params, typename... Args>
+MraStatus launchKernel(char const* name, void (*kernel)(Params...), int32_t grid, int32_t threads, size_t sharedBytes,
+    LaunchOrder const& order, Args const&... args)
+{
+    cudaLaunchAttribute dependency{};
+    dependency.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    dependency.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = sharedBytes;
+    config.stream = order.stream;
+    config.attrs = &dependency;
+    config.numAttrs = order.dependent ? 1 : 0;
+    cudaError_t const error = cudaLaunchKernelEx(&config, kernel, args...);
+    if (error != cudaSuccess)
+    {
+        return cudaFailure(error, name);
+    }
+    MRA_CHECK_LAUNCH(name);
+    return MRA_OK;
+}
+
 //! The high-resolution kernel of a storage type and head dim, with its shared memory and CTA.
 template <typename T, int D>
 struct HighResolutionKernel
@@ -1208,32 +1340,24 @@ template <typename T, int D>
 MraStatus prepareHighResolution()
 {
     static std::mutex mutex;
-    static std::set<int> preparedDevices;
-    int device = 0;
-    cudaError_t status = cudaGetDevice(&device);
-    if (status != cudaSuccess)
-    {
-        return cudaFailure(status, "cudaGetDevice");
-    }
-    std::lock_guard<std::mutex> const lock(mutex);
-    if (preparedDevices.count(device) != 0)
-    {
+    static std::map<int, bool> preparedDevices;
+    bool prepared = false;
+    return forCurrentDevice(mutex, preparedDevices, prepared, [](int, bool& done) {
+        using Chosen = HighResolutionKernel<T, D>;
+        cudaError_t const status = cudaFuncSetAttribute(
+            Chosen::kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Chosen::kSmem));
+        if (status != cudaSuccess)
+        {
+            return cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
+        }
+        done = true;
         return MRA_OK;
-    }
-    using Chosen = HighResolutionKernel<T, D>;
-    status = cudaFuncSetAttribute(
-        Chosen::kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Chosen::kSmem));
-    if (status != cudaSuccess)
-    {
-        return cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
-    }
-    preparedDevices.insert(device);
-    return MRA_OK;
+    });
 }
 
 template <typename T, int D>
 MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
-    Scratch const& s, void* output, cudaStream_t stream)
+    Scratch const& s, void* output, LaunchOrder const& order)
 {
     MraStatus const status = prepareHighResolution<T, D>();
     if (status != MRA_OK)
@@ -1241,33 +1365,33 @@ MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, v
         return status;
     }
     using Chosen = HighResolutionKernel<T, D>;
-    Chosen::kernel()<<<p.nb * p.rows, Chosen::kThreads, Chosen::kSmem, stream>>>(p, static_cast<T const*>(q),
-        static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
-    MRA_CHECK_LAUNCH("highResolution");
-    return MRA_OK;
+    return launchKernel("highResolution", Chosen::kernel(), p.nb * p.rows, Chosen::kThreads, Chosen::kSmem, order, p,
+        static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
 }
 
 template <typename T>
 MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask, Scratch const& s,
     void* output, cudaStream_t stream)
 {
-    blockMeans<T><<<p.nb * p.rows, meanThreads<T>(p.headDim), 0, stream>>>(p, static_cast<T const*>(q),
-        static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean, s.keyMean, s.valueMean);
-    MRA_CHECK_LAUNCH("blockMeans");
-    lowResolutionLogits<<<logitQueryGroups(p.nb) * p.rows, kLogitThreads, 0, stream>>>(p, s);
-    MRA_CHECK_LAUNCH("lowResolutionLogits");
-    selectBlocks<<<p.rows, kSelectThreads, 0, stream>>>(p, s);
-    MRA_CHECK_LAUNCH("selectBlocks");
+    bool dependent = false;
+    MRA_RETURN_IF_FAILED(takesDependentLaunches(dependent));
+    LaunchOrder const first{stream, false};
+    LaunchOrder const next{stream, dependent};
+    MRA_RETURN_IF_FAILED(launchKernel("blockMeans", blockMeans<T>, p.nb * p.rows, meanThreads<T>(p.headDim), 0, first,
+        p, static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean,
+        s.keyMean, s.valueMean));
+    int32_t const logitGrid = logitQueryGroups(p.nb) * p.rows;
+    MRA_RETURN_IF_FAILED(launchKernel("lowResolutionLogits", lowResolutionLogits, logitGrid, kLogitThreads, 0, next, p, s));
+    MRA_RETURN_IF_FAILED(launchKernel("selectBlocks", selectBlocks, p.rows, kSelectThreads, 0, next, p, s));
     if (p.full)
     {
-        lowResolutionTerms<<<logitQueryGroups(p.nb) * p.rows, kLogitThreads, 0, stream>>>(p, s);
-        MRA_CHECK_LAUNCH("lowResolutionTerms");
+        MRA_RETURN_IF_FAILED(launchKernel("lowResolutionTerms", lowResolutionTerms, logitGrid, kLogitThreads, 0, next, p, s));
     }
     switch (p.headDim)
     {
-    case 32: return launchHighResolution<T, 32>(p, q, k, v, mask, s, output, stream);
-    case 64: return launchHighResolution<T, 64>(p, q, k, v, mask, s, output, stream);
-    case 128: return launchHighResolution<T, 128>(p, q, k, v, mask, s, output, stream);
+    case 32: return launchHighResolution<T, 32>(p, q, k, v, mask, s, output, next);
+    case 64: return launchHighResolution<T, 64>(p, q, k, v, mask, s, output, next);
+    case 128: return launchHighResolution<T, 128>(p, q, k, v, mask, s, output, next);
     default: return MRA_UNSUPPORTED;
     }
 }

@@ -100,6 +100,7 @@ struct Fiber
     Barrier const* waitingOn = nullptr;
     AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
     std::deque<AsyncGroup> committedCopies; //!< oldest first
+    bool waitedForPreviousKernel = false;   //!< reached griddepcontrol.wait
 };
 
 struct Warp
@@ -217,6 +218,7 @@ struct Runtime
     cudaError_t lastError = cudaSuccess;
     std::string lastMessage;
     std::map<void const*, size_t> sharedOptIn;
+    bool dependentLaunch = false; //!< the running launch is a programmatic dependent
 };
 
 Runtime& runtime()
@@ -330,6 +332,10 @@ void fiberMain()
     if (copiesNotWaitedFor(fiber) > 0)
     {
         fail("thread %u exited with %zu cp.async copies not waited for", fiber.thread, copiesNotWaitedFor(fiber));
+    }
+    if (r.dependentLaunch && !fiber.waitedForPreviousKernel)
+    {
+        fail("thread %u of a programmatic dependent launch exited without griddepcontrol.wait", fiber.thread);
     }
     fiber.state = State::Finished;
     ++r.finished;
@@ -558,6 +564,11 @@ void asyncWait(int pending)
     }
 }
 
+void gridDependencyWait()
+{
+    currentFiber().waitedForPreviousKernel = true;
+}
+
 void setSchedule(uint32_t schedule)
 {
     Runtime& r = runtime();
@@ -573,7 +584,8 @@ void setMaxDynamicShared(void const* kernel, size_t bytes)
     r.sharedOptIn[kernel] = std::max(bytes, kDefaultDynamicShared);
 }
 
-void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body)
+void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body,
+    bool dependent)
 {
     Runtime& r = runtime();
     std::lock_guard<std::mutex> const lock(r.launchMutex);
@@ -599,6 +611,7 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         return;
     }
     r.body = &body;
+    r.dependentLaunch = dependent;
     gridDim = grid;
     blockDim = block;
     for (unsigned b : ctaOrder(grid.x))

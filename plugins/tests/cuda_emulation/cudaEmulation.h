@@ -21,6 +21,12 @@
  * issued into memory other threads still read, it overwrites them. A thread that exits with
  * copies it did not wait for fails the launch (on a GPU they land on whatever was stored since).
  *
+ * A programmatic dependent launch (cudaLaunchKernelEx with
+ * cudaLaunchAttributeProgrammaticStreamSerialization) runs after the kernel before it, as every
+ * launch does here; a thread of it that exits without griddepcontrol.wait
+ * (emu::gridDependencyWait) fails it: on a GPU its CTA could complete before that kernel, and
+ * the kernel after it would then not wait for that one. Reads before the wait are not caught.
+ *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses, and races
@@ -29,8 +35,10 @@
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
  * caught. It stands for a GPU in nothing but the kernels' logic.
  *
- * The kernel source is compiled with this header forced in first and `<<<`, `>>>` and the
- * `extern __shared__` declaration rewritten by CMake (plugins/CMakeLists.txt).
+ * The kernel source is compiled with this header forced in first and its `extern __shared__`
+ * declaration rewritten by CMake (plugins/CMakeLists.txt); it launches by cudaLaunchKernelEx,
+ * defined below. The self-test writes `kernel<<<grid, block>>>(args...)` as
+ * `kernel | ::emu::Launch(grid, block) | ::emu::args(args...)`.
  */
 #ifndef MRA_CUDA_EMULATION_H
 #define MRA_CUDA_EMULATION_H
@@ -141,6 +149,37 @@ enum cudaFuncAttribute
     cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
 };
 
+struct cudaFuncAttributes
+{
+    int ptxVersion; //!< the virtual architecture the kernel was compiled for, e.g. 90
+};
+
+enum cudaLaunchAttributeID
+{
+    cudaLaunchAttributeProgrammaticStreamSerialization = 6,
+};
+
+union cudaLaunchAttributeValue
+{
+    int programmaticStreamSerializationAllowed;
+};
+
+struct cudaLaunchAttribute
+{
+    cudaLaunchAttributeID id;
+    cudaLaunchAttributeValue val;
+};
+
+struct cudaLaunchConfig_t
+{
+    dim3 gridDim;
+    dim3 blockDim;
+    size_t dynamicSmemBytes;
+    cudaStream_t stream;
+    cudaLaunchAttribute* attrs;
+    unsigned int numAttrs;
+};
+
 namespace emu
 {
 
@@ -174,6 +213,9 @@ void asyncCopy(char const* file, int line, void* shared, void const* global, int
 void asyncCommit();
 //! cp.async.wait_group: the thread's committed groups but the newest `pending` have landed.
 void asyncWait(int pending);
+//! griddepcontrol.wait: the kernel before this one has completed (always so here); recorded, as
+//! every thread of a dependent launch must reach it.
+void gridDependencyWait();
 
 //! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.
@@ -203,7 +245,10 @@ void setSchedule(uint32_t schedule);
 
 void setMaxDynamicShared(void const* kernel, size_t bytes);
 //! Runs ``body`` as every thread of a 1-D grid; a failure is left for cudaGetLastError.
-void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body);
+//! ``dependent``: a programmatic dependent launch, whose threads must each wait for the kernel
+//! before (gridDependencyWait).
+void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body,
+    bool dependent = false);
 
 template <typename T>
 uint64_t bitsOf(T value)
@@ -222,7 +267,7 @@ T fromBits(uint64_t bits)
     return value;
 }
 
-//! `kernel<<<grid, block, shared, stream>>>(args...)` is rewritten to
+//! `kernel<<<grid, block, shared, stream>>>(args...)`, written
 //! `kernel | ::emu::Launch(grid, block, shared, stream) | ::emu::args(args...)`.
 struct Launch
 {
@@ -273,6 +318,33 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
 cudaError_t cudaGetLastError();
 char const* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaGetDevice(int* device);
+//! The emulated kernels stand for an sm_90 build (so their dependent launches are exercised).
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*)
+{
+    *attributes = cudaFuncAttributes{90};
+    return cudaSuccess;
+}
+
+//! cudaLaunchKernelEx's C++ form: the arguments converted to the kernel's parameter types once,
+//! as CUDA does; a failure is left for cudaGetLastError, as a <<<>>> launch's is.
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(Params...), Args&&... arguments)
+{
+    static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
+    bool dependent = false;
+    for (unsigned a = 0; a < config->numAttrs; ++a)
+    {
+        cudaLaunchAttribute const& attribute = config->attrs[a];
+        dependent = dependent
+            || (attribute.id == cudaLaunchAttributeProgrammaticStreamSerialization
+                && attribute.val.programmaticStreamSerializationAllowed != 0);
+    }
+    std::tuple<Params...> const converted(std::forward<Args>(arguments)...);
+    emu::runGrid(reinterpret_cast<void const*>(kernel), config->gridDim, config->blockDim, config->dynamicSmemBytes,
+        [&] { std::apply(kernel, converted); }, dependent);
+    return cudaSuccess;
+}
 
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value)

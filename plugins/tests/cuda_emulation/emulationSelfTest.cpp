@@ -3,7 +3,8 @@
  * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
  * and that it fails where a GPU would hang or be undefined. Prints "N passed, M failed"; exit
  * status 1 on a failure.
- * Launches are written in the form CMake rewrites `<<<...>>>` into for the kernels' source.
+ * Launches are written `kernel | ::emu::Launch(grid, block) | ::emu::args(...)` (cudaEmulation.h),
+ * dependent ones by cudaLaunchKernelEx, as the kernels launch.
  */
 #include "cudaEmulation.h"
 #include "expect.h"
@@ -203,6 +204,16 @@ __global__ void leavesACopyInFlight(uint32_t const* source)
 {
     ::emu::asyncCopy(__FILE__, __LINE__, ::emu::dynamicSharedMemory(), source, 16, 16);
     ::emu::asyncCommit();
+}
+
+//! Thread t waits for the kernel before it unless t is `skipping`; then writes t + 1.
+__global__ void waitsForPreviousKernel(int* out, int skipping)
+{
+    if (static_cast<int>(threadIdx.x) != skipping)
+    {
+        ::emu::gridDependencyWait();
+    }
+    out[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
 }
 
 __global__ void readsDynamicShared(float* out)
@@ -443,6 +454,32 @@ void checkAsyncCopies()
     mraCudaEmulationSetSchedule(0);
 }
 
+//! `waitsForPreviousKernel` launched by cudaLaunchKernelEx, as a programmatic dependent or not.
+std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
+{
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
+    expect(cudaLaunchKernelEx(&config, waitsForPreviousKernel, out.data(), skipping) == cudaSuccess,
+        "cudaLaunchKernelEx leaves failures to cudaGetLastError");
+    return launchError();
+}
+
+void checkDependentLaunches()
+{
+    std::vector<int> out(64);
+    expect(launchWaiting(true, -1, out).empty() && out[0] == 1 && out[63] == 64,
+        "a dependent launch whose threads all wait for the kernel before runs");
+    expect(contains(launchWaiting(true, 5, out), "thread 5 of a programmatic dependent launch exited without "
+                                                 "griddepcontrol.wait"),
+        "a thread of a dependent launch that exits without waiting fails it");
+    expect(launchWaiting(false, 5, out).empty(), "an ordinary launch needs no wait");
+    cudaFuncAttributes attributes{};
+    expect(cudaFuncGetAttributes(&attributes, waitsForPreviousKernel) == cudaSuccess && attributes.ptxVersion == 90,
+        "the emulated kernels stand for an sm_90 build, which may be launched as dependents");
+}
+
 void checkMemoryAndLimits()
 {
     std::vector<float> out(32);
@@ -485,6 +522,7 @@ int main()
     checkMma();
     checkLdmatrix();
     checkAsyncCopies();
+    checkDependentLaunches();
     checkMemoryAndLimits();
     return checks::report();
 }
