@@ -14,14 +14,39 @@
 # onnxruntime-gpu joined from the parts that
 # ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
 # Writes its logs and tables under $OUT and prints the tables.
-# `bash tools/gpu_session.sh bench` (a second call: the first takes most of a call's 10 minutes)
-# runs `mra-export bench --device cuda` instead: every GPU column in fp32 and fp16.
+#
+# `bash tools/gpu_session.sh` runs the sections below in this order, the most needed first, each
+# with a time limit, and stops starting them DEADLINE seconds in (570 by default: a device call
+# may run 600), so a call always ends with its results written; it then names the sections it
+# skipped, for the next call: `bash tools/gpu_session.sh SECTION...` runs those alone.
+#   tests     the GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels
+#   speed     the op against SDPA, the whole model against RoBERTa (tools/gpu_speed.py)
+#   ab        the op with each build in .carry-libs/ab/ (gpu_speed.py --op-only)
+#   check     gpu_check's correctness cases on the carried library
+#   sanitize  compute-sanitizer's memcheck, racecheck and synccheck
+#   ncu       Nsight Compute: each kernel's time and distance to the H200's peaks
+#   ort       onnxruntime-gpu (joined from /tmp/parts): the op's CUDA kernel, the graphs' speed
+#   bench     `mra-export bench --device cuda`, every GPU column (not in the default list: a call
+#             of its own)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-libs
 OUT=${OUT:-/tmp/gpu-session}
+DEADLINE=${DEADLINE:-570}
+LIBRARY=$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so
 mkdir -p "$OUT"
-nvidia-smi -L
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+SKIPPED=()
+
+# `section NAME SECONDS TITLE`: prints the title and sets LIMIT to SECONDS or what is left before
+# DEADLINE, whichever is less; false, with NAME noted as skipped, where under 20 s are left.
+section() {
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    SKIPPED+=("$1")
+    return 1
+  fi
+  LIMIT=$(($2 < left ? $2 : left))
+  echo "== [${SECONDS}s] $3 (at most ${LIMIT}s)"
+}
 
 install_onnxruntime_gpu() {  # from the parts; returns 1 where there are none
   local wheel name
@@ -34,70 +59,109 @@ install_onnxruntime_gpu() {  # from the parts; returns 1 where there are none
   python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 }
 
-if [ "${1:-}" = bench ]; then
-  install_onnxruntime_gpu || echo "no onnxruntime-gpu parts in /tmp/parts: its columns will say so"
-  timeout 540 python3 -m mra_export bench --device cuda --lengths 1024,2048,4096 --batches 1,8 \
-    --budget 0.5 --out "$OUT/bench" 2>&1 | tail -60
-  exit $?
-fi
-
-echo "== [${SECONDS}s] GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels"
-python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py tests/test_plugin_gpu.py \
-  tests/test_cuda_kernels.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
-
-echo "== [${SECONDS}s] gpu_check's correctness cases on the carried library (no build, no timing)"
-timeout 150 python3 tools/gpu_check.py --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" \
-  --no-timing --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
-echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
-
-echo "== [${SECONDS}s] speed: the op against SDPA, the whole model against RoBERTa"
-python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
 unpack_xz() {  # FILE.xz -> FILE, by Python's lzma (the machine may have no xz)
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$1"
 }
-for build in "$MRA_EXPORT_PLUGIN_BUILD"/ab/*/; do
-  if [ ! -f "$build/libmra_attention_cuda.so" ] && [ -f "$build/libmra_attention_cuda.so.xz" ]; then
-    unpack_xz "$build/libmra_attention_cuda.so.xz" || echo "could not unpack $build/libmra_attention_cuda.so.xz"
-  fi
-  [ -f "$build/libmra_attention_cuda.so" ] || continue
-  # The same op timed with another build's kernels (what it is in $build/TREE): what the
-  # difference moves, on the same GPU in the same call.
-  name=$(basename "$build")
-  echo "== [${SECONDS}s] A/B: the op with build $name: $(cat "$build/TREE" 2>/dev/null || echo 'no TREE file')"
-  MRA_EXPORT_PLUGIN_BUILD=${build%/} python3 tools/gpu_speed.py --op-only --quick \
-    --out "$OUT/ab-$name" 2>&1 | tail -12
-done
 
-echo "== [${SECONDS}s] onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed"
-if install_onnxruntime_gpu; then
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py tests/test_ort_cuda_placement.py \
-    2>&1 | tee "$OUT/pytest-ort.log" | tail -8
+run_tests() {
+  section tests 150 "GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels" || return
+  timeout "$LIMIT" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py \
+    tests/test_plugin_gpu.py tests/test_cuda_kernels.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+}
+
+run_speed() {
+  section speed 200 "speed: the op against SDPA, the whole model against RoBERTa" || return
+  timeout "$LIMIT" python3 tools/gpu_speed.py --out "$OUT" 2>&1 | tail -30
+}
+
+run_ab() {
+  local build name
+  for build in "$MRA_EXPORT_PLUGIN_BUILD"/ab/*/; do
+    name=$(basename "$build")
+    # The same op timed with another build's kernels (what it is in $build/TREE): what the
+    # difference moves, on the same GPU in the same call.
+    section "ab" 90 "A/B: the op with build $name: $(cat "$build/TREE" 2>/dev/null || echo 'no TREE file')" || return
+    if [ ! -f "$build/libmra_attention_cuda.so" ] && [ -f "$build/libmra_attention_cuda.so.xz" ]; then
+      unpack_xz "$build/libmra_attention_cuda.so.xz" || echo "could not unpack $build/libmra_attention_cuda.so.xz"
+    fi
+    [ -f "$build/libmra_attention_cuda.so" ] || { echo "no library in $build"; continue; }
+    MRA_EXPORT_PLUGIN_BUILD=${build%/} timeout "$LIMIT" python3 tools/gpu_speed.py --op-only --quick \
+      --out "$OUT/ab-$name" 2>&1 | tail -12
+  done
+}
+
+run_check() {
+  section check 150 "gpu_check's correctness cases on the carried library (no build, no timing)" || return
+  timeout "$LIMIT" python3 tools/gpu_check.py --library "$LIBRARY" --no-timing \
+    --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
+  echo "gpu_check rc=$?"; tail -4 "$OUT/gpu_check.txt"
+}
+
+run_sanitize() {
+  section sanitize 150 "compute-sanitizer on small cases (the three tools in parallel)" || return
+  local tool sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck synccheck; do
+    (timeout "$LIMIT" "$sanitizer" --tool $tool --error-exitcode 1 python3 tools/sanitize_kernels.py \
+       --library "$LIBRARY" > "/tmp/sanitize-$tool.log" 2>&1
+     echo "$tool rc=$?" >> "/tmp/sanitize-$tool.log") &
+  done
+  wait
+  for tool in memcheck racecheck synccheck; do echo "-- $tool"; cat "/tmp/sanitize-$tool.log"; done > "$OUT/sanitize.log"
+  grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
+}
+
+run_ncu() {
+  section ncu 240 "Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)" || return
+  local ncu
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout "$LIMIT" "$ncu" --section SpeedOfLight --csv --page details --print-kernel-base function \
+    --kernel-name regex:"blockMeans|lowResolution|selectBlocks|highResolution" \
+    python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
+  echo "ncu rc=$?"
+  python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"
+}
+
+run_ort() {
+  section ort 240 "onnxruntime-gpu: the op library's CUDA kernel, and the graphs' speed" || return
+  if ! install_onnxruntime_gpu; then
+    echo "skipped: no onnxruntime-gpu parts in /tmp/parts"
+    return
+  fi
+  timeout "$LIMIT" python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py \
+    tests/test_ort_cuda_placement.py 2>&1 | tee "$OUT/pytest-ort.log" | tail -8
   # RoBERTa's graph (issue 25's 0.7x is against it) is exported here: with the MRA graphs and
   # the libraries it would pass the 64 MB a call carries.
-  python3 tools/ort_cuda_speed.py export .carry-onnx --graphs dense > "$OUT/export-dense.log" 2>&1 \
+  section ort 60 "onnxruntime-gpu: RoBERTa's graph exported here" || return
+  timeout "$LIMIT" python3 tools/ort_cuda_speed.py export .carry-onnx --graphs dense > "$OUT/export-dense.log" 2>&1 \
     || echo "RoBERTa's graph did not export (its column is left out): $OUT/export-dense.log"
   # its table, then the copies and the nodes on the CPU provider per graph
-  python3 tools/ort_cuda_speed.py run .carry-onnx --out "$OUT" 2>&1 | tail -30
-else
-  echo "skipped: no onnxruntime-gpu parts in /tmp/parts"
-fi
+  section ort 180 "onnxruntime-gpu: the graphs' speed and placement" || return
+  timeout "$LIMIT" python3 tools/ort_cuda_speed.py run .carry-onnx --out "$OUT" 2>&1 | tail -30
+}
 
-echo "== [${SECONDS}s] compute-sanitizer on small cases (the three tools in parallel)"
-S=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-for t in memcheck racecheck synccheck; do
-  (timeout 150 "$S" --tool $t --error-exitcode 1 python3 tools/sanitize_kernels.py \
-     --library "$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so" > "/tmp/sanitize-$t.log" 2>&1
-   echo "$t rc=$?" >> "/tmp/sanitize-$t.log") &
+run_bench() {
+  section bench 540 "mra-export bench --device cuda: every GPU column in fp32 and fp16" || return
+  install_onnxruntime_gpu || echo "no onnxruntime-gpu parts in /tmp/parts: its columns will say so"
+  timeout "$LIMIT" python3 -m mra_export bench --device cuda --lengths 1024,2048,4096 --batches 1,8 \
+    --budget 0.5 --out "$OUT/bench" 2>&1 | tail -60
+}
+
+SECTIONS=("$@")
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests speed ab check sanitize ncu ort)
+for name in "${SECTIONS[@]}"; do
+  if ! declare -F "run_$name" > /dev/null; then
+    echo "gpu_session.sh: no section '$name'; the sections: tests speed ab check sanitize ncu ort bench" >&2
+    exit 2
+  fi
 done
-wait
-for t in memcheck racecheck synccheck; do echo "-- $t"; cat "/tmp/sanitize-$t.log"; done > "$OUT/sanitize.log"
-grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
-
-echo "== [${SECONDS}s] Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)"
-N=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-timeout 240 "$N" --section SpeedOfLight --csv --page details --print-kernel-base function \
-  --kernel-name regex:"blockMeans|lowResolution|selectBlocks|highResolution" \
-  python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
-echo "ncu rc=$?"
-python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"
-echo "== [${SECONDS}s] done"
+nvidia-smi -L
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+for name in "${SECTIONS[@]}"; do
+  "run_$name"
+done
+if [ ${#SKIPPED[@]} -gt 0 ]; then
+  echo "== [${SECONDS}s] out of time for: ${SKIPPED[*]}; next call: bash tools/gpu_session.sh $(printf '%s\n' "${SKIPPED[@]}" | uniq | tr '\n' ' ')"
+else
+  echo "== [${SECONDS}s] done"
+fi
