@@ -45,6 +45,73 @@ def test_the_cuda_provider_copies_nothing_between_host_and_device(tmp_path, dtyp
     assert not copies, "\n".join(map(tool.describe_copy, copies))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_the_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provider(tmp_path, dtype):
+    """Here, without a GPU: onnxruntime's rule for what its CUDA provider leaves on the CPU
+    (tools/ort_cuda_placement.py) replayed on the graph. It predicted the 8 copies the H200 run
+    of 2026-12-04 found in that day's graph; the GPU test above checks the real placement."""
+    task = TASKS["feature-extraction"]
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", task, **SMALL_MODEL)
+    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable", dtype=dtype,
+                 log=lambda message: None)
+    placement = load_tool("ort_cuda_placement").predict(
+        onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False))
+    describe = load_tool("ort_cuda_speed").describe_copy
+    assert not placement.copies, "\n".join(map(describe, placement.copies))
+    assert any(node.startswith("Concat ") for node in placement.cpu_nodes), \
+        "no shape arithmetic predicted on the CPU: the rule did not run"
+
+
+def _graph(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "placed", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_the_prediction_leaves_shape_arithmetic_on_the_cpu_and_copies_what_the_device_reads():
+    """Shape's output lies in host memory; the Gather and Cast of it go to the CPU (inputs on the
+    host or small initializers). Reshape takes its shape from the host; Mul reads the cast on the
+    device: one copy. Exp of the graph input runs on the device (no host input to start from)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    model = _graph(
+        [helper.make_node("Exp", ["x"], ["e"], name="exp"),
+         helper.make_node("Shape", ["e"], ["shape"], name="shape"),
+         helper.make_node("Gather", ["shape", "zero"], ["rows"], name="rows"),
+         helper.make_node("Cast", ["rows"], ["scale"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("Reshape", ["e", "shape"], ["same"], name="reshape"),
+         helper.make_node("Mul", ["same", "scale"], ["y"], name="mul")],
+        [x], [y], [helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    placement = load_tool("ort_cuda_placement").predict(model)
+    assert placement.cpu_nodes == ["Gather rows", "Cast cast"]
+    assert placement.copies == [dict(copy="MemcpyFromHost", tensor="scale", made_by="Cast cast",
+                                     read_by=["Mul mul"])]
+
+
+def test_the_prediction_puts_an_operator_without_a_cuda_kernel_for_its_type_between_two_copies():
+    """The CUDA provider has no Pad of int64 values (the 2026-12-04 graph had two)."""
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [6])
+    model = _graph(
+        [helper.make_node("Abs", ["x"], ["a"], name="abs"),
+         helper.make_node("Pad", ["a", "pads"], ["padded"], name="pad"),
+         helper.make_node("Neg", ["padded"], ["y"], name="neg")],
+        [x], [y], [helper.make_tensor("pads", TensorProto.INT64, [2], [1, 1])])
+    placement = load_tool("ort_cuda_placement").predict(model)
+    assert placement.cpu_nodes == ["Pad pad"]
+    assert [(c["copy"], c["tensor"]) for c in placement.copies] == [
+        ("MemcpyToHost", "a"), ("MemcpyFromHost", "padded")]
+
+
+def test_the_prediction_names_an_operator_it_has_no_table_for():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    model = _graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="product",
+                                     equation="ij,jk->ik")],
+                   [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    with pytest.raises(ValueError, match="Einsum .product. is not in"):
+        load_tool("ort_cuda_placement").predict(model)
+
+
 def test_the_tool_names_each_copy_with_the_nodes_on_either_side(tmp_path):
     """A graph as onnxruntime saves it after placing a Pad on the CPU (the CUDA provider has no
     int64 Pad): one copy to the host, one back."""
