@@ -86,10 +86,11 @@ bool isVectorAligned(void const* pointer)
 // (launchKernel): it may start while that one's last CTAs still run, does what needs none of
 // its output, and waits in waitForPreviousKernel until that kernel has completed and its writes
 // are visible. The launch, the CTAs' start and the query tile's copies then overlap the previous
-// kernel's tail instead of following it. Each kernel lets its dependent launch as it starts
-// (startNextKernel): the dependent's CTAs wait, so no read is early. Where the GPU, the code it
-// runs or the launch has no such dependency, both return at once (takesDependentLaunches). blockMeans, whose inputs come from the caller's
-// kernels, starts after them as any launch does.
+// kernel's tail instead of following it. Each kernel with a successor lets it launch as it
+// starts (startNextKernel): the successor's CTAs wait, so no read is early. Where the GPU, the
+// code it runs or the launch has no such dependency, both return at once
+// (takesDependentLaunches). blockMeans, whose inputs come from the caller's kernels, starts
+// after them as any launch does.
 
 //! Returns once the kernel launched before this one on the stream has completed and its writes
 //! are visible. Every thread of a dependent kernel calls it before reading what that kernel wrote
@@ -1381,11 +1382,13 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
         p, static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean,
         s.keyMean, s.valueMean));
     int32_t const logitGrid = logitQueryGroups(p.nb) * p.rows;
-    MRA_RETURN_IF_FAILED(launchKernel("lowResolutionLogits", lowResolutionLogits, logitGrid, kLogitThreads, 0, next, p, s));
+    MRA_RETURN_IF_FAILED(
+        launchKernel("lowResolutionLogits", lowResolutionLogits, logitGrid, kLogitThreads, 0, next, p, s));
     MRA_RETURN_IF_FAILED(launchKernel("selectBlocks", selectBlocks, p.rows, kSelectThreads, 0, next, p, s));
     if (p.full)
     {
-        MRA_RETURN_IF_FAILED(launchKernel("lowResolutionTerms", lowResolutionTerms, logitGrid, kLogitThreads, 0, next, p, s));
+        MRA_RETURN_IF_FAILED(
+            launchKernel("lowResolutionTerms", lowResolutionTerms, logitGrid, kLogitThreads, 0, next, p, s));
     }
     switch (p.headDim)
     {

@@ -300,17 +300,26 @@ std::tuple<Args...> args(Args... values)
     return std::tuple<Args...>(values...);
 }
 
+//! Runs `kernel(arguments...)` as a grid (runGrid); a failure is left for cudaGetLastError.
 template <typename... Params, typename... Args>
-void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& arguments)
+void runKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sharedBytes, bool dependent,
+    Args const&... arguments)
 {
     static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
     // Converted once, as CUDA copies a launch's arguments; every thread calls with the copy.
-    std::tuple<Params...> const converted = std::apply(
-        [](auto const&... values) { return std::tuple<Params...>(values...); }, arguments);
-    auto const kernel = bound.kernel;
+    std::tuple<Params...> const converted(arguments...);
+    runGrid(reinterpret_cast<void const*>(kernel), grid, block, sharedBytes, [&] { std::apply(kernel, converted); },
+        dependent);
+}
+
+template <typename... Params, typename... Args>
+void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& arguments)
+{
     Launch const& l = bound.launch;
-    runGrid(reinterpret_cast<void const*>(kernel), l.grid, l.block, l.sharedBytes,
-        [&] { std::apply(kernel, converted); });
+    auto const run = [&](auto const&... values) {
+        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, values...);
+    };
+    std::apply(run, arguments);
 }
 
 } // namespace emu
@@ -326,12 +335,10 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*)
     return cudaSuccess;
 }
 
-//! cudaLaunchKernelEx's C++ form: the arguments converted to the kernel's parameter types once,
-//! as CUDA does; a failure is left for cudaGetLastError, as a <<<>>> launch's is.
+//! cudaLaunchKernelEx's C++ form; a failure is left for cudaGetLastError, as a <<<>>> launch's is.
 template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(Params...), Args&&... arguments)
 {
-    static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
     bool dependent = false;
     for (unsigned a = 0; a < config->numAttrs; ++a)
     {
@@ -340,9 +347,7 @@ cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(
             || (attribute.id == cudaLaunchAttributeProgrammaticStreamSerialization
                 && attribute.val.programmaticStreamSerializationAllowed != 0);
     }
-    std::tuple<Params...> const converted(std::forward<Args>(arguments)...);
-    emu::runGrid(reinterpret_cast<void const*>(kernel), config->gridDim, config->blockDim, config->dynamicSmemBytes,
-        [&] { std::apply(kernel, converted); }, dependent);
+    emu::runKernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, dependent, arguments...);
     return cudaSuccess;
 }
 
