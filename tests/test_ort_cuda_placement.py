@@ -112,6 +112,28 @@ def test_the_prediction_names_an_operator_it_has_no_table_for():
         load_tool("ort_cuda_placement").predict(model)
 
 
+def test_the_gpu_report_sets_the_prediction_beside_the_copies_found(tmp_path):
+    """tools/ort_cuda_speed.py run lists, for each graph, the copies found on the GPU and those
+    predicted here, so a lent GPU checks the prediction; a graph the tables do not cover says so."""
+    tool = load_tool("ort_cuda_speed")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    path = tmp_path / "product.onnx"
+    onnx.save(_graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="product",
+                                       equation="ij,jk->ik")],
+                     [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])]), path)
+    unknown = tool.predicted_copies(path)
+    assert unknown.startswith("not predicted: Einsum (product) is not in")
+    found = dict(copy="MemcpyFromHost", tensor="scale", made_by="Cast cast", read_by=["Mul mul"])
+    lines = tool.placement_lines("mra-portable-fp16", dict(
+        copies=[found], cpu_nodes=["Cast cast"], predicted=[tool.describe_copy(found)]))
+    assert lines == [
+        "- mra-portable-fp16: 1 Memcpy nodes, 1 nodes on the CPU provider",
+        "  - MemcpyFromHost scale: made by Cast cast, read by Mul mul",
+        "  - on the CPU: Cast cast",
+        "  - predicted here (tools/ort_cuda_placement.py): 1 copies; MemcpyFromHost scale: made by "
+        "Cast cast, read by Mul mul"]
+
+
 def test_the_tool_names_each_copy_with_the_nodes_on_either_side(tmp_path):
     """A graph as onnxruntime saves it after placing a Pad on the CPU (the CUDA provider has no
     int64 Pad): one copy to the host, one back."""

@@ -190,8 +190,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ort_cuda_speed import describe_copy
 
+    from google.protobuf.message import DecodeError
+
     for path in args.graphs:
-        placement = predict(onnx.load(str(path), load_external_data=False))
+        try:
+            placement = predict(onnx.load(str(path), load_external_data=False))
+        except (OSError, DecodeError, ValueError) as error:  # missing, not ONNX, outside the tables
+            print(f"ort_cuda_placement: {path}: {error}", file=sys.stderr)
+            return 2
         print(f"{path}: {len(placement.copies)} copies, {len(placement.cpu_nodes)} nodes on the CPU")
         for copy in placement.copies:
             print(f"  {describe_copy(copy)}")

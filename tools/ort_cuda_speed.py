@@ -129,21 +129,42 @@ def cpu_provider_nodes(profile: Path) -> list[str]:
 
 def placement(path: Path, folder: Path, feed: dict) -> dict:
     """Where the CUDA provider puts ``path``'s nodes: the copies it inserted (from the optimized
-    graph) and the nodes one profiled run shows on the CPU provider."""
+    graph) and the nodes one profiled run shows on the CPU provider; beside them, the copies
+    tools/ort_cuda_placement.py predicts for the graph without a GPU, to check that prediction."""
     optimized = folder / f"{path.stem}-optimized.onnx"
     profiled = session(path, optimized, profile_prefix=folder / path.stem)
     profiled.run(None, feed)
     cpu_nodes = cpu_provider_nodes(Path(profiled.end_profiling()))
-    return dict(copies=host_copies(optimized), cpu_nodes=cpu_nodes)
+    return dict(copies=host_copies(optimized), cpu_nodes=cpu_nodes, predicted=predicted_copies(path))
+
+
+def predicted_copies(path: Path) -> list[str] | str:
+    """The copies tools/ort_cuda_placement.py predicts, described; or why it cannot say."""
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, this script's folder
+    from ort_cuda_placement import predict
+
+    try:
+        return [describe_copy(copy)
+                for copy in predict(onnx.load(str(path), load_external_data=False)).copies]
+    except ValueError as error:  # an operator outside its tables (the op graph's MraAttention)
+        return f"not predicted: {error}"
 
 
 def placement_lines(name: str, where: dict) -> list[str]:
-    """Markdown list items: a graph's copies, then its nodes on the CPU provider."""
+    """Markdown list items: a graph's copies, its nodes on the CPU provider, the prediction."""
     lines = [f"- {name}: {len(where['copies'])} Memcpy nodes, {len(where['cpu_nodes'])} nodes on "
              "the CPU provider"]
     lines += [f"  - {describe_copy(copy)}" for copy in where["copies"]]
     if where["cpu_nodes"]:
         lines.append(f"  - on the CPU: {', '.join(where['cpu_nodes'])}")
+    predicted = where.get("predicted")
+    if isinstance(predicted, str):
+        lines.append(f"  - {predicted}")
+    elif predicted is not None:
+        lines.append(f"  - predicted here (tools/ort_cuda_placement.py): {len(predicted)} copies"
+                     + "".join(f"; {copy}" for copy in predicted))
     return lines
 
 
