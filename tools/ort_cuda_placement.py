@@ -47,10 +47,11 @@ CUDA_KERNEL_TYPES = {
     **{op: (0, NUMBERS) for op in (
         "Abs", "Add", "CumSum", "Div", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Min",
         "Mod", "Mul", "Neg", "Pow", "ReduceMax", "ReduceSum", "Sign", "Sub", "TopK")},
-    **{op: (0, FLOATS) for op in ("Exp", "Floor", "Gelu", "LayerNormalization", "MatMul")},
+    **{op: (0, FLOATS) for op in (
+        "Exp", "Floor", "Gelu", "Gemm", "LayerNormalization", "MatMul", "Relu")},
     **{op: (0, ANY) for op in (
         "Cast", "Concat", "Equal", "Expand", "Gather", "Reshape", "ScatterElements", "Shape",
-        "Slice", "Squeeze", "Transpose", "Unsqueeze")},
+        "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze")},
     **{op: (0, frozenset({"BOOL"})) for op in ("And", "Not", "Or")},
     "Clip": (0, FLOATS | {"INT64"}),
     "Pad": (0, FLOATS | {"BOOL"}),
@@ -60,8 +61,8 @@ CUDA_KERNEL_TYPES = {
 # The inputs each CUDA kernel reads from host memory (InputMemoryType OrtMemTypeCPUInput).
 HOST_INPUTS = {
     "ConstantOfShape": {0}, "CumSum": {1}, "Expand": {1}, "Pad": {1, 2, 3}, "Range": {0, 1, 2},
-    "ReduceMax": {1}, "ReduceSum": {1}, "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Squeeze": {1},
-    "Tile": {1}, "TopK": {1}, "Unsqueeze": {1},
+    "ReduceMax": {1}, "ReduceSum": {1}, "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Split": {1},
+    "Squeeze": {1}, "Tile": {1}, "TopK": {1}, "Unsqueeze": {1},
 }
 # The outputs each CUDA kernel leaves in host memory.
 HOST_OUTPUTS = {"Shape": {0}, "Size": {0}}
