@@ -57,13 +57,16 @@ def _assert_no_copy_predicted(placement) -> None:
 
 
 @pytest.mark.slow
-def test_every_heads_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provider(exports):
+def test_every_heads_graphs_are_predicted_to_need_no_copy_on_the_cuda_provider(exports):
     """Here, without a GPU: onnxruntime's rule for what its CUDA provider leaves on the CPU
-    (tools/ort_cuda_placement.py) replayed on each head's portable export. It predicted the 8
-    copies the H200 run of 2026-12-04 found in that day's graph; the GPU test above checks the
-    real placement."""
+    (tools/ort_cuda_placement.py) replayed on each head's exports. For that day's graphs it
+    predicted the 8 copies (portable) and none (with the op) the H200 run of 2026-12-04 found;
+    the GPU test above checks the real placement."""
     for task in TASKS:
         _assert_no_copy_predicted(_predicted(exports[task, "portable"] / "model.onnx"))
+        with_op = _predicted(exports[task, "plugin"] / "model.onnx")
+        assert not with_op.copies and with_op.cpu_nodes
+        assert not [node for node in with_op.cpu_nodes if node.startswith("MraAttention")]
 
 
 @pytest.mark.slow

@@ -18,11 +18,11 @@ from host memory (Reshape's shape, TopK's k, Range's bounds...) take host tensor
 The tables hold what that needs for the operators mra-export's graphs use, as onnxruntime's CUDA
 kernels register them at opset 20 (``docs/OperatorKernels.md``, and the kernels' own
 ``InputMemoryType``/``OutputMemoryType`` in 1.21 and on main); an operator outside them is
-reported, not guessed. Checked once against a GPU: for tree 1e83435's portable graphs (fp16 and
-fp32, one mra-base layer, ``tools/ort_cuda_speed.py export``) it predicts the 8 copies that
-onnxruntime-gpu 1.31.1 inserted into the fp16 one on the H200 on 2026-12-04
-(``tools/results/gpu-h200.md``): a Pad of int64 values, which has no CUDA kernel, and shape
-arithmetic read by the attention's index computations. The GPU test in
+reported, not guessed. Checked once against a GPU: for tree 1e83435's graphs (one mra-base
+layer, ``tools/ort_cuda_speed.py export``) it predicts the 8 copies that onnxruntime-gpu 1.31.1
+inserted into the portable fp16 one on the H200 on 2026-12-04, and none in the graph with the op,
+as there (``tools/results/gpu-h200.md``): the 8 are a Pad of int64 values, which has no CUDA
+kernel, and shape arithmetic read by the attention's index computations. The GPU test in
 ``tests/test_ort_cuda_placement.py`` reads the real placement where a CUDA provider is.
 """
 
@@ -50,13 +50,15 @@ CUDA_KERNEL_TYPES = {
     **{op: (0, FLOATS) for op in (
         "Exp", "Floor", "Gelu", "Gemm", "LayerNormalization", "MatMul", "Relu")},
     **{op: (0, ANY) for op in (
-        "Cast", "Concat", "Equal", "Expand", "Gather", "Reshape", "ScatterElements", "Shape",
-        "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze")},
+        "Cast", "Concat", "Equal", "Expand", "Gather", "Identity", "Reshape", "ScatterElements",
+        "Shape", "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze")},
     **{op: (0, frozenset({"BOOL"})) for op in ("And", "Not", "Or")},
     "Clip": (0, FLOATS | {"INT64"}),
     "Pad": (0, FLOATS | {"BOOL"}),
     "Range": (0, frozenset({"FLOAT", "DOUBLE", "INT32", "INT64"})),
     "Where": (1, NUMBERS),
+    # mra-export's own op: libmra_attention_ort.so registers it for the CUDA provider too
+    ("trt.plugins", "MraAttention"): (0, frozenset({"FLOAT16", "BFLOAT16", "FLOAT"})),
 }
 # The inputs each CUDA kernel reads from host memory (InputMemoryType OrtMemTypeCPUInput).
 HOST_INPUTS = {
@@ -96,11 +98,12 @@ class _Graph:
 
     def has_cuda_kernel(self, k: int) -> bool:
         node = self.nodes[k]
-        if node.domain not in ("", "ai.onnx") or node.op_type not in CUDA_KERNEL_TYPES:
-            raise ValueError(f"{node.op_type} ({node.name}) is not in tools/ort_cuda_placement.py's "
-                             "tables: add its CUDA kernel's types and host inputs from "
+        key = node.op_type if node.domain in ("", "ai.onnx") else (node.domain, node.op_type)
+        if key not in CUDA_KERNEL_TYPES:
+            raise ValueError(f"{node.op_type} ({node.name}) is not in tools/ort_cuda_placement.py's"
+                             " tables: add its CUDA kernel's types and host inputs from "
                              "onnxruntime's docs/OperatorKernels.md and its kernel registration")
-        index, types = CUDA_KERNEL_TYPES[node.op_type]
+        index, types = CUDA_KERNEL_TYPES[key]
         return self.types.get(node.input[index], "UNKNOWN") in types
 
     def output_on_host(self, k: int, name: str) -> bool:
@@ -120,8 +123,8 @@ def predict(model: onnx.ModelProto) -> Placement:
     g = _Graph(model)
     on_cuda = {k for k in range(len(g.nodes)) if g.has_cuda_kernel(k)}
     cpu_nodes = _cpu_preferred(g, on_cuda) | (set(range(len(g.nodes))) - on_cuda)
-    return Placement(cpu_nodes=[f"{g.nodes[k].op_type} {g.nodes[k].name}" for k in sorted(cpu_nodes)],
-                     copies=_copies(g, cpu_nodes))
+    names = [f"{g.nodes[k].op_type} {g.nodes[k].name}" for k in sorted(cpu_nodes)]
+    return Placement(cpu_nodes=names, copies=_copies(g, cpu_nodes))
 
 
 def _cpu_preferred(g: _Graph, on_cuda: set[int]) -> set[int]:
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
         except (OSError, DecodeError, ValueError) as error:  # missing, not ONNX, outside the tables
             print(f"ort_cuda_placement: {path}: {error}", file=sys.stderr)
             return 2
-        print(f"{path}: {len(placement.copies)} copies, {len(placement.cpu_nodes)} nodes on the CPU")
+        print(f"{path}: {len(placement.copies)} copies, "
+              f"{len(placement.cpu_nodes)} nodes on the CPU")
         for copy in placement.copies:
             print(f"  {describe_copy(copy)}")
     return 0
