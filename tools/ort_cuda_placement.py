@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 FLOATS = frozenset({"FLOAT16", "FLOAT", "DOUBLE"})
@@ -191,10 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("graphs", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, this script's folder
     from ort_cuda_speed import describe_copy
-
-    from google.protobuf.message import DecodeError
 
     for path in args.graphs:
         try:
