@@ -84,6 +84,14 @@ def _graph(nodes, inputs, outputs, initializers=()):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
+def _product_graph():
+    """One Einsum node named "product": an operator outside the placement tool's tables."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    return _graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="product",
+                                    equation="ij,jk->ik")],
+                  [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+
+
 def test_the_prediction_leaves_shape_arithmetic_on_the_cpu_and_copies_what_the_device_reads():
     """Shape's output lies in host memory; the Gather and Cast of it go to the CPU (inputs on the
     host or small initializers). Reshape takes its shape from the host; Mul reads the cast on the
@@ -120,23 +128,16 @@ def test_the_prediction_puts_an_operator_without_a_cuda_kernel_for_its_type_betw
 
 
 def test_the_prediction_names_an_operator_it_has_no_table_for():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
-    model = _graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="product",
-                                     equation="ij,jk->ik")],
-                   [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
     with pytest.raises(ValueError, match="Einsum .product. is not in"):
-        load_tool("ort_cuda_placement").predict(model)
+        load_tool("ort_cuda_placement").predict(_product_graph())
 
 
 def test_the_gpu_report_sets_the_prediction_beside_the_copies_found(tmp_path):
     """tools/ort_cuda_speed.py run lists, for each graph, the copies found on the GPU and those
     predicted here, so a lent GPU checks the prediction; a graph the tables do not cover says so."""
     tool = load_tool("ort_cuda_speed")
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
     path = tmp_path / "product.onnx"
-    onnx.save(_graph([helper.make_node("Einsum", ["x", "x"], ["y"], name="product",
-                                       equation="ij,jk->ik")],
-                     [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])]), path)
+    onnx.save(_product_graph(), path)
     unknown = tool.predicted_copies(path)
     assert unknown.startswith("not predicted: Einsum (product) is not in")
     found = dict(copy="MemcpyFromHost", tensor="scale", made_by="Cast cast", read_by=["Mul mul"])

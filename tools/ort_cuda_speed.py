@@ -148,7 +148,7 @@ def predicted_copies(path: Path) -> list[str] | str:
     try:
         return [describe_copy(copy)
                 for copy in predict(onnx.load(str(path), load_external_data=False)).copies]
-    except ValueError as error:  # an operator outside its tables (the op graph's MraAttention)
+    except ValueError as error:  # an operator outside its tables
         return f"not predicted: {error}"
 
 

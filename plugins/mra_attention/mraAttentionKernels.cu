@@ -1217,16 +1217,6 @@ MraStatus cudaFailure(cudaError_t error, char const* where)
     return MRA_CUDA_ERROR;
 }
 
-#define MRA_CHECK_LAUNCH(where)                                                                                        \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        cudaError_t const error = cudaGetLastError();                                                                  \
-        if (error != cudaSuccess)                                                                                      \
-        {                                                                                                              \
-            return cudaFailure(error, where);                                                                          \
-        }                                                                                                              \
-    } while (0)
-
 #define MRA_RETURN_IF_FAILED(call)                                                                                     \
     do                                                                                                                 \
     {                                                                                                                  \
@@ -1304,13 +1294,12 @@ MraStatus launchKernel(char const* name, void (*kernel)(Params...), int32_t grid
     config.stream = order.stream;
     config.attrs = &dependency;
     config.numAttrs = order.dependent ? 1 : 0;
-    cudaError_t const error = cudaLaunchKernelEx(&config, kernel, args...);
-    if (error != cudaSuccess)
-    {
-        return cudaFailure(error, name);
-    }
-    MRA_CHECK_LAUNCH(name);
-    return MRA_OK;
+    cudaError_t const launched = cudaLaunchKernelEx(&config, kernel, args...);
+    // Read (and so cleared) either way: a failed launch is also the thread's last error, which
+    // the next call would otherwise report as its own; the emulation reports only there.
+    cudaError_t const last = cudaGetLastError();
+    cudaError_t const error = launched != cudaSuccess ? launched : last;
+    return error == cudaSuccess ? MRA_OK : cudaFailure(error, name);
 }
 
 //! The high-resolution kernel of a storage type and head dim, with its shared memory and CTA.
@@ -1360,11 +1349,7 @@ template <typename T, int D>
 MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
     Scratch const& s, void* output, LaunchOrder const& order)
 {
-    MraStatus const status = prepareHighResolution<T, D>();
-    if (status != MRA_OK)
-    {
-        return status;
-    }
+    MRA_RETURN_IF_FAILED((prepareHighResolution<T, D>())); // parenthesised: the template's comma
     using Chosen = HighResolutionKernel<T, D>;
     return launchKernel("highResolution", Chosen::kernel(), p.nb * p.rows, Chosen::kThreads, Chosen::kSmem, order, p,
         static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));

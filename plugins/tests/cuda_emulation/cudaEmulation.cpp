@@ -329,9 +329,10 @@ void fiberMain()
     Fiber& fiber = currentFiber();
     // On a GPU a copy never waited for may land after other threads reused its memory: the
     // kernels wait for every copy they issue.
-    if (copiesNotWaitedFor(fiber) > 0)
+    size_t const inFlight = copiesNotWaitedFor(fiber);
+    if (inFlight > 0)
     {
-        fail("thread %u exited with %zu cp.async copies not waited for", fiber.thread, copiesNotWaitedFor(fiber));
+        fail("thread %u exited with %zu cp.async copies not waited for", fiber.thread, inFlight);
     }
     if (r.dependentLaunch && !fiber.waitedForPreviousKernel)
     {
