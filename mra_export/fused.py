@@ -34,7 +34,7 @@ ALIGNMENT = 16  # the CUDA kernels move 16-byte vectors
 
 def library_built(device_type: str) -> bool:
     """Whether ``make plugins`` built the kernel library for this device type."""
-    return device_type in LIBRARIES and not native.unbuilt(LIBRARIES[device_type])
+    return device_type in LIBRARIES and native.is_built(LIBRARIES[device_type])
 
 
 @functools.cache
@@ -92,32 +92,59 @@ def _as_c_array(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
-@torch.library.custom_op("mra_export::mra_attention", mutates_args=())
-def mra_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: torch.Tensor, num_blocks: int, approx_mode: str, block_size: int,
-                     initial_prior_first_n_blocks: int,
-                     initial_prior_diagonal_n_blocks: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _checked_params(library: native.MraLibrary, shape: tuple[int, ...], dtype: torch.dtype,
+                    layout: str, num_blocks: int, approx_mode: str, block_size: int,
+                    initial_prior_first_n_blocks: int, initial_prior_diagonal_n_blocks: int
+                    ) -> tuple[native.MraAttentionParams, int]:
+    """A call's parameters and workspace size, checked by ``library`` once per shape and setting:
+    a call from Python costs microseconds that the kernels of a short sequence do not hide, and
+    a model makes the same call layer after layer."""
+    params = native.make_params(shape, dtype, num_blocks=num_blocks, approx_mode=approx_mode,
+                                block_size=block_size,
+                                initial_prior_first_n_blocks=initial_prior_first_n_blocks,
+                                initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
+                                layout=layout)
+    return params, library.workspace_size(params)
+
+
+# The op is defined with torch.library.Library rather than torch.library.custom_op: the
+# latter's per-call wrapping (alias checks, a dynamo guard) cost about 9 µs of a call from
+# Python on the 2-core machine, the kernels' own launch cost several times over.
+_LIBRARY = torch.library.Library("mra_export", "DEF")
+_LIBRARY.define("mra_attention(Tensor query, Tensor key, Tensor value, Tensor mask, int num_blocks, "
+                "str approx_mode, int block_size, int initial_prior_first_n_blocks, "
+                "int initial_prior_diagonal_n_blocks) -> Tensor")
+
+
+def _mra_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor, num_blocks: int, approx_mode: str, block_size: int,
+                   initial_prior_first_n_blocks: int,
+                   initial_prior_diagonal_n_blocks: int) -> torch.Tensor:
     """MRA attention of ``[B, H, S, D]`` query/key/value and a ``[B, S]`` mask (non-zero for
     real tokens), computed by the kernel library of the tensors' device."""
     check_inputs(query, key, value, mask, block_size)
     if query.numel() == 0:  # an empty batch, as torch's own ops allow
         return native.empty_in_layout(query.shape, memory_layout(query, key, value), query)
+    layout = memory_layout(query, key, value)
     library = kernel_library(query.device.type)
+    params, workspace_size = _checked_params(
+        library, tuple(query.shape), query.dtype, layout, num_blocks, approx_mode, block_size,
+        initial_prior_first_n_blocks, initial_prior_diagonal_n_blocks)
     if not query.is_cuda:
         library.set_cpu_threads(torch.get_num_threads())
-    layout = memory_layout(query, key, value)
-    params = library.params(query, num_blocks=num_blocks, approx_mode=approx_mode,
-                            block_size=block_size,
-                            initial_prior_first_n_blocks=initial_prior_first_n_blocks,
-                            initial_prior_diagonal_n_blocks=initial_prior_diagonal_n_blocks,
-                            layout=layout)
     mask = mask if mask.dtype == torch.int32 else (mask != 0).to(torch.int32)
-    mask = mask.contiguous()
-    output, _ = library.run(params, *(_as_c_array(t, layout) for t in (query, key, value)), mask)
+    output, _ = library.run(params, *(_as_c_array(t, layout) for t in (query, key, value)),
+                            mask.contiguous(), workspace_size)
     return output
 
 
-@mra_attention_op.register_fake
+# Every device type reaches the one function, which names the ones without a library in a line.
+_LIBRARY.impl("mra_attention", _mra_attention, "CompositeExplicitAutograd")
+mra_attention_op = torch.ops.mra_export.mra_attention.default
+
+
+@torch.library.register_fake("mra_export::mra_attention", lib=_LIBRARY)
 def _(query, key, value, mask, num_blocks, approx_mode, block_size, initial_prior_first_n_blocks,
       initial_prior_diagonal_n_blocks):
     return native.empty_in_layout(query.shape, memory_layout(query, key, value), query)
@@ -143,7 +170,8 @@ def _backward_through_reference(ctx, grad_output):
     return (*(next(grads) if need else None for need in wanted), None, None, None, None, None, None)
 
 
-mra_attention_op.register_autograd(_backward_through_reference, setup_context=_save_for_backward)
+torch.library.register_autograd("mra_export::mra_attention", _backward_through_reference,
+                               setup_context=_save_for_backward, lib=_LIBRARY)
 
 
 def fused_mra_attention(query, key, value, mask, *, num_blocks: int, approx_mode: str = "full",

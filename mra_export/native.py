@@ -21,6 +21,7 @@ import torch
 from .errors import UserError, first_line
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
+BUILD_DIR_VARIABLE = "MRA_EXPORT_PLUGIN_BUILD"  # another build folder than BUILD_DIR
 GPU_CHECK_BUILD_DIR = BUILD_DIR.parent / "build-gpu"  # tools/gpu_check.py's, for its GPU alone
 CPU_LIBRARY = "libmra_attention_cpu.so"
 CUDA_LIBRARY = "libmra_attention_cuda.so"
@@ -64,6 +65,20 @@ def unbuilt(*names: str) -> list[Path]:
     return [build_dir() / name for name in names if not (build_dir() / name).is_file()]
 
 
+_FOUND: set[tuple[str | None, str]] = set()  # (MRA_EXPORT_PLUGIN_BUILD, library) found built
+
+
+def is_built(name: str) -> bool:
+    """Whether ``build_dir()`` has the library ``name``. A library found once is not looked for
+    again (a stat per call cost microseconds of every layer's attention); one not found is."""
+    found = (os.environ.get(BUILD_DIR_VARIABLE), name)
+    if found not in _FOUND:
+        if not (build_dir() / name).is_file():
+            return False
+        _FOUND.add(found)
+    return True
+
+
 def c_inputs(query, key, value, mask, layout: str = "bhsd") -> tuple[torch.Tensor, ...]:
     """Q, K, V and the mask as the C interfaces read them: Q, K, V laid out as ``layout`` says,
     the mask contiguous int32 0/1."""
@@ -75,6 +90,16 @@ class MraAttentionParams(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "batch", "heads", "seq_len", "head_dim", "num_blocks", "block_size", "approx_mode",
         "initial_prior_first_n_blocks", "initial_prior_diagonal_n_blocks", "dtype", "layout")]
+
+
+def make_params(shape, dtype: torch.dtype, *, num_blocks: int, approx_mode: str = "full",
+                block_size: int = 32, initial_prior_first_n_blocks: int = 0,
+                initial_prior_diagonal_n_blocks: int = 0, layout: str = "bhsd") -> MraAttentionParams:
+    """The C interface's parameters of a call on ``[B, H, S, D]`` = ``shape`` tensors."""
+    batch, heads, seq_len, head_dim = shape
+    return MraAttentionParams(batch, heads, seq_len, head_dim, num_blocks, block_size,
+                              MODES[approx_mode], initial_prior_first_n_blocks,
+                              initial_prior_diagonal_n_blocks, DTYPES[dtype], LAYOUTS[layout])
 
 
 def in_layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
@@ -94,7 +119,7 @@ def empty_in_layout(shape, layout: str, like: torch.Tensor) -> torch.Tensor:
 
 
 def build_dir() -> Path:
-    return Path(os.environ.get("MRA_EXPORT_PLUGIN_BUILD", BUILD_DIR))
+    return Path(os.environ.get(BUILD_DIR_VARIABLE, BUILD_DIR))
 
 
 def library_path(name: str) -> Path:
@@ -153,6 +178,12 @@ class MraLibrary:
         self.lib.mraStatusString.argtypes = [ctypes.c_int]
         self.lib.mraStatusString.restype = ctypes.c_char_p
         self.lib.mraCheckParams.argtypes = [params]
+        # Q, K, V, the mask, the output and the workspace, then its size (and a stream).
+        tensors_and_size = [params, *[ctypes.c_void_p] * 6, ctypes.c_size_t]
+        if hasattr(self.lib, "mraAttentionCpu"):
+            self.lib.mraAttentionCpu.argtypes = tensors_and_size
+        if hasattr(self.lib, "mraAttentionCuda"):
+            self.lib.mraAttentionCuda.argtypes = [*tensors_and_size, ctypes.c_void_p]
         # The emulated kernels take host pointers through the CUDA entry point.
         self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
 
@@ -170,14 +201,10 @@ class MraLibrary:
         random with that seed (CTAs likewise)."""
         self.lib.mraCudaEmulationSetSchedule(ctypes.c_uint32(schedule))
 
-    def params(self, query: torch.Tensor, *, num_blocks: int, approx_mode: str = "full",
-               block_size: int = 32, initial_prior_first_n_blocks: int = 0,
-               initial_prior_diagonal_n_blocks: int = 0, layout: str = "bhsd") -> MraAttentionParams:
-        batch, heads, seq_len, head_dim = query.shape
-        return MraAttentionParams(batch, heads, seq_len, head_dim, num_blocks, block_size,
-                                  MODES[approx_mode], initial_prior_first_n_blocks,
-                                  initial_prior_diagonal_n_blocks, DTYPES[query.dtype],
-                                  LAYOUTS[layout])
+    @staticmethod
+    def params(query: torch.Tensor, **settings) -> MraAttentionParams:
+        """``make_params`` for ``query``'s shape and dtype."""
+        return make_params(query.shape, query.dtype, **settings)
 
     def attention(self, query, key, value, mask, layout: str = "bhsd", **settings):
         """MRA attention of ``[B, H, S, D]`` tensors on the library's device; returns
@@ -194,34 +221,44 @@ class MraLibrary:
         output, workspace = self.run(params, *c_inputs(query, key, value, mask, layout))
         return output, self._selected(params, workspace)
 
-    def run(self, params: MraAttentionParams, query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def workspace_size(self, params: MraAttentionParams) -> int:
+        """The workspace bytes of a call with ``params``, once the library has accepted them (a
+        one-line error where it does not)."""
+        self.check(self.lib.mraCheckParams(ctypes.byref(params)))
+        return self.lib.mraWorkspaceSize(ctypes.byref(params))
+
+    def run(self, params: MraAttentionParams, query, key, value, mask,
+            workspace_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One call of the library on tensors the caller has checked (laid out as
         ``params.layout`` says, one device, one dtype, an int32 mask); returns ``(output,
-        workspace)``, the output in the same layout. The workspace comes from PyTorch's
-        allocator; on CUDA everything is queued on the current stream, no sync."""
-        self.check(self.lib.mraCheckParams(ctypes.byref(params)))
+        workspace)``, the output in the same layout. ``workspace_size``: ``workspace_size(params)``
+        where the caller has it already. The workspace comes from PyTorch's allocator; on CUDA
+        everything is queued on the current stream, no sync."""
+        if workspace_size is None:
+            workspace_size = self.workspace_size(params)
         output = empty_in_layout(query.shape, LAYOUT_NAMES[params.layout], query)
-        size = self.lib.mraWorkspaceSize(ctypes.byref(params))
-        workspace = torch.empty(size, dtype=torch.uint8, device=query.device)
-        pointers = [ctypes.c_void_p(t.data_ptr()) for t in (query, key, value, mask, output)]
+        workspace = torch.empty(workspace_size, dtype=torch.uint8, device=query.device)
+        pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
         if self.emulated:
             workspace.fill_(0xFF)  # device memory starts as garbage: unwritten reads show as NaN
             output.fill_(float("nan"))
-            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
-                                               ctypes.c_void_p(workspace.data_ptr()),
-                                               ctypes.c_size_t(size), ctypes.c_void_p(0))
+            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, None)
         elif query.is_cuda:
-            with torch.cuda.device(query.device):  # the kernels launch on the current device
-                stream = torch.cuda.current_stream(query.device).cuda_stream
-                status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers,
-                                                   ctypes.c_void_p(workspace.data_ptr()),
-                                                   ctypes.c_size_t(size), ctypes.c_void_p(stream))
+            status = self._run_cuda(params, pointers, workspace_size, query.device)
         else:
-            status = self.lib.mraAttentionCpu(ctypes.byref(params), *pointers,
-                                              ctypes.c_void_p(workspace.data_ptr()),
-                                              ctypes.c_size_t(size))
+            status = self.lib.mraAttentionCpu(ctypes.byref(params), *pointers, workspace_size)
         self.check(status)
         return output, workspace
+
+    def _run_cuda(self, params, pointers, workspace_size: int, device: torch.device) -> int:
+        """The kernels queued on ``device``'s current stream; they launch on the current device,
+        so it is switched to ``device`` only where it is another (the switch costs microseconds
+        a call)."""
+        if device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return self._run_cuda(params, pointers, workspace_size, device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, stream)
 
     def set_cpu_threads(self, threads: int) -> None:
         """Threads of ``mraAttentionCpu`` (0: one per hardware thread); process-wide."""

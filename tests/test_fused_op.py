@@ -117,6 +117,35 @@ def test_heads_of_a_projection_go_in_and_come_out_without_a_copy():
     assert set(result.values()) == {"SUCCESS"}
 
 
+def test_calls_of_one_shape_in_two_layouts_and_settings_each_get_their_own():
+    """The op checks a shape's parameters once and keeps them (``_checked_params``): the same
+    shape token-major and head-major, and with other settings, must not share them."""
+    batch, heads, seq_len, head_dim = 2, 2, 96, 32
+    token_major = [t.transpose(1, 2).contiguous().transpose(1, 2)
+                   for t in random_qkv(batch, heads, seq_len, head_dim, seed=21)]
+    head_major = [t.contiguous() for t in token_major]
+    mask = ragged_mask(batch, seq_len, [96, 50])
+    for kw in (settings(4), settings(9, "sparse"), settings(4), settings(9, "full", 1, 1)):
+        expected = mra_attention(*head_major, mask, **kw)
+        for tensors in (token_major, head_major, token_major):
+            output = fused.fused_mra_attention(*tensors, mask, **kw)
+            assert output.stride() == tensors[0].stride()
+            assert (output - expected).abs().max() <= TOLERANCE
+
+
+def test_a_library_found_built_is_not_looked_for_again_and_a_missing_one_is(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv(native.BUILD_DIR_VARIABLE, str(tmp_path))
+    library = tmp_path / native.CPU_LIBRARY
+    assert not fused.library_built("cpu")
+    library.write_bytes(b"")  # built since (make plugins in another shell)
+    assert fused.library_built("cpu")
+    library.unlink()
+    assert fused.library_built("cpu")  # found once: a stat per layer and call no longer
+    monkeypatch.setenv(native.BUILD_DIR_VARIABLE, str(tmp_path / "elsewhere"))
+    assert not fused.library_built("cpu")
+
+
 def test_gradients_are_the_references():
     q, k, v = random_qkv(2, 2, 130, 32, seed=4)
     mask = ragged_mask(2, 130, [130, 60])

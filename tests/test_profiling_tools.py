@@ -151,6 +151,18 @@ def test_speed_ceiling_prints_the_ratio_its_times_give(small_models, capsys):
     assert lines[start + 4].endswith(f"(target >= 2x: {verdict})")
 
 
+def test_compare_commits_host_measures_python_around_the_kernels(capsys):
+    """--host on the working tree, in a child process (it stubs the op's library call there)."""
+    assert load_tool("compare_commits").main(["--worktree", "--host"]) == 0
+    header, columns, row = capsys.readouterr().out.splitlines()
+    assert header.startswith("Python around the kernels") and columns.split()[0] == "tree"
+    name, auto, fused, roberta, auto_ratio, fused_ratio, op_call = row.split()
+    assert name == "worktree" and float(op_call) > 0
+    for ratio, mra in ((auto_ratio, auto), (fused_ratio, fused)):  # printed from unrounded times
+        assert ratio.endswith("x") and float(ratio[:-1]) == pytest.approx(
+            float(mra) / float(roberta), abs=0.006)
+
+
 @pytest.mark.parametrize("tool, argv, message", [
     ("profile_layer", ["--length", "0"], "argument --length: must be within 1..4096, got 0"),
     ("profile_layer", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
@@ -158,6 +170,7 @@ def test_speed_ceiling_prints_the_ratio_its_times_give(small_models, capsys):
     ("memory_floor", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
     ("speed_ceiling", ["--length", "4097"], "argument --length: must be within 1..4096, got 4097"),
     ("compare_commits", ["no-such-commit"], "'no-such-commit' is not a commit of"),
+    ("compare_commits", ["HEAD", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
                                                                     monkeypatch, capsys):
