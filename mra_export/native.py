@@ -41,7 +41,6 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODES = {"full": 0, "sparse": 1}
 # MraLayout: how query, key, value and the output lie in memory (their shape is [B, H, S, D]).
 LAYOUTS = {"bhsd": 0, "bshd": 1}
-LAYOUT_NAMES = {value: name for name, value in LAYOUTS.items()}
 STATUS_OK = 0
 
 
@@ -236,7 +235,7 @@ class MraLibrary:
         everything is queued on the current stream, no sync."""
         if workspace_size is None:
             workspace_size = self.workspace_size(params)
-        output = empty_in_layout(query.shape, LAYOUT_NAMES[params.layout], query)
+        output = torch.empty_like(query)  # dense query: its strides, so laid out as it is
         workspace = torch.empty(workspace_size, dtype=torch.uint8, device=query.device)
         pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
         if self.emulated:
