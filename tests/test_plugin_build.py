@@ -41,7 +41,8 @@ def test_cuda_entry_point_checks_arguments_before_touching_the_gpu():
     cuda = native.MraLibrary(built(native.CUDA_LIBRARY))
     params = cuda.params(torch.empty(1, 1, 64, 96), num_blocks=4)  # head_dim 96
     null = ctypes.c_void_p(0)
-    assert cuda.lib.mraAttentionCuda(ctypes.byref(params), *[null] * 7, null) == 1  # null pointers
+    null_pointers = [null] * 6  # Q, K, V, mask, output, workspace
+    assert cuda.lib.mraAttentionCuda(ctypes.byref(params), *null_pointers, 0, null) == 1
     fake = ctypes.c_void_p(256)  # never dereferenced: the checks come first
     status = cuda.lib.mraAttentionCuda(ctypes.byref(params), *[fake] * 6, ctypes.c_size_t(1 << 30), null)
     assert status == 2  # MRA_UNSUPPORTED: the kernels take head_dim 32, 64 and 128
