@@ -55,9 +55,11 @@ class MraAttentionCore(nn.Module):
                     initial_prior_first_n_blocks=self.initial_prior_first_n_blocks,
                     initial_prior_diagonal_n_blocks=self.initial_prior_diagonal_n_blocks)
 
-    def forward(self, query, key, value, attention_mask, runs_fused: bool | None = None):
-        """``runs_fused``: ``self.runs_fused(query)`` where the caller has asked already."""
-        if self.runs_fused(query) if runs_fused is None else runs_fused:
+    def forward(self, query, key, value, attention_mask, use_op: bool | None = None):
+        """``use_op``: ``self.runs_fused(query)``, where the caller has asked already."""
+        if use_op is None:
+            use_op = self.runs_fused(query)
+        if use_op:
             return fused.fused_mra_attention(query, key, value, attention_mask, **self.settings())
         return mra_attention(query, key, value, attention_mask, **self.settings())
 
@@ -89,10 +91,10 @@ class PatchedMraSelfAttention(MraSelfAttention):
         if padding:
             query, key, value = (F.pad(t, (0, padding)) for t in (query, key, value))
         # The op's library reads an int32 mask: it gets one, and converts nothing.
-        runs_fused = self.mra_core.runs_fused(query)
-        mask_dtype = torch.int32 if runs_fused else torch.float32
+        use_op = self.mra_core.runs_fused(query)
+        mask_dtype = torch.int32 if use_op else torch.float32
         mask = _token_mask(attention_mask, batch, seq_len, hidden_states.device, mask_dtype)
-        context = self.mra_core(query, key, value, mask, runs_fused)[..., : self.attention_head_size]
+        context = self.mra_core(query, key, value, mask, use_op)[..., : self.attention_head_size]
         context = context.transpose(1, 2).reshape(batch, seq_len, self.all_head_size)
         return (context,)
 

@@ -101,7 +101,7 @@ def translation_table() -> dict:
 class PluginNodeCore(MraAttentionCore):
     """An attention core that exports as one ``MraAttention`` node (int32 mask)."""
 
-    def forward(self, query, key, value, attention_mask, runs_fused: bool | None = None):
+    def forward(self, query, key, value, attention_mask, use_op: bool | None = None):
         return mra_attention_op(query, key, value, attention_mask.to(torch.int32),
                                 self.num_blocks, self.approx_mode, self.block_size,
                                 self.initial_prior_first_n_blocks,
