@@ -215,7 +215,10 @@ def _make_the_op_mask_once(base: MraModel, config) -> None:
         # None stays None: transformers warns of padding without a mask.
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype == torch.int32:
             return None
-        if not all(core.runs_fused_on(mask.device.type, head_dim) for core in cores):
+        # A core's answer depends on its attention and block size only: one question for each
+        # kind of core (one in a patched model), not one for each layer.
+        kinds = {(core.attention, core.block_size): core for core in cores}.values()
+        if not all(core.runs_fused_on(mask.device.type, head_dim) for core in kinds):
             return None
         mask = _token_mask(mask, *mask.shape, mask.device, torch.int32)
         if len(args) > 1:

@@ -280,3 +280,20 @@ def test_the_op_gets_one_int32_mask_made_once_for_every_layer(monkeypatch, mask_
     assert (op_masks[0] is op_masks[1]) == (mask is not None)
     assert [m.dtype for m in reference_masks] == [torch.float32, torch.float32]
     assert torch.allclose(fused_out, reference_out, atol=TOLERANCE)
+
+
+def test_a_model_whose_layers_differ_gives_each_the_mask_its_attention_reads(monkeypatch):
+    """One layer set to the reference by hand (the mask hook asks one core of each kind): each
+    layer still gets the mask its attention reads, and the model the reference's output."""
+    seen = _record_masks(monkeypatch)
+    ids = torch.randint(5, 50, (2, 96), generator=torch.Generator().manual_seed(2))
+    mask = ragged_mask(2, 96, [96, 33]).long()
+    model = _two_layer_model("fused")
+    attention_cores(model)[1].attention = "reference"
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        reference = _two_layer_model("reference")(input_ids=ids,
+                                                  attention_mask=mask).last_hidden_state
+    assert [m.dtype for m in seen[:2]] == [torch.int32, torch.float32]
+    assert all(torch.equal(m, (mask != 0).to(m.dtype)) for m in seen[:2])
+    assert torch.allclose(mixed, reference, atol=TOLERANCE)
