@@ -83,6 +83,18 @@ def memory_layout(query, key, value) -> str:
     return "bhsd"
 
 
+def _layout_of(query, key, value) -> str:
+    """``memory_layout`` of real tensors, sooner for what the patched model passes: three heads
+    of ``[B, S, H * D]`` projections have exactly the token-major strides, which three
+    transposes and contiguity checks took microseconds of every call to find. (The fake kernel
+    keeps ``memory_layout``: comparing symbolic sizes would add guards to an export.)"""
+    batch, heads, seq_len, head_dim = query.shape
+    token_major = (seq_len * heads * head_dim, head_dim, heads * head_dim, 1)
+    if query.stride() == key.stride() == value.stride() == token_major:
+        return "bshd"
+    return memory_layout(query, key, value)
+
+
 def _as_c_array(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """Laid out as ``layout`` (from ``memory_layout``) says and 16-byte aligned (a view into a
     larger tensor may be neither; ``clone`` keeps the strides and gets a fresh, aligned
@@ -126,7 +138,7 @@ def _mra_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     check_inputs(query, key, value, mask, block_size)
     if query.numel() == 0:  # an empty batch, as torch's own ops allow
         return native.empty_in_layout(query.shape, memory_layout(query, key, value), query)
-    layout = memory_layout(query, key, value)
+    layout = _layout_of(query, key, value)
     library = kernel_library(query.device.type)
     params, workspace_size = _checked_params(
         library, tuple(query.shape), query.dtype, layout, num_blocks, approx_mode, block_size,

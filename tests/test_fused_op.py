@@ -8,6 +8,7 @@ CUDA cases are marked gpu and skip without a GPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -131,6 +132,27 @@ def test_calls_of_one_shape_in_two_layouts_and_settings_each_get_their_own():
             output = fused.fused_mra_attention(*tensors, mask, **kw)
             assert output.stride() == tensors[0].stride()
             assert (output - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 3, 5, 4), (2, 1, 5, 4), (2, 3, 1, 4),
+                                   (1, 1, 1, 4), (2, 3, 5, 1)])
+def test_the_eager_layout_check_agrees_with_the_fake_kernels(shape):
+    """The op finds the layout sooner from exact strides (``_layout_of``); the fake kernel keeps
+    ``memory_layout``. They must agree on every mix of layouts, size-1 dims included."""
+    batch, heads, seq_len, head_dim = shape
+    tensors = [torch.randn(batch, seq_len, heads, head_dim).transpose(1, 2),
+               torch.randn(batch, seq_len, heads * head_dim).view(batch, seq_len, heads,
+                                                                  head_dim).transpose(1, 2),
+               torch.randn(batch + 1, seq_len, heads, head_dim)[1:].transpose(1, 2),
+               torch.randn(batch, heads, seq_len, head_dim),
+               torch.randn(batch, heads, seq_len, head_dim + 1)[..., :head_dim],
+               torch.randn(seq_len, batch, heads, head_dim).permute(1, 2, 0, 3)]
+    layouts = set()
+    for q, k, v in itertools.product(tensors, repeat=3):
+        layouts.add(fused._layout_of(q, k, v))
+        assert fused._layout_of(q, k, v) == fused.memory_layout(q, k, v)
+    # Both occur, save where a single vector makes every dense tensor token-major.
+    assert layouts == ({"bshd"} if (batch, heads, seq_len) == (1, 1, 1) else {"bshd", "bhsd"})
 
 
 def test_a_library_found_built_is_not_looked_for_again_and_a_missing_one_is(tmp_path,
