@@ -13,9 +13,10 @@ Commits from 0f46e79 on (the first with the exporter) can be measured.
 device does not hide at batch 1. A 12-layer model of head dim 32 and 64 tokens patched as users
 patch it (``attention="auto"``, which picks the op) and as ``tools/gpu_speed.py`` does
 (``"fused"``), the op's library call replaced by one that returns at once, against RoBERTa of the
-same shape with SDPA, one thread, ``torch.inference_mode``; and one call of the op so. Medians of 9 runs of 100 forwards (3000 calls). ``--rounds`` alternates the trees that many
-times. Commits from 1e83435 on (the fused op) can be measured; the libraries
-are this tree's ``plugins/build`` unless ``MRA_EXPORT_PLUGIN_BUILD`` says otherwise.
+same shape with SDPA, one thread, ``torch.inference_mode``; and one call of the op so. Each a
+median of 9 timings (of 100 forwards, of 3000 op calls). ``--rounds`` alternates the trees that
+many times. Commits from 1e83435 on (the fused op) can be measured; the libraries are this
+tree's ``plugins/build`` unless ``MRA_EXPORT_PLUGIN_BUILD`` says otherwise.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -89,7 +90,7 @@ class _Graph:
         self.types.update({init.name: TensorProto.DataType.Name(init.data_type)
                            for init in graph.initializer})
         self.small = {init.name for init in graph.initializer
-                      if _elements(init.dims) <= SMALL_INITIALIZER}
+                      if math.prod(init.dims) <= SMALL_INITIALIZER}
         self.inputs = {value.name for value in graph.input}
         self.producer = {out: k for k, node in enumerate(self.nodes) for out in node.output}
         self.readers: dict[str, list[int]] = {}
@@ -110,13 +111,6 @@ class _Graph:
     def output_on_host(self, k: int, name: str) -> bool:
         node = self.nodes[k]
         return list(node.output).index(name) in HOST_OUTPUTS.get(node.op_type, ())
-
-
-def _elements(dims) -> int:
-    count = 1
-    for dim in dims:
-        count *= dim
-    return count
 
 
 def predict(model: onnx.ModelProto) -> Placement:
