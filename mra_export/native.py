@@ -200,6 +200,11 @@ class MraLibrary:
         random with that seed (CTAs likewise)."""
         self.lib.mraCudaEmulationSetSchedule(ctypes.c_uint32(schedule))
 
+    def set_multiprocessors(self, count: int) -> None:
+        """The SMs the emulated GPU reports (132 at first): the selection splits a row over as
+        many CTAs as the rows leave SMs for, up to 8."""
+        self.lib.mraCudaEmulationSetMultiprocessors(ctypes.c_uint32(count))
+
     @staticmethod
     def params(query: torch.Tensor, **settings) -> MraAttentionParams:
         """``make_params`` for ``query``'s shape and dtype."""

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mra_export import native
-from mra_export.attention import mra_attention
+from mra_export.attention import mra_attention, selected_blocks
 from mra_export.kernel_check import compare_with_reference
 
 from .conftest import random_qkv, ragged_mask
@@ -141,6 +141,33 @@ def test_every_thread_schedule_gives_the_same_bits(emulated_kernels, dtype):
             TOLERANCE if dtype == torch.float32 else 2e-3 * expected.abs().max().item())
         for output, selected in results[1:]:
             assert torch.equal(output, first_output) and torch.equal(selected, first_selected)
+
+
+@pytest.mark.parametrize("seq_len,lengths,num_blocks", [(2048, [2048, 1100], 8 * 64), (150, [150, 0], 16)])
+def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq_len, lengths,
+                                                           num_blocks):
+    """The selection splits a row's cells over a cluster of 1, 2, 4 or 8 CTAs, as the rows leave
+    SMs free (4 rows here: 4, 8, 16 and 32 SMs): each size selects PyTorch's blocks and gives
+    the same bits. A CTA reading another's counts before the cluster's barrier, or after it
+    exited, fails here."""
+    q, k, v = random_qkv(len(lengths), 2, seq_len, 64, seed=seq_len)
+    mask = ragged_mask(len(lengths), seq_len, lengths)
+    kw = dict(num_blocks=num_blocks, approx_mode="full", initial_prior_first_n_blocks=1,
+              initial_prior_diagonal_n_blocks=2)
+    expected = mra_attention(q, k, v, mask, **kw)
+    expected_selected = selected_blocks(q, k, mask, num_blocks=num_blocks, initial_prior_first_n_blocks=1,
+                                        initial_prior_diagonal_n_blocks=2).to(torch.int32)
+    results = []
+    try:
+        for multiprocessors in (4, 8, 16, 32):
+            emulated_kernels.set_multiprocessors(multiprocessors)
+            results.append(emulated_kernels.attention(q, k, v, mask, **kw))
+    finally:
+        emulated_kernels.set_multiprocessors(132)
+    first_output = results[0][0]
+    assert (first_output - expected).abs().max().item() <= TOLERANCE
+    for output, selected in results:
+        assert torch.equal(selected, expected_selected) and torch.equal(output, first_output)
 
 
 @settings(max_examples=30, deadline=None)

@@ -41,6 +41,24 @@ def test_fp32_matches_pytorch_and_selects_the_same_blocks(cuda_library, head_dim
     assert result.passed, result.summary()
 
 
+def test_every_batch_selects_alike_whatever_cluster_splits_its_rows(cuda_library):
+    """With 12 heads a row's selection runs on a cluster of 8, 4, 2 and 1 CTAs at batch 1, 2, 4
+    and 8 on a GPU of 132 SMs (sm_90 builds; one CTA per row elsewhere): PyTorch's blocks at each
+    batch, and the first sample's output and blocks the same bits at every batch."""
+    q, k, v = (t.cuda() for t in random_qkv(8, 12, 2048, 64, seed=25))
+    mask = ragged_mask(8, 2048, [2048, 1500, 2048, 900, 2048, 2048, 1, 2048]).cuda()
+    kw = dict(num_blocks=8 * 64, approx_mode="full", initial_prior_first_n_blocks=1,
+              initial_prior_diagonal_n_blocks=3)
+    first = None
+    for batch in (1, 2, 4, 8):
+        inputs = (q[:batch], k[:batch], v[:batch], mask[:batch])
+        ours, selected = cuda_library.attention(*inputs, **kw)
+        result = compare_with_reference(ours, selected, *inputs, tolerance=1e-5, **kw)
+        assert result.passed, f"batch {batch}: {result.summary()}"
+        first = first or (ours[0], selected[:12])
+        assert torch.equal(ours[0], first[0]) and torch.equal(selected[:12], first[1]), batch
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_the_relative_target(cuda_library, dtype):
     q, k, v = (t.cuda().to(dtype) for t in random_qkv(2, 12, 512, 64, seed=1))

@@ -4,7 +4,9 @@
  *   (a) blockMeans, lowResolutionLogits: real tokens per block, block means and low-resolution
  *       logits;
  *   (b) selectBlocks: row max, masking and priors (selectionScore), then a radix select of the
- *       k-th largest score and a block-wide scan that takes ties in flat order;
+ *       k-th largest score and a scan that takes ties in flat order; on sm_90 a row's cells
+ *       are split over a thread-block cluster of up to 8 CTAs where rows alone would leave the
+ *       GPU idle (SelectionCluster);
  *   (c) highResolutionMma (fp16/bf16: tensor cores, mma.sync.m16n8k16, fp32 accumulation, sm_80
  *       and later) and highResolutionFma (fp32): per (batch * head, query block), a loop over
  *       that row's selected key blocks with an online (FlashAttention-style) running max, 32x32
@@ -27,6 +29,7 @@
 #endif
 
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 
 #include <cfloat>
 #include <cstdint>
@@ -66,6 +69,19 @@ constexpr int kMaxHeadDim = 128;
 #define MRA_DEPENDENT_LAUNCH 1
 #endif
 
+// The most CTAs selectBlocks splits a row over (SelectionCluster; 8 is CUDA's portable cluster
+// limit); 1 for an A/B build with one CTA per row, as before clusters.
+#ifndef MRA_SELECT_CLUSTER
+#define MRA_SELECT_CLUSTER 8
+#endif
+
+// Thread-block clusters and their distributed shared memory: sm_90 and later (and the emulation).
+#if defined(MRA_CUDA_EMULATION_H) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define MRA_HAS_CLUSTERS 1
+#else
+#define MRA_HAS_CLUSTERS 0
+#endif
+
 //! lowResolutionLogits' CTAs per row: the launch and the kernel agree on it through this.
 __host__ __device__ inline int32_t logitQueryGroups(int32_t nb)
 {
@@ -89,7 +105,7 @@ bool isVectorAligned(void const* pointer)
 // kernel's tail instead of following it. Each kernel with a successor lets it launch as it
 // starts (startNextKernel): the successor's CTAs wait, so no read is early. Where the GPU, the
 // code it runs or the launch has no such dependency, both return at once
-// (takesDependentLaunches). blockMeans, whose inputs come from the caller's kernels, starts
+// (DeviceCode::sm90). blockMeans, whose inputs come from the caller's kernels, starts
 // after them as any launch does.
 
 //! Returns once the kernel launched before this one on the stream has completed and its writes
@@ -349,22 +365,81 @@ __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t 
     return keyOf(p, s, row, cell, s.lowLogits[static_cast<size_t>(row) * p.nb * p.nb + cell]);
 }
 
-//! One thread's share of a row's selection keys: the contiguous run of cells [begin, end), its
-//! first kCachedKeys keys held in registers from one load (all of them up to nb = 128, 4096
-//! tokens), the rest recomputed from global memory on each pass. The radix passes and the
-//! final scans read every key six times: from global memory each pass waited on L2 latency
-//! (selectBlocks took 31 us at 4096 tokens, alike at batch 1 and 8).
+//! The CTAs that select one row's blocks together: a thread-block cluster, whose CTAs read each
+//! other's histograms and totals through distributed shared memory, or (launched without one,
+//! or compiled for sm_80 to sm_89) the CTA alone. At batch 1 a CTA per row kept 12 of the H200's
+//! 132 SMs busy for 31 us (2026-12-04); a cluster of 8 per row gives each CTA an eighth of the
+//! cells, and the passes' chains shorten with it.
+struct SelectionCluster
+{
+    __device__ uint32_t rank() const
+    {
+#if MRA_HAS_CLUSTERS
+        return cooperative_groups::this_cluster().block_rank();
+#else
+        return 0;
+#endif
+    }
+
+    __device__ uint32_t size() const
+    {
+#if MRA_HAS_CLUSTERS
+        return cooperative_groups::this_cluster().num_blocks();
+#else
+        return 1;
+#endif
+    }
+
+    //! Every thread of every CTA of the row: their shared memory writes are visible to all.
+    __device__ void sync() const
+    {
+#if MRA_HAS_CLUSTERS
+        cooperative_groups::this_cluster().sync();
+#else
+        __syncthreads();
+#endif
+    }
+
+    //! `local`, a shared variable of this CTA, in CTA `cta` of the row.
+    template <typename T>
+    __device__ T* at(T* local, uint32_t cta) const
+    {
+#if MRA_HAS_CLUSTERS
+        return cooperative_groups::this_cluster().map_shared_rank(local, static_cast<int>(cta));
+#else
+        return local;
+#endif
+    }
+
+    //! The sum of `value` (a shared variable) over the CTAs of ranks below this one's.
+    __device__ int32_t sumBelow(int32_t const& value) const
+    {
+        int32_t sum = 0;
+        for (uint32_t cta = 0; cta < rank(); ++cta)
+        {
+            sum += *at(&value, cta);
+        }
+        return sum;
+    }
+};
+
+//! One thread's share of a row's selection keys: the contiguous run of cells [begin, end) of
+//! the row's thread `thread` out of `threads` (the row's CTAs' threads, in rank order), its
+//! first kCachedKeys keys held in registers from one load (all of them up to 16 K cells, nb =
+//! 128 or 4096 tokens, on one CTA), the rest recomputed from global memory on each pass. The
+//! radix passes and the final scans read every key six times: from global memory each pass
+//! waited on L2 latency (selectBlocks took 31 us at 4096 tokens, alike at batch 1 and 8).
 struct ThreadKeys
 {
     static constexpr int kCachedKeys = 32;
     uint32_t cached[kCachedKeys];
     int32_t begin, end;
 
-    __device__ ThreadKeys(Problem const& p, Scratch const& s, int32_t row)
+    __device__ ThreadKeys(Problem const& p, Scratch const& s, int32_t row, int32_t thread, int32_t threads)
     {
         int32_t const cells = p.nb * p.nb;
-        int32_t const perThread = (cells + blockDim.x - 1) / blockDim.x;
-        begin = min(static_cast<int32_t>(threadIdx.x) * perThread, cells);
+        int32_t const perThread = (cells + threads - 1) / threads;
+        begin = min(thread * perThread, cells);
         end = min(begin + perThread, cells);
         // The run's logits are contiguous: 16-byte loads where the run starts 16-byte aligned
         // (nb = 128: 32 cells a thread, 8 loads instead of 32; each load of a warp touches 32
@@ -440,63 +515,84 @@ __device__ inline void countDigits(Problem const& p, Scratch const& s, int32_t r
     }
 }
 
-//! Digit `shift` of the k-th largest key: thread t < 256 holds the count of digit 255 - t, so an
-//! exclusive scan gives the number of keys above each digit, and the one thread whose digit
-//! reaches `remaining` extends the prefix. Every thread calls it; it ends with a barrier.
-__device__ inline void chooseDigit(SelectScan::TempStorage& scanStorage, uint32_t const* histogram, int32_t shift,
-    uint32_t& prefix, int32_t& remaining)
+//! What selectBlocks keeps in shared memory.
+struct SelectionShared
+{
+    typename SelectScan::TempStorage scan;
+    // By pass parity: a pass zeroes one while the row's other CTAs may still read the last.
+    uint32_t histograms[2][256];
+    int32_t ties;  //!< this CTA's cells equal to the k-th largest key
+    int32_t taken; //!< this CTA's selected cells
+    uint32_t prefix;
+    int32_t remaining;
+};
+
+//! Digit `shift` of the k-th largest key, from the row's CTAs' `histogram`s: thread t < 256 sums
+//! the counts of digit 255 - t, so an exclusive scan gives the number of keys above each digit,
+//! and the one thread whose digit reaches `remaining` extends the prefix (every CTA of the row
+//! finds the same). Every thread calls it; it ends with a barrier.
+__device__ inline void chooseDigit(SelectionCluster const& cluster, SelectionShared& shared, uint32_t const* histogram,
+    int32_t shift)
 {
     int32_t const digit = 255 - static_cast<int32_t>(threadIdx.x);
-    int32_t const count = digit >= 0 ? static_cast<int32_t>(histogram[digit]) : 0;
-    int32_t const wanted = remaining; // read by every thread before the one below writes it
+    int32_t count = 0;
+    for (uint32_t cta = 0; digit >= 0 && cta < cluster.size(); ++cta)
+    {
+        count += static_cast<int32_t>(cluster.at(histogram, cta)[digit]);
+    }
+    int32_t const wanted = shared.remaining; // read by every thread before the one below writes it
     int32_t above;
     int32_t total;
-    SelectScan(scanStorage).ExclusiveSum(count, above, total);
+    SelectScan(shared.scan).ExclusiveSum(count, above, total);
     if (count > 0 && above < wanted && above + count >= wanted)
     {
-        prefix |= static_cast<uint32_t>(digit) << shift;
-        remaining = wanted - above;
+        shared.prefix |= static_cast<uint32_t>(digit) << shift;
+        shared.remaining = wanted - above;
     }
     __syncthreads();
 }
 
-//! One CTA per row (batch * head): the k best cells, ties in flat order; writes them ascending, with row starts.
+//! One CTA, or one cluster of CTAs, per row (batch * head): the k best cells, ties in flat
+//! order; writes them ascending, with row starts. The row's cells are split over its CTAs in
+//! rank order, each thread a contiguous run.
 __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratch s)
 {
-    __shared__ typename SelectScan::TempStorage scanStorage;
-    __shared__ uint32_t histogram[256];
-    __shared__ uint32_t prefix;
-    __shared__ int32_t remaining;
+    __shared__ SelectionShared shared;
     waitForPreviousKernel(); // the low-resolution logits and row maxima
     startNextKernel();
-    int32_t const row = blockIdx.x;
-    ThreadKeys const keys(p, s, row);
+    SelectionCluster const cluster;
+    int32_t const row = static_cast<int32_t>(blockIdx.x / cluster.size());
+    int32_t const threads = static_cast<int32_t>(cluster.size() * blockDim.x);
+    ThreadKeys const keys(p, s, row, static_cast<int32_t>(cluster.rank() * blockDim.x + threadIdx.x), threads);
 
     // Radix select, most significant digit first: the exact key of the k-th largest score.
     if (threadIdx.x == 0)
     {
-        prefix = 0;
-        remaining = p.topK;
+        shared.prefix = 0;
+        shared.remaining = p.topK;
     }
     uint32_t prefixMask = 0;
-    for (int32_t shift = 24; shift >= 0; shift -= 8)
+    for (int32_t pass = 0; pass < 4; ++pass)
     {
+        int32_t const shift = 24 - 8 * pass;
+        uint32_t* histogram = shared.histograms[pass % 2];
         for (int32_t b = threadIdx.x; b < 256; b += blockDim.x)
         {
             histogram[b] = 0;
         }
         __syncthreads();
-        countDigits(p, s, row, keys, prefixMask, prefix, shift, histogram);
-        __syncthreads();
-        chooseDigit(scanStorage, histogram, shift, prefix, remaining);
+        countDigits(p, s, row, keys, prefixMask, shared.prefix, shift, histogram);
+        cluster.sync(); // every CTA's counts are in
+        chooseDigit(cluster, shared, histogram, shift);
         prefixMask |= 0xffu << shift;
     }
-    uint32_t const thresholdKey = prefix;
-    int32_t const tiesToTake = remaining; // how many cells equal to the k-th score are selected
+    uint32_t const thresholdKey = shared.prefix;
+    int32_t const tiesToTake = shared.remaining; // how many cells equal to the k-th score are selected
 
-    // Each thread holds a contiguous run of cells, so two block scans order the whole row: the
-    // ties before the run (the first tiesToTake ties in flat order are taken), then the cells
-    // taken before it (where the run's cells go in `selected`).
+    // Each thread holds a contiguous run of cells, so two scans order the whole row: the ties
+    // before the run (the first tiesToTake ties in flat order are taken), then the cells taken
+    // before it (where the run's cells go in `selected`). Each scan is the CTA's, plus the totals
+    // of the row's CTAs before it.
     int32_t above = 0;
     int32_t ties = 0;
     keys.forEach(p, s, row, [&](int32_t, uint32_t key) {
@@ -505,11 +601,23 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     });
     int32_t tieRank;
     int32_t total;
-    SelectScan(scanStorage).ExclusiveSum(ties, tieRank, total);
-    __syncthreads(); // before scanStorage is used again
+    SelectScan(shared.scan).ExclusiveSum(ties, tieRank, total);
+    if (threadIdx.x == 0)
+    {
+        shared.ties = total;
+    }
+    cluster.sync(); // every CTA's ties are counted (and a barrier before the scan's storage is reused)
+    tieRank += cluster.sumBelow(shared.ties);
     int32_t const tiesTaken = min(ties, max(tiesToTake - tieRank, 0));
     int32_t position;
-    SelectScan(scanStorage).ExclusiveSum(above + tiesTaken, position, total);
+    SelectScan(shared.scan).ExclusiveSum(above + tiesTaken, position, total);
+    if (threadIdx.x == 0)
+    {
+        shared.taken = total;
+    }
+    cluster.sync(); // every CTA's taken cells are counted
+    position += cluster.sumBelow(shared.taken);
+    cluster.sync(); // no CTA exits, and its shared memory goes, before the others have read it
 
     int32_t* selected = s.selected + static_cast<size_t>(row) * p.topK;
     int32_t* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
@@ -529,7 +637,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
             selected[position++] = cell;
         }
     });
-    if (threadIdx.x == 0)
+    if (cluster.rank() == 0 && threadIdx.x == 0)
     {
         rowStart[p.nb] = p.topK;
         s.threshold[row] = keyValue(thresholdKey);
@@ -1250,23 +1358,87 @@ MraStatus forCurrentDevice(std::mutex& mutex, std::map<int, Value>& known, Value
     return MRA_OK;
 }
 
-//! Whether the kernels may be programmatic dependents on the current device: the code it runs
-//! was compiled for sm_90 or later, so it has griddepcontrol.wait (an sm_80 build's PTX compiled
-//! for an H100 at load time has not, and launched so its kernels would race).
-MraStatus takesDependentLaunches(bool& takes)
+static_assert(MRA_SELECT_CLUSTER >= 1 && MRA_SELECT_CLUSTER <= 8 && (MRA_SELECT_CLUSTER & (MRA_SELECT_CLUSTER - 1)) == 0,
+    "MRA_SELECT_CLUSTER: 1, 2, 4 or 8 CTAs");
+
+//! What the launches need to know of the code the current device runs.
+struct DeviceCode
+{
+    //! Compiled for sm_90 or later, so it has griddepcontrol.wait and clusters (an sm_80
+    //! build's PTX compiled for an H100 at load time has not: launched as dependents its kernels
+    //! would race, and its selection ignores clusters).
+    bool sm90 = false;
+    //! The largest cluster of selectBlocks CTAs the GPU schedules, up to MRA_SELECT_CLUSTER (a
+    //! partition of a GPU may have fewer SMs together than that); 1 without clusters.
+    uint32_t selectionCluster = 1;
+};
+
+//! Whether the GPU runs clusters of `size` selectBlocks CTAs at all.
+bool schedulesSelectionClusters(uint32_t size)
+{
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = size;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(size);
+    config.blockDim = dim3(kSelectThreads);
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int clusters = 0;
+    cudaError_t const status = cudaOccupancyMaxActiveClusters(&clusters, selectBlocks, &config);
+    cudaGetLastError(); // a refusal answers the question; it is not the next launch's error
+    return status == cudaSuccess && clusters > 0;
+}
+
+MraStatus currentDeviceCode(DeviceCode& code)
 {
     static std::mutex mutex;
-    static std::map<int, bool> byDevice;
-    return forCurrentDevice(mutex, byDevice, takes, [](int, bool& value) {
+    static std::map<int, DeviceCode> byDevice;
+    return forCurrentDevice(mutex, byDevice, code, [](int, DeviceCode& value) {
         cudaFuncAttributes attributes{};
         cudaError_t const status = cudaFuncGetAttributes(&attributes, lowResolutionLogits);
         if (status != cudaSuccess)
         {
             return cudaFailure(status, "cudaFuncGetAttributes(lowResolutionLogits)");
         }
-        value = MRA_DEPENDENT_LAUNCH != 0 && attributes.ptxVersion >= 90;
+        value.sm90 = attributes.ptxVersion >= 90;
+        value.selectionCluster = 1;
+        for (uint32_t size = MRA_SELECT_CLUSTER; value.sm90 && size > 1 && value.selectionCluster == 1; size /= 2)
+        {
+            value.selectionCluster = schedulesSelectionClusters(size) ? size : 1;
+        }
         return MRA_OK;
     });
+}
+
+//! selectBlocks' CTAs per row: the largest power of two up to `code.selectionCluster` for which
+//! the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's registers). On
+//! 132 SMs: 8 at batch 1 of 12 heads, 4 at batch 2, 2 at batch 4, 1 from batch 6.
+MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& size)
+{
+    size = 1;
+    if (code.selectionCluster == 1)
+    {
+        return MRA_OK;
+    }
+    int device = 0;
+    int multiprocessors = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status == cudaSuccess)
+    {
+        status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
+    }
+    while (size * 2 <= code.selectionCluster && static_cast<int64_t>(rows) * size * 2 <= multiprocessors)
+    {
+        size *= 2;
+    }
+    return MRA_OK;
 }
 
 //! How launchKernel starts a kernel: after the stream's previous work (the first kernel), or as
@@ -1277,23 +1449,43 @@ struct LaunchOrder
     bool dependent;
 };
 
-//! Launches `kernel(args...)` on `grid` CTAs of `threads` with `sharedBytes` of dynamic shared
-//! memory, on `order.stream` and as a programmatic dependent where `order` says so; `name`
-//! names it in an error.
-template <typename... Params, typename... Args>
-MraStatus launchKernel(char const* name, void (*kernel)(Params...), int32_t grid, int32_t threads, size_t sharedBytes,
-    LaunchOrder const& order, Args const&... args)
+//! A kernel's grid: `grid` CTAs of `threads`, with `sharedBytes` of dynamic shared memory, in
+//! clusters of `cluster` CTAs (1: none).
+struct LaunchShape
 {
-    cudaLaunchAttribute dependency{};
-    dependency.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    dependency.val.programmaticStreamSerializationAllowed = 1;
+    int32_t grid;
+    int32_t threads;
+    size_t sharedBytes = 0;
+    uint32_t cluster = 1;
+};
+
+//! Launches `kernel(args...)` in `shape` on `order.stream`, as a programmatic dependent where
+//! `order` says so; `name` names it in an error.
+template <typename... Params, typename... Args>
+MraStatus launchKernel(char const* name, void (*kernel)(Params...), LaunchShape const& shape, LaunchOrder const& order,
+    Args const&... args)
+{
+    cudaLaunchAttribute attributes[2]{};
+    unsigned count = 0;
+    if (order.dependent)
+    {
+        attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (shape.cluster > 1)
+    {
+        attributes[count].id = cudaLaunchAttributeClusterDimension;
+        attributes[count].val.clusterDim.x = shape.cluster;
+        attributes[count].val.clusterDim.y = 1;
+        attributes[count++].val.clusterDim.z = 1;
+    }
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = sharedBytes;
+    config.gridDim = dim3(static_cast<unsigned>(shape.grid));
+    config.blockDim = dim3(static_cast<unsigned>(shape.threads));
+    config.dynamicSmemBytes = shape.sharedBytes;
     config.stream = order.stream;
-    config.attrs = &dependency;
-    config.numAttrs = order.dependent ? 1 : 0;
+    config.attrs = attributes;
+    config.numAttrs = count;
     cudaError_t const launched = cudaLaunchKernelEx(&config, kernel, args...);
     // Read (and so cleared) either way: a failed launch is also the thread's last error, which
     // the next call would otherwise report as its own; the emulation reports only there.
@@ -1351,7 +1543,7 @@ MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, v
 {
     MRA_RETURN_IF_FAILED((prepareHighResolution<T, D>())); // parenthesised: the template's comma
     using Chosen = HighResolutionKernel<T, D>;
-    return launchKernel("highResolution", Chosen::kernel(), p.nb * p.rows, Chosen::kThreads, Chosen::kSmem, order, p,
+    return launchKernel("highResolution", Chosen::kernel(), {p.nb * p.rows, Chosen::kThreads, Chosen::kSmem}, order, p,
         static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
 }
 
@@ -1359,21 +1551,22 @@ template <typename T>
 MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask, Scratch const& s,
     void* output, cudaStream_t stream)
 {
-    bool dependent = false;
-    MRA_RETURN_IF_FAILED(takesDependentLaunches(dependent));
+    DeviceCode code;
+    MRA_RETURN_IF_FAILED(currentDeviceCode(code));
+    uint32_t selectionCluster = 1;
+    MRA_RETURN_IF_FAILED(selectionClusterSize(p.rows, code, selectionCluster));
     LaunchOrder const first{stream, false};
-    LaunchOrder const next{stream, dependent};
-    MRA_RETURN_IF_FAILED(launchKernel("blockMeans", blockMeans<T>, p.nb * p.rows, meanThreads<T>(p.headDim), 0, first,
+    LaunchOrder const next{stream, MRA_DEPENDENT_LAUNCH != 0 && code.sm90};
+    MRA_RETURN_IF_FAILED(launchKernel("blockMeans", blockMeans<T>, {p.nb * p.rows, meanThreads<T>(p.headDim)}, first,
         p, static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s.counts, s.queryMean,
         s.keyMean, s.valueMean));
-    int32_t const logitGrid = logitQueryGroups(p.nb) * p.rows;
-    MRA_RETURN_IF_FAILED(
-        launchKernel("lowResolutionLogits", lowResolutionLogits, logitGrid, kLogitThreads, 0, next, p, s));
-    MRA_RETURN_IF_FAILED(launchKernel("selectBlocks", selectBlocks, p.rows, kSelectThreads, 0, next, p, s));
+    LaunchShape const logitShape{logitQueryGroups(p.nb) * p.rows, kLogitThreads};
+    MRA_RETURN_IF_FAILED(launchKernel("lowResolutionLogits", lowResolutionLogits, logitShape, next, p, s));
+    LaunchShape const selectShape{p.rows * static_cast<int32_t>(selectionCluster), kSelectThreads, 0, selectionCluster};
+    MRA_RETURN_IF_FAILED(launchKernel("selectBlocks", selectBlocks, selectShape, next, p, s));
     if (p.full)
     {
-        MRA_RETURN_IF_FAILED(
-            launchKernel("lowResolutionTerms", lowResolutionTerms, logitGrid, kLogitThreads, 0, next, p, s));
+        MRA_RETURN_IF_FAILED(launchKernel("lowResolutionTerms", lowResolutionTerms, logitShape, next, p, s));
     }
     switch (p.headDim)
     {

@@ -1,6 +1,7 @@
 /*
- * The emulation's runtime (cudaEmulation.h): CTAs run one at a time, their threads as fibers
- * switched at barriers and warp collectives, in the order the schedule gives.
+ * The emulation's runtime (cudaEmulation.h): clusters of CTAs (one CTA unless the launch asks
+ * for more) run one at a time, their threads as fibers switched at barriers and warp collectives,
+ * in the order the schedule gives.
  *
  * A fiber starts with makecontext/setcontext and then switches with _setjmp/_longjmp, which
  * (unlike swapcontext) make no system call: a run switches millions of times.
@@ -95,7 +96,9 @@ struct Fiber
     ucontext_t start;
     jmp_buf resumeAt;
     bool started = false;
-    unsigned thread = 0;
+    unsigned thread = 0; //!< threadIdx.x
+    unsigned cta = 0;    //!< its CTA's rank in the cluster
+    size_t warp = 0;     //!< index into Runtime::warps
     State state = State::Ready;
     Barrier const* waitingOn = nullptr;
     AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
@@ -172,6 +175,21 @@ private:
     std::vector<size_t> mPool;
 };
 
+//! One CTA of the running cluster.
+struct Cta
+{
+    dim3 index; //!< blockIdx
+    int threads = 0;
+    int finished = 0;
+    Barrier block; //!< its __syncthreads
+    // Its dynamic shared memory: exactly the bytes asked for, 128-byte aligned, against an
+    // unmapped page (a GPU reports an illegal address past it), poisoned before each cluster.
+    std::optional<checks::GuardedBuffer> shared;
+    // Its static shared memory while another CTA of the cluster runs: the variables' one copy
+    // (their section) holds the running CTA's, as a variable's address is the same in every CTA.
+    std::vector<unsigned char> staticShared;
+};
+
 //! Stacks for the fibers, reused by every CTA; each with a guard page below it.
 class Stacks
 {
@@ -200,18 +218,19 @@ struct Runtime
 {
     std::mutex launchMutex;
     jmp_buf scheduler;
-    std::vector<Fiber> fibers;
+    std::vector<Fiber> fibers; //!< the cluster's, CTA by CTA
     ReadyFibers ready;
     std::vector<Warp> warps;
-    Barrier block;
+    std::vector<Cta> ctas; //!< the running cluster's, by rank
+    Barrier cluster;       //!< its cluster.sync
+    unsigned residentCta = 0; //!< whose static shared memory is in the variables' section
     int finished = 0;
     Fiber* current = nullptr;
     std::function<void()> const* body = nullptr;
     std::string error;
+    unsigned errorBlock = 0; //!< blockIdx.x of the thread that failed
     Stacks stacks;
-    // The launch's dynamic shared memory: exactly the bytes asked for, 128-byte aligned, against an
-    // unmapped page (a GPU reports an illegal address past it), poisoned before each CTA.
-    std::optional<checks::GuardedBuffer> shared;
+    unsigned multiprocessors = 132; //!< what cudaDeviceGetAttribute reports (an H100's or H200's)
     unsigned long nextRound = 1;
     uint32_t schedule = 0;
     std::mt19937 random;
@@ -234,7 +253,36 @@ Fiber& currentFiber()
 
 Warp& currentWarp()
 {
-    return runtime().warps[currentFiber().thread / kWarpSize];
+    return runtime().warps[currentFiber().warp];
+}
+
+Cta& currentCta()
+{
+    return runtime().ctas[currentFiber().cta];
+}
+
+size_t staticSharedBytes()
+{
+    return static_cast<size_t>(__stop_mra_emulated_shared - __start_mra_emulated_shared);
+}
+
+//! Puts CTA `rank`'s static shared memory in the variables' section, the resident one's aside.
+void makeResident(unsigned rank)
+{
+    Runtime& r = runtime();
+    if (rank == r.residentCta || staticSharedBytes() == 0)
+    {
+        r.residentCta = rank;
+        return;
+    }
+    std::memcpy(r.ctas[r.residentCta].staticShared.data(), __start_mra_emulated_shared, staticSharedBytes());
+    std::memcpy(__start_mra_emulated_shared, r.ctas[rank].staticShared.data(), staticSharedBytes());
+    r.residentCta = rank;
+}
+
+size_t fiberIndex(Fiber const& fiber)
+{
+    return static_cast<size_t>(&fiber - runtime().fibers.data());
 }
 
 void switchToScheduler()
@@ -252,6 +300,8 @@ __attribute__((noinline)) void resume(Fiber& fiber)
     Runtime& r = runtime();
     r.current = &fiber;
     threadIdx = dim3(fiber.thread);
+    blockIdx = r.ctas[fiber.cta].index;
+    makeResident(fiber.cta);
     if (_setjmp(r.scheduler) == 0)
     {
         if (fiber.started)
@@ -273,13 +323,22 @@ void wake(Barrier& barrier)
         {
             fiber.state = State::Ready;
             fiber.waitingOn = nullptr;
-            r.ready.add(fiber.thread);
+            r.ready.add(fiberIndex(fiber));
         }
     }
     barrier.arrived = 0;
     barrier.file = nullptr;
     barrier.round = r.nextRound++;
     ++barrier.sequence;
+    if (&barrier == &r.cluster)
+    {
+        // Every thread of every CTA was at it, so it also ends each CTA's __syncthreads round
+        // (CUB's TempStorage rule counts it as one).
+        for (Cta& cta : r.ctas)
+        {
+            cta.block.round = r.nextRound++;
+        }
+    }
 }
 
 //! Arrive at ``barrier`` of ``expected`` threads; returns the round's id after all arrived.
@@ -300,7 +359,7 @@ unsigned long arrive(Barrier& barrier, int expected, char const* file, int line,
     if (++barrier.arrived == expected)
     {
         wake(barrier);
-        runtime().ready.add(fiber.thread);
+        runtime().ready.add(fiberIndex(fiber));
     }
     else
     {
@@ -341,11 +400,16 @@ void fiberMain()
     fiber.state = State::Finished;
     ++r.finished;
     ++currentWarp().finished;
-    // Exited threads no longer hold up __syncthreads (as on Volta and later).
-    int const live = static_cast<int>(r.fibers.size()) - r.finished;
-    if (r.block.arrived > 0 && r.block.arrived == live)
+    Cta& cta = currentCta();
+    ++cta.finished;
+    // Exited threads no longer hold up __syncthreads (as on Volta and later) or cluster.sync.
+    if (cta.block.arrived > 0 && cta.block.arrived == cta.threads - cta.finished)
     {
-        wake(r.block);
+        wake(cta.block);
+    }
+    if (r.cluster.arrived > 0 && r.cluster.arrived == static_cast<int>(r.fibers.size()) - r.finished)
+    {
+        wake(r.cluster);
     }
     _longjmp(r.scheduler, 1); // never returns: the fiber's stack is free for the next CTA
 }
@@ -371,7 +435,8 @@ std::string describeDeadlock()
     return message + " " + std::to_string(r.finished) + " finished";
 }
 
-//! The order CTAs run in: ascending under schedule 0, descending under 1, else shuffled.
+//! The order clusters (CTAs, where each is its own) run in: ascending under schedule 0,
+//! descending under 1, else shuffled.
 std::vector<unsigned> ctaOrder(unsigned count)
 {
     Runtime& r = runtime();
@@ -387,26 +452,38 @@ std::vector<unsigned> ctaOrder(unsigned count)
     return order;
 }
 
-//! Runs one CTA to completion; false (with r.error) if it failed or deadlocked.
-bool runBlock(unsigned threads)
+//! Runs the cluster of r.ctas, each of ``threads``, to completion; false (with r.error) if it
+//! failed or deadlocked.
+bool runCluster(unsigned threads)
 {
     Runtime& r = runtime();
-    r.fibers.assign(threads, Fiber{});
-    r.warps.assign((threads + kWarpSize - 1) / kWarpSize, Warp{});
-    r.block = Barrier{};
-    r.block.round = r.nextRound++;
+    size_t const ctas = r.ctas.size();
+    size_t const warpsPerCta = (threads + kWarpSize - 1) / kWarpSize;
+    r.fibers.assign(ctas * threads, Fiber{});
+    r.warps.assign(ctas * warpsPerCta, Warp{});
+    r.cluster = Barrier{};
+    r.cluster.round = r.nextRound++;
     r.finished = 0;
-    for (unsigned t = 0; t < threads; ++t)
+    for (Cta& cta : r.ctas)
     {
-        Warp& warp = r.warps[t / kWarpSize];
+        cta.threads = static_cast<int>(threads);
+        cta.finished = 0;
+        cta.block = Barrier{};
+        cta.block.round = r.nextRound++;
+    }
+    for (size_t f = 0; f < r.fibers.size(); ++f)
+    {
+        Fiber& fiber = r.fibers[f];
+        fiber.cta = static_cast<unsigned>(f / threads);
+        fiber.thread = static_cast<unsigned>(f % threads);
+        fiber.warp = fiber.cta * warpsPerCta + fiber.thread / kWarpSize;
+        Warp& warp = r.warps[fiber.warp];
         if (warp.lanes == 0)
         {
             warp.barrier.round = r.nextRound++;
         }
         ++warp.lanes;
-        Fiber& fiber = r.fibers[t];
-        fiber.thread = t;
-        char* stack = r.stacks.get(t);
+        char* stack = r.stacks.get(f);
         if (stack == nullptr)
         {
             r.error = "out of memory for fiber stacks";
@@ -419,17 +496,18 @@ bool runBlock(unsigned threads)
         makecontext(&fiber.start, fiberMain, 0);
     }
     r.ready.reset(r.schedule);
-    for (unsigned t = 0; t < threads; ++t)
+    for (size_t f = 0; f < r.fibers.size(); ++f)
     {
-        r.ready.add(t);
+        r.ready.add(f);
     }
     while (!r.ready.empty() && r.error.empty())
     {
         resume(r.fibers[r.ready.take(r.random)]);
     }
-    if (r.error.empty() && r.finished < static_cast<int>(threads))
+    if (r.error.empty() && r.finished < static_cast<int>(r.fibers.size()))
     {
         r.error = describeDeadlock();
+        r.errorBlock = r.ctas.front().index.x;
     }
     return r.error.empty();
 }
@@ -438,13 +516,29 @@ bool runBlock(unsigned threads)
 
 unsigned long syncThreads(char const* file, int line)
 {
-    Runtime& r = runtime();
-    return arrive(r.block, static_cast<int>(r.fibers.size()) - r.finished, file, line, "__syncthreads");
+    Cta& cta = currentCta();
+    return arrive(cta.block, cta.threads - cta.finished, file, line, "__syncthreads");
 }
 
 unsigned long blockRound()
 {
-    return runtime().block.round;
+    return currentCta().block.round;
+}
+
+void syncCluster(char const* file, int line)
+{
+    Runtime& r = runtime();
+    arrive(r.cluster, static_cast<int>(r.fibers.size()) - r.finished, file, line, "cluster.sync");
+}
+
+unsigned clusterRank()
+{
+    return currentFiber().cta;
+}
+
+unsigned clusterSize()
+{
+    return static_cast<unsigned>(runtime().ctas.size());
 }
 
 WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second)
@@ -483,6 +577,7 @@ void fail(char const* format, ...)
     if (r.error.empty())
     {
         r.error = message;
+        r.errorBlock = blockIdx.x;
     }
     Fiber& fiber = currentFiber();
     fiber.state = State::Finished; // abandoned: never resumed
@@ -491,7 +586,37 @@ void fail(char const* format, ...)
 
 unsigned char* dynamicSharedMemory()
 {
-    return runtime().shared->start();
+    return currentCta().shared->start();
+}
+
+void* mapSharedRank(char const* file, int line, void const* address, int rank)
+{
+    Runtime& r = runtime();
+    if (rank < 0 || static_cast<size_t>(rank) >= r.ctas.size())
+    {
+        fail("map_shared_rank at %s:%d: rank %d of a cluster of %zu CTAs", file, line, rank, r.ctas.size());
+    }
+    Cta& target = r.ctas[static_cast<size_t>(rank)];
+    if (target.finished == target.threads)
+    {
+        // On a GPU its shared memory may already be another CTA's: a cluster.sync before exiting
+        // keeps a CTA's shared memory until the others are done with it.
+        fail("map_shared_rank at %s:%d: CTA %d of the cluster has exited", file, line, rank);
+    }
+    auto const* const byte = static_cast<unsigned char const*>(address);
+    Cta const& own = currentCta();
+    if (byte >= own.shared->start() && byte < own.shared->start() + own.shared->size())
+    {
+        return target.shared->start() + (byte - own.shared->start());
+    }
+    if (byte >= __start_mra_emulated_shared && byte < __stop_mra_emulated_shared)
+    {
+        // A fiber runs only while its CTA is resident; the others' copies are set aside.
+        size_t const offset = static_cast<size_t>(byte - __start_mra_emulated_shared);
+        return static_cast<unsigned>(rank) == r.residentCta ? const_cast<unsigned char*>(byte)
+                                                            : target.staticShared.data() + offset;
+    }
+    fail("map_shared_rank at %s:%d: %p is not the CTA's shared memory", file, line, address);
 }
 
 namespace
@@ -500,11 +625,11 @@ namespace
 //! Whether [address, address + bytes) lies in the CTA's dynamic or static shared memory.
 bool isShared(unsigned char const* address, int bytes)
 {
-    Runtime const& r = runtime();
     auto within = [&](unsigned char const* begin, unsigned char const* end) {
         return begin != nullptr && address >= begin && address + bytes <= end;
     };
-    return within(r.shared->start(), r.shared->start() + r.shared->size())
+    Cta const& own = currentCta();
+    return within(own.shared->start(), own.shared->start() + own.shared->size())
         || within(__start_mra_emulated_shared, __stop_mra_emulated_shared);
 }
 
@@ -586,7 +711,7 @@ void setMaxDynamicShared(void const* kernel, size_t bytes)
 }
 
 void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body,
-    bool dependent)
+    bool dependent, unsigned clusterSize)
 {
     Runtime& r = runtime();
     std::lock_guard<std::mutex> const lock(r.launchMutex);
@@ -596,15 +721,25 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         r.lastError = cudaErrorInvalidConfiguration; // 1-D grids and blocks are all the kernels use
         return;
     }
+    if (clusterSize == 0 || clusterSize > kMaxClusterSize || grid.x % clusterSize != 0)
+    {
+        r.lastError = cudaErrorInvalidClusterSize; // CUDA's portable limit, and whole clusters only
+        return;
+    }
     auto const optIn = r.sharedOptIn.find(kernel);
     if (sharedBytes > (optIn == r.sharedOptIn.end() ? kDefaultDynamicShared : optIn->second))
     {
         r.lastError = cudaErrorInvalidValue; // as CUDA: more than the kernel's opt-in allows
         return;
     }
+    r.ctas = std::vector<Cta>(clusterSize); // built in place: a GuardedBuffer does not move
     try
     {
-        r.shared.emplace(sharedBytes, 128);
+        for (Cta& cta : r.ctas)
+        {
+            cta.shared.emplace(sharedBytes, 128);
+            cta.staticShared.resize(clusterSize > 1 ? staticSharedBytes() : 0);
+        }
     }
     catch (std::bad_alloc const&)
     {
@@ -615,25 +750,47 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
     r.dependentLaunch = dependent;
     gridDim = grid;
     blockDim = block;
-    for (unsigned b : ctaOrder(grid.x))
+    for (unsigned c : ctaOrder(grid.x / clusterSize))
     {
-        blockIdx = dim3(b);
-        r.shared->poison();
-        poisonStaticShared();
-        r.error.clear();
-        bool const ran = runBlock(block.x);
-        if (ran && !r.shared->canaryIntact())
+        for (unsigned rank = 0; rank < clusterSize; ++rank)
         {
-            r.error = "wrote past its " + std::to_string(sharedBytes) + " bytes of dynamic shared memory";
+            Cta& cta = r.ctas[rank];
+            cta.index = dim3(c * clusterSize + rank);
+            cta.shared->poison();
+            std::fill(cta.staticShared.begin(), cta.staticShared.end(), static_cast<unsigned char>(0xff));
+        }
+        poisonStaticShared(); // CTA 0's, resident first
+        r.residentCta = 0;
+        r.error.clear();
+        bool const ran = runCluster(block.x);
+        for (Cta const& cta : r.ctas)
+        {
+            if (ran && r.error.empty() && !cta.shared->canaryIntact())
+            {
+                r.error = "wrote past its " + std::to_string(sharedBytes) + " bytes of dynamic shared memory";
+                r.errorBlock = cta.index.x;
+            }
         }
         if (!r.error.empty())
         {
             r.lastError = cudaErrorLaunchFailure;
-            r.lastMessage = "unspecified launch failure (CUDA emulation, block " + std::to_string(b) + ": " + r.error
-                + ")";
+            r.lastMessage = "unspecified launch failure (CUDA emulation, block " + std::to_string(r.errorBlock) + ": "
+                + r.error + ")";
             return;
         }
     }
+}
+
+void setMultiprocessors(unsigned count)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    r.multiprocessors = count;
+}
+
+unsigned multiprocessors()
+{
+    return runtime().multiprocessors;
 }
 
 } // namespace emu
@@ -654,6 +811,7 @@ char const* cudaGetErrorString(cudaError_t error)
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
     case cudaErrorLaunchFailure: return emu::runtime().lastMessage.c_str();
     }
     return "unknown error";
@@ -665,9 +823,26 @@ cudaError_t cudaGetDevice(int* device)
     return cudaSuccess;
 }
 
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device)
+{
+    if (attribute != cudaDevAttrMultiProcessorCount || device != 0)
+    {
+        return cudaErrorInvalidValue;
+    }
+    *value = static_cast<int>(emu::multiprocessors());
+    return cudaSuccess;
+}
+
 //! For tests: the schedule of every later launch (see emu::setSchedule). A correct kernel gives
 //! bit-identical results under every schedule.
 extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetSchedule(uint32_t schedule)
 {
     emu::setSchedule(schedule);
+}
+
+//! For tests: the multiprocessors cudaDeviceGetAttribute reports from now on (132 at first, an
+//! H100's or H200's), so that launches which size themselves to the GPU take their other shapes.
+extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetMultiprocessors(uint32_t count)
+{
+    emu::setMultiprocessors(count);
 }

@@ -4,9 +4,11 @@
  * tensor-core fragments (mma.sync and ldmatrix, ptxMma.h), radix select and epilogue against the PyTorch
  * reference.
  *
- * How it runs a launch: one CTA at a time; each CUDA thread is a fiber on one OS thread,
- * switched only at __syncthreads, warp collectives (shuffles, ballots, mma.sync, ldmatrix,
- * __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
+ * How it runs a launch: one CTA at a time, or one thread-block cluster at a time where the launch
+ * asks for clusters (cudaLaunchAttributeClusterDimension; cooperative_groups.h here has
+ * this_cluster() with sync and map_shared_rank); each CUDA thread is a fiber on one OS thread,
+ * switched only at __syncthreads, cluster.sync, warp collectives (shuffles, ballots, mma.sync,
+ * ldmatrix, __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
  * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
  * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by
@@ -14,6 +16,10 @@
  * much dynamic shared memory without the opt-in, an access past the dynamic shared memory. Shared
  * memory, static and dynamic, is filled with 0xff (NaN as float) before each CTA, so reading it
  * before writing shows; CTAs run in ascending, descending or shuffled order with the schedule.
+ * A cluster's CTAs each have their own shared memory, static and dynamic, as on a GPU; another
+ * CTA's, mapped by map_shared_rank, fails the launch once that CTA has exited (on a GPU it is no
+ * longer its). Such a pointer into another CTA's static shared memory holds until the thread's
+ * next barrier or collective (its copy moves when that CTA runs), so use it at once.
  *
  * Asynchronous copies (cp.async, the kernels' copyAsync16) land where the schedule puts them: at
  * once under schedule 0, at the thread's cp.async.wait_group under schedule 1, either for each
@@ -59,8 +65,9 @@
 #define __launch_bounds__(...)
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
-// One CTA runs at a time, so a static is the CTA's shared copy. Its own section lets the runtime
-// fill every one with 0xff before each CTA, as it does dynamic shared memory.
+// One CTA runs at a time, so a static is the CTA's shared copy (a cluster's CTAs swap theirs in
+// as they run). Its own section lets the runtime fill every one with 0xff before each CTA, as it
+// does dynamic shared memory.
 #define __shared__ static __attribute__((section("mra_emulated_shared")))
 #define __syncthreads() ::emu::syncThreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::emu::syncWarp(__FILE__, __LINE__)
@@ -142,6 +149,12 @@ enum cudaError_t
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorLaunchFailure = 719,
+    cudaErrorInvalidClusterSize = 912,
+};
+
+enum cudaDeviceAttr
+{
+    cudaDevAttrMultiProcessorCount = 16,
 };
 
 enum cudaFuncAttribute
@@ -156,11 +169,18 @@ struct cudaFuncAttributes
 
 enum cudaLaunchAttributeID
 {
+    cudaLaunchAttributeClusterDimension = 4,
     cudaLaunchAttributeProgrammaticStreamSerialization = 6,
 };
 
 union cudaLaunchAttributeValue
 {
+    struct
+    {
+        unsigned int x;
+        unsigned int y;
+        unsigned int z;
+    } clusterDim;
     int programmaticStreamSerializationAllowed;
 };
 
@@ -189,6 +209,7 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024;
 // The smallest opt-in limit of the default architectures: sm_86/89 (sm_80: 163 KB, sm_90: 227 KB).
 // Static shared memory is not added to it here (the kernels' largest is 9.6 KB).
 constexpr size_t kMaxDynamicShared = 99 * 1024;
+constexpr unsigned kMaxClusterSize = 8; // CUDA's portable limit (more needs a non-portable opt-in)
 
 //! A warp collective's view of every lane's two words, after all lanes of the warp arrived.
 struct WarpRound
@@ -204,6 +225,15 @@ void syncWarp(char const* file, int line);
 WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second = 0);
 [[noreturn]] void fail(char const* format, ...) __attribute__((format(printf, 1, 2)));
 unsigned char* dynamicSharedMemory();
+//! cluster.sync(): every thread of the cluster's CTAs that has not exited.
+void syncCluster(char const* file, int line);
+unsigned clusterRank(); //!< the running thread's CTA's rank in its cluster
+unsigned clusterSize(); //!< CTAs per cluster (1 without clusters)
+//! cluster.map_shared_rank: `address` in the running CTA's shared memory, in CTA `rank`'s.
+void* mapSharedRank(char const* file, int line, void const* address, int rank);
+//! The multiprocessors cudaDeviceGetAttribute reports.
+void setMultiprocessors(unsigned count);
+unsigned multiprocessors();
 
 //! cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16) to `shared` from `global`, of which
 //! `sourceBytes` are read and the rest filled with zeros; joins the thread's open group. Fails the
@@ -246,9 +276,9 @@ void setSchedule(uint32_t schedule);
 void setMaxDynamicShared(void const* kernel, size_t bytes);
 //! Runs ``body`` as every thread of a 1-D grid; a failure is left for cudaGetLastError.
 //! ``dependent``: a programmatic dependent launch, whose threads must each wait for the kernel
-//! before (gridDependencyWait).
+//! before (gridDependencyWait). ``clusterSize``: CTAs per cluster, run together.
 void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std::function<void()> const& body,
-    bool dependent = false);
+    bool dependent = false, unsigned clusterSize = 1);
 
 template <typename T>
 uint64_t bitsOf(T value)
@@ -303,13 +333,13 @@ std::tuple<Args...> args(Args... values)
 //! Runs `kernel(arguments...)` as a grid (runGrid); a failure is left for cudaGetLastError.
 template <typename... Params, typename... Args>
 void runKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sharedBytes, bool dependent,
-    Args const&... arguments)
+    unsigned clusterSize, Args const&... arguments)
 {
     static_assert(sizeof...(Params) == sizeof...(Args), "a kernel launch with the wrong number of arguments");
     // Converted once, as CUDA copies a launch's arguments; every thread calls with the copy.
     std::tuple<Params...> const converted(arguments...);
     runGrid(reinterpret_cast<void const*>(kernel), grid, block, sharedBytes, [&] { std::apply(kernel, converted); },
-        dependent);
+        dependent, clusterSize);
 }
 
 template <typename... Params, typename... Args>
@@ -317,7 +347,7 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
 {
     Launch const& l = bound.launch;
     auto const run = [&](auto const&... values) {
-        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, values...);
+        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, 1, values...);
     };
     std::apply(run, arguments);
 }
@@ -327,6 +357,7 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
 cudaError_t cudaGetLastError();
 char const* cudaGetErrorString(cudaError_t error);
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device);
 //! The emulated kernels stand for an sm_90 build (so their dependent launches are exercised).
 template <typename Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*)
@@ -340,14 +371,41 @@ template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(Params...), Args&&... arguments)
 {
     bool dependent = false;
+    unsigned clusterSize = 1;
     for (unsigned a = 0; a < config->numAttrs; ++a)
     {
         cudaLaunchAttribute const& attribute = config->attrs[a];
         dependent = dependent
             || (attribute.id == cudaLaunchAttributeProgrammaticStreamSerialization
                 && attribute.val.programmaticStreamSerializationAllowed != 0);
+        if (attribute.id == cudaLaunchAttributeClusterDimension)
+        {
+            dim3 const cluster(attribute.val.clusterDim.x, attribute.val.clusterDim.y, attribute.val.clusterDim.z);
+            clusterSize = cluster.y == 1 && cluster.z == 1 ? cluster.x : 0; // 1-D only, like the grids
+        }
     }
-    emu::runKernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, dependent, arguments...);
+    emu::runKernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, dependent, clusterSize,
+        arguments...);
+    return cudaSuccess;
+}
+
+//! As if each SM held one CTA: a GPU's answer for a kernel whose CTA takes an SM's registers.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel*, cudaLaunchConfig_t const* config)
+{
+    unsigned size = 1;
+    for (unsigned a = 0; a < config->numAttrs; ++a)
+    {
+        if (config->attrs[a].id == cudaLaunchAttributeClusterDimension)
+        {
+            size = config->attrs[a].val.clusterDim.x;
+        }
+    }
+    if (size == 0 || size > emu::kMaxClusterSize)
+    {
+        return cudaErrorInvalidClusterSize;
+    }
+    *clusters = static_cast<int>(emu::multiprocessors() / size);
     return cudaSuccess;
 }
 

@@ -9,6 +9,7 @@
 #include "cudaEmulation.h"
 #include "expect.h"
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_fp16.h>
@@ -21,6 +22,7 @@
 #include <vector>
 
 extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
+extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
 
 using checks::expect;
 
@@ -239,6 +241,67 @@ __global__ void usesMuchSharedMemory(int* out)
     unsigned char* scratch = ::emu::dynamicSharedMemory();
     scratch[64 * 1024 - 1] = 7;
     out[0] = scratch[64 * 1024 - 1];
+}
+
+//! Each CTA fills its cells, static and dynamic (+100000, so that a mix-up of the two shows); after
+//! a cluster.sync each thread copies its cells from the next CTA of the cluster, and thread 0 writes
+//! rank * 100 + CTAs. Without `finalSync` a CTA may exit while the one before still reads it.
+__global__ void exchangesInCluster(int* fromStatic, int* fromDynamic, int* ranks, int finalSync)
+{
+    __shared__ int cells[64];
+    int* const dynamicCells = reinterpret_cast<int*>(::emu::dynamicSharedMemory());
+    auto const cluster = cooperative_groups::this_cluster();
+    int const t = static_cast<int>(threadIdx.x);
+    cells[t] = static_cast<int>(blockIdx.x) * 1000 + t;
+    dynamicCells[t] = cells[t] + 100000;
+    cluster.sync();
+    int const next = static_cast<int>((cluster.block_rank() + 1) % cluster.num_blocks());
+    fromStatic[blockIdx.x * 64 + t] = *cluster.map_shared_rank(&cells[t], next);
+    fromDynamic[blockIdx.x * 64 + t] = *cluster.map_shared_rank(&dynamicCells[t], next);
+    if (t == 0)
+    {
+        ranks[blockIdx.x] = static_cast<int>(cluster.block_rank() * 100 + cluster.num_blocks());
+    }
+    if (finalSync != 0)
+    {
+        cluster.sync(); // keeps this CTA's shared memory until the others have read it
+    }
+}
+
+//! map_shared_rank misused: to a rank past the cluster, or (`global` 1) of a global address.
+__global__ void mapsBadly(int* out, int global)
+{
+    __shared__ int cell;
+    auto const cluster = cooperative_groups::this_cluster();
+    int* const mapped = global != 0 ? cluster.map_shared_rank(out, 0)
+                                    : cluster.map_shared_rank(&cell, static_cast<int>(cluster.num_blocks()));
+    out[threadIdx.x] = *mapped;
+}
+
+__global__ void divergentClusterSync(int* out)
+{
+    auto const cluster = cooperative_groups::this_cluster();
+    if (threadIdx.x < 16)
+    {
+        cluster.sync();
+    }
+    else
+    {
+        cluster.sync();
+    }
+    out[threadIdx.x] = 1;
+}
+
+__global__ void scanTwiceAcrossClusterSync(int* out)
+{
+    using Scan = cub::BlockScan<int, 64>;
+    __shared__ typename Scan::TempStorage storage;
+    int prefix;
+    int total;
+    Scan(storage).ExclusiveSum(1, prefix, total);
+    cooperative_groups::this_cluster().sync(); // a barrier of every CTA's threads: enough for CUB
+    Scan(storage).ExclusiveSum(2, prefix, total);
+    out[blockIdx.x * 64 + threadIdx.x] = prefix;
 }
 
 // ---- checks --------------------------------------------------------------------------------
@@ -480,6 +543,89 @@ void checkDependentLaunches()
         "the emulated kernels stand for an sm_90 build, which may be launched as dependents");
 }
 
+//! `kernel` launched by cudaLaunchKernelEx in clusters of `clusterSize` CTAs of 64 threads; its
+//! error is left for cudaGetLastError.
+template <typename... Params, typename... Args>
+void launchClusters(void (*kernel)(Params...), unsigned ctas, unsigned clusterSize, size_t sharedBytes,
+    Args... arguments)
+{
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = clusterSize;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{dim3(ctas), dim3(64), sharedBytes, nullptr, &attribute, 1};
+    cudaLaunchKernelEx(&config, kernel, arguments...);
+}
+
+void checkClusters()
+{
+    int const ctas = 12; // 3 clusters of 4
+    size_t const sharedBytes = 64 * sizeof(int);
+    // Room for 16 CTAs: a launch that should be refused must not write past them if it runs.
+    std::vector<int> fromStatic(16 * 64);
+    std::vector<int> fromDynamic(16 * 64);
+    std::vector<int> ranks(16);
+    for (uint32_t schedule : {0u, 1u, 12345u})
+    {
+        mraCudaEmulationSetSchedule(schedule);
+        std::fill(fromStatic.begin(), fromStatic.end(), 0);
+        std::fill(fromDynamic.begin(), fromDynamic.end(), 0);
+        std::fill(ranks.begin(), ranks.end(), 0);
+        launchClusters(exchangesInCluster, ctas, 4, sharedBytes, fromStatic.data(), fromDynamic.data(), ranks.data(),
+            1);
+        expect(launchError().empty(), "a cluster launch runs");
+        bool exchanged = true;
+        bool ranked = true;
+        for (int b = 0; b < ctas; ++b)
+        {
+            int const next = b / 4 * 4 + (b + 1) % 4; // the next CTA of b's cluster
+            for (int t = 0; t < 64; ++t)
+            {
+                exchanged &= fromStatic[b * 64 + t] == next * 1000 + t
+                    && fromDynamic[b * 64 + t] == next * 1000 + t + 100000;
+            }
+            ranked &= ranks[b] == (b % 4) * 100 + 4;
+        }
+        expect(exchanged, "map_shared_rank reads the next CTA's own static and dynamic shared memory");
+        expect(ranked, "block_rank is blockIdx.x % 4 and num_blocks 4 in clusters of 4");
+    }
+
+    mraCudaEmulationSetSchedule(0);
+    launchClusters(exchangesInCluster, ctas, 4, sharedBytes, fromStatic.data(), fromDynamic.data(), ranks.data(), 0);
+    std::string const exited = launchError();
+    expect(contains(exited, "block 3: map_shared_rank at") && contains(exited, "CTA 0 of the cluster has exited"),
+        "reading a CTA's shared memory after it exited (no cluster.sync before exiting) fails the launch");
+
+    launchClusters(mapsBadly, 4, 4, 0, fromStatic.data(), 0);
+    expect(contains(launchError(), "rank 4 of a cluster of 4 CTAs"), "map_shared_rank past the cluster fails");
+    launchClusters(mapsBadly, 4, 4, 0, fromStatic.data(), 1);
+    expect(contains(launchError(), "is not the CTA's shared memory"), "map_shared_rank of a global address fails");
+
+    launchClusters(divergentClusterSync, 4, 2, 0, fromStatic.data());
+    std::string const divergent = launchError();
+    expect(contains(divergent, "divergent") && contains(divergent, "cluster.sync"),
+        "cluster.sync at two lines fails the launch as divergent");
+
+    launchClusters(exchangesInCluster, 10, 4, sharedBytes, fromStatic.data(), fromDynamic.data(), ranks.data(), 1);
+    expect(cudaGetLastError() == cudaErrorInvalidClusterSize, "a grid of part of a cluster is refused");
+    launchClusters(exchangesInCluster, 16, 16, sharedBytes, fromStatic.data(), fromDynamic.data(), ranks.data(), 1);
+    expect(cudaGetLastError() == cudaErrorInvalidClusterSize, "a cluster past CUDA's portable 8 CTAs is refused");
+
+    std::vector<int> prefixes(2 * 64);
+    launchClusters(scanTwiceAcrossClusterSync, 2, 2, 0, prefixes.data());
+    expect(launchError().empty() && prefixes[0] == 0 && prefixes[63] == 126 && prefixes[64 + 63] == 126,
+        "a cluster.sync counts as the __syncthreads CUB needs between uses of a TempStorage");
+
+    int count = 0;
+    expect(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess && count == 132,
+        "the emulated GPU has an H100's 132 multiprocessors at first");
+    mraCudaEmulationSetMultiprocessors(16);
+    expect(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess && count == 16,
+        "mraCudaEmulationSetMultiprocessors sets the multiprocessors reported");
+    mraCudaEmulationSetMultiprocessors(132);
+}
+
 void checkMemoryAndLimits()
 {
     std::vector<float> out(32);
@@ -523,6 +669,7 @@ int main()
     checkLdmatrix();
     checkAsyncCopies();
     checkDependentLaunches();
+    checkClusters();
     checkMemoryAndLimits();
     return checks::report();
 }
