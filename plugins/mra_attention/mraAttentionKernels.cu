@@ -366,38 +366,42 @@ __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t 
 }
 
 //! The CTAs that select one row's blocks together: a thread-block cluster, whose CTAs read each
-//! other's histograms and totals through distributed shared memory, or (launched without one,
-//! or compiled for sm_80 to sm_89) the CTA alone. At batch 1 a CTA per row kept 12 of the H200's
-//! 132 SMs busy for 31 us (2026-12-04); a cluster of 8 per row gives each CTA an eighth of the
-//! cells, and the passes' chains shorten with it.
+//! other's histograms and totals through distributed shared memory, or the CTA alone. At batch 1
+//! a CTA per row kept 12 of the H200's 132 SMs busy for 31 us (2026-12-04); a cluster of 8 per
+//! row gives each CTA an eighth of the cells, and the passes' chains shorten with it. A grid of
+//! one CTA per row (sm_80 to sm_89, or rows enough to fill the GPU) uses no cluster instruction.
 struct SelectionCluster
 {
+    uint32_t ctas; //!< per row: the launch's grid is rows x ctas, in clusters of ctas
+    uint32_t index;
+
+    __device__ explicit SelectionCluster(Problem const& p)
+        : ctas(gridDim.x / static_cast<uint32_t>(p.rows))
+        , index(blockIdx.x % ctas)
+    {
+    }
+
     __device__ uint32_t rank() const
     {
-#if MRA_HAS_CLUSTERS
-        return cooperative_groups::this_cluster().block_rank();
-#else
-        return 0;
-#endif
+        return index;
     }
 
     __device__ uint32_t size() const
     {
-#if MRA_HAS_CLUSTERS
-        return cooperative_groups::this_cluster().num_blocks();
-#else
-        return 1;
-#endif
+        return ctas;
     }
 
     //! Every thread of every CTA of the row: their shared memory writes are visible to all.
     __device__ void sync() const
     {
 #if MRA_HAS_CLUSTERS
-        cooperative_groups::this_cluster().sync();
-#else
-        __syncthreads();
+        if (ctas > 1)
+        {
+            cooperative_groups::this_cluster().sync();
+            return;
+        }
 #endif
+        __syncthreads();
     }
 
     //! `local`, a shared variable of this CTA, in CTA `cta` of the row.
@@ -405,10 +409,12 @@ struct SelectionCluster
     __device__ T* at(T* local, uint32_t cta) const
     {
 #if MRA_HAS_CLUSTERS
-        return cooperative_groups::this_cluster().map_shared_rank(local, static_cast<int>(cta));
-#else
-        return local;
+        if (ctas > 1)
+        {
+            return cooperative_groups::this_cluster().map_shared_rank(local, static_cast<int>(cta));
+        }
 #endif
+        return local;
     }
 
     //! The sum of `value` (a shared variable) over the CTAs of ranks below this one's.
@@ -560,7 +566,7 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
     __shared__ SelectionShared shared;
     waitForPreviousKernel(); // the low-resolution logits and row maxima
     startNextKernel();
-    SelectionCluster const cluster;
+    SelectionCluster const cluster(p);
     int32_t const row = static_cast<int32_t>(blockIdx.x / cluster.size());
     int32_t const threads = static_cast<int32_t>(cluster.size() * blockDim.x);
     ThreadKeys const keys(p, s, row, static_cast<int32_t>(cluster.rank() * blockDim.x + threadIdx.x), threads);
