@@ -205,6 +205,12 @@ class MraLibrary:
         many CTAs as the rows leave SMs for, up to 8."""
         self.lib.mraCudaEmulationSetMultiprocessors(ctypes.c_uint32(count))
 
+    def take_largest_cluster(self) -> int:
+        """CTAs in the largest cluster the emulated kernels launched since the last call (1:
+        no clusters, 0: no launch)."""
+        self.lib.mraCudaEmulationTakeLargestCluster.restype = ctypes.c_uint32
+        return self.lib.mraCudaEmulationTakeLargestCluster()
+
     @staticmethod
     def params(query: torch.Tensor, **settings) -> MraAttentionParams:
         """``make_params`` for ``query``'s shape and dtype."""

@@ -159,11 +159,19 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
                                         initial_prior_diagonal_n_blocks=2).to(torch.int32)
     results = []
     try:
+        # The library asks what clusters the GPU runs at its first launch in the process (the
+        # emulated one: as many as its SMs allow): a first launch at 4 SMs would rule out 8.
+        emulated_kernels.set_multiprocessors(132)
+        emulated_kernels.attention(q, k, v, mask, **kw)
+        clusters = []
         for multiprocessors in (4, 8, 16, 32):
             emulated_kernels.set_multiprocessors(multiprocessors)
+            emulated_kernels.take_largest_cluster()
             results.append(emulated_kernels.attention(q, k, v, mask, **kw))
+            clusters.append(emulated_kernels.take_largest_cluster())
     finally:
         emulated_kernels.set_multiprocessors(132)
+    assert clusters == [1, 2, 4, 8]
     first_output = results[0][0]
     assert (first_output - expected).abs().max().item() <= TOLERANCE
     for output, selected in results:

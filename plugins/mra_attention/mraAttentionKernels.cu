@@ -1374,13 +1374,14 @@ struct DeviceCode
     //! build's PTX compiled for an H100 at load time has not: launched as dependents its kernels
     //! would race, and its selection ignores clusters).
     bool sm90 = false;
-    //! The largest cluster of selectBlocks CTAs the GPU schedules, up to MRA_SELECT_CLUSTER (a
-    //! partition of a GPU may have fewer SMs together than that); 1 without clusters.
-    uint32_t selectionCluster = 1;
+    //! How many clusters of 2, 4 and 8 selectBlocks CTAs (index 1, 2, 3) the GPU runs at once: its
+    //! SMs are grouped (GPCs), and a partition of a GPU may hold fewer of them; 0 without clusters
+    //! and beyond MRA_SELECT_CLUSTER.
+    int32_t concurrentClusters[4] = {};
 };
 
-//! Whether the GPU runs clusters of `size` selectBlocks CTAs at all.
-bool schedulesSelectionClusters(uint32_t size)
+//! How many clusters of `size` selectBlocks CTAs the GPU runs at once (0: none, or refused).
+int32_t concurrentSelectionClusters(uint32_t size)
 {
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
@@ -1394,8 +1395,12 @@ bool schedulesSelectionClusters(uint32_t size)
     config.numAttrs = 1;
     int clusters = 0;
     cudaError_t const status = cudaOccupancyMaxActiveClusters(&clusters, selectBlocks, &config);
-    cudaGetLastError(); // a refusal answers the question; it is not the next launch's error
-    return status == cudaSuccess && clusters > 0;
+    if (status != cudaSuccess)
+    {
+        cudaGetLastError(); // a refusal answers the question; it is not the next launch's error
+        return 0;
+    }
+    return clusters;
 }
 
 MraStatus currentDeviceCode(DeviceCode& code)
@@ -1409,40 +1414,43 @@ MraStatus currentDeviceCode(DeviceCode& code)
         {
             return cudaFailure(status, "cudaFuncGetAttributes(lowResolutionLogits)");
         }
+        value = DeviceCode{};
         value.sm90 = attributes.ptxVersion >= 90;
-        value.selectionCluster = 1;
-        for (uint32_t size = MRA_SELECT_CLUSTER; value.sm90 && size > 1 && value.selectionCluster == 1; size /= 2)
+        for (int log2 = 1; value.sm90 && (1 << log2) <= MRA_SELECT_CLUSTER; ++log2)
         {
-            value.selectionCluster = schedulesSelectionClusters(size) ? size : 1;
+            value.concurrentClusters[log2] = concurrentSelectionClusters(1u << log2);
         }
         return MRA_OK;
     });
 }
 
-//! selectBlocks' CTAs per row: the largest power of two up to `code.selectionCluster` for which
-//! the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's registers). On
-//! 132 SMs: 8 at batch 1 of 12 heads, 4 at batch 2, 2 at batch 4, 1 from batch 6.
+//! selectBlocks' CTAs per row: the largest power of two (up to 8) for which every row's cluster
+//! runs at once and the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's
+//! registers); 1 without clusters. On 132 SMs: 8 at batch 1 of 12 heads, 4 at batch 2, 2 at
+//! batches 3 to 5, 1 from batch 6.
 MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& size)
 {
     size = 1;
-    if (code.selectionCluster == 1)
+    if (code.concurrentClusters[1] == 0)
     {
         return MRA_OK;
     }
     int device = 0;
-    int multiprocessors = 0;
     cudaError_t status = cudaGetDevice(&device);
-    if (status == cudaSuccess)
+    if (status != cudaSuccess)
     {
-        status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+        return cudaFailure(status, "cudaGetDevice");
     }
+    int multiprocessors = 0;
+    status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
     if (status != cudaSuccess)
     {
         return cudaFailure(status, "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
     }
-    while (size * 2 <= code.selectionCluster && static_cast<int64_t>(rows) * size * 2 <= multiprocessors)
+    for (int log2 = 1; log2 < 4; ++log2)
     {
-        size *= 2;
+        bool const fits = rows <= code.concurrentClusters[log2] && static_cast<int64_t>(rows) << log2 <= multiprocessors;
+        size = fits ? 1u << log2 : size;
     }
     return MRA_OK;
 }

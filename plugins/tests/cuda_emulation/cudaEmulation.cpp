@@ -231,6 +231,7 @@ struct Runtime
     unsigned errorBlock = 0; //!< blockIdx.x of the thread that failed
     Stacks stacks;
     unsigned multiprocessors = 132; //!< what cudaDeviceGetAttribute reports (an H100's or H200's)
+    unsigned largestCluster = 0;    //!< CTAs of the largest cluster launched since it was last read
     unsigned long nextRound = 1;
     uint32_t schedule = 0;
     std::mt19937 random;
@@ -733,6 +734,7 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         return;
     }
     r.ctas = std::vector<Cta>(clusterSize); // built in place: a GuardedBuffer does not move
+    r.largestCluster = std::max(r.largestCluster, clusterSize);
     try
     {
         for (Cta& cta : r.ctas)
@@ -793,6 +795,15 @@ unsigned multiprocessors()
     return runtime().multiprocessors;
 }
 
+unsigned takeLargestCluster()
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    unsigned const largest = r.largestCluster;
+    r.largestCluster = 0;
+    return largest;
+}
+
 } // namespace emu
 
 cudaError_t cudaGetLastError()
@@ -845,4 +856,10 @@ extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetSchedu
 extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetMultiprocessors(uint32_t count)
 {
     emu::setMultiprocessors(count);
+}
+
+//! For tests: the CTAs of the largest cluster launched since the last call (1: none; 0: no launch).
+extern "C" __attribute__((visibility("default"))) uint32_t mraCudaEmulationTakeLargestCluster()
+{
+    return emu::takeLargestCluster();
 }

@@ -18,8 +18,8 @@
  * before writing shows; CTAs run in ascending, descending or shuffled order with the schedule.
  * A cluster's CTAs each have their own shared memory, static and dynamic, as on a GPU; another
  * CTA's, mapped by map_shared_rank, fails the launch once that CTA has exited (on a GPU it is no
- * longer its). Such a pointer into another CTA's static shared memory holds until the thread's
- * next barrier or collective (its copy moves when that CTA runs), so use it at once.
+ * longer its). Such a pointer into another CTA's static shared memory points at that CTA's copy
+ * set aside, which is current whenever a thread of another CTA runs.
  *
  * Asynchronous copies (cp.async, the kernels' copyAsync16) land where the schedule puts them: at
  * once under schedule 0, at the thread's cp.async.wait_group under schedule 1, either for each
@@ -234,6 +234,8 @@ void* mapSharedRank(char const* file, int line, void const* address, int rank);
 //! The multiprocessors cudaDeviceGetAttribute reports.
 void setMultiprocessors(unsigned count);
 unsigned multiprocessors();
+//! The CTAs of the largest cluster launched since the last call (1 without clusters, 0 no launch).
+unsigned takeLargestCluster();
 
 //! cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16) to `shared` from `global`, of which
 //! `sourceBytes` are read and the rest filled with zeros; joins the thread's open group. Fails the
@@ -389,7 +391,8 @@ cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(
     return cudaSuccess;
 }
 
-//! As if each SM held one CTA: a GPU's answer for a kernel whose CTA takes an SM's registers.
+//! As if each SM held one CTA (a GPU's answer for a kernel whose CTA takes an SM's registers)
+//! and any SMs could form a cluster.
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel*, cudaLaunchConfig_t const* config)
 {
