@@ -417,15 +417,30 @@ struct SelectionCluster
         return local;
     }
 
+    //! The sum of `local[index]` (a shared array) over the row's CTAs of ranks below `end`. The
+    //! loads, each a round trip to another SM, are all issued before the first is waited for.
+    template <typename T>
+    __device__ int32_t sumOver(T const* local, int32_t index, uint32_t end) const
+    {
+        T values[MRA_SELECT_CLUSTER];
+        MRA_UNROLL
+        for (uint32_t cta = 0; cta < MRA_SELECT_CLUSTER; ++cta)
+        {
+            values[cta] = cta < end ? at(local, cta)[index] : T(0);
+        }
+        int32_t sum = 0;
+        MRA_UNROLL
+        for (uint32_t cta = 0; cta < MRA_SELECT_CLUSTER; ++cta)
+        {
+            sum += static_cast<int32_t>(values[cta]);
+        }
+        return sum;
+    }
+
     //! The sum of `value` (a shared variable) over the CTAs of ranks below this one's.
     __device__ int32_t sumBelow(int32_t const& value) const
     {
-        int32_t sum = 0;
-        for (uint32_t cta = 0; cta < rank(); ++cta)
-        {
-            sum += *at(&value, cta);
-        }
-        return sum;
+        return sumOver(&value, 0, rank());
     }
 };
 
@@ -541,11 +556,7 @@ __device__ inline void chooseDigit(SelectionCluster const& cluster, SelectionSha
     int32_t shift)
 {
     int32_t const digit = 255 - static_cast<int32_t>(threadIdx.x);
-    int32_t count = 0;
-    for (uint32_t cta = 0; digit >= 0 && cta < cluster.size(); ++cta)
-    {
-        count += static_cast<int32_t>(cluster.at(histogram, cta)[digit]);
-    }
+    int32_t const count = digit >= 0 ? cluster.sumOver(histogram, digit, cluster.size()) : 0;
     int32_t const wanted = shared.remaining; // read by every thread before the one below writes it
     int32_t above;
     int32_t total;
