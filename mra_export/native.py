@@ -185,6 +185,8 @@ class MraLibrary:
             self.lib.mraAttentionCuda.argtypes = [*tensors_and_size, ctypes.c_void_p]
         # The emulated kernels take host pointers through the CUDA entry point.
         self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
+        if hasattr(self.lib, "mraCudaEmulationTakeLargestCluster"):
+            self.lib.mraCudaEmulationTakeLargestCluster.restype = ctypes.c_uint32
 
     @classmethod
     @functools.cache
@@ -208,7 +210,6 @@ class MraLibrary:
     def take_largest_cluster(self) -> int:
         """CTAs in the largest cluster the emulated kernels launched since the last call (1:
         no clusters, 0: no launch)."""
-        self.lib.mraCudaEmulationTakeLargestCluster.restype = ctypes.c_uint32
         return self.lib.mraCudaEmulationTakeLargestCluster()
 
     @staticmethod

@@ -149,8 +149,9 @@ def test_the_eager_layout_check_agrees_with_the_fake_kernels(shape):
                torch.randn(seq_len, batch, heads, head_dim).permute(1, 2, 0, 3)]
     layouts = set()
     for q, k, v in itertools.product(tensors, repeat=3):
-        layouts.add(fused._layout_of(q, k, v))
-        assert fused._layout_of(q, k, v) == fused.memory_layout(q, k, v)
+        layout = fused._layout_of(q, k, v)
+        assert layout == fused.memory_layout(q, k, v)
+        layouts.add(layout)
     # Both occur, save where a single vector makes every dense tensor token-major.
     assert layouts == ({"bshd"} if (batch, heads, seq_len) == (1, 1, 1) else {"bshd", "bhsd"})
 

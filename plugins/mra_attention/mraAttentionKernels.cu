@@ -1391,14 +1391,21 @@ struct DeviceCode
     int32_t concurrentClusters[4] = {};
 };
 
-//! How many clusters of `size` selectBlocks CTAs the GPU runs at once (0: none, or refused).
-int32_t concurrentSelectionClusters(uint32_t size)
+//! The launch attribute of 1-D clusters of `size` CTAs.
+cudaLaunchAttribute clusterDimension(uint32_t size)
 {
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = size;
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
+    return cluster;
+}
+
+//! How many clusters of `size` selectBlocks CTAs the GPU runs at once (0: none, or refused).
+int32_t concurrentSelectionClusters(uint32_t size)
+{
+    cudaLaunchAttribute cluster = clusterDimension(size);
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(size);
     config.blockDim = dim3(kSelectThreads);
@@ -1437,8 +1444,8 @@ MraStatus currentDeviceCode(DeviceCode& code)
 
 //! selectBlocks' CTAs per row: the largest power of two (up to 8) for which every row's cluster
 //! runs at once and the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's
-//! registers); 1 without clusters. On 132 SMs: 8 at batch 1 of 12 heads, 4 at batch 2, 2 at
-//! batches 3 to 5, 1 from batch 6.
+//! registers); 1 without clusters. By the SMs alone, on 132: 8 at batch 1 of 12 heads, 4 at
+//! batch 2, 2 at batches 3 to 5, 1 from batch 6 (where the GPU runs that many clusters at once).
 MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& size)
 {
     size = 1;
@@ -1499,10 +1506,7 @@ MraStatus launchKernel(char const* name, void (*kernel)(Params...), LaunchShape 
     }
     if (shape.cluster > 1)
     {
-        attributes[count].id = cudaLaunchAttributeClusterDimension;
-        attributes[count].val.clusterDim.x = shape.cluster;
-        attributes[count].val.clusterDim.y = 1;
-        attributes[count++].val.clusterDim.z = 1;
+        attributes[count++] = clusterDimension(shape.cluster);
     }
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(shape.grid));

@@ -368,26 +368,39 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*)
     return cudaSuccess;
 }
 
+namespace emu
+{
+//! CTAs per cluster a launch's attributes ask for: 1 without clusters, 0 for a cluster that is
+//! not 1-D (the grids are 1-D).
+inline unsigned clusterSizeOf(cudaLaunchConfig_t const& config)
+{
+    unsigned size = 1;
+    for (unsigned a = 0; a < config.numAttrs; ++a)
+    {
+        auto const& cluster = config.attrs[a].val.clusterDim;
+        if (config.attrs[a].id == cudaLaunchAttributeClusterDimension)
+        {
+            size = cluster.y == 1 && cluster.z == 1 ? cluster.x : 0;
+        }
+    }
+    return size;
+}
+} // namespace emu
+
 //! cudaLaunchKernelEx's C++ form; a failure is left for cudaGetLastError, as a <<<>>> launch's is.
 template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(Params...), Args&&... arguments)
 {
     bool dependent = false;
-    unsigned clusterSize = 1;
     for (unsigned a = 0; a < config->numAttrs; ++a)
     {
         cudaLaunchAttribute const& attribute = config->attrs[a];
         dependent = dependent
             || (attribute.id == cudaLaunchAttributeProgrammaticStreamSerialization
                 && attribute.val.programmaticStreamSerializationAllowed != 0);
-        if (attribute.id == cudaLaunchAttributeClusterDimension)
-        {
-            dim3 const cluster(attribute.val.clusterDim.x, attribute.val.clusterDim.y, attribute.val.clusterDim.z);
-            clusterSize = cluster.y == 1 && cluster.z == 1 ? cluster.x : 0; // 1-D only, like the grids
-        }
     }
-    emu::runKernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, dependent, clusterSize,
-        arguments...);
+    emu::runKernel(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, dependent,
+        emu::clusterSizeOf(*config), arguments...);
     return cudaSuccess;
 }
 
@@ -396,14 +409,7 @@ cudaError_t cudaLaunchKernelEx(cudaLaunchConfig_t const* config, void (*kernel)(
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel*, cudaLaunchConfig_t const* config)
 {
-    unsigned size = 1;
-    for (unsigned a = 0; a < config->numAttrs; ++a)
-    {
-        if (config->attrs[a].id == cudaLaunchAttributeClusterDimension)
-        {
-            size = config->attrs[a].val.clusterDim.x;
-        }
-    }
+    unsigned const size = emu::clusterSizeOf(*config);
     if (size == 0 || size > emu::kMaxClusterSize)
     {
         return cudaErrorInvalidClusterSize;
