@@ -1243,26 +1243,38 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
+    // Q's A fragments, loaded once the first block's copies have landed and kept for every key
+    // block (as FlashAttention-2 keeps them): dims 16k..16k+15 of the warp's 16 rows.
+    uint32_t queryFragments[D / 16][4];
+    bool queryLoaded = false;
     forEachKeyBlock<T, D, kMmaThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles, Smem::kTileStride,
         stageRealKeys, [&](T const* keyTile, T const* valueTile, uint32_t blockRealKeys) {
-        // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns. Lane l addresses
-        // row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims k + 8 (l / 16) (A's four
-        // registers); for K, keys 8 (n + l / 16) + l % 8 at dims k + 8 (l / 8 % 2) (the two
-        // registers of n tiles n and n + 1).
+        // Lane l addresses row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims
+        // 16k + 8 (l / 16) (A's four registers); for K, keys 8 (n + l / 16) + l % 8 at dims
+        // 16k + 8 (l / 8 % 2) (the two registers of n tiles n and n + 1).
+        if (!queryLoaded) // the query tile landed with the first block's group
+        {
+            MRA_UNROLL
+            for (int32_t k = 0; k < D / 16; ++k)
+            {
+                loadMatrices<false>(queryFragments[k],
+                    queryTile + (warpRow + matrixRow) * Smem::kTileStride + 16 * k + 8 * (lane / 16));
+            }
+            queryLoaded = true;
+        }
+        // S = Q K^T: n tile n holds keys 8n..8n+7; K's rows are B's columns.
         float scoreTiles[4][4] = {};
         MRA_UNROLL
-        for (int32_t k = 0; k < D; k += 16)
+        for (int32_t k = 0; k < D / 16; ++k)
         {
-            uint32_t a[4];
-            loadMatrices<false>(a, queryTile + (warpRow + matrixRow) * Smem::kTileStride + k + 8 * (lane / 16));
             MRA_UNROLL
             for (int32_t n = 0; n < 4; n += 2)
             {
                 uint32_t b[4];
-                loadMatrices<false>(b, keyTile + (8 * n + lane % 8 + 8 * (lane / 16)) * Smem::kTileStride + k
+                loadMatrices<false>(b, keyTile + (8 * n + lane % 8 + 8 * (lane / 16)) * Smem::kTileStride + 16 * k
                         + 8 * (lane / 8 % 2));
-                warpMma<T>(scoreTiles[n], a, {b[0], b[1]});
-                warpMma<T>(scoreTiles[n + 1], a, {b[2], b[3]});
+                warpMma<T>(scoreTiles[n], queryFragments[k], {b[0], b[1]});
+                warpMma<T>(scoreTiles[n + 1], queryFragments[k], {b[2], b[3]});
             }
         }
 
