@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool), with what was built beforehand on the CPU machine:
+# One call on a lent GPU (the device tool), with what was built beforehand on the CPU machine.
+# `bash tools/gpu_prepare.sh` builds all of it and prints the calls; by hand, it is
 #   make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=90 \
 #     TRT_INCLUDE_DIR=$PWD/../shared/third_party/tensorrt/include \
 #     ORT_INCLUDE_DIR=$PWD/../shared/third_party/onnxruntime/include     (absolute: CMake skips relative ones)

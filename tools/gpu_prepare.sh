@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Builds here, on the CPU machine, everything `tools/gpu_session.sh` carries to a lent GPU, so that
+# a session given one spends its device minutes measuring. A new checkout has none of it (the
+# folders are ignored by git); building takes about 15 minutes on 2 cores.
+#   bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]
+# - .carry-libs/: the libraries for sm_90 (H100, H200), stripped, with a TREE file;
+# - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
+#   session's `ab` section: selectsingle (one CTA a row in the selection), nodependent (no
+#   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline);
+#   with --previous REV also REV's kernels (what the commits since moved);
+# - .carry-onnx/: the one-layer graphs `ort_cuda_speed.py run` times;
+# - .carry/: onnxruntime-gpu's wheel in parts (../shared/gpu/README.md), unless --no-wheel.
+# Then prints the device calls to make.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREVIOUS=""
+WHEEL=1
+usage() {  # a one-line error, exit 2
+  echo "gpu_prepare.sh: $1; usage: bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]" >&2
+  exit 2
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --previous) [ $# -ge 2 ] || usage "--previous needs a commit"; PREVIOUS=$2; shift 2 ;;
+    --no-wheel) WHEEL=0; shift ;;
+    *) usage "unknown argument '$1'" ;;
+  esac
+done
+# Checked before the builds, which take minutes.
+[ -z "$PREVIOUS" ] || git rev-parse --quiet --verify "$PREVIOUS^{commit}" > /dev/null \
+  || usage "--previous $PREVIOUS is not a commit of this repository"
+THIRD_PARTY=$(cd .. && pwd)/shared/third_party
+[ -f "$THIRD_PARTY/tensorrt/include/NvInferRuntime.h" ] && [ -f "$THIRD_PARTY/onnxruntime/include/onnxruntime_c_api.h" ] \
+  || { echo "gpu_prepare.sh: TensorRT's and onnxruntime's headers are not in $THIRD_PARTY; the plugin and the op library need them" >&2; exit 2; }
+command -v nvcc > /dev/null || [ -x /usr/local/cuda/bin/nvcc ] \
+  || { echo "gpu_prepare.sh: nvcc not found; put the CUDA toolkit's bin on PATH" >&2; exit 2; }
+[ -x .venv/bin/python ] || make setup
+# What the TREE files say: the commit, and whether the kernels' source differs from it.
+TREE="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- plugins || echo ' with uncommitted changes to plugins/')"
+ARCH=90
+
+shrink() {  # strip, keeping the exported symbols: the carry is 64 MB at most
+  strip --strip-unneeded "$1"
+}
+
+compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): an A/B build in a seventh of the space
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=9)); import os; os.remove(sys.argv[1])" "$1"
+}
+
+echo "== the libraries for sm_$ARCH ($TREE)"
+make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=$ARCH \
+  TRT_INCLUDE_DIR="$THIRD_PARTY/tensorrt/include" ORT_INCLUDE_DIR="$THIRD_PARTY/onnxruntime/include" > /tmp/gpu-prepare-build.log 2>&1 \
+  || { echo "gpu_prepare.sh: the build failed: /tmp/gpu-prepare-build.log" >&2; exit 1; }
+rm -rf .carry-libs && mkdir -p .carry-libs/ab
+for library in plugins/build-h200/*.so; do
+  cp "$library" .carry-libs/ && shrink ".carry-libs/$(basename "$library")"
+done
+echo "$TREE, sm_$ARCH" > .carry-libs/TREE
+
+# `ab_build NAME SOURCE_DIR FLAGS TREE_TEXT`: the CUDA library of SOURCE_DIR/plugins with FLAGS.
+ab_build() {
+  local name=$1 source=$2 flags=$3 text=$4 build=/tmp/gpu-prepare-$1
+  echo "== A/B build $name: $text"
+  rm -rf "$build"
+  cmake -S "$source/plugins" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMRA_CUDA_ARCHITECTURES=$ARCH-real \
+    ${flags:+-DCMAKE_CUDA_FLAGS="$flags"} > "$build.log" 2>&1 \
+    && cmake --build "$build" -j "$(nproc)" --target mra_attention_cuda >> "$build.log" 2>&1 \
+    || { echo "gpu_prepare.sh: the A/B build $name failed: $build.log" >&2; exit 1; }
+  mkdir -p ".carry-libs/ab/$name"
+  cp "$build/libmra_attention_cuda.so" ".carry-libs/ab/$name/"
+  shrink ".carry-libs/ab/$name/libmra_attention_cuda.so"
+  compress ".carry-libs/ab/$name/libmra_attention_cuda.so"
+  echo "$text" > ".carry-libs/ab/$name/TREE"
+}
+ab_build selectsingle . -DMRA_SELECT_CLUSTER=1 "$TREE with -DMRA_SELECT_CLUSTER=1 (one CTA a row in the selection)"
+ab_build nodependent . -DMRA_DEPENDENT_LAUNCH=0 "$TREE with -DMRA_DEPENDENT_LAUNCH=0 (no programmatic dependent launches)"
+ab_build stages2 . -DMRA_MMA_STAGES=2 "$TREE with -DMRA_MMA_STAGES=2"
+ab_build stages4 . -DMRA_MMA_STAGES=4 "$TREE with -DMRA_MMA_STAGES=4"
+if [ -n "$PREVIOUS" ]; then
+  worktree=/tmp/gpu-prepare-previous
+  rm -rf "$worktree" && git worktree prune
+  git worktree add --detach "$worktree" "$PREVIOUS" > /dev/null
+  ab_build "previous-$(git rev-parse --short "$PREVIOUS")" "$worktree" "" "$(git rev-parse --short "$PREVIOUS"), the kernels before the commits since"
+  git worktree remove --force "$worktree"
+fi
+
+echo "== the one-layer graphs (.carry-onnx)"
+rm -rf .carry-onnx
+.venv/bin/python tools/ort_cuda_speed.py export .carry-onnx > /tmp/gpu-prepare-onnx.log 2>&1 \
+  || { echo "gpu_prepare.sh: the export failed: /tmp/gpu-prepare-onnx.log" >&2; exit 1; }
+
+if [ "$WHEEL" = 1 ]; then
+  echo "== onnxruntime-gpu in parts (.carry)"
+  rm -rf .carry
+  ../shared/gpu/split-wheel.sh onnxruntime-gpu==1.31.1 .carry > /tmp/gpu-prepare-wheel.log 2>&1 \
+    || { echo "gpu_prepare.sh: the wheel could not be fetched (/tmp/gpu-prepare-wheel.log); the ort section will be skipped" >&2; rm -rf .carry; }
+fi
+
+du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
+echo "The device calls (each part call back to back, the machine stays warm about 30 s):"
+for part in $(ls -d .carry/p* 2>/dev/null); do
+  echo "  carry [\"$part\"]: mkdir -p /tmp/parts && cp $part/* /tmp/parts/"
+done
+sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)
+echo "  carry [\".carry-libs\", \".carry-onnx\"${sums:+, \"$sums\"}]: bash tools/gpu_session.sh"
