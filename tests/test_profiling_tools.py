@@ -182,6 +182,26 @@ def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, 
     assert last_line.startswith(f"{tool}.py: error: {message}")
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("gpu_prepare.sh", ["--bogus"], "gpu_prepare.sh: unknown argument '--bogus'; usage:"),
+    ("gpu_prepare.sh", ["--previous"], "gpu_prepare.sh: --previous needs a commit; usage:"),
+    ("gpu_prepare.sh", ["--previous", "no-such-commit"],
+     "gpu_prepare.sh: --previous no-such-commit is not a commit of this repository; usage:"),
+    ("gpu_session.sh", ["bogus"], "gpu_session.sh: no section 'bogus'; the sections: ab bench check ncu ort sanitize speed tests"),
+])
+def test_the_gpu_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, argv, message,
+                                                                         tmp_path):
+    """The preparing script's builds take many minutes and the session script's call spends
+    device time: both say a bad argument in a line, with what they take, before any of it."""
+    import subprocess
+
+    done = subprocess.run(["bash", str(TOOLS / script), *argv], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
+    assert done.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkeypatch):
     """gpu_speed's report (its numbers come from a GPU): an --op-only run, as the A/B of two
     kernel builds makes, has no whole-model section; a full run has both."""

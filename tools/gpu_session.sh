@@ -34,7 +34,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MRA_EXPORT_PLUGIN_BUILD=$PWD/.carry-li
 OUT=${OUT:-/tmp/gpu-session}
 DEADLINE=${DEADLINE:-570}
 LIBRARY=$MRA_EXPORT_PLUGIN_BUILD/libmra_attention_cuda.so
-mkdir -p "$OUT"
 SKIPPED=()
 
 # `section NAME SECONDS TITLE`: prints the title and sets LIMIT to SECONDS or what is left before
@@ -159,6 +158,7 @@ for name in "${SECTIONS[@]}"; do
     exit 2
   fi
 done
+mkdir -p "$OUT"
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 for name in "${SECTIONS[@]}"; do
