@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds here, on the CPU machine, everything `tools/gpu_session.sh` carries to a lent GPU, so that
 # a session given one spends its device minutes measuring. A new checkout has none of it (the
-# folders are ignored by git); building takes about 15 minutes on 2 cores.
+# folders are ignored by git); it took 5 minutes on the 2-core machine.
 #   bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]
 # - .carry-libs/: the libraries for sm_90 (H100, H200), stripped, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
