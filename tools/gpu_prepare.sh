@@ -39,23 +39,32 @@ command -v nvcc > /dev/null || [ -x /usr/local/cuda/bin/nvcc ] \
 TREE="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- plugins || echo ' with uncommitted changes to plugins/')"
 ARCH=90
 
+# Everything is built under NEW and replaces .carry-libs and .carry-onnx only once whole: a failed
+# or stopped run leaves the last complete carry as it was.
+NEW=.carry-new
+rm -rf "$NEW" && mkdir -p "$NEW/libs/ab"
+WORKTREE=/tmp/gpu-prepare-previous
+trap 'rm -rf "$NEW"; git worktree remove --force "$WORKTREE" 2> /dev/null || true' EXIT
+
 shrink() {  # strip, keeping the exported symbols: the carry is 64 MB at most
   strip --strip-unneeded "$1"
 }
 
 compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): an A/B build in a seventh of the space
-  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=9)); import os; os.remove(sys.argv[1])" "$1"
+  python3 -c "import lzma, os, shutil, sys
+with open(sys.argv[1], 'rb') as plain, lzma.open(sys.argv[1] + '.xz', 'wb', preset=9) as packed:
+    shutil.copyfileobj(plain, packed)
+os.remove(sys.argv[1])" "$1"
 }
 
 echo "== the libraries for sm_$ARCH ($TREE)"
 make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=$ARCH \
   TRT_INCLUDE_DIR="$THIRD_PARTY/tensorrt/include" ORT_INCLUDE_DIR="$THIRD_PARTY/onnxruntime/include" > /tmp/gpu-prepare-build.log 2>&1 \
   || { echo "gpu_prepare.sh: the build failed: /tmp/gpu-prepare-build.log" >&2; exit 1; }
-rm -rf .carry-libs && mkdir -p .carry-libs/ab
 for library in plugins/build-h200/*.so; do
-  cp "$library" .carry-libs/ && shrink ".carry-libs/$(basename "$library")"
+  cp "$library" "$NEW/libs/" && shrink "$NEW/libs/$(basename "$library")"
 done
-echo "$TREE, sm_$ARCH" > .carry-libs/TREE
+echo "$TREE, sm_$ARCH" > "$NEW/libs/TREE"
 
 # `ab_build NAME SOURCE_DIR FLAGS TREE_TEXT`: the CUDA library of SOURCE_DIR/plugins with FLAGS.
 ab_build() {
@@ -66,28 +75,27 @@ ab_build() {
     ${flags:+-DCMAKE_CUDA_FLAGS="$flags"} > "$build.log" 2>&1 \
     && cmake --build "$build" -j "$(nproc)" --target mra_attention_cuda >> "$build.log" 2>&1 \
     || { echo "gpu_prepare.sh: the A/B build $name failed: $build.log" >&2; exit 1; }
-  mkdir -p ".carry-libs/ab/$name"
-  cp "$build/libmra_attention_cuda.so" ".carry-libs/ab/$name/"
-  shrink ".carry-libs/ab/$name/libmra_attention_cuda.so"
-  compress ".carry-libs/ab/$name/libmra_attention_cuda.so"
-  echo "$text" > ".carry-libs/ab/$name/TREE"
+  mkdir -p "$NEW/libs/ab/$name"
+  cp "$build/libmra_attention_cuda.so" "$NEW/libs/ab/$name/"
+  shrink "$NEW/libs/ab/$name/libmra_attention_cuda.so"
+  compress "$NEW/libs/ab/$name/libmra_attention_cuda.so"
+  echo "$text" > "$NEW/libs/ab/$name/TREE"
 }
 ab_build selectsingle . -DMRA_SELECT_CLUSTER=1 "$TREE with -DMRA_SELECT_CLUSTER=1 (one CTA a row in the selection)"
 ab_build nodependent . -DMRA_DEPENDENT_LAUNCH=0 "$TREE with -DMRA_DEPENDENT_LAUNCH=0 (no programmatic dependent launches)"
 ab_build stages2 . -DMRA_MMA_STAGES=2 "$TREE with -DMRA_MMA_STAGES=2"
 ab_build stages4 . -DMRA_MMA_STAGES=4 "$TREE with -DMRA_MMA_STAGES=4"
 if [ -n "$PREVIOUS" ]; then
-  worktree=/tmp/gpu-prepare-previous
-  rm -rf "$worktree" && git worktree prune
-  git worktree add --detach "$worktree" "$PREVIOUS" > /dev/null
-  ab_build "previous-$(git rev-parse --short "$PREVIOUS")" "$worktree" "" "$(git rev-parse --short "$PREVIOUS"), the kernels before the commits since"
-  git worktree remove --force "$worktree"
+  rm -rf "$WORKTREE" && git worktree prune
+  git worktree add --detach "$WORKTREE" "$PREVIOUS" > /dev/null
+  ab_build "previous-$(git rev-parse --short "$PREVIOUS")" "$WORKTREE" "" "$(git rev-parse --short "$PREVIOUS"), the kernels before the commits since"
 fi
 
 echo "== the one-layer graphs (.carry-onnx)"
-rm -rf .carry-onnx
-.venv/bin/python tools/ort_cuda_speed.py export .carry-onnx > /tmp/gpu-prepare-onnx.log 2>&1 \
+.venv/bin/python tools/ort_cuda_speed.py export "$NEW/onnx" > /tmp/gpu-prepare-onnx.log 2>&1 \
   || { echo "gpu_prepare.sh: the export failed: /tmp/gpu-prepare-onnx.log" >&2; exit 1; }
+rm -rf .carry-libs .carry-onnx
+mv "$NEW/libs" .carry-libs && mv "$NEW/onnx" .carry-onnx
 
 if [ "$WHEEL" = 1 ]; then
   echo "== onnxruntime-gpu in parts (.carry)"
