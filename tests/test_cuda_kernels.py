@@ -44,8 +44,8 @@ def test_fp32_matches_pytorch_and_selects_the_same_blocks(cuda_library, head_dim
 def test_every_batch_selects_alike_whatever_cluster_splits_its_rows(cuda_library):
     """With 12 heads a row's selection runs on a cluster of 8, 4, 2 and 1 CTAs at batch 1, 2, 4
     and 8 on a GPU of 132 SMs that runs that many clusters at once (sm_90 builds; one CTA per row
-    elsewhere): PyTorch's blocks at each
-    batch, and the first sample's output and blocks the same bits at every batch."""
+    elsewhere): PyTorch's blocks at each batch, and the first sample's output and blocks the same
+    bits at every batch."""
     q, k, v = (t.cuda() for t in random_qkv(8, 12, 2048, 64, seed=25))
     mask = ragged_mask(8, 2048, [2048, 1500, 2048, 900, 2048, 2048, 1, 2048]).cuda()
     kw = dict(num_blocks=8 * 64, approx_mode="full", initial_prior_first_n_blocks=1,

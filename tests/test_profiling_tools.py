@@ -187,7 +187,8 @@ def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, 
     ("gpu_prepare.sh", ["--previous"], "gpu_prepare.sh: --previous needs a commit; usage:"),
     ("gpu_prepare.sh", ["--previous", "no-such-commit"],
      "gpu_prepare.sh: --previous no-such-commit is not a commit of this repository; usage:"),
-    ("gpu_session.sh", ["bogus"], "gpu_session.sh: no section 'bogus'; the sections: ab bench check ncu ort sanitize speed tests"),
+    ("gpu_session.sh", ["bogus"],
+     "gpu_session.sh: no section 'bogus'; the sections: ab bench check ncu ort sanitize speed tests"),
 ])
 def test_the_gpu_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, argv, message,
                                                                          tmp_path):

@@ -46,10 +46,6 @@ rm -rf "$NEW" && mkdir -p "$NEW/libs/ab"
 WORKTREE=/tmp/gpu-prepare-previous
 trap 'rm -rf "$NEW"; git worktree remove --force "$WORKTREE" 2> /dev/null || true' EXIT
 
-shrink() {  # strip, keeping the exported symbols: the carry is 64 MB at most
-  strip --strip-unneeded "$1"
-}
-
 compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): an A/B build in a seventh of the space
   python3 -c "import lzma, os, shutil, sys
 with open(sys.argv[1], 'rb') as plain, lzma.open(sys.argv[1] + '.xz', 'wb', preset=9) as packed:
@@ -61,30 +57,35 @@ echo "== the libraries for sm_$ARCH ($TREE)"
 make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=$ARCH \
   TRT_INCLUDE_DIR="$THIRD_PARTY/tensorrt/include" ORT_INCLUDE_DIR="$THIRD_PARTY/onnxruntime/include" > /tmp/gpu-prepare-build.log 2>&1 \
   || { echo "gpu_prepare.sh: the build failed: /tmp/gpu-prepare-build.log" >&2; exit 1; }
+# Stripped (the exported symbols stay): a call carries 64 MB at most.
 for library in plugins/build-h200/*.so; do
-  cp "$library" "$NEW/libs/" && shrink "$NEW/libs/$(basename "$library")"
+  cp "$library" "$NEW/libs/" && strip --strip-unneeded "$NEW/libs/$(basename "$library")"
 done
 echo "$TREE, sm_$ARCH" > "$NEW/libs/TREE"
 
 # `ab_build NAME SOURCE_DIR FLAGS TREE_TEXT`: the CUDA library of SOURCE_DIR/plugins with FLAGS.
 ab_build() {
   local name=$1 source=$2 flags=$3 text=$4 build=/tmp/gpu-prepare-$1
+  local library="$NEW/libs/ab/$name/libmra_attention_cuda.so"
   echo "== A/B build $name: $text"
   rm -rf "$build"
   cmake -S "$source/plugins" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMRA_CUDA_ARCHITECTURES=$ARCH-real \
     ${flags:+-DCMAKE_CUDA_FLAGS="$flags"} > "$build.log" 2>&1 \
     && cmake --build "$build" -j "$(nproc)" --target mra_attention_cuda >> "$build.log" 2>&1 \
     || { echo "gpu_prepare.sh: the A/B build $name failed: $build.log" >&2; exit 1; }
-  mkdir -p "$NEW/libs/ab/$name"
-  cp "$build/libmra_attention_cuda.so" "$NEW/libs/ab/$name/"
-  shrink "$NEW/libs/ab/$name/libmra_attention_cuda.so"
-  compress "$NEW/libs/ab/$name/libmra_attention_cuda.so"
-  echo "$text" > "$NEW/libs/ab/$name/TREE"
+  mkdir -p "$(dirname "$library")"
+  cp "$build/libmra_attention_cuda.so" "$library"
+  strip --strip-unneeded "$library" && compress "$library"
+  echo "$text" > "$(dirname "$library")/TREE"
 }
-ab_build selectsingle . -DMRA_SELECT_CLUSTER=1 "$TREE with -DMRA_SELECT_CLUSTER=1 (one CTA a row in the selection)"
-ab_build nodependent . -DMRA_DEPENDENT_LAUNCH=0 "$TREE with -DMRA_DEPENDENT_LAUNCH=0 (no programmatic dependent launches)"
-ab_build stages2 . -DMRA_MMA_STAGES=2 "$TREE with -DMRA_MMA_STAGES=2"
-ab_build stages4 . -DMRA_MMA_STAGES=4 "$TREE with -DMRA_MMA_STAGES=4"
+# `setting NAME FLAG WHAT`: this tree with one setting changed.
+setting() {
+  ab_build "$1" . "$2" "$TREE with $2${3:+ ($3)}"
+}
+setting selectsingle -DMRA_SELECT_CLUSTER=1 "one CTA a row in the selection"
+setting nodependent -DMRA_DEPENDENT_LAUNCH=0 "no programmatic dependent launches"
+setting stages2 -DMRA_MMA_STAGES=2
+setting stages4 -DMRA_MMA_STAGES=4
 if [ -n "$PREVIOUS" ]; then
   rm -rf "$WORKTREE" && git worktree prune
   git worktree add --detach "$WORKTREE" "$PREVIOUS" > /dev/null

@@ -1,19 +1,9 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool), with what was built beforehand on the CPU machine.
-# `bash tools/gpu_prepare.sh` builds all of it and prints the calls; by hand, it is
-#   make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=90 \
-#     TRT_INCLUDE_DIR=$PWD/../shared/third_party/tensorrt/include \
-#     ORT_INCLUDE_DIR=$PWD/../shared/third_party/onnxruntime/include     (absolute: CMake skips relative ones)
-#   python tools/ort_cuda_speed.py export .carry-onnx
-# its libraries copied to .carry-libs and carried with .carry-onnx (both ignored by git); each
-# other build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (an earlier tree, or this one
-# with other settings, said in a file TREE beside it) adds an A/B of the op against it, e.g.
-#   cmake -S plugins -B /tmp/build-stages2 -DCMAKE_BUILD_TYPE=Release -DMRA_CUDA_ARCHITECTURES=90-real \
-#     -DCMAKE_CUDA_FLAGS=-DMRA_MMA_STAGES=2 && cmake --build /tmp/build-stages2 --target mra_attention_cuda
-# (strip --strip-unneeded keeps the libraries' exports and the carry under its 64 MB; an A/B
-# build may be carried as libmra_attention_cuda.so.xz, a seventh of the size, and is unpacked here);
-# onnxruntime-gpu joined from the parts that
-# ../shared/gpu/split-wheel.sh made (.carry/p1..p5, copied to /tmp/parts by earlier calls).
+# One call on a lent GPU (the device tool), with what `bash tools/gpu_prepare.sh` built beforehand
+# on the CPU machine (it says how, and prints the calls to make): the libraries in .carry-libs,
+# each A/B build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (xz-compressed, unpacked
+# here, with a file TREE saying what it is), the one-layer graphs in .carry-onnx, and
+# onnxruntime-gpu joined from the parts that earlier calls copied to /tmp/parts.
 # Writes its logs and tables under $OUT and prints the tables.
 #
 # `bash tools/gpu_session.sh` runs the sections below in this order, the most needed first, each

@@ -377,9 +377,9 @@ inline unsigned clusterSizeOf(cudaLaunchConfig_t const& config)
     unsigned size = 1;
     for (unsigned a = 0; a < config.numAttrs; ++a)
     {
-        auto const& cluster = config.attrs[a].val.clusterDim;
         if (config.attrs[a].id == cudaLaunchAttributeClusterDimension)
         {
+            auto const& cluster = config.attrs[a].val.clusterDim;
             size = cluster.y == 1 && cluster.z == 1 ? cluster.x : 0;
         }
     }
