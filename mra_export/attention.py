@@ -69,7 +69,7 @@ def mra_attention(
     scores, flat_index, threshold, chosen = _selection(
         low_logits, row_max, num_blocks, initial_prior_first_n_blocks,
         initial_prior_diagonal_n_blocks)
-    blocks_per_query_block = chosen.reshape(rows, n_blocks, n_blocks).sum(dim=-1)  # [rows, nb]
+    blocks_per_query_block = chosen.sum(dim=-1)  # [rows, nb]
     # 4-6. High resolution on the selected blocks.
     hi_out, hi_norm, quantised_max = _high_resolution(blocks, flat_index,
                                                       blocks_per_query_block, head_dim)
@@ -120,8 +120,8 @@ def block_selection(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
     query_block, key_block = blocks.global_block(indices)
     block_max = _selected_logits(blocks, query_block, key_block, query.shape[-1]).amax(dim=-1)
     logit_max = _max_per_query_block(blocks, block_max, query_block, -math.inf)
-    return BlockSelection(indices, scores.reshape(blocks.rows, -1), threshold, chosen,
-                          logit_max.reshape(blocks.rows, -1))
+    return BlockSelection(indices, scores.reshape(blocks.rows, -1), threshold,
+                          chosen.reshape(blocks.rows, -1), logit_max.reshape(blocks.rows, -1))
 
 
 def _select(query, key, attention_mask, num_blocks, block_size, first_n, diagonal_n):
@@ -145,49 +145,49 @@ def _selection(low_logits, row_max, num_blocks: int, first_n: int, diagonal_n: i
 
 
 def select_top_blocks(scores: torch.Tensor, k):
-    """Flat indices of the ``k`` largest scores of each row's ``[nb, nb]`` grid of cells, ties
-    going to the lower flat index ``query_block * nb + key_block``.
+    """Flat indices of the ``k`` largest scores of each row's ``[nb, nb]`` grid of cells
+    (``scores`` is ``[rows, nb, nb]``), ties going to the lower flat index
+    ``query_block * nb + key_block``.
 
-    Returns ``(indices [rows, k], threshold [rows, 1], chosen [rows, nb * nb])``: the threshold
+    Returns ``(indices [rows, k], threshold [rows, 1], chosen [rows, nb, nb])``: the threshold
     is the k-th largest score and ``chosen`` marks the selected cells. The indices come out in
     ascending flat order, so the blocks of a query row are adjacent.
     ``torch.topk`` gives no tie guarantee, so it is only used for the threshold (whose value does
     not depend on ties); the ties at the threshold are taken in flat order with a running count,
     and a second, tie-free top-k over ``n - flat_index`` lists the chosen cells.
     """
-    rows, n_blocks = scores.shape[0], scores.shape[-1]
-    scores = scores.reshape(rows, -1)
-    n = scores.shape[-1]
-    top_values = torch.topk(scores, k, dim=-1).values
-    threshold = top_values[:, -1:]
-    above = scores > threshold
-    at = scores == threshold
+    rows = scores.shape[0]
+    flat = scores.reshape(rows, -1)
+    top_values = torch.topk(flat, k, dim=-1).values
+    threshold = top_values[:, -1, None]  # not [:, -1:], whose export shape is max(0, k - (k - 1))
+    cut = threshold[:, :, None]  # against the grid
+    at = scores == cut
     # The ties to take, k - above.sum(), counted among the top-k values (which hold every score
     # above the threshold) because k is a shape value: onnxruntime's CUDA provider computes it
     # on the CPU, and as an operand of device arithmetic it would cost a copy. `~(>)`, not `<=`,
     # counts a NaN among them as k - above.sum() does.
-    still_needed = (~(top_values > threshold)).sum(dim=-1, keepdim=True)
-    chosen = above | (at & (_running_count(at, n_blocks) <= still_needed))
+    still_needed = (~(top_values > threshold)).sum(dim=-1, keepdim=True)[:, :, None]
+    chosen = (scores > cut) | (at & (_running_count(at) <= still_needed))
     # int32: onnxruntime's CUDA TopK takes one radix pass per byte of its input. (Cast after an
     # int64 arange: an int32 one is exported through a float Range and six more nodes.)
-    lower_first = torch.arange(n, 0, -1, device=scores.device).to(torch.int32)
-    indices = torch.topk(torch.where(chosen, lower_first, 0), k, dim=-1).indices
+    lower_first = torch.arange(flat.shape[-1], 0, -1, device=scores.device).to(torch.int32)
+    indices = torch.topk(torch.where(chosen.reshape(rows, -1), lower_first, 0), k, dim=-1).indices
     return indices, threshold, chosen
 
 
-def _running_count(flags: torch.Tensor, n_blocks) -> torch.Tensor:
-    """``cumsum(flags, dim=-1)`` of ``[rows, nb * nb]`` flags, as two scans of ``nb``: first
-    along each query block's cells, then of the query blocks' totals.
+def _running_count(flags: torch.Tensor) -> torch.Tensor:
+    """``cumsum`` of a ``[rows, nb, nb]`` grid of flags in row-major (flat cell) order, as two
+    scans of ``nb``: first along each query block's cells, then of the query blocks' totals.
 
-    Exactly the same integers. onnxruntime's CUDA CumSum has every output element add up its
-    whole prefix (``cumsum_impl.cu``), so a scan of ``n`` costs ``n² / 2`` reads: one over the
-    16384 cells of 4096 tokens came to 1.6e9 reads for the 12 rows of a batch of 1.
+    Exactly the same integers as one scan of the flattened grid. onnxruntime's CUDA CumSum has
+    every output element add up its whole prefix (``cumsum_impl.cu``), so a scan of ``n`` costs
+    ``n² / 2`` reads: one over the 16384 cells of 4096 tokens came to 1.6e9 reads for the 12 rows
+    of a batch of 1.
     """
-    grid = flags.reshape(flags.shape[0], n_blocks, n_blocks).to(torch.int64)
-    within = torch.cumsum(grid, dim=-1)
+    within = torch.cumsum(flags.to(torch.int64), dim=-1)
     totals = within[:, :, -1]
     before = torch.cumsum(totals, dim=-1) - totals
-    return (within + before[:, :, None]).reshape(flags.shape)
+    return within + before[:, :, None]
 
 
 class _Blocks:
@@ -197,9 +197,13 @@ class _Blocks:
     def of(cls, query, key, value, attention_mask, block_size: int) -> _Blocks:
         """``[B, H, S, D]`` inputs, masked (step 1) and padded with masked positions to a block
         multiple."""
-        pad = (-query.shape[2]) % block_size
+        # The padding from the block count, not as (-S) % T: an export's symbolic shapes split a
+        # length of nb * T into [nb, T] but not S + (-S) % T, whose every later shape then
+        # carried unsimplifiable quotients (three times the export's time).
+        n_blocks = (query.shape[2] + block_size - 1) // block_size
+        pad = n_blocks * block_size - query.shape[2]
         q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)
-        return cls(q, k, v, mask, q.shape[1] // block_size, block_size)
+        return cls(q, k, v, mask, n_blocks, block_size)
 
     def __init__(self, q, k, v, mask, n_blocks: int, block_size: int):
         rows, _, head_dim = q.shape
@@ -220,11 +224,23 @@ class _Blocks:
         # would copy it over. Range takes its bounds on the CPU, and lookup tables (built from nb
         # by Range and Expand, which also take it there) keep the arithmetic on the device.
         nb, device = self.n_blocks, flat_index.device
-        row_start = torch.arange(0, self.rows * nb, nb, device=device)[:, None]
+        row_start = _row_starts(self.rows, nb, device)
         query_of_cell, key_of_cell = _cell_coordinates(nb, device)
         query_block = _lookup(query_of_cell, flat_index)  # flat_index // nb
         key_block = _lookup(key_of_cell, flat_index)  # flat_index % nb
         return (row_start + query_block).reshape(-1), (row_start + key_block).reshape(-1)
+
+
+def _row_starts(rows, stride, device) -> torch.Tensor:
+    """``[rows, 1]``: 0, stride, 2 * stride, ..., each row's first position in a flattened
+    ``[rows, stride]`` table.
+
+    In an export stride is a shape value, which onnxruntime's CUDA provider computes on the CPU:
+    ``arange(rows) * stride`` would copy it to the device, so the table comes from Range, which
+    takes its bounds there. Not ``arange(0, rows * stride, stride)`` either: the export cannot
+    simplify its length, ``ceil(rows * stride / stride)``, to ``rows``.
+    """
+    return torch.arange(rows * stride, device=device).reshape(rows, stride)[:, 0, None]
 
 
 def _cell_coordinates(n_blocks, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +316,9 @@ def _chunk_aligned(flat_index: torch.Tensor) -> torch.Tensor:
         return flat_index
     # The last cell repeated and concatenated rather than F.pad: onnxruntime's CUDA provider
     # has no int64 Pad, so the lists would make a round trip through the host.
-    padding = flat_index[:, -1:].expand(-1, (-flat_index.shape[1]) % SEGMENT_CHUNK)
+    k = flat_index.shape[1]
+    whole_chunks = (k + SEGMENT_CHUNK - 1) // SEGMENT_CHUNK * SEGMENT_CHUNK  # a product, so that
+    padding = flat_index[:, -1:].expand(-1, whole_chunks - k)  # the export can split it in chunks
     return torch.cat((flat_index, padding), dim=1)
 
 
@@ -379,10 +397,9 @@ def _sorted_segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     before_chunk = F.pad(torch.cumsum(totals, dim=1), (0, 0, 1, 0))  # [rows, chunks + 1], exclusive
     end = torch.cumsum(counts, dim=1)  # row-local block positions
     start = end - counts
-    # Each row's first block and first chunk in the flattened tables (Range, as in global_block).
-    block_base = torch.arange(0, rows * chunks * SEGMENT_CHUNK, chunks * SEGMENT_CHUNK,
-                              device=values.device)[:, None]
-    chunk_base = torch.arange(0, rows * (chunks + 1), chunks + 1, device=values.device)[:, None]
+    # Each row's first block and first chunk in the flattened tables.
+    block_base = _row_starts(rows, chunks * SEGMENT_CHUNK, values.device)
+    chunk_base = _row_starts(rows, chunks + 1, values.device)
     inclusive, before_chunk = inclusive.reshape(-1, width), before_chunk.reshape(-1, width)
 
     def prefix(position):  # the sum of the row's blocks before `position`, in its two parts
