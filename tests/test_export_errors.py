@@ -21,6 +21,11 @@ from mra_export.runtime import ort as ort_module
 from mra_export.runtime.plugin_reference import ReferencePluginModel
 
 
+# How an export handles its folders does not depend on the flavour, and the plugin flavour
+# exports in a seventh of the portable's time (it traces no attention): the folder tests use it.
+FOLDER_TEST = dict(flavour="plugin", log=lambda message: None)
+
+
 def no_leftovers(folder):
     return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".previous-" in p.name]
 
@@ -52,7 +57,7 @@ def test_a_file_or_an_export_instead_of_a_checkpoint(exports, tmp_path):
 def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_path, capsys):
     checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
     (checkpoint / "tokenizer.json").write_text("garbage{")
-    info = export_model(checkpoint, tmp_path / "out", log=lambda m: None)  # progress silenced
+    info = export_model(checkpoint, tmp_path / "out", **FOLDER_TEST)  # progress silenced
     assert info.tokenizer is False and not (tmp_path / "out" / "tokenizer.json").exists()
     warned = capsys.readouterr().err  # warnings still said, on stderr
     assert warned.startswith(f"warning: the tokenizer files in {checkpoint} cannot be read")
@@ -139,7 +144,7 @@ def test_a_failed_export_removes_the_parent_folders_it_made(small_checkpoints, t
 
 def test_an_output_path_through_dot_dot_is_the_folder_it_names(small_checkpoints, tmp_path):
     (tmp_path / "out").mkdir()
-    export_model(small_checkpoints["fill-mask"], tmp_path / "out" / "sub" / "..", log=lambda m: None)
+    export_model(small_checkpoints["fill-mask"], tmp_path / "out" / "sub" / "..", **FOLDER_TEST)
     assert (tmp_path / "out" / "export.json").is_file() and no_leftovers(tmp_path / "out") == []
 
 
@@ -235,8 +240,8 @@ def test_export_replaces_only_an_earlier_export(small_checkpoints, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == before
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()
-    export_model(checkpoint, tmp_path / "empty", log=lambda m: None)  # an empty folder is fine
-    export_model(checkpoint, tmp_path / "empty", "feature-extraction", log=lambda m: None)
+    export_model(checkpoint, tmp_path / "empty", **FOLDER_TEST)  # an empty folder is fine
+    export_model(checkpoint, tmp_path / "empty", "feature-extraction", **FOLDER_TEST)
     assert json.loads((tmp_path / "empty" / "export.json").read_text())["task"] == "feature-extraction"
 
 
@@ -266,7 +271,7 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(small_check
 
     monkeypatch.setattr(exporter, "_save", full_disk)
     code = main(["export", "--model", str(small_checkpoints["fill-mask"]),
-                 "--out", str(tmp_path / "out")])
+                 "--out", str(tmp_path / "out"), "--flavour", FOLDER_TEST["flavour"]])
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error and error.count("\n") == 1
     assert error.startswith("mra-export export: error: ") and error.rstrip().endswith(
@@ -279,7 +284,7 @@ def test_a_failed_export_keeps_the_previous_folder_and_no_partial_one(small_chec
     from mra_export.export import exporter
 
     out = tmp_path / "out"
-    export_model(small_checkpoints["text-classification"], out, log=lambda m: None)
+    export_model(small_checkpoints["text-classification"], out, **FOLDER_TEST)
     before = (out / "model.onnx").read_bytes()
 
     def broken_check(path):
@@ -287,7 +292,7 @@ def test_a_failed_export_keeps_the_previous_folder_and_no_partial_one(small_chec
 
     monkeypatch.setattr(exporter, "_check", broken_check)
     with pytest.raises(UserError, match="injected"):
-        export_model(small_checkpoints["text-classification"], out, log=lambda m: None)
+        export_model(small_checkpoints["text-classification"], out, **FOLDER_TEST)
     assert (out / "model.onnx").read_bytes() == before
     assert no_leftovers(tmp_path) == []
 

@@ -70,13 +70,9 @@ def test_every_heads_graphs_are_predicted_to_need_no_copy_on_the_cuda_provider(e
 
 
 @pytest.mark.slow
-def test_the_fp16_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provider(tmp_path):
+def test_the_fp16_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provider(fp16_exports):
     """fp16 inputs keep a node on the device, which moves where the CPU's part ends."""
-    task = TASKS["feature-extraction"]
-    checkpoint = build_checkpoint(tmp_path / "checkpoint", task, **SMALL_MODEL)
-    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable",
-                 dtype="fp16", log=lambda message: None)
-    _assert_no_copy_predicted(_predicted(tmp_path / "export" / "model.onnx"))
+    _assert_no_copy_predicted(_predicted(fp16_exports[1]["portable"] / "model.onnx"))
 
 
 def _graph(nodes, inputs, outputs, initializers=()):

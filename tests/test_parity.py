@@ -10,12 +10,12 @@ import pytest
 from mra_export import native
 from mra_export.checkpoints import build_checkpoint
 from mra_export.cli import main
-from mra_export.export import FLAVOURS, export_model
+from mra_export.export import FLAVOURS
 from mra_export.export.info import ExportInfo
 from mra_export.parity import run_parity
 from mra_export.tasks import TASKS
 
-from .conftest import SMALL_MODEL
+from .conftest import SMALL_MODEL, export_both_flavours
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,6 @@ def plugin_graph_backends(dtype: str = "fp32") -> set:
     if not native.unbuilt(native.ORT_OP_LIBRARY) and dtype != "bf16":
         ran.add("onnxruntime-cpu (MraAttention op)")
     return ran
-
-
-def export_both_flavours(checkpoint, root, **settings) -> list:
-    """``checkpoint`` exported in each flavour under ``root``: the folders, in FLAVOURS' order."""
-    folders = [root / flavour for flavour in FLAVOURS]
-    for flavour, folder in zip(FLAVOURS, folders):
-        export_model(checkpoint, folder, flavour=flavour, log=lambda m: None, **settings)
-    return folders
 
 
 def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path, capsys):
@@ -72,8 +64,8 @@ def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
     name its padded output: the per-head diagnostic compares that same tensor on both sides."""
     narrow = dict(SMALL_MODEL, hidden_size=32, intermediate_size=64)  # 2 heads of 16
     checkpoint = build_checkpoint(tmp_path / "narrow", TASKS["fill-mask"], **narrow)
-    report = run_parity(checkpoint, export_both_flavours(checkpoint, tmp_path, task="fill-mask"),
-                        log=lambda m: None)
+    folders = export_both_flavours(checkpoint, tmp_path, task="fill-mask")
+    report = run_parity(checkpoint, list(folders.values()), log=lambda m: None)
     assert report.passed
     checked = [b for b in report.to_dict()["backends"] if b["status"] != "skipped"]
     assert len(checked) == 1 + len(plugin_graph_backends())
@@ -83,19 +75,12 @@ def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_reduced_precision_exports_match_pytorch_within_their_tolerance(small_checkpoints, tmp_path,
-                                                                       dtype):
+def test_reduced_precision_exports_match_pytorch_within_their_tolerance(request, dtype):
     """The fp16/bf16 graphs TensorRT engines are built from, run on the CPU against the float32
     PyTorch model: close, but not float32-close (they really compute in reduced precision).
-
-    bf16 runs on the default checkpoint's weight scale: with SMALL_MODEL's weights (5x the usual
-    initialisation) bf16's 8-bit mantissa flips near-tied block selections, so that even eager
-    PyTorch in bf16 moves an attention context by 0.13 against float32 (measured, one-off)."""
-    if dtype == "bf16":
-        checkpoint = build_checkpoint(tmp_path / "default", TASKS["question-answering"])
-    else:
-        checkpoint = small_checkpoints["question-answering"]
-    folders = export_both_flavours(checkpoint, tmp_path, dtype=dtype)
+    bf16 runs on the default checkpoint's weight scale (see the ``bf16_exports`` fixture)."""
+    checkpoint, folders = request.getfixturevalue(f"{dtype}_exports")
+    folders = [folders[flavour] for flavour in FLAVOURS]
     for folder in folders:  # the export's config says the graph's type
         assert json.loads((folder / "config.json").read_text())["dtype"] == {
             "fp16": "float16", "bf16": "bfloat16"}[dtype]
@@ -217,12 +202,11 @@ def test_an_earlier_report_is_replaced(tmp_path):
         check_report_path(tmp_path / "report.json")
 
 
-def test_parity_with_nothing_that_can_run_here_fails(small_checkpoints, tmp_path, capsys):
+def test_parity_with_nothing_that_can_run_here_fails(bf16_exports, tmp_path, capsys):
     """A bfloat16 portable export runs on onnxruntime's CUDA provider only: here every backend
     is skipped, and a run that checked nothing is no proof."""
-    checkpoint = small_checkpoints["fill-mask"]
-    export_model(checkpoint, tmp_path / "bf16", dtype="bf16", log=lambda m: None)
-    code = main(["parity", "--model", str(checkpoint), "--onnx", str(tmp_path / "bf16"),
+    checkpoint, folders = bf16_exports
+    code = main(["parity", "--model", str(checkpoint), "--onnx", str(folders["portable"]),
                  "--report", str(tmp_path / "report.json")])
     printed = capsys.readouterr().out
     assert code == 1

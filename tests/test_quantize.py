@@ -257,10 +257,8 @@ def test_a_plugin_or_quantized_export_is_refused_in_one_line(qa, exports, tmp_pa
            f"({qa['fp32'].absolute()})" in again
 
 
-def test_fp16_weights_are_refused_in_one_line(small_checkpoints, tmp_path, capsys):
-    fp16 = tmp_path / "fp16"
-    export_model(small_checkpoints["text-classification"], fp16, dtype="fp16", log=silent)
-    message = quantize_error(capsys, fp16, tmp_path / "out")
+def test_fp16_weights_are_refused_in_one_line(fp16_exports, tmp_path, capsys):
+    message = quantize_error(capsys, fp16_exports[1]["portable"], tmp_path / "out")
     assert "has fp16 weights" in message and "--dtype fp32" in message
 
 
