@@ -20,6 +20,7 @@ hf_logging.set_verbosity_error()
 SMALL_MODEL = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256,
                    num_hidden_layers=2, max_position_embeddings=256, block_per_row=2,
                    initializer_range=0.1)
+SEVERAL_CHUNKS_MODEL = dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4)
 # The bench's model (mra_export.bench.models.SHAPES) made small enough for seconds-long runs.
 SMALL_BENCH_SHAPES = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128,
                           vocab_size=500)
@@ -70,6 +71,22 @@ def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, 
     for flavour, folder in folders.items():
         export_model(checkpoint, folder, flavour=flavour, log=lambda message: None, **settings)
     return folders
+
+
+@pytest.fixture(scope="session")
+def several_chunks_export(tmp_path_factory):
+    """A feature-extraction checkpoint whose rows select several chunks of blocks, and its
+    portable export: ``(checkpoint, folder)``. The small checkpoints select at most 16 blocks
+    per row, one chunk of the exported block sums; with 4 blocks per row at 512 positions a row
+    selects 49 blocks at 200 tokens (4 chunks, the last padded) and 64 at 512 (4 whole chunks)."""
+    from mra_export.export import export_model
+
+    root = tmp_path_factory.mktemp("several-chunks")
+    task = TASKS["feature-extraction"]
+    checkpoint = build_checkpoint(root / "checkpoint", task, **SEVERAL_CHUNKS_MODEL)
+    export_model(checkpoint, root / "export", task=task.name, flavour="portable",
+                 log=lambda message: None)
+    return checkpoint, root / "export"
 
 
 @pytest.fixture(scope="session")

@@ -53,17 +53,12 @@ def test_portable_export_matches_pytorch_on_onnxruntime_cpu(small_checkpoints, e
             assert np.abs(got[name] - expected[name]).max() <= TOLERANCE, (name, feed["input_ids"].shape)
 
 
-def test_portable_export_sums_rows_of_several_chunks_as_pytorch_does(tmp_path):
+def test_portable_export_sums_rows_of_several_chunks_as_pytorch_does(several_chunks_export):
     """The exported per-query-block sums take each (batch, head) row's selected blocks in chunks
-    of 16. The small checkpoints select at most 16 per row, one chunk; with 4 blocks per row at
-    512 positions a row selects 49 blocks at 200 tokens (4 chunks, the last padded) and 64 at
-    512 (4 whole chunks)."""
+    of 16: several per row with this export (see its fixture)."""
+    checkpoint, folder = several_chunks_export
     task = TASKS["feature-extraction"]
-    checkpoint = build_checkpoint(tmp_path / "checkpoint", task,
-                                  **dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4))
-    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable",
-                 log=lambda message: None)
-    model = OrtMraModel.from_pretrained(tmp_path / "export", provider="CPUExecutionProvider")
+    model = OrtMraModel.from_pretrained(folder, provider="CPUExecutionProvider")
     feeds = [feed for feed in parity_feeds(task, model.config)
              if feed["input_ids"].shape[-1] in (200, 512)]
     assert len(feeds) == 4
@@ -114,8 +109,6 @@ def test_export_takes_the_export_branches_where_torch_does_not_say_it_is_exporti
         small_checkpoints, tmp_path, monkeypatch):
     # torch 2.6's dynamo export leaves torch.onnx.is_in_onnx_export() False; the eager index_add
     # then became a racing ScatterND and onnxruntime was off by 0.29 (seen with torch 2.6.0).
-    from mra_export.export import export_model
-
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: False)
     task = TASKS["feature-extraction"]
     export_model(small_checkpoints[task.name], tmp_path / "out", task=task.name,
@@ -196,7 +189,6 @@ def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_pa
     import shutil
 
     from mra_export.checkpoints import TOKENIZER_FILES
-    from mra_export.export import export_model
 
     checkpoint = shutil.copytree(small_checkpoints["text-classification"], tmp_path / "model",
                                  ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
@@ -208,11 +200,6 @@ def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_pa
 
 
 def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path):
-    from mra_export.checkpoints import build_checkpoint
-    from mra_export.export import export_model
-
-    from .conftest import SMALL_MODEL
-
     task = TASKS["token-classification"]
     checkpoint = build_checkpoint(tmp_path / "model", task, **{**SMALL_MODEL, "type_vocab_size": 2})
     info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)

@@ -23,7 +23,7 @@ from mra_export.export import export_model
 from mra_export.runtime.ort import CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, default_options
 from mra_export.tasks import TASKS
 
-from .conftest import SMALL_MODEL, load_tool
+from .conftest import SEVERAL_CHUNKS_MODEL, SMALL_MODEL, load_tool
 
 
 @pytest.mark.gpu
@@ -187,20 +187,16 @@ def test_the_tool_reads_each_nodes_provider_from_onnxruntimes_profile(tmp_path):
     assert nodes == ["Shape shape_of_x", "Reshape same_shape"]
 
 
-def test_every_cumsum_of_the_portable_graph_scans_along_one_row(tmp_path):
+def test_every_cumsum_of_the_portable_graph_scans_along_one_row(several_chunks_export, tmp_path):
     """onnxruntime's CUDA CumSum has each output element add up its whole prefix
     (``cumsum_impl.cu``): a scan of n costs n²/2 reads. So every scan of the portable graph runs
     along one (batch, head) row: its axis is as long at batch 3 as at batch 1, and no longer
     than a row's query blocks (nb) or its chunks of selected blocks. (At 4096 tokens and batch 8
     the scan over the whole batch's 6144 chunks came to 3.9e10 reads by that count.)"""
-    task = TASKS["feature-extraction"]
-    config = dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4)
-    checkpoint = build_checkpoint(tmp_path / "checkpoint", task, **config)
-    export_model(checkpoint, tmp_path / "export", task=task.name, flavour="portable",
-                 log=lambda message: None)
-    path = tmp_path / "export" / "model.onnx"
+    path = several_chunks_export[1] / "model.onnx"
     length, n_blocks = 512, 512 // 32
-    chunks = -(-min(n_blocks * config["block_per_row"], n_blocks ** 2) // SEGMENT_CHUNK)
+    per_row = SEVERAL_CHUNKS_MODEL["block_per_row"]
+    chunks = -(-min(n_blocks * per_row, n_blocks ** 2) // SEGMENT_CHUNK)
     scans = load_tool("ort_cuda_speed").cumsum_scans
     axes = {batch: {name: scan["axis"] for name, scan in scans(
         path, {"input_ids": np.ones((batch, length), np.int64),
