@@ -95,7 +95,8 @@ def fp16_exports(small_checkpoints, tmp_path_factory):
     ``(checkpoint, {flavour: folder})``, shared because a portable export costs the suite most of
     a minute (tracing the attention)."""
     checkpoint = small_checkpoints["question-answering"]
-    return checkpoint, export_both_flavours(checkpoint, tmp_path_factory.mktemp("fp16"), dtype="fp16")
+    folders = export_both_flavours(checkpoint, tmp_path_factory.mktemp("fp16"), dtype="fp16")
+    return checkpoint, folders
 
 
 @pytest.fixture(scope="session")
