@@ -159,7 +159,7 @@ def select_top_blocks(scores: torch.Tensor, k):
     rows = scores.shape[0]
     flat = scores.reshape(rows, -1)
     top_values = torch.topk(flat, k, dim=-1).values
-    threshold = top_values[:, -1, None]  # not [:, -1:], whose export shape is max(0, k - (k - 1))
+    threshold = top_values[:, -1, None]  # [:, -1:] would export as max(0, k - max(0, k - 1)) wide
     cut = threshold[:, :, None]  # against the grid
     at = scores == cut
     # The ties to take, k - above.sum(), counted among the top-k values (which hold every score
@@ -199,7 +199,7 @@ class _Blocks:
         multiple."""
         # The padding from the block count, not as (-S) % T: an export's symbolic shapes split a
         # length of nb * T into [nb, T] but not S + (-S) % T, whose every later shape then
-        # carried unsimplifiable quotients (three times the export's time).
+        # carried unsimplifiable quotients (a third more export time for the tests' model).
         n_blocks = (query.shape[2] + block_size - 1) // block_size
         pad = n_blocks * block_size - query.shape[2]
         q, k, v, mask = _to_padded_rows(query, key, value, attention_mask, pad)

@@ -95,8 +95,8 @@ def test_portable_graph_is_standard_onnx_and_checks(exports, task_name):
 
 def test_the_portable_graphs_inner_shapes_divide_only_by_constants(exports):
     """The exporter records each value's symbolic shape. The attention's once read
-    ``(S + (-S) % 32) // ((S + (-S) % 32) // 32)`` where the block size is 32: expressions that
-    torch.export's symbolic reasoning cannot simplify, and that made it three times slower."""
+    ``(S + (-S) % 32) // ((S + (-S) % 32) // 32)`` where the block size is 32: expressions
+    torch.export cannot simplify, which cost the export a third more time."""
     model = onnx.load(str(exports["fill-mask", "portable"] / "model.onnx"),
                       load_external_data=False)
     dims = {dim.dim_param for value in [*model.graph.value_info, *model.graph.output]

@@ -194,8 +194,9 @@ def test_every_cumsum_of_the_portable_graph_scans_along_one_row(several_chunks_e
     than a row's query blocks (nb) or its chunks of selected blocks. (At 4096 tokens and batch 8
     the scan over the whole batch's 6144 chunks came to 3.9e10 reads by that count.)"""
     path = several_chunks_export[1] / "model.onnx"
-    length, n_blocks = 512, 512 // 32
-    per_row = SEVERAL_CHUNKS_MODEL["block_per_row"]
+    length, per_row = (SEVERAL_CHUNKS_MODEL[key] for key in ("max_position_embeddings",
+                                                             "block_per_row"))
+    n_blocks = length // 32
     chunks = -(-min(n_blocks * per_row, n_blocks ** 2) // SEGMENT_CHUNK)
     scans = load_tool("ort_cuda_speed").cumsum_scans
     axes = {batch: {name: scan["axis"] for name, scan in scans(
