@@ -26,10 +26,14 @@ THIRD_PARTY := $(abspath ../shared/third_party)
 TEST_HEADERS := $(if $(wildcard $(THIRD_PARTY)/tensorrt/include/NvInferRuntime.h),TRT_INCLUDE_DIR=$(THIRD_PARTY)/tensorrt/include) \
   $(if $(wildcard $(THIRD_PARTY)/onnxruntime/include/onnxruntime_c_api.h),ORT_INCLUDE_DIR=$(THIRD_PARTY)/onnxruntime/include)
 
+# One pytest-xdist worker per core: the suite is mostly single-threaded tracing for export. Each
+# test file runs in one worker, which builds its module fixtures once; the workers share the
+# session fixtures' builds (tests/shared_builds.py). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 test: setup
 	$(MAKE) plugins $(TEST_HEADERS)
 	$(MAKE) triton-server
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The CPU reference always; the CUDA kernels when nvcc is found; the TensorRT plugin when its
 # headers are found (TensorRT_ROOT=DIR or TRT_INCLUDE_DIR=DIR); the onnxruntime op when

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .errors import UserError, first_line
 
@@ -49,12 +50,18 @@ def ensure_built(file_name: str, target: str) -> Path:
     tests and tools do where `make plugins` has not run); a failed build is one UserError
     carrying CMake's output."""
     path = build_dir() / file_name
-    if not path.is_file():
-        for command in (["cmake", "-S", str(BUILD_DIR.parent), "-B", str(build_dir())],
-                        ["cmake", "--build", str(build_dir()), "--target", target]):
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise UserError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    if path.is_file():
+        return path
+    build_dir().mkdir(parents=True, exist_ok=True)
+    # One build at a time in the folder (pytest-xdist's workers, tools started together): two
+    # CMake runs there would race, and a library still being linked would load half-written.
+    with FileLock(build_dir() / ".ensure_built.lock"):
+        if not path.is_file():
+            for command in (["cmake", "-S", str(BUILD_DIR.parent), "-B", str(build_dir())],
+                            ["cmake", "--build", str(build_dir()), "--target", target]):
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise UserError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     return path
 
 

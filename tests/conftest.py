@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from transformers.utils import logging as hf_logging
 from mra_export.checkpoints import build_checkpoint
 from mra_export.tasks import TASKS
 
+from .shared_builds import build_each_once, run_folder
+
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
@@ -20,7 +23,10 @@ hf_logging.set_verbosity_error()
 SMALL_MODEL = dict(hidden_size=128, num_attention_heads=2, intermediate_size=256,
                    num_hidden_layers=2, max_position_embeddings=256, block_per_row=2,
                    initializer_range=0.1)
-SEVERAL_CHUNKS_MODEL = dict(SMALL_MODEL, max_position_embeddings=512, block_per_row=4)
+# For a test that exports a checkpoint of its own and does not look at layers: tracing each layer's
+# attention is most of a portable export's time (about 20 s a layer on the 2-core machine).
+ONE_LAYER_MODEL = dict(SMALL_MODEL, num_hidden_layers=1)
+SEVERAL_CHUNKS_MODEL = dict(ONE_LAYER_MODEL, max_position_embeddings=512, block_per_row=4)
 # The bench's model (mra_export.bench.models.SHAPES) made small enough for seconds-long runs.
 SMALL_BENCH_SHAPES = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128,
                           vocab_size=500)
@@ -49,28 +55,45 @@ def ragged_mask(batch: int, seq_len: int, lengths) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def small_checkpoints(tmp_path_factory):
-    """One small random checkpoint folder per task (built once per test session)."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: build_checkpoint(root / name, task, **SMALL_MODEL) for name, task in TASKS.items()}
+    """One small random checkpoint folder per task (built once per test run)."""
+    builds = {name: partial(build_checkpoint, task=task, **SMALL_MODEL)
+              for name, task in TASKS.items()}
+    return build_each_once(run_folder(tmp_path_factory) / "checkpoints", builds)
 
 
 @pytest.fixture(scope="session")
 def exports(small_checkpoints, tmp_path_factory):
     """Every head of ``small_checkpoints`` exported in both flavours: {(task, flavour): folder}."""
-    root = tmp_path_factory.mktemp("exports")
     return {(task, flavour): folder for task, checkpoint in small_checkpoints.items()
-            for flavour, folder in export_both_flavours(checkpoint, root / task, task=task).items()}
+            for flavour, folder in shared_exports(tmp_path_factory, f"exports/{task}", checkpoint,
+                                                  task=task).items()}
+
+
+def shared_exports(tmp_path_factory, name: str, checkpoint: Path, **settings) -> dict[str, Path]:
+    """``checkpoint`` exported in each flavour under the run's folder ``name``, once per test
+    run: {flavour: folder}, in FLAVOURS' order."""
+    from mra_export.export import FLAVOURS
+
+    builds = {flavour: partial(_export, checkpoint, flavour=flavour, **settings)
+              for flavour in FLAVOURS}
+    return build_each_once(run_folder(tmp_path_factory) / name, builds)
 
 
 def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, Path]:
     """``checkpoint`` exported in each flavour under ``root``: {flavour: folder}, in FLAVOURS'
     order."""
-    from mra_export.export import FLAVOURS, export_model
+    from mra_export.export import FLAVOURS
 
     folders = {flavour: root / flavour for flavour in FLAVOURS}
     for flavour, folder in folders.items():
-        export_model(checkpoint, folder, flavour=flavour, log=lambda message: None, **settings)
+        _export(checkpoint, folder, flavour=flavour, **settings)
     return folders
+
+
+def _export(checkpoint: Path, folder: Path, **settings) -> None:
+    from mra_export.export import export_model
+
+    export_model(checkpoint, folder, log=lambda message: None, **settings)
 
 
 @pytest.fixture(scope="session")
@@ -79,14 +102,14 @@ def several_chunks_export(tmp_path_factory):
     portable export: ``(checkpoint, folder)``. The small checkpoints select at most 16 blocks
     per row, one chunk of the exported block sums; with 4 blocks per row at 512 positions a row
     selects 49 blocks at 200 tokens (4 chunks, the last padded) and 64 at 512 (4 whole chunks)."""
-    from mra_export.export import export_model
-
-    root = tmp_path_factory.mktemp("several-chunks")
     task = TASKS["feature-extraction"]
-    checkpoint = build_checkpoint(root / "checkpoint", task, **SEVERAL_CHUNKS_MODEL)
-    export_model(checkpoint, root / "export", task=task.name, flavour="portable",
-                 log=lambda message: None)
-    return checkpoint, root / "export"
+
+    def build(root: Path) -> None:
+        checkpoint = build_checkpoint(root / "checkpoint", task, **SEVERAL_CHUNKS_MODEL)
+        _export(checkpoint, root / "export", task=task.name, flavour="portable")
+
+    folders = build_each_once(run_folder(tmp_path_factory), {"several-chunks": build})
+    return folders["several-chunks"] / "checkpoint", folders["several-chunks"] / "export"
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +118,7 @@ def fp16_exports(small_checkpoints, tmp_path_factory):
     ``(checkpoint, {flavour: folder})``, shared because a portable export costs the suite most of
     a minute (tracing the attention)."""
     checkpoint = small_checkpoints["question-answering"]
-    folders = export_both_flavours(checkpoint, tmp_path_factory.mktemp("fp16"), dtype="fp16")
-    return checkpoint, folders
+    return checkpoint, shared_exports(tmp_path_factory, "fp16", checkpoint, dtype="fp16")
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +127,10 @@ def bf16_exports(tmp_path_factory):
     ``(checkpoint, {flavour: folder})``. Not SMALL_MODEL's weights, five times larger: with them
     bf16's 8-bit mantissa flips near-tied block selections, so that even eager PyTorch in bf16
     moves an attention context by 0.13 against float32 (measured, one-off)."""
-    root = tmp_path_factory.mktemp("bf16")
-    checkpoint = build_checkpoint(root / "checkpoint", TASKS["question-answering"])
-    return checkpoint, export_both_flavours(checkpoint, root, dtype="bf16")
+    task = TASKS["question-answering"]
+    checkpoint = build_each_once(run_folder(tmp_path_factory) / "bf16",
+                                 {"checkpoint": partial(build_checkpoint, task=task)})["checkpoint"]
+    return checkpoint, shared_exports(tmp_path_factory, "bf16", checkpoint, dtype="bf16")
 
 
 def _native_library(file_name: str, target: str):

@@ -21,7 +21,7 @@ from mra_export.runtime import OrtMraModel
 from mra_export.runtime.plugin_reference import ReferencePluginModel
 from mra_export.tasks import TASKS
 
-from .conftest import SMALL_MODEL
+from .conftest import ONE_LAYER_MODEL
 
 TOLERANCE = 1e-4
 pytestmark = pytest.mark.slow
@@ -106,19 +106,20 @@ def test_the_portable_graphs_inner_shapes_divide_only_by_constants(exports):
 
 
 def test_export_takes_the_export_branches_where_torch_does_not_say_it_is_exporting(
-        small_checkpoints, tmp_path, monkeypatch):
+        tmp_path, monkeypatch):
     # torch 2.6's dynamo export leaves torch.onnx.is_in_onnx_export() False; the eager index_add
     # then became a racing ScatterND and onnxruntime was off by 0.29 (seen with torch 2.6.0).
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: False)
     task = TASKS["feature-extraction"]
-    export_model(small_checkpoints[task.name], tmp_path / "out", task=task.name,
-                 flavour="portable", log=lambda message: None)
+    checkpoint = build_checkpoint(tmp_path / "model", task, **ONE_LAYER_MODEL)
+    export_model(checkpoint, tmp_path / "out", task=task.name, flavour="portable",
+                 log=lambda message: None)
     graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
     assert not [n for n in graph.node if n.op_type in ("ScatterND", "ScatterElements")
                 and any(a.name == "reduction" and a.s == b"add" for a in n.attribute)]
     model = OrtMraModel.from_pretrained(tmp_path / "out")
     feed = parity_feeds(task, model.config)[-1]  # 3 x 256, ragged
-    got, expected = model.run_raw(feed), torch_outputs(small_checkpoints[task.name], task, feed)
+    got, expected = model.run_raw(feed), torch_outputs(checkpoint, task, feed)
     assert np.abs(got["last_hidden_state"] - expected["last_hidden_state"]).max() <= TOLERANCE
 
 
@@ -201,7 +202,7 @@ def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_pa
 
 def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path):
     task = TASKS["token-classification"]
-    checkpoint = build_checkpoint(tmp_path / "model", task, **{**SMALL_MODEL, "type_vocab_size": 2})
+    checkpoint = build_checkpoint(tmp_path / "model", task, **ONE_LAYER_MODEL, type_vocab_size=2)
     info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)
     assert list(info.inputs) == ["input_ids", "attention_mask", "token_type_ids"]
     model = OrtMraModel.from_pretrained(tmp_path / "out")
@@ -211,20 +212,20 @@ def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path)
     assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
 
 
-def test_weights_beyond_the_limit_go_to_external_data(tmp_path, small_checkpoints, monkeypatch):
+def test_weights_beyond_the_limit_go_to_external_data(tmp_path, monkeypatch):
     from mra_export.export import exporter
 
+    task = TASKS["text-classification"]
+    checkpoint = build_checkpoint(tmp_path / "model", task, **ONE_LAYER_MODEL)
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_ABOVE", 0)  # as if the model were over 2 GB
-    info = exporter.export_model(small_checkpoints["text-classification"], tmp_path / "out",
-                                 log=lambda message: None)
+    info = exporter.export_model(checkpoint, tmp_path / "out", log=lambda message: None)
     assert info.external_data == "model.onnx.data"
     assert set(info.sha256) == {"model.onnx", "model.onnx.data"}
     inline = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
     assert sum(len(t.raw_data) for t in inline.graph.initializer) < 1024  # no weight inline
     model = OrtMraModel.from_pretrained(tmp_path / "out")
-    feed = parity_feeds(TASKS["text-classification"], model.config)[3]
-    expected = torch_outputs(small_checkpoints["text-classification"],
-                             TASKS["text-classification"], feed)
+    feed = parity_feeds(task, model.config)[3]
+    expected = torch_outputs(checkpoint, task, feed)
     assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
     assert ExportInfo.load(tmp_path / "out").verify_files(tmp_path / "out") is None
     # parity's per-layer diagnostic: a graph edited in memory, its weights still in the folder

@@ -15,7 +15,7 @@ from mra_export.export.info import ExportInfo
 from mra_export.parity import run_parity
 from mra_export.tasks import TASKS
 
-from .conftest import SMALL_MODEL, export_both_flavours
+from .conftest import ONE_LAYER_MODEL, SMALL_MODEL, export_both_flavours
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path,
 def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
     """The attention core pads head dims under 32 (as transformers does), and the exported graphs
     name its padded output: the per-head diagnostic compares that same tensor on both sides."""
-    narrow = dict(SMALL_MODEL, hidden_size=32, intermediate_size=64)  # 2 heads of 16
+    narrow = dict(ONE_LAYER_MODEL, hidden_size=32, intermediate_size=64)  # 2 heads of 16
     checkpoint = build_checkpoint(tmp_path / "narrow", TASKS["fill-mask"], **narrow)
     folders = export_both_flavours(checkpoint, tmp_path, task="fill-mask")
     report = run_parity(checkpoint, list(folders.values()), log=lambda m: None)
