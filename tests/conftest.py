@@ -65,29 +65,17 @@ def small_checkpoints(tmp_path_factory):
 def exports(small_checkpoints, tmp_path_factory):
     """Every head of ``small_checkpoints`` exported in both flavours: {(task, flavour): folder}."""
     return {(task, flavour): folder for task, checkpoint in small_checkpoints.items()
-            for flavour, folder in shared_exports(tmp_path_factory, f"exports/{task}", checkpoint,
-                                                  task=task).items()}
-
-
-def shared_exports(tmp_path_factory, name: str, checkpoint: Path, **settings) -> dict[str, Path]:
-    """``checkpoint`` exported in each flavour under the run's folder ``name``, once per test
-    run: {flavour: folder}, in FLAVOURS' order."""
-    from mra_export.export import FLAVOURS
-
-    builds = {flavour: partial(_export, checkpoint, flavour=flavour, **settings)
-              for flavour in FLAVOURS}
-    return build_each_once(run_folder(tmp_path_factory) / name, builds)
+            for flavour, folder in export_both_flavours(
+                checkpoint, run_folder(tmp_path_factory) / "exports" / task, task=task).items()}
 
 
 def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, Path]:
     """``checkpoint`` exported in each flavour under ``root``: {flavour: folder}, in FLAVOURS'
-    order."""
+    order. Under the run's folder (``run_folder``) each export is made once per test run."""
     from mra_export.export import FLAVOURS
 
-    folders = {flavour: root / flavour for flavour in FLAVOURS}
-    for flavour, folder in folders.items():
-        _export(checkpoint, folder, flavour=flavour, **settings)
-    return folders
+    return build_each_once(root, {flavour: partial(_export, checkpoint, flavour=flavour,
+                                                   **settings) for flavour in FLAVOURS})
 
 
 def _export(checkpoint: Path, folder: Path, **settings) -> None:
@@ -118,7 +106,8 @@ def fp16_exports(small_checkpoints, tmp_path_factory):
     ``(checkpoint, {flavour: folder})``, shared because a portable export costs the suite most of
     a minute (tracing the attention)."""
     checkpoint = small_checkpoints["question-answering"]
-    return checkpoint, shared_exports(tmp_path_factory, "fp16", checkpoint, dtype="fp16")
+    return checkpoint, export_both_flavours(checkpoint, run_folder(tmp_path_factory) / "fp16",
+                                            dtype="fp16")
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +116,10 @@ def bf16_exports(tmp_path_factory):
     ``(checkpoint, {flavour: folder})``. Not SMALL_MODEL's weights, five times larger: with them
     bf16's 8-bit mantissa flips near-tied block selections, so that even eager PyTorch in bf16
     moves an attention context by 0.13 against float32 (measured, one-off)."""
-    task = TASKS["question-answering"]
-    checkpoint = build_each_once(run_folder(tmp_path_factory) / "bf16",
-                                 {"checkpoint": partial(build_checkpoint, task=task)})["checkpoint"]
-    return checkpoint, shared_exports(tmp_path_factory, "bf16", checkpoint, dtype="bf16")
+    root = run_folder(tmp_path_factory) / "bf16"
+    build = partial(build_checkpoint, task=TASKS["question-answering"])
+    checkpoint = build_each_once(root, {"checkpoint": build})["checkpoint"]
+    return checkpoint, export_both_flavours(checkpoint, root, dtype="bf16")
 
 
 def _native_library(file_name: str, target: str):
