@@ -194,6 +194,7 @@ class MraLibrary:
         self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
         if hasattr(self.lib, "mraCudaEmulationTakeLargestCluster"):
             self.lib.mraCudaEmulationTakeLargestCluster.restype = ctypes.c_uint32
+            self.lib.mraCudaEmulationLastLaunchThreads.restype = ctypes.c_uint32
 
     @classmethod
     @functools.cache
@@ -218,6 +219,11 @@ class MraLibrary:
         """CTAs in the largest cluster the emulated kernels launched since the last call (1:
         no clusters, 0: no launch)."""
         return self.lib.mraCudaEmulationTakeLargestCluster()
+
+    def last_launch_threads(self) -> int:
+        """Threads per CTA of the emulated kernels' last launch (0: none yet): after an
+        attention, its high-resolution kernel's."""
+        return self.lib.mraCudaEmulationLastLaunchThreads()
 
     @staticmethod
     def params(query: torch.Tensor, **settings) -> MraAttentionParams:

@@ -89,6 +89,41 @@ def test_half_precision_tensor_core_path(emulated_kernels, dtype, head_dim):
         assert result.passed and result.same_blocks, result.summary()
 
 
+# Threads per high-resolution CTA, unsplit and split: 2 warps (fp16/bf16) or 4 (fp32) a group; fp32
+# at head_dim 128 does not split (2 groups' stages would pass sm_86's 99 KB of shared memory).
+GROUP_THREADS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 128}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype, head_dim):
+    """Where its CTAs would fill the GPU's slots fewer than 3 times over (40 CTAs here: on 132
+    SMs), the high-resolution kernel splits each query block's key blocks over 2 thread groups
+    and merges their sums; on 1 SM it keeps one group. Both select PyTorch's blocks and give its
+    attention: query blocks of 0 to 9 key blocks (so a group may idle in a round, or have no
+    block at all), a ragged mask, both modes."""
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 2, 300, head_dim, seed=head_dim + 1))
+    mask = ragged_mask(2, 300, [300, 170])
+    relative = dtype != torch.float32
+    tolerance = HALF_TOLERANCES[dtype] if relative else TOLERANCE
+    threads = {}
+    try:
+        for multiprocessors in (132, 1):
+            emulated_kernels.set_multiprocessors(multiprocessors)
+            for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_diagonal_n_blocks=1),
+                       dict(num_blocks=5, approx_mode="sparse")):
+                ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+                threads[multiprocessors] = emulated_kernels.last_launch_threads()
+                result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
+                                                tolerance=tolerance, **kw)
+                assert result.passed and result.same_blocks, (multiprocessors, result.summary())
+    finally:
+        emulated_kernels.set_multiprocessors(132)
+    group = GROUP_THREADS[dtype]
+    splits = dtype != torch.float32 or head_dim <= 64
+    assert threads == {132: 2 * group if splits else group, 1: group}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_real_keys_far_below_a_padded_key_maximum_do_not_underflow(emulated_kernels, dtype):
     """As in test_cuda_kernels.py: padded keys (logit 0) set M, real logits are -14; the kernels
@@ -148,8 +183,9 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
                                                            num_blocks):
     """The selection splits a row's cells over a cluster of 1, 2, 4 or 8 CTAs, as the rows leave
     SMs free (4 rows here: 4, 8, 16 and 32 SMs): each size selects PyTorch's blocks and gives
-    the same bits. A CTA reading another's counts before the cluster's barrier, or after it
-    exited, fails here."""
+    the same bits where the high-resolution kernel splits its query blocks alike (at 32 SMs it
+    splits them, which sums in another order). A CTA reading another's counts before the
+    cluster's barrier, or after it exited, fails here."""
     q, k, v = random_qkv(len(lengths), 2, seq_len, 64, seed=seq_len)
     mask = ragged_mask(len(lengths), seq_len, lengths)
     kw = dict(num_blocks=num_blocks, approx_mode="full", initial_prior_first_n_blocks=1,
@@ -167,15 +203,17 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
         for multiprocessors in (4, 8, 16, 32):
             emulated_kernels.set_multiprocessors(multiprocessors)
             emulated_kernels.take_largest_cluster()
-            results.append(emulated_kernels.attention(q, k, v, mask, **kw))
+            output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+            results.append((output, selected, emulated_kernels.last_launch_threads()))
             clusters.append(emulated_kernels.take_largest_cluster())
     finally:
         emulated_kernels.set_multiprocessors(132)
     assert clusters == [1, 2, 4, 8]
-    first_output = results[0][0]
-    assert (first_output - expected).abs().max().item() <= TOLERANCE
-    for output, selected in results:
-        assert torch.equal(selected, expected_selected) and torch.equal(output, first_output)
+    first_output = {}  # by the high-resolution kernel's threads: split or not
+    for output, selected, threads in results:
+        assert torch.equal(selected, expected_selected)
+        assert (output - expected).abs().max().item() <= TOLERANCE
+        assert torch.equal(output, first_output.setdefault(threads, output))
 
 
 @settings(max_examples=30, deadline=None)

@@ -44,8 +44,10 @@ def test_fp32_matches_pytorch_and_selects_the_same_blocks(cuda_library, head_dim
 def test_every_batch_selects_alike_whatever_cluster_splits_its_rows(cuda_library):
     """With 12 heads a row's selection runs on a cluster of 8, 4, 2 and 1 CTAs at batch 1, 2, 4
     and 8 on a GPU of 132 SMs that runs that many clusters at once (sm_90 builds; one CTA per row
-    elsewhere): PyTorch's blocks at each batch, and the first sample's output and blocks the same
-    bits at every batch."""
+    elsewhere): PyTorch's blocks at each batch, and the first sample's blocks the same bits at
+    every batch. Its output stays within 1e-6 of batch 1's: at the small batches the
+    high-resolution kernel splits each query block's key blocks over 2 thread groups, which sums
+    them in another order."""
     q, k, v = (t.cuda() for t in random_qkv(8, 12, 2048, 64, seed=25))
     mask = ragged_mask(8, 2048, [2048, 1500, 2048, 900, 2048, 2048, 1, 2048]).cuda()
     kw = dict(num_blocks=8 * 64, approx_mode="full", initial_prior_first_n_blocks=1,
@@ -57,7 +59,8 @@ def test_every_batch_selects_alike_whatever_cluster_splits_its_rows(cuda_library
         result = compare_with_reference(ours, selected, *inputs, tolerance=1e-5, **kw)
         assert result.passed, f"batch {batch}: {result.summary()}"
         first = first or (ours[0], selected[:12])
-        assert torch.equal(ours[0], first[0]) and torch.equal(selected[:12], first[1]), batch
+        assert torch.equal(selected[:12], first[1]), batch
+        assert (ours[0] - first[0]).abs().max().item() <= 1e-6, batch
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -223,3 +223,32 @@ def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkey
     full = gpu_speed.markdown({**result, "models": [model], "kernels": [kernels]})
     assert "| 1 | 11.00 | 11.50 | 38.00 | 9.00 | 1.22x | 1.05x |" in full
     assert "4.000 ms `highResolutionMma`" in full
+
+
+def test_kernel_profile_rates_against_the_named_gpus_fp16_peak(tmp_path):
+    """kernel_profile's table from Nsight Compute's CSV: each case's last launch, its time, and the
+    high-resolution kernel's tensor rate as a fraction of the peak of the GPU named (the same
+    kernels, 132 SMs, on an H200 or on an H100 PCIe card with less than 80% of its peak)."""
+    kernel_profile = load_tool("kernel_profile")
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
+    lines = [header]
+    for launch, duration_ns in enumerate([900_000, 300_000, 900_000, 1_200_000]):  # b1 twice, b8 twice
+        for metric, unit, value in (("Duration", "nsecond", f"{duration_ns:,}"),
+                                    ("DRAM Throughput", "%", "41.5"),
+                                    ("Compute (SM) Throughput", "%", "22.0")):
+            lines.append(f'"{launch}","void mra::highResolutionMma<__half, 64, 2>(mra::Problem)",'
+                         f'"{metric}","{unit}","{value}"')
+    csv_path = tmp_path / "ncu.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    # 12 heads x 128 query blocks x 8 blocks, 2 products of 32x64 by 64x32, 2 flops each
+    tflops_b1 = 12 * 128 * 8 * 2 * 2 * 32 * 64 * 32 / 300e-6 / 1e12
+    tflops_b8 = 8 * tflops_b1 * 300 / 1200
+    h200 = kernel_profile.report(csv_path, "NVIDIA H200")
+    assert h200.startswith("NVIDIA H200: its dense fp16 peak 989 TFLOP/s")
+    assert f"| 1 | highResolutionMma | 300.0 | 41.5 | 22.0 | {tflops_b1:.0f} | {100 * tflops_b1 / 989:.1f} |" in h200
+    assert f"| 8 | highResolutionMma | 1200.0 | 41.5 | 22.0 | {tflops_b8:.0f} | {100 * tflops_b8 / 989:.1f} |" in h200
+    pcie = kernel_profile.report(csv_path, "NVIDIA H100 PCIe")
+    assert f"| {tflops_b1:.0f} | {100 * tflops_b1 / 756:.1f} |" in pcie
+    unknown = kernel_profile.report(csv_path, "NVIDIA A100 PCIe")  # not an H100 PCIe's 756
+    assert unknown.startswith("NVIDIA A100 PCIe: no fp16 peak known for it")
+    assert f"| {tflops_b1:.0f} | - |" in unknown

@@ -6,7 +6,9 @@
 # - .carry-libs/: the libraries for sm_90 (H100, H200), stripped, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
 #   session's `ab` section: selectsingle (one CTA a row in the selection), nodependent (no
-#   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline);
+#   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline),
+#   nosplit and splitalways (a query block's key blocks never, or always, split over 2 thread
+#   groups: the rule splits them below 3 waves of CTAs);
 #   with --previous REV also REV's kernels (what the commits since moved);
 # - .carry-onnx/: the one-layer graphs `ort_cuda_speed.py run` times;
 # - .carry/: onnxruntime-gpu's wheel in parts (../shared/gpu/README.md), unless --no-wheel.
@@ -86,6 +88,8 @@ setting selectsingle -DMRA_SELECT_CLUSTER=1 "one CTA a row in the selection"
 setting nodependent -DMRA_DEPENDENT_LAUNCH=0 "no programmatic dependent launches"
 setting stages2 -DMRA_MMA_STAGES=2
 setting stages4 -DMRA_MMA_STAGES=4
+setting nosplit -DMRA_SPLIT=1 "a query block's key blocks never split over 2 thread groups"
+setting splitalways -DMRA_SPLIT_BELOW_WAVES=1000000 "a query block's key blocks always split over 2 thread groups"
 if [ -n "$PREVIOUS" ]; then
   rm -rf "$WORKTREE" && git worktree prune
   git worktree add --detach "$WORKTREE" "$PREVIOUS" > /dev/null

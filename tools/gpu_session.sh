@@ -15,7 +15,7 @@
 #   ab        the op with each build in .carry-libs/ab/ (gpu_speed.py --op-only)
 #   check     gpu_check's correctness cases on the carried library
 #   sanitize  compute-sanitizer's memcheck, racecheck and synccheck
-#   ncu       Nsight Compute: each kernel's time and distance to the H200's peaks
+#   ncu       Nsight Compute: each kernel's time and distance to the GPU's peaks
 #   ort       onnxruntime-gpu (joined from /tmp/parts): the op's CUDA kernel, the graphs' speed
 #   bench     `mra-export bench --device cuda`, every GPU column (not in the default list: a call
 #             of its own)
@@ -53,6 +53,15 @@ unpack_xz() {  # FILE.xz -> FILE, by Python's lzma (the machine may have no xz)
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$1"
 }
 
+# `ab_library DIR`: the path of DIR's library, unpacked from its .xz where needed (nothing where
+# it has none).
+ab_library() {
+  if [ ! -f "$1/libmra_attention_cuda.so" ] && [ -f "$1/libmra_attention_cuda.so.xz" ]; then
+    unpack_xz "$1/libmra_attention_cuda.so.xz" || echo "could not unpack $1/libmra_attention_cuda.so.xz" >&2
+  fi
+  [ -f "$1/libmra_attention_cuda.so" ] && echo "$1/libmra_attention_cuda.so"
+}
+
 run_tests() {
   section tests 150 "GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels" || return
   timeout "$LIMIT" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fused_op.py \
@@ -71,10 +80,7 @@ run_ab() {
     # The same op timed with another build's kernels (what it is in $build/TREE): what the
     # difference moves, on the same GPU in the same call.
     section "ab" 90 "A/B: the op with build $name: $(cat "$build/TREE" 2>/dev/null || echo 'no TREE file')" || return
-    if [ ! -f "$build/libmra_attention_cuda.so" ] && [ -f "$build/libmra_attention_cuda.so.xz" ]; then
-      unpack_xz "$build/libmra_attention_cuda.so.xz" || echo "could not unpack $build/libmra_attention_cuda.so.xz"
-    fi
-    [ -f "$build/libmra_attention_cuda.so" ] || { echo "no library in $build"; continue; }
+    ab_library "${build%/}" > /dev/null || { echo "no library in $build"; continue; }
     MRA_EXPORT_PLUGIN_BUILD=${build%/} timeout "$LIMIT" python3 tools/gpu_speed.py --op-only --quick \
       --out "$OUT/ab-$name" 2>&1 | tail -12
   done
@@ -88,28 +94,40 @@ run_check() {
 }
 
 run_sanitize() {
-  section sanitize 150 "compute-sanitizer on small cases (the three tools in parallel)" || return
-  local tool sanitizer
+  section sanitize 150 "compute-sanitizer on small cases (the three tools in parallel, split and not)" || return
+  local tool sanitizer nosplit
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  # Small cases split the high-resolution kernels' query blocks over 2 thread groups; the nosplit
+  # build runs them with one, as large ones run.
+  nosplit=$(ab_library "$MRA_EXPORT_PLUGIN_BUILD/ab/nosplit")
   for tool in memcheck racecheck synccheck; do
     (timeout "$LIMIT" "$sanitizer" --tool $tool --error-exitcode 1 python3 tools/sanitize_kernels.py \
        --library "$LIBRARY" > "/tmp/sanitize-$tool.log" 2>&1
      echo "$tool rc=$?" >> "/tmp/sanitize-$tool.log") &
+    if [ -n "$nosplit" ]; then
+      (timeout "$LIMIT" "$sanitizer" --tool $tool --error-exitcode 1 python3 tools/sanitize_kernels.py \
+         --library "$nosplit" > "/tmp/sanitize-$tool-nosplit.log" 2>&1
+       echo "$tool (nosplit) rc=$?" >> "/tmp/sanitize-$tool-nosplit.log") &
+    fi
   done
   wait
-  for tool in memcheck racecheck synccheck; do echo "-- $tool"; cat "/tmp/sanitize-$tool.log"; done > "$OUT/sanitize.log"
+  for tool in memcheck racecheck synccheck; do
+    echo "-- $tool"; cat "/tmp/sanitize-$tool.log"
+    [ -z "$nosplit" ] || { echo "-- $tool (nosplit)"; cat "/tmp/sanitize-$tool-nosplit.log"; }
+  done > "$OUT/sanitize.log"
   grep -E "^-- |rc=|ERROR SUMMARY|FAIL|passed" "$OUT/sanitize.log"
 }
 
 run_ncu() {
-  section ncu 240 "Nsight Compute: each kernel's time and distance to the H200's peaks (tools/kernel_profile.py)" || return
+  section ncu 240 "Nsight Compute: each kernel's time and distance to the GPU's peaks (tools/kernel_profile.py)" || return
   local ncu
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   timeout "$LIMIT" "$ncu" --section SpeedOfLight --csv --page details --print-kernel-base function \
     --kernel-name regex:"blockMeans|lowResolution|selectBlocks|highResolution" \
     python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
   echo "ncu rc=$?"
-  python3 tools/kernel_profile.py --report "$OUT/ncu.csv" | tee "$OUT/kernel-profile.md"
+  python3 tools/kernel_profile.py --report "$OUT/ncu.csv" \
+    --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)" | tee "$OUT/kernel-profile.md"
 }
 
 run_ort() {

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The CUDA kernels' distance to the H200's limits (issue 25): run under Nsight Compute.
+"""The CUDA kernels' distance to the GPU's limits (issue 25): run under Nsight Compute.
 
     ncu --section SpeedOfLight --csv --page details -o - \\
         python tools/kernel_profile.py > ncu.csv              # on the GPU machine
-    python tools/kernel_profile.py --report ncu.csv           # anywhere: the table
+    python tools/kernel_profile.py --report ncu.csv [--gpu "NVIDIA H100 PCIe"]  # anywhere: the table
 
 The first form calls the fused op twice per case (fp16, 12 heads, head_dim 64, 8 blocks per row,
 4096 tokens, batch 1 and 8): a warm-up, then the call the table reads (the cases run in order and
@@ -11,7 +11,8 @@ launch the same kernels, so each kernel's launches split evenly between them). T
 ncu's CSV: each kernel's duration,
 DRAM throughput as a fraction of peak (ncu's own), and for ``highResolution`` the tensor FLOP rate
 (its multiply-adds counted here: 2 products of 32x64 by 64x32 per selected block and query block)
-against the H200's dense fp16 peak of 989 TFLOP/s.
+against the dense fp16 peak of the GPU ``--gpu`` names (``nvidia-smi``'s name; an H200 where it
+is not given): 989 TFLOP/s on an H100 or H200 SXM, 835 on their NVL cards, 756 on an H100 PCIe.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 HEADS, HEAD_DIM, BLOCKS_PER_ROW, LENGTH = 12, 64, 8, 4096
 BATCHES = (1, 8)
-FP16_DENSE_PEAK_TFLOPS = 989.0  # H200 SXM, dense fp16/bf16 tensor cores (NVIDIA's datasheet)
+# Dense fp16/bf16 tensor-core peaks (NVIDIA's datasheets: half their "with sparsity" figures), by
+# the words nvidia-smi's name holds; the first row whose words it all holds counts.
+FP16_DENSE_PEAK_TFLOPS = ((("H100", "NVL"), 835.0), (("H200", "NVL"), 835.0), (("H100", "PCIe"), 756.0),
+                          (("H100",), 989.0), (("H200",), 989.0))
+DEFAULT_GPU = "NVIDIA H200"
+
+
+def fp16_peak_tflops(gpu: str) -> float | None:
+    """The dense fp16 tensor peak of the GPU named ``gpu``, or None for one not in the table."""
+    return next((peak for words, peak in FP16_DENSE_PEAK_TFLOPS if all(w in gpu for w in words)), None)
 
 
 def run_cases() -> None:
@@ -49,7 +59,8 @@ def high_resolution_flops(batch: int) -> float:
     return selected * 2 * (2 * 32 * 32 * HEAD_DIM)  # Q.K^T and P.V, 2 flops a multiply-add
 
 
-def report(path: Path) -> str:
+def report(path: Path, gpu: str = DEFAULT_GPU) -> str:
+    peak = fp16_peak_tflops(gpu)
     rows = list(csv.DictReader(line for line in path.read_text().splitlines()
                                if line.startswith('"')))
     launches = defaultdict(list)  # kernel -> [(duration ns, dram %)] in launch order
@@ -79,17 +90,21 @@ def report(path: Path) -> str:
             rate = fraction = "-"
             if name.startswith("highResolution"):
                 tflops = high_resolution_flops(batch) / seconds / 1e12
-                rate, fraction = f"{tflops:.0f}", f"{100 * tflops / FP16_DENSE_PEAK_TFLOPS:.1f}"
+                rate = f"{tflops:.0f}"
+                fraction = f"{100 * tflops / peak:.1f}" if peak else "-"
             lines.append(f"| {batch} | {name} | {seconds * 1e6:.1f} | {dram} | {sm} | {rate} | {fraction} |")
-    return "\n".join(lines) + "\n"
+    known = f"its dense fp16 peak {peak:.0f} TFLOP/s" if peak else "no fp16 peak known for it"
+    return f"{gpu}: {known}\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, help="ncu's CSV: print the table instead of running")
+    parser.add_argument("--gpu", default=DEFAULT_GPU,
+                        help=f"with --report: the GPU's name, as nvidia-smi gives it (default {DEFAULT_GPU!r})")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(args.report), end="")
+        print(report(args.report, args.gpu), end="")
     else:
         run_cases()
     return 0

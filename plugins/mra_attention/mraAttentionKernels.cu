@@ -59,9 +59,24 @@ constexpr int kLogitThreads = 128;
 constexpr int kLogitQueryBlocks = 8; // query blocks per lowResolutionLogits CTA
 constexpr int kMaxHeadDim = 128;
 
-// The tensor-core kernel's key-block stages (MmaSmem); a build may set another for an A/B.
+// The tensor-core kernel's key-block stages (MmaSmem), with one group of 2 warps a CTA and with
+// several (each has its own: 2 keep head_dim 128 within sm_86's 99 KB); a build may set others
+// for an A/B.
 #ifndef MRA_MMA_STAGES
 #define MRA_MMA_STAGES 3
+#endif
+#ifndef MRA_MMA_SPLIT_STAGES
+#define MRA_MMA_SPLIT_STAGES 2
+#endif
+
+// The thread groups a high-resolution CTA splits its query block's key blocks over where it
+// splits (launchHighResolution): below MRA_SPLIT_BELOW_WAVES waves of unsplit CTAs. For A/B
+// builds: MRA_SPLIT=1 never splits, as before; a large MRA_SPLIT_BELOW_WAVES always does.
+#ifndef MRA_SPLIT
+#define MRA_SPLIT 2
+#endif
+#ifndef MRA_SPLIT_BELOW_WAVES
+#define MRA_SPLIT_BELOW_WAVES 3
 #endif
 
 // Programmatic dependent launches (waitForPreviousKernel); 0 for an A/B build without them.
@@ -777,11 +792,11 @@ __device__ inline void waitForCopies()
 
 //! Issues the copies of the [32, D] tiles of tokens first + 0..31 of kTensors tensors (Q; or K
 //! and V) into shared memory, row-major with rows `stride` elements apart (16-byte aligned):
-//! padded tokens and those past the sequence as zeros. Thread x of kThreads copies 16-byte
-//! vectors x, x + kThreads, ... of each. Every thread calls it.
+//! padded tokens and those past the sequence as zeros. Thread `thread` of the kThreads that
+//! share the copy takes 16-byte vectors thread, thread + kThreads, ... of each.
 template <typename T, int D, int kTensors, int kThreads>
 __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
-    int32_t first, T* const (&tiles)[kTensors], int32_t stride)
+    int32_t first, T* const (&tiles)[kTensors], int32_t stride, int32_t thread)
 {
     constexpr int kVector = 16 / sizeof(T);
     constexpr int kVectorsPerRow = D / kVector;
@@ -794,7 +809,7 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
     MRA_UNROLL
     for (int32_t v = 0; v < kPerThread; ++v)
     {
-        int32_t const index = threadIdx.x + v * kThreads;
+        int32_t const index = thread + v * kThreads;
         int32_t const r = index / kVectorsPerRow;
         int32_t const column = (index % kVectorsPerRow) * kVector;
         bool const real = isReal(p, mask, batch, first + r);
@@ -807,39 +822,47 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
     }
 }
 
-//! Runs `compute(keyTile, valueTile, realKeys)` for each selected key block of query block i, in
-//! order, once the block's K and V tiles are in shared memory (row-major, rows `stride` apart;
-//! `realKeys` bit t: key t is real), with the next kStages - 1 blocks' copies in flight: the loop
-//! waits on memory only where a block takes longer to arrive than kStages - 1 blocks take to
-//! compute. `stageTiles` holds kStages (K, V) tile pairs, `stageRealKeys` kStages words. Copies
-//! the caller issued before (the query tile) land with the first block. Every thread calls it;
-//! it returns with no copy in flight.
-template <typename T, int D, int kThreads, int kStages, typename Compute>
+//! Runs `compute(keyTile, valueTile, realKeys)` for each selected key block of query block i
+//! that falls to the calling thread's group, once the block's K and V tiles are in shared memory
+//! (row-major, rows `stride` apart; `realKeys` bit t: key t is real), with the group's next
+//! kStages - 1 blocks' copies in flight: the loop waits on memory only where a block takes
+//! longer to arrive than kStages - 1 blocks take to compute. The CTA's kGroups groups of
+//! kThreads threads (thread x in group x / kThreads) take the blocks in turn, group g blocks g,
+//! g + kGroups, ..., each in its own kStages (K, V) tile pairs of `stageTiles` and words of
+//! `stageRealKeys`; every group steps through as many rounds as the first, so that the CTA's
+//! barriers stay uniform. Copies the caller issued before (the query tile) land with the first
+//! round. Every thread calls it; it returns with no copy in flight.
+template <typename T, int D, int kThreads, int kStages, int kGroups, typename Compute>
 __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, int32_t const* mask, Scratch const& s,
     int32_t row, int32_t i, T* stageTiles, int32_t stride, uint32_t* stageRealKeys, Compute&& compute)
 {
     static_assert(kStages >= 2, "one block computed while the next arrives");
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
     int32_t const* selected = s.selected + static_cast<size_t>(row) * p.topK; // cell (i, j) is i * nb + j
-    int32_t const begin = rowStart[i];
+    int32_t const group = threadIdx.x / kThreads;
+    int32_t const thread = threadIdx.x % kThreads;
+    int32_t const begin = rowStart[i] + group; // the group's first block
     int32_t const end = rowStart[i + 1];
+    int32_t const rounds = (end - rowStart[i] + kGroups - 1) / kGroups;
     int32_t const tileElements = kBlock * stride;
-    auto stageOf = [begin](int32_t index) { return (index - begin) % kStages; };
-    auto tile = [&](int32_t stage, int32_t tensor) { return stageTiles + (2 * stage + tensor) * tileElements; };
-    // A group per block, empty past the last, so that wait_group counts blocks.
-    auto fetch = [&](int32_t index) {
+    T* const groupTiles = stageTiles + group * kStages * 2 * tileElements;
+    uint32_t* const groupRealKeys = stageRealKeys + group * kStages;
+    auto tile = [&](int32_t stage, int32_t tensor) { return groupTiles + (2 * stage + tensor) * tileElements; };
+    // A group of copies per round, empty past the group's last block, so that wait_group counts rounds.
+    auto fetch = [&](int32_t round) {
+        int32_t const index = begin + round * kGroups;
         if (index < end)
         {
-            int32_t const stage = stageOf(index);
+            int32_t const stage = round % kStages;
             int32_t const j = selected[index] - i * p.nb;
             copyTiles<T, D, 2, kThreads>(p, {key, value}, mask, row, j * kBlock, {tile(stage, 0), tile(stage, 1)},
-                stride);
-            if (threadIdx.x < kBlock)
+                stride, thread);
+            if (thread < kBlock)
             {
                 uint32_t const bits = realTokenBits(p, mask, row / p.heads, j);
-                if (threadIdx.x == 0)
+                if (thread == 0)
                 {
-                    stageRealKeys[stage] = bits;
+                    groupRealKeys[stage] = bits;
                 }
             }
         }
@@ -847,15 +870,18 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     };
     for (int32_t ahead = 0; ahead < kStages - 1; ++ahead)
     {
-        fetch(begin + ahead);
+        fetch(ahead);
     }
-    for (int32_t index = begin; index < end; ++index)
+    for (int32_t round = 0; round < rounds; ++round)
     {
-        waitForCopies<kStages - 2>(); // this thread's copies of block `index`
-        __syncthreads();              // every thread's; and block index - 1's stage is free again
-        fetch(index + kStages - 1);
-        int32_t const stage = stageOf(index);
-        compute(tile(stage, 0), tile(stage, 1), stageRealKeys[stage]);
+        waitForCopies<kStages - 2>(); // this thread's copies of round `round`
+        __syncthreads();              // every thread's; and round - 1's stages are free again
+        fetch(round + kStages - 1);
+        if (begin + round * kGroups < end)
+        {
+            int32_t const stage = round % kStages;
+            compute(tile(stage, 0), tile(stage, 1), groupRealKeys[stage]);
+        }
     }
     waitForCopies<0>(); // the query tile's, where no block was selected
 }
@@ -898,6 +924,18 @@ struct SoftmaxStats
         }
         norm = norm * rescale + rowSumOver<kLanes>(partial);
         return rescale;
+    }
+
+    //! Folds in the statistics of the same row over other key blocks. Returns the factors this
+    //! row's sums and `other`'s are rescaled by before they are added.
+    __device__ void merge(SoftmaxStats const& other, float& ownFactor, float& otherFactor)
+    {
+        runningMax = fmaxf(runningMax, other.runningMax);
+        float const newBase = fmaxf(baseMax, other.baseMax);
+        ownFactor = expf(baseMax - newBase); // 1 where both saw no real key (sums 0)
+        otherFactor = expf(other.baseMax - newBase);
+        baseMax = newBase;
+        norm = norm * ownFactor + other.norm * otherFactor;
     }
 };
 
@@ -967,23 +1005,86 @@ __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride,
     }
 }
 
+// ---- (c) split query blocks: what both kernels share -----------------------------------------
+//
+// Where a kernel's CTA splits its query block's key blocks over kSplit thread groups (forEachKeyBlock),
+// each group's threads hold partial sums of the same query rows; group 0 merges the others'.
+// `accumulators(visit)` calls visit(value, h) on each of a thread's output accumulators, in a fixed
+// order, h the thread's row (0 or 1) it belongs to.
+
+//! Floats of one thread's partial sums: each row's 3 statistics and the accumulators.
+template <int kAccumulators>
+constexpr int kPartialFloats = 6 + kAccumulators;
+
+//! Hands the partial sums of groups 1 to kSplit - 1 to group 0, which merges them in group order
+//! (the same bits every run), as two softmaxes' statistics merge. They pass through `groupArea(g)`, group g's
+//! stage tiles, idle once the key-block loop is done (each thread kPartialFloats floats, by its
+//! index in its group). Every thread calls it; after it, group 0 holds the query block's sums.
+template <int kSplit, int kAccumulators, typename GroupArea, typename Accumulators>
+__device__ void mergeGroups(int32_t group, int32_t groupThread, GroupArea&& groupArea, SoftmaxStats (&stats)[2],
+    Accumulators&& accumulators)
+{
+    if constexpr (kSplit > 1)
+    {
+        constexpr int kFloats = kPartialFloats<kAccumulators>;
+        __syncthreads(); // every group is done with its stages (a warp may still read the last block)
+        if (group > 0)
+        {
+            float* const partial = groupArea(group) + groupThread * kFloats;
+            MRA_UNROLL
+            for (int32_t h = 0; h < 2; ++h)
+            {
+                partial[3 * h] = stats[h].runningMax;
+                partial[3 * h + 1] = stats[h].baseMax;
+                partial[3 * h + 2] = stats[h].norm;
+            }
+            int32_t v = 6;
+            accumulators([&](float& value, int32_t) { partial[v++] = value; });
+        }
+        __syncthreads();
+        for (int32_t other = 1; other < kSplit && group == 0; ++other)
+        {
+            float const* const partial = groupArea(other) + groupThread * kFloats;
+            float ownFactor[2];
+            float otherFactor[2];
+            MRA_UNROLL
+            for (int32_t h = 0; h < 2; ++h)
+            {
+                SoftmaxStats theirs;
+                theirs.runningMax = partial[3 * h];
+                theirs.baseMax = partial[3 * h + 1];
+                theirs.norm = partial[3 * h + 2];
+                stats[h].merge(theirs, ownFactor[h], otherFactor[h]);
+            }
+            int32_t v = 6;
+            accumulators([&](float& value, int32_t h) { value = value * ownFactor[h] + partial[v++] * otherFactor[h]; });
+        }
+    }
+}
+
 // ---- (c) fp32: FMA -------------------------------------------------------------------------
 
 //! Shared memory of the fp32 kernel (bytes): the query tile, kStages (K, V) tile pairs, the
 //! weights, the stages' key masks. A 4-element pad keeps rows 16-byte aligned, and float4 reads of
 //! 8 rows (a quarter warp) in distinct banks; weight rows 40 floats apart, so that the 4 pairs of
 //! rows of a warp store and load them in distinct banks. Two stages: three would not fit sm_86's
-//! 99 KB at head_dim 128.
-template <int D>
+//! 99 KB at head_dim 128. With kSplit groups of 128 threads, each group has its own stages and
+//! weights (up to head_dim 64 within 99 KB); the other groups' partial sums pass to group 0
+//! through their stage tiles.
+template <int D, int kSplit>
 struct FmaSmem
 {
     static constexpr int kStages = 2;
     static constexpr int kTileStride = D + 4;
     static constexpr int kWeightStride = 40; // float [32][40]: each row's 32 weights, for its 8 threads
     static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
-    static constexpr size_t kWeightsAt = (1 + 2 * kStages) * kTile;
-    static constexpr size_t kRealKeysAt = kWeightsAt + sizeof(float) * kBlock * kWeightStride;
-    static constexpr size_t kTotal = kRealKeysAt + kStages * sizeof(uint32_t);
+    static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
+    static constexpr size_t kGroupTiles = 2 * kStages * kTile;
+    static constexpr size_t kWeightsAt = kTile + kSplit * kGroupTiles; // kSplit weight tiles
+    static constexpr size_t kRealKeysAt = kWeightsAt + kSplit * kWeights;
+    static constexpr size_t kTotal = kRealKeysAt + kSplit * kStages * sizeof(uint32_t);
+    static_assert(kHighResThreads * kPartialFloats<D / 4> * sizeof(float) <= kGroupTiles,
+        "a group's partial sums fit its stages");
 };
 
 //! The scores of keys lane + 8t (t < 4) of query rows r and r + 16, by FMA from shared memory
@@ -993,7 +1094,7 @@ template <int D>
 __device__ inline void scoresByFma(Problem const& p, float const* queryTile, float const* keyTile, int32_t r,
     int32_t lane, float (&scores)[2][4])
 {
-    using Smem = FmaSmem<D>;
+    using Smem = FmaSmem<D, 1>; // the tiles' stride, whatever the split
     float dot[2][4] = {};
     for (int32_t d = 0; d < D; d += 4)
     {
@@ -1022,34 +1123,38 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
     }
 }
 
-//! One CTA per (row, query block i), 128 threads: thread x takes query rows r = x / 8 and
-//! r + 16, keys lane + 8t of each block (lane = x % 8) and the output dims in 16-byte groups
-//! lane, lane + 8, ...: every K and V float4 it reads from shared memory serves two rows. The
-//! CTAs of a row are adjacent (L2 reuse).
-template <int D>
-__global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
+//! One CTA per (row, query block i), kSplit groups of 128 threads: thread x of a group takes query
+//! rows r = x / 8 and r + 16, keys lane + 8t of each block (lane = x % 8) and the output dims in
+//! 16-byte groups lane, lane + 8, ...: every K and V float4 it reads from shared memory serves
+//! two rows. Group g takes the query block's key blocks g, g + kSplit, ...; group 0 merges the
+//! others' sums and writes. The CTAs of a row are adjacent (L2 reuse).
+template <int D, int kSplit>
+__global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
     Problem p, float const* query, float const* key, float const* value, int32_t const* mask, Scratch s, float* output)
 {
     static_assert(kHighResThreads == 8 * kBlock / 2, "8 threads per pair of query rows");
-    using Smem = FmaSmem<D>;
+    using Smem = FmaSmem<D, kSplit>;
     constexpr int kGroups = D / 32; // the thread's 16-byte groups of output dims
     extern __shared__ __align__(128) unsigned char smem[];
+    int32_t const group = threadIdx.x / kHighResThreads;
+    int32_t const groupThread = threadIdx.x % kHighResThreads;
     float* queryTile = reinterpret_cast<float*>(smem);
     float* stageTiles = reinterpret_cast<float*>(smem + Smem::kTile);
-    float* weightTile = reinterpret_cast<float*>(smem + Smem::kWeightsAt);
+    float* weightTile = reinterpret_cast<float*>(smem + Smem::kWeightsAt + group * Smem::kWeights);
     uint32_t* stageRealKeys = reinterpret_cast<uint32_t*>(smem + Smem::kRealKeysAt);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
-    int32_t const r = threadIdx.x / 8;
-    int32_t const lane = threadIdx.x % 8;
+    int32_t const r = groupThread / 8;
+    int32_t const lane = groupThread % 8;
     int32_t const rows[2] = {r, r + 16};
 
-    copyTiles<float, D, 1, kHighResThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
+    copyTiles<float, D, 1, kHighResThreads * kSplit>(p, {query}, mask, row, i * kBlock, {queryTile},
+        Smem::kTileStride, threadIdx.x);
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];
     float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
-    forEachKeyBlock<float, D, kHighResThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles,
+    forEachKeyBlock<float, D, kHighResThreads, Smem::kStages, kSplit>(p, key, value, mask, s, row, i, stageTiles,
         Smem::kTileStride, stageRealKeys, [&](float const* keyTile, float const* valueTile, uint32_t blockRealKeys) {
         float scores[2][4];
         scoresByFma<D>(p, queryTile, keyTile, r, lane, scores);
@@ -1102,10 +1207,26 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
         }
     });
 
+    mergeGroups<kSplit, 8 * kGroups>(group, groupThread,
+        [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); }, stats,
+        [&](auto&& visit) {
+            MRA_UNROLL
+            for (int32_t h = 0; h < 2; ++h)
+            {
+                MRA_UNROLL
+                for (int32_t d = 0; d < kGroups; ++d)
+                {
+                    visit(out[h][d].x, h);
+                    visit(out[h][d].y, h);
+                    visit(out[h][d].z, h);
+                    visit(out[h][d].w, h);
+                }
+            }
+        });
     LowResolution const low(p, s, row, i);
     float const blockRowMax = s.rowMax[row * p.nb + i];
     __syncthreads(); // the query tile becomes the output staging tile
-    for (int32_t h = 0; h < 2; ++h)
+    for (int32_t h = 0; h < 2 && group == 0; ++h)
     {
         RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
         bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
@@ -1131,7 +1252,7 @@ __global__ void __launch_bounds__(kHighResThreads) highResolutionFma(
 // g and g + 8 and, of an 8-wide n tile, columns 2t and 2t + 1 (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16").
 
-constexpr int kMmaThreads = 64;
+constexpr int kMmaGroupThreads = 64; // a group of 2 warps holds a query block
 
 //! d += a b for one warp: A 16x16 row-major, B 16x8 column-major (T: __half or __nv_bfloat16),
 //! D fp32, in the PTX ISA's fragments; a register holds two adjacent elements, the lower column
@@ -1206,22 +1327,31 @@ __device__ inline uint32_t packPair(float low, float high)
 //! transposing stores fall in 2 banks (8-way conflicts); ldmatrix.trans transposes it on the way
 //! to the registers instead. kStages - 1 key blocks in flight while one is computed: the kernel
 //! waits on memory (2-3% of the tensor peak under ncu, 2026-12-04), and its CTAs compute little.
-template <typename T, int D>
+//! With kSplit groups of 2 warps, each group has stages of its own; after the loop the other
+//! groups' partial sums pass to group 0 through their (then idle) stage tiles.
+template <typename T, int D, int kSplit>
 struct MmaSmem
 {
-    static constexpr int kStages = MRA_MMA_STAGES;
+    static constexpr int kStages = kSplit > 1 ? MRA_MMA_SPLIT_STAGES : MRA_MMA_STAGES;
     static constexpr int kTileStride = D + 8;
     static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
-    static constexpr size_t kRealKeysAt = (1 + 2 * kStages) * kTile;
-    static constexpr size_t kTotal = kRealKeysAt + kStages * sizeof(uint32_t);
+    static constexpr size_t kGroupTiles = 2 * kStages * kTile; // a group's stages
+    static constexpr size_t kRealKeysAt = kTile + kSplit * kGroupTiles;
+    static constexpr size_t kTotal = kRealKeysAt + kSplit * kStages * sizeof(uint32_t);
+    static_assert(kMmaGroupThreads * kPartialFloats<D / 2> * sizeof(float) <= kGroupTiles,
+        "a group's partial sums fit its stages");
 };
 
-//! One CTA per (row, query block i), 2 warps; the CTAs of a row are adjacent (L2 reuse).
-template <typename T, int D>
-__global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
+//! One CTA per (row, query block i), kSplit groups of 2 warps; the CTAs of a row are adjacent
+//! (L2 reuse). Each group takes every kSplit-th of the query block's key blocks (a query block
+//! may hold several times the mean, and alone it would keep the GPU waiting at batch 1); group 0
+//! then merges the others' partial sums, as the blocks' softmax statistics merge, and writes.
+template <typename T, int D, int kSplit>
+__global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
     Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
 {
-    using Smem = MmaSmem<T, D>;
+    using Smem = MmaSmem<T, D, kSplit>;
+    constexpr int kThreads = kMmaGroupThreads * kSplit;
     constexpr int kDimTiles = D / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     T* queryTile = reinterpret_cast<T*>(smem);
@@ -1233,13 +1363,15 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     int32_t const lane = threadIdx.x % 32;
     int32_t const g = lane / 4;
     int32_t const t = lane % 4;
-    int32_t const warpRow = 16 * static_cast<int32_t>(threadIdx.x / 32); // the warp's first query row
+    int32_t const group = threadIdx.x / kMmaGroupThreads;
+    int32_t const groupThread = threadIdx.x % kMmaGroupThreads;
+    int32_t const warpRow = 16 * (groupThread / 32); // the warp's first query row
     int32_t const rows[2] = {warpRow + g, warpRow + g + 8};
     int32_t const matrixRow = lane % 8 + 8 * (lane / 8 % 2); // the row lane l addresses for ldmatrix
     // Scaled by the reciprocal (1 ulp from dividing, far inside fp16/bf16 tolerances).
     float const inverseScale = 1.0f / p.scaleDivisor;
 
-    copyTiles<T, D, 1, kMmaThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride);
+    copyTiles<T, D, 1, kThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride, threadIdx.x);
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
@@ -1247,7 +1379,8 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
     // block (as FlashAttention-2 keeps them): dims 16k..16k+15 of the warp's 16 rows.
     uint32_t queryFragments[D / 16][4];
     bool queryLoaded = false;
-    forEachKeyBlock<T, D, kMmaThreads, Smem::kStages>(p, key, value, mask, s, row, i, stageTiles, Smem::kTileStride,
+    forEachKeyBlock<T, D, kMmaGroupThreads, Smem::kStages, kSplit>(p, key, value, mask, s, row, i, stageTiles,
+        Smem::kTileStride,
         stageRealKeys, [&](T const* keyTile, T const* valueTile, uint32_t blockRealKeys) {
         // Lane l addresses row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims
         // 16k + 8 (l / 16) (A's four registers); for K, keys 8 (n + l / 16) + l % 8 at dims
@@ -1325,11 +1458,24 @@ __global__ void __launch_bounds__(kMmaThreads) highResolutionMma(
         }
     });
 
+    mergeGroups<kSplit, 4 * kDimTiles>(group, groupThread,
+        [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); }, stats,
+        [&](auto&& visit) {
+            MRA_UNROLL
+            for (int32_t n = 0; n < kDimTiles; ++n)
+            {
+                MRA_UNROLL
+                for (int32_t c = 0; c < 4; ++c)
+                {
+                    visit(out[n][c], c / 2); // registers 0, 1: row g; 2, 3: row g + 8
+                }
+            }
+        });
     LowResolution const low(p, s, row, i);
     float const blockRowMax = s.rowMax[row * p.nb + i];
     __syncthreads(); // the query tile becomes the output staging tile
     MRA_UNROLL
-    for (int32_t h = 0; h < 2; ++h)
+    for (int32_t h = 0; h < 2 && group == 0; ++h)
     {
         RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
         bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
@@ -1387,6 +1533,7 @@ MraStatus forCurrentDevice(std::mutex& mutex, std::map<int, Value>& known, Value
     return MRA_OK;
 }
 
+static_assert(MRA_SPLIT == 1 || MRA_SPLIT == 2, "MRA_SPLIT: 1 or 2 thread groups a query block");
 static_assert(MRA_SELECT_CLUSTER >= 1 && MRA_SELECT_CLUSTER <= 8 && (MRA_SELECT_CLUSTER & (MRA_SELECT_CLUSTER - 1)) == 0,
     "MRA_SELECT_CLUSTER: 1, 2, 4 or 8 CTAs");
 
@@ -1454,6 +1601,25 @@ MraStatus currentDeviceCode(DeviceCode& code)
     });
 }
 
+//! The current device's SMs.
+MraStatus multiprocessorCount(int32_t& multiprocessors)
+{
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaGetDevice");
+    }
+    int count = 0;
+    status = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    if (status != cudaSuccess)
+    {
+        return cudaFailure(status, "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
+    }
+    multiprocessors = count;
+    return MRA_OK;
+}
+
 //! selectBlocks' CTAs per row: the largest power of two (up to 8) for which every row's cluster
 //! runs at once and the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's
 //! registers); 1 without clusters. By the SMs alone, on 132: 8 at batch 1 of 12 heads, 4 at
@@ -1465,18 +1631,8 @@ MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& s
     {
         return MRA_OK;
     }
-    int device = 0;
-    cudaError_t status = cudaGetDevice(&device);
-    if (status != cudaSuccess)
-    {
-        return cudaFailure(status, "cudaGetDevice");
-    }
-    int multiprocessors = 0;
-    status = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-    if (status != cudaSuccess)
-    {
-        return cudaFailure(status, "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
-    }
+    int32_t multiprocessors = 0;
+    MRA_RETURN_IF_FAILED(multiprocessorCount(multiprocessors));
     for (int log2 = 1; log2 < 4; ++log2)
     {
         bool const fits = rows <= code.concurrentClusters[log2] && static_cast<int64_t>(rows) << log2 <= multiprocessors;
@@ -1535,57 +1691,117 @@ MraStatus launchKernel(char const* name, void (*kernel)(Params...), LaunchShape 
     return error == cudaSuccess ? MRA_OK : cudaFailure(error, name);
 }
 
-//! The high-resolution kernel of a storage type and head dim, with its shared memory and CTA.
-template <typename T, int D>
+// The most dynamic shared memory a CTA may have on every default architecture: sm_86's and
+// sm_89's 99 KB (sm_80: 163 KB, sm_90: 227 KB).
+constexpr size_t kMaxSharedPerCta = 99 * 1024;
+
+//! The high-resolution kernel's dynamic shared memory (only the chosen kernel's layout is made).
+template <typename T, int D, int kSplit>
+constexpr size_t highResolutionSmem()
+{
+    if constexpr (sizeof(T) == 2)
+    {
+        return MmaSmem<T, D, kSplit>::kTotal;
+    }
+    else
+    {
+        return FmaSmem<D, kSplit>::kTotal;
+    }
+}
+
+//! The high-resolution kernel of a storage type and head dim, with its shared memory and CTA:
+//! kSplit thread groups per query block (2 warps each on tensor cores, 4 in fp32).
+template <typename T, int D, int kSplit>
 struct HighResolutionKernel
 {
     using Kernel = void (*)(Problem, T const*, T const*, T const*, int32_t const*, Scratch, T*);
     static constexpr bool kTensorCores = sizeof(T) == 2;
-    static constexpr size_t kSmem = kTensorCores ? MmaSmem<T, D>::kTotal : FmaSmem<D>::kTotal;
-    static constexpr int kThreads = kTensorCores ? kMmaThreads : kHighResThreads;
+    static constexpr size_t kSmem = highResolutionSmem<T, D, kSplit>();
+    static_assert(kSmem <= kMaxSharedPerCta, "within the shared memory a CTA may have on sm_86 and sm_89");
+    static constexpr int kThreads = (kTensorCores ? kMmaGroupThreads : kHighResThreads) * kSplit;
 
     static Kernel kernel()
     {
         if constexpr (kTensorCores)
         {
-            return highResolutionMma<T, D>;
+            return highResolutionMma<T, D, kSplit>;
         }
         else
         {
-            return highResolutionFma<D>;
+            return highResolutionFma<D, kSplit>;
         }
     }
 };
 
-//! Opt the kernel in to more than 48 KB of shared memory. The attribute belongs to the current
-//! device's context, so it is set once per (instantiation, device), not once per process.
-template <typename T, int D>
-MraStatus prepareHighResolution()
+//! Opts the kernel in to more than 48 KB of shared memory and gives how many of its CTAs an SM
+//! holds. The attribute belongs to the current device's context, so it is set once per
+//! (instantiation, device), not once per process.
+template <typename T, int D, int kSplit>
+MraStatus prepareHighResolution(int32_t& ctasPerMultiprocessor)
 {
     static std::mutex mutex;
-    static std::map<int, bool> preparedDevices;
-    bool prepared = false;
-    return forCurrentDevice(mutex, preparedDevices, prepared, [](int, bool& done) {
-        using Chosen = HighResolutionKernel<T, D>;
-        cudaError_t const status = cudaFuncSetAttribute(
+    static std::map<int, int32_t> byDevice;
+    return forCurrentDevice(mutex, byDevice, ctasPerMultiprocessor, [](int, int32_t& ctas) {
+        using Chosen = HighResolutionKernel<T, D, kSplit>;
+        cudaError_t status = cudaFuncSetAttribute(
             Chosen::kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Chosen::kSmem));
         if (status != cudaSuccess)
         {
             return cudaFailure(status, "cudaFuncSetAttribute(highResolution)");
         }
-        done = true;
+        int active = 0;
+        status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, Chosen::kernel(), Chosen::kThreads, Chosen::kSmem);
+        if (status != cudaSuccess)
+        {
+            return cudaFailure(status, "cudaOccupancyMaxActiveBlocksPerMultiprocessor(highResolution)");
+        }
+        ctas = active;
         return MRA_OK;
     });
 }
 
+template <typename T, int D, int kSplit>
+MraStatus launchHighResolutionSplit(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
+    Scratch const& s, void* output, LaunchOrder const& order)
+{
+    int32_t ctasPerMultiprocessor = 0;
+    MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, kSplit>(ctasPerMultiprocessor))); // parenthesised: commas
+    using Chosen = HighResolutionKernel<T, D, kSplit>;
+    return launchKernel("highResolution", Chosen::kernel(), {p.nb * p.rows, Chosen::kThreads, Chosen::kSmem}, order, p,
+        static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
+}
+
+//! A high-resolution CTA splits its query block's key blocks over MRA_SPLIT thread groups where
+//! unsplit CTAs would fill the GPU's CTA slots fewer than this many times over. A query block's
+//! selected blocks vary (in mode "full" the top k are the row's, not the query block's: at 4096
+//! tokens and 8 a query block on random inputs, from 1 to 32), and a CTA takes its blocks one
+//! after another: at batch 1 the heaviest query blocks then set the time. With many waves of
+//! CTAs the GPU stays busy anyway, and unsplit CTAs fit more to an SM.
+constexpr int64_t kSplitBelowWaves = MRA_SPLIT_BELOW_WAVES;
+
+//! Where a kernel of this type and head dim can split: its split layout fits every architecture's
+//! shared memory (in fp32 up to head_dim 64).
+template <typename T, int D>
+constexpr bool kCanSplit = MRA_SPLIT > 1 && highResolutionSmem<T, D, MRA_SPLIT>() <= kMaxSharedPerCta;
+
+//! highResolution for these shapes: split (above) or not.
 template <typename T, int D>
 MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
     Scratch const& s, void* output, LaunchOrder const& order)
 {
-    MRA_RETURN_IF_FAILED((prepareHighResolution<T, D>())); // parenthesised: the template's comma
-    using Chosen = HighResolutionKernel<T, D>;
-    return launchKernel("highResolution", Chosen::kernel(), {p.nb * p.rows, Chosen::kThreads, Chosen::kSmem}, order, p,
-        static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
+    if constexpr (kCanSplit<T, D>)
+    {
+        int32_t ctasPerMultiprocessor = 0;
+        MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, 1>(ctasPerMultiprocessor)));
+        int32_t multiprocessors = 0;
+        MRA_RETURN_IF_FAILED(multiprocessorCount(multiprocessors));
+        int64_t const slots = static_cast<int64_t>(multiprocessors) * ctasPerMultiprocessor;
+        if (static_cast<int64_t>(p.nb) * p.rows < kSplitBelowWaves * slots)
+        {
+            return launchHighResolutionSplit<T, D, MRA_SPLIT>(p, q, k, v, mask, s, output, order);
+        }
+    }
+    return launchHighResolutionSplit<T, D, 1>(p, q, k, v, mask, s, output, order);
 }
 
 template <typename T>

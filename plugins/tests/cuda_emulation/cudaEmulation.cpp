@@ -232,6 +232,7 @@ struct Runtime
     Stacks stacks;
     unsigned multiprocessors = 132; //!< what cudaDeviceGetAttribute reports (an H100's or H200's)
     unsigned largestCluster = 0;    //!< CTAs of the largest cluster launched since it was last read
+    unsigned lastLaunchThreads = 0; //!< threads per CTA of the last launch
     unsigned long nextRound = 1;
     uint32_t schedule = 0;
     std::mt19937 random;
@@ -735,6 +736,7 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
     }
     r.ctas = std::vector<Cta>(clusterSize); // built in place: a GuardedBuffer does not move
     r.largestCluster = std::max(r.largestCluster, clusterSize);
+    r.lastLaunchThreads = block.x;
     try
     {
         for (Cta& cta : r.ctas)
@@ -804,6 +806,13 @@ unsigned takeLargestCluster()
     return largest;
 }
 
+unsigned lastLaunchThreads()
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    return r.lastLaunchThreads;
+}
+
 } // namespace emu
 
 cudaError_t cudaGetLastError()
@@ -862,4 +871,11 @@ extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetMultip
 extern "C" __attribute__((visibility("default"))) uint32_t mraCudaEmulationTakeLargestCluster()
 {
     return emu::takeLargestCluster();
+}
+
+//! For tests: the threads per CTA of the last kernel launched (0: none yet); for the attention,
+//! its high-resolution kernel's, which tells whether it split the query blocks' key blocks.
+extern "C" __attribute__((visibility("default"))) uint32_t mraCudaEmulationLastLaunchThreads()
+{
+    return emu::lastLaunchThreads();
 }

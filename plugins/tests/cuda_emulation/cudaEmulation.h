@@ -49,6 +49,7 @@
 #ifndef MRA_CUDA_EMULATION_H
 #define MRA_CUDA_EMULATION_H
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -236,6 +237,14 @@ void setMultiprocessors(unsigned count);
 unsigned multiprocessors();
 //! The CTAs of the largest cluster launched since the last call (1 without clusters, 0 no launch).
 unsigned takeLargestCluster();
+//! The threads per CTA of the last kernel launched (0: none yet).
+unsigned lastLaunchThreads();
+// An H100's or H200's SM, for the occupancy calculator: threads, CTAs and shared memory (each
+// CTA takes 1 KB more of it than it asks for). Registers are not emulated, so not counted.
+constexpr int kThreadsPerMultiprocessor = 2048;
+constexpr int kCtasPerMultiprocessor = 32;
+constexpr size_t kSharedPerMultiprocessor = 228 * 1024;
+constexpr size_t kSharedReservedPerCta = 1024;
 
 //! cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16) to `shared` from `global`, of which
 //! `sourceBytes` are read and the rest filled with zeros; joins the thread's open group. Fails the
@@ -415,6 +424,21 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel*, cudaLaunchCon
         return cudaErrorInvalidClusterSize;
     }
     *clusters = static_cast<int>(emu::multiprocessors() / size);
+    return cudaSuccess;
+}
+
+//! An H100's or H200's answer by threads and shared memory (emu::kThreadsPerMultiprocessor...);
+//! not by registers, which the emulation does not know of.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, int threads, size_t sharedBytes)
+{
+    if (threads <= 0 || static_cast<unsigned>(threads) > emu::kMaxThreadsPerBlock)
+    {
+        return cudaErrorInvalidValue;
+    }
+    size_t const byShared = emu::kSharedPerMultiprocessor / (sharedBytes + emu::kSharedReservedPerCta);
+    *blocks = static_cast<int>(std::min<size_t>(
+        {byShared, static_cast<size_t>(emu::kThreadsPerMultiprocessor / threads), emu::kCtasPerMultiprocessor}));
     return cudaSuccess;
 }
 

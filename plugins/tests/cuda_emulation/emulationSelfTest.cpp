@@ -656,6 +656,19 @@ void checkMemoryAndLimits()
 
     readsDynamicShared | ::emu::Launch(1, 2048) | ::emu::args(out.data());
     expect(launchError() == "invalid configuration argument", "more than 1024 threads per block are refused");
+
+    int blocks = 0;
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 64, 32268) == cudaSuccess
+            && blocks == 7,
+        "an SM holds 7 CTAs of 31.5 KB (228 KB, 1 KB more a CTA)");
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 1024, 0) == cudaSuccess
+            && blocks == 2,
+        "an SM holds 2 CTAs of 1024 threads (2048 threads)");
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 32, 0) == cudaSuccess
+            && blocks == 32,
+        "an SM holds at most 32 CTAs");
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 0, 0) == cudaErrorInvalidValue,
+        "the occupancy of CTAs of no threads is refused");
 }
 
 } // namespace
