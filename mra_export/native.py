@@ -192,9 +192,9 @@ class MraLibrary:
             self.lib.mraAttentionCuda.argtypes = [*tensors_and_size, ctypes.c_void_p]
         # The emulated kernels take host pointers through the CUDA entry point.
         self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
-        if hasattr(self.lib, "mraCudaEmulationTakeLargestCluster"):
-            self.lib.mraCudaEmulationTakeLargestCluster.restype = ctypes.c_uint32
-            self.lib.mraCudaEmulationLastLaunchThreads.restype = ctypes.c_uint32
+        for counter in ("mraCudaEmulationTakeLargestCluster", "mraCudaEmulationLastLaunchThreads"):
+            if hasattr(self.lib, counter):
+                getattr(self.lib, counter).restype = ctypes.c_uint32
 
     @classmethod
     @functools.cache
@@ -223,6 +223,9 @@ class MraLibrary:
     def last_launch_threads(self) -> int:
         """Threads per CTA of the emulated kernels' last launch (0: none yet): after an
         attention, its high-resolution kernel's."""
+        if not hasattr(self.lib, "mraCudaEmulationLastLaunchThreads"):
+            raise UserError(f"{self.path.name} predates mraCudaEmulationLastLaunchThreads; rebuild it "
+                            "with 'make plugins'")
         return self.lib.mraCudaEmulationLastLaunchThreads()
 
     @staticmethod
