@@ -1760,8 +1760,9 @@ MraStatus prepareHighResolution(int32_t& ctasPerMultiprocessor)
     });
 }
 
+//! The high-resolution kernel with kSplit thread groups a query block.
 template <typename T, int D, int kSplit>
-MraStatus launchHighResolutionSplit(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
+MraStatus launchHighResolutionGroups(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
     Scratch const& s, void* output, LaunchOrder const& order)
 {
     int32_t ctasPerMultiprocessor = 0;
@@ -1798,10 +1799,10 @@ MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, v
         int64_t const slots = static_cast<int64_t>(multiprocessors) * ctasPerMultiprocessor;
         if (static_cast<int64_t>(p.nb) * p.rows < kSplitBelowWaves * slots)
         {
-            return launchHighResolutionSplit<T, D, MRA_SPLIT>(p, q, k, v, mask, s, output, order);
+            return launchHighResolutionGroups<T, D, MRA_SPLIT>(p, q, k, v, mask, s, output, order);
         }
     }
-    return launchHighResolutionSplit<T, D, 1>(p, q, k, v, mask, s, output, order);
+    return launchHighResolutionGroups<T, D, 1>(p, q, k, v, mask, s, output, order);
 }
 
 template <typename T>
