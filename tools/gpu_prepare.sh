@@ -3,7 +3,7 @@
 # a session given one spends its device minutes measuring. A new checkout has none of it (the
 # folders are ignored by git); it took 5 minutes on the 2-core machine.
 #   bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]
-# - .carry-libs/: the libraries for sm_90 (H100, H200), stripped, with a TREE file;
+# - .carry-libs/: the libraries for sm_90 (H100, H200), stripped and xz-compressed, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
 #   session's `ab` section: selectsingle (one CTA a row in the selection), nodependent (no
 #   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline),
@@ -48,7 +48,7 @@ rm -rf "$NEW" && mkdir -p "$NEW/libs/ab"
 WORKTREE=/tmp/gpu-prepare-previous
 trap 'rm -rf "$NEW"; git worktree remove --force "$WORKTREE" 2> /dev/null || true' EXIT
 
-compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): an A/B build in a seventh of the space
+compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): a CUDA library in a sixth of the space or less
   python3 -c "import lzma, os, shutil, sys
 with open(sys.argv[1], 'rb') as plain, lzma.open(sys.argv[1] + '.xz', 'wb', preset=9) as packed:
     shutil.copyfileobj(plain, packed)
@@ -59,9 +59,11 @@ echo "== the libraries for sm_$ARCH ($TREE)"
 make plugins PLUGIN_BUILD=plugins/build-h200 MRA_CUDA_ARCHITECTURES=$ARCH \
   TRT_INCLUDE_DIR="$THIRD_PARTY/tensorrt/include" ORT_INCLUDE_DIR="$THIRD_PARTY/onnxruntime/include" > /tmp/gpu-prepare-build.log 2>&1 \
   || { echo "gpu_prepare.sh: the build failed: /tmp/gpu-prepare-build.log" >&2; exit 1; }
-# Stripped (the exported symbols stay): a call carries 64 MB at most.
+# Stripped (the exported symbols stay) and compressed (gpu_session.sh unpacks them): a call carries
+# 64 MiB at most, and with the split kernels the three largest took 4.2 MB each, 13 MB in all.
 for library in plugins/build-h200/*.so; do
-  cp "$library" "$NEW/libs/" && strip --strip-unneeded "$NEW/libs/$(basename "$library")"
+  cp "$library" "$NEW/libs/" && strip --strip-unneeded "$NEW/libs/$(basename "$library")" \
+    && compress "$NEW/libs/$(basename "$library")"
 done
 echo "$TREE, sm_$ARCH" > "$NEW/libs/TREE"
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (the device tool), with what `bash tools/gpu_prepare.sh` built beforehand
-# on the CPU machine (it says how, and prints the calls to make): the libraries in .carry-libs,
-# each A/B build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (xz-compressed, unpacked
-# here, with a file TREE saying what it is), the one-layer graphs in .carry-onnx, and
+# on the CPU machine (it says how, and prints the calls to make): the libraries in .carry-libs and
+# each A/B build of libmra_attention_cuda.so in .carry-libs/ab/NAME/ (all xz-compressed, unpacked
+# here, with a file TREE saying what each is), the one-layer graphs in .carry-onnx, and
 # onnxruntime-gpu joined from the parts that earlier calls copied to /tmp/parts.
 # Writes its logs and tables under $OUT and prints the tables.
 #
@@ -167,6 +167,9 @@ for name in "${SECTIONS[@]}"; do
   fi
 done
 mkdir -p "$OUT"
+for packed in "$MRA_EXPORT_PLUGIN_BUILD"/*.so.xz; do  # gpu_prepare.sh compresses the libraries
+  [ ! -f "$packed" ] || [ -f "${packed%.xz}" ] || unpack_xz "$packed" || echo "could not unpack $packed"
+done
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 for name in "${SECTIONS[@]}"; do
