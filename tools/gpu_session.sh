@@ -12,7 +12,8 @@
 # skipped, for the next call: `bash tools/gpu_session.sh SECTION...` runs those alone.
 #   tests     the GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels
 #   speed     the op against SDPA, the whole model against RoBERTa (tools/gpu_speed.py)
-#   ab        the op with each build in .carry-libs/ab/ (gpu_speed.py --op-only)
+#   ab        the op with each build in .carry-libs/ab/ (gpu_speed.py --op-only; AB_BUILDS="NAME ..."
+#             picks them and their order)
 #   check     gpu_check's correctness cases on the carried library
 #   sanitize  compute-sanitizer's memcheck, racecheck and synccheck
 #   ncu       Nsight Compute: each kernel's time and distance to the GPU's peaks
@@ -75,13 +76,15 @@ run_speed() {
 
 run_ab() {
   local build name
-  for build in "$MRA_EXPORT_PLUGIN_BUILD"/ab/*/; do
-    name=$(basename "$build")
+  # AB_BUILDS="NAME ..." picks the builds and their order (the most wanted first: a section that
+  # runs out of time is named for the next call, which starts it over); all, by name, if unset.
+  for name in ${AB_BUILDS:-$(ls "$MRA_EXPORT_PLUGIN_BUILD/ab" 2>/dev/null)}; do
+    build=$MRA_EXPORT_PLUGIN_BUILD/ab/$name
     # The same op timed with another build's kernels (what it is in $build/TREE): what the
     # difference moves, on the same GPU in the same call.
     section "ab" 90 "A/B: the op with build $name: $(cat "$build/TREE" 2>/dev/null || echo 'no TREE file')" || return
-    ab_library "${build%/}" > /dev/null || { echo "no library in $build"; continue; }
-    MRA_EXPORT_PLUGIN_BUILD=${build%/} timeout "$LIMIT" python3 tools/gpu_speed.py --op-only --quick \
+    ab_library "$build" > /dev/null || { echo "no library in $build"; continue; }
+    MRA_EXPORT_PLUGIN_BUILD=$build timeout "$LIMIT" python3 tools/gpu_speed.py --op-only --quick \
       --out "$OUT/ab-$name" 2>&1 | tail -12
   done
 }
