@@ -218,15 +218,19 @@ class MraLibrary:
     def take_largest_cluster(self) -> int:
         """CTAs in the largest cluster the emulated kernels launched since the last call (1:
         no clusters, 0: no launch)."""
-        return self.lib.mraCudaEmulationTakeLargestCluster()
+        return self._emulation_counter("mraCudaEmulationTakeLargestCluster")
 
     def last_launch_threads(self) -> int:
         """Threads per CTA of the emulated kernels' last launch (0: none yet): after an
         attention, its high-resolution kernel's."""
-        if not hasattr(self.lib, "mraCudaEmulationLastLaunchThreads"):
-            raise UserError(f"{self.path.name} predates mraCudaEmulationLastLaunchThreads; rebuild it "
-                            "with 'make plugins'")
-        return self.lib.mraCudaEmulationLastLaunchThreads()
+        return self._emulation_counter("mraCudaEmulationLastLaunchThreads")
+
+    def _emulation_counter(self, name: str) -> int:
+        """What the emulated library's test counter ``name`` returns; a one-line error where
+        the library is older than the counter (or not the emulation)."""
+        if not hasattr(self.lib, name):
+            raise UserError(f"{self.path.name} has no {name}; rebuild it with 'make plugins'")
+        return getattr(self.lib, name)()
 
     @staticmethod
     def params(query: torch.Tensor, **settings) -> MraAttentionParams:

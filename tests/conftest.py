@@ -64,9 +64,9 @@ def small_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exports(small_checkpoints, tmp_path_factory):
     """Every head of ``small_checkpoints`` exported in both flavours: {(task, flavour): folder}."""
+    root = run_folder(tmp_path_factory) / "exports"
     return {(task, flavour): folder for task, checkpoint in small_checkpoints.items()
-            for flavour, folder in export_both_flavours(
-                checkpoint, run_folder(tmp_path_factory) / "exports" / task, task=task).items()}
+            for flavour, folder in export_both_flavours(checkpoint, root / task, task=task).items()}
 
 
 def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, Path]:

@@ -54,13 +54,18 @@ unpack_xz() {  # FILE.xz -> FILE, by Python's lzma (the machine may have no xz)
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$1"
 }
 
-# `ab_library DIR`: the path of DIR's library, unpacked from its .xz where needed (nothing where
-# it has none).
-ab_library() {
-  if [ ! -f "$1/libmra_attention_cuda.so" ] && [ -f "$1/libmra_attention_cuda.so.xz" ]; then
-    unpack_xz "$1/libmra_attention_cuda.so.xz" || echo "could not unpack $1/libmra_attention_cuda.so.xz" >&2
+# `unpacked FILE`: FILE's path, unpacked from FILE.xz where needed (gpu_prepare.sh compresses the
+# libraries); nothing, and false, where there is neither.
+unpacked() {
+  if [ ! -f "$1" ] && [ -f "$1.xz" ]; then
+    unpack_xz "$1.xz" || echo "could not unpack $1.xz" >&2
   fi
-  [ -f "$1/libmra_attention_cuda.so" ] && echo "$1/libmra_attention_cuda.so"
+  [ -f "$1" ] && echo "$1"
+}
+
+# `ab_library DIR`: the path of the A/B build DIR's library (nothing where it has none).
+ab_library() {
+  unpacked "$1/libmra_attention_cuda.so"
 }
 
 run_tests() {
@@ -170,8 +175,8 @@ for name in "${SECTIONS[@]}"; do
   fi
 done
 mkdir -p "$OUT"
-for packed in "$MRA_EXPORT_PLUGIN_BUILD"/*.so.xz; do  # gpu_prepare.sh compresses the libraries
-  [ ! -f "$packed" ] || [ -f "${packed%.xz}" ] || unpack_xz "$packed" || echo "could not unpack $packed"
+for packed in "$MRA_EXPORT_PLUGIN_BUILD"/*.so.xz; do
+  [ ! -f "$packed" ] || unpacked "${packed%.xz}" > /dev/null
 done
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

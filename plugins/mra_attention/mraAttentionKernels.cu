@@ -1017,16 +1017,18 @@ template <int kAccumulators>
 constexpr int kPartialFloats = 6 + kAccumulators;
 
 //! Hands the partial sums of groups 1 to kSplit - 1 to group 0, which merges them in group order
-//! (the same bits every run), as two softmaxes' statistics merge. They pass through `groupArea(g)`, group g's
-//! stage tiles, idle once the key-block loop is done (each thread kPartialFloats floats, by its
-//! index in its group). Every thread calls it; after it, group 0 holds the query block's sums.
-template <int kSplit, int kAccumulators, typename GroupArea, typename Accumulators>
-__device__ void mergeGroups(int32_t group, int32_t groupThread, GroupArea&& groupArea, SoftmaxStats (&stats)[2],
+//! (the same bits every run), as two softmaxes' statistics merge. They pass through each group's
+//! stage tiles in `smem` (laid out as Smem says: the query tile, then kGroupTiles bytes a group),
+//! idle once the key-block loop is done; each thread kPartialFloats floats, by its index in its
+//! group. Every thread calls it; after it, group 0 holds the query block's sums.
+template <typename Smem, int kSplit, int kAccumulators, typename Accumulators>
+__device__ void mergeGroups(unsigned char* smem, int32_t group, int32_t groupThread, SoftmaxStats (&stats)[2],
     Accumulators&& accumulators)
 {
     if constexpr (kSplit > 1)
     {
         constexpr int kFloats = kPartialFloats<kAccumulators>;
+        auto groupArea = [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); };
         __syncthreads(); // every group is done with its stages (a warp may still read the last block)
         if (group > 0)
         {
@@ -1207,22 +1209,20 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
         }
     });
 
-    mergeGroups<kSplit, 8 * kGroups>(group, groupThread,
-        [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); }, stats,
-        [&](auto&& visit) {
+    mergeGroups<Smem, kSplit, 8 * kGroups>(smem, group, groupThread, stats, [&](auto&& visit) {
+        MRA_UNROLL
+        for (int32_t h = 0; h < 2; ++h)
+        {
             MRA_UNROLL
-            for (int32_t h = 0; h < 2; ++h)
+            for (int32_t d = 0; d < kGroups; ++d)
             {
-                MRA_UNROLL
-                for (int32_t d = 0; d < kGroups; ++d)
-                {
-                    visit(out[h][d].x, h);
-                    visit(out[h][d].y, h);
-                    visit(out[h][d].z, h);
-                    visit(out[h][d].w, h);
-                }
+                visit(out[h][d].x, h);
+                visit(out[h][d].y, h);
+                visit(out[h][d].z, h);
+                visit(out[h][d].w, h);
             }
-        });
+        }
+    });
     LowResolution const low(p, s, row, i);
     float const blockRowMax = s.rowMax[row * p.nb + i];
     __syncthreads(); // the query tile becomes the output staging tile
@@ -1458,19 +1458,17 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
         }
     });
 
-    mergeGroups<kSplit, 4 * kDimTiles>(group, groupThread,
-        [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); }, stats,
-        [&](auto&& visit) {
+    mergeGroups<Smem, kSplit, 4 * kDimTiles>(smem, group, groupThread, stats, [&](auto&& visit) {
+        MRA_UNROLL
+        for (int32_t n = 0; n < kDimTiles; ++n)
+        {
             MRA_UNROLL
-            for (int32_t n = 0; n < kDimTiles; ++n)
+            for (int32_t c = 0; c < 4; ++c)
             {
-                MRA_UNROLL
-                for (int32_t c = 0; c < 4; ++c)
-                {
-                    visit(out[n][c], c / 2); // registers 0, 1: row g; 2, 3: row g + 8
-                }
+                visit(out[n][c], c / 2); // registers 0, 1: row g; 2, 3: row g + 8
             }
-        });
+        }
+    });
     LowResolution const low(p, s, row, i);
     float const blockRowMax = s.rowMax[row * p.nb + i];
     __syncthreads(); // the query tile becomes the output staging tile
@@ -1760,13 +1758,11 @@ MraStatus prepareHighResolution(int32_t& ctasPerMultiprocessor)
     });
 }
 
-//! The high-resolution kernel with kSplit thread groups a query block.
+//! The high-resolution kernel with kSplit thread groups a query block (prepareHighResolution'd).
 template <typename T, int D, int kSplit>
 MraStatus launchHighResolutionGroups(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
     Scratch const& s, void* output, LaunchOrder const& order)
 {
-    int32_t ctasPerMultiprocessor = 0;
-    MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, kSplit>(ctasPerMultiprocessor))); // parenthesised: commas
     using Chosen = HighResolutionKernel<T, D, kSplit>;
     return launchKernel("highResolution", Chosen::kernel(), {p.nb * p.rows, Chosen::kThreads, Chosen::kSmem}, order, p,
         static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v), mask, s, static_cast<T*>(output));
@@ -1790,15 +1786,16 @@ template <typename T, int D>
 MraStatus launchHighResolution(Problem const& p, void const* q, void const* k, void const* v, int32_t const* mask,
     Scratch const& s, void* output, LaunchOrder const& order)
 {
+    int32_t ctasPerMultiprocessor = 0;
+    MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, 1>(ctasPerMultiprocessor))); // parenthesised: commas
     if constexpr (kCanSplit<T, D>)
     {
-        int32_t ctasPerMultiprocessor = 0;
-        MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, 1>(ctasPerMultiprocessor)));
         int32_t multiprocessors = 0;
         MRA_RETURN_IF_FAILED(multiprocessorCount(multiprocessors));
         int64_t const slots = static_cast<int64_t>(multiprocessors) * ctasPerMultiprocessor;
         if (static_cast<int64_t>(p.nb) * p.rows < kSplitBelowWaves * slots)
         {
+            MRA_RETURN_IF_FAILED((prepareHighResolution<T, D, MRA_SPLIT>(ctasPerMultiprocessor)));
             return launchHighResolutionGroups<T, D, MRA_SPLIT>(p, q, k, v, mask, s, output, order);
         }
     }
