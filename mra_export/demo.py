@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .checkpoints import build_default_checkpoints, load_model
-from .export import FLAVOURS, export_model
+from .export import FLAVOURS, export_model, reusing_traces
 from .files import atomic_write_text, folder_filled_in_place
 from .parity import format_table, run_parity
 from .patching import patch_model
@@ -50,13 +50,14 @@ def _run_demo(out: Path, log) -> bool:
 
     log(f"\n== exporting every head in both flavours under {out / 'onnx'}")
     exports = {}
-    for task in TASKS:
-        exports[task] = {}
-        for flavour in FLAVOURS:
-            folder = out / "onnx" / f"{task}-{flavour}"
-            export_model(checkpoints[task], folder, task, flavour, log=_silent)
-            exports[task][flavour] = folder
-        log(f"   {task}: {', '.join(str(folder) for folder in exports[task].values())}")
+    with reusing_traces():  # the heads share one attention
+        for task in TASKS:
+            exports[task] = {}
+            for flavour in FLAVOURS:
+                folder = out / "onnx" / f"{task}-{flavour}"
+                export_model(checkpoints[task], folder, task, flavour, log=_silent)
+                exports[task][flavour] = folder
+            log(f"   {task}: {', '.join(str(folder) for folder in exports[task].values())}")
 
     engines = _engines(checkpoints, exports, out, log)
 

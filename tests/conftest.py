@@ -79,9 +79,11 @@ def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, 
 
 
 def _export(checkpoint: Path, folder: Path, **settings) -> None:
-    from mra_export.export import export_model
+    """The session's exports: the heads of one model share one trace of its attention."""
+    from mra_export.export import export_model, reusing_traces
 
-    export_model(checkpoint, folder, log=lambda message: None, **settings)
+    with reusing_traces():
+        export_model(checkpoint, folder, log=lambda message: None, **settings)
 
 
 @pytest.fixture(scope="session")

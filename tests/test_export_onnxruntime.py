@@ -86,6 +86,14 @@ def test_portable_graph_is_standard_onnx_and_checks(exports, task_name):
     model = onnx.load(str(path))
     assert {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    assert not model.functions  # the traced attention core is inlined into every layer
+    # Every size is named after the inputs' axes, the inlined core's too (traced alone, it
+    # named batch and sequence s0, s31, ... as the model's trace named other sizes).
+    symbols = {name for value in [*model.graph.value_info, *model.graph.output]
+               for dim in value.type.tensor_type.shape.dim
+               for name in re.findall(r"[A-Za-z_]\w*", dim.dim_param)}
+    assert "sequence_length" in symbols
+    assert symbols <= {*TASKS[task_name].input_axes, "Min", "Max"}
     # onnxruntime's ScatterND with a reduction races on repeated indices: never emitted.
     assert not [n for n in model.graph.node if n.op_type == "ScatterND" and n.attribute]
     axes = [[d.dim_param for d in value.type.tensor_type.shape.dim][:2] for value in model.graph.input]

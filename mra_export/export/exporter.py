@@ -7,11 +7,7 @@ from 1 to ``max_position_embeddings``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +22,7 @@ from ..errors import UserError, first_line, warn
 from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
 from ..tasks import Task
-from . import graph_names, plugin_node
+from . import attention_function, graph_names, plugin_node, tracing
 from .info import DTYPE_NAMES, FLAVOURS, ExportInfo
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
@@ -114,48 +110,35 @@ def example_inputs(task: Task, config, batch: int = 2, seq_len: int = 70,
 
 
 def _trace(model, task: Task, flavour: str, opset: int) -> ir.Model:
+    """The model's graph with each layer's attention context named (``graph_names``); the bench
+    and tools trace RoBERTa with it too. While traced, each layer's attention is one node: the
+    plugin's, or one the traced core's graph then replaces (attention_function says why)."""
     inputs = example_inputs(task, model.config)
     dynamic = torch.export.Dim.DYNAMIC  # named Dims trip torch's constraint solver here
     dynamic_shapes = {name: {axis: dynamic for axis in range(t.dim())}
                       for name, t in inputs.items()}
-    plugin = flavour == "plugin"
-    nodes = plugin_node.plugin_nodes(model) if plugin else contextlib.nullcontext()
-    chatter = io.StringIO()  # the exporter prints its own progress lines
-    with nodes, warnings.catch_warnings(), contextlib.redirect_stdout(chatter), quiet_logger("torch"):
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                OnnxSignature(model, task).eval(), (), kwargs=inputs, dynamo=True,
-                opset_version=opset, input_names=list(inputs), output_names=list(task.outputs),
-                dynamic_shapes=dynamic_shapes, verbose=False,
-                custom_translation_table=plugin_node.translation_table() if plugin else None)
-        except Exception as error:  # the exporter's report is long; keep its summary
-            raise UserError(f"torch.onnx.export failed: {_summary(error)}") from error
-    return program.model
-
-
-@contextlib.contextmanager
-def quiet_logger(logger_name: str):
-    """Silence a library logger's notices (torch's exporter logs about torchvision; "" is the
-    root logger, which onnxruntime.quantization logs to)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    nodes = plugin_node if flavour == "plugin" else attention_function
+    with plugin_node.plugin_nodes(model):
+        onnx_model = tracing.onnx_graph(OnnxSignature(model, task).eval(), inputs,
+                                        dynamic_shapes, opset, list(task.outputs),
+                                        nodes.translation_table())
+    if attention_cores(model):
+        graph_names.name_attention_contexts(onnx_model)
+        if flavour == "portable":
+            attention_function.inline(onnx_model, attention_function.traced_core(model, inputs,
+                                                                                 opset))
+    return onnx_model
 
 
 def _name_graph(onnx_model: ir.Model, task: Task, config) -> list[str]:
+    """Names the axes, clears the exporter's debug records; returns the contexts' names."""
     axes = {name: task.input_axes for name in task.input_names(config)}
     graph_names.name_dynamic_axes(onnx_model, axes)
-    contexts = graph_names.name_attention_contexts(onnx_model)
     for node in onnx_model.graph:  # the exporter's debug records: stack traces, FX node text
         node.metadata_props.clear()
     onnx_model.producer_name, onnx_model.producer_version = "mra-export", __version__
     onnx_model.metadata_props["mra_export.task"] = task.name
-    return contexts
+    return graph_names.attention_contexts(onnx_model)
 
 
 def _save(onnx_model: ir.Model, path: Path) -> str | None:
@@ -172,7 +155,8 @@ def _check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as error:
-        raise UserError(f"the exported model fails onnx.checker: {_summary(error)}") from None
+        raise UserError("the exported model fails onnx.checker: "
+                        f"{tracing.summary(error)}") from None
 
 
 def _validate_on_onnxruntime(model, task: Task, path: Path) -> dict:
@@ -250,9 +234,3 @@ def _plugin_contract() -> dict:
     return {"domain": plugin_node.DOMAIN, "op_type": plugin_node.OP_TYPE,
             "plugin_version": plugin_node.PLUGIN_VERSION,
             "plugin_namespace": plugin_node.PLUGIN_NAMESPACE}
-
-
-def _summary(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    summary = [line for line in lines if "Error" in line or "error" in line]
-    return (summary[-1] if summary else lines[-1] if lines else type(error).__name__)[:300]

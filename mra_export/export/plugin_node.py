@@ -99,7 +99,7 @@ def translation_table() -> dict:
 
 
 class PluginNodeCore(MraAttentionCore):
-    """An attention core that exports as one ``MraAttention`` node (int32 mask)."""
+    """An attention core that traces as one call of the op (int32 mask)."""
 
     def forward(self, query, key, value, attention_mask, use_op: bool | None = None):
         return mra_attention_op(query, key, value, attention_mask.to(torch.int32),
@@ -110,7 +110,9 @@ class PluginNodeCore(MraAttentionCore):
 
 @contextlib.contextmanager
 def plugin_nodes(model: torch.nn.Module):
-    """Within the block, every attention core of ``model`` exports as an ``MraAttention`` node."""
+    """Within the block, every attention core of ``model`` traces as one call of the op, which
+    the exporter's translation table makes this module's ``MraAttention`` node (plugin flavour)
+    or ``attention_function``'s (portable flavour)."""
     cores = attention_cores(model)
     for core in cores:
         core.__class__ = PluginNodeCore

@@ -26,7 +26,7 @@ from ..checkpoints import load_config
 from ..errors import UserError, first_line
 from ..files import sha256_of, staged_folder
 from ..tasks import get_task
-from .exporter import quiet_logger
+from .tracing import quiet_logger
 from .info import QUANTIZED_DTYPES, ExportInfo
 
 INT8 = QUANTIZED_DTYPES[0]
