@@ -72,8 +72,9 @@ def run(model: ir.Model, batch: int, length: int) -> tuple[np.ndarray, np.ndarra
     """The graph's output on onnxruntime CPU for random query/key/value, and the query."""
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
-    feed = {name: np.random.default_rng(0).standard_normal(
-        (batch, HEADS, length, HEAD_DIM)).astype(np.float32) for name in ("query", "key", "value")}
+    generator = np.random.default_rng(0)
+    feed = {name: generator.standard_normal((batch, HEADS, length, HEAD_DIM), np.float32)
+            for name in ("query", "key", "value")}
     feed["mask"] = np.ones((batch, length), np.int32)
     return session.run(None, feed)[0], feed["query"]
 
@@ -110,6 +111,8 @@ def traces(monkeypatch):
         return stand_in_core()
 
     monkeypatch.setattr(tracing, "onnx_graph", trace)
+    # Not the traces this worker's session exports left (conftest exports within the block).
+    monkeypatch.setattr(attention_function, "_traced", {})
     return traced
 
 
