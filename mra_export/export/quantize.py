@@ -26,8 +26,8 @@ from ..checkpoints import load_config
 from ..errors import UserError, first_line
 from ..files import sha256_of, staged_folder
 from ..tasks import get_task
-from .tracing import quiet_logger
 from .info import QUANTIZED_DTYPES, ExportInfo
+from .tracing import quiet_logger
 
 INT8 = QUANTIZED_DTYPES[0]
 QUANTIZED_OP = "MatMulInteger"  # what quantize_dynamic makes of a MatMul
