@@ -16,7 +16,7 @@ from transformers import MraConfig, MraModel
 
 from mra_export.export import attention_function, reusing_traces, tracing
 from mra_export.export.exporter import example_inputs
-from mra_export.patching import patch_model
+from mra_export.patching import attention_cores, patch_model
 from mra_export.tasks import TASKS
 
 from .conftest import ONE_LAYER_MODEL
@@ -143,3 +143,12 @@ def test_within_reusing_traces_a_core_is_traced_once_per_settings_shapes_dtypes_
     # Outside the block every export traces afresh: a tool may patch the attention in between.
     attention_function.traced_core(model, inputs, 20)
     assert len(traces) == 5
+
+
+def test_layers_with_different_settings_are_refused_not_given_the_first_ones_core(traces):
+    model = small_model(num_hidden_layers=2)
+    attention_cores(model)[1].num_blocks //= 2  # a config gives every layer the same
+    inputs = example_inputs(TASKS["feature-extraction"], model.config)
+    with pytest.raises(RuntimeError, match="different MRA settings"):
+        attention_function.traced_core(model, inputs, 20)
+    assert traces == []

@@ -49,7 +49,10 @@ class CoreOfTheNode(torch.nn.Module):
 def traced_core(model: torch.nn.Module, inputs: dict, opset: int) -> ir.Model:
     """The first layer's attention core of ``model`` traced alone, on what it gets from
     ``inputs``; within ``reusing_traces``, once for each settings, shapes, dtypes and opset."""
-    core = attention_cores(model)[0]
+    core, *others = attention_cores(model)
+    if any(other.settings() != core.settings() for other in others):  # one config, so never
+        raise RuntimeError("the model's layers have different MRA settings; one traced core "
+                           "cannot stand for every layer")
     core_inputs = dict(zip(INPUTS, first_core_inputs(model, inputs)))
     key = (tuple(core.settings().items()), opset,
            tuple((tuple(t.shape), t.dtype) for t in core_inputs.values()))
