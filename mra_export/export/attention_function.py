@@ -11,7 +11,7 @@ holds the same standard ONNX ops as a layer-by-layer trace, and no function or c
 from __future__ import annotations
 
 import contextlib
-import re
+from collections.abc import Sequence
 
 import onnx
 import onnx_ir as ir
@@ -19,17 +19,16 @@ import onnxscript
 import onnxscript.optimizer
 import torch
 from onnx.defs import OpSchema
-from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
+from onnx_ir.passes.common import InlinePass
 
 from ..patching import attention_cores
-from . import tracing
+from . import graph_names, tracing
 
 DOMAIN = "mra_export.functions"  # exists only between the trace and the inlining
 OP_TYPE = "MraAttention"
 INPUTS = ("query", "key", "value", "mask")
 # [B, H, S, D] inputs' batch and sequence axes -> the same axes of the [B, S] mask
 _MASK_AXIS = {0: 0, 2: 1}
-_SYMBOL = re.compile(r"\bs\d+\b")  # torch.export's names for symbolic sizes
 _traced: dict[tuple, bytes] = {}  # traced_core's, by settings, shapes, dtypes and opset
 _reuse = False  # within reusing_traces()
 
@@ -131,17 +130,14 @@ def inline(model: ir.Model, core: ir.Model) -> None:
     """Replace every ``MraAttention`` node of ``model`` by the traced ``core``'s graph, then
     optimise the whole graph as torch.onnx does (so that what every layer computes alike from
     the mask is computed once)."""
-    calls = [node for node in model.graph if node.domain == DOMAIN]
-    function = _as_function(core, _sizes_of(calls[0]))
+    first = next(node for node in model.graph if node.domain == DOMAIN)
+    function = _as_function(core, first.inputs)
     model.functions[function.identifier()] = function
-    model.opset_imports[DOMAIN] = 1
-    InlinePass()(model)
-    onnxscript.optimizer.optimize_ir(model)
-    RemoveUnusedFunctionsPass()(model)
-    RemoveUnusedOpsetsPass()(model)
+    InlinePass()(model)  # also drops the function it inlined
+    onnxscript.optimizer.optimize_ir(model)  # also drops the opsets no node uses
 
 
-def _as_function(core: ir.Model, sizes: list) -> ir.Function:
+def _as_function(core: ir.Model, model_inputs: Sequence[ir.Value]) -> ir.Function:
     """The traced core's graph as a function, its constants as nodes (a function has no
     initializers) and its symbolic sizes in the model's names: the core's trace named batch and
     sequence ``s0``, ``s31``, ..., and so does the model's, for other sizes."""
@@ -154,10 +150,8 @@ def _as_function(core: ir.Model, sizes: list) -> ir.Function:
         constant.outputs[0].name = name
         graph.initializers.pop(name)
     _read_sizes_from_the_mask(graph)
-    renames = _symbol_renames(graph, sizes)
-    for value in _values(graph):
-        if value.shape is not None:
-            value.shape = ir.Shape([_renamed(dim, renames) for dim in value.shape])
+    renames = _symbol_renames(graph, model_inputs)
+    graph_names.rename_symbols(graph, lambda symbol: renames.get(symbol, f"attention_{symbol}"))
     return ir.Function(DOMAIN, OP_TYPE, "", graph=graph, attributes=[])
 
 
@@ -178,23 +172,23 @@ def _read_sizes_from_the_mask(graph: ir.Graph) -> None:
             node.attributes["end"] = ir.AttrInt64("end", axis + 1)
 
 
-def _sizes_of(node: ir.Node) -> list:
-    """The sizes of a node's inputs, as the model's graph states them."""
-    return [list(value.shape) if value.shape is not None else None for value in node.inputs]
-
-
-def _symbol_renames(graph: ir.Graph, sizes: list) -> dict[str, str]:
-    """Each symbol of the core's inputs -> the size the model gives that axis (first one wins:
-    the core's trace may unify axes that the model's did not, equal at run time either way)."""
+def _symbol_renames(graph: ir.Graph, model_inputs: Sequence[ir.Value]) -> dict[str, str]:
+    """Each symbol of the core's inputs -> the size the model gives that axis of the node's
+    input (first one wins: the core's trace may unify axes that the model's did not, equal at
+    run time either way)."""
     renames: dict[str, str] = {}
-    for value, model_shape in zip(graph.inputs, sizes):
-        if value.shape is None or model_shape is None:
+    for value, model_value in zip(graph.inputs, model_inputs):
+        if value.shape is None or model_value.shape is None:
             continue
-        for dim, model_dim in zip(value.shape, model_shape):
-            if (isinstance(dim, ir.SymbolicDim) and dim.value and _SYMBOL.fullmatch(dim.value)
-                    and _expression(model_dim)):
-                renames.setdefault(dim.value, _expression(model_dim))
+        for dim, model_dim in zip(value.shape, model_value.shape):
+            expression = _expression(model_dim)
+            if isinstance(dim, ir.SymbolicDim) and _is_symbol(dim.value) and expression:
+                renames.setdefault(dim.value, expression)
     return renames
+
+
+def _is_symbol(text: str | None) -> bool:
+    return bool(text) and graph_names.SYMBOL.fullmatch(text) is not None
 
 
 def _expression(dim) -> str | None:
@@ -202,18 +196,5 @@ def _expression(dim) -> str | None:
     if isinstance(dim, ir.SymbolicDim):
         if not dim.value:
             return None
-        return dim.value if _SYMBOL.fullmatch(dim.value) else f"({dim.value})"
+        return dim.value if _is_symbol(dim.value) else f"({dim.value})"
     return str(dim)
-
-
-def _renamed(dim, renames: dict[str, str]):
-    if isinstance(dim, ir.SymbolicDim) and dim.value:
-        return ir.SymbolicDim(_SYMBOL.sub(lambda m: renames.get(m[0], f"attention_{m[0]}"),
-                                          dim.value))
-    return dim
-
-
-def _values(graph: ir.Graph):
-    yield from graph.inputs
-    for node in graph:
-        yield from node.outputs

@@ -7,12 +7,13 @@ parity diagnostic need ``batch_size``/``sequence_length`` and ``attention_contex
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import onnx_ir as ir
 
 ATTENTION_CONTEXT = "attention_context.{layer}"
 _CONTEXT = re.compile(r"attention_context\.(\d+)")
-_SYMBOL = re.compile(r"\bs\d+\b")
+SYMBOL = re.compile(r"\bs\d+\b")  # torch.export's names for symbolic sizes
 
 
 def name_dynamic_axes(model: ir.Model, axes: dict[str, tuple[str, ...]]) -> None:
@@ -22,15 +23,20 @@ def name_dynamic_axes(model: ir.Model, axes: dict[str, tuple[str, ...]]) -> None
         for dim, axis in zip(value.shape or (), axes.get(value.name, ())):
             if isinstance(dim, ir.SymbolicDim) and dim.value:
                 symbol_names.setdefault(dim.value, axis)
+    rename_symbols(model.graph, lambda symbol: symbol_names.get(symbol, symbol))
 
-    def rename(dim):
+
+def rename_symbols(graph: ir.Graph, rename: Callable[[str], str]) -> None:
+    """Replace each of torch.export's symbols (``s43``) in the shapes of ``graph``'s values,
+    also inside expressions, by ``rename(symbol)``."""
+    def renamed(dim):
         if isinstance(dim, ir.SymbolicDim) and dim.value:
-            return ir.SymbolicDim(_SYMBOL.sub(lambda m: symbol_names.get(m[0], m[0]), dim.value))
+            return ir.SymbolicDim(SYMBOL.sub(lambda match: rename(match[0]), dim.value))
         return dim
 
-    for value in _all_values(model.graph):
+    for value in _all_values(graph):
         if value.shape is not None:
-            value.shape = ir.Shape([rename(dim) for dim in value.shape])
+            value.shape = ir.Shape([renamed(dim) for dim in value.shape])
 
 
 def name_attention_contexts(model: ir.Model) -> None:
