@@ -4,7 +4,8 @@ cost there.
 Every host-device crossing costs a Memcpy node and a synchronisation. The GPU test counts them
 in the graph onnxruntime itself optimized and partitioned (``optimized_model_filepath``); the
 CPU tests check the readers of tools/ort_cuda_speed.py, which lists them on a GPU machine, and
-the shapes of the scans whose CUDA kernel costs the square of their length.
+the shapes of the scans whose CUDA kernel costs the square of their length; and how the tool and
+the bench time a graph there, its inputs and outputs bound on the device.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from onnx import TensorProto, helper
 from mra_export.attention import SEGMENT_CHUNK
 from mra_export.checkpoints import build_checkpoint
 from mra_export.export import export_model
-from mra_export.runtime.ort import CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, default_options
+from mra_export.runtime.ort import (CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, default_options,
+                                    device_binding)
 from mra_export.tasks import TASKS
 
 from .conftest import SEVERAL_CHUNKS_MODEL, SMALL_MODEL, load_tool
@@ -241,3 +243,88 @@ def test_the_tool_counts_the_bytes_a_graphs_nodes_move(tmp_path):
                                 optimized=False)
     assert [node["op"] for node in nodes] == ["Reshape", "Gather", "Add"]
     assert tool.bytes_moved(nodes) == dict(nodes=3, moving=0, bytes=(16 + 2 * 24) + 3 * 24)
+
+
+def _two_output_session(providers) -> ort.InferenceSession:
+    """y = x + 1 and z = x * x, on ``providers``."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"]), helper.make_node("Mul", ["x", "x"], ["z"])],
+        "two_outputs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n"]) for name in ("y", "z")],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), default_options(), providers=providers)
+
+
+def _check_a_bound_run(providers, device: str) -> None:
+    session = _two_output_session(providers)
+    x = np.array([1.5, -2.0, 3.0], np.float32)
+    binding = device_binding(session, {"x": x}, device)
+    session.run_with_iobinding(binding)
+    outputs = binding.get_outputs()
+    assert [value.device_name() for value in outputs] == [device, device]
+    y, z = binding.copy_outputs_to_cpu()
+    np.testing.assert_array_equal(y, x + 1)
+    np.testing.assert_array_equal(z, x * x)
+    session.run_with_iobinding(binding)  # a binding serves every timed run
+    for again, first in zip(binding.copy_outputs_to_cpu(), (y, z)):
+        np.testing.assert_array_equal(again, first)
+
+
+def test_a_bound_run_computes_every_output_and_leaves_it_where_it_was_bound():
+    """``device_binding``, which the bench's onnxruntime-CUDA columns and
+    tools/ort_cuda_speed.py time with: every output, in the session's order, and left on the
+    device asked for (here the CPU's, which onnxruntime binds the same way)."""
+    _check_a_bound_run([CPU], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason=NO_CUDA_PROVIDER)
+def test_a_bound_run_on_the_cuda_provider_leaves_its_outputs_on_the_gpu():
+    _check_a_bound_run([CUDA_FP32], "cuda")
+
+
+def test_the_gpu_report_judges_the_graphs_on_their_bound_runs():
+    """tools/ort_cuda_speed.py's tables: issue 25's portable / dense from the runs with inputs
+    and outputs on the GPU, then the same replayed as CUDA graphs, then the runs from the host; a
+    graph onnxruntime would not capture reads "refused", with its reason below, one not run so."""
+    tool = load_tool("ort_cuda_speed")
+    row = {"dtype": "fp16", "batch": 8, "mra-portable_ms": 9.0, "mra-op_ms": 7.0, "dense_ms": 12.0,
+           "mra-portable_iobinding_ms": 3.0, "mra-op_iobinding_ms": 1.5,
+           "dense_iobinding_ms": 6.0, "mra-portable_cudagraph_ms": 2.0,
+           "mra-op_cudagraph_refused": "not captured: a kernel synchronized",
+           "dense_cudagraph_ms": 5.0, "op_vs_portable_max_abs": 0.004,
+           "memcpy_nodes": {"mra-portable": 0, "mra-op": 0, "dense": 0}}
+    for timing in tool.TIMINGS:
+        row.update(tool.ratios(row, timing))
+    assert row["portable_over_dense_iobinding"] == pytest.approx(0.5)
+    assert row["portable_over_dense_cudagraph"] == pytest.approx(0.4)
+    assert row["portable_over_dense"] == pytest.approx(0.75)
+    text = tool.markdown(dict(onnxruntime="1.31.1", rows=[row]))
+    bound, captured, host = (part for part in text.split("\n\n") if part.startswith("| dtype"))
+    assert bound.splitlines()[2] == ("| fp16 | 8 | 3.00 | 1.50 | 6.00 | 2.00x | 0.25x | 0.50x | "
+                                     "4.0e-03 | 0, 0, 0 |")
+    assert captured.splitlines()[2:] == [
+        "| fp16 | 8 | 2.00 | refused | 5.00 | not run | not run | 0.40x |",
+        "- mra-op, fp16, batch 8: not captured: a kernel synchronized"]
+    assert host.splitlines()[2] == "| fp16 | 8 | 9.00 | 7.00 | 12.00 | 1.29x | 0.58x | 0.75x |"
+    earlier = {key: value for key, value in row.items() if "dense" not in key}
+    assert "| 3.00 | 1.50 | not run | 2.00x | not run | not run |" in tool.markdown(
+        dict(onnxruntime="1.31.1", rows=[earlier]))
+
+
+def test_a_replayed_run_binds_its_outputs_at_fixed_addresses_or_says_why_not():
+    """What tools/ort_cuda_speed.py times as a CUDA graph, run here on the CPU provider (which
+    captures nothing but binds the same way); a session onnxruntime refuses gives its line."""
+    replayed_ms = load_tool("ort_cuda_speed").replayed_ms
+    x = np.array([1.5, -2.0], np.float32)
+    outputs = [((2,), np.float32)] * 2
+    assert isinstance(replayed_ms(lambda: _two_output_session([CPU]), {"x": x}, outputs, "cpu"),
+                      float)
+
+    def refused():
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph "
+                           "capture feature\nsecond line")
+    assert replayed_ms(refused, {"x": x}, outputs, "cpu") == (
+        "not captured: [ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture "
+        "feature")

@@ -6,20 +6,23 @@ nodes run in libmra_attention_ort.so's CUDA kernel, and RoBERTa's (dense) graph 
     python tools/ort_cuda_speed.py run DIR [--out OUT]   # on a GPU with onnxruntime-gpu
     python tools/ort_cuda_speed.py scans DIR   # here: bytes moved, and what CumSum costs there
 
-One encoder layer of mra-base shapes (hidden 768, 12 heads, intermediate 3072, 8 blocks per row
-at 4096 positions; a 1000-token vocabulary so that the graphs travel light: the embedding
-lookup's cost does not depend on it), exported as the bench exports it. ``run`` times each graph
-at 4096 tokens, batch 1 and 8 (medians of session.run with the inputs on the host, the outputs
-copied back: the same for every graph), checks the op graph against the portable one, and counts
-the Memcpy nodes the CUDA provider inserted (nodes it placed on the CPU), from its optimized
-graph. It also lists the tensors those nodes copy, with the nodes on either side, and the nodes
-a profiled run shows on the CPU provider (shape arithmetic whose results only feed inputs that
-the CUDA kernels take on the host belongs there, and costs no copy). ``run`` times the graphs it
-finds in DIR (a graph of one layer is about 21 MB in fp16: the position embeddings of 4096
-positions weigh half of it, which matters for what a device call may carry). ``scans`` runs each
-graph once on the CPU provider, at batch 1 and 8: its nodes and the bytes they move
-(``bytes_moved``), and its CumSum nodes with the reads the CUDA provider's CumSum kernel makes
-for them (``cumsum_scans``).
+One encoder layer of mra-base shapes (hidden 768, 12 heads, intermediate 3072, 8 blocks per row at
+4096 positions; a 1000-token vocabulary so that the graphs travel light: the embedding lookup's
+cost does not depend on it), exported as the bench exports it. ``run`` times each graph at 4096
+tokens, batch 1 and 8, three ways (medians): with its inputs and outputs on the GPU (onnxruntime's
+I/O binding: the graph's own time, as the bench's CUDA columns take it); the same captured as one
+CUDA graph and replayed (what launching each node from the host costs, hundreds of nodes a layer in
+the portable graph); and by session.run from the host (the inputs copied to the GPU, the outputs
+back: the same copies for every graph, and at batch 8 the one-layer model's output alone is 50 MB
+in fp16). It checks the op graph against the portable one, and counts the Memcpy nodes the CUDA
+provider inserted (nodes it placed on the CPU), from its optimized graph. It also lists the tensors
+those nodes copy, with the nodes on either side, and the nodes a profiled run shows on the CPU
+provider (shape arithmetic whose results only feed inputs that the CUDA kernels take on the host
+belongs there, and costs no copy). ``run`` times the graphs it finds in DIR (a graph of one layer
+is about 21 MB in fp16: the position embeddings of 4096 positions weigh half of it, which matters
+for what a device call may carry). ``scans`` runs each graph once on the CPU provider, at batch 1
+and 8: its nodes and the bytes they move (``bytes_moved``), and its CumSum nodes with the reads the
+CUDA provider's CumSum kernel makes for them (``cumsum_scans``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 LENGTH, BATCHES = 4096, (1, 8)
 GRAPHS = ("mra-portable", "mra-op", "dense")
+BOUND = "_iobinding"  # the keys of I/O-bound timings: inputs and outputs on the GPU
+CAPTURED = "_cudagraph"  # and of those replayed as one captured CUDA graph
+TIMINGS = ("", BOUND, CAPTURED)  # "": session.run from the host
 
 
 def export(folder: Path, dtypes: list[str], names: list[str]) -> None:
@@ -62,13 +68,16 @@ def export(folder: Path, dtypes: list[str], names: list[str]) -> None:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)", flush=True)
 
 
-def session(path: Path, optimized: Path | None = None, profile_prefix: Path | None = None):
+def session(path: Path, optimized: Path | None = None, profile_prefix: Path | None = None,
+            cuda_graph: bool = False):
     """A CUDA-provider session; it saves its optimized graph to ``optimized`` and, given
-    ``profile_prefix``, profiles its runs."""
+    ``profile_prefix``, profiles its runs; ``cuda_graph``: it captures its runs as a CUDA graph
+    and replays it (the provider's ``enable_cuda_graph``)."""
     import onnxruntime as ort
 
-    from mra_export.runtime.ort import CUDA_FP32, default_options, register_op_library
+    from mra_export.runtime.ort import CUDA, CUDA_FP32, default_options, register_op_library
 
+    provider = (CUDA, {**CUDA_FP32[1], "enable_cuda_graph": "1"}) if cuda_graph else CUDA_FP32
     options = default_options()
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
@@ -77,7 +86,7 @@ def session(path: Path, optimized: Path | None = None, profile_prefix: Path | No
         options.profile_file_prefix = str(profile_prefix)
     if path.name.startswith("mra-op"):
         register_op_library(options)
-    return ort.InferenceSession(str(path), options, providers=[CUDA_FP32])
+    return ort.InferenceSession(str(path), options, providers=[provider])
 
 
 def host_copies(optimized: Path) -> list[dict]:
@@ -264,13 +273,38 @@ def median_ms(run, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def replayed_ms(make_session, feed: dict, output_types: list, device: str = "cuda"):
+    """Median ms of a session from ``make_session()`` run on ``feed`` through an I/O binding
+    whose outputs, of ``output_types`` (shape, numpy dtype), lie at fixed addresses on
+    ``device``, as onnxruntime's CUDA graphs need: captured once, each run then replays the whole
+    graph without a launch from the host per node. Or, where onnxruntime refuses to capture it (a
+    Memcpy node, a kernel that synchronizes), the line saying why."""
+    import onnxruntime as ort
+
+    from mra_export.errors import first_line
+    from mra_export.runtime.ort import device_binding
+
+    try:
+        session = make_session()
+        binding = device_binding(session, feed, device)
+        binding.clear_binding_outputs()
+        for output, (shape, dtype) in zip(session.get_outputs(), output_types):
+            binding.bind_ortvalue_output(output.name, ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, dtype, device, 0))
+        return median_ms(lambda: session.run_with_iobinding(binding))  # warm-up runs capture it
+    except Exception as error:  # onnxruntime raises its own exception types
+        return f"not captured: {first_line(error)}"
+
+
 def run(folder: Path) -> dict:
     import tempfile
 
     import onnxruntime as ort
 
+    from mra_export.runtime.ort import device_binding
+
     ort.preload_dlls()
-    rows, placements = [], {}
+    rows, placements, captures = [], {}, []
     scratch = Path(tempfile.mkdtemp())
     for dtype in ("fp16", "fp32"):
         names = [name for name in GRAPHS if (folder / f"{name}-{dtype}.onnx").is_file()]
@@ -288,16 +322,36 @@ def run(folder: Path) -> dict:
             row = dict(dtype=dtype, batch=batch, length=LENGTH, memcpy_nodes=memcpy)
             outputs = {}
             for name, s in sessions.items():
-                outputs[name] = s.run(None, feed)[0].astype(np.float32)
+                every_output = s.run(None, feed)
+                outputs[name] = every_output[0].astype(np.float32)
                 row[f"{name}_ms"] = median_ms(lambda: s.run(None, feed))
+                binding = device_binding(s, feed)
+                row[f"{name}{BOUND}_ms"] = median_ms(lambda: s.run_with_iobinding(binding))
+                captures.append((row, name, paths[name], feed,
+                                 [(o.shape, o.dtype) for o in every_output]))
             row["op_vs_portable_max_abs"] = float(np.abs(outputs["mra-op"] - outputs["mra-portable"]).max())
-            row["portable_over_op"] = row["mra-portable_ms"] / row["mra-op_ms"]
-            if "dense" in sessions:
-                row["op_over_dense"] = row["mra-op_ms"] / row["dense_ms"]
-                row["portable_over_dense"] = row["mra-portable_ms"] / row["dense_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    # Captured last: a capture that fails inside a kernel may leave the CUDA context unusable.
+    for row, name, path, feed, output_types in captures:
+        replayed = replayed_ms(lambda: session(path, cuda_graph=True), feed, output_types)
+        row[f"{name}{CAPTURED}_ms" if isinstance(replayed, float)
+            else f"{name}{CAPTURED}_refused"] = replayed
+        print(f"{name}, {row['dtype']}, batch {row['batch']}, replayed: {replayed}", flush=True)
+    for row in rows:
+        for timing in TIMINGS:
+            row.update(ratios(row, timing))
     return dict(onnxruntime=ort.__version__, rows=rows, placements=placements)
+
+
+def ratios(row: dict, timing: str) -> dict:
+    """The graphs' time ratios of ``row``, from its ``timing`` (one of TIMINGS), under keys
+    ending in ``timing``."""
+    ms = {name: row.get(f"{name}{timing}_ms") for name in GRAPHS}
+    found = {"portable_over_op": ("mra-portable", "mra-op"), "op_over_dense": ("mra-op", "dense"),
+             "portable_over_dense": ("mra-portable", "dense")}
+    return {f"{key}{timing}": ms[top] / ms[bottom] for key, (top, bottom) in found.items()
+            if ms[top] is not None and ms[bottom] is not None}
 
 
 def feed_of(batch: int) -> dict:
@@ -307,22 +361,19 @@ def feed_of(batch: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# onnxruntime {result['onnxruntime']} CUDA provider, 1 layer of mra-base, "
-             f"{LENGTH} tokens (ms)", "",
-             "| dtype | batch | MRA portable | MRA + op | dense | portable / op | op / dense | "
-             "portable / dense (issue 25: <= 0.7x) | op vs portable max abs | "
-             "Memcpy nodes (portable, op, dense) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        m = r["memcpy_nodes"]
-        dense = f"{r['dense_ms']:.2f}" if "dense_ms" in r else "not run"
-        versus = f"{r['op_over_dense']:.2f}x" if "op_over_dense" in r else "-"
-        portable = f"{r['portable_over_dense']:.2f}x" if "portable_over_dense" in r else "-"
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['mra-portable_ms']:.2f} | "
-                     f"{r['mra-op_ms']:.2f} | {dense} | {r['portable_over_op']:.2f}x | {versus} | "
-                     f"{portable} | "
-                     f"{r['op_vs_portable_max_abs']:.1e} | "
-                     f"{', '.join(str(m.get(n, '-')) for n in GRAPHS)} |")
+    title = (f"# onnxruntime {result['onnxruntime']} CUDA provider, 1 layer of mra-base, "
+             f"{LENGTH} tokens (ms)")
+    lines = [title, "", "Inputs on the GPU and outputs left there (I/O binding): the graphs' own "
+             "time, which issue 25's 0.7x is judged on.", ""]
+    lines += speed_table(result["rows"], BOUND, extra=True)
+    lines += ["", "The same, captured once as a CUDA graph and replayed (the CUDA provider's "
+              "enable_cuda_graph, for fixed shapes): no launch from the host per node.", ""]
+    lines += speed_table(result["rows"], CAPTURED)
+    lines += [f"- {name}, {r['dtype']}, batch {r['batch']}: {r[f'{name}{CAPTURED}_refused']}"
+              for r in result["rows"] for name in GRAPHS if f"{name}{CAPTURED}_refused" in r]
+    lines += ["", "From the host (session.run: the inputs copied to the GPU, the outputs back), as "
+              "a numpy caller sees it.", ""]
+    lines += speed_table(result["rows"], "")
     placements = result.get("placements", {})
     if placements:
         lines += ["", "Placement: the copies the CUDA provider inserted (from its optimized graph) "
@@ -331,6 +382,31 @@ def markdown(result: dict) -> str:
             for name, where in graphs.items():
                 lines += placement_lines(f"{name}-{dtype}", where)
     return "\n".join(lines) + "\n"
+
+
+def speed_table(rows: list[dict], timing: str, extra: bool = False) -> list[str]:
+    """A markdown table of the rows' times and ratios for ``timing`` (see ``ratios``); ``extra``
+    adds the op's distance to the portable graph and the Memcpy nodes. Rows without that timing
+    (results of earlier versions of this script) read "not run"."""
+    def cell(row, key, form):
+        return form.format(row[key]) if key in row else "not run"
+
+    header = ("| dtype | batch | MRA portable | MRA + op | dense | portable / op | op / dense | "
+              "portable / dense (issue 25: <= 0.7x) |")
+    lines = [header + (" op vs portable max abs | Memcpy nodes (portable, op, dense) |"
+                       if extra else ""),
+             "|---" * (10 if extra else 8) + "|"]
+    for r in rows:
+        cells = [r["dtype"], str(r["batch"])]
+        cells += ["refused" if f"{name}{timing}_refused" in r
+                  else cell(r, f"{name}{timing}_ms", "{:.2f}") for name in GRAPHS]
+        cells += [cell(r, f"{key}{timing}", "{:.2f}x")
+                  for key in ("portable_over_op", "op_over_dense", "portable_over_dense")]
+        if extra:
+            cells += [f"{r['op_vs_portable_max_abs']:.1e}",
+                      ", ".join(str(r["memcpy_nodes"].get(n, "-")) for n in GRAPHS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

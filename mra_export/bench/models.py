@@ -22,8 +22,8 @@ from ..export.exporter import _trace
 from ..export.quantize import quantize_graph
 from ..native import build_dir
 from ..patching import patch_model
-from ..runtime.ort import (CPU, CUDA, default_options, op_library_unavailable,
-                           register_op_library)
+from ..runtime.ort import (CPU, CUDA, default_options, device_binding,
+                           op_library_unavailable, register_op_library)
 from ..tasks import TASKS
 
 MAX_LENGTH = 4096
@@ -107,6 +107,9 @@ def ort_backend(name: str, kind: str, path: Path, provider: str, op_library: boo
         session = ort.InferenceSession(str(path), options, providers=[provider])
         ids, mask = inputs(batch, length)
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        if provider == CUDA:  # inputs and outputs on the GPU, as the PyTorch-CUDA columns' are
+            binding = device_binding(session, feed)
+            return lambda: session.run_with_iobinding(binding)
         return lambda: session.run(None, feed)
     return Backend(name, kind, f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}", prepare)
 

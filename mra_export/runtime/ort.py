@@ -112,7 +112,9 @@ class OrtMraModel(ExportedModel):
         names = [o.name for o in session.get_outputs()]
         try:
             if session.get_providers()[0] == CUDA:
-                values = self._run_with_io_binding(session, arrays, names)
+                binding = device_binding(session, arrays)
+                session.run_with_iobinding(binding)
+                values = binding.copy_outputs_to_cpu()
             else:
                 values = session.run(names, arrays)
         except Exception as error:  # onnxruntime raises its own exception types
@@ -149,16 +151,20 @@ class OrtMraModel(ExportedModel):
             self._options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent))
         return self._session(model.SerializeToString())
 
-    @staticmethod
-    def _run_with_io_binding(session, arrays, names) -> list[np.ndarray]:
-        """On CUDA: inputs copied to the device once and outputs allocated there."""
-        binding = session.io_binding()
-        for name, array in arrays.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        for name in names:
-            binding.bind_output(name, "cuda", 0)
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+
+
+def device_binding(session: ort.InferenceSession, arrays: dict[str, np.ndarray],
+                   device: str = "cuda") -> ort.IOBinding:
+    """``session``'s I/O binding with ``arrays`` copied to ``device`` ("cuda" or "cpu") once
+    and every output left there: ``session.run_with_iobinding(binding)`` then runs the graph
+    alone, neither copying inputs from the host nor results back (onnxruntime's docs, "I/O
+    Binding"), and still returns only once the device has finished."""
+    binding = session.io_binding()
+    for name, array in arrays.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device, 0)
+    return binding
 
 
 def choose_providers(provider, dtype: str = "fp32") -> list:
