@@ -10,6 +10,9 @@
 # with a time limit, and stops starting them DEADLINE seconds in (570 by default: a device call
 # may run 600), so a call always ends with its results written; it then names the sections it
 # skipped, for the next call: `bash tools/gpu_session.sh SECTION...` runs those alone.
+#   smoke     the carried kernels on tools/sanitize_kernels.py's tiny cases, within 60 s: where they
+#             fail or hang, the sections that would wait on them (tests speed ncu ort bench) are
+#             left out of this call, and check, sanitize and ab (other builds) say more
 #   tests     the GPU tests: the fused PyTorch op, the plugin through TensorRT's interfaces, the kernels
 #   speed     the op against SDPA, the whole model against RoBERTa (tools/gpu_speed.py)
 #   ab        the op with each build in .carry-libs/ab/ (gpu_speed.py --op-only; AB_BUILDS="NAME ..."
@@ -66,6 +69,18 @@ unpacked() {
 # `ab_library DIR`: the path of the A/B build DIR's library (nothing where it has none).
 ab_library() {
   unpacked "$1/libmra_attention_cuda.so"
+}
+
+run_smoke() {
+  section smoke 60 "smoke: the carried kernels on sanitize_kernels' tiny cases" || return
+  timeout "$LIMIT" python3 tools/sanitize_kernels.py --library "$LIBRARY" > "$OUT/smoke.log" 2>&1
+  local rc=$?
+  tail -n 2 "$OUT/smoke.log"
+  if [ "$rc" -ne 0 ]; then
+    echo "== smoke FAILED (rc=$rc$([ "$rc" -eq 124 ] && echo ': a hang')): this call leaves out" \
+      "${NEEDS_WORKING_KERNELS[*]}; check, sanitize and ab (other builds) say more"
+    KERNELS_BROKEN=1
+  fi
 }
 
 run_tests() {
@@ -167,7 +182,10 @@ run_bench() {
 }
 
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(tests speed ab check sanitize ncu ort)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(smoke tests speed ab check sanitize ncu ort)
+# The sections a hang or a fault of the carried kernels would stall to their time limits.
+NEEDS_WORKING_KERNELS=(tests speed ncu ort bench)
+KERNELS_BROKEN=0
 for name in "${SECTIONS[@]}"; do
   if ! declare -F "run_$name" > /dev/null; then
     echo "gpu_session.sh: no section '$name'; the sections:" $(declare -F | sed -n 's/^declare -f run_//p') >&2
@@ -181,6 +199,10 @@ done
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 for name in "${SECTIONS[@]}"; do
+  if [ "$KERNELS_BROKEN" = 1 ] && [[ " ${NEEDS_WORKING_KERNELS[*]} " == *" $name "* ]]; then
+    echo "== [${SECONDS}s] $name left out: the kernels failed the smoke test"
+    continue
+  fi
   "run_$name"
 done
 if [ ${#SKIPPED[@]} -gt 0 ]; then
