@@ -101,3 +101,67 @@ def test_the_other_runtimes_say_where_they_compute(exports):
     with pytest.raises(UserError, match="a TensorRT engine computes on its GPU, not on cpu; use "
                                         "OrtMraModel with a portable export there"):
         engine.to("cpu")
+
+
+def test_an_onnxruntime_value_reaches_torch_without_a_copy():
+    """tensor_of: DLPack where the OrtValue has it (the same memory), the host otherwise."""
+    from mra_export.runtime.ort import tensor_of
+
+    array = np.arange(6, dtype=np.float16).reshape(2, 3)
+    value = onnxruntime.OrtValue.ortvalue_from_numpy(array)
+    tensor = tensor_of(value)
+    assert tensor.dtype == torch.float16 and tensor.data_ptr() == value.data_ptr()
+    np.testing.assert_array_equal(tensor.numpy(), array)
+
+    class WithoutDlpack:  # an onnxruntime whose OrtValue predates DLPack
+        def numpy(self):
+            return array
+    np.testing.assert_array_equal(tensor_of(WithoutDlpack()).numpy(), array)
+
+
+def test_cuda_inputs_get_the_bound_outputs_as_tensors(exports, monkeypatch):
+    """The wiring of the CUDA path, on the CPU: a session that says it runs on CUDA, bound on
+    the CPU's memory instead; its outputs come as torch tensors, the values of run_raw's."""
+    from mra_export.runtime import ort as ort_module
+    from mra_export.runtime.model_io import ModelInputs
+
+    model = OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
+                                        provider="CPUExecutionProvider")
+    arrays = {"input_ids": np.array([[5, 6, 7, 8]]), "attention_mask": np.ones((1, 4), np.int64)}
+    expected = model.run_raw(arrays)
+    monkeypatch.setattr(model.session, "get_providers", lambda: [ort_module.CUDA, ort_module.CPU])
+    binding = ort_module.device_binding
+    monkeypatch.setattr(ort_module, "device_binding", lambda s, a: binding(s, a, "cpu"))
+    outputs = model._run_for(ModelInputs(arrays, torch.device("cuda")))
+    assert outputs.keys() == expected.keys()
+    for name, tensor in outputs.items():
+        assert isinstance(tensor, torch.Tensor)
+        np.testing.assert_array_equal(tensor.numpy(), expected[name])
+    on_host = model._run_for(ModelInputs(arrays, torch.device("cpu")))  # host tensors: run_raw
+    assert all(isinstance(value, np.ndarray) for value in on_host.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+                    or not torch.cuda.is_available(),
+                    reason="needs onnxruntime-gpu's CUDA provider and a CUDA build of torch")
+def test_cuda_inputs_on_the_cuda_provider_give_outputs_on_the_gpu(tmp_path):
+    # Its own export, not the session's twelve: tools/gpu_session.sh runs it on a lent GPU.
+    from mra_export.checkpoints import build_checkpoint
+    from mra_export.export import export_model
+    from mra_export.tasks import TASKS
+
+    from .conftest import SMALL_MODEL
+
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", TASKS["fill-mask"], **SMALL_MODEL)
+    folder = tmp_path / "export"
+    export_model(checkpoint, folder, task="fill-mask", log=lambda message: None)
+    on_gpu = OrtMraModel.from_pretrained(folder, provider=("CUDAExecutionProvider",
+                                                           {"use_tf32": "0"}))
+    on_cpu = OrtMraModel.from_pretrained(folder, provider="CPUExecutionProvider")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    logits = on_gpu(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+    assert logits.device.type == "cuda"
+    expected = on_cpu(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=0)

@@ -160,9 +160,11 @@ run_ort() {
     return
   fi
   # test_ort_op.py whole (its parity test runs the CUDA row where the provider is); of the
-  # placement tests only the GPU one: the rest export models and run in CI.
+  # placement and pipeline tests only the GPU ones: the rest export models and run in CI.
   timeout "$LIMIT" python3 -m pytest -q -rs -p no:cacheprovider tests/test_ort_op.py \
     tests/test_ort_cuda_placement.py::test_the_cuda_provider_copies_nothing_between_host_and_device \
+    tests/test_ort_cuda_placement.py::test_a_bound_run_on_the_cuda_provider_leaves_its_outputs_on_the_gpu \
+    tests/test_ort_pipelines.py::test_cuda_inputs_on_the_cuda_provider_give_outputs_on_the_gpu \
     2>&1 | tee "$OUT/pytest-ort.log" | tail -8
   # RoBERTa's graph (issue 25's 0.7x is against it) is exported here: with the MRA graphs and
   # the libraries it would pass the 64 MB a call carries.

@@ -11,7 +11,7 @@ import torch
 from ..checkpoints import load_config
 from ..errors import InputError, UserError
 from ..export.info import ExportInfo
-from .model_io import prepare_inputs, wrap_outputs
+from .model_io import ModelInputs, prepare_inputs, wrap_outputs
 
 
 # What transformers' heads take to compute a loss (the QA head's positions, the others' labels).
@@ -62,8 +62,13 @@ class ExportedModel:
         inputs = prepare_inputs(self.info, self.config,
                                 {"input_ids": input_ids, "attention_mask": attention_mask,
                                  "token_type_ids": token_type_ids, **kwargs})
-        outputs = wrap_outputs(self.info, self.run_raw(inputs.arrays), inputs)
+        outputs = wrap_outputs(self.info, self._run_for(inputs), inputs)
         return outputs.to_tuple() if return_dict is False else outputs
+
+    def _run_for(self, inputs: ModelInputs) -> dict:
+        """The outputs for checked ``inputs``: numpy arrays, or torch tensors where a runtime
+        can hand them over on the inputs' device."""
+        return self.run_raw(inputs.arrays)
 
     forward = __call__
 
@@ -75,7 +80,8 @@ class ExportedModel:
     def device(self) -> torch.device:
         """Where the model wants its input tensors: host memory, whatever it computes on
         (onnxruntime and TensorRT copy inputs to the GPU themselves; CUDA tensors are taken too,
-        through a copy to the host, and outputs come back on the inputs' device)."""
+        and outputs come back on the inputs' device: from OrtMraModel on the CUDA provider
+        without passing through the host)."""
         return torch.device("cpu")
 
     @property

@@ -77,11 +77,13 @@ def _zeros_like_ids(value, ids) -> bool:
     return value.shape == ids.shape and not value.any()
 
 
-def wrap_outputs(info: ExportInfo, values: dict[str, np.ndarray], inputs: ModelInputs):
-    """The task's transformers ``ModelOutput``, in torch when the inputs were torch."""
+def wrap_outputs(info: ExportInfo, values: dict, inputs: ModelInputs):
+    """The task's transformers ``ModelOutput`` of ``values`` (numpy arrays or torch tensors),
+    in torch on the inputs' device when the inputs were torch."""
     task = get_task(info.task)
     if inputs.torch_device is not None:
-        values = {name: torch.from_numpy(np.ascontiguousarray(v)).to(inputs.torch_device)
+        values = {name: (v if isinstance(v, torch.Tensor)
+                         else torch.from_numpy(np.ascontiguousarray(v))).to(inputs.torch_device)
                   for name, v in values.items()}
     return task.output_type(**{name: values[name] for name in task.outputs})
 

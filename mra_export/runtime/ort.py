@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from ..errors import UserError, first_line
 from ..native import ORT_OP_LIBRARY, build_dir, check_interface_version, open_library
 from .base import ExportedModel
+from .model_io import ModelInputs
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # CUDA without TF32 (which would move results by ~1e-3 against the float32 model), then the CPU.
@@ -110,17 +112,38 @@ class OrtMraModel(ExportedModel):
     def run_raw(self, arrays: dict[str, np.ndarray], extra_outputs=()) -> dict[str, np.ndarray]:
         session = self._session_for(tuple(extra_outputs))
         names = [o.name for o in session.get_outputs()]
+        if session.get_providers()[0] == CUDA:
+            values = self._bound_run(session, arrays).copy_outputs_to_cpu()
+        else:
+            values = self._onnxruntime_call(lambda: session.run(names, arrays))
+        return {name.removesuffix(AS_FLOAT32): value for name, value in zip(names, values)}
+
+    def _run_for(self, inputs: ModelInputs) -> dict:
+        """CUDA tensors in, on the CUDA provider: the outputs stay on the GPU, handed to torch
+        through DLPack (as Optimum's ORTModel binds them), not copied to the host and back
+        (a fill-mask head's logits are vocabulary x tokens floats a sample)."""
+        session = self._session_for(())
+        device = inputs.torch_device
+        if device is None or device.type != "cuda" or session.get_providers()[0] != CUDA:
+            return super()._run_for(inputs)
+        binding = self._bound_run(session, inputs.arrays)
+        return {output.name.removesuffix(AS_FLOAT32): tensor_of(value)
+                for output, value in zip(session.get_outputs(), binding.get_outputs())}
+
+    def _bound_run(self, session: ort.InferenceSession, arrays) -> ort.IOBinding:
+        """One run of ``session`` with its inputs and outputs on the GPU (``device_binding``)."""
+        def run():
+            binding = device_binding(session, arrays)
+            session.run_with_iobinding(binding)
+            return binding
+        return self._onnxruntime_call(run)
+
+    def _onnxruntime_call(self, call):
         try:
-            if session.get_providers()[0] == CUDA:
-                binding = device_binding(session, arrays)
-                session.run_with_iobinding(binding)
-                values = binding.copy_outputs_to_cpu()
-            else:
-                values = session.run(names, arrays)
+            return call()
         except Exception as error:  # onnxruntime raises its own exception types
             raise UserError(f"onnxruntime failed to run {self.info.onnx_path(self.folder)}: "
                             f"{first_line(error)}") from None
-        return {name.removesuffix(AS_FLOAT32): value for name, value in zip(names, values)}
 
     def _session(self, model: str | bytes) -> ort.InferenceSession:
         try:
@@ -165,6 +188,14 @@ def device_binding(session: ort.InferenceSession, arrays: dict[str, np.ndarray],
     for output in session.get_outputs():
         binding.bind_output(output.name, device, 0)
     return binding
+
+
+def tensor_of(value: ort.OrtValue) -> torch.Tensor:
+    """``value`` as a torch tensor on its own device, sharing its memory (DLPack), or through
+    the host where this onnxruntime's OrtValue has no DLPack."""
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    return torch.from_numpy(value.numpy())
 
 
 def choose_providers(provider, dtype: str = "fp32") -> list:
