@@ -188,7 +188,7 @@ def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, 
     ("gpu_prepare.sh", ["--previous", "no-such-commit"],
      "gpu_prepare.sh: --previous no-such-commit is not a commit of this repository; usage:"),
     ("gpu_session.sh", ["bogus"],
-     "gpu_session.sh: no section 'bogus'; the sections: ab bench check ncu ort sanitize speed tests"),
+     "gpu_session.sh: no section 'bogus'; the sections: ab bench check ncu ort sanitize smoke speed tests"),
 ])
 def test_the_gpu_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, argv, message,
                                                                          tmp_path):
@@ -201,6 +201,31 @@ def test_the_gpu_scripts_refuse_bad_arguments_in_one_line_before_any_work(script
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
     assert done.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("smoke_exit, said", [(1, "rc=1"), (124, "rc=124: a hang")])
+def test_a_failed_smoke_test_leaves_out_the_sections_that_would_wait_on_the_kernels(
+        smoke_exit, said, tmp_path):
+    """gpu_session.sh on a stand-in python3 whose sanitize_kernels.py run fails (or, exiting
+    124 as timeout does, hangs): the GPU tests and the ort section are left out, and
+    gpu_check, which says which cases fail, still runs."""
+    import subprocess
+
+    calls = tmp_path / "calls"
+    stand_in = tmp_path / "bin" / "python3"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                        f'case "$*" in *sanitize_kernels*) exit {smoke_exit};; esac\nexit 0\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run(["bash", str(TOOLS / "gpu_session.sh"), "smoke", "tests", "check", "ort"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{stand_in.parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert done.returncode == 0, done.stderr
+    assert f"== smoke FAILED ({said}): this call leaves out tests speed ncu ort bench" in done.stdout
+    assert "tests left out: the kernels failed the smoke test" in done.stdout
+    assert "ort left out: the kernels failed the smoke test" in done.stdout
+    ran = calls.read_text()
+    assert "gpu_check.py" in ran and "-m pytest" not in ran and "ort_cuda_speed" not in ran
 
 
 def test_gpu_speed_tables_name_the_library_and_leave_out_what_did_not_run(monkeypatch):

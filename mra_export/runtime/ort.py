@@ -175,7 +175,6 @@ class OrtMraModel(ExportedModel):
         return self._session(model.SerializeToString())
 
 
-
 def device_binding(session: ort.InferenceSession, arrays: dict[str, np.ndarray],
                    device: str = "cuda") -> ort.IOBinding:
     """``session``'s I/O binding with ``arrays`` copied to ``device`` ("cuda" or "cpu") once
