@@ -639,6 +639,23 @@ def test_providers_with_options_are_checked_by_name(monkeypatch):
         ort_module.choose_providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"])
 
 
+def test_providers_that_would_replay_a_captured_cuda_graph_are_refused(monkeypatch):
+    """A captured CUDA graph replays its first run's addresses, and OrtMraModel binds new ones
+    at every call: the results would be wrong, silently. Refused, whatever spells "on"."""
+    monkeypatch.setattr(ort_module.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                 "CPUExecutionProvider"])
+    for on in ("1", 1, True, "True"):
+        with pytest.raises(UserError, match="CUDAExecutionProvider's enable_cuda_graph: "
+                                            "OrtMraModel binds new inputs and outputs at every "
+                                            "call"):
+            ort_module.choose_providers([("CUDAExecutionProvider", {"enable_cuda_graph": on})])
+    with pytest.raises(UserError, match="TensorrtExecutionProvider's trt_cuda_graph_enable: "):
+        ort_module.choose_providers(("TensorrtExecutionProvider", {"trt_cuda_graph_enable": "1"}))
+    off = [("CUDAExecutionProvider", {"enable_cuda_graph": "0", "use_tf32": "0"})]
+    assert ort_module.choose_providers(off) == off
+
+
 def test_a_bfloat16_export_is_refused_on_the_cpu_provider_alone(monkeypatch):
     monkeypatch.setattr(ort_module.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     for provider in (None, "CPUExecutionProvider"):

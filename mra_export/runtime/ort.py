@@ -35,6 +35,13 @@ AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strip
 # Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
 BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
                    "CUDA provider, TensorRT, or an fp32/fp16 export")
+# The provider options that capture a run as a CUDA graph and replay it on the addresses it was
+# captured with (onnxruntime's docs: inputs and outputs must stay where they were bound).
+CUDA_GRAPH_OPTIONS = ("enable_cuda_graph", "trt_cuda_graph_enable")
+CUDA_GRAPHS_REFUSED = ("OrtMraModel binds new inputs and outputs at every call, and a captured "
+                       "CUDA graph would replay its first call's addresses, giving wrong results; "
+                       "drop the option (for fixed shapes, bind fixed buffers yourself, as "
+                       "tools/ort_cuda_speed.py does)")
 # Dynamic quantization's int8 kernels (DynamicQuantizeMatMul, uint8 x int8 MatMulInteger) are
 # onnxruntime's CPU provider's.
 INT8_CPU_ONLY = ("onnxruntime computes its dynamically quantized MatMuls on the CPU provider "
@@ -69,7 +76,8 @@ class OrtMraModel(ExportedModel):
         onnxruntime's headers), which this registers in the session options: the C++ twin on the
         CPU provider, the CUDA kernels on the CUDA provider. A bfloat16 export's
         results come back as float32 (numpy has no bfloat16; the widening is exact). An int8
-        export (``mra-export quantize``) runs on the CPU provider only.
+        export (``mra-export quantize``) runs on the CPU provider only. A provider option that
+        captures CUDA graphs (``enable_cuda_graph``) is refused: each call binds new buffers.
         """
         info, config = cls.load_export(folder, verify)
         providers = choose_providers(provider, info.dtype)
@@ -216,6 +224,10 @@ def choose_providers(provider, dtype: str = "fp32") -> list:
                         f"or a list of them, got {provider!r}")
     if dtype == "int8" and any(_provider_name(p) in ON_GPU for p in wanted):
         raise UserError(f"this export is int8: {INT8_CPU_ONLY}")
+    capturing = _cuda_graph_options(wanted)
+    if capturing:
+        name, option = capturing[0]
+        raise UserError(f"{name}'s {option}: {CUDA_GRAPHS_REFUSED}")
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
         raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
@@ -288,6 +300,13 @@ def cast_outputs_to_float32(graph: onnx.GraphProto) -> None:
                                                 to=onnx.TensorProto.FLOAT))
         graph.output.append(onnx.helper.make_tensor_value_info(widened, onnx.TensorProto.FLOAT,
                                                                None))
+
+
+def _cuda_graph_options(providers) -> list[tuple[str, str]]:
+    """(provider, option) for each provider option that turns on CUDA-graph capture."""
+    return [(provider[0], option) for provider in providers if isinstance(provider, tuple)
+            for option in CUDA_GRAPH_OPTIONS
+            if str(provider[1].get(option, "0")).strip().lower() not in ("0", "false", "")]
 
 
 def _is_provider(provider) -> bool:
