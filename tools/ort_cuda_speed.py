@@ -332,6 +332,7 @@ def run(folder: Path) -> dict:
             row["op_vs_portable_max_abs"] = float(np.abs(outputs["mra-op"] - outputs["mra-portable"]).max())
             rows.append(row)
             print(json.dumps(row), flush=True)
+        sessions.clear()  # their memory arenas go before the next sessions'
     # Captured last: a capture that fails inside a kernel may leave the CUDA context unusable.
     for row, name, path, feed, output_types in captures:
         replayed = replayed_ms(lambda: session(path, cuda_graph=True), feed, output_types)
