@@ -66,6 +66,15 @@ unpacked() {
   [ -f "$1" ] && echo "$1"
 }
 
+# Deletes the libraries unpacked from FILE.xz, when the script ends: run on the CPU machine, it
+# would otherwise leave .carry-libs four times its packed size, past what a device call carries.
+remove_unpacked() {
+  local library
+  for library in $(find "$MRA_EXPORT_PLUGIN_BUILD" -name '*.so' 2> /dev/null); do
+    [ ! -f "$library.xz" ] || rm -f "$library"
+  done
+}
+
 # `ab_library DIR`: the path of the A/B build DIR's library (nothing where it has none).
 ab_library() {
   unpacked "$1/libmra_attention_cuda.so"
@@ -195,6 +204,7 @@ for name in "${SECTIONS[@]}"; do
   fi
 done
 mkdir -p "$OUT"
+trap remove_unpacked EXIT
 for packed in "$MRA_EXPORT_PLUGIN_BUILD"/*.so.xz; do
   [ ! -f "$packed" ] || unpacked "${packed%.xz}" > /dev/null
 done
