@@ -113,11 +113,12 @@ fi
 
 du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
 # A session's 15 device minutes hold the machine's start and about one full call of the kernels'
-# sections; onnxruntime-gpu's parts and its section come after, where minutes are left.
+# sections (which need no graph: .carry-onnx, 45 MB, travels with the ort call only);
+# onnxruntime-gpu's parts and its section come after, where minutes are left.
 # The A/B builds the last kernel change asked for first (all seven would take the call).
 AB="nosplit splitalways${PREVIOUS:+ previous-$(git rev-parse --short "$PREVIOUS")}"
 echo "The device calls, back to back (the machine stays warm about 30 s after each):"
-echo "  carry [\".carry-libs\", \".carry-onnx\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
+echo "  carry [\".carry-libs\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
 sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)
 if [ -n "$sums" ]; then
   echo "then, with 6 minutes or more left, onnxruntime-gpu's parts and its section:"
