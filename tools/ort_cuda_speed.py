@@ -44,6 +44,8 @@ GRAPHS = ("mra-portable", "mra-op", "dense")
 BOUND = "_iobinding"  # the keys of I/O-bound timings: inputs and outputs on the GPU
 CAPTURED = "_cudagraph"  # and of those replayed as one captured CUDA graph
 TIMINGS = ("", BOUND, CAPTURED)  # "": session.run from the host
+RATIOS = {"portable_over_op": ("mra-portable", "mra-op"), "op_over_dense": ("mra-op", "dense"),
+          "portable_over_dense": ("mra-portable", "dense")}  # key: (numerator, denominator)
 
 
 def export(folder: Path, dtypes: list[str], names: list[str]) -> None:
@@ -349,9 +351,7 @@ def ratios(row: dict, timing: str) -> dict:
     """The graphs' time ratios of ``row``, from its ``timing`` (one of TIMINGS), under keys
     ending in ``timing``."""
     ms = {name: row.get(f"{name}{timing}_ms") for name in GRAPHS}
-    found = {"portable_over_op": ("mra-portable", "mra-op"), "op_over_dense": ("mra-op", "dense"),
-             "portable_over_dense": ("mra-portable", "dense")}
-    return {f"{key}{timing}": ms[top] / ms[bottom] for key, (top, bottom) in found.items()
+    return {f"{key}{timing}": ms[top] / ms[bottom] for key, (top, bottom) in RATIOS.items()
             if ms[top] is not None and ms[bottom] is not None}
 
 
@@ -401,8 +401,7 @@ def speed_table(rows: list[dict], timing: str, extra: bool = False) -> list[str]
         cells = [r["dtype"], str(r["batch"])]
         cells += ["refused" if f"{name}{timing}_refused" in r
                   else cell(r, f"{name}{timing}_ms", "{:.2f}") for name in GRAPHS]
-        cells += [cell(r, f"{key}{timing}", "{:.2f}x")
-                  for key in ("portable_over_op", "op_over_dense", "portable_over_dense")]
+        cells += [cell(r, f"{key}{timing}", "{:.2f}x") for key in RATIOS]
         if extra:
             cells += [f"{r['op_vs_portable_max_abs']:.1e}",
                       ", ".join(str(r["memcpy_nodes"].get(n, "-")) for n in GRAPHS)]
