@@ -52,7 +52,7 @@ def traced_core(model: torch.nn.Module, inputs: dict, opset: int) -> ir.Model:
     if any(other.settings() != core.settings() for other in others):  # one config, so never
         raise RuntimeError("the model's layers have different MRA settings; one traced core "
                            "cannot stand for every layer")
-    core_inputs = dict(zip(INPUTS, first_core_inputs(model, inputs)))
+    core_inputs = dict(zip(INPUTS, first_core_inputs(model, core, inputs)))
     key = (tuple(core.settings().items()), opset,
            tuple((tuple(t.shape), t.dtype) for t in core_inputs.values()))
     if _reuse and key in _traced:
@@ -80,11 +80,13 @@ def reusing_traces():
         _reuse = outer
 
 
-def first_core_inputs(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, ...]:
-    """The query, key, value and int32 mask the first layer's core gets from ``inputs``: the
-    core is traced alone on them, so that it sees the shapes and dtypes it sees in the model."""
+def first_core_inputs(model: torch.nn.Module, core: torch.nn.Module,
+                      inputs: dict) -> tuple[torch.Tensor, ...]:
+    """The query, key, value and int32 mask ``core`` (the first layer's) gets when ``model``
+    runs on ``inputs``: the core is traced alone on them, so that it sees the shapes and dtypes
+    it sees in the model."""
     seen = []
-    hook = attention_cores(model)[0].register_forward_pre_hook(
+    hook = core.register_forward_pre_hook(
         lambda module, args: seen.append(args[:4]))
     try:
         with torch.no_grad():

@@ -117,11 +117,11 @@ def _trace(model, task: Task, flavour: str, opset: int) -> ir.Model:
     dynamic = torch.export.Dim.DYNAMIC  # named Dims trip torch's constraint solver here
     dynamic_shapes = {name: {axis: dynamic for axis in range(t.dim())}
                       for name, t in inputs.items()}
-    nodes = plugin_node if flavour == "plugin" else attention_function
+    node_of = plugin_node if flavour == "plugin" else attention_function  # whose node it is
     with plugin_node.plugin_nodes(model):
         onnx_model = tracing.onnx_graph(OnnxSignature(model, task).eval(), inputs,
                                         dynamic_shapes, opset, list(task.outputs),
-                                        nodes.translation_table())
+                                        node_of.translation_table())
     if attention_cores(model):
         graph_names.name_attention_contexts(onnx_model)
         if flavour == "portable":

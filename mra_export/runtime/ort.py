@@ -6,6 +6,7 @@ the task, its inputs and outputs, and calls return the task's ModelOutput.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from pathlib import Path
@@ -123,7 +124,8 @@ class OrtMraModel(ExportedModel):
         if session.get_providers()[0] == CUDA:
             values = self._bound_run(session, arrays).copy_outputs_to_cpu()
         else:
-            values = self._onnxruntime_call(lambda: session.run(names, arrays))
+            with self._onnxruntime_errors():
+                values = session.run(names, arrays)
         return {name.removesuffix(AS_FLOAT32): value for name, value in zip(names, values)}
 
     def _run_for(self, inputs: ModelInputs) -> dict:
@@ -140,15 +142,16 @@ class OrtMraModel(ExportedModel):
 
     def _bound_run(self, session: ort.InferenceSession, arrays) -> ort.IOBinding:
         """One run of ``session`` with its inputs and outputs on the GPU (``device_binding``)."""
-        def run():
+        with self._onnxruntime_errors():
             binding = device_binding(session, arrays)
             session.run_with_iobinding(binding)
-            return binding
-        return self._onnxruntime_call(run)
+        return binding
 
-    def _onnxruntime_call(self, call):
+    @contextlib.contextmanager
+    def _onnxruntime_errors(self):
+        """onnxruntime's failures to run the export, as one line."""
         try:
-            return call()
+            yield
         except Exception as error:  # onnxruntime raises its own exception types
             raise UserError(f"onnxruntime failed to run {self.info.onnx_path(self.folder)}: "
                             f"{first_line(error)}") from None
@@ -188,7 +191,7 @@ def device_binding(session: ort.InferenceSession, arrays: dict[str, np.ndarray],
     """``session``'s I/O binding with ``arrays`` copied to ``device`` ("cuda" or "cpu") once
     and every output left there: ``session.run_with_iobinding(binding)`` then runs the graph
     alone, neither copying inputs from the host nor results back (onnxruntime's docs, "I/O
-    Binding"), and still returns only once the device has finished."""
+    Binding"); by default onnxruntime still synchronizes its stream before the run returns."""
     binding = session.io_binding()
     for name, array in arrays.items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
