@@ -51,21 +51,42 @@ def test_memory_trace_reports_every_attention_step_and_restores_them(small_model
     assert patching.mra_attention is entry
 
 
-def test_profile_layer_prints_both_runtimes_operators(small_models, capsys):
-    load_tool("profile_layer").main(["--length", "1024", "--runs", "2"])
+def test_profile_layer_prints_both_runtimes_operators(small_models, capsys, monkeypatch):
+    tool = load_tool("profile_layer")
+    profiles = {}  # each profiler's whole list, before the tool cuts it to its heaviest rows
+
+    def keeping(name, profiler):
+        def run(*args):
+            profiles[name] = profiler(*args)
+            return profiles[name]
+        return run
+
+    monkeypatch.setattr(tool, "profile_pytorch", keeping("pytorch", tool.profile_pytorch))
+    monkeypatch.setattr(tool, "profile_onnxruntime",
+                        keeping("onnxruntime", tool.profile_onnxruntime))
+    tool.main(["--length", "1024", "--runs", "2"])
     out = capsys.readouterr().out
     sections = out.split("\n\n")
     assert sections[0].startswith(f"one MRA layer, batch 1, 1024 tokens, 2 runs; torch threads "
                                   f"{torch.get_num_threads()}")
     pytorch, onnxruntime, nodes = sections[1], sections[2], sections[3]
-    assert pytorch.startswith("PyTorch (eager): ") and "aten::addmm" in pytorch
-    assert onnxruntime.startswith("onnxruntime: ") and re.search(r"\n  MatMul +\d", onnxruntime)
+    assert pytorch.startswith("PyTorch (eager): ")
+    assert onnxruntime.startswith("onnxruntime: ")
     assert nodes.startswith("onnxruntime: heaviest nodes")
-    for section in (pytorch, onnxruntime, nodes):
+    # The layer's linear products run as addmm in PyTorch and as MatMul in onnxruntime. Whether
+    # they make the top rows depends on the machine (CI's did not, at these small widths), so
+    # they are looked for in the whole profile, and the tables must be its heaviest rows.
+    torch_ops = profiles["pytorch"][1]
+    _, ort_ops, ort_nodes = profiles["onnxruntime"]
+    assert "aten::addmm" in dict(torch_ops) and "MatMul" in dict(ort_ops)
+    for section, whole in ((pytorch, torch_ops), (onnxruntime, ort_ops), (nodes, ort_nodes)):
         rows = section.splitlines()[1:]
-        assert 0 < len(rows) <= 12
+        assert 0 < len(rows) == min(tool.TOP, len(whole))
+        assert [row.split()[0] for row in rows] == [name.split()[0] for name, _ in whole[:len(rows)]]
         times = [float(row.split()[-2]) for row in rows]
         assert times == sorted(times, reverse=True) and times[0] > 0
+        cut = whole[len(rows) - 1][1]
+        assert all(ms <= cut for _, ms in whole[len(rows):])  # nothing heavier was left out
 
 
 def test_memory_floor_frees_only_the_attention_and_restores_it(small_models, monkeypatch):
