@@ -227,9 +227,9 @@ def choose_providers(provider, dtype: str = "fp32") -> list:
                         f"or a list of them, got {provider!r}")
     if dtype == "int8" and any(_provider_name(p) in ON_GPU for p in wanted):
         raise UserError(f"this export is int8: {INT8_CPU_ONLY}")
-    capturing = _cuda_graph_options(wanted)
+    capturing = _cuda_graph_option(wanted)
     if capturing:
-        name, option = capturing[0]
+        name, option = capturing
         raise UserError(f"{name}'s {option}: {CUDA_GRAPHS_REFUSED}")
     missing = [name for name in map(_provider_name, wanted) if name not in available]
     if missing:
@@ -305,11 +305,12 @@ def cast_outputs_to_float32(graph: onnx.GraphProto) -> None:
                                                                None))
 
 
-def _cuda_graph_options(providers) -> list[tuple[str, str]]:
-    """(provider, option) for each provider option that turns on CUDA-graph capture."""
-    return [(provider[0], option) for provider in providers if isinstance(provider, tuple)
-            for option in CUDA_GRAPH_OPTIONS
-            if str(provider[1].get(option, "0")).strip().lower() not in ("0", "false", "")]
+def _cuda_graph_option(providers) -> tuple[str, str] | None:
+    """The first (provider, option) whose option turns on CUDA-graph capture, or None."""
+    return next(((provider[0], option) for provider in providers if isinstance(provider, tuple)
+                 for option in CUDA_GRAPH_OPTIONS
+                 if str(provider[1].get(option, "0")).strip().lower() not in ("0", "false", "")),
+                None)
 
 
 def _is_provider(provider) -> bool:
