@@ -20,6 +20,7 @@ import torch
 from filelock import FileLock
 
 from .errors import UserError, first_line
+from .fenced_memory import SIDES, FencedBuffers
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
 BUILD_DIR_VARIABLE = "MRA_EXPORT_PLUGIN_BUILD"  # another build folder than BUILD_DIR
@@ -192,6 +193,7 @@ class MraLibrary:
             self.lib.mraAttentionCuda.argtypes = [*tensors_and_size, ctypes.c_void_p]
         # The emulated kernels take host pointers through the CUDA entry point.
         self.emulated = hasattr(self.lib, "mraCudaEmulationSetSchedule")
+        self.fence = "after"  # the emulated kernels' buffers: fenced after their end (set_fence)
         for counter in ("mraCudaEmulationTakeLargestCluster", "mraCudaEmulationLastLaunchThreads"):
             if hasattr(self.lib, counter):
                 getattr(self.lib, counter).restype = ctypes.c_uint32
@@ -209,6 +211,13 @@ class MraLibrary:
         """The emulated kernels' schedule: lowest thread first (0), highest first (1), else
         random with that seed (CTAs likewise)."""
         self.lib.mraCudaEmulationSetSchedule(ctypes.c_uint32(schedule))
+
+    def set_fence(self, side: str) -> None:
+        """Where the emulated kernels' buffers meet an unmapped page: "after" their end (reads
+        and writes past it fault) or "before" their start."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, not {side!r}")
+        self.fence = side
 
     def set_multiprocessors(self, count: int) -> None:
         """The SMs the emulated GPU reports (132 at first): the selection splits a row over as
@@ -267,18 +276,32 @@ class MraLibrary:
         everything is queued on the current stream, no sync."""
         if workspace_size is None:
             workspace_size = self.workspace_size(params)
+        if self.emulated:
+            return self._run_emulated(params, query, key, value, mask, workspace_size)
         output = torch.empty_like(query)  # dense query: its strides, so laid out as it is
         workspace = torch.empty(workspace_size, dtype=torch.uint8, device=query.device)
         pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
-        if self.emulated:
-            workspace.fill_(0xFF)  # device memory starts as garbage: unwritten reads show as NaN
-            output.fill_(float("nan"))
-            status = self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, None)
-        elif query.is_cuda:
+        if query.is_cuda:
             status = self._run_cuda(params, pointers, workspace_size, query.device)
         else:
             status = self.lib.mraAttentionCpu(ctypes.byref(params), *pointers, workspace_size)
         self.check(status)
+        return output, workspace
+
+    def _run_emulated(self, params, query, key, value, mask, workspace_size: int):
+        """``run`` for the emulated kernels, on fenced memory (``fenced_memory``): every buffer
+        exactly its size against an unmapped page on ``self.fence``'s side, so a global read or
+        write outside it faults, as compute-sanitizer's memcheck reports one; the output and
+        workspace start as garbage (0xff, NaN as float), so an unwritten element shows."""
+        fenced = FencedBuffers(self.fence)
+        query, key, value = (fenced.copy(name, tensor) for name, tensor in
+                             (("query", query), ("key", key), ("value", value)))
+        mask = fenced.copy("mask", mask, alignment=4)  # int32, read as such
+        output = fenced.empty("output", query.dtype, query.shape, query.stride())
+        workspace = fenced.empty("workspace", torch.uint8, (workspace_size,), alignment=256)
+        pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
+        self.check(self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, None))
+        fenced.check(self.path.name)
         return output, workspace
 
     def _run_cuda(self, params, pointers, workspace_size: int, device: torch.device) -> int:
@@ -371,8 +394,13 @@ class PluginRunner:
         names = [name.encode() for name in attributes]
         texts = [v.encode() if isinstance(v, str) else None for v in attributes.values()]
         numbers = [0 if isinstance(v, str) else int(v) for v in attributes.values()]
-        query, key, value, mask = c_inputs(query, key, value, mask)
-        output = torch.full_like(query, float("nan"))  # unwritten outputs show
+        # Fenced as the emulated kernels' own calls are (MraLibrary._run_emulated); the
+        # workspace is the runner's, fenced likewise (plugins/tests/guardedBuffer.h).
+        fenced = FencedBuffers()
+        query, key, value, mask = (fenced.copy(name, tensor, alignment) for name, tensor, alignment
+                                   in zip(("query", "key", "value", "mask"),
+                                          c_inputs(query, key, value, mask), (16, 16, 16, 4)))
+        output = fenced.empty("output", query.dtype, query.shape)  # 0xff: unwritten outputs show
         error = ctypes.create_string_buffer(2048)
         status = self.lib.mraPluginRun(
             str(self.plugin_library).encode(), len(names), (ctypes.c_char_p * len(names))(*names),
@@ -382,4 +410,5 @@ class PluginRunner:
             error, ctypes.sizeof(error))
         if status != 0:
             raise RuntimeError(f"{self.plugin_library.name}: {error.value.decode()}")
+        fenced.check(self.plugin_library.name)
         return output

@@ -10,7 +10,9 @@ expf; tests/test_cuda_kernels.py and tools/gpu_check.py check those on a GPU.
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from mra_export import native
 from mra_export.attention import mra_attention, selected_blocks
+from mra_export.fenced_memory import SIDES
 from mra_export.kernel_check import compare_with_reference
 
 from .conftest import random_qkv, ragged_mask
@@ -124,6 +127,57 @@ def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype,
     assert threads == {132: 2 * group if splits else group, 1: group}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, layout):
+    """Every other test here runs the kernels on buffers that end against an unmapped page
+    (mra_export/fenced_memory.py), so a global read or write past a buffer's end faults; this
+    one puts the page before each buffer's start. A ragged batch with an all-padding sample, 300
+    tokens (a partial last block), both modes, query blocks split over two thread groups (132
+    SMs) and not (1 SM): PyTorch's blocks and attention, and no fault."""
+    q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 300, 64, seed=5))
+    mask = ragged_mask(3, 300, [300, 0, 170])
+    relative = dtype != torch.float32
+    tolerance = HALF_TOLERANCES[dtype] if relative else TOLERANCE
+    try:
+        emulated_kernels.set_fence("before")
+        for multiprocessors in (132, 1):
+            emulated_kernels.set_multiprocessors(multiprocessors)
+            for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
+                            initial_prior_diagonal_n_blocks=2),
+                       dict(num_blocks=5, approx_mode="sparse")):
+                ours, selected = emulated_kernels.attention(q, k, v, mask, layout=layout, **kw)
+                result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
+                                                tolerance=tolerance, **kw)
+                assert result.passed and result.same_blocks, (multiprocessors, result.summary())
+    finally:
+        emulated_kernels.set_fence("after")
+        emulated_kernels.set_multiprocessors(132)
+
+
+# One call sized right, then one told that Q, K and V are twice as long as they are.
+READ_PAST_THE_END = """
+import sys, torch
+from mra_export import native
+library = native.MraLibrary(sys.argv[1])
+q, mask = torch.randn(1, 1, 64, 32), torch.ones(1, 128, dtype=torch.int32)
+for tokens in (64, 128):
+    library.run(native.make_params((1, 1, tokens, 32), torch.float32, num_blocks=4), q, q, q,
+                mask[:, :tokens].contiguous() if tokens == 64 else mask)
+    print(f"ran at {tokens} tokens", flush=True)
+"""
+
+
+def test_a_call_reading_past_its_buffers_faults(emulated_kernels):
+    """The kernels run on fenced buffers: reading past the end of Q, K and V faults, as
+    compute-sanitizer's memcheck would report it on a GPU, instead of reading whatever lies
+    there."""
+    run = subprocess.run([sys.executable, "-c", READ_PAST_THE_END, str(emulated_kernels.path)],
+                         capture_output=True, text=True, timeout=300)
+    assert "ran at 64 tokens" in run.stdout, run.stdout + run.stderr
+    assert "ran at 128 tokens" not in run.stdout and run.returncode == -signal.SIGSEGV
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_real_keys_far_below_a_padded_key_maximum_do_not_underflow(emulated_kernels, dtype):
     """As in test_cuda_kernels.py: padded keys (logit 0) set M, real logits are -14; the kernels
@@ -221,16 +275,21 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
        head_dim=st.sampled_from([32, 64, 128]), num_blocks=st.integers(1, 40),
        mode=st.sampled_from(["full", "sparse"]), first=st.integers(0, 2),
        diagonal=st.integers(0, 4), schedule=st.sampled_from(SCHEDULES),
-       seed=st.integers(0, 10_000), data=st.data())
+       fence=st.sampled_from(SIDES), seed=st.integers(0, 10_000), data=st.data())
 def test_random_problems(emulated_kernels, batch, heads, seq_len, head_dim, num_blocks, mode,
-                         first, diagonal, schedule, seed, data):
+                         first, diagonal, schedule, fence, seed, data):
+    """Under a drawn schedule, with each buffer fenced after its end or before its start."""
     lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch))
     q, k, v = random_qkv(batch, heads, seq_len, head_dim, seed=seed)
     mask = ragged_mask(batch, seq_len, lengths)
     emulated_kernels.set_schedule(schedule)
     kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=first,
               initial_prior_diagonal_n_blocks=diagonal)
-    assert check(emulated_kernels, q, k, v, mask, **kw) <= TOLERANCE
+    try:
+        emulated_kernels.set_fence(fence)
+        assert check(emulated_kernels, q, k, v, mask, **kw) <= TOLERANCE
+    finally:
+        emulated_kernels.set_fence("after")
 
 
 def test_the_emulation_checks_itself(emulated_kernels):
