@@ -19,7 +19,8 @@ PyTorch reference, and time them against it and against dense attention.
 ``--no-timing`` leaves out step 3 (both for a lent GPU's scarce minutes: tools/gpu_session.sh).
 Prints one table and writes JSON. Without a GPU, `--emulated` runs step 2 alone on the kernels'
 source compiled for the CPU under plugins/tests/cuda_emulation (their logic, not their speed or
-tensor-core rounding). Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
+tensor-core rounding), each buffer against an unmapped page after its end (``--fence before``:
+before its start), so a read or write across the edge faults. Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
 <= 1e-2 relative, the same selection (up to ties within an ulp); at 4096 tokens, batch 1, the
 kernels >= 5x faster than the PyTorch reference and faster than dense SDPA.
 """
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from mra_export import native  # noqa: E402
 from mra_export.attention import mra_attention  # noqa: E402
 from mra_export.errors import UserError  # noqa: E402
+from mra_export.fenced_memory import SIDES  # noqa: E402
 from mra_export.files import atomic_write_text, check_writable_file  # noqa: E402
 from mra_export.kernel_check import compare_with_reference  # noqa: E402
 
@@ -248,6 +250,9 @@ def main() -> int:
     parser.add_argument("--emulated", action="store_true",
                         help="no GPU needed: the correctness cases on the kernels' source under the CPU "
                              "CUDA emulation (plugins/tests/cuda_emulation); no timings")
+    parser.add_argument("--fence", choices=SIDES, default="after",
+                        help="with --emulated: where each buffer meets an unmapped page, so a read "
+                             "or write across that edge faults (mra_export/fenced_memory.py)")
     args = parser.parse_args()
     try:
         check_writable_file(args.out)  # now, not after minutes of a lent GPU's time
@@ -263,6 +268,7 @@ def main() -> int:
     except UserError as error:  # a library that is missing, foreign or of another version
         parser.error(str(error))
     if args.emulated:
+        lib.set_fence(args.fence)
         return check_emulated(args, lib, started)
     device = torch.cuda.get_device_name()
     print("checking correctness ...", flush=True)
@@ -289,8 +295,12 @@ def load_kernels(args) -> native.MraLibrary:
     return build_emulated_kernels() if args.emulated else build_kernels(Path(args.build_dir))
 
 
+FENCED_EDGE = {"after": "after its end", "before": "before its start"}
+
+
 def check_emulated(args, lib: native.MraLibrary, started: float) -> int:
-    device = "CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU"
+    device = ("CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU; "
+              f"each buffer fenced by an unmapped page {FENCED_EDGE[lib.fence]}")
     print("checking correctness under the emulation ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")
     print(f"\n{device}; no timings (an emulation says nothing of speed)")
