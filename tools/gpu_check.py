@@ -20,9 +20,10 @@ PyTorch reference, and time them against it and against dense attention.
 Prints one table and writes JSON. Without a GPU, `--emulated` runs step 2 alone on the kernels'
 source compiled for the CPU under plugins/tests/cuda_emulation (their logic, not their speed or
 tensor-core rounding), each buffer against an unmapped page after its end (``--fence before``:
-before its start), so a read or write across the edge faults. Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16
-<= 1e-2 relative, the same selection (up to ties within an ulp); at 4096 tokens, batch 1, the
-kernels >= 5x faster than the PyTorch reference and faster than dense SDPA.
+before its start), so a read or write across the edge faults. Targets (issue 4): fp32 error
+<= 1e-5, fp16 <= 2e-3 and bf16 <= 1e-2 relative, the same selection (up to ties within an ulp);
+at 4096 tokens, batch 1, the kernels >= 5x faster than the PyTorch reference and faster than
+dense SDPA.
 """
 
 from __future__ import annotations
