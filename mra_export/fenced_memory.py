@@ -27,14 +27,20 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mprotect.restype = ctypes.c_int
 
 
+def check_side(side: str) -> str:
+    """``side`` if it is one of SIDES, else a ValueError naming them."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, not {side!r}")
+    return side
+
+
 class FencedBuffer:
     """``nbytes`` bytes starting ``alignment``-aligned, fenced on ``side`` by an unmapped page;
     filled with 0xff (NaN as float), as device memory is garbage. The mapping lives as long as
     this buffer or any tensor made from it."""
 
     def __init__(self, nbytes: int, alignment: int, side: str = "after"):
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, not {side!r}")
+        check_side(side)
         page = mmap.PAGESIZE
         pages = -(-(nbytes + alignment) // page) + 1
         self._map = mmap.mmap(-1, pages * page)
@@ -73,9 +79,13 @@ class FencedBuffers:
         self._buffers[name] = FencedBuffer(nbytes, alignment, self.side)
         return self._buffers[name].tensor(dtype, shape, stride)
 
+    def empty_like(self, name: str, tensor: torch.Tensor, alignment: int = 16) -> torch.Tensor:
+        """An uninitialised (0xff) tensor of a dense ``tensor``'s dtype, shape and strides."""
+        return self.empty(name, tensor.dtype, tensor.shape, tensor.stride(), alignment)
+
     def copy(self, name: str, tensor: torch.Tensor, alignment: int = 16) -> torch.Tensor:
         """A copy of a dense CPU ``tensor``, with its shape and strides."""
-        return self.empty(name, tensor.dtype, tensor.shape, tensor.stride(), alignment).copy_(tensor)
+        return self.empty_like(name, tensor, alignment).copy_(tensor)
 
     def check(self, who: str) -> None:
         """A RuntimeError naming the first buffer ``who`` wrote past the end of, if any."""

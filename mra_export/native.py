@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock
 
 from .errors import UserError, first_line
-from .fenced_memory import SIDES, FencedBuffers
+from .fenced_memory import FencedBuffers, check_side
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
 BUILD_DIR_VARIABLE = "MRA_EXPORT_PLUGIN_BUILD"  # another build folder than BUILD_DIR
@@ -91,6 +91,14 @@ def c_inputs(query, key, value, mask, layout: str = "bhsd") -> tuple[torch.Tenso
     the mask contiguous int32 0/1."""
     query, key, value = (in_layout(t, layout) for t in (query, key, value))
     return query, key, value, (mask != 0).to(torch.int32).contiguous()
+
+
+def fenced_inputs(fenced: FencedBuffers, query, key, value, mask) -> tuple[torch.Tensor, ...]:
+    """``c_inputs``' tensors copied into ``fenced``: Q, K and V 16-byte aligned (they move in
+    16-byte vectors), the int32 mask 4-byte aligned (read as such)."""
+    return (*(fenced.copy(name, tensor) for name, tensor in
+              (("query", query), ("key", key), ("value", value))),
+            fenced.copy("mask", mask, alignment=4))
 
 
 class MraAttentionParams(ctypes.Structure):
@@ -215,9 +223,7 @@ class MraLibrary:
     def set_fence(self, side: str) -> None:
         """Where the emulated kernels' buffers meet an unmapped page: "after" their end (reads
         and writes past it fault) or "before" their start."""
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, not {side!r}")
-        self.fence = side
+        self.fence = check_side(side)
 
     def set_multiprocessors(self, count: int) -> None:
         """The SMs the emulated GPU reports (132 at first): the selection splits a row over as
@@ -272,8 +278,9 @@ class MraLibrary:
         """One call of the library on tensors the caller has checked (laid out as
         ``params.layout`` says, one device, one dtype, an int32 mask); returns ``(output,
         workspace)``, the output in the same layout. ``workspace_size``: ``workspace_size(params)``
-        where the caller has it already. The workspace comes from PyTorch's allocator; on CUDA
-        everything is queued on the current stream, no sync."""
+        where the caller has it already. The workspace comes from PyTorch's allocator (for the
+        emulated kernels, every buffer from fenced memory); on CUDA everything is queued on the
+        current stream, no sync."""
         if workspace_size is None:
             workspace_size = self.workspace_size(params)
         if self.emulated:
@@ -294,10 +301,8 @@ class MraLibrary:
         write outside it faults, as compute-sanitizer's memcheck reports one; the output and
         workspace start as garbage (0xff, NaN as float), so an unwritten element shows."""
         fenced = FencedBuffers(self.fence)
-        query, key, value = (fenced.copy(name, tensor) for name, tensor in
-                             (("query", query), ("key", key), ("value", value)))
-        mask = fenced.copy("mask", mask, alignment=4)  # int32, read as such
-        output = fenced.empty("output", query.dtype, query.shape, query.stride())
+        query, key, value, mask = fenced_inputs(fenced, query, key, value, mask)
+        output = fenced.empty_like("output", query)
         workspace = fenced.empty("workspace", torch.uint8, (workspace_size,), alignment=256)
         pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
         self.check(self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, None))
@@ -397,10 +402,8 @@ class PluginRunner:
         # Fenced as the emulated kernels' own calls are (MraLibrary._run_emulated); the
         # workspace is the runner's, fenced likewise (plugins/tests/guardedBuffer.h).
         fenced = FencedBuffers()
-        query, key, value, mask = (fenced.copy(name, tensor, alignment) for name, tensor, alignment
-                                   in zip(("query", "key", "value", "mask"),
-                                          c_inputs(query, key, value, mask), (16, 16, 16, 4)))
-        output = fenced.empty("output", query.dtype, query.shape)  # 0xff: unwritten outputs show
+        query, key, value, mask = fenced_inputs(fenced, *c_inputs(query, key, value, mask))
+        output = fenced.empty_like("output", query)  # 0xff: unwritten outputs show
         error = ctypes.create_string_buffer(2048)
         status = self.lib.mraPluginRun(
             str(self.plugin_library).encode(), len(names), (ctypes.c_char_p * len(names))(*names),

@@ -35,10 +35,15 @@ HALF_TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, as on
 
 
 @pytest.fixture(autouse=True)
-def lowest_thread_first(emulated_kernels):
-    emulated_kernels.set_schedule(0)
+def lowest_thread_first_fenced_after(emulated_kernels):
+    """Each test starts, and leaves the library, on schedule 0 with the page after each buffer."""
+    def reset():
+        emulated_kernels.set_schedule(0)
+        emulated_kernels.set_fence("after")
+
+    reset()
     yield
-    emulated_kernels.set_schedule(0)
+    reset()
 
 
 @pytest.mark.parametrize("seq_len,num_blocks,mode,priors", CASES)
@@ -130,17 +135,17 @@ def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, layout):
-    """Every other test here runs the kernels on buffers that end against an unmapped page
+    """The tests here run the kernels on buffers that end against an unmapped page
     (mra_export/fenced_memory.py), so a global read or write past a buffer's end faults; this
-    one puts the page before each buffer's start. A ragged batch with an all-padding sample, 300
+    one (and some random problems) put the page before each buffer's start. A ragged batch with an all-padding sample, 300
     tokens (a partial last block), both modes, query blocks split over two thread groups (132
     SMs) and not (1 SM): PyTorch's blocks and attention, and no fault."""
     q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 300, 64, seed=5))
     mask = ragged_mask(3, 300, [300, 0, 170])
     relative = dtype != torch.float32
     tolerance = HALF_TOLERANCES[dtype] if relative else TOLERANCE
+    emulated_kernels.set_fence("before")
     try:
-        emulated_kernels.set_fence("before")
         for multiprocessors in (132, 1):
             emulated_kernels.set_multiprocessors(multiprocessors)
             for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
@@ -151,7 +156,6 @@ def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, lay
                                                 tolerance=tolerance, **kw)
                 assert result.passed and result.same_blocks, (multiprocessors, result.summary())
     finally:
-        emulated_kernels.set_fence("after")
         emulated_kernels.set_multiprocessors(132)
 
 
@@ -286,11 +290,8 @@ def test_random_problems(emulated_kernels, batch, heads, seq_len, head_dim, num_
     emulated_kernels.set_schedule(schedule)
     kw = dict(num_blocks=num_blocks, approx_mode=mode, initial_prior_first_n_blocks=first,
               initial_prior_diagonal_n_blocks=diagonal)
-    try:
-        emulated_kernels.set_fence(fence)
-        assert check(emulated_kernels, q, k, v, mask, **kw) <= TOLERANCE
-    finally:
-        emulated_kernels.set_fence("after")
+    emulated_kernels.set_fence(fence)
+    assert check(emulated_kernels, q, k, v, mask, **kw) <= TOLERANCE
 
 
 def test_the_emulation_checks_itself(emulated_kernels):
