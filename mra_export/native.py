@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from filelock import FileLock
 
 from .errors import UserError, first_line
-from .fenced_memory import FencedBuffers, check_side
+from .fenced_memory import SIDES, FencedBuffers, check_side
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
 BUILD_DIR_VARIABLE = "MRA_EXPORT_PLUGIN_BUILD"  # another build folder than BUILD_DIR
@@ -299,11 +300,14 @@ class MraLibrary:
         """``run`` for the emulated kernels, on fenced memory (``fenced_memory``): every buffer
         exactly its size against an unmapped page on ``self.fence``'s side, so a global read or
         write outside it faults, as compute-sanitizer's memcheck reports one; the output and
-        workspace start as garbage (0xff, NaN as float), so an unwritten element shows."""
+        workspace start as garbage (0xff, NaN as float), so an unwritten element shows. Inside
+        the workspace, the library fences each section likewise, on the same side
+        (plugins/tests/cuda_emulation/fencedWorkspace.cpp); it wants the workspace on a page."""
+        self.lib.mraCudaEmulationSetWorkspaceFence(ctypes.c_uint32(SIDES.index(self.fence)))
         fenced = FencedBuffers(self.fence)
         query, key, value, mask = fenced_inputs(fenced, query, key, value, mask)
         output = fenced.empty_like("output", query)
-        workspace = fenced.empty("workspace", torch.uint8, (workspace_size,), alignment=256)
+        workspace = fenced.empty("workspace", torch.uint8, (workspace_size,), alignment=mmap.PAGESIZE)
         pointers = [t.data_ptr() for t in (query, key, value, mask, output, workspace)]
         self.check(self.lib.mraAttentionCuda(ctypes.byref(params), *pointers, workspace_size, None))
         fenced.check(self.path.name)

@@ -10,6 +10,8 @@ expf; tests/test_cuda_kernels.py and tools/gpu_check.py check those on a GPU.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import signal
 import subprocess
 import sys
@@ -181,6 +183,76 @@ def test_a_call_reading_past_its_buffers_faults(emulated_kernels):
                          capture_output=True, text=True, timeout=300)
     assert "ran with K and V of 128 tokens" in run.stdout, run.stdout + run.stderr
     assert "of 64 tokens" not in run.stdout and run.returncode == -signal.SIGSEGV
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_each_workspace_section_lies_against_a_page_of_its_own(emulated_kernels, side):
+    """Inside the workspace the emulated library fences each section as the caller fences each
+    buffer (plugins/tests/cuda_emulation/fencedWorkspace.cpp): the selected blocks, the section
+    callers read, end less than 256 bytes before a page ("after") or start on one ("before")."""
+    page = mmap.PAGESIZE
+    q, k, v = random_qkv(2, 3, 300, 64, seed=3)
+    emulated_kernels.set_fence(side)
+    for num_blocks in (5, 40):
+        params = native.make_params(q.shape, q.dtype, num_blocks=num_blocks)
+        _, workspace = emulated_kernels.run(params, q, k, v, ragged_mask(2, 300, [300, 170]))
+        start = emulated_kernels.lib.mraSelectedBlocks(ctypes.byref(params), workspace.data_ptr())
+        start -= workspace.data_ptr()
+        end = start + 4 * 6 * min(num_blocks, 10 * 10)  # 2 x 3 rows, nb = 10
+        if side == "after":
+            assert start % 256 == 0 and 0 <= -end % page < 256, (start, end)
+        else:
+            assert start % page == 0, start
+        assert len(workspace) >= end + page
+    cpu = native.MraLibrary.cpu()
+    assert emulated_kernels.workspace_size(params) >= cpu.workspace_size(params) + 11 * page
+
+
+# A call, then one whose mask lies in the workspace, in the gap after the selected blocks'
+# section: the first kernel reads it while that page is fenced.
+READ_A_WORKSPACE_GAP = """
+import ctypes, mmap, sys, torch
+from mra_export import native
+from mra_export.fenced_memory import FencedBuffers
+library = native.MraLibrary(sys.argv[1])
+q, mask = torch.randn(1, 1, 128, 32), torch.ones(1, 128, dtype=torch.int32)
+output = torch.empty_like(q)
+params = native.make_params(q.shape, q.dtype, num_blocks=4)
+size = library.workspace_size(params)
+workspace = FencedBuffers().empty("workspace", torch.uint8, (size,), alignment=mmap.PAGESIZE)
+base = workspace.data_ptr()
+selected_end = library.lib.mraSelectedBlocks(ctypes.byref(params), base) + 4 * 4
+gap = -(-selected_end // mmap.PAGESIZE) * mmap.PAGESIZE
+for where, mask_pointer in (("its own", mask.data_ptr()), ("a gap", gap)):
+    pointers = [t.data_ptr() for t in (q, q, q)] + [mask_pointer, output.data_ptr(), base]
+    library.check(library.lib.mraAttentionCuda(ctypes.byref(params), *pointers, size, None))
+    print(f"ran with the mask in {where}", flush=True)
+"""
+
+
+def test_a_kernel_reading_a_workspace_gap_faults(emulated_kernels):
+    """The pages between the workspace's sections are inaccessible while the kernels run: a
+    read there faults, where on a GPU it would read the next section (without the fence the
+    call ran to the end)."""
+    run = subprocess.run([sys.executable, "-c", READ_A_WORKSPACE_GAP, str(emulated_kernels.path)],
+                         capture_output=True, text=True, timeout=300)
+    assert "ran with the mask in its own" in run.stdout, run.stdout + run.stderr
+    assert "in a gap" not in run.stdout and run.returncode == -signal.SIGSEGV
+
+
+def test_a_workspace_not_on_a_page_is_refused(emulated_kernels):
+    """The sections are fenced by pages, so the emulated kernels want the workspace on one (a
+    caller's bug here, not a user's: TensorRT and the CUDA kernels need 256 bytes)."""
+    q = torch.randn(1, 1, 64, 32)
+    params = native.make_params(q.shape, q.dtype, num_blocks=4)
+    size = emulated_kernels.workspace_size(params)
+    workspace = torch.empty(size + 2 * mmap.PAGESIZE, dtype=torch.uint8)
+    off_page = (-workspace.data_ptr() % mmap.PAGESIZE) + 256 + workspace.data_ptr()
+    mask = torch.ones(1, 64, dtype=torch.int32)
+    pointers = [t.data_ptr() for t in (q, q, q, mask, torch.empty_like(q))] + [off_page]
+    status = emulated_kernels.lib.mraAttentionCuda(ctypes.byref(params), *pointers, size, None)
+    with pytest.raises(RuntimeError, match="workspace must start on a page"):
+        emulated_kernels.check(status)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -19,11 +19,11 @@ PyTorch reference, and time them against it and against dense attention.
 ``--no-timing`` leaves out step 3 (both for a lent GPU's scarce minutes: tools/gpu_session.sh).
 Prints one table and writes JSON. Without a GPU, `--emulated` runs step 2 alone on the kernels'
 source compiled for the CPU under plugins/tests/cuda_emulation (their logic, not their speed or
-tensor-core rounding), each buffer against an unmapped page after its end (``--fence before``:
-before its start), so a read or write across the edge faults. Targets (issue 4): fp32 error
-<= 1e-5, fp16 <= 2e-3 and bf16 <= 1e-2 relative, the same selection (up to ties within an ulp);
-at 4096 tokens, batch 1, the kernels >= 5x faster than the PyTorch reference and faster than
-dense SDPA.
+tensor-core rounding), each buffer and each section of the workspace against an unmapped page
+after its end (``--fence before``: before its start), so a read or write across the edge faults.
+Targets (issue 4): fp32 error <= 1e-5, fp16 <= 2e-3 and bf16 <= 1e-2 relative, the same
+selection (up to ties within an ulp); at 4096 tokens, batch 1, the kernels >= 5x faster than the
+PyTorch reference and faster than dense SDPA.
 """
 
 from __future__ import annotations
@@ -252,8 +252,9 @@ def main() -> int:
                         help="no GPU needed: the correctness cases on the kernels' source under the CPU "
                              "CUDA emulation (plugins/tests/cuda_emulation); no timings")
     parser.add_argument("--fence", choices=SIDES, default="after",
-                        help="with --emulated: where each buffer meets an unmapped page, so a read "
-                             "or write across that edge faults (mra_export/fenced_memory.py)")
+                        help="with --emulated: where each buffer and workspace section meets an "
+                             "unmapped page, so a read or write across that edge faults "
+                             "(mra_export/fenced_memory.py, plugins/tests/cuda_emulation/fencedWorkspace.cpp)")
     args = parser.parse_args()
     try:
         check_writable_file(args.out)  # now, not after minutes of a lent GPU's time
@@ -301,7 +302,7 @@ FENCED_EDGE = {"after": "after its end", "before": "before its start"}
 
 def check_emulated(args, lib: native.MraLibrary, started: float) -> int:
     device = ("CPU emulation of the CUDA kernels (plugins/tests/cuda_emulation), not a GPU; "
-              f"each buffer fenced by an unmapped page {FENCED_EDGE[lib.fence]}")
+              f"each buffer and workspace section fenced by an unmapped page {FENCED_EDGE[lib.fence]}")
     print("checking correctness under the emulation ...", flush=True)
     correctness = check_correctness(lib, correctness_cases(args.quick), device="cpu")
     print(f"\n{device}; no timings (an emulation says nothing of speed)")

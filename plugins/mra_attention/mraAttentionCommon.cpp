@@ -10,12 +10,14 @@ namespace mra
 namespace
 {
 
+#ifndef MRA_FENCED_WORKSPACE
 constexpr size_t kAlignment = 256;
 
 size_t alignUp(size_t bytes)
 {
     return (bytes + kAlignment - 1) / kAlignment * kAlignment;
 }
+#endif
 
 // Multiplies step by step so that no intermediate product can overflow int64: every factor is
 // a positive int32, and each partial product is checked before the next multiplication.
@@ -60,29 +62,40 @@ Problem makeProblem(MraAttentionParams const& params)
     return p;
 }
 
-WorkspaceLayout makeLayout(Problem const& p)
+std::array<WorkspaceRegion, kWorkspaceRegions> workspaceRegions(Problem const& p)
 {
     size_t const rows = static_cast<size_t>(p.rows);
     size_t const nb = static_cast<size_t>(p.nb);
-    size_t const means = alignUp(rows * nb * p.headDim * sizeof(float));
+    size_t const means = rows * nb * p.headDim * sizeof(float);
+    size_t const perBlock = rows * nb * sizeof(float);
+    return {{
+        {"counts", &WorkspaceLayout::counts, static_cast<size_t>(p.batch) * nb * sizeof(float)},
+        {"queryMean", &WorkspaceLayout::queryMean, means},
+        {"keyMean", &WorkspaceLayout::keyMean, means},
+        {"valueMean", &WorkspaceLayout::valueMean, means},
+        {"lowLogits", &WorkspaceLayout::lowLogits, rows * nb * nb * sizeof(float)},
+        {"rowMax", &WorkspaceLayout::rowMax, perBlock},
+        {"threshold", &WorkspaceLayout::threshold, rows * sizeof(float)},
+        {"selected", &WorkspaceLayout::selected, rows * static_cast<size_t>(p.topK) * sizeof(int32_t)},
+        {"rowStart", &WorkspaceLayout::rowStart, rows * (nb + 1) * sizeof(int32_t)},
+        {"lowOut", &WorkspaceLayout::lowOut, means},
+        {"lowNorm", &WorkspaceLayout::lowNorm, perBlock},
+    }};
+}
+
+WorkspaceLayout makeLayout(Problem const& p)
+{
     WorkspaceLayout layout{};
     size_t offset = 0;
-    auto take = [&offset](size_t bytes) {
-        size_t const start = offset;
-        offset += alignUp(bytes);
-        return start;
-    };
-    layout.counts = take(static_cast<size_t>(p.batch) * nb * sizeof(float));
-    layout.queryMean = take(means);
-    layout.keyMean = take(means);
-    layout.valueMean = take(means);
-    layout.lowLogits = take(rows * nb * nb * sizeof(float));
-    layout.rowMax = take(rows * nb * sizeof(float));
-    layout.threshold = take(rows * sizeof(float));
-    layout.selected = take(rows * static_cast<size_t>(p.topK) * sizeof(int32_t));
-    layout.rowStart = take(rows * (nb + 1) * sizeof(int32_t));
-    layout.lowOut = take(means);
-    layout.lowNorm = take(rows * nb * sizeof(float));
+    for (WorkspaceRegion const& region : workspaceRegions(p))
+    {
+#ifdef MRA_FENCED_WORKSPACE
+        layout.*region.offset = placeFencedRegion(offset, region.bytes);
+#else
+        layout.*region.offset = offset;
+        offset += alignUp(region.bytes);
+#endif
+    }
     layout.total = offset;
     return layout;
 }

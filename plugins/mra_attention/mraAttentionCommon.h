@@ -9,6 +9,7 @@
 
 #include "mraAttention.h"
 
+#include <array>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -53,7 +54,8 @@ MRA_HOST_DEVICE inline size_t tokenOffset(Problem const& p, int32_t row, int32_t
 
 Problem makeProblem(MraAttentionParams const& params);
 
-//! Byte offsets of the workspace sections (each 256-byte aligned).
+//! Byte offsets of the workspace sections (each 256-byte aligned; in the CUDA emulation's builds,
+//! each also against an unmapped page: MRA_FENCED_WORKSPACE).
 struct WorkspaceLayout
 {
     size_t counts;    //!< float [batch, nb]        real tokens per block
@@ -70,7 +72,27 @@ struct WorkspaceLayout
     size_t total;
 };
 
+//! One workspace section: its name, its offset's field in WorkspaceLayout, and its exact size.
+struct WorkspaceRegion
+{
+    char const* name;
+    size_t WorkspaceLayout::*offset;
+    size_t bytes;
+};
+
+constexpr int kWorkspaceRegions = 11;
+
+//! The sections in layout order, unaligned sizes: makeLayout places them, the CUDA emulation
+//! fences the gaps between them (plugins/tests/cuda_emulation/fencedWorkspace.cpp).
+std::array<WorkspaceRegion, kWorkspaceRegions> workspaceRegions(Problem const& problem);
+
 WorkspaceLayout makeLayout(Problem const& problem);
+
+#ifdef MRA_FENCED_WORKSPACE
+//! Builds under the CUDA emulation only: where a section of `bytes` goes, at or after `offset`,
+//! with an unmapped page after it; moves `offset` past that page (fencedWorkspace.cpp).
+size_t placeFencedRegion(size_t& offset, size_t bytes);
+#endif
 
 //! The workspace sections as typed pointers (host memory for the CPU, device memory for CUDA).
 struct Scratch

@@ -210,13 +210,14 @@ struct Stream
     void synchronize(char const* /*step*/) const {}
 };
 
-//! TensorRT's workspace in host memory: getWorkspaceSize bytes, 256-aligned, uninitialised,
-//! a canary and an unmapped page after it.
+//! TensorRT's workspace in host memory: getWorkspaceSize bytes, uninitialised, a canary and an
+//! unmapped page after it. On a page (TensorRT gives 256 bytes): the emulated kernels fence
+//! each section of it by pages (cuda_emulation/fencedWorkspace.cpp).
 class Workspace
 {
 public:
     Workspace(size_t bytes, Stream const& /*stream*/)
-        : mBuffer(bytes, 256)
+        : mBuffer(bytes, static_cast<size_t>(sysconf(_SC_PAGESIZE)))
     {
     }
 

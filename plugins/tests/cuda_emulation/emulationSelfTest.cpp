@@ -1,13 +1,15 @@
 /*
  * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
  * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
- * and that it fails where a GPU would hang or be undefined. Prints "N passed, M failed"; exit
+ * and that it fails where a GPU would hang or be undefined; and fencedGaps.h, which fences the
+ * kernels' workspace sections. Prints "N passed, M failed"; exit
  * status 1 on a failure.
  * Launches are written `kernel | ::emu::Launch(grid, block) | ::emu::args(...)` (cudaEmulation.h),
  * dependent ones by cudaLaunchKernelEx, as the kernels launch.
  */
 #include "cudaEmulation.h"
 #include "expect.h"
+#include "fencedGaps.h"
 
 #include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
@@ -20,6 +22,9 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <csignal>
+#include <sys/wait.h>
 
 extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
 extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
@@ -671,6 +676,69 @@ void checkMemoryAndLimits()
         "the occupancy of CTAs of no threads is refused");
 }
 
+//! Whether touching `address` (a read, or a write where `write`) kills a forked child by SIGSEGV.
+bool touchFaults(unsigned char* address, bool write)
+{
+    std::fflush(stdout);
+    pid_t const child = fork();
+    if (child == 0)
+    {
+        if (write)
+        {
+            *reinterpret_cast<unsigned char volatile*>(address) = 1;
+        }
+        else
+        {
+            static_cast<void>(*reinterpret_cast<unsigned char volatile*>(address));
+        }
+        _exit(0);
+    }
+    int status = 0;
+    return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+}
+
+void checkFencedGaps()
+{
+    size_t const page = ::emu::pageSize();
+    size_t const size = 6 * page;
+    void* const mapped = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    auto* const buffer = static_cast<unsigned char*>(mapped);
+    // a: the last 512 bytes before page 2, which is whole in the gap after it; b: from page 3
+    // to 16 bytes into page 4 (the rest of page 4, then page 5, after it). Page 0 is whole too.
+    std::vector<::emu::Section> const sections{{"a", 2 * page - 512, 2 * page}, {"b", 3 * page, 4 * page + 16}};
+    {
+        ::emu::FencedGaps const gaps(buffer, size, sections);
+        expect(gaps.unmappedPages() == 3, "the whole pages between and after the sections are fenced: 0, 2 and 5");
+        expect(gaps.intrudedGap().empty(), "the canaries hold after fencing");
+        expect(touchFaults(buffer + 2 * page, false), "a read one byte past a section that ends on a page faults");
+        expect(touchFaults(buffer + 3 * page - 1, true), "a write one byte before a section that starts on a page faults");
+        expect(!touchFaults(buffer + 2 * page - 1, true) && !touchFaults(buffer + 3 * page, false),
+            "the sections' first and last bytes are free");
+        buffer[2 * page - 1] = 7;
+        buffer[3 * page] = 7;
+        expect(gaps.intrudedGap().empty(), "writes inside the sections leave the canaries");
+        buffer[4 * page + 16] = 7;
+        expect(gaps.intrudedGap() == "after b", "a write into a gap's partial page names the gap");
+        buffer[2 * page - 513] = 7;
+        expect(gaps.intrudedGap() == "before a", "the first gap written is named");
+    }
+    buffer[page] = 1;
+    buffer[5 * page + 1] = 1;
+    expect(buffer[page] == 1 && buffer[5 * page + 1] == 1, "the pages are readable and writable again after");
+    std::vector<::emu::Section> const outside{{"c", page, 2 * page}};
+    bool refused = false;
+    try
+    {
+        ::emu::FencedGaps const gaps(buffer + page / 2, size, outside); // not on a page: mprotect fails
+    }
+    catch (std::runtime_error const& error)
+    {
+        refused = contains(error.what(), "mprotect of the gap before c");
+    }
+    expect(refused, "a buffer whose pages cannot be fenced is refused, naming the gap");
+    munmap(mapped, size);
+}
+
 } // namespace
 
 int main()
@@ -684,5 +752,6 @@ int main()
     checkDependentLaunches();
     checkClusters();
     checkMemoryAndLimits();
+    checkFencedGaps();
     return checks::report();
 }

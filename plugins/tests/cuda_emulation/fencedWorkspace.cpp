@@ -1,0 +1,115 @@
+/*
+ * The emulated kernels' workspace with each section fenced, as mra_export/native.py fences each
+ * whole buffer: a section overrun by the kernels faults the process or fails the call, where on a
+ * GPU it would silently read or write the next section.
+ *
+ * CMake builds the emulated libraries with mraAttentionCommon.cpp under MRA_FENCED_WORKSPACE, so
+ * that makeLayout places every section by placeFencedRegion below (a page kept free after each),
+ * and with the kernels' own mraAttentionCuda and mraLastCudaError renamed *Unfenced, so that the
+ * ones below wrap them. The emulation runs launches synchronously: when the kernels' entry point
+ * returns, they have finished, and the gaps can be checked and given back.
+ */
+#include "fencedGaps.h"
+#include "mraAttentionCommon.h"
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+extern "C" MraStatus mraAttentionCudaUnfenced(MraAttentionParams const* params, void const* query, void const* key,
+    void const* value, int32_t const* mask, void* output, void* workspace, size_t workspaceSize, void* stream);
+extern "C" char const* mraLastCudaErrorUnfenced(void);
+
+namespace
+{
+
+//! Which edge of each section lies against its unmapped page: the end (0), as the callers'
+//! default fence, or the start (1).
+uint32_t gFlushSide = 0;
+
+thread_local std::string gFenceError;
+
+constexpr size_t kSectionAlignment = 256; // what makeLayout gives every section
+
+size_t roundUp(size_t bytes, size_t multiple)
+{
+    return (bytes + multiple - 1) / multiple * multiple;
+}
+
+std::vector<emu::Section> sectionsOf(MraAttentionParams const& params)
+{
+    mra::Problem const problem = mra::makeProblem(params);
+    mra::WorkspaceLayout const layout = mra::makeLayout(problem);
+    std::vector<emu::Section> sections;
+    for (mra::WorkspaceRegion const& region : mra::workspaceRegions(problem))
+    {
+        size_t const begin = layout.*region.offset;
+        sections.push_back(emu::Section{region.name, begin, begin + region.bytes});
+    }
+    return sections;
+}
+
+MraStatus failWith(MraStatus status, std::string message)
+{
+    gFenceError = std::move(message);
+    return status;
+}
+
+} // namespace
+
+size_t mra::placeFencedRegion(size_t& offset, size_t bytes)
+{
+    size_t const page = emu::pageSize();
+    size_t start = offset; // flush after the page before it (offset is always on a page)
+    if (gFlushSide == 0)
+    {
+        // As late as the alignment allows: its end less than 256 bytes before the next page.
+        start = (roundUp(offset + bytes, page) - bytes) / kSectionAlignment * kSectionAlignment;
+    }
+    offset = roundUp(start + bytes, page) + page;
+    return start;
+}
+
+extern "C" __attribute__((visibility("default"))) void mraCudaEmulationSetWorkspaceFence(uint32_t side)
+{
+    gFlushSide = side;
+}
+
+extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void const* query, void const* key,
+    void const* value, int32_t const* mask, void* output, void* workspace, size_t workspaceSize, void* stream)
+{
+    gFenceError.clear();
+    // The kernels check their arguments before the workspace's size: given none, they answer
+    // MRA_WORKSPACE_TOO_SMALL only for a call they would run, and touch no memory.
+    MraStatus const verdict = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, 0, stream);
+    if (verdict != MRA_WORKSPACE_TOO_SMALL || workspaceSize < mraWorkspaceSize(params))
+    {
+        return verdict;
+    }
+    auto* const buffer = static_cast<unsigned char*>(workspace);
+    if (reinterpret_cast<uintptr_t>(buffer) % emu::pageSize() != 0)
+    {
+        return failWith(MRA_CUDA_ERROR, "the emulated kernels' workspace must start on a page (their sections are fenced by pages)");
+    }
+    try
+    {
+        emu::FencedGaps const gaps(buffer, mraWorkspaceSize(params), sectionsOf(*params));
+        MraStatus const status
+            = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, workspaceSize, stream);
+        std::string const intruded = gaps.intrudedGap();
+        if (status == MRA_OK && !intruded.empty())
+        {
+            return failWith(MRA_CUDA_ERROR, "the kernels wrote into the workspace " + intruded);
+        }
+        return status;
+    }
+    catch (std::exception const& error)
+    {
+        return failWith(MRA_CUDA_ERROR, error.what());
+    }
+}
+
+extern "C" char const* mraLastCudaError(void)
+{
+    return gFenceError.empty() ? mraLastCudaErrorUnfenced() : gFenceError.c_str();
+}
