@@ -11,11 +11,9 @@ namespace
 {
 
 #ifndef MRA_FENCED_WORKSPACE
-constexpr size_t kAlignment = 256;
-
 size_t alignUp(size_t bytes)
 {
-    return (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
 }
 #endif
 
@@ -62,7 +60,7 @@ Problem makeProblem(MraAttentionParams const& params)
     return p;
 }
 
-std::array<WorkspaceRegion, kWorkspaceRegions> workspaceRegions(Problem const& p)
+std::array<WorkspaceSection, kWorkspaceSections> workspaceSections(Problem const& p)
 {
     size_t const rows = static_cast<size_t>(p.rows);
     size_t const nb = static_cast<size_t>(p.nb);
@@ -87,13 +85,13 @@ WorkspaceLayout makeLayout(Problem const& p)
 {
     WorkspaceLayout layout{};
     size_t offset = 0;
-    for (WorkspaceRegion const& region : workspaceRegions(p))
+    for (WorkspaceSection const& section : workspaceSections(p))
     {
 #ifdef MRA_FENCED_WORKSPACE
-        layout.*region.offset = placeFencedRegion(offset, region.bytes);
+        layout.*section.offset = placeFencedSection(offset, section.bytes);
 #else
-        layout.*region.offset = offset;
-        offset += alignUp(region.bytes);
+        layout.*section.offset = offset;
+        offset += alignUp(section.bytes);
 #endif
     }
     layout.total = offset;

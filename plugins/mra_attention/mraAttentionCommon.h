@@ -73,25 +73,26 @@ struct WorkspaceLayout
 };
 
 //! One workspace section: its name, its offset's field in WorkspaceLayout, and its exact size.
-struct WorkspaceRegion
+struct WorkspaceSection
 {
     char const* name;
     size_t WorkspaceLayout::*offset;
     size_t bytes;
 };
 
-constexpr int kWorkspaceRegions = 11;
+constexpr int kWorkspaceSections = 11;
+constexpr size_t kWorkspaceAlignment = 256; //!< where each section may start
 
 //! The sections in layout order, unaligned sizes: makeLayout places them, the CUDA emulation
 //! fences the gaps between them (plugins/tests/cuda_emulation/fencedWorkspace.cpp).
-std::array<WorkspaceRegion, kWorkspaceRegions> workspaceRegions(Problem const& problem);
+std::array<WorkspaceSection, kWorkspaceSections> workspaceSections(Problem const& problem);
 
 WorkspaceLayout makeLayout(Problem const& problem);
 
 #ifdef MRA_FENCED_WORKSPACE
 //! Builds under the CUDA emulation only: where a section of `bytes` goes, at or after `offset`,
 //! with an unmapped page after it; moves `offset` past that page (fencedWorkspace.cpp).
-size_t placeFencedRegion(size_t& offset, size_t bytes);
+size_t placeFencedSection(size_t& offset, size_t bytes);
 #endif
 
 //! The workspace sections as typed pointers (host memory for the CPU, device memory for CUDA).

@@ -711,7 +711,8 @@ void checkFencedGaps()
         expect(gaps.unmappedPages() == 3, "the whole pages between and after the sections are fenced: 0, 2 and 5");
         expect(gaps.intrudedGap().empty(), "the canaries hold after fencing");
         expect(touchFaults(buffer + 2 * page, false), "a read one byte past a section that ends on a page faults");
-        expect(touchFaults(buffer + 3 * page - 1, true), "a write one byte before a section that starts on a page faults");
+        expect(touchFaults(buffer + 3 * page - 1, true),
+            "a write one byte before a section that starts on a page faults");
         expect(!touchFaults(buffer + 2 * page - 1, true) && !touchFaults(buffer + 3 * page, false),
             "the sections' first and last bytes are free");
         buffer[2 * page - 1] = 7;

@@ -48,8 +48,9 @@ public:
         std::string previousName;
         for (Section const& section : sections)
         {
-            addGap(previousEnd, section.begin, previousName.empty() ? "before " + std::string(section.name)
-                                                                    : "between " + previousName + " and " + section.name);
+            std::string const name = section.name;
+            addGap(previousEnd, section.begin,
+                previousName.empty() ? "before " + name : "between " + previousName + " and " + name);
             previousEnd = section.end;
             previousName = section.name;
         }

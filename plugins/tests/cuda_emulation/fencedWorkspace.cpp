@@ -4,7 +4,7 @@
  * GPU it would silently read or write the next section.
  *
  * CMake builds the emulated libraries with mraAttentionCommon.cpp under MRA_FENCED_WORKSPACE, so
- * that makeLayout places every section by placeFencedRegion below (a page kept free after each),
+ * that makeLayout places every section by placeFencedSection below (a page kept free after each),
  * and with the kernels' own mraAttentionCuda and mraLastCudaError renamed *Unfenced, so that the
  * ones below wrap them. The emulation runs launches synchronously: when the kernels' entry point
  * returns, they have finished, and the gaps can be checked and given back.
@@ -29,8 +29,6 @@ uint32_t gFlushSide = 0;
 
 thread_local std::string gFenceError;
 
-constexpr size_t kSectionAlignment = 256; // what makeLayout gives every section
-
 size_t roundUp(size_t bytes, size_t multiple)
 {
     return (bytes + multiple - 1) / multiple * multiple;
@@ -41,10 +39,10 @@ std::vector<emu::Section> sectionsOf(MraAttentionParams const& params)
     mra::Problem const problem = mra::makeProblem(params);
     mra::WorkspaceLayout const layout = mra::makeLayout(problem);
     std::vector<emu::Section> sections;
-    for (mra::WorkspaceRegion const& region : mra::workspaceRegions(problem))
+    for (mra::WorkspaceSection const& section : mra::workspaceSections(problem))
     {
-        size_t const begin = layout.*region.offset;
-        sections.push_back(emu::Section{region.name, begin, begin + region.bytes});
+        size_t const begin = layout.*section.offset;
+        sections.push_back(emu::Section{section.name, begin, begin + section.bytes});
     }
     return sections;
 }
@@ -57,14 +55,14 @@ MraStatus failWith(MraStatus status, std::string message)
 
 } // namespace
 
-size_t mra::placeFencedRegion(size_t& offset, size_t bytes)
+size_t mra::placeFencedSection(size_t& offset, size_t bytes)
 {
     size_t const page = emu::pageSize();
     size_t start = offset; // flush after the page before it (offset is always on a page)
     if (gFlushSide == 0)
     {
         // As late as the alignment allows: its end less than 256 bytes before the next page.
-        start = (roundUp(offset + bytes, page) - bytes) / kSectionAlignment * kSectionAlignment;
+        start = (roundUp(offset + bytes, page) - bytes) / kWorkspaceAlignment * kWorkspaceAlignment;
     }
     offset = roundUp(start + bytes, page) + page;
     return start;
@@ -89,7 +87,8 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
     auto* const buffer = static_cast<unsigned char*>(workspace);
     if (reinterpret_cast<uintptr_t>(buffer) % emu::pageSize() != 0)
     {
-        return failWith(MRA_CUDA_ERROR, "the emulated kernels' workspace must start on a page (their sections are fenced by pages)");
+        return failWith(
+            MRA_CUDA_ERROR, "the emulated kernels' workspace must start on a page (its sections are fenced by pages)");
     }
     try
     {
