@@ -208,36 +208,52 @@ def test_each_workspace_section_lies_against_a_page_of_its_own(emulated_kernels,
     assert emulated_kernels.workspace_size(params) >= cpu.workspace_size(params) + 11 * page
 
 
-# A call, then one whose mask lies in the workspace, in the gap after the selected blocks'
-# section: the first kernel reads it while that page is fenced.
-READ_A_WORKSPACE_GAP = """
+# A call, then one whose mask lies in the workspace: in the free page after the selected blocks'
+# section, or on that section's first page (the first kernel, an ordinary launch, reads it
+# there; the high-resolution kernel, a dependent one, reads it before its wait).
+READ_THE_MASK_IN_THE_WORKSPACE = """
 import ctypes, mmap, sys, torch
 from mra_export import native
 from mra_export.fenced_memory import FencedBuffers
-library = native.MraLibrary(sys.argv[1])
+library, place = native.MraLibrary(sys.argv[1]), sys.argv[2]
 q, mask = torch.randn(1, 1, 128, 32), torch.ones(1, 128, dtype=torch.int32)
 output = torch.empty_like(q)
 params = native.make_params(q.shape, q.dtype, num_blocks=4)
 size = library.workspace_size(params)
 workspace = FencedBuffers().empty("workspace", torch.uint8, (size,), alignment=mmap.PAGESIZE)
 base = workspace.data_ptr()
-selected_end = library.lib.mraSelectedBlocks(ctypes.byref(params), base) + 4 * 4
-gap = -(-selected_end // mmap.PAGESIZE) * mmap.PAGESIZE
-for where, mask_pointer in (("its own", mask.data_ptr()), ("a gap", gap)):
+selected = library.lib.mraSelectedBlocks(ctypes.byref(params), base)
+pages = {"a gap": -(-(selected + 4 * 4) // mmap.PAGESIZE) * mmap.PAGESIZE,
+         "a section": selected // mmap.PAGESIZE * mmap.PAGESIZE}
+for where, mask_pointer in (("its own", mask.data_ptr()), (place, pages[place])):
     pointers = [t.data_ptr() for t in (q, q, q)] + [mask_pointer, output.data_ptr(), base]
     library.check(library.lib.mraAttentionCuda(ctypes.byref(params), *pointers, size, None))
     print(f"ran with the mask in {where}", flush=True)
 """
 
 
+def run_with_the_mask_in_the_workspace(library, place: str) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, "-c", READ_THE_MASK_IN_THE_WORKSPACE, str(library.path),
+                          place], capture_output=True, text=True, timeout=300)
+    assert "ran with the mask in its own" in run.stdout, run.stdout + run.stderr
+    return run
+
+
 def test_a_kernel_reading_a_workspace_gap_faults(emulated_kernels):
     """The pages between the workspace's sections are inaccessible while the kernels run: a
     read there faults, where on a GPU it would read the next section (without the fence the
     call ran to the end)."""
-    run = subprocess.run([sys.executable, "-c", READ_A_WORKSPACE_GAP, str(emulated_kernels.path)],
-                         capture_output=True, text=True, timeout=300)
-    assert "ran with the mask in its own" in run.stdout, run.stdout + run.stderr
+    run = run_with_the_mask_in_the_workspace(emulated_kernels, "a gap")
     assert "in a gap" not in run.stdout and run.returncode == -signal.SIGSEGV
+
+
+def test_a_dependent_kernel_reading_a_section_before_its_wait_faults(emulated_kernels):
+    """Each kernel after the first is a programmatic dependent launch: on a GPU it may start
+    while the one before runs, so it may touch the workspace only after griddepcontrol.wait. The
+    emulation keeps the sections inaccessible to it until then (emu::setAwaitedMemory): the
+    high-resolution kernel's early read of a mask lying there faults, the first kernel's not."""
+    run = run_with_the_mask_in_the_workspace(emulated_kernels, "a section")
+    assert "in a section" not in run.stdout and run.returncode == -signal.SIGSEGV
 
 
 def test_a_workspace_not_on_a_page_is_refused(emulated_kernels):

@@ -12,6 +12,7 @@
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdarg>
@@ -23,6 +24,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -240,6 +242,8 @@ struct Runtime
     std::string lastMessage;
     std::map<void const*, size_t> sharedOptIn;
     bool dependentLaunch = false; //!< the running launch is a programmatic dependent
+    std::vector<std::pair<void*, size_t>> awaited; //!< setAwaitedMemory's spans
+    bool awaitedLocked = false;                    //!< those spans inaccessible now
 };
 
 Runtime& runtime()
@@ -692,9 +696,40 @@ void asyncWait(int pending)
     }
 }
 
+//! Makes the awaited memory inaccessible (`locked`) or accessible again.
+void lockAwaited(Runtime& r, bool locked)
+{
+    if (r.awaitedLocked == locked)
+    {
+        return;
+    }
+    for (auto const& [start, bytes] : r.awaited)
+    {
+        mprotect(start, bytes, locked ? PROT_NONE : PROT_READ | PROT_WRITE);
+    }
+    r.awaitedLocked = locked;
+}
+
 void gridDependencyWait()
 {
     currentFiber().waitedForPreviousKernel = true;
+    // For the whole CTA (cluster): page protection cannot tell its threads apart.
+    lockAwaited(runtime(), false);
+}
+
+void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
+{
+    size_t const page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    for (auto const& [start, bytes] : spans)
+    {
+        if (reinterpret_cast<uintptr_t>(start) % page != 0 || bytes % page != 0)
+        {
+            throw std::invalid_argument("setAwaitedMemory: a span not made of whole pages");
+        }
+    }
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    r.awaited = std::move(spans);
 }
 
 void setSchedule(uint32_t schedule)
@@ -766,7 +801,9 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         poisonStaticShared(); // CTA 0's, resident first
         r.residentCta = 0;
         r.error.clear();
+        lockAwaited(r, dependent);
         bool const ran = runCluster(block.x);
+        lockAwaited(r, false);
         for (Cta const& cta : r.ctas)
         {
             if (ran && r.error.empty() && !cta.shared->canaryIntact())

@@ -31,7 +31,10 @@
  * cudaLaunchAttributeProgrammaticStreamSerialization) runs after the kernel before it, as every
  * launch does here; a thread of it that exits without griddepcontrol.wait
  * (emu::gridDependencyWait) fails it: on a GPU its CTA could complete before that kernel, and
- * the kernel after it would then not wait for that one. Reads before the wait are not caught.
+ * the kernel after it would then not wait for that one. The memory the kernels before write (the
+ * workspace's sections, emu::setAwaitedMemory) is inaccessible to each of its CTAs until a thread
+ * of the CTA waits: an access to it before the wait faults. Other threads of a CTA are not
+ * checked once one has waited, nor is any other memory.
  *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
@@ -60,6 +63,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -257,8 +261,15 @@ void asyncCommit();
 //! cp.async.wait_group: the thread's committed groups but the newest `pending` have landed.
 void asyncWait(int pending);
 //! griddepcontrol.wait: the kernel before this one has completed (always so here); recorded, as
-//! every thread of a dependent launch must reach it.
+//! every thread of a dependent launch must reach it, and the awaited memory opened to its CTA.
 void gridDependencyWait();
+
+//! Memory that the kernels before a programmatic dependent launch write, as page-aligned spans
+//! (throws std::invalid_argument otherwise): inaccessible to each CTA (cluster) of such a launch
+//! until one of its threads reaches griddepcontrol.wait, so that an access before the wait faults,
+//! where on a GPU it would race with the kernel before. Empty: none (the default). The wrapper
+//! of the kernels' entry point sets the workspace's sections for each call (fencedWorkspace.cpp).
+void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans);
 
 //! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.

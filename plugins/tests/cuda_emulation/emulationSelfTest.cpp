@@ -1,8 +1,8 @@
 /*
  * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
  * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
- * and that it fails where a GPU would hang or be undefined; and fencedGaps.h, which fences the
- * kernels' workspace sections. Prints "N passed, M failed"; exit
+ * and that it fails where a GPU would hang or be undefined (a dependent launch touching awaited
+ * memory before its wait faults); and fencedGaps.h, which fences the kernels' workspace sections. Prints "N passed, M failed"; exit
  * status 1 on a failure.
  * Launches are written `kernel | ::emu::Launch(grid, block) | ::emu::args(...)` (cudaEmulation.h),
  * dependent ones by cudaLaunchKernelEx, as the kernels launch.
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include <csignal>
+#include <stdexcept>
 #include <sys/wait.h>
 
 extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
@@ -221,6 +222,14 @@ __global__ void waitsForPreviousKernel(int* out, int skipping)
         ::emu::gridDependencyWait();
     }
     out[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
+}
+
+//! Reads `produced` (what the kernel before wrote) before or after griddepcontrol.wait.
+__global__ void readsWhatTheKernelBeforeWrote(int const* produced, int* out, bool readFirst)
+{
+    int const value = readFirst ? *reinterpret_cast<int const volatile*>(produced) : 0;
+    ::emu::gridDependencyWait();
+    out[threadIdx.x] = readFirst ? value : produced[threadIdx.x];
 }
 
 __global__ void readsDynamicShared(float* out)
@@ -534,6 +543,61 @@ std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
     return launchError();
 }
 
+//! `readsWhatTheKernelBeforeWrote` in 2 CTAs of 64 threads, by cudaLaunchKernelEx.
+void launchReading(int const* produced, std::vector<int>& out, bool dependent, bool readFirst)
+{
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
+    cudaLaunchKernelEx(&config, readsWhatTheKernelBeforeWrote, produced, out.data(), readFirst);
+}
+
+//! Whether that launch kills a forked child by SIGSEGV.
+bool readingFaults(int const* produced, bool dependent, bool readFirst)
+{
+    std::fflush(stdout);
+    pid_t const child = fork();
+    if (child == 0)
+    {
+        std::vector<int> out(64);
+        launchReading(produced, out, dependent, readFirst);
+        _exit(launchError().empty() ? 0 : 1);
+    }
+    int status = 0;
+    return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+}
+
+void checkAwaitedMemory()
+{
+    size_t const page = ::emu::pageSize();
+    void* const mapped = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    auto* const produced = static_cast<int*>(mapped);
+    std::fill(produced, produced + 64, 42);
+    ::emu::setAwaitedMemory({{mapped, page}});
+    std::vector<int> out(64);
+    launchReading(produced, out, true, false);
+    expect(launchError().empty() && out[0] == 42 && out[63] == 42,
+        "a dependent launch reads the awaited memory after its wait");
+    expect(readingFaults(produced, true, true), "a dependent launch reading the awaited memory before its wait faults");
+    expect(!readingFaults(produced, false, true), "an ordinary launch reads it at any time");
+    produced[0] = 7;
+    expect(produced[0] == 7, "the awaited memory is accessible between launches");
+    ::emu::setAwaitedMemory({});
+    expect(!readingFaults(produced, true, true), "with no memory awaited, nothing faults");
+    bool refused = false;
+    try
+    {
+        ::emu::setAwaitedMemory({{produced + 1, page}});
+    }
+    catch (std::invalid_argument const&)
+    {
+        refused = true;
+    }
+    expect(refused, "awaited memory that is not whole pages is refused");
+    munmap(mapped, page);
+}
+
 void checkDependentLaunches()
 {
     std::vector<int> out(64);
@@ -751,6 +815,7 @@ int main()
     checkLdmatrix();
     checkAsyncCopies();
     checkDependentLaunches();
+    checkAwaitedMemory();
     checkClusters();
     checkMemoryAndLimits();
     checkFencedGaps();

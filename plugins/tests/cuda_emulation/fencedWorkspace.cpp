@@ -3,12 +3,17 @@
  * whole buffer: a section overrun by the kernels faults the process or fails the call, where on a
  * GPU it would silently read or write the next section.
  *
+ * The sections are also what each kernel after the first reads from the kernels before it: the
+ * emulation keeps them inaccessible to such a kernel's CTA until it waits for the one before
+ * (emu::setAwaitedMemory), so that a read before griddepcontrol.wait faults.
+ *
  * CMake builds the emulated libraries with mraAttentionCommon.cpp under MRA_FENCED_WORKSPACE, so
  * that makeLayout places every section by placeFencedSection below (a page kept free after each),
  * and with the kernels' own mraAttentionCuda and mraLastCudaError renamed *Unfenced, so that the
  * ones below wrap them. The emulation runs launches synchronously: when the kernels' entry point
  * returns, they have finished, and the gaps can be checked and given back.
  */
+#include "cudaEmulation.h"
 #include "fencedGaps.h"
 #include "mraAttentionCommon.h"
 
@@ -46,6 +51,33 @@ std::vector<emu::Section> sectionsOf(MraAttentionParams const& params)
     }
     return sections;
 }
+
+//! The whole pages each section lies on: what a dependent kernel may touch only after its wait.
+std::vector<std::pair<void*, size_t>> pagesOf(unsigned char* buffer, std::vector<emu::Section> const& sections)
+{
+    size_t const page = emu::pageSize();
+    std::vector<std::pair<void*, size_t>> spans;
+    for (emu::Section const& section : sections)
+    {
+        size_t const first = section.begin / page * page;
+        spans.emplace_back(buffer + first, roundUp(section.end, page) - first);
+    }
+    return spans;
+}
+
+//! The sections awaited by the kernels' dependent launches for as long as it lives.
+struct AwaitedSections
+{
+    explicit AwaitedSections(std::vector<std::pair<void*, size_t>> spans)
+    {
+        emu::setAwaitedMemory(std::move(spans));
+    }
+
+    ~AwaitedSections()
+    {
+        emu::setAwaitedMemory({});
+    }
+};
 
 MraStatus failWith(MraStatus status, std::string message)
 {
@@ -92,7 +124,9 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
     }
     try
     {
-        emu::FencedGaps const gaps(buffer, mraWorkspaceSize(params), sectionsOf(*params));
+        std::vector<emu::Section> const sections = sectionsOf(*params);
+        emu::FencedGaps const gaps(buffer, mraWorkspaceSize(params), sections);
+        AwaitedSections const awaited(pagesOf(buffer, sections));
         MraStatus const status
             = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, workspaceSize, stream);
         std::string const intruded = gaps.intrudedGap();
