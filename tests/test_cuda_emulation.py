@@ -183,6 +183,7 @@ def test_a_call_reading_past_its_buffers_faults(emulated_kernels):
                          capture_output=True, text=True, timeout=300)
     assert "ran with K and V of 128 tokens" in run.stdout, run.stdout + run.stderr
     assert "of 64 tokens" not in run.stdout and run.returncode == -signal.SIGSEGV
+    assert "outside the memory the emulation has names for" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -245,6 +246,8 @@ def test_a_kernel_reading_a_workspace_gap_faults(emulated_kernels):
     call ran to the end)."""
     run = run_with_the_mask_in_the_workspace(emulated_kernels, "a gap")
     assert "in a gap" not in run.stdout and run.returncode == -signal.SIGSEGV
+    assert "CUDA emulation: thread 0 of block 0 touched" in run.stderr, run.stderr
+    assert "in the workspace between selected and rowStart (a section overrun)" in run.stderr
 
 
 def test_a_dependent_kernel_reading_a_section_before_its_wait_faults(emulated_kernels):
@@ -254,6 +257,7 @@ def test_a_dependent_kernel_reading_a_section_before_its_wait_faults(emulated_ke
     high-resolution kernel's early read of a mask lying there faults, the first kernel's not."""
     run = run_with_the_mask_in_the_workspace(emulated_kernels, "a section")
     assert "in a section" not in run.stdout and run.returncode == -signal.SIGSEGV
+    assert "in workspace section selected before griddepcontrol.wait" in run.stderr, run.stderr
 
 
 def test_a_workspace_not_on_a_page_is_refused(emulated_kernels):

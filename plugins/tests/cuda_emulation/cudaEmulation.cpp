@@ -10,6 +10,7 @@
 #include "guardedBuffer.h"
 
 #include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -244,6 +245,8 @@ struct Runtime
     bool dependentLaunch = false; //!< the running launch is a programmatic dependent
     std::vector<std::pair<void*, size_t>> awaited; //!< setAwaitedMemory's spans
     bool awaitedLocked = false;                    //!< those spans inaccessible now
+    std::vector<NamedMemory> faultNames;           //!< setFaultNames'
+    struct sigaction actionBefore{};               //!< SIGSEGV's, while a grid runs
 };
 
 Runtime& runtime()
@@ -732,6 +735,66 @@ void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
     r.awaited = std::move(spans);
 }
 
+void setFaultNames(std::vector<NamedMemory> names)
+{
+    Runtime& r = runtime();
+    std::lock_guard<std::mutex> const lock(r.launchMutex);
+    r.faultNames = std::move(names);
+}
+
+namespace
+{
+
+//! SIGSEGV while a grid runs: one line naming the thread, its block and the memory it touched,
+//! then the handler from before the grid takes the same fault again (Python's faulthandler,
+//! or the default action), so the process still dies of it.
+void reportFault(int, siginfo_t* info, void*)
+{
+    Runtime& r = runtime();
+    auto const* address = static_cast<unsigned char const*>(info->si_addr);
+    char const* where = "outside the memory the emulation has names for (past or before a caller's buffer?)";
+    for (NamedMemory const& named : r.faultNames)
+    {
+        auto const* start = static_cast<unsigned char const*>(named.start);
+        if (address >= start && address < start + named.bytes)
+        {
+            where = named.name.c_str();
+            break;
+        }
+    }
+    char line[512];
+    int const length = std::snprintf(line, sizeof(line), "CUDA emulation: thread %u of block %u touched %p %s\n",
+        r.current != nullptr ? r.current->thread : 0u, blockIdx.x, info->si_addr, where);
+    ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::min(length, int{sizeof(line)} - 1)));
+    static_cast<void>(written);
+    sigaction(SIGSEGV, &r.actionBefore, nullptr);
+}
+
+//! reportFault installed for as long as it lives.
+class FaultReporting
+{
+public:
+    explicit FaultReporting(Runtime& runtime)
+        : mRuntime(runtime)
+    {
+        struct sigaction action{};
+        action.sa_sigaction = reportFault;
+        action.sa_flags = SA_SIGINFO;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGSEGV, &action, &mRuntime.actionBefore);
+    }
+
+    ~FaultReporting()
+    {
+        sigaction(SIGSEGV, &mRuntime.actionBefore, nullptr);
+    }
+
+private:
+    Runtime& mRuntime;
+};
+
+} // namespace
+
 void setSchedule(uint32_t schedule)
 {
     Runtime& r = runtime();
@@ -787,6 +850,7 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
     }
     r.body = &body;
     r.dependentLaunch = dependent;
+    FaultReporting const reporting(r);
     gridDim = grid;
     blockDim = block;
     for (unsigned c : ctaOrder(grid.x / clusterSize))

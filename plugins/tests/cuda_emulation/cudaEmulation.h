@@ -60,6 +60,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -270,6 +271,20 @@ void gridDependencyWait();
 //! where on a GPU it would race with the kernel before. Empty: none (the default). The wrapper
 //! of the kernels' entry point sets the workspace's sections for each call (fencedWorkspace.cpp).
 void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans);
+
+//! Memory a kernel's fault may land in, named for the line the emulation prints before the
+//! process dies: "CUDA emulation: thread 3 of block 7 touched 0x... <name>", the name saying
+//! where ("in the workspace between rowMax and threshold ...").
+struct NamedMemory
+{
+    void const* start;
+    size_t bytes;
+    std::string name;
+};
+
+//! The names of later faults (the wrapper of the kernels' entry point names the workspace's
+//! sections and gaps for each call); empty: none.
+void setFaultNames(std::vector<NamedMemory> names);
 
 //! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.

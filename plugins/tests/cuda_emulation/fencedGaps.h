@@ -100,6 +100,19 @@ public:
         return std::string();
     }
 
+    //! visit(name, start, bytes) for the unmapped pages of each gap that has some.
+    template <typename Visit>
+    void forEachUnmapped(Visit visit) const
+    {
+        for (Gap const& gap : mGaps)
+        {
+            if (gap.pagesEnd > gap.pagesBegin)
+            {
+                visit(gap.name, mBuffer + gap.pagesBegin, gap.pagesEnd - gap.pagesBegin);
+            }
+        }
+    }
+
     //! The whole pages unmapped, all gaps together.
     size_t unmappedPages() const
     {

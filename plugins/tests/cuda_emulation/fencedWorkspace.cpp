@@ -17,7 +17,6 @@
 #include "fencedGaps.h"
 #include "mraAttentionCommon.h"
 
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -65,18 +64,45 @@ std::vector<std::pair<void*, size_t>> pagesOf(unsigned char* buffer, std::vector
     return spans;
 }
 
-//! The sections awaited by the kernels' dependent launches for as long as it lives.
-struct AwaitedSections
+//! What a fault in the workspace means: on a gap's unmapped pages, an overrun; on a section's
+//! pages (the canaries beside it included), which fault only while awaited, an access before
+//! griddepcontrol.wait.
+std::vector<emu::NamedMemory> faultNames(emu::FencedGaps const& gaps, std::vector<emu::Section> const& sections,
+    std::vector<std::pair<void*, size_t>> const& pages)
 {
-    explicit AwaitedSections(std::vector<std::pair<void*, size_t>> spans)
+    std::vector<emu::NamedMemory> names;
+    gaps.forEachUnmapped([&names](std::string const& gap, unsigned char const* start, size_t bytes) {
+        names.push_back(emu::NamedMemory{start, bytes, "in the workspace " + gap + " (a section overrun)"});
+    });
+    for (size_t i = 0; i < sections.size(); ++i)
     {
-        emu::setAwaitedMemory(std::move(spans));
+        names.push_back(emu::NamedMemory{pages[i].first, pages[i].second,
+            std::string("in workspace section ") + sections[i].name
+                + " before griddepcontrol.wait (a kernel before this one writes it)"});
+    }
+    return names;
+}
+
+//! The workspace described to the emulation for as long as it lives: its sections awaited by
+//! the dependent launches, and the names of faults in it.
+class DescribedWorkspace
+{
+public:
+    DescribedWorkspace(unsigned char* buffer, emu::FencedGaps const& gaps, std::vector<emu::Section> const& sections)
+    {
+        std::vector<std::pair<void*, size_t>> pages = pagesOf(buffer, sections);
+        emu::setFaultNames(faultNames(gaps, sections, pages));
+        emu::setAwaitedMemory(std::move(pages));
     }
 
-    ~AwaitedSections()
+    ~DescribedWorkspace()
     {
         emu::setAwaitedMemory({});
+        emu::setFaultNames({});
     }
+
+    DescribedWorkspace(DescribedWorkspace const&) = delete;
+    DescribedWorkspace& operator=(DescribedWorkspace const&) = delete;
 };
 
 MraStatus failWith(MraStatus status, std::string message)
@@ -126,7 +152,7 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
     {
         std::vector<emu::Section> const sections = sectionsOf(*params);
         emu::FencedGaps const gaps(buffer, mraWorkspaceSize(params), sections);
-        AwaitedSections const awaited(pagesOf(buffer, sections));
+        DescribedWorkspace const described(buffer, gaps, sections);
         MraStatus const status
             = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, workspaceSize, stream);
         std::string const intruded = gaps.intrudedGap();
