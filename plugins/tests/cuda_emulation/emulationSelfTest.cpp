@@ -2,8 +2,8 @@
  * The CUDA emulation checked on small kernels with known answers: that it computes what CUDA
  * computes (shuffles, ballots, mma.sync, ldmatrix, cp.async, CUB's block collectives, barriers)
  * and that it fails where a GPU would hang or be undefined (a dependent launch touching awaited
- * memory before its wait faults); and fencedGaps.h, which fences the kernels' workspace sections. Prints "N passed, M failed"; exit
- * status 1 on a failure.
+ * memory before its wait faults); and fencedGaps.h, which fences the kernels' workspace sections.
+ * Prints "N passed, M failed"; exit status 1 on a failure.
  * Launches are written `kernel | ::emu::Launch(grid, block) | ::emu::args(...)` (cudaEmulation.h),
  * dependent ones by cudaLaunchKernelEx, as the kernels launch.
  */
@@ -17,15 +17,17 @@
 #include <cuda_fp16.h>
 #include "ptxMma.h"
 
-#include <cstdio>
-#include <cstring>
-#include <random>
-#include <string>
-#include <vector>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
 #include <stdexcept>
-#include <sys/wait.h>
+#include <string>
+#include <vector>
 
 extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
 extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
@@ -553,19 +555,48 @@ void launchReading(int const* produced, std::vector<int>& out, bool dependent, b
     cudaLaunchKernelEx(&config, readsWhatTheKernelBeforeWrote, produced, out.data(), readFirst);
 }
 
-//! Whether that launch kills a forked child by SIGSEGV.
-bool readingFaults(int const* produced, bool dependent, bool readFirst)
+//! Whether `action` kills a forked child by SIGSEGV; what the child wrote on stderr in `errors`.
+bool faultsInAChild(std::function<void()> const& action, std::string* errors = nullptr)
 {
     std::fflush(stdout);
+    std::fflush(stderr);
+    int pipeEnds[2];
+    if (pipe(pipeEnds) != 0)
+    {
+        return false;
+    }
     pid_t const child = fork();
     if (child == 0)
     {
-        std::vector<int> out(64);
-        launchReading(produced, out, dependent, readFirst);
-        _exit(launchError().empty() ? 0 : 1);
+        dup2(pipeEnds[1], STDERR_FILENO);
+        action();
+        _exit(0);
+    }
+    close(pipeEnds[1]);
+    std::string written;
+    char chunk[256];
+    for (ssize_t got; (got = read(pipeEnds[0], chunk, sizeof(chunk))) > 0;)
+    {
+        written.append(chunk, static_cast<size_t>(got));
+    }
+    close(pipeEnds[0]);
+    if (errors != nullptr)
+    {
+        *errors = written;
     }
     int status = 0;
     return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+}
+
+//! Whether that launch kills a forked child by SIGSEGV (its stderr in `errors`).
+bool readingFaults(int const* produced, bool dependent, bool readFirst, std::string* errors = nullptr)
+{
+    return faultsInAChild(
+        [=] {
+            std::vector<int> out(64);
+            launchReading(produced, out, dependent, readFirst);
+        },
+        errors);
 }
 
 void checkAwaitedMemory()
@@ -579,7 +610,16 @@ void checkAwaitedMemory()
     launchReading(produced, out, true, false);
     expect(launchError().empty() && out[0] == 42 && out[63] == 42,
         "a dependent launch reads the awaited memory after its wait");
-    expect(readingFaults(produced, true, true), "a dependent launch reading the awaited memory before its wait faults");
+    std::string errors;
+    expect(readingFaults(produced, true, true, &errors),
+        "a dependent launch reading the awaited memory before its wait faults");
+    expect(contains(errors, "CUDA emulation: thread 0 of block 0 touched 0x")
+            && contains(errors, " outside the memory the emulation has names for"),
+        "the fault is reported: the thread, its block, the address");
+    ::emu::setFaultNames({{mapped, page, "in what the kernel before wrote"}});
+    expect(readingFaults(produced, true, true, &errors) && contains(errors, " in what the kernel before wrote\n"),
+        "a fault in named memory is reported with its name");
+    ::emu::setFaultNames({});
     expect(!readingFaults(produced, false, true), "an ordinary launch reads it at any time");
     produced[0] = 7;
     expect(produced[0] == 7, "the awaited memory is accessible between launches");
@@ -743,22 +783,17 @@ void checkMemoryAndLimits()
 //! Whether touching `address` (a read, or a write where `write`) kills a forked child by SIGSEGV.
 bool touchFaults(unsigned char* address, bool write)
 {
-    std::fflush(stdout);
-    pid_t const child = fork();
-    if (child == 0)
-    {
+    return faultsInAChild([=] {
+        auto* const byte = reinterpret_cast<unsigned char volatile*>(address);
         if (write)
         {
-            *reinterpret_cast<unsigned char volatile*>(address) = 1;
+            *byte = 1;
         }
         else
         {
-            static_cast<void>(*reinterpret_cast<unsigned char volatile*>(address));
+            static_cast<void>(*byte);
         }
-        _exit(0);
-    }
-    int status = 0;
-    return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+    });
 }
 
 void checkFencedGaps()
@@ -787,9 +822,11 @@ void checkFencedGaps()
         buffer[2 * page - 513] = 7;
         expect(gaps.intrudedGap() == "before a", "the first gap written is named");
     }
-    buffer[page] = 1;
+    buffer[0] = 1;
+    buffer[2 * page] = 1;
     buffer[5 * page + 1] = 1;
-    expect(buffer[page] == 1 && buffer[5 * page + 1] == 1, "the pages are readable and writable again after");
+    expect(buffer[0] == 1 && buffer[2 * page] == 1 && buffer[5 * page + 1] == 1,
+        "the pages are readable and writable again after");
     std::vector<::emu::Section> const outside{{"c", page, 2 * page}};
     bool refused = false;
     try
