@@ -40,7 +40,8 @@
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses (the callers
  * in mra_export/native.py fence each buffer against an unmapped page instead, and
- * fencedWorkspace.cpp each section of the kernels' workspace), and races
+ * fencedWorkspace.cpp each section of the kernels' workspace; a fault while a grid runs prints
+ * the thread, its block and the memory's name before the process dies), and races
  * that no schedule exposes. In particular every warp collective (shuffle, ballot, mma.sync, ldmatrix)
  * lets all lanes arrive before any goes on, so it also orders the lanes' memory accesses, which
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not

@@ -5,7 +5,8 @@
  *
  * The sections are also what each kernel after the first reads from the kernels before it: the
  * emulation keeps them inaccessible to such a kernel's CTA until it waits for the one before
- * (emu::setAwaitedMemory), so that a read before griddepcontrol.wait faults.
+ * (emu::setAwaitedMemory), so that a read before griddepcontrol.wait faults. The line the
+ * emulation prints on a fault names the gap or section touched (emu::setFaultNames).
  *
  * CMake builds the emulated libraries with mraAttentionCommon.cpp under MRA_FENCED_WORKSPACE, so
  * that makeLayout places every section by placeFencedSection below (a page kept free after each),
