@@ -226,12 +226,14 @@ __global__ void waitsForPreviousKernel(int* out, int skipping)
     out[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
 }
 
-//! Reads `produced` (what the kernel before wrote) before or after griddepcontrol.wait.
-__global__ void readsWhatTheKernelBeforeWrote(int const* produced, int* out, bool readFirst)
+//! Reads `produced` (what the kernel before wrote) after griddepcontrol.wait; thread
+//! `earlyReader` (-1: none) reads it before too.
+__global__ void readsWhatTheKernelBeforeWrote(int const* produced, int* out, int earlyReader)
 {
-    int const value = readFirst ? *reinterpret_cast<int const volatile*>(produced) : 0;
+    bool const readsEarly = static_cast<int>(threadIdx.x) == earlyReader;
+    int const early = readsEarly ? *reinterpret_cast<int const volatile*>(produced) : 0;
     ::emu::gridDependencyWait();
-    out[threadIdx.x] = readFirst ? value : produced[threadIdx.x];
+    out[threadIdx.x] = produced[threadIdx.x] + early;
 }
 
 __global__ void readsDynamicShared(float* out)
@@ -546,13 +548,13 @@ std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
 }
 
 //! `readsWhatTheKernelBeforeWrote` in 2 CTAs of 64 threads, by cudaLaunchKernelEx.
-void launchReading(int const* produced, std::vector<int>& out, bool dependent, bool readFirst)
+void launchReading(int const* produced, std::vector<int>& out, bool dependent, int earlyReader)
 {
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
-    cudaLaunchKernelEx(&config, readsWhatTheKernelBeforeWrote, produced, out.data(), readFirst);
+    cudaLaunchKernelEx(&config, readsWhatTheKernelBeforeWrote, produced, out.data(), earlyReader);
 }
 
 //! Whether `action` kills a forked child by SIGSEGV; what the child wrote on stderr in `errors`.
@@ -589,12 +591,12 @@ bool faultsInAChild(std::function<void()> const& action, std::string* errors = n
 }
 
 //! Whether that launch kills a forked child by SIGSEGV (its stderr in `errors`).
-bool readingFaults(int const* produced, bool dependent, bool readFirst, std::string* errors = nullptr)
+bool readingFaults(int const* produced, bool dependent, int earlyReader, std::string* errors = nullptr)
 {
     return faultsInAChild(
         [=] {
             std::vector<int> out(64);
-            launchReading(produced, out, dependent, readFirst);
+            launchReading(produced, out, dependent, earlyReader);
         },
         errors);
 }
@@ -607,24 +609,30 @@ void checkAwaitedMemory()
     std::fill(produced, produced + 64, 42);
     ::emu::setAwaitedMemory({{mapped, page}});
     std::vector<int> out(64);
-    launchReading(produced, out, true, false);
+    launchReading(produced, out, true, -1);
     expect(launchError().empty() && out[0] == 42 && out[63] == 42,
         "a dependent launch reads the awaited memory after its wait");
     std::string errors;
-    expect(readingFaults(produced, true, true, &errors),
+    expect(readingFaults(produced, true, 0, &errors),
         "a dependent launch reading the awaited memory before its wait faults");
     expect(contains(errors, "CUDA emulation: thread 0 of block 0 touched 0x")
             && contains(errors, " outside the memory the emulation has names for"),
         "the fault is reported: the thread, its block, the address");
     ::emu::setFaultNames({{mapped, page, "in what the kernel before wrote"}});
-    expect(readingFaults(produced, true, true, &errors) && contains(errors, " in what the kernel before wrote\n"),
+    expect(readingFaults(produced, true, 0, &errors) && contains(errors, " in what the kernel before wrote\n"),
         "a fault in named memory is reported with its name");
     ::emu::setFaultNames({});
-    expect(!readingFaults(produced, false, true), "an ordinary launch reads it at any time");
+    // The memory opens to the whole CTA at its first wait: the thread that runs first is the
+    // one checked, the highest under schedule 1.
+    mraCudaEmulationSetSchedule(1);
+    expect(readingFaults(produced, true, 63, &errors) && contains(errors, "thread 63 of block 1 touched"),
+        "under schedule 1 the highest thread reading before its wait faults, in the last CTA");
+    mraCudaEmulationSetSchedule(0);
+    expect(!readingFaults(produced, false, 0), "an ordinary launch reads it at any time");
     produced[0] = 7;
     expect(produced[0] == 7, "the awaited memory is accessible between launches");
     ::emu::setAwaitedMemory({});
-    expect(!readingFaults(produced, true, true), "with no memory awaited, nothing faults");
+    expect(!readingFaults(produced, true, 0), "with no memory awaited, nothing faults");
     bool refused = false;
     try
     {
