@@ -139,9 +139,9 @@ def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype,
 def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, layout):
     """The tests here run the kernels on buffers that end against an unmapped page
     (mra_export/fenced_memory.py), so a global read or write past a buffer's end faults; this
-    one (and some random problems) put the page before each buffer's start. A ragged batch with an all-padding sample, 300
-    tokens (a partial last block), both modes, query blocks split over two thread groups (132
-    SMs) and not (1 SM): PyTorch's blocks and attention, and no fault."""
+    one (and some random problems) put the page before each buffer's start. A ragged batch with
+    an all-padding sample, 300 tokens (a partial last block), both modes, query blocks split over
+    two thread groups (132 SMs) and not (1 SM): PyTorch's blocks and attention, and no fault."""
     q, k, v = (t.to(dtype) for t in random_qkv(3, 2, 300, 64, seed=5))
     mask = ragged_mask(3, 300, [300, 0, 170])
     relative = dtype != torch.float32

@@ -7,13 +7,14 @@
  * (unlike swapcontext) make no system call: a run switches millions of times.
  */
 #include "cudaEmulation.h" // built with -U_FORTIFY_SOURCE: its longjmp check refuses jumps between stacks
+#include "fencedGaps.h" // pageSize
 #include "guardedBuffer.h"
 
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
-#include <unistd.h>
+#include <unistd.h> // write
 
 #include <algorithm>
 #include <cstdarg>
@@ -716,13 +717,14 @@ void lockAwaited(Runtime& r, bool locked)
 void gridDependencyWait()
 {
     currentFiber().waitedForPreviousKernel = true;
-    // For the whole CTA (cluster): page protection cannot tell its threads apart.
+    // For the whole CTA (cluster): locking again for each thread until its own wait costs two
+    // mprotect calls per span and thread, and made the emulation tests 8x slower (docs/gpu.md).
     lockAwaited(runtime(), false);
 }
 
 void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
 {
-    size_t const page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    size_t const page = pageSize();
     for (auto const& [start, bytes] : spans)
     {
         if (reinterpret_cast<uintptr_t>(start) % page != 0 || bytes % page != 0)

@@ -815,7 +815,10 @@ void checkFencedGaps()
     std::vector<::emu::Section> const sections{{"a", 2 * page - 512, 2 * page}, {"b", 3 * page, 4 * page + 16}};
     {
         ::emu::FencedGaps const gaps(buffer, size, sections);
-        expect(gaps.unmappedPages() == 3, "the whole pages between and after the sections are fenced: 0, 2 and 5");
+        size_t unmapped = 0;
+        gaps.forEachUnmapped(
+            [&unmapped](std::string const&, unsigned char const*, size_t bytes) { unmapped += bytes; });
+        expect(unmapped == 3 * page, "the whole pages between and after the sections are fenced: 0, 2 and 5");
         expect(gaps.intrudedGap().empty(), "the canaries hold after fencing");
         expect(touchFaults(buffer + 2 * page, false), "a read one byte past a section that ends on a page faults");
         expect(touchFaults(buffer + 3 * page - 1, true),

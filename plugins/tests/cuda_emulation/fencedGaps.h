@@ -113,17 +113,6 @@ public:
         }
     }
 
-    //! The whole pages unmapped, all gaps together.
-    size_t unmappedPages() const
-    {
-        size_t pages = 0;
-        for (Gap const& gap : mGaps)
-        {
-            pages += (gap.pagesEnd - gap.pagesBegin) / pageSize();
-        }
-        return pages;
-    }
-
 private:
     static constexpr unsigned char kCanary = 0xa5;
 

@@ -139,9 +139,10 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
     // The kernels check their arguments before the workspace's size: given none, they answer
     // MRA_WORKSPACE_TOO_SMALL only for a call they would run, and touch no memory.
     MraStatus const verdict = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, 0, stream);
-    if (verdict != MRA_WORKSPACE_TOO_SMALL || workspaceSize < mraWorkspaceSize(params))
+    size_t const fencedSize = verdict == MRA_WORKSPACE_TOO_SMALL ? mraWorkspaceSize(params) : 0;
+    if (verdict != MRA_WORKSPACE_TOO_SMALL || workspaceSize < fencedSize)
     {
-        return verdict;
+        return verdict; // fencing pages past a short workspace would take the caller's memory
     }
     auto* const buffer = static_cast<unsigned char*>(workspace);
     if (reinterpret_cast<uintptr_t>(buffer) % emu::pageSize() != 0)
@@ -152,7 +153,7 @@ extern "C" MraStatus mraAttentionCuda(MraAttentionParams const* params, void con
     try
     {
         std::vector<emu::Section> const sections = sectionsOf(*params);
-        emu::FencedGaps const gaps(buffer, mraWorkspaceSize(params), sections);
+        emu::FencedGaps const gaps(buffer, fencedSize, sections);
         DescribedWorkspace const described(buffer, gaps, sections);
         MraStatus const status
             = mraAttentionCudaUnfenced(params, query, key, value, mask, output, workspace, workspaceSize, stream);
