@@ -56,6 +56,7 @@ enum class State
 {
     Ready,
     Waiting,
+    Parked, //!< past griddepcontrol.wait, until no thread that has not waited can run
     Finished,
 };
 
@@ -246,6 +247,7 @@ struct Runtime
     bool dependentLaunch = false; //!< the running launch is a programmatic dependent
     std::vector<std::pair<void*, size_t>> awaited; //!< setAwaitedMemory's spans
     bool awaitedLocked = false;                    //!< those spans inaccessible now
+    std::vector<size_t> parked;                    //!< fibers at griddepcontrol.wait, in arrival order
     std::vector<NamedMemory> faultNames;           //!< setFaultNames'
     struct sigaction actionBefore{};               //!< SIGSEGV's, while a grid runs
 };
@@ -462,6 +464,34 @@ std::vector<unsigned> ctaOrder(unsigned count)
     return order;
 }
 
+//! Makes the awaited memory inaccessible (`locked`) or accessible again.
+void lockAwaited(Runtime& r, bool locked)
+{
+    if (r.awaitedLocked == locked)
+    {
+        return;
+    }
+    for (auto const& [start, bytes] : r.awaited)
+    {
+        mprotect(start, bytes, locked ? PROT_NONE : PROT_READ | PROT_WRITE);
+    }
+    r.awaitedLocked = locked;
+}
+
+//! Parked fibers made ready again, once every fiber that has not waited is blocked or done;
+//! false if none was parked.
+bool releaseParked(Runtime& r)
+{
+    for (size_t f : r.parked)
+    {
+        r.fibers[f].state = State::Ready;
+        r.ready.add(f);
+    }
+    bool const released = !r.parked.empty();
+    r.parked.clear();
+    return released;
+}
+
 //! Runs the cluster of r.ctas, each of ``threads``, to completion; false (with r.error) if it
 //! failed or deadlocked.
 bool runCluster(unsigned threads)
@@ -510,9 +540,13 @@ bool runCluster(unsigned threads)
     {
         r.ready.add(f);
     }
-    while (!r.ready.empty() && r.error.empty())
+    r.parked.clear();
+    while (r.error.empty() && (!r.ready.empty() || releaseParked(r)))
     {
-        resume(r.fibers[r.ready.take(r.random)]);
+        Fiber& next = r.fibers[r.ready.take(r.random)];
+        // The awaited memory is open to a thread of a dependent launch from its own wait on.
+        lockAwaited(r, r.dependentLaunch && !next.waitedForPreviousKernel);
+        resume(next);
     }
     if (r.error.empty() && r.finished < static_cast<int>(r.fibers.size()))
     {
@@ -700,26 +734,21 @@ void asyncWait(int pending)
     }
 }
 
-//! Makes the awaited memory inaccessible (`locked`) or accessible again.
-void lockAwaited(Runtime& r, bool locked)
+void gridDependencyWait()
 {
-    if (r.awaitedLocked == locked)
+    Runtime& r = runtime();
+    Fiber& fiber = currentFiber();
+    fiber.waitedForPreviousKernel = true;
+    if (!r.dependentLaunch || r.awaited.empty())
     {
         return;
     }
-    for (auto const& [start, bytes] : r.awaited)
-    {
-        mprotect(start, bytes, locked ? PROT_NONE : PROT_READ | PROT_WRITE);
-    }
-    r.awaitedLocked = locked;
-}
-
-void gridDependencyWait()
-{
-    currentFiber().waitedForPreviousKernel = true;
-    // For the whole CTA (cluster): locking again for each thread until its own wait costs two
-    // mprotect calls per span and thread, and made the emulation tests 8x slower (docs/gpu.md).
-    lockAwaited(runtime(), false);
+    // Parked until no thread that has not waited can run: the awaited memory, open to this thread
+    // from now on and closed to those, then opens once for the CTA instead of once per thread
+    // (two mprotect calls per span and thread made the emulation tests 8x slower, docs/gpu.md).
+    fiber.state = State::Parked;
+    r.parked.push_back(fiberIndex(fiber));
+    switchToScheduler();
 }
 
 void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
@@ -867,7 +896,6 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         poisonStaticShared(); // CTA 0's, resident first
         r.residentCta = 0;
         r.error.clear();
-        lockAwaited(r, dependent);
         bool const ran = runCluster(block.x);
         lockAwaited(r, false);
         for (Cta const& cta : r.ctas)

@@ -20,6 +20,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -233,6 +234,25 @@ __global__ void readsWhatTheKernelBeforeWrote(int const* produced, int* out, int
     bool const readsEarly = static_cast<int>(threadIdx.x) == earlyReader;
     int const early = readsEarly ? *reinterpret_cast<int const volatile*>(produced) : 0;
     ::emu::gridDependencyWait();
+    out[threadIdx.x] = produced[threadIdx.x] + early;
+}
+
+//! Like `readsWhatTheKernelBeforeWrote`, but the first warp waits before a __syncthreads and the
+//! second after it; thread `earlyReader` (-1: none) also reads `produced` between the two.
+__global__ void waitsOnEitherSideOfABarrier(int const* produced, int* out, int earlyReader)
+{
+    bool const firstWarp = threadIdx.x < 32;
+    if (firstWarp)
+    {
+        ::emu::gridDependencyWait();
+    }
+    __syncthreads();
+    bool const readsEarly = static_cast<int>(threadIdx.x) == earlyReader;
+    int const early = readsEarly ? *reinterpret_cast<int const volatile*>(produced) : 0;
+    if (!firstWarp)
+    {
+        ::emu::gridDependencyWait();
+    }
     out[threadIdx.x] = produced[threadIdx.x] + early;
 }
 
@@ -547,14 +567,16 @@ std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
     return launchError();
 }
 
-//! `readsWhatTheKernelBeforeWrote` in 2 CTAs of 64 threads, by cudaLaunchKernelEx.
-void launchReading(int const* produced, std::vector<int>& out, bool dependent, int earlyReader)
+//! `kernel` (by default `readsWhatTheKernelBeforeWrote`) in 2 CTAs of 64 threads, by
+//! cudaLaunchKernelEx.
+void launchReading(int const* produced, std::vector<int>& out, bool dependent, int earlyReader,
+    void (*kernel)(int const*, int*, int) = readsWhatTheKernelBeforeWrote)
 {
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
-    cudaLaunchKernelEx(&config, readsWhatTheKernelBeforeWrote, produced, out.data(), earlyReader);
+    cudaLaunchKernelEx(&config, kernel, produced, out.data(), earlyReader);
 }
 
 //! Whether `action` kills a forked child by SIGSEGV; what the child wrote on stderr in `errors`.
@@ -591,14 +613,37 @@ bool faultsInAChild(std::function<void()> const& action, std::string* errors = n
 }
 
 //! Whether that launch kills a forked child by SIGSEGV (its stderr in `errors`).
-bool readingFaults(int const* produced, bool dependent, int earlyReader, std::string* errors = nullptr)
+bool readingFaults(int const* produced, bool dependent, int earlyReader, std::string* errors = nullptr,
+    void (*kernel)(int const*, int*, int) = readsWhatTheKernelBeforeWrote)
 {
     return faultsInAChild(
         [=] {
             std::vector<int> out(64);
-            launchReading(produced, out, dependent, earlyReader);
+            launchReading(produced, out, dependent, earlyReader, kernel);
         },
         errors);
+}
+
+//! Threads of a CTA waiting on either side of a __syncthreads: each may read the awaited memory
+//! from its own wait on, under every schedule, and none before.
+void checkWaitsAcrossABarrier(int const* produced)
+{
+    for (uint32_t schedule : {0u, 1u, 77u})
+    {
+        mraCudaEmulationSetSchedule(schedule);
+        std::vector<int> out(64);
+        launchReading(produced, out, true, -1, waitsOnEitherSideOfABarrier);
+        expect(launchError().empty() && std::all_of(out.begin(), out.end(), [](int v) { return v == 42; }),
+            "waits on either side of a barrier: every thread reads after its own wait, whatever the schedule");
+    }
+    mraCudaEmulationSetSchedule(0);
+    std::vector<int> out(64);
+    launchReading(produced, out, true, 5, waitsOnEitherSideOfABarrier);
+    expect(launchError().empty() && out[5] == 84, "a thread of the first warp reads after its wait, before the barrier");
+    std::string errors;
+    expect(readingFaults(produced, true, 40, &errors, waitsOnEitherSideOfABarrier)
+            && contains(errors, "thread 40 of block 0 touched"),
+        "a thread of the second warp reading after the barrier but before its own wait faults");
 }
 
 void checkAwaitedMemory()
@@ -622,12 +667,15 @@ void checkAwaitedMemory()
     expect(readingFaults(produced, true, 0, &errors) && contains(errors, " in what the kernel before wrote\n"),
         "a fault in named memory is reported with its name");
     ::emu::setFaultNames({});
-    // The memory opens to the whole CTA at its first wait: the thread that runs first is the
-    // one checked, the highest under schedule 1.
+    // Each thread is checked up to its own wait, not only the one that runs first: under
+    // schedule 0 threads 0 to 62 have waited when thread 63 reads.
+    expect(readingFaults(produced, true, 63, &errors) && contains(errors, "thread 63 of block 0 touched"),
+        "a thread reading before its wait faults after the others of its CTA have waited");
     mraCudaEmulationSetSchedule(1);
-    expect(readingFaults(produced, true, 63, &errors) && contains(errors, "thread 63 of block 1 touched"),
-        "under schedule 1 the highest thread reading before its wait faults, in the last CTA");
+    expect(readingFaults(produced, true, 0, &errors) && contains(errors, "thread 0 of block 1 touched"),
+        "under schedule 1 too, the lowest thread, the last to run, in the last CTA");
     mraCudaEmulationSetSchedule(0);
+    checkWaitsAcrossABarrier(produced);
     expect(!readingFaults(produced, false, 0), "an ordinary launch reads it at any time");
     produced[0] = 7;
     expect(produced[0] == 7, "the awaited memory is accessible between launches");

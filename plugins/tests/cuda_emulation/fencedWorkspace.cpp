@@ -34,6 +34,11 @@ uint32_t gFlushSide = 0;
 
 thread_local std::string gFenceError;
 
+//! Where a fenced section may start: the kernels' widest access (a float4, a 16-byte cp.async)
+//! needs no more, so a section ends less than 16 bytes before its page where the packed layout's
+//! 256 bytes would leave up to 255 that a read past it could reach unseen.
+constexpr size_t kFencedAlignment = 16;
+
 size_t roundUp(size_t bytes, size_t multiple)
 {
     return (bytes + multiple - 1) / multiple * multiple;
@@ -120,8 +125,8 @@ size_t mra::placeFencedSection(size_t& offset, size_t bytes)
     size_t start = offset; // flush after the page before it (offset is always on a page)
     if (gFlushSide == 0)
     {
-        // As late as the alignment allows: its end less than 256 bytes before the next page.
-        start = (roundUp(offset + bytes, page) - bytes) / kWorkspaceAlignment * kWorkspaceAlignment;
+        // As late as the alignment allows: its end less than 16 bytes before the next page.
+        start = (roundUp(offset + bytes, page) - bytes) / kFencedAlignment * kFencedAlignment;
     }
     offset = roundUp(start + bytes, page) + page;
     return start;
