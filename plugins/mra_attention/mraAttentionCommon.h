@@ -55,7 +55,7 @@ MRA_HOST_DEVICE inline size_t tokenOffset(Problem const& p, int32_t row, int32_t
 Problem makeProblem(MraAttentionParams const& params);
 
 //! Byte offsets of the workspace sections (each 256-byte aligned; in the CUDA emulation's builds,
-//! each also against an unmapped page: MRA_FENCED_WORKSPACE).
+//! 16-byte aligned, each against an unmapped page: MRA_FENCED_WORKSPACE).
 struct WorkspaceLayout
 {
     size_t counts;    //!< float [batch, nb]        real tokens per block

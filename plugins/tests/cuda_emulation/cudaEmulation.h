@@ -32,9 +32,13 @@
  * launch does here; a thread of it that exits without griddepcontrol.wait
  * (emu::gridDependencyWait) fails it: on a GPU its CTA could complete before that kernel, and
  * the kernel after it would then not wait for that one. The memory the kernels before write (the
- * workspace's sections, emu::setAwaitedMemory) is inaccessible to each of its CTAs until a thread
- * of the CTA waits: an access to it before the wait faults. Other threads of a CTA are not
- * checked once one has waited, nor is any other memory.
+ * workspace's sections, emu::setAwaitedMemory) is inaccessible to each of its threads until that
+ * thread waits: an access to it before the thread's own wait faults. To open it once per CTA and
+ * not once per thread, a thread that has waited parks until no thread that has not can run, so
+ * every thread's code before its wait runs ahead of any thread's code after it (a plain store
+ * before the wait that another thread reads after its wait without a barrier is then not
+ * exposed; cp.async copies, the kernels' only such stores, still land at the copying thread's
+ * wait_group under schedule 1). Other memory is not checked.
  *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
@@ -263,12 +267,12 @@ void asyncCommit();
 //! cp.async.wait_group: the thread's committed groups but the newest `pending` have landed.
 void asyncWait(int pending);
 //! griddepcontrol.wait: the kernel before this one has completed (always so here); recorded, as
-//! every thread of a dependent launch must reach it, and the awaited memory opened to its CTA.
+//! every thread of a dependent launch must reach it, and the awaited memory opened to the thread.
 void gridDependencyWait();
 
 //! Memory that the kernels before a programmatic dependent launch write, as page-aligned spans
-//! (throws std::invalid_argument otherwise): inaccessible to each CTA (cluster) of such a launch
-//! until one of its threads reaches griddepcontrol.wait, so that an access before the wait faults,
+//! (throws std::invalid_argument otherwise): inaccessible to each thread of such a launch until
+//! it reaches griddepcontrol.wait, so that an access before the thread's wait faults,
 //! where on a GPU it would race with the kernel before. Empty: none (the default). The wrapper
 //! of the kernels' entry point sets the workspace's sections for each call (fencedWorkspace.cpp).
 void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans);

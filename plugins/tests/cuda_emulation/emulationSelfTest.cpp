@@ -639,7 +639,8 @@ void checkWaitsAcrossABarrier(int const* produced)
     mraCudaEmulationSetSchedule(0);
     std::vector<int> out(64);
     launchReading(produced, out, true, 5, waitsOnEitherSideOfABarrier);
-    expect(launchError().empty() && out[5] == 84, "a thread of the first warp reads after its wait, before the barrier");
+    expect(launchError().empty() && out[5] == 84,
+        "a thread of the first warp, which waited before the barrier, reads between it and the second warp's wait");
     std::string errors;
     expect(readingFaults(produced, true, 40, &errors, waitsOnEitherSideOfABarrier)
             && contains(errors, "thread 40 of block 0 touched"),

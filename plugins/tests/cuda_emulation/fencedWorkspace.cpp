@@ -4,8 +4,8 @@
  * GPU it would silently read or write the next section.
  *
  * The sections are also what each kernel after the first reads from the kernels before it: the
- * emulation keeps them inaccessible to such a kernel's CTA until it waits for the one before
- * (emu::setAwaitedMemory), so that a read before griddepcontrol.wait faults. The line the
+ * emulation keeps them inaccessible to each thread of such a kernel until it waits for the one
+ * before (emu::setAwaitedMemory), so that a read before griddepcontrol.wait faults. The line the
  * emulation prints on a fault names the gap or section touched (emu::setFaultNames).
  *
  * CMake builds the emulated libraries with mraAttentionCommon.cpp under MRA_FENCED_WORKSPACE, so
