@@ -34,10 +34,118 @@
 extern "C" unsigned char __start_mra_emulated_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" unsigned char __stop_mra_emulated_shared[] __attribute__((weak, visibility("hidden")));
 
+#ifdef MRA_EMULATION_RACECHECK
+// ThreadSanitizer's interface (libtsan), for the racecheck build (racecheckDriver.cpp).
+extern "C" void* __tsan_get_current_fiber();
+extern "C" void* __tsan_create_fiber(unsigned flags);
+extern "C" void __tsan_destroy_fiber(void* fiber);
+extern "C" void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+extern "C" void __tsan_acquire(void* address);
+extern "C" void __tsan_release(void* address);
+extern "C" void __tsan_write_range(void* address, unsigned long bytes);
+extern "C" void AnnotateIgnoreWritesBegin(char const* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(char const* file, int line);
+#endif
+
 namespace emu
 {
 namespace
 {
+
+// The racecheck build's hooks (no-ops otherwise). Each fiber is a ThreadSanitizer fiber, and
+// switching between them orders nothing: only what orders memory on a GPU (__syncthreads,
+// __syncwarp, cluster.sync; the end of a cluster before the next starts) is told to it, as a
+// release by every thread arriving and an acquire by every thread leaving. Two accesses of
+// different threads, one a write, with none of those between, are then a data race whatever
+// the schedule, as racecheck reports a hazard. A cluster's CTAs share the one copy of the static
+// shared memory here (swapped by makeResident), which ThreadSanitizer would take for memory
+// they all use: racecheckDriver.cpp runs no clusters.
+namespace race
+{
+#ifdef MRA_EMULATION_RACECHECK
+constexpr unsigned kNoSync = 1; // __tsan_switch_to_fiber_no_sync
+
+void* current()
+{
+    return __tsan_get_current_fiber();
+}
+
+void* newFiber()
+{
+    return __tsan_create_fiber(0);
+}
+
+void destroy(void* fiber)
+{
+    __tsan_destroy_fiber(fiber);
+}
+
+void switchTo(void* fiber)
+{
+    __tsan_switch_to_fiber(fiber, kNoSync);
+}
+
+void release(void* object)
+{
+    __tsan_release(object);
+}
+
+void acquire(void* object)
+{
+    __tsan_acquire(object);
+}
+
+//! A write somewhere between now and a later point (a cp.async in flight), recorded now.
+void write(void* address, size_t bytes)
+{
+    __tsan_write_range(address, bytes);
+}
+
+//! The running fiber's accesses (its heap allocations included) unseen until ignoreEnd: the
+//! emulation's own bookkeeping, which every thread shares, is not the kernels' memory.
+void ignoreBegin()
+{
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__); // reads too, in ThreadSanitizer
+}
+
+void ignoreEnd()
+{
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+}
+#else
+void* current()
+{
+    return nullptr;
+}
+void* newFiber()
+{
+    return nullptr;
+}
+void destroy(void*) {}
+void switchTo(void*) {}
+void release(void*) {}
+void acquire(void*) {}
+void write(void*, size_t) {}
+void ignoreBegin() {}
+void ignoreEnd() {}
+#endif
+
+//! The emulation's bookkeeping, unseen for as long as it lives (see ignoreBegin).
+class Bookkeeping
+{
+public:
+    Bookkeeping()
+    {
+        ignoreBegin();
+    }
+    ~Bookkeeping()
+    {
+        ignoreEnd();
+    }
+    Bookkeeping(Bookkeeping const&) = delete;
+    Bookkeeping& operator=(Bookkeeping const&) = delete;
+};
+} // namespace race
 
 //! Fills every static __shared__ variable with garbage, as a new CTA's shared memory is.
 void poisonStaticShared()
@@ -67,6 +175,7 @@ struct Barrier
     int line = 0;
     unsigned long round = 0;    //!< unique id of the round being gathered
     unsigned long sequence = 0; //!< rounds completed: its parity picks a warp's word buffer
+    unsigned char raceOrder[2] = {}; //!< racecheck's release/acquire object, by round parity
 };
 
 //! One cp.async not yet waited for: `sourceBytes` of `source`, then zeros up to `bytes`; it may
@@ -109,6 +218,7 @@ struct Fiber
     AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
     std::deque<AsyncGroup> committedCopies; //!< oldest first
     bool waitedForPreviousKernel = false;   //!< reached griddepcontrol.wait
+    void* raceFiber = nullptr;              //!< its ThreadSanitizer fiber (racecheck build)
 };
 
 struct Warp
@@ -250,6 +360,9 @@ struct Runtime
     std::vector<size_t> parked;                    //!< fibers at griddepcontrol.wait, in arrival order
     std::vector<NamedMemory> faultNames;           //!< setFaultNames'
     struct sigaction actionBefore{};               //!< SIGSEGV's, while a grid runs
+    void* raceScheduler = nullptr;      //!< the launching thread's ThreadSanitizer fiber
+    unsigned char raceClusterStart = 0; //!< released by the launching thread before each cluster
+    unsigned char raceClusterEnd = 0;   //!< released by every thread of a cluster as it exits
 };
 
 Runtime& runtime()
@@ -302,6 +415,7 @@ void switchToScheduler()
     Runtime& r = runtime();
     if (_setjmp(r.current->resumeAt) == 0)
     {
+        race::switchTo(r.raceScheduler);
         _longjmp(r.scheduler, 1);
     }
 }
@@ -314,8 +428,10 @@ __attribute__((noinline)) void resume(Fiber& fiber)
     threadIdx = dim3(fiber.thread);
     blockIdx = r.ctas[fiber.cta].index;
     makeResident(fiber.cta);
+    r.raceScheduler = race::current();
     if (_setjmp(r.scheduler) == 0)
     {
+        race::switchTo(fiber.raceFiber);
         if (fiber.started)
         {
             _longjmp(fiber.resumeAt, 1);
@@ -354,8 +470,11 @@ void wake(Barrier& barrier)
 }
 
 //! Arrive at ``barrier`` of ``expected`` threads; returns the round's id after all arrived.
-unsigned long arrive(Barrier& barrier, int expected, char const* file, int line, char const* what)
+//! ``ordersMemory``: whether it orders the threads' memory accesses on a GPU (__syncthreads,
+//! __syncwarp, cluster.sync; not a shuffle or another collective), as racecheck is told.
+unsigned long arrive(Barrier& barrier, int expected, char const* file, int line, char const* what, bool ordersMemory)
 {
+    race::Bookkeeping const bookkeeping; // ends in this fiber, once it is resumed
     Fiber& fiber = currentFiber();
     if (barrier.arrived == 0)
     {
@@ -368,6 +487,12 @@ unsigned long arrive(Barrier& barrier, int expected, char const* file, int line,
             fiber.thread, barrier.file, barrier.line);
     }
     unsigned long const round = barrier.round;
+    // By parity: a thread may arrive at the next round before the others have left this one.
+    unsigned char* const order = &barrier.raceOrder[barrier.sequence & 1];
+    if (ordersMemory)
+    {
+        race::release(order);
+    }
     if (++barrier.arrived == expected)
     {
         wake(barrier);
@@ -379,6 +504,10 @@ unsigned long arrive(Barrier& barrier, int expected, char const* file, int line,
         fiber.waitingOn = &barrier;
     }
     switchToScheduler(); // the others' turn, in the schedule's order
+    if (ordersMemory)
+    {
+        race::acquire(order);
+    }
     return round;
 }
 
@@ -396,7 +525,9 @@ size_t copiesNotWaitedFor(Fiber const& fiber)
 void fiberMain()
 {
     Runtime& r = runtime();
+    race::acquire(&r.raceClusterStart);
     (*r.body)();
+    race::ignoreBegin(); // the emulation's bookkeeping, to the fiber's last switch
     Fiber& fiber = currentFiber();
     // On a GPU a copy never waited for may land after other threads reused its memory: the
     // kernels wait for every copy they issue.
@@ -423,6 +554,9 @@ void fiberMain()
     {
         wake(r.cluster);
     }
+    race::ignoreEnd(); // a fiber destroyed with ignores on is reported
+    race::release(&r.raceClusterEnd);
+    race::switchTo(r.raceScheduler);
     _longjmp(r.scheduler, 1); // never returns: the fiber's stack is free for the next CTA
 }
 
@@ -534,6 +668,7 @@ bool runCluster(unsigned threads)
         fiber.start.uc_stack.ss_size = kStackBytes;
         fiber.start.uc_link = nullptr; // fiberMain never returns
         makecontext(&fiber.start, fiberMain, 0);
+        fiber.raceFiber = race::newFiber();
     }
     r.ready.reset(r.schedule);
     for (size_t f = 0; f < r.fibers.size(); ++f)
@@ -553,6 +688,10 @@ bool runCluster(unsigned threads)
         r.error = describeDeadlock();
         r.errorBlock = r.ctas.front().index.x;
     }
+    for (Fiber& fiber : r.fibers)
+    {
+        race::destroy(fiber.raceFiber);
+    }
     return r.error.empty();
 }
 
@@ -561,7 +700,7 @@ bool runCluster(unsigned threads)
 unsigned long syncThreads(char const* file, int line)
 {
     Cta& cta = currentCta();
-    return arrive(cta.block, cta.threads - cta.finished, file, line, "__syncthreads");
+    return arrive(cta.block, cta.threads - cta.finished, file, line, "__syncthreads", true);
 }
 
 unsigned long blockRound()
@@ -572,7 +711,7 @@ unsigned long blockRound()
 void syncCluster(char const* file, int line)
 {
     Runtime& r = runtime();
-    arrive(r.cluster, static_cast<int>(r.fibers.size()) - r.finished, file, line, "cluster.sync");
+    arrive(r.cluster, static_cast<int>(r.fibers.size()) - r.finished, file, line, "cluster.sync", true);
 }
 
 unsigned clusterRank()
@@ -585,7 +724,11 @@ unsigned clusterSize()
     return static_cast<unsigned>(runtime().ctas.size());
 }
 
-WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second)
+namespace
+{
+
+//! A warp collective; ``ordersMemory`` for __syncwarp alone (see arrive).
+WarpRound exchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second, bool ordersMemory)
 {
     Warp& warp = currentWarp();
     int const lane = static_cast<int>(currentFiber().thread % kWarpSize);
@@ -601,18 +744,26 @@ WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first
     auto& words = warp.words[warp.barrier.sequence & 1];
     words[lane][0] = first;
     words[lane][1] = second;
-    unsigned long const round = arrive(warp.barrier, warp.lanes, file, line, "warp collective");
+    unsigned long const round = arrive(warp.barrier, warp.lanes, file, line, "warp collective", ordersMemory);
     return WarpRound{words, round, lane};
+}
+
+} // namespace
+
+WarpRound warpExchange(char const* file, int line, unsigned mask, uint64_t first, uint64_t second)
+{
+    return exchange(file, line, mask, first, second, false);
 }
 
 void syncWarp(char const* file, int line)
 {
-    warpExchange(file, line, ~0u, 0);
+    exchange(file, line, ~0u, 0, 0, true);
 }
 
 void fail(char const* format, ...)
 {
     Runtime& r = runtime();
+    race::ignoreBegin(); // the emulation's bookkeeping, to the fiber's last switch
     char message[1024];
     va_list arguments;
     va_start(arguments, format);
@@ -625,6 +776,8 @@ void fail(char const* format, ...)
     }
     Fiber& fiber = currentFiber();
     fiber.state = State::Finished; // abandoned: never resumed
+    race::ignoreEnd(); // a fiber destroyed with ignores on is reported
+    race::switchTo(r.raceScheduler);
     _longjmp(r.scheduler, 1);
 }
 
@@ -707,15 +860,18 @@ void asyncCopy(char const* file, int line, void* shared, void const* global, int
         fail("cp.async at %s:%d: %p is not in the CTA's shared memory", file, line, shared);
     }
     AsyncCopy copy{destination, source, bytes, sourceBytes};
+    race::write(destination, static_cast<size_t>(bytes)); // it may land from now on (and at landing)
     if (landsAtOnce())
     {
         copy.land();
     }
+    race::Bookkeeping const bookkeeping;
     currentFiber().openCopies.push_back(copy);
 }
 
 void asyncCommit()
 {
+    race::Bookkeeping const bookkeeping;
     Fiber& fiber = currentFiber();
     fiber.committedCopies.push_back(std::move(fiber.openCopies));
     fiber.openCopies.clear();
@@ -728,8 +884,9 @@ void asyncWait(int pending)
     {
         for (AsyncCopy& copy : fiber.committedCopies.front())
         {
-            copy.land();
+            copy.land(); // seen: the copy's write
         }
+        race::Bookkeeping const bookkeeping;
         fiber.committedCopies.pop_front();
     }
 }
@@ -746,6 +903,7 @@ void gridDependencyWait()
     // Parked until no thread that has not waited can run: the awaited memory, open to this thread
     // from now on and closed to those, then opens once for the CTA instead of once per thread
     // (two mprotect calls per span and thread made the emulation tests 8x slower, docs/gpu.md).
+    race::Bookkeeping const bookkeeping;
     fiber.state = State::Parked;
     r.parked.push_back(fiberIndex(fiber));
     switchToScheduler();
@@ -764,6 +922,16 @@ void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
     Runtime& r = runtime();
     std::lock_guard<std::mutex> const lock(r.launchMutex);
     r.awaited = std::move(spans);
+}
+
+void ignoreRacesBegin()
+{
+    race::ignoreBegin();
+}
+
+void ignoreRacesEnd()
+{
+    race::ignoreEnd();
 }
 
 void setFaultNames(std::vector<NamedMemory> names)
@@ -896,7 +1064,9 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
         poisonStaticShared(); // CTA 0's, resident first
         r.residentCta = 0;
         r.error.clear();
+        race::release(&r.raceClusterStart); // the launch's inputs and the clusters before
         bool const ran = runCluster(block.x);
+        race::acquire(&r.raceClusterEnd);
         lockAwaited(r, false);
         for (Cta const& cta : r.ctas)
         {

@@ -51,6 +51,12 @@
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
  * caught. It stands for a GPU in nothing but the kernels' logic.
  *
+ * Races no schedule exposes are what the racecheck build is for (racecheckDriver.cpp): the same
+ * runtime, built with MRA_EMULATION_RACECHECK, under a program built with ThreadSanitizer. Each
+ * thread is then a ThreadSanitizer fiber, and only __syncthreads, __syncwarp, cluster.sync and
+ * the end of a cluster order memory (a shuffle or another collective does not), so two threads'
+ * accesses with none of those between, one a write, are reported as a data race.
+ *
  * The kernel source is compiled with this header forced in first and its `extern __shared__`
  * declaration rewritten by CMake (plugins/CMakeLists.txt); it launches by cudaLaunchKernelEx,
  * defined below. The self-test writes `kernel<<<grid, block>>>(args...)` as
@@ -143,12 +149,18 @@ inline int __popc(unsigned x)
     return __builtin_popcount(x);
 }
 
-//! Atomic, trivially: no other thread runs until this one reaches a barrier.
+//! No other thread runs until this one reaches a barrier, but ThreadSanitizer (the racecheck
+//! build) must see an atomic, or it reports the threads' additions as a race.
 template <typename T>
 T atomicAdd(T* address, T value)
 {
-    T const old = *address;
-    *address = old + value;
+    T old;
+    __atomic_load(address, &old, __ATOMIC_RELAXED);
+    T sum = old + value;
+    while (!__atomic_compare_exchange(address, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    {
+        sum = old + value;
+    }
     return old;
 }
 
@@ -290,6 +302,28 @@ struct NamedMemory
 //! The names of later faults (the wrapper of the kernels' entry point names the workspace's
 //! sections and gaps for each call); empty: none.
 void setFaultNames(std::vector<NamedMemory> names);
+
+//! The racecheck build (racecheckDriver.cpp): the calling thread's memory accesses unseen by
+//! ThreadSanitizer until the matching end, nested; a stand-in's own work (CUB's collectives
+//! compute through their TempStorage as CUB does not) is not the kernels'. No-ops otherwise.
+void ignoreRacesBegin();
+void ignoreRacesEnd();
+
+//! ignoreRacesBegin for as long as it lives.
+class StandInWork
+{
+public:
+    StandInWork()
+    {
+        ignoreRacesBegin();
+    }
+    ~StandInWork()
+    {
+        ignoreRacesEnd();
+    }
+    StandInWork(StandInWork const&) = delete;
+    StandInWork& operator=(StandInWork const&) = delete;
+};
 
 //! Whether a result computed once per round (a CUB scan for its block) is
 //! still to be computed for ``round``: the first thread past the barrier computes, the others copy.

@@ -1,0 +1,315 @@
+/*
+ * racecheck's stand-in without a GPU: the kernels' source under the CUDA emulation, built with
+ * ThreadSanitizer (-fsanitize=thread; cudaEmulation.cpp with MRA_EMULATION_RACECHECK). Each CUDA
+ * thread is a ThreadSanitizer fiber, and only what orders memory on a GPU (__syncthreads,
+ * __syncwarp, cluster.sync, the end of a cluster) orders it here, so two threads' accesses to
+ * the same shared or global memory, one a write, with none of those between them are reported
+ * as a data race under any schedule, where the emulation alone catches one only if a schedule
+ * makes it change a value. A cp.async counts as a write from its issue to its landing.
+ *
+ *   mra_emulation_racecheck attention       the attention on small problems: no race expected
+ *   mra_emulation_racecheck <case>          one of kCases below, on a small kernel
+ *
+ * ThreadSanitizer prints each race ("WARNING: ThreadSanitizer: data race", with both threads'
+ * stacks through the kernels' source) and makes the process exit with 66; the driver prints
+ * "ran <what>" and exits 0 otherwise. tests/test_cuda_emulation.py runs it.
+ */
+#include "mraAttention.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <sys/mman.h>
+#include <vector>
+
+extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
+extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
+extern "C" uint32_t mraCudaEmulationTakeLargestCluster();
+extern "C" uint32_t mraCudaEmulationLastLaunchThreads();
+
+namespace
+{
+
+// ---- small kernels with and without a race ----------------------------------------------------
+
+enum class Between
+{
+    Nothing,     //!< a race
+    SyncThreads, //!< ordered
+    SyncWarp,    //!< ordered within a warp only
+    Shuffle,     //!< a race: a shuffle exchanges registers, it orders no memory (CUDA's model)
+};
+
+//! Thread t writes cell t, then, after `between`, reads the cell of thread t ^ `partner`.
+__global__ void readsAnotherThreadsCell(int* out, Between between, int partner)
+{
+    __shared__ int cells[64];
+    cells[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
+    if (between == Between::SyncThreads)
+    {
+        __syncthreads();
+    }
+    else if (between == Between::SyncWarp)
+    {
+        __syncwarp();
+    }
+    else if (between == Between::Shuffle)
+    {
+        out[64 + threadIdx.x] = __shfl_xor_sync(~0u, static_cast<int>(threadIdx.x), 1);
+    }
+    out[threadIdx.x] = cells[threadIdx.x ^ static_cast<unsigned>(partner)];
+}
+
+//! Thread 0 issues a cp.async of 16 bytes into cells 0..3; every thread reads cell 1 after the
+//! copy's wait and a __syncthreads (ordered) or, with `early`, after the __syncthreads that
+//! precedes thread 0's wait (a race: on a GPU the copy may land after it).
+__global__ void readsACopy(int const* source, int* out, int early)
+{
+    __shared__ __align__(16) int cells[4];
+    if (threadIdx.x == 0)
+    {
+        ::emu::asyncCopy(__FILE__, __LINE__, cells, source, 16, 16);
+        ::emu::asyncCommit();
+    }
+    if (early != 0)
+    {
+        __syncthreads();
+        out[threadIdx.x] = cells[1];
+    }
+    if (threadIdx.x == 0)
+    {
+        ::emu::asyncWait(0);
+    }
+    __syncthreads();
+    out[64 + threadIdx.x] = cells[1];
+}
+
+struct Case
+{
+    char const* name;
+    bool race; //!< what a correct racecheck says (for the help text)
+    void (*run)();
+};
+
+void launchCells(Between between, int partner)
+{
+    std::vector<int> out(128);
+    readsAnotherThreadsCell | ::emu::Launch(1, 64, 0) | ::emu::args(out.data(), between, partner);
+}
+
+void launchCopy(int early)
+{
+    std::vector<int> source{1, 2, 3, 4};
+    std::vector<int> out(128);
+    readsACopy | ::emu::Launch(1, 64, 0) | ::emu::args(static_cast<int const*>(source.data()), out.data(), early);
+}
+
+Case const kCases[] = {
+    {"nothing-between", true, [] { launchCells(Between::Nothing, 1); }},
+    {"syncthreads-between", false, [] { launchCells(Between::SyncThreads, 33); }},
+    {"syncwarp-within-a-warp", false, [] { launchCells(Between::SyncWarp, 1); }},
+    {"syncwarp-across-warps", true, [] { launchCells(Between::SyncWarp, 32); }},
+    {"shuffle-between", true, [] { launchCells(Between::Shuffle, 1); }},
+    {"copy-read-after-its-wait", false, [] { launchCopy(0); }},
+    {"copy-read-before-its-wait", true, [] { launchCopy(1); }},
+};
+
+// ---- the attention ------------------------------------------------------------------------------
+
+uint16_t toHalf(float value)
+{
+    _Float16 const half = static_cast<_Float16>(value);
+    uint16_t bits;
+    std::memcpy(&bits, &half, sizeof(bits));
+    return bits;
+}
+
+uint16_t toBfloat16(float value)
+{
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+//! `count` elements of `dtype` in [-2, 2), as raw bytes.
+std::vector<unsigned char> randomTensor(size_t count, MraDataType dtype, std::mt19937& random)
+{
+    std::uniform_real_distribution<float> uniform(-2.0f, 2.0f);
+    size_t const element = dtype == MRA_FLOAT32 ? 4 : 2;
+    std::vector<unsigned char> bytes(count * element);
+    for (size_t i = 0; i < count; ++i)
+    {
+        float const value = uniform(random);
+        if (dtype == MRA_FLOAT32)
+        {
+            std::memcpy(&bytes[4 * i], &value, 4);
+        }
+        else
+        {
+            uint16_t const bits = dtype == MRA_FLOAT16 ? toHalf(value) : toBfloat16(value);
+            std::memcpy(&bytes[2 * i], &bits, 2);
+        }
+    }
+    return bytes;
+}
+
+//! A workspace on a page, as the emulated kernels want it (fencedWorkspace.cpp).
+struct PageAlignedBuffer
+{
+    explicit PageAlignedBuffer(size_t bytes)
+        : size(bytes)
+        , start(mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+    {
+    }
+    ~PageAlignedBuffer()
+    {
+        munmap(start, size == 0 ? 1 : size);
+    }
+    size_t size;
+    void* start;
+};
+
+//! One call on random inputs, the second batch's sequence cut to `realTokens`; false on failure.
+bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t seed)
+{
+    std::mt19937 random(seed);
+    size_t const elements = static_cast<size_t>(params.batch) * params.heads * params.seq_len * params.head_dim;
+    std::vector<unsigned char> const query = randomTensor(elements, params.dtype, random);
+    std::vector<unsigned char> const key = randomTensor(elements, params.dtype, random);
+    std::vector<unsigned char> const value = randomTensor(elements, params.dtype, random);
+    std::vector<unsigned char> output(query.size());
+    std::vector<int32_t> mask(static_cast<size_t>(params.batch) * params.seq_len, 1);
+    for (int32_t t = realTokens; t < params.seq_len; ++t)
+    {
+        mask[static_cast<size_t>(params.seq_len) + t] = 0; // batch 1
+    }
+    PageAlignedBuffer const workspace(mraWorkspaceSize(&params));
+    MraStatus const status = mraAttentionCuda(&params, query.data(), key.data(), value.data(), mask.data(),
+        output.data(), workspace.start, workspace.size, nullptr);
+    if (status != MRA_OK)
+    {
+        std::fprintf(stderr, "mraAttentionCuda: %s (%s)\n", mraStatusString(status), mraLastCudaError());
+        return false;
+    }
+    return true;
+}
+
+struct Problem
+{
+    int32_t batch, heads, seqLen, headDim, numBlocks, realTokens;
+    MraDataType dtype;
+    MraApproxMode mode;
+    int32_t priorFirst, priorDiagonal;
+};
+
+char const* const kDtypeNames[] = {"float32", "float16", "bfloat16"};
+
+//! `problem` on `multiprocessors` emulated SMs; false (with a line on stderr) on failure.
+bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
+{
+    MraAttentionParams params{};
+    params.batch = problem.batch;
+    params.heads = problem.heads;
+    params.seq_len = problem.seqLen;
+    params.head_dim = problem.headDim;
+    params.num_blocks = problem.numBlocks;
+    params.block_size = 32;
+    params.approx_mode = problem.mode;
+    params.initial_prior_first_n_blocks = problem.priorFirst;
+    params.initial_prior_diagonal_n_blocks = problem.priorDiagonal;
+    params.dtype = problem.dtype;
+    mraCudaEmulationSetMultiprocessors(multiprocessors);
+    mraCudaEmulationTakeLargestCluster();
+    if (!runAttention(params, problem.realTokens, seed))
+    {
+        return false;
+    }
+    if (mraCudaEmulationTakeLargestCluster() != 1)
+    {
+        std::fprintf(stderr, "the selection ran in clusters: this check needs CTAs alone\n");
+        return false;
+    }
+    std::printf("batch %d, %d heads, %d tokens, head_dim %d, %s, %s, on %u SMs: high-resolution CTAs of %u threads\n",
+        problem.batch, problem.heads, problem.seqLen, problem.headDim, kDtypeNames[problem.dtype],
+        problem.mode == MRA_FULL ? "full" : "sparse", multiprocessors, mraCudaEmulationLastLaunchThreads());
+    return true;
+}
+
+//! The problems: every dtype and mode, head sizes 32 and 64, a ragged batch, prior blocks; each
+//! on one SM less than twice its rows (the most that runs the selection without clusters; the
+//! high-resolution kernels then split their query blocks' work over two thread groups where
+//! the blocks are few) and on one (where they do not). Never in clusters of CTAs: a cluster's
+//! CTAs share one copy of the static shared memory here, swapped as they take turns, which
+//! ThreadSanitizer would take for one memory that all of them use.
+bool runAttentionProblems()
+{
+    Problem const problems[] = {
+        {2, 2, 100, 64, 6, 70, MRA_FLOAT32, MRA_SPARSE, 0, 0},
+        {2, 2, 100, 64, 6, 70, MRA_FLOAT32, MRA_FULL, 1, 1},
+        {2, 2, 100, 64, 6, 70, MRA_FLOAT16, MRA_FULL, 0, 0},
+        {1, 2, 200, 64, 12, 200, MRA_FLOAT16, MRA_SPARSE, 0, 2},
+        {2, 1, 130, 32, 9, 33, MRA_BFLOAT16, MRA_SPARSE, 0, 0},
+        {1, 2, 64, 32, 4, 64, MRA_FLOAT32, MRA_FULL, 0, 0},
+        {2, 2, 1024, 64, 8, 700, MRA_FLOAT16, MRA_FULL, 1, 0}, // on one SM, tensor-core CTAs unsplit
+        {1, 1, 4128, 32, 8, 4000, MRA_FLOAT32, MRA_FULL, 0, 0}, // 129 blocks: the terms take two chunks
+    };
+    uint32_t seed = 1;
+    for (Problem const& problem : problems)
+    {
+        uint32_t const withoutClusters = static_cast<uint32_t>(2 * problem.batch * problem.heads - 1);
+        std::vector<uint32_t> multiprocessors{withoutClusters};
+        if (withoutClusters != 1)
+        {
+            multiprocessors.push_back(1);
+        }
+        for (uint32_t count : multiprocessors)
+        {
+            if (!runProblem(problem, count, seed++))
+            {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    std::string const what = argc == 2 ? argv[1] : "";
+    // Copies land at their wait (schedule 1): racecheck also records each at its issue.
+    mraCudaEmulationSetSchedule(1);
+    if (what == "attention")
+    {
+        if (!runAttentionProblems())
+        {
+            return 1;
+        }
+        std::printf("ran attention\n");
+        return 0;
+    }
+    for (Case const& known : kCases)
+    {
+        if (what == known.name)
+        {
+            known.run();
+            cudaError_t const error = cudaGetLastError();
+            if (error != cudaSuccess)
+            {
+                std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(error));
+                return 1;
+            }
+            std::printf("ran %s\n", known.name);
+            return 0;
+        }
+    }
+    std::fprintf(stderr, "usage: mra_emulation_racecheck attention | <case>; cases (race expected or not):\n");
+    for (Case const& known : kCases)
+    {
+        std::fprintf(stderr, "  %s (%s)\n", known.name, known.race ? "a race" : "ordered");
+    }
+    return 2;
+}
