@@ -71,6 +71,15 @@ def test_racecheck_tells_a_race_from_ordered_accesses(kernel, has_race):
         assert f"ran {kernel}" in result.stdout
 
 
+def test_a_failed_launch_leaves_racecheck_quiet():
+    """A launch that fails (a __syncthreads reached at two lines) abandons the threads waiting
+    in the barrier: the driver reports the failure, and ThreadSanitizer nothing."""
+    result = run_racecheck("divergent-barrier")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "launch failed:" in result.stderr and "(divergent)" in result.stderr
+    assert "ThreadSanitizer" not in result.stderr
+
+
 def test_the_kernels_have_no_data_race():
     """Every kernel of the attention, in each of its shapes: fp32 and tensor-core high-resolution
     CTAs split over two thread groups and not, head sizes 32 and 64, both modes, prior blocks, a

@@ -130,17 +130,18 @@ void ignoreBegin() {}
 void ignoreEnd() {}
 #endif
 
-//! The emulation's bookkeeping, unseen for as long as it lives (see ignoreBegin).
+//! The emulation's bookkeeping in the running thread, unseen for as long as it lives (see
+//! ignoreBegin; counted per thread by emu::ignoreRacesBegin, for retireRaceFiber).
 class Bookkeeping
 {
 public:
     Bookkeeping()
     {
-        ignoreBegin();
+        ignoreRacesBegin();
     }
     ~Bookkeeping()
     {
-        ignoreEnd();
+        ignoreRacesEnd();
     }
     Bookkeeping(Bookkeeping const&) = delete;
     Bookkeeping& operator=(Bookkeeping const&) = delete;
@@ -219,6 +220,7 @@ struct Fiber
     std::deque<AsyncGroup> committedCopies; //!< oldest first
     bool waitedForPreviousKernel = false;   //!< reached griddepcontrol.wait
     void* raceFiber = nullptr;              //!< its ThreadSanitizer fiber (racecheck build)
+    int raceIgnores = 0;                    //!< ignoreRacesBegin calls not yet ended (retireRaceFiber)
 };
 
 struct Warp
@@ -362,7 +364,7 @@ struct Runtime
     struct sigaction actionBefore{};               //!< SIGSEGV's, while a grid runs
     void* raceScheduler = nullptr;      //!< the launching thread's ThreadSanitizer fiber
     unsigned char raceClusterStart = 0; //!< released by the launching thread before each cluster
-    unsigned char raceClusterEnd = 0;   //!< released by every thread of a cluster as it exits
+    unsigned char raceClusterEnd = 0;   //!< released for every thread of a cluster (retireRaceFiber)
 };
 
 Runtime& runtime()
@@ -527,7 +529,7 @@ void fiberMain()
     Runtime& r = runtime();
     race::acquire(&r.raceClusterStart);
     (*r.body)();
-    race::ignoreBegin(); // the emulation's bookkeeping, to the fiber's last switch
+    ignoreRacesBegin(); // the emulation's bookkeeping, to the fiber's end (retireRaceFiber)
     Fiber& fiber = currentFiber();
     // On a GPU a copy never waited for may land after other threads reused its memory: the
     // kernels wait for every copy they issue.
@@ -554,8 +556,6 @@ void fiberMain()
     {
         wake(r.cluster);
     }
-    race::ignoreEnd(); // a fiber destroyed with ignores on is reported
-    race::release(&r.raceClusterEnd);
     race::switchTo(r.raceScheduler);
     _longjmp(r.scheduler, 1); // never returns: the fiber's stack is free for the next CTA
 }
@@ -626,6 +626,23 @@ bool releaseParked(Runtime& r)
     return released;
 }
 
+//! Frees the thread's ThreadSanitizer fiber (racecheck build), first ending in its name the
+//! ignores it left on (ThreadSanitizer dies of a fiber freed with any: the bookkeeping of its
+//! exit, or a barrier or stand-in a failed launch abandoned it in) and releasing what it wrote
+//! to the launching thread, which acquires it before the next cluster.
+void retireRaceFiber(Runtime& r, Fiber& fiber)
+{
+    void* const running = race::current();
+    race::switchTo(fiber.raceFiber);
+    for (; fiber.raceIgnores > 0; --fiber.raceIgnores)
+    {
+        race::ignoreEnd();
+    }
+    race::release(&r.raceClusterEnd);
+    race::switchTo(running);
+    race::destroy(fiber.raceFiber);
+}
+
 //! Runs the cluster of r.ctas, each of ``threads``, to completion; false (with r.error) if it
 //! failed or deadlocked.
 bool runCluster(unsigned threads)
@@ -690,7 +707,7 @@ bool runCluster(unsigned threads)
     }
     for (Fiber& fiber : r.fibers)
     {
-        race::destroy(fiber.raceFiber);
+        retireRaceFiber(r, fiber);
     }
     return r.error.empty();
 }
@@ -763,7 +780,7 @@ void syncWarp(char const* file, int line)
 void fail(char const* format, ...)
 {
     Runtime& r = runtime();
-    race::ignoreBegin(); // the emulation's bookkeeping, to the fiber's last switch
+    ignoreRacesBegin(); // the emulation's bookkeeping, to the fiber's end (retireRaceFiber)
     char message[1024];
     va_list arguments;
     va_start(arguments, format);
@@ -776,7 +793,6 @@ void fail(char const* format, ...)
     }
     Fiber& fiber = currentFiber();
     fiber.state = State::Finished; // abandoned: never resumed
-    race::ignoreEnd(); // a fiber destroyed with ignores on is reported
     race::switchTo(r.raceScheduler);
     _longjmp(r.scheduler, 1);
 }
@@ -926,11 +942,13 @@ void setAwaitedMemory(std::vector<std::pair<void*, size_t>> spans)
 
 void ignoreRacesBegin()
 {
+    ++currentFiber().raceIgnores;
     race::ignoreBegin();
 }
 
 void ignoreRacesEnd()
 {
+    --currentFiber().raceIgnores;
     race::ignoreEnd();
 }
 

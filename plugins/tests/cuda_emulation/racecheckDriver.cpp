@@ -8,7 +8,8 @@
  * makes it change a value. A cp.async counts as a write from its issue to its landing.
  *
  *   mra_emulation_racecheck attention       the attention on small problems: no race expected
- *   mra_emulation_racecheck <case>          one of kCases below, on a small kernel
+ *   mra_emulation_racecheck <case>          one of kCases below, on a small kernel (exit 1
+ *                                           where its launch fails, as divergent-barrier's)
  *
  * ThreadSanitizer prints each race ("WARNING: ThreadSanitizer: data race", with both threads'
  * stacks through the kernels' source) and makes the process exit with 66; the driver prints
@@ -86,6 +87,21 @@ __global__ void readsACopy(int const* source, int* out, int early)
     out[64 + threadIdx.x] = cells[1];
 }
 
+//! The last thread reaches a __syncthreads at another line than the others: the launch fails
+//! (a GPU would hang) while threads wait in a barrier.
+__global__ void divergesAtABarrier(int* out)
+{
+    if (threadIdx.x == 63)
+    {
+        out[0] = 1;
+        __syncthreads();
+    }
+    else
+    {
+        __syncthreads();
+    }
+}
+
 struct Case
 {
     char const* name;
@@ -114,6 +130,12 @@ Case const kCases[] = {
     {"shuffle-between", true, [] { launchCells(Between::Shuffle, 1); }},
     {"copy-read-after-its-wait", false, [] { launchCopy(0); }},
     {"copy-read-before-its-wait", true, [] { launchCopy(1); }},
+    // Not a race: the launch fails, and racecheck stays quiet about the threads it abandoned.
+    {"divergent-barrier", false,
+        [] {
+            std::vector<int> out(1);
+            divergesAtABarrier | ::emu::Launch(1, 64, 0) | ::emu::args(out.data());
+        }},
 };
 
 // ---- the attention ------------------------------------------------------------------------------
