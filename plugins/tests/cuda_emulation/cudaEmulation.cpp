@@ -129,23 +129,6 @@ void write(void*, size_t) {}
 void ignoreBegin() {}
 void ignoreEnd() {}
 #endif
-
-//! The emulation's bookkeeping in the running thread, unseen for as long as it lives (see
-//! ignoreBegin; counted per thread by emu::ignoreRacesBegin, for retireRaceFiber).
-class Bookkeeping
-{
-public:
-    Bookkeeping()
-    {
-        ignoreRacesBegin();
-    }
-    ~Bookkeeping()
-    {
-        ignoreRacesEnd();
-    }
-    Bookkeeping(Bookkeeping const&) = delete;
-    Bookkeeping& operator=(Bookkeeping const&) = delete;
-};
 } // namespace race
 
 //! Fills every static __shared__ variable with garbage, as a new CTA's shared memory is.
@@ -476,7 +459,7 @@ void wake(Barrier& barrier)
 //! __syncwarp, cluster.sync; not a shuffle or another collective), as racecheck is told.
 unsigned long arrive(Barrier& barrier, int expected, char const* file, int line, char const* what, bool ordersMemory)
 {
-    race::Bookkeeping const bookkeeping; // ends in this fiber, once it is resumed
+    EmulationWork const bookkeeping; // ends in this fiber, once it is resumed
     Fiber& fiber = currentFiber();
     if (barrier.arrived == 0)
     {
@@ -881,13 +864,13 @@ void asyncCopy(char const* file, int line, void* shared, void const* global, int
     {
         copy.land();
     }
-    race::Bookkeeping const bookkeeping;
+    EmulationWork const bookkeeping;
     currentFiber().openCopies.push_back(copy);
 }
 
 void asyncCommit()
 {
-    race::Bookkeeping const bookkeeping;
+    EmulationWork const bookkeeping;
     Fiber& fiber = currentFiber();
     fiber.committedCopies.push_back(std::move(fiber.openCopies));
     fiber.openCopies.clear();
@@ -902,7 +885,7 @@ void asyncWait(int pending)
         {
             copy.land(); // seen: the copy's write
         }
-        race::Bookkeeping const bookkeeping;
+        EmulationWork const bookkeeping;
         fiber.committedCopies.pop_front();
     }
 }
@@ -919,7 +902,7 @@ void gridDependencyWait()
     // Parked until no thread that has not waited can run: the awaited memory, open to this thread
     // from now on and closed to those, then opens once for the CTA instead of once per thread
     // (two mprotect calls per span and thread made the emulation tests 8x slower, docs/gpu.md).
-    race::Bookkeeping const bookkeeping;
+    EmulationWork const bookkeeping;
     fiber.state = State::Parked;
     r.parked.push_back(fiberIndex(fiber));
     switchToScheduler();

@@ -304,25 +304,26 @@ struct NamedMemory
 void setFaultNames(std::vector<NamedMemory> names);
 
 //! The racecheck build (racecheckDriver.cpp): the calling thread's memory accesses unseen by
-//! ThreadSanitizer until the matching end, nested; a stand-in's own work (CUB's collectives
-//! compute through their TempStorage as CUB does not) is not the kernels'. No-ops otherwise.
+//! ThreadSanitizer until the matching end, nested. No-ops otherwise.
 void ignoreRacesBegin();
 void ignoreRacesEnd();
 
-//! ignoreRacesBegin for as long as it lives.
-class StandInWork
+//! The emulation's own work in a thread, unseen by racecheck for as long as it lives: the
+//! runtime's bookkeeping (ready lists, copy queues), a stand-in's internals (CUB's collectives
+//! compute through their TempStorage as CUB does not). It is not the kernels' memory.
+class EmulationWork
 {
 public:
-    StandInWork()
+    EmulationWork()
     {
         ignoreRacesBegin();
     }
-    ~StandInWork()
+    ~EmulationWork()
     {
         ignoreRacesEnd();
     }
-    StandInWork(StandInWork const&) = delete;
-    StandInWork& operator=(StandInWork const&) = delete;
+    EmulationWork(EmulationWork const&) = delete;
+    EmulationWork& operator=(EmulationWork const&) = delete;
 };
 
 //! Whether a result computed once per round (a CUB scan for its block) is

@@ -17,6 +17,9 @@
  */
 #include "mraAttention.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -140,21 +143,6 @@ Case const kCases[] = {
 
 // ---- the attention ------------------------------------------------------------------------------
 
-uint16_t toHalf(float value)
-{
-    _Float16 const half = static_cast<_Float16>(value);
-    uint16_t bits;
-    std::memcpy(&bits, &half, sizeof(bits));
-    return bits;
-}
-
-uint16_t toBfloat16(float value)
-{
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    return static_cast<uint16_t>(bits >> 16);
-}
-
 //! `count` elements of `dtype` in [-2, 2), as raw bytes.
 std::vector<unsigned char> randomTensor(size_t count, MraDataType dtype, std::mt19937& random)
 {
@@ -170,7 +158,8 @@ std::vector<unsigned char> randomTensor(size_t count, MraDataType dtype, std::mt
         }
         else
         {
-            uint16_t const bits = dtype == MRA_FLOAT16 ? toHalf(value) : toBfloat16(value);
+            // The emulation's own conversions (cuda_fp16.h, cuda_bf16.h stand-ins).
+            uint16_t const bits = dtype == MRA_FLOAT16 ? __float2half_rn(value).bits : __float2bfloat16_rn(value).bits;
             std::memcpy(&bytes[2 * i], &bits, 2);
         }
     }

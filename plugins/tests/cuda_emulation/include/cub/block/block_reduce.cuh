@@ -29,7 +29,7 @@ public:
     template <typename Op>
     T Reduce(T input, Op op)
     {
-        emu::StandInWork const standIn; // CUB's reduction, not the kernel's accesses (racecheck)
+        emu::EmulationWork const standIn; // CUB's reduction, not the kernel's accesses (racecheck)
         emu::checkTempStorageReuse(mStorage.lastUse, "cub::BlockReduce");
         mStorage.values[threadIdx.x] = input;
         emu::syncThreads(__FILE__, __LINE__);

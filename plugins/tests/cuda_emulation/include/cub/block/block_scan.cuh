@@ -29,7 +29,7 @@ public:
 
     void ExclusiveSum(T input, T& output, T& aggregate)
     {
-        emu::StandInWork const standIn; // CUB's scan, not the kernel's accesses (racecheck)
+        emu::EmulationWork const standIn; // CUB's scan, not the kernel's accesses (racecheck)
         emu::checkTempStorageReuse(mStorage.lastUse, "cub::BlockScan");
         mStorage.values[threadIdx.x] = input;
         unsigned long const round = emu::syncThreads(__FILE__, __LINE__);
