@@ -13,7 +13,7 @@
  *
  * ThreadSanitizer prints each race ("WARNING: ThreadSanitizer: data race", with both threads'
  * stacks through the kernels' source) and makes the process exit with 66; the driver prints
- * "ran <what>" and exits 0 otherwise. tests/test_cuda_emulation.py runs it.
+ * "ran <what>" and exits 0 otherwise. tests/test_cuda_racecheck.py runs it.
  */
 #include "mraAttention.h"
 
@@ -176,13 +176,16 @@ struct PageAlignedBuffer
     }
     ~PageAlignedBuffer()
     {
-        munmap(start, size == 0 ? 1 : size);
+        if (start != MAP_FAILED)
+        {
+            munmap(start, size == 0 ? 1 : size);
+        }
     }
     size_t size;
     void* start;
 };
 
-//! One call on random inputs, the second batch's sequence cut to `realTokens`; false on failure.
+//! One call on random inputs, the last batch's sequence cut to `realTokens`; false on failure.
 bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t seed)
 {
     std::mt19937 random(seed);
@@ -194,9 +197,14 @@ bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t
     std::vector<int32_t> mask(static_cast<size_t>(params.batch) * params.seq_len, 1);
     for (int32_t t = realTokens; t < params.seq_len; ++t)
     {
-        mask[static_cast<size_t>(params.seq_len) + t] = 0; // batch 1
+        mask[static_cast<size_t>(params.batch - 1) * params.seq_len + t] = 0;
     }
     PageAlignedBuffer const workspace(mraWorkspaceSize(&params));
+    if (workspace.start == MAP_FAILED)
+    {
+        std::fprintf(stderr, "no memory for a workspace of %zu bytes\n", workspace.size);
+        return false;
+    }
     MraStatus const status = mraAttentionCuda(&params, query.data(), key.data(), value.data(), mask.data(),
         output.data(), workspace.start, workspace.size, nullptr);
     if (status != MRA_OK)
