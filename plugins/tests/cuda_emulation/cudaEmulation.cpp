@@ -413,7 +413,6 @@ __attribute__((noinline)) void resume(Fiber& fiber)
     threadIdx = dim3(fiber.thread);
     blockIdx = r.ctas[fiber.cta].index;
     makeResident(fiber.cta);
-    r.raceScheduler = race::current();
     if (_setjmp(r.scheduler) == 0)
     {
         race::switchTo(fiber.raceFiber);
@@ -676,6 +675,7 @@ bool runCluster(unsigned threads)
         r.ready.add(f);
     }
     r.parked.clear();
+    r.raceScheduler = race::current(); // the launching thread's: the fibers switch back to it
     while (r.error.empty() && (!r.ready.empty() || releaseParked(r)))
     {
         Fiber& next = r.fibers[r.ready.take(r.random)];

@@ -555,28 +555,30 @@ void checkAsyncCopies()
     mraCudaEmulationSetSchedule(0);
 }
 
-//! `waitsForPreviousKernel` launched by cudaLaunchKernelEx, as a programmatic dependent or not.
-std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
+//! `kernel` in 2 CTAs of 64 threads by cudaLaunchKernelEx, as a programmatic dependent or not.
+template <typename... Params, typename... Args>
+cudaError_t launchInTwoCtas(bool dependent, void (*kernel)(Params...), Args... arguments)
 {
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
-    expect(cudaLaunchKernelEx(&config, waitsForPreviousKernel, out.data(), skipping) == cudaSuccess,
+    return cudaLaunchKernelEx(&config, kernel, arguments...);
+}
+
+//! `waitsForPreviousKernel` launched by cudaLaunchKernelEx, as a programmatic dependent or not.
+std::string launchWaiting(bool dependent, int skipping, std::vector<int>& out)
+{
+    expect(launchInTwoCtas(dependent, waitsForPreviousKernel, out.data(), skipping) == cudaSuccess,
         "cudaLaunchKernelEx leaves failures to cudaGetLastError");
     return launchError();
 }
 
-//! `kernel` (by default `readsWhatTheKernelBeforeWrote`) in 2 CTAs of 64 threads, by
-//! cudaLaunchKernelEx.
+//! `kernel` (by default `readsWhatTheKernelBeforeWrote`) in 2 CTAs of 64 threads.
 void launchReading(int const* produced, std::vector<int>& out, bool dependent, int earlyReader,
     void (*kernel)(int const*, int*, int) = readsWhatTheKernelBeforeWrote)
 {
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{dim3(2), dim3(64), 0, nullptr, &attribute, dependent ? 1u : 0u};
-    cudaLaunchKernelEx(&config, kernel, produced, out.data(), earlyReader);
+    launchInTwoCtas(dependent, kernel, produced, out.data(), earlyReader);
 }
 
 //! Whether `action` kills a forked child by SIGSEGV; what the child wrote on stderr in `errors`.

@@ -105,10 +105,10 @@ __global__ void divergesAtABarrier(int* out)
     }
 }
 
+//! A small kernel's launch, by name (tests/test_cuda_racecheck.py says which have a race).
 struct Case
 {
     char const* name;
-    bool race; //!< what a correct racecheck says (for the help text)
     void (*run)();
 };
 
@@ -126,15 +126,15 @@ void launchCopy(int early)
 }
 
 Case const kCases[] = {
-    {"nothing-between", true, [] { launchCells(Between::Nothing, 1); }},
-    {"syncthreads-between", false, [] { launchCells(Between::SyncThreads, 33); }},
-    {"syncwarp-within-a-warp", false, [] { launchCells(Between::SyncWarp, 1); }},
-    {"syncwarp-across-warps", true, [] { launchCells(Between::SyncWarp, 32); }},
-    {"shuffle-between", true, [] { launchCells(Between::Shuffle, 1); }},
-    {"copy-read-after-its-wait", false, [] { launchCopy(0); }},
-    {"copy-read-before-its-wait", true, [] { launchCopy(1); }},
+    {"nothing-between", [] { launchCells(Between::Nothing, 1); }},
+    {"syncthreads-between", [] { launchCells(Between::SyncThreads, 33); }},
+    {"syncwarp-within-a-warp", [] { launchCells(Between::SyncWarp, 1); }},
+    {"syncwarp-across-warps", [] { launchCells(Between::SyncWarp, 32); }},
+    {"shuffle-between", [] { launchCells(Between::Shuffle, 1); }},
+    {"copy-read-after-its-wait", [] { launchCopy(0); }},
+    {"copy-read-before-its-wait", [] { launchCopy(1); }},
     // Not a race: the launch fails, and racecheck stays quiet about the threads it abandoned.
-    {"divergent-barrier", false,
+    {"divergent-barrier",
         [] {
             std::vector<int> out(1);
             divergesAtABarrier | ::emu::Launch(1, 64, 0) | ::emu::args(out.data());
@@ -215,12 +215,13 @@ bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t
     return true;
 }
 
+//! The call's parameters (in MraAttentionParams' order: batch, heads, seq_len, head_dim,
+//! num_blocks, block_size, approx_mode, prior first and diagonal blocks, dtype, layout), and
+//! the real tokens of its last sample.
 struct Problem
 {
-    int32_t batch, heads, seqLen, headDim, numBlocks, realTokens;
-    MraDataType dtype;
-    MraApproxMode mode;
-    int32_t priorFirst, priorDiagonal;
+    MraAttentionParams params;
+    int32_t realTokens;
 };
 
 char const* const kDtypeNames[] = {"float32", "float16", "bfloat16"};
@@ -228,17 +229,7 @@ char const* const kDtypeNames[] = {"float32", "float16", "bfloat16"};
 //! `problem` on `multiprocessors` emulated SMs; false (with a line on stderr) on failure.
 bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
 {
-    MraAttentionParams params{};
-    params.batch = problem.batch;
-    params.heads = problem.heads;
-    params.seq_len = problem.seqLen;
-    params.head_dim = problem.headDim;
-    params.num_blocks = problem.numBlocks;
-    params.block_size = 32;
-    params.approx_mode = problem.mode;
-    params.initial_prior_first_n_blocks = problem.priorFirst;
-    params.initial_prior_diagonal_n_blocks = problem.priorDiagonal;
-    params.dtype = problem.dtype;
+    MraAttentionParams const& params = problem.params;
     mraCudaEmulationSetMultiprocessors(multiprocessors);
     mraCudaEmulationTakeLargestCluster();
     if (!runAttention(params, problem.realTokens, seed))
@@ -251,8 +242,8 @@ bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
         return false;
     }
     std::printf("batch %d, %d heads, %d tokens, head_dim %d, %s, %s, on %u SMs: high-resolution CTAs of %u threads\n",
-        problem.batch, problem.heads, problem.seqLen, problem.headDim, kDtypeNames[problem.dtype],
-        problem.mode == MRA_FULL ? "full" : "sparse", multiprocessors, mraCudaEmulationLastLaunchThreads());
+        params.batch, params.heads, params.seq_len, params.head_dim, kDtypeNames[params.dtype],
+        params.approx_mode == MRA_FULL ? "full" : "sparse", multiprocessors, mraCudaEmulationLastLaunchThreads());
     return true;
 }
 
@@ -265,19 +256,19 @@ bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
 bool runAttentionProblems()
 {
     Problem const problems[] = {
-        {2, 2, 100, 64, 6, 70, MRA_FLOAT32, MRA_SPARSE, 0, 0},
-        {2, 2, 100, 64, 6, 70, MRA_FLOAT32, MRA_FULL, 1, 1},
-        {2, 2, 100, 64, 6, 70, MRA_FLOAT16, MRA_FULL, 0, 0},
-        {1, 2, 200, 64, 12, 200, MRA_FLOAT16, MRA_SPARSE, 0, 2},
-        {2, 1, 130, 32, 9, 33, MRA_BFLOAT16, MRA_SPARSE, 0, 0},
-        {1, 2, 64, 32, 4, 64, MRA_FLOAT32, MRA_FULL, 0, 0},
-        {2, 2, 1024, 64, 8, 700, MRA_FLOAT16, MRA_FULL, 1, 0}, // on one SM, tensor-core CTAs unsplit
-        {1, 1, 4128, 32, 8, 4000, MRA_FLOAT32, MRA_FULL, 0, 0}, // 129 blocks: the terms take two chunks
+        {{2, 2, 100, 64, 6, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BHSD}, 70},
+        {{2, 2, 100, 64, 6, 32, MRA_FULL, 1, 1, MRA_FLOAT32, MRA_BHSD}, 70},
+        {{2, 2, 100, 64, 6, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 70},
+        {{1, 2, 200, 64, 12, 32, MRA_SPARSE, 0, 2, MRA_FLOAT16, MRA_BHSD}, 200},
+        {{2, 1, 130, 32, 9, 32, MRA_SPARSE, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 33},
+        {{1, 2, 64, 32, 4, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 64},
+        {{2, 2, 1024, 64, 8, 32, MRA_FULL, 1, 0, MRA_FLOAT16, MRA_BHSD}, 700}, // on one SM, tensor-core CTAs unsplit
+        {{1, 1, 4128, 32, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 4000}, // 129 blocks: the terms take two chunks
     };
     uint32_t seed = 1;
     for (Problem const& problem : problems)
     {
-        uint32_t const withoutClusters = static_cast<uint32_t>(2 * problem.batch * problem.heads - 1);
+        uint32_t const withoutClusters = static_cast<uint32_t>(2 * problem.params.batch * problem.params.heads - 1);
         std::vector<uint32_t> multiprocessors{withoutClusters};
         if (withoutClusters != 1)
         {
@@ -325,10 +316,10 @@ int main(int argc, char** argv)
             return 0;
         }
     }
-    std::fprintf(stderr, "usage: mra_emulation_racecheck attention | <case>; cases (race expected or not):\n");
+    std::fprintf(stderr, "usage: mra_emulation_racecheck attention | <case>; cases:\n");
     for (Case const& known : kCases)
     {
-        std::fprintf(stderr, "  %s (%s)\n", known.name, known.race ? "a race" : "ordered");
+        std::fprintf(stderr, "  %s\n", known.name);
     }
     return 2;
 }
