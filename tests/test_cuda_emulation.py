@@ -336,8 +336,10 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
     """The selection splits a row's cells over a cluster of 1, 2, 4 or 8 CTAs, as the rows leave
     SMs free (4 rows here: 4, 8, 16 and 32 SMs): each size selects PyTorch's blocks and gives
     the same bits where the high-resolution kernel splits its query blocks alike (at 32 SMs it
-    splits them, which sums in another order). A CTA reading another's counts before the
-    cluster's barrier, or after it exited, fails here."""
+    splits them, which sums in another order). Each runs lowest thread first and highest first:
+    the latter runs a cluster's last CTA first, so a CTA reading the counts of CTAs before it
+    before the cluster's barrier (the cluster.sync before the taken cells are summed, removed,
+    passed under the first alone), or after one exited, fails here."""
     q, k, v = random_qkv(len(lengths), 2, seq_len, 64, seed=seq_len)
     mask = ragged_mask(len(lengths), seq_len, lengths)
     kw = dict(num_blocks=num_blocks, approx_mode="full", initial_prior_first_n_blocks=1,
@@ -354,13 +356,16 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
         clusters = []
         for multiprocessors in (4, 8, 16, 32):
             emulated_kernels.set_multiprocessors(multiprocessors)
-            emulated_kernels.take_largest_cluster()
-            output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
-            results.append((output, selected, emulated_kernels.last_launch_threads()))
-            clusters.append(emulated_kernels.take_largest_cluster())
+            for schedule in (0, 1):
+                emulated_kernels.set_schedule(schedule)
+                emulated_kernels.take_largest_cluster()
+                output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+                results.append((output, selected, emulated_kernels.last_launch_threads()))
+                clusters.append(emulated_kernels.take_largest_cluster())
     finally:
         emulated_kernels.set_multiprocessors(132)
-    assert clusters == [1, 2, 4, 8]
+        emulated_kernels.set_schedule(0)
+    assert clusters == [1, 1, 2, 2, 4, 4, 8, 8]
     first_output = {}  # by the high-resolution kernel's threads: split or not
     for output, selected, threads in results:
         assert torch.equal(selected, expected_selected)

@@ -551,7 +551,9 @@ __device__ inline void countDigits(Problem const& p, Scratch const& s, int32_t r
     }
 }
 
-//! What selectBlocks keeps in shared memory.
+//! What selectBlocks keeps in shared memory: its dynamic shared memory, each CTA's own at its
+//! own address under the CUDA emulation too, where racecheck's stand-in follows the cluster's
+//! reads of each other's (a static variable there is one copy, swapped between the CTAs).
 struct SelectionShared
 {
     typename SelectScan::TempStorage scan;
@@ -589,7 +591,8 @@ __device__ inline void chooseDigit(SelectionCluster const& cluster, SelectionSha
 //! rank order, each thread a contiguous run.
 __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratch s)
 {
-    __shared__ SelectionShared shared;
+    extern __shared__ __align__(128) unsigned char smem[];
+    SelectionShared& shared = *reinterpret_cast<SelectionShared*>(smem);
     waitForPreviousKernel(); // the low-resolution logits and row maxima
     startNextKernel();
     SelectionCluster const cluster(p);
@@ -1566,6 +1569,7 @@ int32_t concurrentSelectionClusters(uint32_t size)
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(size);
     config.blockDim = dim3(kSelectThreads);
+    config.dynamicSmemBytes = sizeof(SelectionShared);
     config.attrs = &cluster;
     config.numAttrs = 1;
     int clusters = 0;
@@ -1817,7 +1821,8 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
         s.keyMean, s.valueMean));
     LaunchShape const logitShape{logitQueryGroups(p.nb) * p.rows, kLogitThreads};
     MRA_RETURN_IF_FAILED(launchKernel("lowResolutionLogits", lowResolutionLogits, logitShape, next, p, s));
-    LaunchShape const selectShape{p.rows * static_cast<int32_t>(selectionCluster), kSelectThreads, 0, selectionCluster};
+    LaunchShape const selectShape{
+        p.rows * static_cast<int32_t>(selectionCluster), kSelectThreads, sizeof(SelectionShared), selectionCluster};
     MRA_RETURN_IF_FAILED(launchKernel("selectBlocks", selectBlocks, selectShape, next, p, s));
     if (p.full)
     {

@@ -57,12 +57,15 @@ namespace
 // __syncwarp, cluster.sync; the end of a cluster before the next starts) is told to it, as a
 // release by every thread arriving and an acquire by every thread leaving. Two accesses of
 // different threads, one a write, with none of those between, are then a data race whatever
-// the schedule, as racecheck reports a hazard. A cluster's CTAs share the one copy of the static
-// shared memory here (swapped by makeResident), which ThreadSanitizer would take for memory
-// they all use: racecheckDriver.cpp runs no clusters.
+// the schedule, as racecheck reports a hazard. A CTA's exit writes its dynamic shared memory
+// (exitCta), so that another CTA of its cluster reading it with no cluster.sync before the exit
+// races with it. A cluster's CTAs share the one copy of the static shared memory here (swapped
+// by makeResident), which ThreadSanitizer would take for memory they all use: a cluster's CTA
+// writing a static variable fails the launch instead (staticSharedWritten).
 namespace race
 {
 #ifdef MRA_EMULATION_RACECHECK
+constexpr bool kEnabled = true;
 constexpr unsigned kNoSync = 1; // __tsan_switch_to_fiber_no_sync
 
 void* current()
@@ -113,6 +116,7 @@ void ignoreEnd()
     AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
 }
 #else
+constexpr bool kEnabled = false;
 void* current()
 {
     return nullptr;
@@ -202,6 +206,7 @@ struct Fiber
     AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
     std::deque<AsyncGroup> committedCopies; //!< oldest first
     bool waitedForPreviousKernel = false;   //!< reached griddepcontrol.wait
+    bool exited = false;                    //!< returned from the kernel (not abandoned by a failure)
     void* raceFiber = nullptr;              //!< its ThreadSanitizer fiber (racecheck build)
     int raceIgnores = 0;                    //!< ignoreRacesBegin calls not yet ended (retireRaceFiber)
 };
@@ -288,6 +293,7 @@ struct Cta
     // Its static shared memory while another CTA of the cluster runs: the variables' one copy
     // (their section) holds the running CTA's, as a variable's address is the same in every CTA.
     std::vector<unsigned char> staticShared;
+    unsigned char raceExit = 0; //!< racecheck's: released by each of its threads as it exits
 };
 
 //! Stacks for the fibers, reused by every CTA; each with a guard page below it.
@@ -348,6 +354,7 @@ struct Runtime
     void* raceScheduler = nullptr;      //!< the launching thread's ThreadSanitizer fiber
     unsigned char raceClusterStart = 0; //!< released by the launching thread before each cluster
     unsigned char raceClusterEnd = 0;   //!< released for every thread of a cluster (retireRaceFiber)
+    std::vector<void*> spareRaceFibers; //!< ThreadSanitizer fibers of exited threads, for reuse
 };
 
 Runtime& runtime()
@@ -385,9 +392,22 @@ void makeResident(unsigned rank)
         r.residentCta = rank;
         return;
     }
+    race::ignoreBegin(); // the emulation's bookkeeping, not an access of the kernel's
     std::memcpy(r.ctas[r.residentCta].staticShared.data(), __start_mra_emulated_shared, staticSharedBytes());
     std::memcpy(__start_mra_emulated_shared, r.ctas[rank].staticShared.data(), staticSharedBytes());
+    race::ignoreEnd();
     r.residentCta = rank;
+}
+
+//! Whether the resident CTA wrote a static __shared__ variable (the section no longer all
+//! poison): in a cluster of several, racecheck's stand-in cannot tell the CTAs' copies apart.
+bool staticSharedWritten()
+{
+    race::ignoreBegin();
+    bool const written = std::any_of(__start_mra_emulated_shared, __stop_mra_emulated_shared,
+        [](unsigned char byte) { return byte != 0xff; });
+    race::ignoreEnd();
+    return written;
 }
 
 size_t fiberIndex(Fiber const& fiber)
@@ -409,6 +429,14 @@ void switchToScheduler()
 __attribute__((noinline)) void resume(Fiber& fiber)
 {
     Runtime& r = runtime();
+    if (race::kEnabled && fiber.cta != r.residentCta && staticSharedWritten())
+    {
+        // Before the next CTA runs, so that no report of ThreadSanitizer's comes first.
+        r.error = "racecheck's stand-in: a CTA of a cluster wrote a static __shared__ variable, whose one copy here "
+                  "every CTA of the cluster would use; give the kernel dynamic shared memory";
+        r.errorBlock = r.ctas[r.residentCta].index.x;
+        return;
+    }
     r.current = &fiber;
     threadIdx = dim3(fiber.thread);
     blockIdx = r.ctas[fiber.cta].index;
@@ -506,11 +534,48 @@ size_t copiesNotWaitedFor(Fiber const& fiber)
     return count;
 }
 
+//! A ThreadSanitizer fiber for a thread (racecheck build): one a thread of an earlier cluster
+//! exited from, if any. Creating and destroying one per thread took most of racecheck's time in
+//! mmap and munmap; reuse orders nothing the clusters' chain does not (raceClusterStart/End).
+void* takeRaceFiber(Runtime& r)
+{
+    if (r.spareRaceFibers.empty())
+    {
+        return race::newFiber();
+    }
+    void* const fiber = r.spareRaceFibers.back();
+    r.spareRaceFibers.pop_back();
+    return fiber;
+}
+
+//! racecheck: a CTA's exit gives its shared memory to the SM's next CTA, which may write it at
+//! once: a write of all of it, after every access of its own threads (in a ThreadSanitizer fiber
+//! of its own, which acquires their exits). Another CTA of the cluster reading it through
+//! map_shared_rank with no cluster.sync between that read and the exit races with it.
+__attribute__((noinline)) void exitCta(Runtime& r, Cta& cta)
+{
+    if (!race::kEnabled || cta.shared->size() == 0)
+    {
+        return;
+    }
+    void* const lastThread = race::current();
+    // A new fiber: one that another CTA of the cluster exited in would order that CTA's accesses
+    // before this write.
+    void* const exit = race::newFiber();
+    race::switchTo(exit);
+    race::acquire(&cta.raceExit);
+    race::write(cta.shared->start(), cta.shared->size());
+    race::release(&r.raceClusterEnd); // before the launching thread poisons it for the next cluster
+    race::switchTo(lastThread);
+    race::destroy(exit);
+}
+
 void fiberMain()
 {
     Runtime& r = runtime();
     race::acquire(&r.raceClusterStart);
     (*r.body)();
+    race::release(&currentCta().raceExit);
     ignoreRacesBegin(); // the emulation's bookkeeping, to the fiber's end (retireRaceFiber)
     Fiber& fiber = currentFiber();
     // On a GPU a copy never waited for may land after other threads reused its memory: the
@@ -525,10 +590,14 @@ void fiberMain()
         fail("thread %u of a programmatic dependent launch exited without griddepcontrol.wait", fiber.thread);
     }
     fiber.state = State::Finished;
+    fiber.exited = true;
     ++r.finished;
     ++currentWarp().finished;
     Cta& cta = currentCta();
-    ++cta.finished;
+    if (++cta.finished == cta.threads)
+    {
+        exitCta(r, cta);
+    }
     // Exited threads no longer hold up __syncthreads (as on Volta and later) or cluster.sync.
     if (cta.block.arrived > 0 && cta.block.arrived == cta.threads - cta.finished)
     {
@@ -608,12 +677,17 @@ bool releaseParked(Runtime& r)
     return released;
 }
 
-//! Frees the thread's ThreadSanitizer fiber (racecheck build), first ending in its name the
+//! Retires the thread's ThreadSanitizer fiber (racecheck build), first ending in its name the
 //! ignores it left on (ThreadSanitizer dies of a fiber freed with any: the bookkeeping of its
 //! exit, or a barrier or stand-in a failed launch abandoned it in) and releasing what it wrote
-//! to the launching thread, which acquires it before the next cluster.
+//! to the launching thread, which acquires it before the next cluster. A fiber whose thread
+//! exited is kept for reuse; one abandoned inside the kernel, its call stack not unwound, is freed.
 void retireRaceFiber(Runtime& r, Fiber& fiber)
 {
+    if (!race::kEnabled)
+    {
+        return;
+    }
     void* const running = race::current();
     race::switchTo(fiber.raceFiber);
     for (; fiber.raceIgnores > 0; --fiber.raceIgnores)
@@ -622,7 +696,14 @@ void retireRaceFiber(Runtime& r, Fiber& fiber)
     }
     race::release(&r.raceClusterEnd);
     race::switchTo(running);
-    race::destroy(fiber.raceFiber);
+    if (fiber.exited || !fiber.started)
+    {
+        r.spareRaceFibers.push_back(fiber.raceFiber);
+    }
+    else
+    {
+        race::destroy(fiber.raceFiber);
+    }
 }
 
 //! Runs the cluster of r.ctas, each of ``threads``, to completion; false (with r.error) if it
@@ -667,7 +748,7 @@ bool runCluster(unsigned threads)
         fiber.start.uc_stack.ss_size = kStackBytes;
         fiber.start.uc_link = nullptr; // fiberMain never returns
         makecontext(&fiber.start, fiberMain, 0);
-        fiber.raceFiber = race::newFiber();
+        fiber.raceFiber = takeRaceFiber(r);
     }
     r.ready.reset(r.schedule);
     for (size_t f = 0; f < r.fibers.size(); ++f)

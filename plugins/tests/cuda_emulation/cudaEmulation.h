@@ -54,8 +54,11 @@
  * Races no schedule exposes are what the racecheck build is for (racecheckDriver.cpp): the same
  * runtime, built with MRA_EMULATION_RACECHECK, under a program built with ThreadSanitizer. Each
  * thread is then a ThreadSanitizer fiber, and only __syncthreads, __syncwarp, cluster.sync and
- * the end of a cluster order memory (a shuffle or another collective does not), so two threads'
- * accesses with none of those between, one a write, are reported as a data race.
+ * the end of a cluster order memory (a shuffle or another collective does not), and a CTA's exit
+ * writes its dynamic shared memory, so two threads' accesses with none of those between, one a
+ * write, are reported as a data race. A cluster's kernel there keeps its shared state in dynamic
+ * shared memory: a static __shared__ variable is one copy for the whole cluster here, and a CTA
+ * of a cluster writing one fails the launch.
  *
  * The kernel source is compiled with this header forced in first and its `extern __shared__`
  * declaration rewritten by CMake (plugins/CMakeLists.txt); it launches by cudaLaunchKernelEx,
@@ -382,11 +385,20 @@ struct Launch
 {
     dim3 grid, block;
     size_t sharedBytes;
+    unsigned clusterSize = 1;
     Launch(dim3 grid_, dim3 block_, size_t sharedBytes_ = 0, cudaStream_t = nullptr)
         : grid(grid_)
         , block(block_)
         , sharedBytes(sharedBytes_)
     {
+    }
+
+    //! The same launch in clusters of `ctas` CTAs (cudaLaunchAttributeClusterDimension).
+    Launch inClusters(unsigned ctas) const
+    {
+        Launch clustered = *this;
+        clustered.clusterSize = ctas;
+        return clustered;
     }
 };
 
@@ -426,7 +438,7 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
 {
     Launch const& l = bound.launch;
     auto const run = [&](auto const&... values) {
-        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, 1, values...);
+        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, l.clusterSize, values...);
     };
     std::apply(run, arguments);
 }

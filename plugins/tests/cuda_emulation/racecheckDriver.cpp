@@ -5,11 +5,13 @@
  * __syncwarp, cluster.sync, the end of a cluster) orders it here, so two threads' accesses to
  * the same shared or global memory, one a write, with none of those between them are reported
  * as a data race under any schedule, where the emulation alone catches one only if a schedule
- * makes it change a value. A cp.async counts as a write from its issue to its landing.
+ * makes it change a value. A cp.async counts as a write from its issue to its landing, and a
+ * CTA's exit as a write of its dynamic shared memory (a cluster's other CTAs must be done with it).
  *
  *   mra_emulation_racecheck attention       the attention on small problems: no race expected
  *   mra_emulation_racecheck <case>          one of kCases below, on a small kernel (exit 1
- *                                           where its launch fails, as divergent-barrier's)
+ *                                           where its launch fails, as divergent-barrier's
+ *                                           and static-shared-in-a-cluster's)
  *
  * ThreadSanitizer prints each race ("WARNING: ThreadSanitizer: data race", with both threads'
  * stacks through the kernels' source) and makes the process exit with 66; the driver prints
@@ -17,6 +19,7 @@
  */
 #include "mraAttention.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -44,6 +47,7 @@ enum class Between
     SyncThreads, //!< ordered
     SyncWarp,    //!< ordered within a warp only
     Shuffle,     //!< a race: a shuffle exchanges registers, it orders no memory (CUDA's model)
+    ClusterSync, //!< ordered, across the CTAs of a cluster
 };
 
 //! Thread t writes cell t, then, after `between`, reads the cell of thread t ^ `partner`.
@@ -90,6 +94,43 @@ __global__ void readsACopy(int const* source, int* out, int early)
     out[64 + threadIdx.x] = cells[1];
 }
 
+//! In a cluster of 2 CTAs, each writes its cells (dynamic shared memory); after `between`, CTA 1
+//! reads CTA 0's through map_shared_rank. With `finalSync`, a cluster.sync keeps every CTA's
+//! shared memory until all have read it; without, CTA 0 may exit, and its memory pass to the
+//! SM's next CTA, while CTA 1 still reads it (a race, though the read is after CTA 0's last write).
+__global__ void readsAnotherCtasCells(int* out, Between between, int finalSync)
+{
+    int* const cells = reinterpret_cast<int*>(::emu::dynamicSharedMemory());
+    auto const cluster = cooperative_groups::this_cluster();
+    cells[threadIdx.x] = static_cast<int>(blockIdx.x * 64 + threadIdx.x);
+    if (between == Between::ClusterSync)
+    {
+        cluster.sync();
+    }
+    else
+    {
+        __syncthreads(); // orders a CTA's threads, not the cluster's
+    }
+    if (cluster.block_rank() == 1)
+    {
+        out[threadIdx.x] = *cluster.map_shared_rank(&cells[threadIdx.x], 0);
+    }
+    if (finalSync != 0)
+    {
+        cluster.sync();
+    }
+}
+
+//! Each CTA of a cluster writes a static __shared__ variable, which the emulation keeps at one
+//! address for all of them: racecheck's stand-in fails the launch rather than report a race.
+__global__ void writesStaticSharedInACluster(int* out)
+{
+    __shared__ int cells[64];
+    cells[threadIdx.x] = static_cast<int>(threadIdx.x);
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = cells[63 - threadIdx.x];
+}
+
 //! The last thread reaches a __syncthreads at another line than the others: the launch fails
 //! (a GPU would hang) while threads wait in a barrier.
 __global__ void divergesAtABarrier(int* out)
@@ -118,6 +159,13 @@ void launchCells(Between between, int partner)
     readsAnotherThreadsCell | ::emu::Launch(1, 64, 0) | ::emu::args(out.data(), between, partner);
 }
 
+void launchCtaCells(Between between, int finalSync)
+{
+    std::vector<int> out(64);
+    readsAnotherCtasCells | ::emu::Launch(2, 64, 64 * sizeof(int)).inClusters(2)
+        | ::emu::args(out.data(), between, finalSync);
+}
+
 void launchCopy(int early)
 {
     std::vector<int> source{1, 2, 3, 4};
@@ -133,11 +181,19 @@ Case const kCases[] = {
     {"shuffle-between", [] { launchCells(Between::Shuffle, 1); }},
     {"copy-read-after-its-wait", [] { launchCopy(0); }},
     {"copy-read-before-its-wait", [] { launchCopy(1); }},
-    // Not a race: the launch fails, and racecheck stays quiet about the threads it abandoned.
+    {"cluster-sync-between-ctas", [] { launchCtaCells(Between::ClusterSync, 1); }},
+    {"syncthreads-between-ctas", [] { launchCtaCells(Between::SyncThreads, 1); }},
+    {"exit-before-another-ctas-read", [] { launchCtaCells(Between::ClusterSync, 0); }},
+    // Not races: the launches fail, and racecheck stays quiet about the threads they abandoned.
     {"divergent-barrier",
         [] {
             std::vector<int> out(1);
             divergesAtABarrier | ::emu::Launch(1, 64, 0) | ::emu::args(out.data());
+        }},
+    {"static-shared-in-a-cluster",
+        [] {
+            std::vector<int> out(128);
+            writesStaticSharedInACluster | ::emu::Launch(2, 64, 0).inClusters(2) | ::emu::args(out.data());
         }},
 };
 
@@ -216,15 +272,24 @@ bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t
 }
 
 //! The call's parameters (in MraAttentionParams' order: batch, heads, seq_len, head_dim,
-//! num_blocks, block_size, approx_mode, prior first and diagonal blocks, dtype, layout), and
-//! the real tokens of its last sample.
+//! num_blocks, block_size, approx_mode, prior first and diagonal blocks, dtype, layout), the
+//! real tokens of its last sample, and the CTAs per cluster its selection is to run in once (0:
+//! never; the selection's synchronisation is the same at any size, and the big problems cost).
 struct Problem
 {
     MraAttentionParams params;
     int32_t realTokens;
+    uint32_t selectionCluster;
 };
 
 char const* const kDtypeNames[] = {"float32", "float16", "bfloat16"};
+
+//! How the selection's CTAs ran in the last call: "clusters of N" or "CTAs alone".
+std::string selectionCtas()
+{
+    uint32_t const cluster = mraCudaEmulationTakeLargestCluster();
+    return cluster > 1 ? "clusters of " + std::to_string(cluster) : std::string("CTAs alone");
+}
 
 //! `problem` on `multiprocessors` emulated SMs; false (with a line on stderr) on failure.
 bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
@@ -236,41 +301,44 @@ bool runProblem(Problem const& problem, uint32_t multiprocessors, uint32_t seed)
     {
         return false;
     }
-    if (mraCudaEmulationTakeLargestCluster() != 1)
-    {
-        std::fprintf(stderr, "the selection ran in clusters: this check needs CTAs alone\n");
-        return false;
-    }
-    std::printf("batch %d, %d heads, %d tokens, head_dim %d, %s, %s, on %u SMs: high-resolution CTAs of %u threads\n",
+    std::printf("batch %d, %d heads, %d tokens, head_dim %d, %s, %s, on %u SMs: selection in %s, "
+                "high-resolution CTAs of %u threads\n",
         params.batch, params.heads, params.seq_len, params.head_dim, kDtypeNames[params.dtype],
-        params.approx_mode == MRA_FULL ? "full" : "sparse", multiprocessors, mraCudaEmulationLastLaunchThreads());
+        params.approx_mode == MRA_FULL ? "full" : "sparse", multiprocessors, selectionCtas().c_str(),
+        mraCudaEmulationLastLaunchThreads());
     return true;
 }
 
-//! The problems: every dtype and mode, head sizes 32 and 64, a ragged batch, prior blocks; each
-//! on one SM less than twice its rows (the most that runs the selection without clusters; the
-//! high-resolution kernels then split their query blocks' work over two thread groups where
-//! the blocks are few) and on one (where they do not). Never in clusters of CTAs: a cluster's
-//! CTAs share one copy of the static shared memory here, swapped as they take turns, which
-//! ThreadSanitizer would take for one memory that all of them use.
+//! The problems: every dtype and mode, head sizes 32 and 64, a ragged batch, prior blocks. Each
+//! runs on up to three GPUs: on enough SMs for the selection in clusters (132, an H200's, for
+//! clusters of 8; clusters of 2 on twice the rows' SMs); on one SM less than twice its rows
+//! (the most that runs the selection in CTAs alone; the high-resolution kernels then split
+//! their query blocks' work over two thread groups where the blocks are few); and on one
+//! (where they do not). The first call is on 132: the kernels ask the GPU once how many
+//! clusters it runs at once.
 bool runAttentionProblems()
 {
     Problem const problems[] = {
-        {{2, 2, 100, 64, 6, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BHSD}, 70},
-        {{2, 2, 100, 64, 6, 32, MRA_FULL, 1, 1, MRA_FLOAT32, MRA_BHSD}, 70},
-        {{2, 2, 100, 64, 6, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 70},
-        {{1, 2, 200, 64, 12, 32, MRA_SPARSE, 0, 2, MRA_FLOAT16, MRA_BHSD}, 200},
-        {{2, 1, 130, 32, 9, 32, MRA_SPARSE, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 33},
-        {{1, 2, 64, 32, 4, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 64},
-        {{2, 2, 1024, 64, 8, 32, MRA_FULL, 1, 0, MRA_FLOAT16, MRA_BHSD}, 700}, // on one SM, tensor-core CTAs unsplit
-        {{1, 1, 4128, 32, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 4000}, // 129 blocks: the terms take two chunks
+        {{2, 2, 100, 64, 6, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BHSD}, 70, 8},
+        {{2, 2, 100, 64, 6, 32, MRA_FULL, 1, 1, MRA_FLOAT32, MRA_BHSD}, 70, 2},
+        {{2, 2, 100, 64, 6, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 70, 2},
+        {{1, 2, 200, 64, 12, 32, MRA_SPARSE, 0, 2, MRA_FLOAT16, MRA_BHSD}, 200, 8},
+        {{2, 1, 130, 32, 9, 32, MRA_SPARSE, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 33, 2},
+        {{1, 2, 64, 32, 4, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 64, 2},
+        {{2, 2, 1024, 64, 8, 32, MRA_FULL, 1, 0, MRA_FLOAT16, MRA_BHSD}, 700, 0}, // on one SM, tensor-core CTAs unsplit
+        {{1, 1, 4128, 32, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 4000, 0}, // 129 blocks: the terms in two chunks
     };
     uint32_t seed = 1;
     for (Problem const& problem : problems)
     {
-        uint32_t const withoutClusters = static_cast<uint32_t>(2 * problem.params.batch * problem.params.heads - 1);
-        std::vector<uint32_t> multiprocessors{withoutClusters};
-        if (withoutClusters != 1)
+        uint32_t const rows = static_cast<uint32_t>(problem.params.batch * problem.params.heads);
+        std::vector<uint32_t> multiprocessors;
+        if (problem.selectionCluster > 1)
+        {
+            multiprocessors.push_back(problem.selectionCluster == 8 ? 132 : problem.selectionCluster * rows);
+        }
+        multiprocessors.push_back(2 * rows - 1); // CTAs alone
+        if (rows > 1)
         {
             multiprocessors.push_back(1);
         }
