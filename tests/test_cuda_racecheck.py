@@ -35,6 +35,10 @@ SMALL_KERNELS = {
     "cluster-sync-between-ctas": False,  # after a cluster.sync, and one more before exiting
     "syncthreads-between-ctas": True,  # __syncthreads orders a CTA's threads, not the cluster's
     "exit-before-another-ctas-read": True,  # no cluster.sync between the read and CTA 0's exit
+    # In a programmatic dependent launch, thread 0 stores before its griddepcontrol.wait and
+    # thread 1 reads after its own: a race the emulation's schedules never expose.
+    "store-before-wait-barrier-after": False,  # a __syncthreads after the waits
+    "store-before-wait-read-after-wait": True,  # the wait orders a thread after the kernel before only
 }
 
 

@@ -37,8 +37,8 @@
  * not once per thread, a thread that has waited parks until no thread that has not can run, so
  * every thread's code before its wait runs ahead of any thread's code after it (a plain store
  * before the wait that another thread reads after its wait without a barrier is then not
- * exposed; cp.async copies, the kernels' only such stores, still land at the copying thread's
- * wait_group under schedule 1). Other memory is not checked.
+ * exposed here, but is under racecheck, below; cp.async copies, the kernels' only such stores,
+ * still land at the copying thread's wait_group under schedule 1). Other memory is not checked.
  *
  * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
@@ -386,6 +386,7 @@ struct Launch
     dim3 grid, block;
     size_t sharedBytes;
     unsigned clusterSize = 1;
+    bool programmaticDependent = false;
     Launch(dim3 grid_, dim3 block_, size_t sharedBytes_ = 0, cudaStream_t = nullptr)
         : grid(grid_)
         , block(block_)
@@ -399,6 +400,15 @@ struct Launch
         Launch clustered = *this;
         clustered.clusterSize = ctas;
         return clustered;
+    }
+
+    //! The same launch as a programmatic dependent of the kernel before
+    //! (cudaLaunchAttributeProgrammaticStreamSerialization).
+    Launch asDependent() const
+    {
+        Launch dependent = *this;
+        dependent.programmaticDependent = true;
+        return dependent;
     }
 };
 
@@ -438,7 +448,7 @@ void operator|(BoundLaunch<Params...> const& bound, std::tuple<Args...> const& a
 {
     Launch const& l = bound.launch;
     auto const run = [&](auto const&... values) {
-        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, false, l.clusterSize, values...);
+        runKernel(bound.kernel, l.grid, l.block, l.sharedBytes, l.programmaticDependent, l.clusterSize, values...);
     };
     std::apply(run, arguments);
 }

@@ -39,6 +39,26 @@ extern "C" uint32_t mraCudaEmulationLastLaunchThreads();
 namespace
 {
 
+//! Memory on its own pages: a workspace, as the emulated kernels want it (fencedWorkspace.cpp),
+//! or memory a dependent launch awaits (emu::setAwaitedMemory).
+struct PageAlignedBuffer
+{
+    explicit PageAlignedBuffer(size_t bytes)
+        : size(bytes)
+        , start(mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+    {
+    }
+    ~PageAlignedBuffer()
+    {
+        if (start != MAP_FAILED)
+        {
+            munmap(start, size == 0 ? 1 : size);
+        }
+    }
+    size_t size;
+    void* start;
+};
+
 // ---- small kernels with and without a race ----------------------------------------------------
 
 enum class Between
@@ -131,6 +151,30 @@ __global__ void writesStaticSharedInACluster(int* out)
     out[blockIdx.x * 64 + threadIdx.x] = cells[63 - threadIdx.x];
 }
 
+//! A programmatic dependent launch, the memory it awaits set (so the emulation parks each thread
+//! at its wait until every thread that has not waited is blocked or done): thread 0 stores a
+//! cell before its griddepcontrol.wait, thread 1 reads it after its own, with (`barrier`) or
+//! without a __syncthreads between. Without, it is a race on a GPU (the wait orders a thread
+//! after the kernel before, not after its CTA's other threads) that no schedule of the
+//! emulation exposes: every thread's code before its wait runs first there.
+__global__ void storesBeforeItsWait(int const* awaited, int* out, int barrier)
+{
+    __shared__ int cell;
+    if (threadIdx.x == 0)
+    {
+        cell = 7;
+    }
+    ::emu::gridDependencyWait();
+    if (barrier != 0)
+    {
+        __syncthreads();
+    }
+    if (threadIdx.x == 1)
+    {
+        out[0] = cell + awaited[0];
+    }
+}
+
 //! The last thread reaches a __syncthreads at another line than the others: the launch fails
 //! (a GPU would hang) while threads wait in a barrier.
 __global__ void divergesAtABarrier(int* out)
@@ -166,6 +210,17 @@ void launchCtaCells(Between between, int finalSync)
         | ::emu::args(out.data(), between, finalSync);
 }
 
+void launchStoreBeforeWait(int barrier)
+{
+    PageAlignedBuffer const awaited(4096);
+    static_cast<int*>(awaited.start)[0] = 35; // what "the kernel before" wrote
+    std::vector<int> out(1);
+    ::emu::setAwaitedMemory({{awaited.start, awaited.size}});
+    storesBeforeItsWait | ::emu::Launch(1, 64, 0).asDependent()
+        | ::emu::args(static_cast<int const*>(awaited.start), out.data(), barrier);
+    ::emu::setAwaitedMemory({});
+}
+
 void launchCopy(int early)
 {
     std::vector<int> source{1, 2, 3, 4};
@@ -184,6 +239,8 @@ Case const kCases[] = {
     {"cluster-sync-between-ctas", [] { launchCtaCells(Between::ClusterSync, 1); }},
     {"syncthreads-between-ctas", [] { launchCtaCells(Between::SyncThreads, 1); }},
     {"exit-before-another-ctas-read", [] { launchCtaCells(Between::ClusterSync, 0); }},
+    {"store-before-wait-barrier-after", [] { launchStoreBeforeWait(1); }},
+    {"store-before-wait-read-after-wait", [] { launchStoreBeforeWait(0); }},
     // Not races: the launches fail, and racecheck stays quiet about the threads they abandoned.
     {"divergent-barrier",
         [] {
@@ -221,25 +278,6 @@ std::vector<unsigned char> randomTensor(size_t count, MraDataType dtype, std::mt
     }
     return bytes;
 }
-
-//! A workspace on a page, as the emulated kernels want it (fencedWorkspace.cpp).
-struct PageAlignedBuffer
-{
-    explicit PageAlignedBuffer(size_t bytes)
-        : size(bytes)
-        , start(mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
-    {
-    }
-    ~PageAlignedBuffer()
-    {
-        if (start != MAP_FAILED)
-        {
-            munmap(start, size == 0 ? 1 : size);
-        }
-    }
-    size_t size;
-    void* start;
-};
 
 //! One call on random inputs, the last batch's sequence cut to `realTokens`; false on failure.
 bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t seed)
