@@ -336,11 +336,11 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
     """The selection splits a row's cells over a cluster of 1, 2, 4 or 8 CTAs, as the rows leave
     SMs free (4 rows here: 4, 8, 16 and 32 SMs): each size selects PyTorch's blocks and gives
     the same bits where the high-resolution kernel splits its query blocks alike (at 32 SMs it
-    splits them, which sums in another order). Each size runs lowest thread first and highest
-    first. Highest first runs a cluster's last CTA first, so a CTA that reads the counts of the
-    CTAs before it too early (before the cluster's barrier) or too late (after one exited) fails
-    here. Lowest first alone passed with the cluster.sync before the taken cells are summed
-    removed."""
+    splits them, which sums in another order). Each size runs lowest thread first, highest
+    first and in a random order. Highest first runs a cluster's last CTA first, so a CTA that
+    reads the counts of the CTAs before it too early (before the cluster's barrier) or too late
+    (after one exited) fails here. Lowest first alone passed with the cluster.sync before the
+    taken cells are summed removed."""
     q, k, v = random_qkv(len(lengths), 2, seq_len, 64, seed=seq_len)
     mask = ragged_mask(len(lengths), seq_len, lengths)
     kw = dict(num_blocks=num_blocks, approx_mode="full", initial_prior_first_n_blocks=1,
@@ -357,7 +357,7 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
         clusters = []
         for multiprocessors in (4, 8, 16, 32):
             emulated_kernels.set_multiprocessors(multiprocessors)
-            for schedule in (0, 1):
+            for schedule in (0, 1, 7):
                 emulated_kernels.set_schedule(schedule)
                 emulated_kernels.take_largest_cluster()
                 output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
@@ -366,7 +366,7 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
     finally:
         emulated_kernels.set_multiprocessors(132)
         emulated_kernels.set_schedule(0)
-    assert clusters == [1, 1, 2, 2, 4, 4, 8, 8]
+    assert clusters == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
     first_output = {}  # by the high-resolution kernel's threads: split or not
     for output, selected, threads in results:
         assert torch.equal(selected, expected_selected)
