@@ -10,6 +10,7 @@
 #include "fencedGaps.h" // pageSize
 #include "guardedBuffer.h"
 
+#include <dlfcn.h> // dladdr
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -351,6 +352,7 @@ struct Runtime
     std::vector<size_t> parked;                    //!< fibers at griddepcontrol.wait, in arrival order
     std::vector<NamedMemory> faultNames;           //!< setFaultNames'
     struct sigaction actionBefore{};               //!< SIGSEGV's, while a grid runs
+    struct sigaction illegalBefore{};              //!< SIGILL's, while a grid runs
     void* raceScheduler = nullptr;      //!< the launching thread's ThreadSanitizer fiber
     unsigned char raceClusterStart = 0; //!< released by the launching thread before each cluster
     unsigned char raceClusterEnd = 0;   //!< released for every thread of a cluster (retireRaceFiber)
@@ -1051,7 +1053,29 @@ void reportFault(int, siginfo_t* info, void*)
     sigaction(SIGSEGV, &r.actionBefore, nullptr);
 }
 
-//! reportFault installed for as long as it lives.
+//! SIGILL while a grid runs: the trap -fsanitize=alignment puts in the kernels' source (CMake
+//! builds it so) before a load or store at an address not a multiple of its type's alignment,
+//! a float4 not 16-byte aligned say, where a GPU stops the kernel ("misaligned address"). One
+//! line naming the thread, its block and the code's place, then the handler from before.
+void reportMisalignment(int, siginfo_t* info, void*)
+{
+    Runtime& r = runtime();
+    Dl_info code{};
+    bool const named = dladdr(info->si_addr, &code) != 0 && code.dli_fname != nullptr;
+    uintptr_t const offset = reinterpret_cast<uintptr_t>(info->si_addr)
+        - (named ? reinterpret_cast<uintptr_t>(code.dli_fbase) : 0u);
+    char line[1024];
+    int const length = std::snprintf(line, sizeof(line),
+        "CUDA emulation: thread %u of block %u made a misaligned access (a GPU's \"misaligned address\"), at "
+        "%s+%#lx (its function: addr2line -f -C -e that file %#lx)\n",
+        r.current != nullptr ? r.current->thread : 0u, blockIdx.x, named ? code.dli_fname : "?",
+        static_cast<unsigned long>(offset), static_cast<unsigned long>(offset));
+    ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::min(length, int{sizeof(line)} - 1)));
+    static_cast<void>(written);
+    sigaction(SIGILL, &r.illegalBefore, nullptr);
+}
+
+//! reportFault and reportMisalignment installed for as long as it lives.
 class FaultReporting
 {
 public:
@@ -1063,11 +1087,14 @@ public:
         action.sa_flags = SA_SIGINFO;
         sigemptyset(&action.sa_mask);
         sigaction(SIGSEGV, &action, &mRuntime.actionBefore);
+        action.sa_sigaction = reportMisalignment;
+        sigaction(SIGILL, &action, &mRuntime.illegalBefore);
     }
 
     ~FaultReporting()
     {
         sigaction(SIGSEGV, &mRuntime.actionBefore, nullptr);
+        sigaction(SIGILL, &mRuntime.illegalBefore, nullptr);
     }
 
 private:

@@ -27,6 +27,11 @@
  * issued into memory other threads still read, it overwrites them. A thread that exits with
  * copies it did not wait for fails the launch (on a GPU they land on whatever was stored since).
  *
+ * A load or store off its type's alignment (a float4 not 16-byte aligned), which stops a GPU's
+ * kernel ("misaligned address") and passes on x86, kills the process with one line naming the
+ * thread: CMake builds the kernels' source with -fsanitize=alignment's trap (a SIGILL), where
+ * the compiler has it.
+ *
  * A programmatic dependent launch (cudaLaunchKernelEx with
  * cudaLaunchAttributeProgrammaticStreamSerialization) runs after the kernel before it, as every
  * launch does here; a thread of it that exits without griddepcontrol.wait

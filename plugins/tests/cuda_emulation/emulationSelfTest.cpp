@@ -274,6 +274,15 @@ __global__ void writesPastDynamicShared(int)
     ::emu::dynamicSharedMemory()[100] = 1; // one byte past a launch's 100 bytes
 }
 
+//! Each thread loads the float4 at 4 * t; thread 5 at 4 * 5 + `offset` floats (1: not 16-byte
+//! aligned, a GPU's "misaligned address").
+__global__ void loadsVectors(float const* source, float* out, int offset)
+{
+    int const at = 4 * static_cast<int>(threadIdx.x) + (threadIdx.x == 5 ? offset : 0);
+    float4 const four = *reinterpret_cast<float4 const*>(source + at);
+    out[threadIdx.x] = four.x + four.w;
+}
+
 __global__ void usesMuchSharedMemory(int* out)
 {
     unsigned char* scratch = ::emu::dynamicSharedMemory();
@@ -581,8 +590,8 @@ void launchReading(int const* produced, std::vector<int>& out, bool dependent, i
     launchInTwoCtas(dependent, kernel, produced, out.data(), earlyReader);
 }
 
-//! Whether `action` kills a forked child by SIGSEGV; what the child wrote on stderr in `errors`.
-bool faultsInAChild(std::function<void()> const& action, std::string* errors = nullptr)
+//! Whether `action` kills a forked child by `signal`; what the child wrote on stderr in `errors`.
+bool faultsInAChild(std::function<void()> const& action, std::string* errors = nullptr, int signal = SIGSEGV)
 {
     std::fflush(stdout);
     std::fflush(stderr);
@@ -611,7 +620,7 @@ bool faultsInAChild(std::function<void()> const& action, std::string* errors = n
         *errors = written;
     }
     int status = 0;
-    return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+    return child > 0 && waitpid(child, &status, 0) == child && WIFSIGNALED(status) && WTERMSIG(status) == signal;
 }
 
 //! Whether that launch kills a forked child by SIGSEGV (its stderr in `errors`).
@@ -839,6 +848,25 @@ void checkMemoryAndLimits()
         "the occupancy of CTAs of no threads is refused");
 }
 
+//! A float4 load off its 16-byte alignment kills the process, naming the thread (the kernels'
+//! source, and this test, are built with -fsanitize=alignment's trap where the compiler has it).
+void checkMisalignedAccess()
+{
+#ifdef MRA_ALIGNMENT_TRAP
+    alignas(16) static float source[4 * 32 + 4] = {};
+    std::vector<float> out(32);
+    loadsVectors | ::emu::Launch(1, 32) | ::emu::args(static_cast<float const*>(source), out.data(), 0);
+    expect(launchError().empty(), "16-byte aligned float4 loads run");
+    std::string errors;
+    expect(faultsInAChild([&] {
+        loadsVectors | ::emu::Launch(1, 32) | ::emu::args(static_cast<float const*>(source), out.data(), 1);
+    }, &errors, SIGILL) && contains(errors, "thread 5 of block 0 made a misaligned access"),
+        "a float4 load off its alignment kills the process, naming the thread");
+#else
+    std::printf("skipped: misaligned accesses (the compiler has no -fsanitize=alignment trap)\n");
+#endif
+}
+
 //! Whether touching `address` (a read, or a write where `write`) kills a forked child by SIGSEGV.
 bool touchFaults(unsigned char* address, bool write)
 {
@@ -917,6 +945,7 @@ int main()
     checkAwaitedMemory();
     checkClusters();
     checkMemoryAndLimits();
+    checkMisalignedAccess();
     checkFencedGaps();
     return checks::report();
 }
