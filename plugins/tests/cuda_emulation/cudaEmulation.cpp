@@ -1053,11 +1053,12 @@ void reportFault(int, siginfo_t* info, void*)
     sigaction(SIGSEGV, &r.actionBefore, nullptr);
 }
 
-//! SIGILL while a grid runs: the trap -fsanitize=alignment puts in the kernels' source (CMake
-//! builds it so) before a load or store at an address not a multiple of its type's alignment,
-//! a float4 not 16-byte aligned say, where a GPU stops the kernel ("misaligned address"). One
-//! line naming the thread, its block and the code's place, then the handler from before.
-void reportMisalignment(int, siginfo_t* info, void*)
+//! SIGILL while a grid runs: a trap -fsanitize=alignment,bounds put in the kernels' source (CMake
+//! builds it so) before a load or store off its type's alignment (a float4 not 16-byte aligned,
+//! a GPU's "misaligned address") or an index past a fixed-size array. The trap does not say
+//! which. One line naming the thread, its block and the code's place, then the handler from
+//! before.
+void reportTrappedAccess(int, siginfo_t* info, void*)
 {
     Runtime& r = runtime();
     Dl_info code{};
@@ -1066,8 +1067,8 @@ void reportMisalignment(int, siginfo_t* info, void*)
         - (named ? reinterpret_cast<uintptr_t>(code.dli_fbase) : 0u);
     char line[1024];
     int const length = std::snprintf(line, sizeof(line),
-        "CUDA emulation: thread %u of block %u made a misaligned access (a GPU's \"misaligned address\"), at "
-        "%s+%#lx (its function: addr2line -f -C -e that file %#lx)\n",
+        "CUDA emulation: thread %u of block %u made a misaligned access or indexed past an array (a trap of "
+        "-fsanitize=alignment,bounds), at %s+%#lx (its function: addr2line -f -C -e that file %#lx)\n",
         r.current != nullptr ? r.current->thread : 0u, blockIdx.x, named ? code.dli_fname : "?",
         static_cast<unsigned long>(offset), static_cast<unsigned long>(offset));
     ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::min(length, int{sizeof(line)} - 1)));
@@ -1075,7 +1076,7 @@ void reportMisalignment(int, siginfo_t* info, void*)
     sigaction(SIGILL, &r.illegalBefore, nullptr);
 }
 
-//! reportFault and reportMisalignment installed for as long as it lives.
+//! reportFault and reportTrappedAccess installed for as long as it lives.
 class FaultReporting
 {
 public:
@@ -1087,7 +1088,7 @@ public:
         action.sa_flags = SA_SIGINFO;
         sigemptyset(&action.sa_mask);
         sigaction(SIGSEGV, &action, &mRuntime.actionBefore);
-        action.sa_sigaction = reportMisalignment;
+        action.sa_sigaction = reportTrappedAccess;
         sigaction(SIGILL, &action, &mRuntime.illegalBefore);
     }
 

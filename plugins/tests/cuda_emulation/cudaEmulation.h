@@ -28,9 +28,10 @@
  * copies it did not wait for fails the launch (on a GPU they land on whatever was stored since).
  *
  * A load or store off its type's alignment (a float4 not 16-byte aligned), which stops a GPU's
- * kernel ("misaligned address") and passes on x86, kills the process with one line naming the
- * thread: CMake builds the kernels' source with -fsanitize=alignment's trap (a SIGILL), where
- * the compiler has it.
+ * kernel ("misaligned address") and passes on x86, or an index past a fixed-size array (a
+ * register array, a shared one), kills the process with one line naming the thread: CMake
+ * builds the kernels' source with the traps of -fsanitize=alignment,bounds (a SIGILL), where
+ * the compiler has them.
  *
  * A programmatic dependent launch (cudaLaunchKernelEx with
  * cudaLaunchAttributeProgrammaticStreamSerialization) runs after the kernel before it, as every

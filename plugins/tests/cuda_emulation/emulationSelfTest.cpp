@@ -283,6 +283,13 @@ __global__ void loadsVectors(float const* source, float* out, int offset)
     out[threadIdx.x] = four.x + four.w;
 }
 
+//! Thread t reads cell `index` of a local array of 4.
+__global__ void readsALocalArray(int* out, int index)
+{
+    int cells[4] = {1, 2, 3, static_cast<int>(threadIdx.x)};
+    out[threadIdx.x] = cells[index];
+}
+
 __global__ void usesMuchSharedMemory(int* out)
 {
     unsigned char* scratch = ::emu::dynamicSharedMemory();
@@ -848,11 +855,12 @@ void checkMemoryAndLimits()
         "the occupancy of CTAs of no threads is refused");
 }
 
-//! A float4 load off its 16-byte alignment kills the process, naming the thread (the kernels'
-//! source, and this test, are built with -fsanitize=alignment's trap where the compiler has it).
-void checkMisalignedAccess()
+//! A float4 load off its 16-byte alignment, or a read past a local array, kills the process,
+//! naming the thread (the kernels' source, and this test, are built with the traps of
+//! -fsanitize=alignment,bounds where the compiler has them).
+void checkTrappedAccesses()
 {
-#ifdef MRA_ALIGNMENT_TRAP
+#ifdef MRA_ACCESS_TRAPS
     alignas(16) static float source[4 * 32 + 4] = {};
     std::vector<float> out(32);
     loadsVectors | ::emu::Launch(1, 32) | ::emu::args(static_cast<float const*>(source), out.data(), 0);
@@ -860,10 +868,17 @@ void checkMisalignedAccess()
     std::string errors;
     expect(faultsInAChild([&] {
         loadsVectors | ::emu::Launch(1, 32) | ::emu::args(static_cast<float const*>(source), out.data(), 1);
-    }, &errors, SIGILL) && contains(errors, "thread 5 of block 0 made a misaligned access"),
+    }, &errors, SIGILL) && contains(errors, "thread 5 of block 0 made a misaligned access or indexed past an array"),
         "a float4 load off its alignment kills the process, naming the thread");
+    std::vector<int> cells(32);
+    readsALocalArray | ::emu::Launch(1, 32) | ::emu::args(cells.data(), 3);
+    expect(launchError().empty() && cells[31] == 31, "a read within a local array runs");
+    expect(faultsInAChild([&] { readsALocalArray | ::emu::Launch(1, 32) | ::emu::args(cells.data(), 4); }, &errors,
+               SIGILL)
+            && contains(errors, "thread 0 of block 0 made a misaligned access or indexed past an array"),
+        "a read past a local array kills the process, naming the thread");
 #else
-    std::printf("skipped: misaligned accesses (the compiler has no -fsanitize=alignment trap)\n");
+    std::printf("skipped: trapped accesses (the compiler has no -fsanitize=alignment,bounds trap)\n");
 #endif
 }
 
@@ -945,7 +960,7 @@ int main()
     checkAwaitedMemory();
     checkClusters();
     checkMemoryAndLimits();
-    checkMisalignedAccess();
+    checkTrappedAccesses();
     checkFencedGaps();
     return checks::report();
 }
