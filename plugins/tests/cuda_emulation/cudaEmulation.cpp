@@ -155,6 +155,7 @@ enum class State
     Waiting,
     Parked, //!< past griddepcontrol.wait, until no thread that has not waited can run
     Finished,
+    Abandoned, //!< stopped inside the kernel by a failure (fail): never resumed
 };
 
 struct Barrier
@@ -207,7 +208,6 @@ struct Fiber
     AsyncGroup openCopies;                  //!< issued since the last cp.async.commit_group
     std::deque<AsyncGroup> committedCopies; //!< oldest first
     bool waitedForPreviousKernel = false;   //!< reached griddepcontrol.wait
-    bool exited = false;                    //!< returned from the kernel (not abandoned by a failure)
     void* raceFiber = nullptr;              //!< its ThreadSanitizer fiber (racecheck build)
     int raceIgnores = 0;                    //!< ignoreRacesBegin calls not yet ended (retireRaceFiber)
 };
@@ -575,9 +575,10 @@ __attribute__((noinline)) void exitCta(Runtime& r, Cta& cta)
 void fiberMain()
 {
     Runtime& r = runtime();
+    Cta& cta = currentCta();
     race::acquire(&r.raceClusterStart);
     (*r.body)();
-    race::release(&currentCta().raceExit);
+    race::release(&cta.raceExit);
     ignoreRacesBegin(); // the emulation's bookkeeping, to the fiber's end (retireRaceFiber)
     Fiber& fiber = currentFiber();
     // On a GPU a copy never waited for may land after other threads reused its memory: the
@@ -592,10 +593,8 @@ void fiberMain()
         fail("thread %u of a programmatic dependent launch exited without griddepcontrol.wait", fiber.thread);
     }
     fiber.state = State::Finished;
-    fiber.exited = true;
     ++r.finished;
     ++currentWarp().finished;
-    Cta& cta = currentCta();
     if (++cta.finished == cta.threads)
     {
         exitCta(r, cta);
@@ -698,7 +697,7 @@ void retireRaceFiber(Runtime& r, Fiber& fiber)
     }
     race::release(&r.raceClusterEnd);
     race::switchTo(running);
-    if (fiber.exited || !fiber.started)
+    if (fiber.state == State::Finished || !fiber.started)
     {
         r.spareRaceFibers.push_back(fiber.raceFiber);
     }
@@ -858,7 +857,7 @@ void fail(char const* format, ...)
         r.errorBlock = blockIdx.x;
     }
     Fiber& fiber = currentFiber();
-    fiber.state = State::Finished; // abandoned: never resumed
+    fiber.state = State::Abandoned;
     race::switchTo(r.raceScheduler);
     _longjmp(r.scheduler, 1);
 }
@@ -1028,6 +1027,24 @@ void setFaultNames(std::vector<NamedMemory> names)
 namespace
 {
 
+constexpr int kFaultLineBytes = 1024;
+
+//! A signal handler's one line on stderr (`length` as snprintf returned it, perhaps cut), then
+//! `before` restored for `signal`, so that the process still dies of it once the handler returns.
+void reportAndRestore(char const* line, int length, int signal, struct sigaction const& before)
+{
+    ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::clamp(length, 0, kFaultLineBytes - 1)));
+    static_cast<void>(written);
+    sigaction(signal, &before, nullptr);
+}
+
+//! The thread running when a signal came (thread 0 outside any).
+unsigned faultingThread()
+{
+    Runtime const& r = runtime();
+    return r.current != nullptr ? r.current->thread : 0u;
+}
+
 //! SIGSEGV while a grid runs: one line naming the thread, its block and the memory it touched,
 //! then the handler from before the grid takes the same fault again (Python's faulthandler,
 //! or the default action), so the process still dies of it.
@@ -1045,12 +1062,10 @@ void reportFault(int, siginfo_t* info, void*)
             break;
         }
     }
-    char line[512];
+    char line[kFaultLineBytes];
     int const length = std::snprintf(line, sizeof(line), "CUDA emulation: thread %u of block %u touched %p %s\n",
-        r.current != nullptr ? r.current->thread : 0u, blockIdx.x, info->si_addr, where);
-    ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::min(length, int{sizeof(line)} - 1)));
-    static_cast<void>(written);
-    sigaction(SIGSEGV, &r.actionBefore, nullptr);
+        faultingThread(), blockIdx.x, info->si_addr, where);
+    reportAndRestore(line, length, SIGSEGV, r.actionBefore);
 }
 
 //! SIGILL while a grid runs: a trap -fsanitize=alignment,bounds put in the kernels' source (CMake
@@ -1065,15 +1080,13 @@ void reportTrappedAccess(int, siginfo_t* info, void*)
     bool const named = dladdr(info->si_addr, &code) != 0 && code.dli_fname != nullptr;
     uintptr_t const offset = reinterpret_cast<uintptr_t>(info->si_addr)
         - (named ? reinterpret_cast<uintptr_t>(code.dli_fbase) : 0u);
-    char line[1024];
+    char line[kFaultLineBytes];
     int const length = std::snprintf(line, sizeof(line),
         "CUDA emulation: thread %u of block %u made a misaligned access or indexed past an array (a trap of "
         "-fsanitize=alignment,bounds), at %s+%#lx (its function: addr2line -f -C -e that file %#lx)\n",
-        r.current != nullptr ? r.current->thread : 0u, blockIdx.x, named ? code.dli_fname : "?",
-        static_cast<unsigned long>(offset), static_cast<unsigned long>(offset));
-    ssize_t const written = write(STDERR_FILENO, line, static_cast<size_t>(std::min(length, int{sizeof(line)} - 1)));
-    static_cast<void>(written);
-    sigaction(SIGILL, &r.illegalBefore, nullptr);
+        faultingThread(), blockIdx.x, named ? code.dli_fname : "?", static_cast<unsigned long>(offset),
+        static_cast<unsigned long>(offset));
+    reportAndRestore(line, length, SIGILL, r.illegalBefore);
 }
 
 //! reportFault and reportTrappedAccess installed for as long as it lives.

@@ -163,14 +163,8 @@ inline int __popc(unsigned x)
 template <typename T>
 T atomicAdd(T* address, T value)
 {
-    T old;
-    __atomic_load(address, &old, __ATOMIC_RELAXED);
-    T sum = old + value;
-    while (!__atomic_compare_exchange(address, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-    {
-        sum = old + value;
-    }
-    return old;
+    static_assert(std::is_integral_v<T>, "the emulation's atomicAdd takes integers (the kernels' counts)");
+    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
 }
 
 typedef struct CUstream_st* cudaStream_t;

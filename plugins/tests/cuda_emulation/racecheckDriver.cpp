@@ -17,6 +17,8 @@
  * stacks through the kernels' source) and makes the process exit with 66; the driver prints
  * "ran <what>" and exits 0 otherwise. tests/test_cuda_racecheck.py runs it.
  */
+#include "fencedGaps.h" // pageSize
+#include "guardedBuffer.h"
 #include "mraAttention.h"
 
 #include <cooperative_groups.h>
@@ -27,8 +29,9 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <new>
+#include <optional>
 #include <string>
-#include <sys/mman.h>
 #include <vector>
 
 extern "C" void mraCudaEmulationSetSchedule(uint32_t schedule);
@@ -38,26 +41,6 @@ extern "C" uint32_t mraCudaEmulationLastLaunchThreads();
 
 namespace
 {
-
-//! Memory on its own pages: a workspace, as the emulated kernels want it (fencedWorkspace.cpp),
-//! or memory a dependent launch awaits (emu::setAwaitedMemory).
-struct PageAlignedBuffer
-{
-    explicit PageAlignedBuffer(size_t bytes)
-        : size(bytes)
-        , start(mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
-    {
-    }
-    ~PageAlignedBuffer()
-    {
-        if (start != MAP_FAILED)
-        {
-            munmap(start, size == 0 ? 1 : size);
-        }
-    }
-    size_t size;
-    void* start;
-};
 
 // ---- small kernels with and without a race ----------------------------------------------------
 
@@ -212,12 +195,14 @@ void launchCtaCells(Between between, int finalSync)
 
 void launchStoreBeforeWait(int barrier)
 {
-    PageAlignedBuffer const awaited(4096);
-    static_cast<int*>(awaited.start)[0] = 35; // what "the kernel before" wrote
+    // Memory a dependent launch awaits: whole pages (emu::setAwaitedMemory).
+    checks::GuardedBuffer const awaited(::emu::pageSize(), ::emu::pageSize());
+    auto* const produced = reinterpret_cast<int*>(awaited.start());
+    produced[0] = 35; // what "the kernel before" wrote
     std::vector<int> out(1);
-    ::emu::setAwaitedMemory({{awaited.start, awaited.size}});
+    ::emu::setAwaitedMemory({{awaited.start(), awaited.size()}});
     storesBeforeItsWait | ::emu::Launch(1, 64, 0).asDependent()
-        | ::emu::args(static_cast<int const*>(awaited.start), out.data(), barrier);
+        | ::emu::args(static_cast<int const*>(produced), out.data(), barrier);
     ::emu::setAwaitedMemory({});
 }
 
@@ -293,14 +278,20 @@ bool runAttention(MraAttentionParams const& params, int32_t realTokens, uint32_t
     {
         mask[static_cast<size_t>(params.batch - 1) * params.seq_len + t] = 0;
     }
-    PageAlignedBuffer const workspace(mraWorkspaceSize(&params));
-    if (workspace.start == MAP_FAILED)
+    // On a page, as the emulated kernels want it (fencedWorkspace.cpp), as the plugin runner's.
+    size_t const workspaceBytes = mraWorkspaceSize(&params);
+    std::optional<checks::GuardedBuffer> workspace;
+    try
     {
-        std::fprintf(stderr, "no memory for a workspace of %zu bytes\n", workspace.size);
+        workspace.emplace(workspaceBytes, ::emu::pageSize());
+    }
+    catch (std::bad_alloc const&)
+    {
+        std::fprintf(stderr, "no memory for a workspace of %zu bytes\n", workspaceBytes);
         return false;
     }
     MraStatus const status = mraAttentionCuda(&params, query.data(), key.data(), value.data(), mask.data(),
-        output.data(), workspace.start, workspace.size, nullptr);
+        output.data(), workspace->start(), workspace->size(), nullptr);
     if (status != MRA_OK)
     {
         std::fprintf(stderr, "mraAttentionCuda: %s (%s)\n", mraStatusString(status), mraLastCudaError());
