@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def load_tool(name: str):
     """``tools/NAME.py`` imported as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -129,6 +131,21 @@ def _native_library(file_name: str, target: str):
     from mra_export import native
 
     return native.MraLibrary(native.ensure_built(file_name, target))
+
+
+def program_or_skip(program: str, compiler_check: str, needs: str) -> Path:
+    """plugins' ``program`` (built by CMake where missing); skips where CMake found the compiler
+    without what it needs (its check ``compiler_check`` failed: plugins/CMakeLists.txt skips it)."""
+    from mra_export import native
+    from mra_export.errors import UserError
+
+    try:
+        return native.ensure_built(program, program)
+    except UserError:
+        cache = native.build_dir() / "CMakeCache.txt"
+        if cache.is_file() and f"{compiler_check}:INTERNAL=1" not in cache.read_text():
+            pytest.skip(f"the C++ compiler has no {needs} (plugins/CMakeLists.txt skips {program})")
+        raise
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,7 @@ import subprocess
 
 import pytest
 
-from mra_export import native
-from mra_export.errors import UserError
+from .conftest import program_or_skip
 
 PROGRAM = "mra_emulation_racecheck"
 
@@ -44,14 +43,7 @@ SMALL_KERNELS = {
 
 def racecheck_program():
     """The driver, built by CMake where the compiler has -fsanitize=thread (skips otherwise)."""
-    try:
-        return native.ensure_built(PROGRAM, PROGRAM)
-    except UserError:
-        cache = native.build_dir() / "CMakeCache.txt"
-        if cache.is_file() and "MRA_HAVE_THREAD_SANITIZER:INTERNAL=1" not in cache.read_text():
-            pytest.skip("the C++ compiler has no -fsanitize=thread (plugins/CMakeLists.txt skips "
-                        f"{PROGRAM})")
-        raise
+    return program_or_skip(PROGRAM, "MRA_HAVE_THREAD_SANITIZER", "-fsanitize=thread")
 
 
 def run_racecheck(what: str) -> subprocess.CompletedProcess:

@@ -160,6 +160,16 @@ run_ncu() {
   echo "ncu rc=$?"
   python3 tools/kernel_profile.py --report "$OUT/ncu.csv" \
     --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)" | tee "$OUT/kernel-profile.md"
+  # The shared-memory table (wavefronts, bank conflicts) of the kernels tools/shared_banks.py
+  # counts under the emulation, to hold that count to the GPU's: 60 s at most, within DEADLINE.
+  local left=$((DEADLINE - SECONDS - 10))
+  if [ "$left" -ge 20 ]; then
+    timeout $((left < 60 ? left : 60)) "$ncu" --section MemoryWorkloadAnalysis_Tables --csv --page details \
+      --print-kernel-base function --kernel-name regex:"lowResolutionTerms|highResolution" --launch-count 4 \
+      python3 tools/kernel_profile.py > "$OUT/ncu-shared.csv" 2> "$OUT/ncu-shared.log"
+    echo "ncu (shared-memory table) rc=$?"
+    grep -i -E "bank|wavefront" "$OUT/ncu-shared.csv" | cut -c1-300 | head -n 24
+  fi
 }
 
 run_ort() {

@@ -688,7 +688,9 @@ __global__ void __launch_bounds__(kSelectThreads) selectBlocks(Problem p, Scratc
 __global__ void __launch_bounds__(kLogitThreads) lowResolutionTerms(Problem p, Scratch s)
 {
     static_assert(kMaxHeadDim <= kLogitThreads, "a thread per value dim");
-    __shared__ float weights[kLogitQueryBlocks][kLogitThreads];
+    // Rows one float longer than the threads: threads u < kLogitQueryBlocks read row u's column k
+    // together (the norms), 8-way bank conflicts where rows are a multiple of 32 floats apart.
+    __shared__ float weights[kLogitQueryBlocks][kLogitThreads + 1];
     waitForPreviousKernel(); // the threshold (and, before it, the logits and value means)
     startNextKernel();
     int32_t const groups = logitQueryGroups(p.nb);
@@ -793,6 +795,23 @@ __device__ inline void waitForCopies()
 #endif
 }
 
+//! The tile row of 16-byte vector `index` of a [32, D] tile of kVectorsPerRow vectors a row, in
+//! the order the copies in and out take them. Rows of 4 vectors (16-bit, head_dim 32) are 80
+//! bytes apart in the tensor-core kernel's tiles, so a quarter warp's 8 vectors, two rows, would
+//! find rows r and r + 1 sharing a group of 4 banks (2-way conflicts): it takes rows r and r + 4
+//! instead (bits 0 and 2 of the row swapped), 320 bytes apart, which fall in the other 4 groups.
+//! A warp's 32 vectors are still 8 whole rows.
+template <int kVectorsPerRow>
+__device__ inline int32_t tileRow(int32_t index)
+{
+    int32_t const row = index / kVectorsPerRow;
+    if constexpr (kVectorsPerRow == 4)
+    {
+        return (row & ~5) | ((row & 1) << 2) | ((row >> 2) & 1);
+    }
+    return row;
+}
+
 //! Issues the copies of the [32, D] tiles of tokens first + 0..31 of kTensors tensors (Q; or K
 //! and V) into shared memory, row-major with rows `stride` elements apart (16-byte aligned):
 //! padded tokens and those past the sequence as zeros. Thread `thread` of the kThreads that
@@ -813,7 +832,7 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
     for (int32_t v = 0; v < kPerThread; ++v)
     {
         int32_t const index = thread + v * kThreads;
-        int32_t const r = index / kVectorsPerRow;
+        int32_t const r = tileRow<kVectorsPerRow>(index);
         int32_t const column = (index % kVectorsPerRow) * kVector;
         bool const real = isReal(p, mask, batch, first + r);
         MRA_UNROLL
@@ -993,12 +1012,13 @@ template <typename T, int D>
 __device__ void storeOutputTile(Problem const& p, T const* tile, int32_t stride, int32_t row, int32_t i, T* output)
 {
     constexpr int kVector = 16 / sizeof(T);
+    constexpr int kVectorsPerRow = D / kVector;
     T* const block = output + tokenOffset(p, row, i * kBlock);
     int32_t const tokens = static_cast<int32_t>(p.tokenStride);
-    for (int32_t index = threadIdx.x; index < kBlock * (D / kVector); index += blockDim.x)
+    for (int32_t index = threadIdx.x; index < kBlock * kVectorsPerRow; index += blockDim.x)
     {
-        int32_t const r = index / (D / kVector);
-        int32_t const d = (index % (D / kVector)) * kVector;
+        int32_t const r = tileRow<kVectorsPerRow>(index);
+        int32_t const d = (index % kVectorsPerRow) * kVector;
         int32_t const outPosition = i * kBlock + r;
         if (outPosition < p.seqLen)
         {
@@ -1022,47 +1042,50 @@ constexpr int kPartialFloats = 6 + kAccumulators;
 //! Hands the partial sums of groups 1 to kSplit - 1 to group 0, which merges them in group order
 //! (the same bits every run), as two softmaxes' statistics merge. They pass through each group's
 //! stage tiles in `smem` (laid out as Smem says: the query tile, then kGroupTiles bytes a group),
-//! idle once the key-block loop is done; each thread kPartialFloats floats, by its index in its
-//! group. Every thread calls it; after it, group 0 holds the query block's sums.
-template <typename Smem, int kSplit, int kAccumulators, typename Accumulators>
+//! idle once the key-block loop is done; each of a group's kGroupThreads threads kPartialFloats
+//! floats, float v of all of them side by side, so that a warp's 32 stores or loads of one float
+//! fall in 32 banks (a thread's floats side by side, an even count apart, took two wavefronts).
+//! Every thread calls it; after it, group 0 holds the query block's sums.
+template <typename Smem, int kSplit, int kGroupThreads, int kAccumulators, typename Accumulators>
 __device__ void mergeGroups(unsigned char* smem, int32_t group, int32_t groupThread, SoftmaxStats (&stats)[2],
     Accumulators&& accumulators)
 {
     if constexpr (kSplit > 1)
     {
-        constexpr int kFloats = kPartialFloats<kAccumulators>;
         auto groupArea = [&](int32_t g) { return reinterpret_cast<float*>(smem + Smem::kTile + g * Smem::kGroupTiles); };
+        auto slot = [](int32_t v) { return v * kGroupThreads; }; // float v of a thread, from its first
         __syncthreads(); // every group is done with its stages (a warp may still read the last block)
         if (group > 0)
         {
-            float* const partial = groupArea(group) + groupThread * kFloats;
+            float* const partial = groupArea(group) + groupThread;
             MRA_UNROLL
             for (int32_t h = 0; h < 2; ++h)
             {
-                partial[3 * h] = stats[h].runningMax;
-                partial[3 * h + 1] = stats[h].baseMax;
-                partial[3 * h + 2] = stats[h].norm;
+                partial[slot(3 * h)] = stats[h].runningMax;
+                partial[slot(3 * h + 1)] = stats[h].baseMax;
+                partial[slot(3 * h + 2)] = stats[h].norm;
             }
             int32_t v = 6;
-            accumulators([&](float& value, int32_t) { partial[v++] = value; });
+            accumulators([&](float& value, int32_t) { partial[slot(v++)] = value; });
         }
         __syncthreads();
         for (int32_t other = 1; other < kSplit && group == 0; ++other)
         {
-            float const* const partial = groupArea(other) + groupThread * kFloats;
+            float const* const partial = groupArea(other) + groupThread;
             float ownFactor[2];
             float otherFactor[2];
             MRA_UNROLL
             for (int32_t h = 0; h < 2; ++h)
             {
                 SoftmaxStats theirs;
-                theirs.runningMax = partial[3 * h];
-                theirs.baseMax = partial[3 * h + 1];
-                theirs.norm = partial[3 * h + 2];
+                theirs.runningMax = partial[slot(3 * h)];
+                theirs.baseMax = partial[slot(3 * h + 1)];
+                theirs.norm = partial[slot(3 * h + 2)];
                 stats[h].merge(theirs, ownFactor[h], otherFactor[h]);
             }
             int32_t v = 6;
-            accumulators([&](float& value, int32_t h) { value = value * ownFactor[h] + partial[v++] * otherFactor[h]; });
+            accumulators(
+                [&](float& value, int32_t h) { value = value * ownFactor[h] + partial[slot(v++)] * otherFactor[h]; });
         }
     }
 }
@@ -1212,7 +1235,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
         }
     });
 
-    mergeGroups<Smem, kSplit, 8 * kGroups>(smem, group, groupThread, stats, [&](auto&& visit) {
+    mergeGroups<Smem, kSplit, kHighResThreads, 8 * kGroups>(smem, group, groupThread, stats, [&](auto&& visit) {
         MRA_UNROLL
         for (int32_t h = 0; h < 2; ++h)
         {
@@ -1461,7 +1484,7 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
         }
     });
 
-    mergeGroups<Smem, kSplit, 4 * kDimTiles>(smem, group, groupThread, stats, [&](auto&& visit) {
+    mergeGroups<Smem, kSplit, kMmaGroupThreads, 4 * kDimTiles>(smem, group, groupThread, stats, [&](auto&& visit) {
         MRA_UNROLL
         for (int32_t n = 0; n < kDimTiles; ++n)
         {

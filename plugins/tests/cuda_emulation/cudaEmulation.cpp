@@ -774,6 +774,9 @@ bool runCluster(unsigned threads)
     {
         retireRaceFiber(r, fiber);
     }
+#ifdef MRA_EMULATION_BANKCHECK
+    sharedBanksClusterEnded();
+#endif
     return r.error.empty();
 }
 
@@ -911,6 +914,25 @@ bool isShared(unsigned char const* address, int bytes)
         || within(__start_mra_emulated_shared, __stop_mra_emulated_shared);
 }
 
+} // namespace
+
+#ifdef MRA_EMULATION_BANKCHECK
+bool sharedAccessor(void const* address, int bytes, SharedAccessor& accessor)
+{
+    Runtime const& r = runtime();
+    if (r.current == nullptr || r.current->raceIgnores > 0
+        || !isShared(static_cast<unsigned char const*>(address), bytes))
+    {
+        return false;
+    }
+    accessor = SharedAccessor{fiberIndex(*r.current), r.current->warp, r.current->thread % kWarpSize};
+    return true;
+}
+#endif
+
+namespace
+{
+
 //! Where the schedule lands a copy: at once (0), at the wait (1), either (a random schedule).
 bool landsAtOnce()
 {
@@ -942,6 +964,9 @@ void asyncCopy(char const* file, int line, void* shared, void const* global, int
     }
     AsyncCopy copy{destination, source, bytes, sourceBytes};
     race::write(destination, static_cast<size_t>(bytes)); // it may land from now on (and at landing)
+#ifdef MRA_EMULATION_BANKCHECK
+    recordSharedAccess(__builtin_return_address(0), destination, bytes, true); // its store to shared memory
+#endif
     if (landsAtOnce())
     {
         copy.land();

@@ -46,7 +46,11 @@
  * exposed here, but is under racecheck, below; cp.async copies, the kernels' only such stores,
  * still land at the copying thread's wait_group under schedule 1). Other memory is not checked.
  *
- * What it does not model: timing, memory coalescing, bank conflicts, tensor-core rounding inside
+ * Shared-memory bank conflicts are what the bankcheck build counts (sharedBanks.cpp): the
+ * same runtime, built with MRA_EMULATION_BANKCHECK, under kernels whose loads and stores the
+ * compiler hooks.
+ *
+ * What it does not model: timing, memory coalescing, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses (the callers
  * in mra_export/native.py fence each buffer against an unmapped page instead, and
@@ -311,9 +315,9 @@ void setFaultNames(std::vector<NamedMemory> names);
 void ignoreRacesBegin();
 void ignoreRacesEnd();
 
-//! The emulation's own work in a thread, unseen by racecheck for as long as it lives: the
-//! runtime's bookkeeping (ready lists, copy queues), a stand-in's internals (CUB's collectives
-//! compute through their TempStorage as CUB does not). It is not the kernels' memory.
+//! The emulation's own work in a thread, unseen by racecheck and bankcheck for as long as it
+//! lives: the runtime's bookkeeping (ready lists, copy queues), a stand-in's internals (CUB's
+//! collectives compute through their TempStorage as CUB does not). It is not the kernels' memory.
 class EmulationWork
 {
 public:
@@ -350,6 +354,30 @@ inline void checkTempStorageReuse(unsigned long& lastUse, char const* collective
         fail("%s: TempStorage reused without a __syncthreads since its last use", collective);
     }
 }
+
+#ifdef MRA_EMULATION_BANKCHECK
+//! The bankcheck build (sharedBanks.cpp): the running thread's access of `bytes` at `address`
+//! by the kernel's instruction at `instruction`, counted where it is its CTA's shared memory.
+//! The compiler's hooks (-fsanitize=kernel-address) record plain loads and stores; the
+//! emulated instructions that touch shared memory record themselves.
+void recordSharedAccess(void const* instruction, void const* address, int bytes, bool store);
+//! ldmatrix's row of the calling lane: 16 bytes, read by the caller's instruction (the lanes of
+//! one 8x8 matrix in one phase, as a 16-byte load's quarter warp).
+__attribute__((noinline)) void recordMatrixRow(void const* rowAddress);
+
+//! Where the running thread's access falls: its fiber and its warp (both indices into the
+//! running cluster's) and lane. None outside a grid, outside the CTA's shared memory, or
+//! within the emulation's own work (EmulationWork).
+struct SharedAccessor
+{
+    size_t fiber;
+    size_t warp;
+    unsigned lane;
+};
+bool sharedAccessor(void const* address, int bytes, SharedAccessor& accessor);
+//! The runtime's call once a cluster has run (sharedBanks.cpp counts its warps' accesses).
+void sharedBanksClusterEnded();
+#endif
 
 //! The schedule of later launches: lowest thread first (0), highest first (1), else random
 //! with that seed; CTAs ascending, descending or shuffled alike.

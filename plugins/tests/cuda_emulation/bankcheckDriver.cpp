@@ -1,0 +1,184 @@
+/*
+ * Shared-memory bank conflicts without a GPU: the kernels' source under the CUDA emulation,
+ * compiled with the compiler's load and store hooks (-fsanitize=kernel-address, no sanitizer
+ * runtime) over the runtime built with MRA_EMULATION_BANKCHECK, which counts each shared-memory
+ * instruction's wavefronts as Nsight Compute does (sharedBanks.cpp says how).
+ *
+ *   mra_emulation_bankcheck patterns     small kernels whose wavefronts the CUDA guide's rule gives
+ *   mra_emulation_bankcheck attention    the attention on small problems, every kernel and dtype
+ *
+ * Prints one line per instruction ("shared <offset> <load|store> <bytes> <requests>
+ * <wavefronts> <ideal> <worst phase>"; addr2line -f -C -i -e this program <offset> names its
+ * source), then "ran <what>". tools/shared_banks.py reads it; tests/test_cuda_bankcheck.py runs it.
+ */
+#include "attentionCall.h"
+#include "ptxMma.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+extern "C" void mraCudaEmulationTakeSharedBanks(FILE* out);
+extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
+
+namespace
+{
+
+// ---- patterns: one warp, one shared-memory instruction each ------------------------------------
+
+//! Lane l loads word kStride * l (0: every lane the same word).
+template <int kStride>
+__global__ void loadWords(float* out)
+{
+    auto const* words = reinterpret_cast<float const*>(::emu::dynamicSharedMemory());
+    out[threadIdx.x] = words[kStride * threadIdx.x];
+}
+
+//! Lane l stores word kStride * l.
+template <int kStride>
+__global__ void storeWords(float*)
+{
+    auto* words = reinterpret_cast<float*>(::emu::dynamicSharedMemory());
+    words[kStride * threadIdx.x] = 1.0f;
+}
+
+//! Lane l loads byte l.
+__global__ void loadBytes(float* out)
+{
+    auto const* bytes = reinterpret_cast<unsigned char const*>(::emu::dynamicSharedMemory());
+    out[threadIdx.x] = bytes[threadIdx.x];
+}
+
+//! Lane l loads the 8-byte double l.
+__global__ void loadDoubles(float* out)
+{
+    auto const* doubles = reinterpret_cast<double const*>(::emu::dynamicSharedMemory());
+    out[threadIdx.x] = static_cast<float>(doubles[threadIdx.x]);
+}
+
+//! Lane l loads the 16-byte float4 kStride * l.
+template <int kStride>
+__global__ void loadVectors(float* out)
+{
+    auto const* vectors = reinterpret_cast<float4 const*>(::emu::dynamicSharedMemory());
+    float4 const v = vectors[kStride * threadIdx.x];
+    out[threadIdx.x] = v.x + v.w;
+}
+
+//! ldmatrix.x4 of four 8x8 matrices of 16-bit elements stacked in rows kRowElements apart: lane l
+//! gives row l of that stack.
+template <int kRowElements>
+__global__ void loadMatrixRows(float* out)
+{
+    uint32_t r[4];
+    ::emu::ldmatrixX4(__FILE__, __LINE__, r, ::emu::dynamicSharedMemory() + 2 * kRowElements * threadIdx.x, false);
+    out[threadIdx.x] = static_cast<float>(r[0] & 1u);
+}
+
+//! cp.async of 16 bytes to the float4 kStride * l.
+template <int kStride>
+__global__ void copyVectors(float const* in)
+{
+    ::emu::asyncCopy(__FILE__, __LINE__, ::emu::dynamicSharedMemory() + 16 * kStride * threadIdx.x, in, 16, 16);
+    ::emu::asyncCommit();
+    ::emu::asyncWait(0);
+}
+
+template <typename Kernel>
+void launchWarp(Kernel kernel)
+{
+    std::vector<float> buffer(64, 0.5f);
+    kernel | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(buffer.data());
+}
+
+void runPatterns()
+{
+    launchWarp(loadWords<0>);
+    launchWarp(loadWords<1>);
+    launchWarp(loadWords<2>);
+    launchWarp(loadWords<32>);
+    launchWarp(loadWords<33>);
+    launchWarp(storeWords<2>);
+    launchWarp(loadBytes);
+    launchWarp(loadDoubles);
+    launchWarp(loadVectors<1>);
+    launchWarp(loadVectors<2>);
+    launchWarp(loadMatrixRows<64>);
+    launchWarp(loadMatrixRows<72>);
+    std::vector<float> source(4, 1.0f);
+    copyVectors<1> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
+    copyVectors<8> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
+}
+
+// ---- the attention --------------------------------------------------------------------------------
+
+//! Every kernel at least once: each dtype (the tensor-core kernels for 16-bit, FMA for float32),
+//! head sizes 32, 64 and 128, both modes, a ragged batch; the selection in clusters (132 SMs)
+//! and in CTAs alone; the high-resolution kernels split over two thread groups (few query
+//! blocks for the GPU's SMs) and not (32 a row on one SM).
+bool runAttentionProblems()
+{
+    struct Problem
+    {
+        MraAttentionParams params;
+        int32_t realTokens;
+        uint32_t multiprocessors;
+    };
+    Problem const problems[] = {
+        {{1, 2, 256, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT16, MRA_BHSD}, 256, 132},
+        {{1, 2, 256, 64, 8, 32, MRA_FULL, 1, 1, MRA_BFLOAT16, MRA_BHSD}, 256, 3},
+        {{2, 1, 200, 32, 7, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 150, 1},
+        {{1, 1, 256, 128, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 256, 132},
+        {{1, 2, 256, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BHSD}, 256, 132},
+        {{2, 1, 200, 32, 7, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 150, 1},
+        {{1, 1, 256, 128, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 256, 3},
+        {{2, 2, 1024, 64, 8, 32, MRA_FULL, 1, 0, MRA_FLOAT16, MRA_BHSD}, 700, 1},
+        {{1, 2, 1024, 32, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT16, MRA_BHSD}, 1024, 1},
+        {{1, 2, 1024, 128, 8, 32, MRA_FULL, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 1024, 1},
+        {{1, 2, 1024, 64, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 1024, 1},
+        {{1, 2, 1024, 32, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 1024, 1},
+    };
+    uint32_t seed = 1;
+    for (Problem const& problem : problems)
+    {
+        mraCudaEmulationSetMultiprocessors(problem.multiprocessors);
+        if (!checks::runAttention(problem.params, problem.realTokens, seed++))
+        {
+            return false;
+        }
+    }
+    return true;
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    std::string const what = argc == 2 ? argv[1] : "";
+    if (what == "patterns")
+    {
+        runPatterns();
+    }
+    else if (what == "attention")
+    {
+        if (!runAttentionProblems())
+        {
+            return 1;
+        }
+    }
+    else
+    {
+        std::fprintf(stderr, "usage: mra_emulation_bankcheck patterns | attention\n");
+        return 2;
+    }
+    cudaError_t const error = cudaGetLastError();
+    if (error != cudaSuccess)
+    {
+        std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(error));
+        return 1;
+    }
+    mraCudaEmulationTakeSharedBanks(stdout);
+    std::printf("ran %s\n", what.c_str());
+    return 0;
+}
