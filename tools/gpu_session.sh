@@ -160,7 +160,7 @@ run_ncu() {
   echo "ncu rc=$?"
   python3 tools/kernel_profile.py --report "$OUT/ncu.csv" \
     --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)" | tee "$OUT/kernel-profile.md"
-  # The shared-memory table (wavefronts, bank conflicts) of the kernels tools/shared_banks.py
+  # The shared-memory table (wavefronts, bank conflicts) of the kernels tools/memory_counts.py
   # counts under the emulation, to hold that count to the GPU's: 60 s at most, within DEADLINE.
   local left=$((DEADLINE - SECONDS - 10))
   if [ "$left" -ge 20 ]; then

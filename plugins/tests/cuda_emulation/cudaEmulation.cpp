@@ -774,8 +774,8 @@ bool runCluster(unsigned threads)
     {
         retireRaceFiber(r, fiber);
     }
-#ifdef MRA_EMULATION_BANKCHECK
-    sharedBanksClusterEnded();
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+    memoryCountsClusterEnded();
 #endif
     return r.error.empty();
 }
@@ -916,16 +916,17 @@ bool isShared(unsigned char const* address, int bytes)
 
 } // namespace
 
-#ifdef MRA_EMULATION_BANKCHECK
-bool sharedAccessor(void const* address, int bytes, SharedAccessor& accessor)
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+bool accessor(void const* address, int bytes, Accessor& who)
 {
     Runtime const& r = runtime();
-    if (r.current == nullptr || r.current->raceIgnores > 0
-        || !isShared(static_cast<unsigned char const*>(address), bytes))
+    if (r.current == nullptr || r.current->raceIgnores > 0)
     {
         return false;
     }
-    accessor = SharedAccessor{fiberIndex(*r.current), r.current->warp, r.current->thread % kWarpSize};
+    Fiber const& fiber = *r.current;
+    who = Accessor{fiberIndex(fiber), fiber.warp, fiber.thread % kWarpSize,
+        isShared(static_cast<unsigned char const*>(address), bytes)};
     return true;
 }
 #endif
@@ -964,8 +965,9 @@ void asyncCopy(char const* file, int line, void* shared, void const* global, int
     }
     AsyncCopy copy{destination, source, bytes, sourceBytes};
     race::write(destination, static_cast<size_t>(bytes)); // it may land from now on (and at landing)
-#ifdef MRA_EMULATION_BANKCHECK
-    recordSharedAccess(__builtin_return_address(0), destination, bytes, true); // its store to shared memory
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+    recordAccess(__builtin_return_address(0), destination, bytes, true); // its store to shared memory
+    recordAccess(__builtin_return_address(0), source, sourceBytes, false); // and its read, if any
 #endif
     if (landsAtOnce())
     {

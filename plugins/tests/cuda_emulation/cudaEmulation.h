@@ -46,11 +46,11 @@
  * exposed here, but is under racecheck, below; cp.async copies, the kernels' only such stores,
  * still land at the copying thread's wait_group under schedule 1). Other memory is not checked.
  *
- * Shared-memory bank conflicts are what the bankcheck build counts (sharedBanks.cpp): the
- * same runtime, built with MRA_EMULATION_BANKCHECK, under kernels whose loads and stores the
- * compiler hooks.
+ * Shared-memory bank conflicts and global-memory sectors are what the memory-counts build
+ * counts (memoryCounts.cpp): the same runtime, built with MRA_EMULATION_MEMORY_COUNTS, under
+ * kernels whose loads and stores the compiler hooks.
  *
- * What it does not model: timing, memory coalescing, tensor-core rounding inside
+ * What it does not model: timing, tensor-core rounding inside
  * one MMA (products are summed in float32, k in order), FMA contraction (nvcc contracts; this
  * build does not), the device's expf (2 ulp), out-of-bounds global memory accesses (the callers
  * in mra_export/native.py fence each buffer against an unmapped page instead, and
@@ -315,9 +315,10 @@ void setFaultNames(std::vector<NamedMemory> names);
 void ignoreRacesBegin();
 void ignoreRacesEnd();
 
-//! The emulation's own work in a thread, unseen by racecheck and bankcheck for as long as it
-//! lives: the runtime's bookkeeping (ready lists, copy queues), a stand-in's internals (CUB's
-//! collectives compute through their TempStorage as CUB does not). It is not the kernels' memory.
+//! The emulation's own work in a thread, unseen by racecheck and the memory counts for as long
+//! as it lives: the runtime's bookkeeping (ready lists, copy queues), a stand-in's internals
+//! (CUB's collectives compute through their TempStorage as CUB does not). It is not the kernels'
+//! memory.
 class EmulationWork
 {
 public:
@@ -355,28 +356,30 @@ inline void checkTempStorageReuse(unsigned long& lastUse, char const* collective
     }
 }
 
-#ifdef MRA_EMULATION_BANKCHECK
-//! The bankcheck build (sharedBanks.cpp): the running thread's access of `bytes` at `address`
-//! by the kernel's instruction at `instruction`, counted where it is its CTA's shared memory.
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+//! The memory-counts build (memoryCounts.cpp): the running thread's access of `bytes` at `address`
+//! by the kernel's instruction at `instruction`, counted where it is its CTA's shared memory or
+//! memory the driver counts as global (mraCudaEmulationCountGlobal).
 //! The compiler's hooks (-fsanitize=kernel-address) record plain loads and stores; the
 //! emulated instructions that touch shared memory record themselves.
-void recordSharedAccess(void const* instruction, void const* address, int bytes, bool store);
+void recordAccess(void const* instruction, void const* address, int bytes, bool store);
 //! ldmatrix's row of the calling lane: 16 bytes, read by the caller's instruction (the lanes of
 //! one 8x8 matrix in one phase, as a 16-byte load's quarter warp).
 __attribute__((noinline)) void recordMatrixRow(void const* rowAddress);
 
-//! Where the running thread's access falls: its fiber and its warp (both indices into the
-//! running cluster's) and lane. None outside a grid, outside the CTA's shared memory, or
-//! within the emulation's own work (EmulationWork).
-struct SharedAccessor
+//! Who makes the running thread's access: its fiber and its warp (both indices into the running
+//! cluster's) and lane, and whether the access falls in its CTA's shared memory. None outside a
+//! grid or within the emulation's own work (EmulationWork).
+struct Accessor
 {
     size_t fiber;
     size_t warp;
     unsigned lane;
+    bool shared;
 };
-bool sharedAccessor(void const* address, int bytes, SharedAccessor& accessor);
-//! The runtime's call once a cluster has run (sharedBanks.cpp counts its warps' accesses).
-void sharedBanksClusterEnded();
+bool accessor(void const* address, int bytes, Accessor& who);
+//! The runtime's call once a cluster has run (memoryCounts.cpp counts its warps' accesses).
+void memoryCountsClusterEnded();
 #endif
 
 //! The schedule of later launches: lowest thread first (0), highest first (1), else random

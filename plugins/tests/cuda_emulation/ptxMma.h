@@ -87,8 +87,8 @@ void mmaM16N8K16(char const* file, int line, float (&d)[4], uint32_t const (&a)[
 //! two adjacent elements of matrix i (PTX ISA, "Warp-level matrix load instruction: ldmatrix"):
 //! row l / 4, columns 2 (l % 4) + {0, 1}; with `.trans` rows 2 (l % 4) + {0, 1} of column l / 4.
 //! The lower element is the register's low half.
-#ifdef MRA_EMULATION_BANKCHECK
-__attribute__((always_inline)) // each call its own address: the instruction sharedBanks.cpp counts
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+__attribute__((always_inline)) // each call its own address: the instruction memoryCounts.cpp counts
 #endif
 inline void ldmatrixX4(char const* file, int line, uint32_t (&r)[4], void const* rowAddress, bool transposed)
 {
@@ -97,7 +97,7 @@ inline void ldmatrixX4(char const* file, int line, uint32_t (&r)[4], void const*
         fail("ldmatrix at %s:%d: row address %p is not 16-byte aligned", file, line, rowAddress);
     }
     WarpRound const round = warpExchange(file, line, ~0u, reinterpret_cast<uintptr_t>(rowAddress));
-#ifdef MRA_EMULATION_BANKCHECK
+#ifdef MRA_EMULATION_MEMORY_COUNTS
     recordMatrixRow(rowAddress);
     EmulationWork const otherLanesRows; // the warp's one load, recorded just above
 #endif

@@ -1,15 +1,17 @@
 /*
- * Shared-memory bank conflicts without a GPU: the kernels' source under the CUDA emulation,
- * compiled with the compiler's load and store hooks (-fsanitize=kernel-address, no sanitizer
- * runtime) over the runtime built with MRA_EMULATION_BANKCHECK, which counts each shared-memory
- * instruction's wavefronts as Nsight Compute does (sharedBanks.cpp says how).
+ * Shared-memory bank conflicts and global-memory sectors without a GPU: the kernels' source
+ * under the CUDA emulation, compiled with the compiler's load and store hooks
+ * (-fsanitize=kernel-address, no sanitizer runtime) over the runtime built with
+ * MRA_EMULATION_MEMORY_COUNTS, which counts each shared-memory instruction's wavefronts and each
+ * global one's 32-byte sectors as Nsight Compute does (memoryCounts.cpp says how).
  *
- *   mra_emulation_bankcheck patterns     small kernels whose wavefronts the CUDA guide's rule gives
- *   mra_emulation_bankcheck attention    the attention on small problems, every kernel and dtype
+ *   mra_emulation_memory_counts patterns     small kernels whose counts the CUDA guide's rules give
+ *   mra_emulation_memory_counts attention    the attention on small problems, every kernel and dtype
  *
- * Prints one line per instruction ("shared <offset> <load|store> <bytes> <requests>
- * <wavefronts> <ideal> <worst phase>"; addr2line -f -C -i -e this program <offset> names its
- * source), then "ran <what>". tools/shared_banks.py reads it; tests/test_cuda_bankcheck.py runs it.
+ * Prints one line per instruction ("<shared|global> <offset> <load|store> <bytes> <requests>
+ * <wavefronts or sectors> <ideal> <worst>"; addr2line -f -C -i -e this program <offset> names
+ * its source), then "ran <what>". tools/memory_counts.py reads it; tests/test_cuda_memory_counts.py
+ * runs it.
  */
 #include "attentionCall.h"
 #include "ptxMma.h"
@@ -19,7 +21,8 @@
 #include <string>
 #include <vector>
 
-extern "C" void mraCudaEmulationTakeSharedBanks(FILE* out);
+extern "C" void mraCudaEmulationTakeCounts(FILE* out);
+extern "C" void mraCudaEmulationCountGlobal(void const* start, size_t bytes);
 extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
 
 namespace
@@ -85,6 +88,40 @@ __global__ void copyVectors(float const* in)
     ::emu::asyncWait(0);
 }
 
+//! Lane l loads global float kStride * l.
+template <int kStride>
+__global__ void loadGlobalWords(float const* in, float* out)
+{
+    out[threadIdx.x] = in[kStride * threadIdx.x];
+}
+
+//! Lane l loads the global float4 l, kOffset floats past a 128-byte boundary.
+template <int kOffset>
+__global__ void loadGlobalVectors(float const* in, float* out)
+{
+    float4 const v = reinterpret_cast<float4 const*>(in + kOffset)[threadIdx.x];
+    out[threadIdx.x] = v.x + v.w;
+}
+
+//! Lane l stores global float kStride * l.
+template <int kStride>
+__global__ void storeGlobalWords(float const*, float* out)
+{
+    out[kStride * threadIdx.x] = 1.0f;
+}
+
+//! One warp of `kernel(in, out)` on 128-byte aligned buffers both counted as global memory.
+template <typename Kernel>
+void launchGlobal(Kernel kernel)
+{
+    alignas(128) static float in[32 * 33 * 4];
+    alignas(128) static float out[32 * 33 * 4];
+    mraCudaEmulationCountGlobal(in, sizeof(in));
+    mraCudaEmulationCountGlobal(out, sizeof(out));
+    kernel | ::emu::Launch(1, 32, 0) | ::emu::args(static_cast<float const*>(in), static_cast<float*>(out));
+    mraCudaEmulationCountGlobal(nullptr, 0);
+}
+
 template <typename Kernel>
 void launchWarp(Kernel kernel)
 {
@@ -109,6 +146,13 @@ void runPatterns()
     std::vector<float> source(4, 1.0f);
     copyVectors<1> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
     copyVectors<8> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
+    launchGlobal(loadGlobalWords<0>);
+    launchGlobal(loadGlobalWords<1>);
+    launchGlobal(loadGlobalWords<2>);
+    launchGlobal(loadGlobalWords<8>);
+    launchGlobal(loadGlobalVectors<0>);
+    launchGlobal(loadGlobalVectors<4>);
+    launchGlobal(storeGlobalWords<32>);
 }
 
 // ---- the attention --------------------------------------------------------------------------------
@@ -143,7 +187,14 @@ bool runAttentionProblems()
     for (Problem const& problem : problems)
     {
         mraCudaEmulationSetMultiprocessors(problem.multiprocessors);
-        if (!checks::runAttention(problem.params, problem.realTokens, seed++))
+        bool const ran = checks::runAttention(problem.params, problem.realTokens, seed++, [](checks::Spans const& buffers) {
+            for (auto const& [start, bytes] : buffers)
+            {
+                mraCudaEmulationCountGlobal(start, bytes);
+            }
+        });
+        mraCudaEmulationCountGlobal(nullptr, 0);
+        if (!ran)
         {
             return false;
         }
@@ -169,7 +220,7 @@ int main(int argc, char** argv)
     }
     else
     {
-        std::fprintf(stderr, "usage: mra_emulation_bankcheck patterns | attention\n");
+        std::fprintf(stderr, "usage: mra_emulation_memory_counts patterns | attention\n");
         return 2;
     }
     cudaError_t const error = cudaGetLastError();
@@ -178,7 +229,7 @@ int main(int argc, char** argv)
         std::fprintf(stderr, "launch failed: %s\n", cudaGetErrorString(error));
         return 1;
     }
-    mraCudaEmulationTakeSharedBanks(stdout);
+    mraCudaEmulationTakeCounts(stdout);
     std::printf("ran %s\n", what.c_str());
     return 0;
 }

@@ -1,0 +1,326 @@
+/*
+ * The memory-counts build: the emulated kernels' shared-memory bank conflicts and global-memory sectors,
+ * counted on the CPU as Nsight Compute counts them: a shared-memory instruction's wavefronts (its
+ * l1tex__data_bank_conflicts_pipe_lsu_mem_shared metrics are their excess over the ideal), a
+ * global one's 32-byte sectors (l1tex__t_sectors_pipe_lsu_mem_global_op_{ld,st}). Part of the
+ * runtime built with MRA_EMULATION_MEMORY_COUNTS, under a program whose kernels are compiled with
+ * -fsanitize=kernel-address (memoryCountsDriver.cpp): GCC then calls __asan_{load,store}N_noabort
+ * before each load and store and links no sanitizer runtime; the hooks below record the accesses
+ * that fall in the running CTA's shared memory or in the global memory the driver names.
+ *
+ * Shared memory (CUDA C++ Programming Guide, "Shared Memory" of compute capability 5.x and later):
+ * 32 banks of 4-byte words, and one wavefront serves one word of each bank, to any number of
+ * lanes. A warp's instruction moves at most 128 bytes a phase: all 32 lanes in one for accesses
+ * of up to 4 bytes, half warps for 8-byte ones, quarter warps for 16-byte ones (ldmatrix: one 8x8
+ * matrix, 8 rows of 16 bytes, a phase). A phase takes as many wavefronts as the most distinct
+ * words asked of one bank; ideally one.
+ *
+ * Global memory (the guide's "Device Memory Accesses"): a warp's instruction takes the 32-byte
+ * sectors its lanes' bytes fall in; ideally as many as those bytes fill (a broadcast, one).
+ * Caches are not modelled: a sector read twice counts twice, as the L1 requests count it.
+ *
+ * Which accesses are one instruction of a warp: those of its lanes at the same instruction
+ * address (the hook's return address), each lane's n-th run of it in the cluster. It counts the
+ * code as compiled here, so the program is compiled without scalar replacement of aggregates
+ * (-fno-tree-sra keeps a float4's load one 16-byte load, as nvcc emits it).
+ */
+#include "cudaEmulation.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <unordered_map>
+#include <vector>
+
+namespace
+{
+
+constexpr int kBanks = 32;
+constexpr int kBankBytes = 4;
+constexpr int kPhaseBytes = 128;
+constexpr uintptr_t kSectorBytes = 32;
+
+struct Access
+{
+    void const* instruction;
+    uint32_t run; //!< the lane's n-th run of the instruction in the cluster
+    unsigned lane;
+    uintptr_t address;
+    int bytes;
+    bool store;
+};
+
+//! One instruction's runs, warp-wide, over every launch since the last report: in shared memory
+//! its wavefronts (one a phase that any lane takes part in, ideally), in global memory its sectors
+//! (as many as its bytes fill, ideally).
+struct InstructionCount
+{
+    int bytes = 0;
+    bool store = false;
+    uint64_t requests = 0;
+    uint64_t units = 0;
+    uint64_t ideal = 0;
+    uint32_t worst = 0; //!< the most wavefronts one phase took, or sectors one request
+};
+
+//! A memory space's accesses in the running cluster, and its counts.
+struct Space
+{
+    std::vector<std::vector<Access>> warps;                       //!< by warp
+    std::vector<std::unordered_map<void const*, uint32_t>> runs; //!< by fiber: runs of each instruction
+    std::map<void const*, InstructionCount> instructions;
+};
+
+struct Recorder
+{
+    Space shared;
+    Space global;
+    std::vector<std::pair<uintptr_t, uintptr_t>> globalSpans; //!< [begin, end): the driver's buffers
+};
+
+Recorder& recorder()
+{
+    static Recorder instance;
+    return instance;
+}
+
+bool isCountedGlobal(uintptr_t address, int bytes)
+{
+    auto const& spans = recorder().globalSpans;
+    return std::any_of(spans.begin(), spans.end(),
+        [&](auto const& span) { return address >= span.first && address + bytes <= span.second; });
+}
+
+int lanesPerPhase(int bytes)
+{
+    return bytes <= kBankBytes ? emu::kWarpSize : std::max(1, kPhaseBytes / bytes);
+}
+
+//! Wavefronts of one phase: the most distinct words its accesses ask of one bank.
+uint32_t phaseWavefronts(std::vector<uint64_t>& words)
+{
+    std::sort(words.begin(), words.end());
+    words.erase(std::unique(words.begin(), words.end()), words.end());
+    uint32_t perBank[kBanks] = {};
+    uint32_t most = 0;
+    for (uint64_t word : words)
+    {
+        most = std::max(most, ++perBank[word % kBanks]);
+    }
+    return most;
+}
+
+using Accesses = std::vector<Access>::const_iterator;
+
+//! Adds the wavefronts of one warp-wide run of a shared-memory instruction, its lanes' accesses
+//! (by lane) in [first, last).
+void countWavefronts(InstructionCount& count, Accesses first, Accesses last)
+{
+    unsigned const lanes = static_cast<unsigned>(lanesPerPhase(first->bytes));
+    std::vector<uint64_t> words;
+    for (auto phaseStart = first; phaseStart != last;)
+    {
+        unsigned const phase = phaseStart->lane / lanes;
+        auto phaseEnd = phaseStart;
+        words.clear();
+        for (; phaseEnd != last && phaseEnd->lane / lanes == phase; ++phaseEnd)
+        {
+            for (uintptr_t word = phaseEnd->address / kBankBytes;
+                 word <= (phaseEnd->address + phaseEnd->bytes - 1) / kBankBytes; ++word)
+            {
+                words.push_back(word);
+            }
+        }
+        uint32_t const wavefronts = phaseWavefronts(words);
+        count.units += wavefronts;
+        count.ideal += 1;
+        count.worst = std::max(count.worst, wavefronts);
+        phaseStart = phaseEnd;
+    }
+}
+
+//! Adds the sectors of one warp-wide run of a global-memory instruction.
+void countSectors(InstructionCount& count, Accesses first, Accesses last)
+{
+    std::vector<uintptr_t> sectors;
+    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+    for (auto access = first; access != last; ++access)
+    {
+        uintptr_t const end = access->address + access->bytes;
+        for (uintptr_t sector = access->address / kSectorBytes; sector <= (end - 1) / kSectorBytes; ++sector)
+        {
+            sectors.push_back(sector);
+        }
+        ranges.emplace_back(access->address, end);
+    }
+    std::sort(sectors.begin(), sectors.end());
+    uint32_t const taken = static_cast<uint32_t>(std::unique(sectors.begin(), sectors.end()) - sectors.begin());
+    // The bytes the lanes ask for, each once.
+    std::sort(ranges.begin(), ranges.end());
+    uintptr_t bytes = 0;
+    uintptr_t covered = 0;
+    for (auto const& [begin, end] : ranges)
+    {
+        uintptr_t const from = std::max(begin, covered);
+        bytes += end > from ? end - from : 0;
+        covered = std::max(covered, end);
+    }
+    count.units += taken;
+    count.ideal += (bytes + kSectorBytes - 1) / kSectorBytes;
+    count.worst = std::max(count.worst, taken);
+}
+
+//! Counts a space's runs of the cluster by instruction, and forgets them.
+void countCluster(Space& space, bool shared)
+{
+    for (std::vector<Access>& accesses : space.warps)
+    {
+        std::sort(accesses.begin(), accesses.end(), [](Access const& a, Access const& b) {
+            return a.instruction != b.instruction ? a.instruction < b.instruction
+                                                  : a.run != b.run ? a.run < b.run : a.lane < b.lane;
+        });
+        for (auto first = accesses.cbegin(); first != accesses.cend();)
+        {
+            auto last = std::find_if(first, accesses.cend(), [&](Access const& a) {
+                return a.instruction != first->instruction || a.run != first->run;
+            });
+            InstructionCount& count = space.instructions[first->instruction];
+            count.bytes = first->bytes;
+            count.store = first->store;
+            ++count.requests;
+            shared ? countWavefronts(count, first, last) : countSectors(count, first, last);
+            first = last;
+        }
+        accesses.clear();
+    }
+    for (auto& runs : space.runs)
+    {
+        runs.clear();
+    }
+}
+
+void record(Space& space, emu::Accessor const& who, void const* instruction, void const* address, int bytes, bool store)
+{
+    if (space.warps.size() <= who.warp)
+    {
+        space.warps.resize(who.warp + 1);
+    }
+    if (space.runs.size() <= who.fiber)
+    {
+        space.runs.resize(who.fiber + 1);
+    }
+    uint32_t const run = space.runs[who.fiber][instruction]++;
+    space.warps[who.warp].push_back(
+        Access{instruction, run, who.lane, reinterpret_cast<uintptr_t>(address), bytes, store});
+}
+
+void print(FILE* out, char const* space, std::map<void const*, InstructionCount> const& instructions)
+{
+    for (auto const& [instruction, count] : instructions)
+    {
+        Dl_info info{};
+        uintptr_t offset = reinterpret_cast<uintptr_t>(instruction) - 1; // within the call
+        if (dladdr(instruction, &info) != 0)
+        {
+            offset -= reinterpret_cast<uintptr_t>(info.dli_fbase);
+        }
+        std::fprintf(out, "%s %#zx %s %d %llu %llu %llu %u\n", space, static_cast<size_t>(offset),
+            count.store ? "store" : "load", count.bytes, static_cast<unsigned long long>(count.requests),
+            static_cast<unsigned long long>(count.units), static_cast<unsigned long long>(count.ideal),
+            count.worst);
+    }
+}
+
+} // namespace
+
+namespace emu
+{
+
+void recordAccess(void const* instruction, void const* address, int bytes, bool store)
+{
+    Accessor who;
+    if (bytes <= 0 || !accessor(address, bytes, who))
+    {
+        return;
+    }
+    Recorder& r = recorder();
+    if (who.shared)
+    {
+        record(r.shared, who, instruction, address, bytes, store);
+    }
+    else if (isCountedGlobal(reinterpret_cast<uintptr_t>(address), bytes))
+    {
+        record(r.global, who, instruction, address, bytes, store);
+    }
+}
+
+__attribute__((noinline)) void recordMatrixRow(void const* rowAddress)
+{
+    recordAccess(__builtin_return_address(0), rowAddress, 16, false);
+}
+
+void memoryCountsClusterEnded()
+{
+    countCluster(recorder().shared, true);
+    countCluster(recorder().global, false);
+}
+
+} // namespace emu
+
+//! The driver's buffers, counted as global memory from now on; (nullptr, 0): none from now on.
+extern "C" void mraCudaEmulationCountGlobal(void const* start, size_t bytes)
+{
+    auto& spans = recorder().globalSpans;
+    if (start == nullptr)
+    {
+        spans.clear();
+        return;
+    }
+    uintptr_t const begin = reinterpret_cast<uintptr_t>(start);
+    spans.emplace_back(begin, begin + bytes);
+}
+
+//! Prints each instruction's counts since the last call, and forgets them: one line each,
+//! "<shared|global> <offset> <load|store> <bytes> <requests> <wavefronts or sectors> <ideal>
+//! <worst>", the offset into its executable or library (for addr2line -e that file).
+extern "C" void mraCudaEmulationTakeCounts(FILE* out)
+{
+    print(out, "shared", recorder().shared.instructions);
+    print(out, "global", recorder().global.instructions);
+    recorder().shared.instructions.clear();
+    recorder().global.instructions.clear();
+}
+
+// The compiler's hooks (-fsanitize=kernel-address, calls rather than inline checks): each load
+// or store of the instrumented code, with its address; the caller is the instruction.
+#define MRA_ACCESS_HOOKS(bytes)                                                                                 \
+    extern "C" void __asan_load##bytes##_noabort(void* address)                                                         \
+    {                                                                                                                  \
+        emu::recordAccess(__builtin_return_address(0), address, bytes, false);                                   \
+    }                                                                                                                  \
+    extern "C" void __asan_store##bytes##_noabort(void* address)                                                        \
+    {                                                                                                                  \
+        emu::recordAccess(__builtin_return_address(0), address, bytes, true);                                    \
+    }
+MRA_ACCESS_HOOKS(1)
+MRA_ACCESS_HOOKS(2)
+MRA_ACCESS_HOOKS(4)
+MRA_ACCESS_HOOKS(8)
+MRA_ACCESS_HOOKS(16)
+#undef MRA_ACCESS_HOOKS
+
+extern "C" void __asan_loadN_noabort(void* address, size_t bytes)
+{
+    emu::recordAccess(__builtin_return_address(0), address, static_cast<int>(bytes), false);
+}
+
+extern "C" void __asan_storeN_noabort(void* address, size_t bytes)
+{
+    emu::recordAccess(__builtin_return_address(0), address, static_cast<int>(bytes), true);
+}
+
+//! Called before a call that does not return (a throw, the emulation's fail); nothing to unpoison.
+extern "C" void __asan_handle_no_return() {}

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Shared-memory bank conflicts and global-memory sectors of the CUDA kernels, counted on the
+CPU: the kernels' source under the CUDA emulation with every load and store hooked
+(plugins/tests/cuda_emulation/memoryCountsDriver.cpp and memoryCounts.cpp). Each warp-wide
+shared-memory instruction's wavefronts, and each global one's 32-byte sectors, are counted as
+Nsight Compute counts them; the excess over the ideal is what ncu's
+``l1tex__data_bank_conflicts_pipe_lsu_mem_shared`` metrics report for shared memory, and what
+its "uncoalesced global accesses" rule reports for global memory.
+
+    python tools/memory_counts.py                 # the attention's kernels, small problems
+    python tools/memory_counts.py --patterns      # the driver's known patterns
+    python tools/memory_counts.py --out FILE.md   # the tables, also written to FILE.md
+
+One row per kernel, source line (the kernel's call chain into the kernels' source) and access;
+only rows with an excess unless --all; then each kernel's totals. Needs GCC (its
+-fsanitize=kernel-address hooks) and binutils' addr2line; no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mra_export import native  # noqa: E402
+from mra_export.errors import UserError  # noqa: E402
+
+PROGRAM = "mra_emulation_memory_counts"
+KERNELS_SOURCE = "mraAttentionKernels.cu"
+# What a space's instructions take, and what ncu calls it.
+UNITS = {"shared": "wavefronts", "global": "sectors"}
+
+
+@dataclass
+class Instruction:
+    """One instruction's warp-wide runs in one memory space: ``taken`` wavefronts (shared) or
+    32-byte sectors (global) for ``ideal`` (shared: one a phase of 128 bytes; global: as many as
+    the lanes' bytes fill); ``worst``, the most one phase (shared) or one request (global) took."""
+
+    space: str
+    offset: int
+    store: bool
+    bytes: int
+    requests: int
+    taken: int
+    ideal: int
+    worst: int
+    function: str = ""  # the function the instruction is compiled into (its kernel)
+    chain: tuple[str, ...] = ()  # file:line from that function inwards
+
+    @property
+    def excess(self) -> int:
+        return self.taken - self.ideal
+
+    @property
+    def access(self) -> str:
+        return f"{'store' if self.store else 'load'} {self.bytes}"
+
+
+def program() -> Path:
+    """The driver, built by CMake where GCC has the hooks (UserError otherwise)."""
+    return native.ensure_built(PROGRAM, PROGRAM)
+
+
+def parse_counts(stdout: str) -> list[Instruction]:
+    instructions = []
+    for line in stdout.splitlines():
+        space, _, rest = line.partition(" ")
+        if space in UNITS:
+            offset, kind, *numbers = rest.split()
+            size, requests, taken, ideal, worst = map(int, numbers)
+            instructions.append(Instruction(space, int(offset, 16), kind == "store", size, requests,
+                                            taken, ideal, worst))
+    return instructions
+
+
+def locate(executable: Path, instructions: list[Instruction]) -> None:
+    """Sets each instruction's function and call chain from the program's debug information
+    (one addr2line for all: its inlined frames innermost first, each a name and a file:line)."""
+    if not instructions:
+        return
+    if shutil.which("addr2line") is None:
+        raise UserError("addr2line is not on PATH: install binutils to name the instructions' source")
+    offsets = sorted({i.offset for i in instructions})
+    result = subprocess.run(
+        ["addr2line", "-a", "-f", "-C", "-i", "-e", str(executable), *map(hex, offsets)],
+        capture_output=True, text=True, check=True)
+    frames_by_offset: dict[int, list[str]] = {}
+    current: list[str] = []
+    for line in result.stdout.splitlines():
+        if re.fullmatch(r"0x[0-9a-f]+", line):
+            current = frames_by_offset.setdefault(int(line, 16), [])
+        else:
+            current.append(line)
+    for instruction in instructions:
+        lines = frames_by_offset.get(instruction.offset, [])
+        frames = list(zip(lines[0::2], lines[1::2]))  # (name, file:line), innermost first
+        if not frames:
+            continue
+        instruction.function = re.sub(r"^void |\(anonymous namespace\)::|\b(mra|emu)::|\(.*$", "",
+                                      frames[-1][0])
+        instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(frames))
+
+
+def run(what: str = "attention") -> list[Instruction]:
+    """The driver's counts for ``what`` ("attention" or "patterns"), located in the source."""
+    executable = program()
+    result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0 or f"ran {what}" not in result.stdout:
+        raise UserError(f"{executable.name} {what} failed (exit {result.returncode}): "
+                        f"{result.stderr.strip() or result.stdout.strip()}")
+    instructions = parse_counts(result.stdout)
+    locate(executable, instructions)
+    return instructions
+
+
+def kernel_lines(instruction: Instruction) -> str:
+    """Its chain's lines in the kernels' source, outermost first ("1464 > 1042")."""
+    lines = [where.split(":")[1] for where in instruction.chain
+             if where.startswith(KERNELS_SOURCE + ":")]
+    return " > ".join(dict.fromkeys(lines)) or " > ".join(instruction.chain)
+
+
+def table(instructions: list[Instruction], space: str, every_row: bool = False) -> str:
+    """A space's instructions, summed by kernel, source lines and access."""
+    unit = UNITS[space]
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    for i in instructions:
+        if i.space == space:
+            row = rows.setdefault((i.function, kernel_lines(i), i.access), [0, 0, 0, 0])
+            row[0] += i.requests
+            row[1] += i.taken
+            row[2] += i.ideal
+            row[3] = max(row[3], i.worst)
+    worst = "worst phase" if space == "shared" else "most a request"
+    out = [f"| kernel | source lines | access | requests | {unit} | ideal | excess | {worst} |",
+           "|---|---|---|---|---|---|---|---|"]
+    total = [0, 0]
+    for (function, lines, access), (requests, taken, ideal, most) in sorted(rows.items()):
+        total[0] += taken
+        total[1] += ideal
+        if taken > ideal or every_row:
+            out.append(f"| {function} | {lines} | {access} | {requests} | {taken} | {ideal} "
+                       f"| {taken - ideal} | {most} |")
+    excess = total[0] - total[1]
+    out.append(f"\nAll {space}-memory instructions: {total[0]} {unit}, {total[1]} ideal "
+               f"({excess} more, {100 * excess / max(total[1], 1):.1f}%).")
+    return "\n".join(out)
+
+
+def by_kernel(instructions: list[Instruction], space: str) -> str:
+    """Each kernel's count in a space, all its instructions together."""
+    unit = UNITS[space]
+    sums: dict[str, list[int]] = {}
+    for i in instructions:
+        if i.space == space:
+            row = sums.setdefault(i.function, [0, 0, 0])
+            row[0] += i.requests
+            row[1] += i.taken
+            row[2] += i.ideal
+    out = [f"| kernel | requests | {unit} | ideal | excess |", "|---|---|---|---|---|"]
+    for function, (requests, taken, ideal) in sorted(sums.items()):
+        out.append(f"| {function} | {requests} | {taken} | {ideal} | "
+                   f"{100 * (taken - ideal) / max(taken, 1):.1f}% |")
+    return "\n".join(out)
+
+
+def report(instructions: list[Instruction], every_row: bool = False, totals: bool = True) -> str:
+    parts = []
+    for space in UNITS:
+        parts.append(f"## {space.capitalize()} memory: {UNITS[space]}\n\n"
+                     + table(instructions, space, every_row))
+        if totals:
+            parts.append(by_kernel(instructions, space))
+    return "\n\n".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patterns", action="store_true", help="the driver's known patterns")
+    parser.add_argument("--all", action="store_true", help="rows without an excess as well")
+    parser.add_argument("--out", type=Path, help="also write the tables here")
+    args = parser.parse_args()
+    try:
+        instructions = run("patterns" if args.patterns else "attention")
+    except (UserError, OSError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    text = report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
