@@ -2,10 +2,16 @@
 under the CUDA emulation with every load and store hooked
 (plugins/tests/cuda_emulation/memoryCounts.cpp). Each warp-wide shared-memory instruction's
 wavefronts and each global one's 32-byte sectors are counted by the CUDA C++ Programming
-Guide's rules, as Nsight Compute counts them (tools/memory_counts.py prints the tables).
+Guide's rules, as Nsight Compute counts them (tools/memory_counts.py prints the tables). The
+same hooks fail a launch whose kernel reads or writes memory named an overrun: the gaps between
+the workspace's sections, to the byte (the emulation's fences see whole pages, its canaries
+writes only).
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
 
 import pytest
 
@@ -128,3 +134,14 @@ def test_the_high_resolution_kernels_move_whole_sectors(attention):
     wasted = [f"{i.function} {memory_counts.kernel_lines(i)} {i.access}: {i.taken} sectors for {i.ideal}"
               for i in movers if i.excess > 0]
     assert not wasted, "\n".join(wasted)
+
+
+def test_a_read_of_memory_named_an_overrun_fails_the_launch():
+    """The driver names the 12 bytes after a buffer's first float an overrun, as the fenced
+    workspace names the gaps beside its sections, and reads the second: a read that lands on
+    mapped memory (a canary) and that only the hooks see. The attention's 12 problems above
+    ran with their workspace's gaps so named, and read none."""
+    program = program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
+    result = subprocess.run([str(program), "overrun"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"block 0: read 4 bytes at 0x[0-9a-f]+ past the one float of a test buffer", result.stderr)

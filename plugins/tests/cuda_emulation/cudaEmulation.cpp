@@ -1051,6 +1051,20 @@ void setFaultNames(std::vector<NamedMemory> names)
     r.faultNames = std::move(names);
 }
 
+char const* overrunAt(void const* address, int bytes)
+{
+    auto const* begin = static_cast<unsigned char const*>(address);
+    for (NamedMemory const& named : runtime().faultNames)
+    {
+        auto const* start = static_cast<unsigned char const*>(named.start);
+        if (named.overrun && begin < start + named.bytes && start < begin + bytes)
+        {
+            return named.name.c_str();
+        }
+    }
+    return nullptr;
+}
+
 namespace
 {
 

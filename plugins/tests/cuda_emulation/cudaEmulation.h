@@ -304,11 +304,16 @@ struct NamedMemory
     void const* start;
     size_t bytes;
     std::string name;
+    bool overrun = false; //!< memory no kernel may touch (a gap between workspace sections)
 };
 
 //! The names of later faults (the wrapper of the kernels' entry point names the workspace's
 //! sections and gaps for each call); empty: none.
 void setFaultNames(std::vector<NamedMemory> names);
+//! The name of the overrun memory (setFaultNames') that [address, address + bytes) touches;
+//! nullptr where it touches none. The memory-counts build asks it of every access: it sees reads
+//! too, where the fences see only whole pages and the canaries only writes.
+char const* overrunAt(void const* address, int bytes);
 
 //! The racecheck build (racecheckDriver.cpp): the calling thread's memory accesses unseen by
 //! ThreadSanitizer until the matching end, nested. No-ops otherwise.

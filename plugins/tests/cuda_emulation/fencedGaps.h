@@ -100,6 +100,16 @@ public:
         return std::string();
     }
 
+    //! visit(name, start, bytes) for each gap, whole.
+    template <typename Visit>
+    void forEachGap(Visit visit) const
+    {
+        for (Gap const& gap : mGaps)
+        {
+            visit(gap.name, mBuffer + gap.begin, gap.end - gap.begin);
+        }
+    }
+
     //! visit(name, start, bytes) for the unmapped pages of each gap that has some.
     template <typename Visit>
     void forEachUnmapped(Visit visit) const

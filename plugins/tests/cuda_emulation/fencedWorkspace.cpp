@@ -70,22 +70,23 @@ std::vector<std::pair<void*, size_t>> pagesOf(unsigned char* buffer, std::vector
     return spans;
 }
 
-//! What a fault in the workspace means: on a gap's unmapped pages, an overrun; on a section's
+//! What a fault in the workspace means (the first name that holds the address): on a section's
 //! pages (the canaries beside it included), which fault only while awaited, an access before
-//! griddepcontrol.wait.
+//! griddepcontrol.wait; on a gap's unmapped pages, an overrun. The gaps, whole, are the overrun
+//! memory the memory-counts build fails any access to (emu::overrunAt).
 std::vector<emu::NamedMemory> faultNames(emu::FencedGaps const& gaps, std::vector<emu::Section> const& sections,
     std::vector<std::pair<void*, size_t>> const& pages)
 {
     std::vector<emu::NamedMemory> names;
-    gaps.forEachUnmapped([&names](std::string const& gap, unsigned char const* start, size_t bytes) {
-        names.push_back(emu::NamedMemory{start, bytes, "in the workspace " + gap + " (a section overrun)"});
-    });
     for (size_t i = 0; i < sections.size(); ++i)
     {
         names.push_back(emu::NamedMemory{pages[i].first, pages[i].second,
             std::string("in workspace section ") + sections[i].name
                 + " before griddepcontrol.wait (a kernel before this one writes it)"});
     }
+    gaps.forEachGap([&names](std::string const& gap, unsigned char const* start, size_t bytes) {
+        names.push_back(emu::NamedMemory{start, bytes, "in the workspace " + gap + " (a section overrun)", true});
+    });
     return names;
 }
 

@@ -246,6 +246,10 @@ void recordAccess(void const* instruction, void const* address, int bytes, bool 
     {
         return;
     }
+    if (char const* overrun = who.shared ? nullptr : overrunAt(address, bytes))
+    {
+        fail("%s %d bytes at %p %s", store ? "wrote" : "read", bytes, address, overrun);
+    }
     Recorder& r = recorder();
     if (who.shared)
     {

@@ -7,11 +7,14 @@
  *
  *   mra_emulation_memory_counts patterns     small kernels whose counts the CUDA guide's rules give
  *   mra_emulation_memory_counts attention    the attention on small problems, every kernel and dtype
+ *   mra_emulation_memory_counts overrun      a kernel reading 4 bytes named an overrun: the launch
+ *                                            fails, and the program exits 1 naming them
  *
  * Prints one line per instruction ("<shared|global> <offset> <load|store> <bytes> <requests>
  * <wavefronts or sectors> <ideal> <worst>"; addr2line -f -C -i -e this program <offset> names
  * its source), then "ran <what>". tools/memory_counts.py reads it; tests/test_cuda_memory_counts.py
- * runs it.
+ * runs it. Any access by the kernels to memory named an overrun (the gaps between the workspace's
+ * sections, emu::setFaultNames) fails the launch, reads included.
  */
 #include "attentionCall.h"
 #include "ptxMma.h"
@@ -122,6 +125,22 @@ void launchGlobal(Kernel kernel)
     mraCudaEmulationCountGlobal(nullptr, 0);
 }
 
+//! One thread reads float `index` of `in`.
+__global__ void readFloat(float const* in, float* out, int index)
+{
+    out[0] = in[index];
+}
+
+//! Float 1 of a buffer of 4, the last 3 named an overrun as the workspace's gaps are.
+void readPastABuffersFloat()
+{
+    alignas(16) static float cells[4] = {};
+    static float out[1];
+    ::emu::setFaultNames({{cells + 1, 3 * sizeof(float), "past the one float of a test buffer", true}});
+    readFloat | ::emu::Launch(1, 1, 0) | ::emu::args(static_cast<float const*>(cells), static_cast<float*>(out), 1);
+    ::emu::setFaultNames({});
+}
+
 template <typename Kernel>
 void launchWarp(Kernel kernel)
 {
@@ -211,6 +230,10 @@ int main(int argc, char** argv)
     {
         runPatterns();
     }
+    else if (what == "overrun")
+    {
+        readPastABuffersFloat();
+    }
     else if (what == "attention")
     {
         if (!runAttentionProblems())
@@ -220,7 +243,7 @@ int main(int argc, char** argv)
     }
     else
     {
-        std::fprintf(stderr, "usage: mra_emulation_memory_counts patterns | attention\n");
+        std::fprintf(stderr, "usage: mra_emulation_memory_counts patterns | attention | overrun\n");
         return 2;
     }
     cudaError_t const error = cudaGetLastError();
