@@ -61,7 +61,7 @@ struct InstructionCount
     int bytes = 0;
     bool store = false;
     uint64_t requests = 0;
-    uint64_t units = 0;
+    uint64_t taken = 0;
     uint64_t ideal = 0;
     uint32_t worst = 0; //!< the most wavefronts one phase took, or sectors one request
 };
@@ -135,7 +135,7 @@ void countWavefronts(InstructionCount& count, Accesses first, Accesses last)
             }
         }
         uint32_t const wavefronts = phaseWavefronts(words);
-        count.units += wavefronts;
+        count.taken += wavefronts;
         count.ideal += 1;
         count.worst = std::max(count.worst, wavefronts);
         phaseStart = phaseEnd;
@@ -168,7 +168,7 @@ void countSectors(InstructionCount& count, Accesses first, Accesses last)
         bytes += end > from ? end - from : 0;
         covered = std::max(covered, end);
     }
-    count.units += taken;
+    count.taken += taken;
     count.ideal += (bytes + kSectorBytes - 1) / kSectorBytes;
     count.worst = std::max(count.worst, taken);
 }
@@ -191,7 +191,14 @@ void countCluster(Space& space, bool shared)
             count.bytes = first->bytes;
             count.store = first->store;
             ++count.requests;
-            shared ? countWavefronts(count, first, last) : countSectors(count, first, last);
+            if (shared)
+            {
+                countWavefronts(count, first, last);
+            }
+            else
+            {
+                countSectors(count, first, last);
+            }
             first = last;
         }
         accesses.clear();
@@ -229,7 +236,7 @@ void print(FILE* out, char const* space, std::map<void const*, InstructionCount>
         }
         std::fprintf(out, "%s %#zx %s %d %llu %llu %llu %u\n", space, static_cast<size_t>(offset),
             count.store ? "store" : "load", count.bytes, static_cast<unsigned long long>(count.requests),
-            static_cast<unsigned long long>(count.units), static_cast<unsigned long long>(count.ideal),
+            static_cast<unsigned long long>(count.taken), static_cast<unsigned long long>(count.ideal),
             count.worst);
     }
 }
