@@ -31,7 +31,7 @@ extern "C" void mraCudaEmulationSetMultiprocessors(uint32_t count);
 namespace
 {
 
-// ---- patterns: one warp, one shared-memory instruction each ------------------------------------
+// ---- patterns: one warp, one instruction under test each ----------------------------------------
 
 //! Lane l loads word kStride * l (0: every lane the same word).
 template <int kStride>
@@ -177,7 +177,7 @@ void runPatterns()
 // ---- the attention --------------------------------------------------------------------------------
 
 //! Every kernel at least once: each dtype (the tensor-core kernels for 16-bit, FMA for float32),
-//! head sizes 32, 64 and 128, both modes, a ragged batch; the selection in clusters (132 SMs)
+//! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters (132 SMs)
 //! and in CTAs alone; the high-resolution kernels split over two thread groups (few query
 //! blocks for the GPU's SMs) and not (32 a row on one SM).
 bool runAttentionProblems()
@@ -201,6 +201,10 @@ bool runAttentionProblems()
         {{1, 2, 1024, 128, 8, 32, MRA_FULL, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 1024, 1},
         {{1, 2, 1024, 64, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 1024, 1},
         {{1, 2, 1024, 32, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT32, MRA_BHSD}, 1024, 1},
+        // [batch, tokens, heads, head_dim], as the patched model's projections lie (rows of one
+        // head heads * head_dim apart)
+        {{1, 4, 1024, 64, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BSHD}, 1024, 1},
+        {{1, 4, 512, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BSHD}, 512, 132},
     };
     uint32_t seed = 1;
     for (Problem const& problem : problems)
