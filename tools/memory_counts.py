@@ -9,6 +9,8 @@ its "uncoalesced global accesses" rule reports for global memory.
 
     python tools/memory_counts.py                 # the attention's kernels, small problems
     python tools/memory_counts.py --patterns      # the driver's known patterns
+    python tools/memory_counts.py --profile       # tools/kernel_profile.py's case at batch 1, whose
+                                                  # Nsight Compute tables gpu_session.sh saves
     python tools/memory_counts.py --out FILE.md   # the tables, also written to FILE.md
 
 One row per kernel, source line (the kernel's call chain into the kernels' source) and access;
@@ -110,7 +112,8 @@ def locate(executable: Path, instructions: list[Instruction]) -> None:
 
 
 def run(what: str = "attention") -> list[Instruction]:
-    """The driver's counts for ``what`` ("attention" or "patterns"), located in the source."""
+    """The driver's counts for ``what`` ("attention", "patterns" or "profile"), located in the
+    source."""
     executable = program()
     result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
     if result.returncode != 0 or f"ran {what}" not in result.stdout:
@@ -184,12 +187,15 @@ def report(instructions: list[Instruction], every_row: bool = False, totals: boo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patterns", action="store_true", help="the driver's known patterns")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--patterns", action="store_true", help="the driver's known patterns")
+    which.add_argument("--profile", action="store_true",
+                       help="tools/kernel_profile.py's case at batch 1 (fp16, 12 heads, 4096 tokens)")
     parser.add_argument("--all", action="store_true", help="rows without an excess as well")
     parser.add_argument("--out", type=Path, help="also write the tables here")
     args = parser.parse_args()
     try:
-        instructions = run("patterns" if args.patterns else "attention")
+        instructions = run("patterns" if args.patterns else "profile" if args.profile else "attention")
     except (UserError, OSError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

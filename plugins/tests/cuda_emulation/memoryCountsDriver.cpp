@@ -9,6 +9,8 @@
  *   mra_emulation_memory_counts attention    the attention on small problems, every kernel and dtype
  *   mra_emulation_memory_counts overrun      a kernel reading 4 bytes named an overrun: the launch
  *                                            fails, and the program exits 1 naming them
+ *   mra_emulation_memory_counts profile      tools/kernel_profile.py's case at batch 1, whose
+ *                                            shared-memory table tools/gpu_session.sh saves on a GPU
  *
  * Prints one line per instruction ("<shared|global> <offset> <load|store> <bytes> <requests>
  * <wavefronts or sectors> <ideal> <worst>"; addr2line -f -C -i -e this program <offset> names
@@ -176,6 +178,21 @@ void runPatterns()
 
 // ---- the attention --------------------------------------------------------------------------------
 
+//! One call (checks::runAttention) on `multiprocessors` emulated SMs, its buffers counted as
+//! global memory; false on failure.
+bool runCounted(MraAttentionParams const& params, int32_t realTokens, uint32_t seed, uint32_t multiprocessors)
+{
+    mraCudaEmulationSetMultiprocessors(multiprocessors);
+    bool const ran = checks::runAttention(params, realTokens, seed, [](checks::Spans const& buffers) {
+        for (auto const& [start, bytes] : buffers)
+        {
+            mraCudaEmulationCountGlobal(start, bytes);
+        }
+    });
+    mraCudaEmulationCountGlobal(nullptr, 0);
+    return ran;
+}
+
 //! Every kernel at least once: each dtype (the tensor-core kernels for 16-bit, FMA for float32),
 //! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters (132 SMs)
 //! and in CTAs alone; the high-resolution kernels split over two thread groups (few query
@@ -209,20 +226,21 @@ bool runAttentionProblems()
     uint32_t seed = 1;
     for (Problem const& problem : problems)
     {
-        mraCudaEmulationSetMultiprocessors(problem.multiprocessors);
-        bool const ran = checks::runAttention(problem.params, problem.realTokens, seed++, [](checks::Spans const& buffers) {
-            for (auto const& [start, bytes] : buffers)
-            {
-                mraCudaEmulationCountGlobal(start, bytes);
-            }
-        });
-        mraCudaEmulationCountGlobal(nullptr, 0);
-        if (!ran)
+        if (!runCounted(problem.params, problem.realTokens, seed++, problem.multiprocessors))
         {
             return false;
         }
     }
     return true;
+}
+
+//! tools/kernel_profile.py's first case (fp16, 12 heads, head_dim 64, 4096 tokens, 8 blocks a
+//! row in mode "full", [batch, heads, tokens, head_dim]) at batch 1, on an H100's or H200's 132
+//! SMs: what the GPU session's ncu section profiles, to hold these counts to Nsight Compute's.
+bool runProfileCase()
+{
+    MraAttentionParams const params{1, 12, 4096, 64, 8 * 4096 / 32, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD};
+    return runCounted(params, params.seq_len, 1, 132);
 }
 
 } // namespace
@@ -233,6 +251,13 @@ int main(int argc, char** argv)
     if (what == "patterns")
     {
         runPatterns();
+    }
+    else if (what == "profile")
+    {
+        if (!runProfileCase())
+        {
+            return 1;
+        }
     }
     else if (what == "overrun")
     {
@@ -247,7 +272,7 @@ int main(int argc, char** argv)
     }
     else
     {
-        std::fprintf(stderr, "usage: mra_emulation_memory_counts patterns | attention | overrun\n");
+        std::fprintf(stderr, "usage: mra_emulation_memory_counts patterns | attention | overrun | profile\n");
         return 2;
     }
     cudaError_t const error = cudaGetLastError();
