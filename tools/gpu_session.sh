@@ -160,8 +160,10 @@ run_ncu() {
   echo "ncu rc=$?"
   python3 tools/kernel_profile.py --report "$OUT/ncu.csv" \
     --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)" | tee "$OUT/kernel-profile.md"
-  # The shared-memory table (wavefronts, bank conflicts) of the kernels tools/memory_counts.py
-  # counts under the emulation, to hold that count to the GPU's: 60 s at most, within DEADLINE.
+  # Nsight Compute's memory tables (shared wavefronts and bank conflicts, global sectors) of
+  # batch 1's calls, to set beside `python tools/memory_counts.py --profile`, the same case's
+  # counts under the emulation (tools/results/memory-counts-profile-case.md): 60 s at most,
+  # within DEADLINE.
   local left=$((DEADLINE - SECONDS - 10))
   if [ "$left" -ge 20 ]; then
     timeout $((left < 60 ? left : 60)) "$ncu" --section MemoryWorkloadAnalysis_Tables --csv --page details \
