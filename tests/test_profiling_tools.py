@@ -192,6 +192,9 @@ def test_compare_commits_host_measures_python_around_the_kernels(capsys):
     ("speed_ceiling", ["--length", "4097"], "argument --length: must be within 1..4096, got 4097"),
     ("compare_commits", ["no-such-commit"], "'no-such-commit' is not a commit of"),
     ("compare_commits", ["HEAD", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    ("memory_counts", ["--out", "/no-such-folder/counts.md"],
+     "argument --out: no folder /no-such-folder; make it first"),
+    ("memory_counts", ["--patterns", "--profile"], "argument --profile: not allowed with argument --patterns"),
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
                                                                     monkeypatch, capsys):

@@ -185,7 +185,7 @@ def report(instructions: list[Instruction], every_row: bool = False, totals: boo
     return "\n\n".join(parts)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--patterns", action="store_true", help="the driver's known patterns")
@@ -193,16 +193,18 @@ def main() -> int:
                        help="tools/kernel_profile.py's case at batch 1 (fp16, 12 heads, 4096 tokens)")
     parser.add_argument("--all", action="store_true", help="rows without an excess as well")
     parser.add_argument("--out", type=Path, help="also write the tables here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"argument --out: no folder {args.out.parent}; make it first")
     try:
         instructions = run("patterns" if args.patterns else "profile" if args.profile else "attention")
+        text = report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
+        if args.out:
+            args.out.write_text(text + "\n")
     except (UserError, OSError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    text = report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
     return 0
 
 
