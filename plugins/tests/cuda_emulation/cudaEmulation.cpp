@@ -1051,18 +1051,38 @@ void setFaultNames(std::vector<NamedMemory> names)
     r.faultNames = std::move(names);
 }
 
-char const* overrunAt(void const* address, int bytes)
+namespace
+{
+
+//! The name of the first named memory (setFaultNames') that [address, address + bytes) touches,
+//! of the overruns alone if `overrunsOnly`; nullptr where none.
+char const* nameOf(void const* address, size_t bytes, bool overrunsOnly)
 {
     auto const* begin = static_cast<unsigned char const*>(address);
     for (NamedMemory const& named : runtime().faultNames)
     {
         auto const* start = static_cast<unsigned char const*>(named.start);
-        if (named.overrun && begin < start + named.bytes && start < begin + bytes)
+        if ((named.overrun || !overrunsOnly) && begin < start + named.bytes && start < begin + bytes)
         {
             return named.name.c_str();
         }
     }
     return nullptr;
+}
+
+} // namespace
+
+char const* overrunAt(void const* address, int bytes)
+{
+    return nameOf(address, static_cast<size_t>(bytes), true);
+}
+
+CodePlace codePlace(void const* code)
+{
+    Dl_info module{};
+    bool const known = dladdr(code, &module) != 0 && module.dli_fname != nullptr;
+    return CodePlace{known ? module.dli_fname : "?",
+        reinterpret_cast<uintptr_t>(code) - (known ? reinterpret_cast<uintptr_t>(module.dli_fbase) : 0u)};
 }
 
 namespace
@@ -1092,17 +1112,9 @@ unsigned faultingThread()
 void reportFault(int, siginfo_t* info, void*)
 {
     Runtime& r = runtime();
-    auto const* address = static_cast<unsigned char const*>(info->si_addr);
-    char const* where = "outside the memory the emulation has names for (past or before a caller's buffer?)";
-    for (NamedMemory const& named : r.faultNames)
-    {
-        auto const* start = static_cast<unsigned char const*>(named.start);
-        if (address >= start && address < start + named.bytes)
-        {
-            where = named.name.c_str();
-            break;
-        }
-    }
+    char const* const named = nameOf(info->si_addr, 1, false);
+    char const* const where
+        = named != nullptr ? named : "outside the memory the emulation has names for (past or before a caller's buffer?)";
     char line[kFaultLineBytes];
     int const length = std::snprintf(line, sizeof(line), "CUDA emulation: thread %u of block %u touched %p %s\n",
         faultingThread(), blockIdx.x, info->si_addr, where);
@@ -1117,16 +1129,13 @@ void reportFault(int, siginfo_t* info, void*)
 void reportTrappedAccess(int, siginfo_t* info, void*)
 {
     Runtime& r = runtime();
-    Dl_info code{};
-    bool const named = dladdr(info->si_addr, &code) != 0 && code.dli_fname != nullptr;
-    uintptr_t const offset = reinterpret_cast<uintptr_t>(info->si_addr)
-        - (named ? reinterpret_cast<uintptr_t>(code.dli_fbase) : 0u);
+    CodePlace const place = codePlace(info->si_addr);
     char line[kFaultLineBytes];
     int const length = std::snprintf(line, sizeof(line),
         "CUDA emulation: thread %u of block %u made a misaligned access or indexed past an array (a trap of "
         "-fsanitize=alignment,bounds), at %s+%#lx (its function: addr2line -f -C -e that file %#lx)\n",
-        faultingThread(), blockIdx.x, named ? code.dli_fname : "?", static_cast<unsigned long>(offset),
-        static_cast<unsigned long>(offset));
+        faultingThread(), blockIdx.x, place.file, static_cast<unsigned long>(place.offset),
+        static_cast<unsigned long>(place.offset));
     reportAndRestore(line, length, SIGILL, r.illegalBefore);
 }
 

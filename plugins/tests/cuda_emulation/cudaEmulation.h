@@ -315,6 +315,15 @@ void setFaultNames(std::vector<NamedMemory> names);
 //! too, where the fences see only whole pages and the canaries only writes.
 char const* overrunAt(void const* address, int bytes);
 
+//! Where code lies: the executable or library that holds it ("?" where none is known) and its
+//! offset there, for `addr2line -f -C -e FILE OFFSET`.
+struct CodePlace
+{
+    char const* file;
+    uintptr_t offset;
+};
+CodePlace codePlace(void const* code);
+
 //! The racecheck build (racecheckDriver.cpp): the calling thread's memory accesses unseen by
 //! ThreadSanitizer until the matching end, nested. No-ops otherwise.
 void ignoreRacesBegin();

@@ -26,8 +26,6 @@
  */
 #include "cudaEmulation.h"
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -94,47 +92,48 @@ bool isCountedGlobal(uintptr_t address, int bytes)
         [&](auto const& span) { return address >= span.first && address + bytes <= span.second; });
 }
 
-int lanesPerPhase(int bytes)
+unsigned lanesPerPhase(int bytes)
 {
-    return bytes <= kBankBytes ? emu::kWarpSize : std::max(1, kPhaseBytes / bytes);
-}
-
-//! Wavefronts of one phase: the most distinct words its accesses ask of one bank.
-uint32_t phaseWavefronts(std::vector<uint64_t>& words)
-{
-    std::sort(words.begin(), words.end());
-    words.erase(std::unique(words.begin(), words.end()), words.end());
-    uint32_t perBank[kBanks] = {};
-    uint32_t most = 0;
-    for (uint64_t word : words)
-    {
-        most = std::max(most, ++perBank[word % kBanks]);
-    }
-    return most;
+    return bytes <= kBankBytes ? emu::kWarpSize : static_cast<unsigned>(std::max(1, kPhaseBytes / bytes));
 }
 
 using Accesses = std::vector<Access>::const_iterator;
 
+//! How many distinct `unitBytes`-sized units (4-byte words, 32-byte sectors, bytes) the accesses
+//! in [first, last) touch; in `units`, each unit once, in order.
+uint32_t distinctUnits(Accesses first, Accesses last, uintptr_t unitBytes, std::vector<uintptr_t>& units)
+{
+    units.clear();
+    for (auto access = first; access != last; ++access)
+    {
+        for (uintptr_t unit = access->address / unitBytes; unit <= (access->address + access->bytes - 1) / unitBytes;
+             ++unit)
+        {
+            units.push_back(unit);
+        }
+    }
+    std::sort(units.begin(), units.end());
+    units.erase(std::unique(units.begin(), units.end()), units.end());
+    return static_cast<uint32_t>(units.size());
+}
+
 //! Adds the wavefronts of one warp-wide run of a shared-memory instruction, its lanes' accesses
-//! (by lane) in [first, last).
+//! (by lane) in [first, last): each phase, the most distinct words its accesses ask of one bank.
 void countWavefronts(InstructionCount& count, Accesses first, Accesses last)
 {
-    unsigned const lanes = static_cast<unsigned>(lanesPerPhase(first->bytes));
-    std::vector<uint64_t> words;
+    unsigned const lanes = lanesPerPhase(first->bytes);
+    std::vector<uintptr_t> words;
     for (auto phaseStart = first; phaseStart != last;)
     {
         unsigned const phase = phaseStart->lane / lanes;
-        auto phaseEnd = phaseStart;
-        words.clear();
-        for (; phaseEnd != last && phaseEnd->lane / lanes == phase; ++phaseEnd)
+        auto const phaseEnd = std::find_if(phaseStart, last, [&](Access const& a) { return a.lane / lanes != phase; });
+        distinctUnits(phaseStart, phaseEnd, kBankBytes, words);
+        uint32_t perBank[kBanks] = {};
+        uint32_t wavefronts = 0;
+        for (uintptr_t word : words)
         {
-            for (uintptr_t word = phaseEnd->address / kBankBytes;
-                 word <= (phaseEnd->address + phaseEnd->bytes - 1) / kBankBytes; ++word)
-            {
-                words.push_back(word);
-            }
+            wavefronts = std::max(wavefronts, ++perBank[word % kBanks]);
         }
-        uint32_t const wavefronts = phaseWavefronts(words);
         count.taken += wavefronts;
         count.ideal += 1;
         count.worst = std::max(count.worst, wavefronts);
@@ -142,35 +141,16 @@ void countWavefronts(InstructionCount& count, Accesses first, Accesses last)
     }
 }
 
-//! Adds the sectors of one warp-wide run of a global-memory instruction.
+//! Adds the sectors of one warp-wide run of a global-memory instruction: those it touches, and
+//! as many as the bytes its lanes ask for (each once) fill.
 void countSectors(InstructionCount& count, Accesses first, Accesses last)
 {
-    std::vector<uintptr_t> sectors;
-    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
-    for (auto access = first; access != last; ++access)
-    {
-        uintptr_t const end = access->address + access->bytes;
-        for (uintptr_t sector = access->address / kSectorBytes; sector <= (end - 1) / kSectorBytes; ++sector)
-        {
-            sectors.push_back(sector);
-        }
-        ranges.emplace_back(access->address, end);
-    }
-    std::sort(sectors.begin(), sectors.end());
-    uint32_t const taken = static_cast<uint32_t>(std::unique(sectors.begin(), sectors.end()) - sectors.begin());
-    // The bytes the lanes ask for, each once.
-    std::sort(ranges.begin(), ranges.end());
-    uintptr_t bytes = 0;
-    uintptr_t covered = 0;
-    for (auto const& [begin, end] : ranges)
-    {
-        uintptr_t const from = std::max(begin, covered);
-        bytes += end > from ? end - from : 0;
-        covered = std::max(covered, end);
-    }
-    count.taken += taken;
+    std::vector<uintptr_t> units;
+    uint32_t const sectors = distinctUnits(first, last, kSectorBytes, units);
+    uint32_t const bytes = distinctUnits(first, last, 1, units);
+    count.taken += sectors;
     count.ideal += (bytes + kSectorBytes - 1) / kSectorBytes;
-    count.worst = std::max(count.worst, taken);
+    count.worst = std::max(count.worst, sectors);
 }
 
 //! Counts a space's runs of the cluster by instruction, and forgets them.
@@ -228,12 +208,8 @@ void print(FILE* out, char const* space, std::map<void const*, InstructionCount>
 {
     for (auto const& [instruction, count] : instructions)
     {
-        Dl_info info{};
-        uintptr_t offset = reinterpret_cast<uintptr_t>(instruction) - 1; // within the call
-        if (dladdr(instruction, &info) != 0)
-        {
-            offset -= reinterpret_cast<uintptr_t>(info.dli_fbase);
-        }
+        // The return address less 1: within the call, the instruction's own line for addr2line.
+        uintptr_t const offset = emu::codePlace(static_cast<char const*>(instruction) - 1).offset;
         std::fprintf(out, "%s %#zx %s %d %llu %llu %llu %u\n", space, static_cast<size_t>(offset),
             count.store ? "store" : "load", count.bytes, static_cast<unsigned long long>(count.requests),
             static_cast<unsigned long long>(count.taken), static_cast<unsigned long long>(count.ideal),
@@ -307,21 +283,21 @@ extern "C" void mraCudaEmulationTakeCounts(FILE* out)
 
 // The compiler's hooks (-fsanitize=kernel-address, calls rather than inline checks): each load
 // or store of the instrumented code, with its address; the caller is the instruction.
-#define MRA_ACCESS_HOOKS(bytes)                                                                                 \
-    extern "C" void __asan_load##bytes##_noabort(void* address)                                                         \
+#define MRA_LOAD_AND_STORE_HOOKS(bytes)                                                                                \
+    extern "C" void __asan_load##bytes##_noabort(void* address)                                                        \
     {                                                                                                                  \
-        emu::recordAccess(__builtin_return_address(0), address, bytes, false);                                   \
+        emu::recordAccess(__builtin_return_address(0), address, bytes, false);                                         \
     }                                                                                                                  \
-    extern "C" void __asan_store##bytes##_noabort(void* address)                                                        \
+    extern "C" void __asan_store##bytes##_noabort(void* address)                                                       \
     {                                                                                                                  \
-        emu::recordAccess(__builtin_return_address(0), address, bytes, true);                                    \
+        emu::recordAccess(__builtin_return_address(0), address, bytes, true);                                          \
     }
-MRA_ACCESS_HOOKS(1)
-MRA_ACCESS_HOOKS(2)
-MRA_ACCESS_HOOKS(4)
-MRA_ACCESS_HOOKS(8)
-MRA_ACCESS_HOOKS(16)
-#undef MRA_ACCESS_HOOKS
+MRA_LOAD_AND_STORE_HOOKS(1)
+MRA_LOAD_AND_STORE_HOOKS(2)
+MRA_LOAD_AND_STORE_HOOKS(4)
+MRA_LOAD_AND_STORE_HOOKS(8)
+MRA_LOAD_AND_STORE_HOOKS(16)
+#undef MRA_LOAD_AND_STORE_HOOKS
 
 extern "C" void __asan_loadN_noabort(void* address, size_t bytes)
 {

@@ -35,6 +35,10 @@ namespace
 
 // ---- patterns: one warp, one instruction under test each ----------------------------------------
 
+//! Every pattern's memory, shared or global: lane 31's furthest access lies within 33 vectors of
+//! 16 bytes a lane.
+constexpr size_t kPatternBytes = 32 * 33 * 16;
+
 //! Lane l loads word kStride * l (0: every lane the same word).
 template <int kStride>
 __global__ void loadWords(float* out)
@@ -119,8 +123,8 @@ __global__ void storeGlobalWords(float const*, float* out)
 template <typename Kernel>
 void launchGlobal(Kernel kernel)
 {
-    alignas(128) static float in[32 * 33 * 4];
-    alignas(128) static float out[32 * 33 * 4];
+    alignas(128) static float in[kPatternBytes / sizeof(float)];
+    alignas(128) static float out[kPatternBytes / sizeof(float)];
     mraCudaEmulationCountGlobal(in, sizeof(in));
     mraCudaEmulationCountGlobal(out, sizeof(out));
     kernel | ::emu::Launch(1, 32, 0) | ::emu::args(static_cast<float const*>(in), static_cast<float*>(out));
@@ -147,7 +151,7 @@ template <typename Kernel>
 void launchWarp(Kernel kernel)
 {
     std::vector<float> buffer(64, 0.5f);
-    kernel | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(buffer.data());
+    kernel | ::emu::Launch(1, 32, kPatternBytes) | ::emu::args(buffer.data());
 }
 
 void runPatterns()
@@ -165,8 +169,8 @@ void runPatterns()
     launchWarp(loadMatrixRows<64>);
     launchWarp(loadMatrixRows<72>);
     std::vector<float> source(4, 1.0f);
-    copyVectors<1> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
-    copyVectors<8> | ::emu::Launch(1, 32, 32 * 33 * 16) | ::emu::args(static_cast<float const*>(source.data()));
+    copyVectors<1> | ::emu::Launch(1, 32, kPatternBytes) | ::emu::args(static_cast<float const*>(source.data()));
+    copyVectors<8> | ::emu::Launch(1, 32, kPatternBytes) | ::emu::args(static_cast<float const*>(source.data()));
     launchGlobal(loadGlobalWords<0>);
     launchGlobal(loadGlobalWords<1>);
     launchGlobal(loadGlobalWords<2>);
