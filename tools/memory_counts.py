@@ -66,6 +66,11 @@ class Instruction:
         return f"{'store' if self.store else 'load'} {self.bytes}"
 
 
+def kernel_name(demangled: str) -> str:
+    """A demangled function's name as the tables print it: "highResolutionMma<__half, 64, 2>"."""
+    return re.sub(r"^void |\(anonymous namespace\)::|\b(mra|emu)::|\(.*$", "", demangled)
+
+
 def program() -> Path:
     """The driver, built by CMake where GCC has the hooks (UserError otherwise)."""
     return native.ensure_built(PROGRAM, PROGRAM)
@@ -106,8 +111,7 @@ def locate(executable: Path, instructions: list[Instruction]) -> None:
         frames = list(zip(lines[0::2], lines[1::2]))  # (name, file:line), innermost first
         if not frames:
             continue
-        instruction.function = re.sub(r"^void |\(anonymous namespace\)::|\b(mra|emu)::|\(.*$", "",
-                                      frames[-1][0])
+        instruction.function = kernel_name(frames[-1][0])
         instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(frames))
 
 

@@ -226,6 +226,14 @@ bool runAttentionProblems()
         // head heads * head_dim apart)
         {{1, 4, 1024, 64, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BSHD}, 1024, 1},
         {{1, 4, 512, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BSHD}, 512, 132},
+        // The tensor-core kernels' other instantiations (tools/sass_accesses.py compares each
+        // kernel nvcc compiles), the selection's 16-byte reads of a row's logits (64 blocks:
+        // 8 cells a thread) and its cells past the 32 a thread caches (192 blocks).
+        {{1, 1, 256, 32, 8, 32, MRA_FULL, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 256, 132},
+        {{1, 1, 256, 128, 8, 32, MRA_FULL, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 256, 132},
+        {{1, 1, 1024, 128, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BHSD}, 1024, 1},
+        {{1, 1, 2048, 64, 8, 32, MRA_FULL, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 2048, 1},
+        {{1, 1, 6144, 32, 8, 32, MRA_SPARSE, 0, 0, MRA_BFLOAT16, MRA_BHSD}, 6144, 1},
     };
     uint32_t seed = 1;
     for (Problem const& problem : problems)

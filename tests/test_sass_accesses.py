@@ -1,0 +1,159 @@
+"""The kernels' memory instructions as nvcc compiled them (the built CUDA library's SASS, read by
+NVIDIA's cuobjdump and nvdisasm from PyPI) against the ones the emulation's memory counts count
+(tools/sass_accesses.py): where each source statement loads and stores the same widths in both,
+tests/test_cuda_memory_counts.py's bank conflicts and sectors are the GPU's instructions'. The
+first tests read a small piece of nvdisasm's output and need no CUDA; the others need the
+library (make plugins with nvcc) and the two binaries (make setup installs them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import load_tool, program_or_skip
+
+sass_accesses = load_tool("sass_accesses")
+memory_counts = sass_accesses.memory_counts
+
+# nvdisasm -gi's shape: a function, then instructions each after its chain of source lines.
+SASS = """\
+\t.section\t.text._ZN3mra55_GLOBAL__N__7ef92589_22_mraAttentionKernels_cu_c05087c519lowResolutionLogitsENS_7ProblemENS_7ScratchE,"ax",@progbits
+.text._ZN3mra55_GLOBAL__N__7ef92589_22_mraAttentionKernels_cu_c05087c519lowResolutionLogitsENS_7ProblemENS_7ScratchE:
+\t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 1339 inlined at "/x/plugins/mra_attention/mraAttentionKernels.cu", line 1427
+\t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 1427
+        /*3e50*/                   LDSM.16.M88.4 R4, [R40] ;
+        /*3e60*/                   LDS.128 R8, [R40+0x20] ;
+\t//## File "/x/include/cub/block/specializations/block_scan_raking.cuh", line 200 inlined at "/x/plugins/mra_attention/mraAttentionKernels.cu", line 580
+\t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 580
+        /*0b00*/              @!PT LDS RZ, [RZ] ;
+        /*0b30*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR6][R6.64], P0 ;
+        /*0b40*/               @P1 STG.E.U16 desc[UR4][R2.64], R5 ;
+"""
+
+
+def test_nvdisasms_instructions_are_read_with_their_kernel_and_source_chain():
+    instructions = sass_accesses.parse_sass(SASS)
+    assert [i.opcode for i in instructions] == ["LDSM.16.M88.4", "LDS.128", "LDGSTS.E.BYPASS.128",
+                                                "STG.E.U16"]  # the @!PT padding left out
+    assert {i.function for i in instructions} == {"lowResolutionLogits"}
+    assert instructions[0].chain == (("mraAttentionKernels.cu", 1339), ("mraAttentionKernels.cu", 1427))
+    assert instructions[2].chain[0] == ("block_scan_raking.cuh", 200)
+    assert instructions[2].chain == instructions[3].chain
+
+
+@pytest.mark.parametrize("opcode, expected", [
+    ("LDS", [("shared", False, 4)]), ("LDS.U16", [("shared", False, 2)]),
+    ("STS.64", [("shared", True, 8)]), ("LDSM.16.MT88.4", [("shared", False, 16)]),
+    ("ATOMS.ADD", [("shared", True, 4)]), ("LDG.E.128.CONSTANT", [("global", False, 16)]),
+    ("RED.E.ADD.F32.FTZ.RN.STRONG.GPU", [("global", True, 4)]),
+    ("LDGSTS.E.BYPASS.128", [("global", False, 16), ("shared", True, 16)]),
+    ("LDL.64", [("local", False, 8)]), ("LD.E", [("generic", False, 4)]),
+    ("LDGDEPBAR", []), ("HMMA.16816.F32", []), ("LDC.64", []),
+])
+def test_each_opcodes_accesses(opcode, expected):
+    assert [(a.space, a.store, a.bytes) for a in sass_accesses.accesses(opcode)] == expected
+
+
+def test_a_statements_lines_and_an_emulation_branch_each_count_as_one_place():
+    source = ["void f(float* out, float const* in)",  # 1
+              "{",  # 2
+              "    *reinterpret_cast<uint4*>(out)",  # 3: a statement over two lines
+              "        = *reinterpret_cast<uint4 const*>(in); // a comment",  # 4
+              "#ifdef MRA_CUDA_EMULATION_H",  # 5
+              "    ::emu::call(out);",  # 6
+              "#else",  # 7
+              "#if __CUDA_ARCH__ >= 800",  # 8
+              "    asm volatile(\"...\");",  # 9
+              "#endif",  # 10
+              "#endif",  # 11
+              "    out[1] = in[1];",  # 12
+              "}"]
+    places = sass_accesses.statement_starts(source)
+    assert places[3] == places[4] == 3
+    assert {places[n] for n in range(5, 12)} == {5}
+    assert places[12] == 12
+
+
+@pytest.fixture(scope="module")
+def sass() -> list:
+    """The built library's sm_90 kernels (skips where it was built without nvcc, or without them)."""
+    from mra_export import native
+    from mra_export.errors import UserError
+
+    library = native.build_dir() / native.CUDA_LIBRARY
+    if not library.is_file():
+        pytest.skip(f"{library} is not built (make plugins: the CUDA kernels need nvcc)")
+    try:
+        return sass_accesses.parse_sass(sass_accesses.disassemble(library, "sm_90"))
+    except UserError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def comparison(sass):
+    program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
+    rows, not_run = sass_accesses.compare(sass, memory_counts.run("attention"), sass_accesses.Sources())
+    return rows, not_run
+
+
+def described(rows) -> str:
+    return "\n".join(f"{r.place} {r.space} {'store' if r.store else 'load'}: nvcc {sorted(r.nvcc)}, "
+                     f"emulation {sorted(r.emulation)}" for r in rows)
+
+
+def test_the_problems_run_every_kernel_and_memory_statement_nvcc_compiled(comparison):
+    rows, not_run = comparison
+    assert not_run == []
+    assert len(rows) >= 60
+    # What nvcc alone has is CUB's scan, which the emulation replaces with a stand-in.
+    alone = [r for r in rows if not r.emulation and r.through != "block_scan_raking.cuh"]
+    assert not alone, described(alone)
+    assert any(r.through for r in rows)
+
+
+def test_every_global_statement_has_nvccs_widths(comparison):
+    """So the sectors the counts give each global statement are those of nvcc's instructions."""
+    rows, _ = comparison
+    both = [r for r in rows if r.space == "global" and r.nvcc and r.emulation]
+    assert len(both) >= 15
+    differing = [r for r in both if r.nvcc != r.emulation]
+    assert not differing, described(differing)
+
+
+def test_the_tensor_core_kernels_statements_all_have_nvccs_widths(comparison, sass):
+    """The 16-bit kernels (the engines' precision): every shared and global statement the same
+    widths in both, so their wavefronts and sectors are those of nvcc's instructions."""
+    rows, _ = comparison
+    sources = sass_accesses.Sources()
+    places = {sources.place(i.chain) for i in sass
+              if i.function.startswith("highResolutionMma<") and sass_accesses.accesses(i.opcode)}
+    checked = [r for r in rows if r.place in places]
+    assert len(checked) >= 15
+    differing = [r for r in checked if r.verdict != "same"]
+    assert not differing, described(differing)
+
+
+def test_nvcc_splits_no_access_the_emulation_counts_whole(comparison):
+    """nvcc may merge neighbouring accesses (a loop's floats into one 16-byte load: fewer
+    requests than counted); one it split would make more than the counts say."""
+    rows, _ = comparison
+    narrower = [r for r in rows if r.verdict == "narrower in nvcc"]
+    assert not narrower, described(narrower)
+
+
+def test_no_kernel_uses_local_memory_on_any_architecture_built():
+    """Local memory (a spill, or an array indexed at run time) is off-chip traffic that neither
+    ptxas's spill warning (arrays) nor the counts see; generic addresses only where PTX has no
+    other: the selection's reads of its cluster's shared memory (map_shared_rank)."""
+    from mra_export import native
+
+    library = native.build_dir() / native.CUDA_LIBRARY
+    if not library.is_file():
+        pytest.skip(f"{library} is not built (make plugins: the CUDA kernels need nvcc)")
+    architectures = sass_accesses.architectures(library)
+    assert "sm_90" in architectures
+    for arch in architectures:
+        found = sass_accesses.unmodelled(sass_accesses.parse_sass(sass_accesses.disassemble(library, arch)),
+                                         sass_accesses.Sources())
+        assert not any("local" in spaces for spaces in found.values()), (arch, dict(found))
+        generic = {function for function, spaces in found.items() if "generic" in spaces}
+        assert generic <= {"selectBlocks"}, (arch, generic)

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""The CUDA kernels' memory instructions as nvcc compiled them, beside the ones the emulation
+counts: are tools/memory_counts.py's counts the GPU's?
+
+memory_counts counts the shared-memory wavefronts and global sectors of the kernels' source as GCC
+compiles it under the CUDA emulation. Its counts hold for the GPU where nvcc compiled the same
+accesses: each source statement loading and storing the same widths in both (a float4 one 16-byte
+access, a float one 4-byte access, unless a compiler merged or split them). This tool disassembles
+the built CUDA library's kernels for one architecture (cuobjdump, then ``nvdisasm -gi``: each
+instruction with its chain of inlined source lines) and sets each statement's access widths, by
+memory space and direction, beside the emulated build's on memory_counts' problems.
+
+    python tools/sass_accesses.py [--arch sm_90] [--all] [--out FILE.md]
+
+One row per statement where the two differ (every statement with --all), with a verdict: "same";
+"wider in nvcc" (nvcc merged accesses that the emulation counts apart) or "narrower in nvcc";
+"nvcc only" (code the problems do not run, or a stand-in's under the emulation: CUB's scan);
+"emulation only". Then what the counts do not model: each kernel's local-memory and generic
+(address space unknown to the compiler) accesses. Needs the CUDA library (make plugins with nvcc),
+NVIDIA's cuobjdump and nvdisasm (PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which
+`make setup` installs), binutils (c++filt, addr2line) and GCC's load and store hooks; no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import memory_counts  # noqa: E402
+from mra_export import native  # noqa: E402
+from mra_export.errors import UserError  # noqa: E402
+
+SOURCE_FOLDER = ROOT / "plugins" / "mra_attention"
+# Where a primitive's GPU branch (inline PTX) and its emulated branch (a call) sit in one
+# function; the two builds compile different lines of it by design.
+EMULATION_BRANCH = "#ifdef MRA_CUDA_EMULATION_H"
+# NVIDIA's binaries, and the PyPI distribution that carries each.
+BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm"}
+
+FUNCTION = re.compile(r"^\.text\.(\S+):$")
+LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
+INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)")
+# A size suffix's bytes; an opcode without one moves 4 bytes a lane.
+SIZE_SUFFIXES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+# Opcodes by what they access: (space, store) for each access, as memory_counts counts them
+# (an atomic as a store; cp.async as its global read and its shared store).
+ACCESSES = {"LDS": (("shared", False),), "LDSM": (("shared", False),), "STS": (("shared", True),),
+            "ATOMS": (("shared", True),), "LDG": (("global", False),), "STG": (("global", True),),
+            "RED": (("global", True),), "ATOMG": (("global", True),),
+            "LDGSTS": (("global", False), ("shared", True)),
+            "LDL": (("local", False),), "STL": (("local", True),),
+            "LD": (("generic", False),), "ST": (("generic", True),), "ATOM": (("generic", True),)}
+UNMODELLED_SPACES = ("local", "generic")
+
+
+@dataclass(frozen=True)
+class SassInstruction:
+    function: str  # its kernel, named as memory_counts names it
+    opcode: str  # "LDS.128"
+    chain: tuple[tuple[str, int], ...]  # (file name, line), innermost first
+
+
+@dataclass(frozen=True)
+class Access:
+    space: str
+    store: bool
+    bytes: int
+
+
+def accesses(opcode: str) -> list[Access]:
+    """What one SASS instruction reads and writes, a lane's bytes each (ldmatrix: a row's 16)."""
+    base, *suffixes = opcode.split(".")
+    size = 16 if base == "LDSM" else next((SIZE_SUFFIXES[s] for s in suffixes if s in SIZE_SUFFIXES), 4)
+    return [Access(space, store, size) for space, store in ACCESSES.get(base, ())]
+
+
+def binary(name: str) -> str:
+    """NVIDIA's ``name`` from PATH or from its PyPI distribution (UserError where neither)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        files = importlib.metadata.files(BINARIES[name]) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == name:
+            return str(file.locate())
+    raise UserError(f"{name} is not on PATH: pip install {BINARIES[name]} (make setup does)")
+
+
+def cubins(library: Path) -> dict[str, str]:
+    """The cubins ``library`` carries, by architecture: {"sm_90": "mraAttentionKernels.sm_90.cubin"}."""
+    listing = subprocess.run([binary("cuobjdump"), "-lelf", str(library)], capture_output=True, text=True)
+    names = re.findall(r"ELF file\s+\d+:\s+(\S+\.cubin)", listing.stdout)
+    return {re.sub(r".*\.(sm_\w+)\.cubin", r"\1", name): name for name in names}
+
+
+def architectures(library: Path) -> list[str]:
+    return sorted(cubins(library))
+
+
+def disassemble(library: Path, arch: str) -> str:
+    """``library``'s cubin for ``arch`` ("sm_90"), disassembled with its inlined source lines."""
+    carried = cubins(library)
+    if arch not in carried:
+        raise UserError(f"{library.name} has no {arch} kernels (it has: {', '.join(sorted(carried)) or 'none'}); "
+                        "pick one with --arch, or rebuild with MRA_CUDA_ARCHITECTURES")
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([binary("cuobjdump"), "-xelf", carried[arch], str(library)], cwd=folder,
+                       check=True, capture_output=True)
+        result = subprocess.run([binary("nvdisasm"), "-gi", "-c", str(Path(folder) / carried[arch])],
+                                capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def parse_sass(text: str) -> list[SassInstruction]:
+    """nvdisasm -gi's instructions; a predicate of @!PT (never runs: padding) leaves one out."""
+    mangled_names = sorted({found.group(1) for line in text.splitlines() if (found := FUNCTION.match(line))})
+    names = dict(zip(mangled_names, demangle(mangled_names)))
+    instructions, function, chain, after_instruction = [], "", [], False
+    for line in text.splitlines():
+        if found := FUNCTION.match(line):
+            function, chain = names[found.group(1)], []
+        elif found := LINE_INFO.search(line):
+            if after_instruction:  # a new instruction's chain, innermost line first
+                chain, after_instruction = [], False
+            chain.append((Path(found.group(1)).name, int(found.group(2))))
+        elif (found := INSTRUCTION.search(line)) and function:
+            after_instruction = True
+            if found.group(1) != "@!PT":
+                instructions.append(SassInstruction(function, found.group(2), tuple(chain)))
+    return instructions
+
+
+def demangle(names: list[str]) -> list[str]:
+    if shutil.which("c++filt") is None:
+        raise UserError("c++filt is not on PATH: install binutils")
+    result = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                            check=True)
+    return [memory_counts.kernel_name(name) for name in result.stdout.splitlines()]
+
+
+def statement_starts(lines: list[str]) -> dict[int, int]:
+    """Each line's place: the first line of its statement (the compilers attribute a statement's
+    accesses to different lines of it), or of its emulation branch (``#ifdef
+    MRA_CUDA_EMULATION_H`` to its ``#endif``, whose two sides the two builds compile)."""
+    places: dict[int, int] = {}
+    statement, branch, depth, ended = 1, 0, 0, True
+    for number, text in enumerate(lines, 1):
+        code = text.split("//")[0].strip()
+        if not branch and code.startswith(EMULATION_BRANCH):
+            branch = number
+        if branch:
+            places[number] = branch
+            depth += code.startswith("#if") - code.startswith("#endif")
+            branch, ended = (branch if depth else 0), True
+            continue
+        if ended:
+            statement = number
+        places[number] = statement
+        if code:
+            ended = code.endswith((";", "{", "}", ":")) or code.startswith("#")
+    return places
+
+
+class Sources:
+    """The kernels' source files, each line named by its place."""
+
+    def __init__(self, folder: Path = SOURCE_FOLDER):
+        self.lines = {path.name: path.read_text().splitlines() for path in sorted(folder.iterdir())
+                      if path.suffix in (".cu", ".h", ".cuh")}
+        self.starts = {name: statement_starts(lines) for name, lines in self.lines.items()}
+
+    def place(self, chain) -> str:
+        """The innermost of ``chain``'s (file, line) pairs, innermost first, in the kernels' source,
+        as "file:line" of its place; "" where the chain never enters it."""
+        for file, line in chain:
+            if file in self.starts:
+                return f"{file}:{self.starts[file].get(line, line)}"
+        return ""
+
+    def text(self, place: str) -> str:
+        file, line = place.split(":")
+        return self.lines[file][int(line) - 1].strip()
+
+
+def emulated_chain(instruction: memory_counts.Instruction) -> tuple[tuple[str, int], ...]:
+    """An emulated instruction's addr2line chain ("file:line", outermost first), innermost first."""
+    pairs = (where.rsplit(":", 1) for where in reversed(instruction.chain))
+    return tuple((file, int(line)) for file, line in pairs if line.isdigit())
+
+
+@dataclass
+class Row:
+    place: str
+    space: str
+    store: bool
+    nvcc: set[int]
+    emulation: set[int]
+    through: str = ""  # the file nvcc's innermost line is in, where not the kernels' source
+
+    @property
+    def verdict(self) -> str:
+        if self.nvcc == self.emulation:
+            return "same"
+        if not self.emulation:
+            return f"nvcc only (through {self.through})" if self.through else "nvcc only"
+        if not self.nvcc:
+            return "emulation only"
+        return "wider in nvcc" if max(self.nvcc) > max(self.emulation) else "narrower in nvcc"
+
+
+def compare(sass: list[SassInstruction], emulated: list[memory_counts.Instruction],
+            sources: Sources) -> tuple[list[Row], list[str]]:
+    """The rows of the kernels the emulation ran, by place, space and direction; and the kernels
+    nvcc compiled that the problems did not run."""
+    ran = {i.function for i in emulated}
+    rows: dict[tuple[str, str, bool], Row] = {}
+
+    def row(place, space, store):
+        return rows.setdefault((place, space, store), Row(place, space, store, set(), set()))
+
+    for instruction in sass:
+        place = sources.place(instruction.chain)
+        for access in accesses(instruction.opcode):
+            if instruction.function in ran and place and access.space not in UNMODELLED_SPACES:
+                entry = row(place, access.space, access.store)
+                entry.nvcc.add(access.bytes)
+                if instruction.chain[0][0] not in sources.starts:
+                    entry.through = instruction.chain[0][0]
+    for instruction in emulated:
+        place = sources.place(emulated_chain(instruction))
+        if place:
+            row(place, instruction.space, instruction.store).emulation.add(instruction.bytes)
+    not_run = sorted({i.function for i in sass} - ran)
+    return sorted(rows.values(), key=lambda r: (r.place.split(":")[0], int(r.place.split(":")[1]),
+                                                r.space, r.store)), not_run
+
+
+def unmodelled(sass: list[SassInstruction], sources: Sources) -> dict[str, dict[str, set[str]]]:
+    """Each kernel's local-memory and generic accesses: space -> their places."""
+    found: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for instruction in sass:
+        for access in accesses(instruction.opcode):
+            if access.space in UNMODELLED_SPACES:
+                found[instruction.function][access.space].add(sources.place(instruction.chain) or "?")
+    return found
+
+
+def report(arch: str, rows: list[Row], not_run: list[str], odd: dict, sources: Sources,
+           every_row: bool = False) -> str:
+    verdicts = defaultdict(int)
+    for r in rows:
+        verdicts[r.verdict.split(" (")[0]] += 1
+    out = [f"## {arch}: each statement's access widths, nvcc's beside the emulation's", "",
+           f"{len(rows)} statement accesses (place, space, direction): "
+           + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + ".",
+           "Kernels nvcc compiled that the problems do not run: "
+           + (", ".join(f"`{name}`" for name in not_run) or "none") + ".", "",
+           "| place | statement | space | access | nvcc bytes | emulation bytes | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if every_row or r.verdict != "same":
+            code = sources.text(r.place).replace("|", "\\|")
+            code = code if len(code) <= 60 else code[:57] + "..."
+            out.append(f"| {r.place} | `{code}` | {r.space} | {'store' if r.store else 'load'} "
+                       f"| {widths(r.nvcc)} | {widths(r.emulation)} | {r.verdict} |")
+    out += ["", f"## {arch}: accesses the counts do not model", ""]
+    if not odd:
+        out.append("None: no kernel reads or writes local memory, and none uses a generic address.")
+    else:
+        out += ["| kernel | space | places |", "|---|---|---|"]
+        for function, spaces in sorted(odd.items()):
+            for space, places in sorted(spaces.items()):
+                out.append(f"| {function} | {space} | {', '.join(sorted(places))} |")
+    return "\n".join(out)
+
+
+def widths(sizes: set[int]) -> str:
+    return ", ".join(map(str, sorted(sizes))) or "-"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", help="the kernels of this architecture (sm_90)")
+    parser.add_argument("--all", action="store_true", help="every statement, the same ones too")
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
+        parser.error(f"argument --arch: {args.arch!r} is not an architecture such as sm_90")
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"argument --out: no folder {args.out.parent}; make it first")
+    try:
+        sources = Sources()
+        sass = parse_sass(disassemble(native.library_path(native.CUDA_LIBRARY), args.arch))
+        rows, not_run = compare(sass, memory_counts.run("attention"), sources)
+        text = report(args.arch, rows, not_run, unmodelled(sass, sources), sources, args.all)
+        if args.out:
+            args.out.write_text(text + "\n")
+    except (UserError, OSError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
