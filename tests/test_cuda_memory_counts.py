@@ -139,7 +139,7 @@ def test_the_high_resolution_kernels_move_whole_sectors(attention):
 def test_a_read_of_memory_named_an_overrun_fails_the_launch():
     """The driver names the 12 bytes after a buffer's first float an overrun, as the fenced
     workspace names the gaps beside its sections, and reads the second: a read that lands on
-    mapped memory (a canary) and that only the hooks see. The attention's 14 problems above
+    mapped memory (a canary) and that only the hooks see. The attention's 19 problems above
     ran with their workspace's gaps so named, and read none."""
     program = program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
     result = subprocess.run([str(program), "overrun"], capture_output=True, text=True, timeout=120)
