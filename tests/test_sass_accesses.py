@@ -7,6 +7,8 @@ library (make plugins with nvcc) and the two binaries (make setup installs them)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from .conftest import load_tool, program_or_skip
@@ -74,8 +76,9 @@ def test_a_statements_lines_and_an_emulation_branch_each_count_as_one_place():
 
 
 @pytest.fixture(scope="module")
-def sass() -> list:
-    """The built library's sm_90 kernels (skips where it was built without nvcc, or without them)."""
+def built_sass() -> dict:
+    """The built library's kernels, by architecture (skips where it was built without nvcc, or
+    where cuobjdump and nvdisasm are missing)."""
     from mra_export import native
     from mra_export.errors import UserError
 
@@ -83,16 +86,18 @@ def sass() -> list:
     if not library.is_file():
         pytest.skip(f"{library} is not built (make plugins: the CUDA kernels need nvcc)")
     try:
-        return sass_accesses.parse_sass(sass_accesses.disassemble(library, "sm_90"))
+        return {arch: sass_accesses.parse_sass(sass_accesses.disassemble(library, arch))
+                for arch in sass_accesses.architectures(library)}
     except UserError as error:
         pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
-def comparison(sass):
+def comparisons(built_sass) -> dict:
+    """Each architecture's rows and the kernels the problems did not run."""
     program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
-    rows, not_run = sass_accesses.compare(sass, memory_counts.run("attention"), sass_accesses.Sources())
-    return rows, not_run
+    emulated, sources = memory_counts.run("attention"), sass_accesses.Sources()
+    return {arch: sass_accesses.compare(sass, emulated, sources) for arch, sass in built_sass.items()}
 
 
 def described(rows) -> str:
@@ -100,60 +105,62 @@ def described(rows) -> str:
                      f"emulation {sorted(r.emulation)}" for r in rows)
 
 
-def test_the_problems_run_every_kernel_and_memory_statement_nvcc_compiled(comparison):
-    rows, not_run = comparison
-    assert not_run == []
-    assert len(rows) >= 60
-    # What nvcc alone has is CUB's scan, which the emulation replaces with a stand-in.
-    alone = [r for r in rows if not r.emulation and r.through != "block_scan_raking.cuh"]
-    assert not alone, described(alone)
-    assert any(r.through for r in rows)
+def test_every_architecture_the_build_names_is_compared(comparisons):
+    from mra_export import native
+
+    cache = (native.build_dir() / "CMakeCache.txt").read_text()
+    named = re.search(r"^MRA_CUDA_ARCHITECTURES:STRING=(.*)$", cache, re.MULTILINE).group(1)
+    assert sorted(comparisons) == sorted(f"sm_{arch}" for arch in named.split(";"))
 
 
-def test_every_global_statement_has_nvccs_widths(comparison):
+def test_the_problems_run_every_kernel_and_memory_statement_nvcc_compiled(comparisons):
+    for arch, (rows, not_run) in comparisons.items():
+        assert not_run == [], arch
+        assert len(rows) >= 60, arch
+        # What nvcc alone has is CUB's scan, which the emulation replaces with a stand-in.
+        alone = [r for r in rows if not r.emulation and r.through != "block_scan_raking.cuh"]
+        assert not alone, f"{arch}:\n{described(alone)}"
+        assert any(r.through for r in rows), arch
+
+
+def test_every_global_statement_has_nvccs_widths(comparisons):
     """So the sectors the counts give each global statement are those of nvcc's instructions."""
-    rows, _ = comparison
-    both = [r for r in rows if r.space == "global" and r.nvcc and r.emulation]
-    assert len(both) >= 15
-    differing = [r for r in both if r.nvcc != r.emulation]
-    assert not differing, described(differing)
+    for arch, (rows, _) in comparisons.items():
+        both = [r for r in rows if r.space == "global" and r.nvcc and r.emulation]
+        assert len(both) >= 15, arch
+        differing = [r for r in both if r.nvcc != r.emulation]
+        assert not differing, f"{arch}:\n{described(differing)}"
 
 
-def test_the_tensor_core_kernels_statements_all_have_nvccs_widths(comparison, sass):
+def test_the_tensor_core_kernels_statements_all_have_nvccs_widths(comparisons, built_sass):
     """The 16-bit kernels (the engines' precision): every shared and global statement the same
     widths in both, so their wavefronts and sectors are those of nvcc's instructions."""
-    rows, _ = comparison
     sources = sass_accesses.Sources()
-    places = {sources.place(i.chain) for i in sass
-              if i.function.startswith("highResolutionMma<") and sass_accesses.accesses(i.opcode)}
-    checked = [r for r in rows if r.place in places]
-    assert len(checked) >= 15
-    differing = [r for r in checked if r.verdict != "same"]
-    assert not differing, described(differing)
+    for arch, (rows, _) in comparisons.items():
+        places = {sources.place(i.chain) for i in built_sass[arch]
+                  if i.function.startswith("highResolutionMma<") and sass_accesses.accesses(i.opcode)}
+        checked = [r for r in rows if r.place in places]
+        assert len(checked) >= 15, arch
+        differing = [r for r in checked if r.verdict != "same"]
+        assert not differing, f"{arch}:\n{described(differing)}"
 
 
-def test_nvcc_splits_no_access_the_emulation_counts_whole(comparison):
+def test_nvcc_splits_no_access_the_emulation_counts_whole(comparisons):
     """nvcc may merge neighbouring accesses (a loop's floats into one 16-byte load: fewer
     requests than counted); one it split would make more than the counts say."""
-    rows, _ = comparison
-    narrower = [r for r in rows if r.verdict == "narrower in nvcc"]
-    assert not narrower, described(narrower)
+    for arch, (rows, _) in comparisons.items():
+        narrower = [r for r in rows if r.verdict == "narrower in nvcc"]
+        assert not narrower, f"{arch}:\n{described(narrower)}"
 
 
-def test_no_kernel_uses_local_memory_on_any_architecture_built():
+def test_no_kernel_uses_local_memory(built_sass):
     """Local memory (a spill, or an array indexed at run time) is off-chip traffic that neither
     ptxas's spill warning (arrays) nor the counts see; generic addresses only where PTX has no
     other: the selection's reads of its cluster's shared memory (map_shared_rank)."""
-    from mra_export import native
-
-    library = native.build_dir() / native.CUDA_LIBRARY
-    if not library.is_file():
-        pytest.skip(f"{library} is not built (make plugins: the CUDA kernels need nvcc)")
-    architectures = sass_accesses.architectures(library)
-    assert "sm_90" in architectures
-    for arch in architectures:
-        found = sass_accesses.unmodelled(sass_accesses.parse_sass(sass_accesses.disassemble(library, arch)),
-                                         sass_accesses.Sources())
+    assert "sm_90" in built_sass
+    sources = sass_accesses.Sources()
+    for arch, sass in built_sass.items():
+        found = sass_accesses.unmodelled(sass, sources)
         assert not any("local" in spaces for spaces in found.values()), (arch, dict(found))
         generic = {function for function, spaces in found.items() if "generic" in spaces}
         assert generic <= {"selectBlocks"}, (arch, generic)
