@@ -27,6 +27,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -200,11 +201,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out and not args.out.parent.is_dir():
         parser.error(f"argument --out: no folder {args.out.parent}; make it first")
-    try:
+
+    def tables() -> str:
         instructions = run("patterns" if args.patterns else "profile" if args.profile else "attention")
-        text = report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
-        if args.out:
-            args.out.write_text(text + "\n")
+        return report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
+
+    return write_report(tables, args.out)
+
+
+def write_report(make: Callable[[], str], out: Path | None) -> int:
+    """Prints ``make()``'s report and writes it to ``out`` (where given); or prints its failure in
+    one line, writing nothing. The exit status."""
+    try:
+        text = make()
+        if out:
+            out.write_text(text + "\n")
     except (UserError, OSError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -303,18 +303,14 @@ def main(argv=None) -> int:
         parser.error(f"argument --arch: {args.arch!r} is not an architecture such as sm_90")
     if args.out and not args.out.parent.is_dir():
         parser.error(f"argument --out: no folder {args.out.parent}; make it first")
-    try:
+
+    def comparison() -> str:
         sources = Sources()
         sass = parse_sass(disassemble(native.library_path(native.CUDA_LIBRARY), args.arch))
         rows, not_run = compare(sass, memory_counts.run("attention"), sources)
-        text = report(args.arch, rows, not_run, unmodelled(sass, sources), sources, args.all)
-        if args.out:
-            args.out.write_text(text + "\n")
-    except (UserError, OSError, subprocess.CalledProcessError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(text)
-    return 0
+        return report(args.arch, rows, not_run, unmodelled(sass, sources), sources, args.all)
+
+    return memory_counts.write_report(comparison, args.out)
 
 
 if __name__ == "__main__":
