@@ -89,44 +89,72 @@ def parse_counts(stdout: str) -> list[Instruction]:
     return instructions
 
 
-def locate(executable: Path, instructions: list[Instruction]) -> None:
-    """Sets each instruction's function and call chain from the program's debug information
-    (one addr2line for all: its inlined frames innermost first, each a name and a file:line)."""
-    if not instructions:
-        return
+@dataclass(frozen=True)
+class Launch:
+    """The launches of one kernel with one shape: threads a CTA, dynamic shared memory, cluster."""
+
+    function: str
+    threads: int
+    dynamic_shared: int
+    cluster: int
+    count: int
+
+
+def frames(executable: Path, offsets: set[int]) -> dict[int, list[tuple[str, str]]]:
+    """Each offset's inlined frames, innermost first, as (function, file:line), from the
+    program's debug information (one addr2line for all)."""
+    if not offsets:
+        return {}
     if shutil.which("addr2line") is None:
         raise UserError("addr2line is not on PATH: install binutils to name the instructions' source")
-    offsets = sorted({i.offset for i in instructions})
     result = subprocess.run(
-        ["addr2line", "-a", "-f", "-C", "-i", "-e", str(executable), *map(hex, offsets)],
+        ["addr2line", "-a", "-f", "-C", "-i", "-e", str(executable), *map(hex, sorted(offsets))],
         capture_output=True, text=True, check=True)
-    frames_by_offset: dict[int, list[str]] = {}
+    lines_by_offset: dict[int, list[str]] = {}
     current: list[str] = []
     for line in result.stdout.splitlines():
         if re.fullmatch(r"0x[0-9a-f]+", line):
-            current = frames_by_offset.setdefault(int(line, 16), [])
+            current = lines_by_offset.setdefault(int(line, 16), [])
         else:
             current.append(line)
+    return {offset: list(zip(lines[0::2], lines[1::2])) for offset, lines in lines_by_offset.items()}
+
+
+def locate(executable: Path, instructions: list[Instruction]) -> None:
+    """Sets each instruction's function and call chain (file:line from the function inwards)."""
+    found = frames(executable, {i.offset for i in instructions})
     for instruction in instructions:
-        lines = frames_by_offset.get(instruction.offset, [])
-        frames = list(zip(lines[0::2], lines[1::2]))  # (name, file:line), innermost first
-        if not frames:
-            continue
-        instruction.function = kernel_name(frames[-1][0])
-        instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(frames))
+        chain = found.get(instruction.offset)
+        if chain:
+            instruction.function = kernel_name(chain[-1][0])
+            instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(chain))
 
 
-def run(what: str = "attention") -> list[Instruction]:
-    """The driver's counts for ``what`` ("attention", "patterns" or "profile"), located in the
-    source."""
+def driver_output(what: str) -> tuple[Path, str]:
+    """The driver and what it printed for ``what`` ("attention", "patterns" or "profile")."""
     executable = program()
     result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
     if result.returncode != 0 or f"ran {what}" not in result.stdout:
         raise UserError(f"{executable.name} {what} failed (exit {result.returncode}): "
                         f"{result.stderr.strip() or result.stdout.strip()}")
-    instructions = parse_counts(result.stdout)
+    return executable, result.stdout
+
+
+def run(what: str = "attention") -> list[Instruction]:
+    """The driver's counts for ``what``, located in the source."""
+    executable, stdout = driver_output(what)
+    instructions = parse_counts(stdout)
     locate(executable, instructions)
     return instructions
+
+
+def run_launches(what: str = "attention") -> list[Launch]:
+    """The driver's launches for ``what``, by kernel and shape."""
+    executable, stdout = driver_output(what)
+    shapes = [line.split()[1:] for line in stdout.splitlines() if line.startswith("launch ")]
+    names = frames(executable, {int(shape[0], 16) for shape in shapes})
+    return [Launch(kernel_name(names[int(offset, 16)][0][0]), int(threads), int(shared), int(cluster),
+                   int(count)) for offset, threads, shared, cluster, count in shapes]
 
 
 def kernel_lines(instruction: Instruction) -> str:

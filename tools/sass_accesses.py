@@ -112,8 +112,8 @@ def architectures(library: Path) -> list[str]:
     return sorted(cubins(library))
 
 
-def disassemble(library: Path, arch: str) -> str:
-    """``library``'s cubin for ``arch`` ("sm_90"), disassembled with its inlined source lines."""
+def read_cubin(library: Path, arch: str, command: list[str]) -> str:
+    """What ``command`` + [the path of ``library``'s cubin for ``arch`` ("sm_90")] prints."""
     carried = cubins(library)
     if arch not in carried:
         raise UserError(f"{library.name} has no {arch} kernels (it has: {', '.join(sorted(carried)) or 'none'}); "
@@ -121,9 +121,14 @@ def disassemble(library: Path, arch: str) -> str:
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([binary("cuobjdump"), "-xelf", carried[arch], str(library)], cwd=folder,
                        check=True, capture_output=True)
-        result = subprocess.run([binary("nvdisasm"), "-gi", "-c", str(Path(folder) / carried[arch])],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([*command, str(Path(folder) / carried[arch])], capture_output=True,
+                                text=True, check=True)
     return result.stdout
+
+
+def disassemble(library: Path, arch: str) -> str:
+    """``library``'s cubin for ``arch``, disassembled with its inlined source lines."""
+    return read_cubin(library, arch, [binary("nvdisasm"), "-gi", "-c"])
 
 
 def parse_sass(text: str) -> list[SassInstruction]:

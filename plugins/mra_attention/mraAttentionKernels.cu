@@ -850,13 +850,16 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
 //! kStages - 1 blocks' copies in flight: the loop waits on memory only where a block takes
 //! longer to arrive than kStages - 1 blocks take to compute. The CTA's kGroups groups of
 //! kThreads threads (thread x in group x / kThreads) take the blocks in turn, group g blocks g,
-//! g + kGroups, ..., each in its own kStages (K, V) tile pairs of `stageTiles` and words of
-//! `stageRealKeys`; every group steps through as many rounds as the first, so that the CTA's
-//! barriers stay uniform. Copies the caller issued before (the query tile) land with the first
-//! round. Every thread calls it; it returns with no copy in flight.
+//! g + kGroups, ..., each in its own kStages (K, V) tile pairs of `stageTiles`; every group steps
+//! through as many rounds as the first, so that the CTA's barriers stay uniform. A stage's key
+//! mask lives in the pad of its K tile's first row (rows are `stride` > D elements apart), which
+//! the copies and the compute never touch: a word of its own would cost shared memory, and 12
+//! bytes more a CTA fit one CTA fewer on an H200 SM at head_dim 64 (tools/occupancy.py). Copies
+//! the caller issued before (the query tile) land with the first round. Every thread calls it;
+//! it returns with no copy in flight.
 template <typename T, int D, int kThreads, int kStages, int kGroups, typename Compute>
 __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, int32_t const* mask, Scratch const& s,
-    int32_t row, int32_t i, T* stageTiles, int32_t stride, uint32_t* stageRealKeys, Compute&& compute)
+    int32_t row, int32_t i, T* stageTiles, int32_t stride, Compute&& compute)
 {
     static_assert(kStages >= 2, "one block computed while the next arrives");
     int32_t const* rowStart = s.rowStart + static_cast<size_t>(row) * (p.nb + 1);
@@ -868,8 +871,8 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     int32_t const rounds = (end - rowStart[i] + kGroups - 1) / kGroups;
     int32_t const tileElements = kBlock * stride;
     T* const groupTiles = stageTiles + group * kStages * 2 * tileElements;
-    uint32_t* const groupRealKeys = stageRealKeys + group * kStages;
     auto tile = [&](int32_t stage, int32_t tensor) { return groupTiles + (2 * stage + tensor) * tileElements; };
+    auto realKeys = [&](int32_t stage) -> uint32_t& { return *reinterpret_cast<uint32_t*>(tile(stage, 0) + D); };
     // A group of copies per round, empty past the group's last block, so that wait_group counts rounds.
     auto fetch = [&](int32_t round) {
         int32_t const index = begin + round * kGroups;
@@ -884,7 +887,7 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
                 uint32_t const bits = realTokenBits(p, mask, row / p.heads, j);
                 if (thread == 0)
                 {
-                    groupRealKeys[stage] = bits;
+                    realKeys(stage) = bits;
                 }
             }
         }
@@ -902,7 +905,7 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
         if (begin + round * kGroups < end)
         {
             int32_t const stage = round % kStages;
-            compute(tile(stage, 0), tile(stage, 1), groupRealKeys[stage]);
+            compute(tile(stage, 0), tile(stage, 1), realKeys(stage));
         }
     }
     waitForCopies<0>(); // the query tile's, where no block was selected
@@ -1099,25 +1102,25 @@ __device__ void mergeGroups(unsigned char* smem, int32_t group, int32_t groupThr
 
 // ---- (c) fp32: FMA -------------------------------------------------------------------------
 
-//! Shared memory of the fp32 kernel (bytes): the query tile, kStages (K, V) tile pairs, the
-//! weights, the stages' key masks. A 4-element pad keeps rows 16-byte aligned, and float4 reads of
-//! 8 rows (a quarter warp) in distinct banks; weight rows 40 floats apart, so that the 4 pairs of
-//! rows of a warp store and load them in distinct banks. Two stages: three would not fit sm_86's
-//! 99 KB at head_dim 128. With kSplit groups of 128 threads, each group has its own stages and
-//! weights (up to head_dim 64 within 99 KB); the other groups' partial sums pass to group 0
-//! through their stage tiles.
+//! Shared memory of the fp32 kernel (bytes): the query tile, kStages (K, V) tile pairs (each K
+//! tile's first pad holds its stage's key mask), the weights. A 4-element pad keeps rows 16-byte
+//! aligned, and float4 reads of 8 rows (a quarter warp) in distinct banks; weight rows 40 floats
+//! apart, so that the 4 pairs of rows of a warp store and load them in distinct banks. Two
+//! stages: three would not fit sm_86's 99 KB at head_dim 128. With kSplit groups of 128 threads,
+//! each group has its own stages and weights (up to head_dim 64 within 99 KB); the other groups'
+//! partial sums pass to group 0 through their stage tiles.
 template <int D, int kSplit>
 struct FmaSmem
 {
     static constexpr int kStages = 2;
     static constexpr int kTileStride = D + 4;
+    static_assert((kTileStride - D) * sizeof(float) >= sizeof(uint32_t), "a row's pad holds a key mask");
     static constexpr int kWeightStride = 40; // float [32][40]: each row's 32 weights, for its 8 threads
     static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
     static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
     static constexpr size_t kGroupTiles = 2 * kStages * kTile;
     static constexpr size_t kWeightsAt = kTile + kSplit * kGroupTiles; // kSplit weight tiles
-    static constexpr size_t kRealKeysAt = kWeightsAt + kSplit * kWeights;
-    static constexpr size_t kTotal = kRealKeysAt + kSplit * kStages * sizeof(uint32_t);
+    static constexpr size_t kTotal = kWeightsAt + kSplit * kWeights;
     static_assert(kHighResThreads * kPartialFloats<D / 4> * sizeof(float) <= kGroupTiles,
         "a group's partial sums fit its stages");
 };
@@ -1176,7 +1179,6 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
     float* queryTile = reinterpret_cast<float*>(smem);
     float* stageTiles = reinterpret_cast<float*>(smem + Smem::kTile);
     float* weightTile = reinterpret_cast<float*>(smem + Smem::kWeightsAt + group * Smem::kWeights);
-    uint32_t* stageRealKeys = reinterpret_cast<uint32_t*>(smem + Smem::kRealKeysAt);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
@@ -1190,7 +1192,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
     SoftmaxStats stats[2];
     float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
     forEachKeyBlock<float, D, kHighResThreads, Smem::kStages, kSplit>(p, key, value, mask, s, row, i, stageTiles,
-        Smem::kTileStride, stageRealKeys, [&](float const* keyTile, float const* valueTile, uint32_t blockRealKeys) {
+        Smem::kTileStride, [&](float const* keyTile, float const* valueTile, uint32_t blockRealKeys) {
         float scores[2][4];
         scoresByFma<D>(p, queryTile, keyTile, r, lane, scores);
         bool real[4];
@@ -1355,12 +1357,13 @@ __device__ inline uint32_t packPair(float low, float high)
     return packed.word;
 }
 
-//! Shared memory of the tensor-core kernel (bytes): the query tile, kStages (K, V) tile pairs and
-//! their key masks. Tiles row-major, rows padded by 8 elements (16 bytes), so that the 8 rows of
-//! an ldmatrix matrix fall in distinct banks. V is not stored transposed: a warp's 2-byte
-//! transposing stores fall in 2 banks (8-way conflicts); ldmatrix.trans transposes it on the way
-//! to the registers instead. kStages - 1 key blocks in flight while one is computed: the kernel
-//! waits on memory (2-3% of the tensor peak under ncu, 2026-12-04), and its CTAs compute little.
+//! Shared memory of the tensor-core kernel (bytes): the query tile and kStages (K, V) tile pairs
+//! (each K tile's first pad holds its stage's key mask). Tiles row-major, rows padded by 8
+//! elements (16 bytes), so that the 8 rows of an ldmatrix matrix fall in distinct banks. V is not
+//! stored transposed: a warp's 2-byte transposing stores fall in 2 banks (8-way conflicts);
+//! ldmatrix.trans transposes it on the way to the registers instead. kStages - 1 key blocks in
+//! flight while one is computed: the kernel waits on memory (2-3% of the tensor peak under ncu,
+//! 2026-12-04), and its CTAs compute little.
 //! With kSplit groups of 2 warps, each group has stages of its own; after the loop the other
 //! groups' partial sums pass to group 0 through their (then idle) stage tiles.
 template <typename T, int D, int kSplit>
@@ -1368,10 +1371,10 @@ struct MmaSmem
 {
     static constexpr int kStages = kSplit > 1 ? MRA_MMA_SPLIT_STAGES : MRA_MMA_STAGES;
     static constexpr int kTileStride = D + 8;
+    static_assert((kTileStride - D) * sizeof(T) >= sizeof(uint32_t), "a row's pad holds a key mask");
     static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
     static constexpr size_t kGroupTiles = 2 * kStages * kTile; // a group's stages
-    static constexpr size_t kRealKeysAt = kTile + kSplit * kGroupTiles;
-    static constexpr size_t kTotal = kRealKeysAt + kSplit * kStages * sizeof(uint32_t);
+    static constexpr size_t kTotal = kTile + kSplit * kGroupTiles;
     static_assert(kMmaGroupThreads * kPartialFloats<D / 2> * sizeof(float) <= kGroupTiles,
         "a group's partial sums fit its stages");
 };
@@ -1390,7 +1393,6 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
     extern __shared__ __align__(128) unsigned char smem[];
     T* queryTile = reinterpret_cast<T*>(smem);
     T* stageTiles = reinterpret_cast<T*>(smem + Smem::kTile);
-    uint32_t* stageRealKeys = reinterpret_cast<uint32_t*>(smem + Smem::kRealKeysAt);
 
     int32_t const i = blockIdx.x % p.nb;
     int32_t const row = blockIdx.x / p.nb;
@@ -1414,8 +1416,7 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
     uint32_t queryFragments[D / 16][4];
     bool queryLoaded = false;
     forEachKeyBlock<T, D, kMmaGroupThreads, Smem::kStages, kSplit>(p, key, value, mask, s, row, i, stageTiles,
-        Smem::kTileStride,
-        stageRealKeys, [&](T const* keyTile, T const* valueTile, uint32_t blockRealKeys) {
+        Smem::kTileStride, [&](T const* keyTile, T const* valueTile, uint32_t blockRealKeys) {
         // Lane l addresses row l % 8 of matrix l / 8: for Q, rows + 8 (l / 8 % 2) at dims
         // 16k + 8 (l / 16) (A's four registers); for K, keys 8 (n + l / 16) + l % 8 at dims
         // 16k + 8 (l / 8 % 2) (the two registers of n tiles n and n + 1).

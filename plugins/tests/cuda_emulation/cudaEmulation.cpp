@@ -1222,6 +1222,9 @@ void runGrid(void const* kernel, dim3 grid, dim3 block, size_t sharedBytes, std:
     }
     r.body = &body;
     r.dependentLaunch = dependent;
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+    memoryCountsLaunch(kernel, block.x, sharedBytes, clusterSize);
+#endif
     FaultReporting const reporting(r);
     gridDim = grid;
     blockDim = block;

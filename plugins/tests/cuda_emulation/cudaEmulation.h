@@ -271,11 +271,13 @@ unsigned takeLargestCluster();
 //! The threads per CTA of the last kernel launched (0: none yet).
 unsigned lastLaunchThreads();
 // An H100's or H200's SM, for the occupancy calculator: threads, CTAs and shared memory (each
-// CTA takes 1 KB more of it than it asks for). Registers are not emulated, so not counted.
+// CTA takes 1 KB more of it than it asks for, rounded up to 128 bytes, as cuda_occupancy.h
+// allocates it). Registers are not emulated, so not counted (tools/occupancy.py counts them).
 constexpr int kThreadsPerMultiprocessor = 2048;
 constexpr int kCtasPerMultiprocessor = 32;
 constexpr size_t kSharedPerMultiprocessor = 228 * 1024;
 constexpr size_t kSharedReservedPerCta = 1024;
+constexpr size_t kSharedAllocationBytes = 128;
 
 //! cp.async.{ca,cg}.shared.global of `bytes` (4, 8 or 16) to `shared` from `global`, of which
 //! `sourceBytes` are read and the rest filled with zeros; joins the thread's open group. Fails the
@@ -394,6 +396,9 @@ struct Accessor
 bool accessor(void const* address, int bytes, Accessor& who);
 //! The runtime's call once a cluster has run (memoryCounts.cpp counts its warps' accesses).
 void memoryCountsClusterEnded();
+//! The runtime's call at each launch it runs: the kernel, its CTAs' threads and dynamic shared
+//! memory, and its cluster size (memoryCounts.cpp lists them, for occupancy by architecture).
+void memoryCountsLaunch(void const* kernel, unsigned threads, size_t sharedBytes, unsigned clusterSize);
 #endif
 
 //! The schedule of later launches: lowest thread first (0), highest first (1), else random
@@ -571,7 +576,9 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, 
     {
         return cudaErrorInvalidValue;
     }
-    size_t const byShared = emu::kSharedPerMultiprocessor / (sharedBytes + emu::kSharedReservedPerCta);
+    size_t const perCta = (sharedBytes + emu::kSharedReservedPerCta + emu::kSharedAllocationBytes - 1)
+        / emu::kSharedAllocationBytes * emu::kSharedAllocationBytes;
+    size_t const byShared = emu::kSharedPerMultiprocessor / perCta;
     *blocks = static_cast<int>(std::min<size_t>(
         {byShared, static_cast<size_t>(emu::kThreadsPerMultiprocessor / threads), emu::kCtasPerMultiprocessor}));
     return cudaSuccess;

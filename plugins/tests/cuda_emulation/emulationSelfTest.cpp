@@ -842,9 +842,12 @@ void checkMemoryAndLimits()
     expect(launchError() == "invalid configuration argument", "more than 1024 threads per block are refused");
 
     int blocks = 0;
-    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 64, 32268) == cudaSuccess
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 64, 32256) == cudaSuccess
             && blocks == 7,
         "an SM holds 7 CTAs of 31.5 KB (228 KB, 1 KB more a CTA)");
+    expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 64, 32268) == cudaSuccess
+            && blocks == 6,
+        "12 bytes more round up to 33408 bytes a CTA (128-byte steps, as cuda_occupancy.h): 6 an SM");
     expect(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, usesMuchSharedMemory, 1024, 0) == cudaSuccess
             && blocks == 2,
         "an SM holds 2 CTAs of 1024 threads (2048 threads)");

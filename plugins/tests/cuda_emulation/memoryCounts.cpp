@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -72,11 +73,15 @@ struct Space
     std::map<void const*, InstructionCount> instructions;
 };
 
+//! A launch's kernel, threads a CTA, dynamic shared memory and cluster size.
+using LaunchShape = std::tuple<void const*, unsigned, size_t, unsigned>;
+
 struct Recorder
 {
     Space shared;
     Space global;
     std::vector<std::pair<uintptr_t, uintptr_t>> globalSpans; //!< [begin, end): the driver's buffers
+    std::map<LaunchShape, uint64_t> launches;                   //!< how many launches of each shape
 };
 
 Recorder& recorder()
@@ -249,6 +254,11 @@ __attribute__((noinline)) void recordMatrixRow(void const* rowAddress)
     recordAccess(__builtin_return_address(0), rowAddress, 16, false);
 }
 
+void memoryCountsLaunch(void const* kernel, unsigned threads, size_t sharedBytes, unsigned clusterSize)
+{
+    ++recorder().launches[LaunchShape{kernel, threads, sharedBytes, clusterSize}];
+}
+
 void memoryCountsClusterEnded()
 {
     countCluster(recorder().shared, true);
@@ -272,13 +282,22 @@ extern "C" void mraCudaEmulationCountGlobal(void const* start, size_t bytes)
 
 //! Prints each instruction's counts since the last call, and forgets them: one line each,
 //! "<shared|global> <offset> <load|store> <bytes> <requests> <wavefronts or sectors> <ideal>
-//! <worst>", the offset into its executable or library (for addr2line -e that file).
+//! <worst>", the offset into its executable or library (for addr2line -e that file); then each
+//! launch shape's count, "launch <kernel's offset> <threads> <dynamic shared bytes> <cluster
+//! size> <launches>".
 extern "C" void mraCudaEmulationTakeCounts(FILE* out)
 {
     print(out, "shared", recorder().shared.instructions);
     print(out, "global", recorder().global.instructions);
     recorder().shared.instructions.clear();
     recorder().global.instructions.clear();
+    for (auto const& [shape, count] : recorder().launches)
+    {
+        auto const& [kernel, threads, sharedBytes, clusterSize] = shape;
+        std::fprintf(out, "launch %#zx %u %zu %u %llu\n", static_cast<size_t>(emu::codePlace(kernel).offset), threads,
+            sharedBytes, clusterSize, static_cast<unsigned long long>(count));
+    }
+    recorder().launches.clear();
 }
 
 // The compiler's hooks (-fsanitize=kernel-address, calls rather than inline checks): each load

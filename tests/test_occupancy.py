@@ -1,0 +1,94 @@
+"""How many CTAs of each kernel an SM holds on each architecture built, without a GPU
+(tools/occupancy.py): NVIDIA's occupancy calculator (cuda_occupancy.h, in
+plugins/tests/occupancyCalculator.cpp) over the built library's registers and static shared
+memory and the emulated launches' threads and dynamic shared memory. Needs the CUDA library and
+the calculator (make plugins with nvcc), cuobjdump (make setup) and the memory-counts driver."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from .conftest import load_tool, program_or_skip
+
+occupancy = load_tool("occupancy")
+memory_counts = occupancy.memory_counts
+
+
+def built(name: str):
+    from mra_export import native
+
+    path = native.build_dir() / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not built (make plugins: it needs nvcc and the CUDA toolkit's headers)")
+    return path
+
+
+def ask(lines: list[str]) -> list[str]:
+    calculator = built(occupancy.CALCULATOR)
+    result = subprocess.run([str(calculator)], input="\n".join(lines) + "\n", capture_output=True,
+                            text=True, check=True, timeout=60)
+    return result.stdout.splitlines()
+
+
+def test_the_calculator_answers_as_the_programming_guides_limits_do():
+    # "<sm> <registers> <static shared> <threads> <dynamic shared>" -> CTAs an SM, then the limits
+    # by warps, registers, shared memory, CTAs an SM and barriers (-1: none).
+    answers = ask(["90 32 0 256 0",  # 2048 threads an SM: 8 CTAs of 256
+                   "90 128 0 128 0",  # 65536 registers: 4 CTAs of 128 threads x 128
+                   "86 32 0 128 32768",  # 100 KB an SM, 1 KB more a CTA: 3 of 33 KB
+                   "89 16 0 32 0",  # sm_89's 24 CTAs an SM
+                   "90 32 0 64 32256",  # 32256 + 1024 = 33280 bytes, 7 in 228 KB ...
+                   "90 32 0 64 32268",  # ... 12 more round up to 33408 (128-byte steps): 6
+                   "90 32 0 128 232449",  # past the 227 KB a CTA may opt in to: none
+                   "75 32 0 128 0"])
+    ctas = [line.split()[0] for line in answers]
+    assert ctas == ["8", "4", "3", "24", "7", "6", "0", "error"]
+    assert answers[1].split()[2] == "4"  # bound by registers
+    assert answers[2].split()[3] == "3"  # bound by shared memory
+    assert "sm_75" in answers[7]
+
+
+@pytest.fixture(scope="module")
+def table() -> list:
+    from mra_export import native
+
+    library = built(native.CUDA_LIBRARY)
+    built(occupancy.CALCULATOR)
+    program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
+    from mra_export.errors import UserError
+
+    try:
+        return occupancy.rows(library, memory_counts.run_launches("attention"))
+    except UserError as error:
+        if "cuobjdump" in str(error):
+            pytest.skip(str(error))
+        raise
+
+
+def test_every_kernel_the_problems_launch_fits_every_architecture_built(table):
+    assert len(table) >= 25  # every kernel, each launch shape
+    assert {"sm_80", "sm_90"} <= set(table[0].occupancy)
+    unfit = [f"{row.launch.function} on {arch}" for row in table
+             for arch, answer in row.occupancy.items() if answer.ctas < 1]
+    assert not unfit
+
+
+def test_a_cubins_static_shared_memory_is_the_same_on_every_architecture(table):
+    """The reserve taken off sm_90's cubins (the driver's kilobyte a CTA, which it adds itself)
+    leaves what the other architectures' cubins carry: ptxas's own figure."""
+    for row in table:
+        assert len({r.static_shared for r in row.resources.values()}) == 1, row.launch.function
+
+
+def test_the_16_bit_head_dim_64_kernel_fits_7_ctas_an_h200_sm(table):
+    """Its 3 stages' (K, V) tiles and the query tile, nothing more: the stages' key masks lie in
+    the tiles' row pads. A 12-byte word of them beside the tiles (before 2026-12-06) rounded the
+    CTA to 33408 bytes of shared memory, one too many for 7 in 228 KB."""
+    tiles = (1 + 2 * 3) * 32 * (64 + 8) * 2  # query tile + 3 stages of K and V, rows padded by 8
+    for row in table:
+        if row.launch.function in ("highResolutionMma<__half, 64, 1>", "highResolutionMma<__nv_bfloat16, 64, 1>"):
+            assert row.launch.dynamic_shared == tiles
+            assert row.occupancy["sm_90"].ctas == 7
+            assert "shared memory" in row.occupancy["sm_90"].bound_by
