@@ -289,7 +289,12 @@ def test_kernel_profile_rates_against_the_named_gpus_fp16_peak(tmp_path):
     for launch, duration_ns in enumerate([900_000, 300_000, 900_000, 1_200_000]):  # b1 twice, b8 twice
         for metric, unit, value in (("Duration", "nsecond", f"{duration_ns:,}"),
                                     ("DRAM Throughput", "%", "41.5"),
-                                    ("Compute (SM) Throughput", "%", "22.0")):
+                                    ("Compute (SM) Throughput", "%", "22.0"),
+                                    ("Block Limit SM", "block", "32"),
+                                    ("Block Limit Registers", "block", "4"),
+                                    ("Block Limit Shared Mem", "block", "5"),
+                                    ("Block Limit Warps", "block", "16"),
+                                    ("Achieved Occupancy", "%", "23.75")):
             lines.append(f'"{launch}","void mra::highResolutionMma<__half, 64, 2>(mra::Problem)",'
                          f'"{metric}","{unit}","{value}"')
     csv_path = tmp_path / "ncu.csv"
@@ -299,7 +304,8 @@ def test_kernel_profile_rates_against_the_named_gpus_fp16_peak(tmp_path):
     tflops_b8 = 8 * tflops_b1 * 300 / 1200
     h200 = kernel_profile.report(csv_path, "NVIDIA H200")
     assert h200.startswith("NVIDIA H200: its dense fp16 peak 989 TFLOP/s")
-    assert f"| 1 | highResolutionMma | 300.0 | 41.5 | 22.0 | {tflops_b1:.0f} | {100 * tflops_b1 / 989:.1f} |" in h200
+    assert (f"| 1 | highResolutionMma | 300.0 | 41.5 | 22.0 | {tflops_b1:.0f} | {100 * tflops_b1 / 989:.1f} "
+            "| 4 (registers) | 23.75 |") in h200
     assert f"| 8 | highResolutionMma | 1200.0 | 41.5 | 22.0 | {tflops_b8:.0f} | {100 * tflops_b8 / 989:.1f} |" in h200
     pcie = kernel_profile.report(csv_path, "NVIDIA H100 PCIe")
     assert f"| {tflops_b1:.0f} | {100 * tflops_b1 / 756:.1f} |" in pcie

@@ -154,7 +154,7 @@ run_ncu() {
   section ncu 240 "Nsight Compute: each kernel's time and distance to the GPU's peaks (tools/kernel_profile.py)" || return
   local ncu
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  timeout "$LIMIT" "$ncu" --section SpeedOfLight --csv --page details --print-kernel-base function \
+  timeout "$LIMIT" "$ncu" --section SpeedOfLight --section Occupancy --csv --page details --print-kernel-base function \
     --kernel-name regex:"blockMeans|lowResolution|selectBlocks|highResolution" \
     python3 tools/kernel_profile.py > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
   echo "ncu rc=$?"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CUDA kernels' distance to the GPU's limits (issue 25): run under Nsight Compute.
 
-    ncu --section SpeedOfLight --csv --page details -o - \\
+    ncu --section SpeedOfLight --section Occupancy --csv --page details \\
         python tools/kernel_profile.py > ncu.csv              # on the GPU machine
     python tools/kernel_profile.py --report ncu.csv [--gpu "NVIDIA H100 PCIe"]  # anywhere: the table
 
@@ -12,7 +12,9 @@ ncu's CSV: each kernel's duration,
 DRAM throughput as a fraction of peak (ncu's own), and for ``highResolution`` the tensor FLOP rate
 (its multiply-adds counted here: 2 products of 32x64 by 64x32 per selected block and query block)
 against the dense fp16 peak of the GPU ``--gpu`` names (``nvidia-smi``'s name; an H200 where it
-is not given): 989 TFLOP/s on an H100 or H200 SXM, 835 on their NVL cards, 756 on an H100 PCIe.
+is not given): 989 TFLOP/s on an H100 or H200 SXM, 835 on their NVL cards, 756 on an H100 PCIe;
+then, from the Occupancy section, each kernel's CTAs an SM with what bounds them (as
+tools/occupancy.py computes them without a GPU) and its achieved occupancy.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ BATCHES = (1, 8)
 FP16_DENSE_PEAK_TFLOPS = ((("H100", "NVL"), 835.0), (("H200", "NVL"), 835.0), (("H100", "PCIe"), 756.0),
                           (("H100",), 989.0), (("H200",), 989.0))
 DEFAULT_GPU = "NVIDIA H200"
+# Nsight Compute's Occupancy section: each resource's limit on CTAs an SM, as tools/occupancy.py names it.
+OCCUPANCY_LIMITS = {"SM": "CTAs an SM", "Registers": "registers", "Shared Mem": "shared memory", "Warps": "warps"}
 
 
 def fp16_peak_tflops(gpu: str) -> float | None:
@@ -59,6 +63,17 @@ def high_resolution_flops(batch: int) -> float:
     return selected * 2 * (2 * 32 * 32 * HEAD_DIM)  # Q.K^T and P.V, 2 flops a multiply-add
 
 
+def ctas_an_sm(metrics: dict) -> str:
+    """The Occupancy section's CTAs an SM and the limits that set it ("7 (shared memory)"): to
+    set beside tools/occupancy.py's, computed without a GPU (tools/results/occupancy.md)."""
+    limits = {name: float(metrics[f"Block Limit {key}"][1]) for key, name in OCCUPANCY_LIMITS.items()
+              if f"Block Limit {key}" in metrics}
+    if not limits:
+        return "-"
+    ctas = min(limits.values())
+    return f"{ctas:.0f} ({', '.join(name for name, value in limits.items() if value == ctas)})"
+
+
 def report(path: Path, gpu: str = DEFAULT_GPU) -> str:
     peak = fp16_peak_tflops(gpu)
     rows = list(csv.DictReader(line for line in path.read_text().splitlines()
@@ -69,8 +84,9 @@ def report(path: Path, gpu: str = DEFAULT_GPU) -> str:
         metric, value = row["Metric Name"], row["Metric Value"].replace(",", "")
         launch = row["ID"]
         launches[name].append((launch, metric, row["Metric Unit"], value))
-    lines = ["| batch | kernel | time us | DRAM % of peak | SM % of peak | tensor TFLOP/s | % of fp16 peak |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | kernel | time us | DRAM % of peak | SM % of peak | tensor TFLOP/s | % of fp16 peak "
+             "| CTAs an SM (bound by) | achieved occupancy % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, entries in launches.items():
         by_launch = defaultdict(dict)
         for launch, metric, unit, value in entries:
@@ -92,7 +108,9 @@ def report(path: Path, gpu: str = DEFAULT_GPU) -> str:
                 tflops = high_resolution_flops(batch) / seconds / 1e12
                 rate = f"{tflops:.0f}"
                 fraction = f"{100 * tflops / peak:.1f}" if peak else "-"
-            lines.append(f"| {batch} | {name} | {seconds * 1e6:.1f} | {dram} | {sm} | {rate} | {fraction} |")
+            achieved = metrics.get("Achieved Occupancy", ("%", "-"))[1]
+            lines.append(f"| {batch} | {name} | {seconds * 1e6:.1f} | {dram} | {sm} | {rate} | {fraction} "
+                         f"| {ctas_an_sm(metrics)} | {achieved} |")
     known = f"its dense fp16 peak {peak:.0f} TFLOP/s" if peak else "no fp16 peak known for it"
     return f"{gpu}: {known}\n\n" + "\n".join(lines) + "\n"
 
