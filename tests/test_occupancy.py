@@ -51,20 +51,29 @@ def test_the_calculator_answers_as_the_programming_guides_limits_do():
 
 
 @pytest.fixture(scope="module")
-def table() -> list:
+def library():
+    """The built CUDA library (skips where it, the calculator, the driver or cuobjdump is missing)."""
     from mra_export import native
-
-    library = built(native.CUDA_LIBRARY)
-    built(occupancy.CALCULATOR)
-    program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
     from mra_export.errors import UserError
 
+    built(occupancy.CALCULATOR)
+    program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
     try:
-        return occupancy.rows(library, memory_counts.run_launches("attention"))
+        occupancy.sass_accesses.binary("cuobjdump")
     except UserError as error:
-        if "cuobjdump" in str(error):
-            pytest.skip(str(error))
-        raise
+        pytest.skip(str(error))
+    return built(native.CUDA_LIBRARY)
+
+
+@pytest.fixture(scope="module")
+def recorded(library) -> tuple:
+    """The driver's launches and the emulated occupancy queries' answers."""
+    return memory_counts.run_launches("attention")
+
+
+@pytest.fixture(scope="module")
+def table(library, recorded) -> list:
+    return occupancy.rows(library, recorded[0])
 
 
 def test_every_kernel_the_problems_launch_fits_every_architecture_built(table):
@@ -92,3 +101,18 @@ def test_the_16_bit_head_dim_64_kernel_fits_7_ctas_an_h200_sm(table):
             assert row.launch.dynamic_shared == tiles
             assert row.occupancy["sm_90"].ctas == 7
             assert "shared memory" in row.occupancy["sm_90"].bound_by
+
+
+def test_the_emulated_gpu_answers_the_split_decision_as_an_h200_would(library, recorded):
+    """launchHighResolution splits where the unsplit kernel's CTAs an SM fill the GPU fewer than 3
+    times: the emulation answers that query by threads and shared memory alone, an H200 (the
+    calculator, sm_90) with the kernel's registers too. Equal answers: the emulated problems take
+    the path a GPU would. (The split kernels' own answers, asked as they are opted in, decide
+    nothing; registers bind some of them below the emulation's.)"""
+    registers = occupancy.resources(library, "sm_90")
+    deciding = [a for a in recorded[1] if a.function.startswith("highResolution") and a.function.endswith(", 1>")]
+    assert len(deciding) >= 8  # fp32, fp16 and bf16 at head_dim 32, 64 and 128
+    gpu = occupancy.calculate([("sm_90", registers[a.function], a.threads, a.dynamic_shared) for a in deciding])
+    differing = [f"{a.function}: emulated {a.ctas}, sm_90 {answer.ctas} ({answer.bound_by})"
+                 for a, answer in zip(deciding, gpu) if a.ctas != answer.ctas]
+    assert not differing, "\n".join(differing)

@@ -148,13 +148,32 @@ def run(what: str = "attention") -> list[Instruction]:
     return instructions
 
 
-def run_launches(what: str = "attention") -> list[Launch]:
-    """The driver's launches for ``what``, by kernel and shape."""
+@dataclass(frozen=True)
+class OccupancyAnswer:
+    """The emulated GPU's answer to cudaOccupancyMaxActiveBlocksPerMultiprocessor for a kernel."""
+
+    function: str
+    threads: int
+    dynamic_shared: int
+    ctas: int
+
+
+def run_launches(what: str = "attention") -> tuple[list[Launch], list[OccupancyAnswer]]:
+    """The driver's launches for ``what``, by kernel and shape, and the occupancy queries the
+    kernels' host code made, with the emulation's answers."""
     executable, stdout = driver_output(what)
-    shapes = [line.split()[1:] for line in stdout.splitlines() if line.startswith("launch ")]
-    names = frames(executable, {int(shape[0], 16) for shape in shapes})
-    return [Launch(kernel_name(names[int(offset, 16)][0][0]), int(threads), int(shared), int(cluster),
-                   int(count)) for offset, threads, shared, cluster, count in shapes]
+    records = {kind: [line.split()[1:] for line in stdout.splitlines() if line.startswith(kind + " ")]
+               for kind in ("launch", "occupancy")}
+    names = frames(executable, {int(fields[0], 16) for kind in records.values() for fields in kind})
+
+    def name(offset: str) -> str:
+        return kernel_name(names[int(offset, 16)][0][0])
+
+    launches = [Launch(name(offset), int(threads), int(shared), int(cluster), int(count))
+                for offset, threads, shared, cluster, count in records["launch"]]
+    answers = [OccupancyAnswer(name(offset), int(threads), int(shared), int(ctas))
+               for offset, threads, shared, ctas in records["occupancy"]]
+    return launches, answers
 
 
 def kernel_lines(instruction: Instruction) -> str:

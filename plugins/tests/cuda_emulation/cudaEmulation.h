@@ -399,6 +399,8 @@ void memoryCountsClusterEnded();
 //! The runtime's call at each launch it runs: the kernel, its CTAs' threads and dynamic shared
 //! memory, and its cluster size (memoryCounts.cpp lists them, for occupancy by architecture).
 void memoryCountsLaunch(void const* kernel, unsigned threads, size_t sharedBytes, unsigned clusterSize);
+//! The emulated occupancy query's answer for a kernel, its CTAs' threads and dynamic shared memory.
+void memoryCountsOccupancy(void const* kernel, int threads, size_t sharedBytes, int blocks);
 #endif
 
 //! The schedule of later launches: lowest thread first (0), highest first (1), else random
@@ -568,9 +570,10 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, Kernel*, cudaLaunchCon
 }
 
 //! An H100's or H200's answer by threads and shared memory (emu::kThreadsPerMultiprocessor...);
-//! not by registers, which the emulation does not know of.
+//! not by registers, which the emulation does not know of (the memory-counts build lists each
+//! answer, which tests/test_occupancy.py holds to NVIDIA's calculator with the kernel's registers).
 template <typename Kernel>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, int threads, size_t sharedBytes)
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel* kernel, int threads, size_t sharedBytes)
 {
     if (threads <= 0 || static_cast<unsigned>(threads) > emu::kMaxThreadsPerBlock)
     {
@@ -581,6 +584,11 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel*, 
     size_t const byShared = emu::kSharedPerMultiprocessor / perCta;
     *blocks = static_cast<int>(std::min<size_t>(
         {byShared, static_cast<size_t>(emu::kThreadsPerMultiprocessor / threads), emu::kCtasPerMultiprocessor}));
+#ifdef MRA_EMULATION_MEMORY_COUNTS
+    emu::memoryCountsOccupancy(reinterpret_cast<void const*>(kernel), threads, sharedBytes, *blocks);
+#else
+    (void) kernel;
+#endif
     return cudaSuccess;
 }
 

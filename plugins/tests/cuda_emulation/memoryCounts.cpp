@@ -82,6 +82,7 @@ struct Recorder
     Space global;
     std::vector<std::pair<uintptr_t, uintptr_t>> globalSpans; //!< [begin, end): the driver's buffers
     std::map<LaunchShape, uint64_t> launches;                   //!< how many launches of each shape
+    std::map<std::tuple<void const*, int, size_t>, int> occupancy; //!< the occupancy queries' answers
 };
 
 Recorder& recorder()
@@ -259,6 +260,11 @@ void memoryCountsLaunch(void const* kernel, unsigned threads, size_t sharedBytes
     ++recorder().launches[LaunchShape{kernel, threads, sharedBytes, clusterSize}];
 }
 
+void memoryCountsOccupancy(void const* kernel, int threads, size_t sharedBytes, int blocks)
+{
+    recorder().occupancy[{kernel, threads, sharedBytes}] = blocks;
+}
+
 void memoryCountsClusterEnded()
 {
     countCluster(recorder().shared, true);
@@ -284,7 +290,8 @@ extern "C" void mraCudaEmulationCountGlobal(void const* start, size_t bytes)
 //! "<shared|global> <offset> <load|store> <bytes> <requests> <wavefronts or sectors> <ideal>
 //! <worst>", the offset into its executable or library (for addr2line -e that file); then each
 //! launch shape's count, "launch <kernel's offset> <threads> <dynamic shared bytes> <cluster
-//! size> <launches>".
+//! size> <launches>", and each occupancy query's answer, "occupancy <kernel's offset> <threads>
+//! <dynamic shared bytes> <CTAs an SM>".
 extern "C" void mraCudaEmulationTakeCounts(FILE* out)
 {
     print(out, "shared", recorder().shared.instructions);
@@ -298,6 +305,13 @@ extern "C" void mraCudaEmulationTakeCounts(FILE* out)
             sharedBytes, clusterSize, static_cast<unsigned long long>(count));
     }
     recorder().launches.clear();
+    for (auto const& [query, blocks] : recorder().occupancy)
+    {
+        auto const& [kernel, threads, sharedBytes] = query;
+        std::fprintf(out, "occupancy %#zx %d %zu %d\n", static_cast<size_t>(emu::codePlace(kernel).offset), threads,
+            sharedBytes, blocks);
+    }
+    recorder().occupancy.clear();
 }
 
 // The compiler's hooks (-fsanitize=kernel-address, calls rather than inline checks): each load
