@@ -80,6 +80,9 @@ def calculate(questions: list[tuple[str, Resources, int, int]]) -> list[Occupanc
             raise UserError(f"{CALCULATOR}: {line.removeprefix('error ')}")
         ctas, *limits = map(int, line.split())
         answers.append(Occupancy(ctas, dict(zip(LIMITS, limits))))
+    if len(answers) != len(questions):
+        raise UserError(f"{CALCULATOR} answered {len(answers)} of {len(questions)} questions: "
+                        f"{result.stderr.strip() or 'rebuild it with make plugins'}")
     return answers
 
 
@@ -93,8 +96,10 @@ class Row:
 def rows(library: Path, launches: list[memory_counts.Launch]) -> list[Row]:
     """Each launch shape's occupancy on each architecture the library carries."""
     by_arch = {arch: resources(library, arch) for arch in sass_accesses.architectures(library)}
-    shapes = sorted({(l.function, l.threads, l.dynamic_shared): l for l in launches}.values(),
-                    key=lambda l: (l.function, l.threads, l.dynamic_shared))
+    def shape(launch: memory_counts.Launch) -> tuple:
+        return launch.function, launch.threads, launch.dynamic_shared
+
+    shapes = sorted({shape(launch): launch for launch in launches}.values(), key=shape)
     questions, table = [], []
     for launch in shapes:
         missing = [arch for arch, kernels in by_arch.items() if launch.function not in kernels]
