@@ -133,7 +133,10 @@ def locate(executable: Path, instructions: list[Instruction]) -> None:
 def driver_output(what: str) -> tuple[Path, str]:
     """The driver and what it printed for ``what`` ("attention", "patterns" or "profile")."""
     executable = program()
-    result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
+    try:
+        result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{executable.name} {what} ran past 15 minutes") from None
     if result.returncode != 0 or f"ran {what}" not in result.stdout:
         raise UserError(f"{executable.name} {what} failed (exit {result.returncode}): "
                         f"{result.stderr.strip() or result.stdout.strip()}")
@@ -166,9 +169,11 @@ def run_launches(what: str = "attention") -> tuple[list[Launch], list[OccupancyA
                for kind in ("launch", "occupancy")}
     names = frames(executable, {int(fields[0], 16) for kind in records.values() for fields in kind})
 
-    def name(offset: str) -> str:
-        return kernel_name(names[int(offset, 16)][0][0])
+    def name(offset: str) -> str:  # the outermost frame: the kernel, whatever is inlined at its entry
+        return kernel_name(names[int(offset, 16)][-1][0])
 
+    if not records["launch"]:
+        raise UserError(f"{executable.name} {what} listed no launches: rebuild it (make plugins)")
     launches = [Launch(name(offset), int(threads), int(shared), int(cluster), int(count))
                 for offset, threads, shared, cluster, count in records["launch"]]
     answers = [OccupancyAnswer(name(offset), int(threads), int(shared), int(ctas))

@@ -78,6 +78,8 @@ def calculate(questions: list[tuple[str, Resources, int, int]]) -> list[Occupanc
     for line in result.stdout.splitlines():
         if line.startswith("error"):
             raise UserError(f"{CALCULATOR}: {line.removeprefix('error ')}")
+        if not re.fullmatch(r"-?\d+( -?\d+){%d}" % len(LIMITS), line):
+            raise UserError(f"{CALCULATOR} answered {line!r}: rebuild it with make plugins")
         ctas, *limits = map(int, line.split())
         answers.append(Occupancy(ctas, dict(zip(LIMITS, limits))))
     if len(answers) != len(questions):
@@ -95,7 +97,10 @@ class Row:
 
 def rows(library: Path, launches: list[memory_counts.Launch]) -> list[Row]:
     """Each launch shape's occupancy on each architecture the library carries."""
-    by_arch = {arch: resources(library, arch) for arch in sass_accesses.architectures(library)}
+    archs = sass_accesses.architectures(library)
+    if not archs:
+        raise UserError(f"{library.name} carries no cubins (cuobjdump -lelf lists none): rebuild it with make plugins")
+    by_arch = {arch: resources(library, arch) for arch in archs}
     def shape(launch: memory_counts.Launch) -> tuple:
         return launch.function, launch.threads, launch.dynamic_shared
 

@@ -104,6 +104,9 @@ def binary(name: str) -> str:
 def cubins(library: Path) -> dict[str, str]:
     """The cubins ``library`` carries, by architecture: {"sm_90": "mraAttentionKernels.sm_90.cubin"}."""
     listing = subprocess.run([binary("cuobjdump"), "-lelf", str(library)], capture_output=True, text=True)
+    if listing.returncode != 0:
+        said = (listing.stderr.strip().splitlines() or ["no message"])[0]
+        raise UserError(f"cuobjdump cannot list {library.name}'s kernels ({said}): rebuild it with make plugins")
     names = re.findall(r"ELF file\s+\d+:\s+(\S+\.cubin)", listing.stdout)
     return {re.sub(r".*\.(sm_\w+)\.cubin", r"\1", name): name for name in names}
 
@@ -194,7 +197,10 @@ class Sources:
         as "file:line" of its place; "" where the chain never enters it."""
         for file, line in chain:
             if file in self.starts:
-                return f"{file}:{self.starts[file].get(line, line)}"
+                if line not in self.starts[file]:
+                    raise UserError(f"line {line} of {file} is past its end: the build is of other "
+                                    "sources; rebuild it with make plugins")
+                return f"{file}:{self.starts[file][line]}"
         return ""
 
     def text(self, place: str) -> str:
@@ -208,9 +214,21 @@ def emulated_chain(instruction: memory_counts.Instruction) -> tuple[tuple[str, i
     return tuple((file, int(line)) for file, line in pairs if line.isdigit())
 
 
+ELEMENT_TYPES = ("float", "__half", "__nv_bfloat16")
+
+
+def element_type(function: str) -> str:
+    """The data type a kernel (or the emulation's out-of-line helper) works on, which sets the
+    widths of a statement shared by several instantiations: its first template argument where
+    that is a type, float for the fp32 kernel, "" where it has none."""
+    first = function.partition("<")[2].split(",")[0].rstrip(">").strip()
+    return first if first in ELEMENT_TYPES else "float" if function.startswith("highResolutionFma") else ""
+
+
 @dataclass
 class Row:
     place: str
+    element: str  # element_type of the kernels that run it
     space: str
     store: bool
     nvcc: set[int]
@@ -219,13 +237,17 @@ class Row:
 
     @property
     def verdict(self) -> str:
+        """Narrower where nvcc lacks the widest access the emulation counts or makes one narrower
+        than any counted (it split one); wider where it merged counted accesses."""
         if self.nvcc == self.emulation:
             return "same"
         if not self.emulation:
             return f"nvcc only (through {self.through})" if self.through else "nvcc only"
         if not self.nvcc:
             return "emulation only"
-        return "wider in nvcc" if max(self.nvcc) > max(self.emulation) else "narrower in nvcc"
+        if min(self.nvcc) < min(self.emulation) or max(self.nvcc) < max(self.emulation):
+            return "narrower in nvcc"
+        return "wider in nvcc"
 
 
 def compare(sass: list[SassInstruction], emulated: list[memory_counts.Instruction],
@@ -233,26 +255,42 @@ def compare(sass: list[SassInstruction], emulated: list[memory_counts.Instructio
     """The rows of the kernels the emulation ran, by place, space and direction; and the kernels
     nvcc compiled that the problems did not run."""
     ran = {i.function for i in emulated}
-    rows: dict[tuple[str, str, bool], Row] = {}
+    rows: dict[tuple[str, str, str, bool], Row] = {}
 
-    def row(place, space, store):
-        return rows.setdefault((place, space, store), Row(place, space, store, set(), set()))
+    def row(place, function, space, store):
+        key = (place, element_type(function), space, store)
+        return rows.setdefault(key, Row(*key, set(), set()))
 
     for instruction in sass:
         place = sources.place(instruction.chain)
         for access in accesses(instruction.opcode):
             if instruction.function in ran and place and access.space not in UNMODELLED_SPACES:
-                entry = row(place, access.space, access.store)
+                entry = row(place, instruction.function, access.space, access.store)
                 entry.nvcc.add(access.bytes)
                 if instruction.chain[0][0] not in sources.starts:
                     entry.through = instruction.chain[0][0]
     for instruction in emulated:
         place = sources.place(emulated_chain(instruction))
         if place:
-            row(place, instruction.space, instruction.store).emulation.add(instruction.bytes)
+            row(place, instruction.function, instruction.space, instruction.store).emulation.add(instruction.bytes)
+    spread_untyped_helpers(rows)
     not_run = sorted({i.function for i in sass} - ran)
     return sorted(rows.values(), key=lambda r: (r.place.split(":")[0], int(r.place.split(":")[1]),
-                                                r.space, r.store)), not_run
+                                                r.element, r.space, r.store)), not_run
+
+
+def spread_untyped_helpers(rows: dict) -> None:
+    """An access the emulation counts in a helper GCC kept out of line with no type of its own
+    (realTokenBits) is nvcc's in every kernel it is inlined into: its widths join the typed rows
+    nvcc has at that place, in place of a row of its own."""
+    for key, row in list(rows.items()):
+        place, element, space, store = key
+        typed = [other for (p, e, sp, st), other in rows.items()
+                 if (p, sp, st) == (place, space, store) and e and other.nvcc]
+        if not element and not row.nvcc and typed:
+            for other in typed:
+                other.emulation |= row.emulation
+            del rows[key]
 
 
 def unmodelled(sass: list[SassInstruction], sources: Sources) -> dict[str, dict[str, set[str]]]:
@@ -271,17 +309,17 @@ def report(arch: str, rows: list[Row], not_run: list[str], odd: dict, sources: S
     for r in rows:
         verdicts[r.verdict.split(" (")[0]] += 1
     out = [f"## {arch}: each statement's access widths, nvcc's beside the emulation's", "",
-           f"{len(rows)} statement accesses (place, space, direction): "
+           f"{len(rows)} statement accesses (place, data type, space, direction): "
            + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + ".",
            "Kernels nvcc compiled that the problems do not run: "
            + (", ".join(f"`{name}`" for name in not_run) or "none") + ".", "",
-           "| place | statement | space | access | nvcc bytes | emulation bytes | verdict |",
-           "|---|---|---|---|---|---|---|"]
+           "| place | statement | data | space | access | nvcc bytes | emulation bytes | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if every_row or r.verdict != "same":
             code = sources.text(r.place).replace("|", "\\|")
             code = code if len(code) <= 60 else code[:57] + "..."
-            out.append(f"| {r.place} | `{code}` | {r.space} | {'store' if r.store else 'load'} "
+            out.append(f"| {r.place} | `{code}` | {r.element or '-'} | {r.space} | {'store' if r.store else 'load'} "
                        f"| {widths(r.nvcc)} | {widths(r.emulation)} | {r.verdict} |")
     out += ["", f"## {arch}: accesses the counts do not model", ""]
     if not odd:

@@ -1114,7 +1114,8 @@ struct FmaSmem
 {
     static constexpr int kStages = 2;
     static constexpr int kTileStride = D + 4;
-    static_assert((kTileStride - D) * sizeof(float) >= sizeof(uint32_t), "a row's pad holds a key mask");
+    static_assert((kTileStride - D) * sizeof(float) >= sizeof(uint32_t) && D * sizeof(float) % sizeof(uint32_t) == 0,
+        "a row's pad holds a key mask's aligned word");
     static constexpr int kWeightStride = 40; // float [32][40]: each row's 32 weights, for its 8 threads
     static constexpr size_t kTile = sizeof(float) * kBlock * kTileStride;
     static constexpr size_t kWeights = sizeof(float) * kBlock * kWeightStride;
@@ -1371,7 +1372,8 @@ struct MmaSmem
 {
     static constexpr int kStages = kSplit > 1 ? MRA_MMA_SPLIT_STAGES : MRA_MMA_STAGES;
     static constexpr int kTileStride = D + 8;
-    static_assert((kTileStride - D) * sizeof(T) >= sizeof(uint32_t), "a row's pad holds a key mask");
+    static_assert((kTileStride - D) * sizeof(T) >= sizeof(uint32_t) && D * sizeof(T) % sizeof(uint32_t) == 0,
+        "a row's pad holds a key mask's aligned word");
     static constexpr size_t kTile = sizeof(T) * kBlock * kTileStride;
     static constexpr size_t kGroupTiles = 2 * kStages * kTile; // a group's stages
     static constexpr size_t kTotal = kTile + kSplit * kGroupTiles;
