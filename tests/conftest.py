@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -146,6 +147,27 @@ def program_or_skip(program: str, compiler_check: str, needs: str) -> Path:
         if cache.is_file() and f"{compiler_check}:INTERNAL=1" not in cache.read_text():
             pytest.skip(f"the C++ compiler has no {needs} (plugins/CMakeLists.txt skips {program})")
         raise
+
+
+def built_or_skip(name: str) -> Path:
+    """plugins/build's ``name`` as `make plugins` left it; skips where it was not built (CMake
+    skips the CUDA parts without nvcc, the plugin without TensorRT's headers)."""
+    from mra_export import native
+
+    path = native.build_dir() / name
+    if not path.is_file():
+        pytest.skip(f"{path} was not built (make plugins: the CUDA kernels need nvcc, the plugin "
+                    "TensorRT's headers via TensorRT_ROOT or TRT_INCLUDE_DIR)")
+    return path
+
+
+def cuda_architectures_named() -> list[str]:
+    """The architectures the CMake build compiles the kernels for ("sm_80", ...)."""
+    from mra_export import native
+
+    cache = (native.build_dir() / "CMakeCache.txt").read_text()
+    named = re.search(r"^MRA_CUDA_ARCHITECTURES:STRING=(.*)$", cache, re.MULTILINE).group(1)
+    return sorted(f"sm_{arch}" for arch in named.split(";"))
 
 
 @pytest.fixture(scope="session")

@@ -6,28 +6,18 @@ the calculator (make plugins with nvcc), cuobjdump (make setup) and the memory-c
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 import pytest
 
-from .conftest import load_tool, program_or_skip
+from .conftest import built_or_skip, cuda_architectures_named, load_tool, program_or_skip
 
 occupancy = load_tool("occupancy")
 memory_counts = occupancy.memory_counts
 
 
-def built(name: str):
-    from mra_export import native
-
-    path = native.build_dir() / name
-    if not path.is_file():
-        pytest.skip(f"{path} is not built (make plugins: it needs nvcc and the CUDA toolkit's headers)")
-    return path
-
-
 def ask(lines: list[str]) -> list[str]:
-    calculator = built(occupancy.CALCULATOR)
+    calculator = built_or_skip(occupancy.CALCULATOR)
     result = subprocess.run([str(calculator)], input="\n".join(lines) + "\n", capture_output=True,
                             text=True, check=True, timeout=60)
     return result.stdout.splitlines()
@@ -57,13 +47,13 @@ def library():
     from mra_export import native
     from mra_export.errors import UserError
 
-    built(occupancy.CALCULATOR)
+    built_or_skip(occupancy.CALCULATOR)
     program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
     try:
         occupancy.sass_accesses.binary("cuobjdump")
     except UserError as error:
         pytest.skip(str(error))
-    return built(native.CUDA_LIBRARY)
+    return built_or_skip(native.CUDA_LIBRARY)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +72,9 @@ def needs_sm_90(table):
         pytest.skip("the CUDA library was built without sm_90 (MRA_CUDA_ARCHITECTURES)")
 
 
-def test_every_kernel_the_problems_launch_fits_every_architecture_built(table):
-    from mra_export import native
-
+def test_every_kernel_the_problems_launch_fits_every_architecture_built_or_skip(table):
     assert len(table) >= 25  # every kernel, each launch shape
-    cache = (native.build_dir() / "CMakeCache.txt").read_text()
-    named = re.search(r"^MRA_CUDA_ARCHITECTURES:STRING=(.*)$", cache, re.MULTILINE).group(1)
-    assert sorted(table[0].occupancy) == sorted(f"sm_{arch}" for arch in named.split(";"))
+    assert sorted(table[0].occupancy) == cuda_architectures_named()
     unfit = [f"{row.launch.function} on {arch}" for row in table
              for arch, answer in row.occupancy.items() if answer.ctas < 1]
     assert not unfit

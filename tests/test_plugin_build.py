@@ -16,20 +16,14 @@ import torch
 
 from mra_export import native
 
+from .conftest import built_or_skip
+
 PLUGIN_TEST = "mra_attention_plugin_test"
 REGISTRATION_TEST = "mra_attention_plugin_registration_test"  # against a fake libnvinfer
 
 
-def built(name: str):
-    path = native.build_dir() / name
-    if not path.is_file():
-        pytest.skip(f"{path} was not built (make plugins: the CUDA kernels need nvcc, the plugin "
-                    "TensorRT's headers via TensorRT_ROOT or TRT_INCLUDE_DIR)")
-    return path
-
-
 def test_cuda_library_exports_the_c_interface_with_the_cpu_layout(cpu_library):
-    cuda = native.MraLibrary(built(native.CUDA_LIBRARY))
+    cuda = native.MraLibrary(built_or_skip(native.CUDA_LIBRARY))
     assert hasattr(cuda.lib, "mraAttentionCuda") and hasattr(cuda.lib, "mraLastCudaError")
     for shape, dtype in [((8, 12, 4096, 64), torch.float16), ((1, 2, 17, 32), torch.float32)]:
         params = cuda.params(torch.empty(shape, dtype=dtype), num_blocks=64)
@@ -38,7 +32,7 @@ def test_cuda_library_exports_the_c_interface_with_the_cpu_layout(cpu_library):
 
 
 def test_cuda_entry_point_checks_arguments_before_touching_the_gpu():
-    cuda = native.MraLibrary(built(native.CUDA_LIBRARY))
+    cuda = native.MraLibrary(built_or_skip(native.CUDA_LIBRARY))
     params = cuda.params(torch.empty(1, 1, 64, 96), num_blocks=4)  # head_dim 96
     null = ctypes.c_void_p(0)
     null_pointers = [null] * 6  # Q, K, V, mask, output, workspace
@@ -56,8 +50,8 @@ def test_cuda_entry_point_checks_arguments_before_touching_the_gpu():
 
 
 def test_plugin_contract_through_tensorrt_interfaces():
-    program = built(PLUGIN_TEST)
-    library = built(native.PLUGIN_LIBRARY)
+    program = built_or_skip(PLUGIN_TEST)
+    library = built_or_skip(native.PLUGIN_LIBRARY)
     result = subprocess.run([str(program), str(library)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(" passed, 0 failed")
@@ -72,8 +66,8 @@ def test_only_the_triton_library_registers_the_plugin_when_opened(plugin, triton
     libraries, so it gets the triton library, which registers the plugin library's creator once
     when opened after libnvinfer, nothing without it, and deregisters it when unloaded. Checked
     against a fake libnvinfer's registry, not TensorRT's."""
-    program = built(REGISTRATION_TEST)
-    plugin, triton = built(plugin), built(triton)
+    program = built_or_skip(REGISTRATION_TEST)
+    plugin, triton = built_or_skip(plugin), built_or_skip(triton)
     result = subprocess.run([str(program), str(plugin), str(triton)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

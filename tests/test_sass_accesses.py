@@ -7,11 +7,9 @@ library (make plugins with nvcc) and the two binaries (make setup installs them)
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from .conftest import load_tool, program_or_skip
+from .conftest import built_or_skip, cuda_architectures_named, load_tool, program_or_skip
 
 sass_accesses = load_tool("sass_accesses")
 memory_counts = sass_accesses.memory_counts
@@ -98,9 +96,7 @@ def built_sass() -> dict:
     from mra_export import native
     from mra_export.errors import UserError
 
-    library = native.build_dir() / native.CUDA_LIBRARY
-    if not library.is_file():
-        pytest.skip(f"{library} is not built (make plugins: the CUDA kernels need nvcc)")
+    library = built_or_skip(native.CUDA_LIBRARY)
     try:
         return {arch: sass_accesses.parse_sass(sass_accesses.disassemble(library, arch))
                 for arch in sass_accesses.architectures(library)}
@@ -122,11 +118,7 @@ def described(rows) -> str:
 
 
 def test_every_architecture_the_build_names_is_compared(comparisons):
-    from mra_export import native
-
-    cache = (native.build_dir() / "CMakeCache.txt").read_text()
-    named = re.search(r"^MRA_CUDA_ARCHITECTURES:STRING=(.*)$", cache, re.MULTILINE).group(1)
-    assert sorted(comparisons) == sorted(f"sm_{arch}" for arch in named.split(";"))
+    assert sorted(comparisons) == cuda_architectures_named()
 
 
 def test_the_problems_run_every_kernel_and_memory_statement_nvcc_compiled(comparisons):

@@ -75,6 +75,8 @@ struct Space
 
 //! A launch's kernel, threads a CTA, dynamic shared memory and cluster size.
 using LaunchShape = std::tuple<void const*, unsigned, size_t, unsigned>;
+//! An occupancy query's kernel, threads a CTA and dynamic shared memory.
+using OccupancyQuery = std::tuple<void const*, int, size_t>;
 
 struct Recorder
 {
@@ -82,7 +84,7 @@ struct Recorder
     Space global;
     std::vector<std::pair<uintptr_t, uintptr_t>> globalSpans; //!< [begin, end): the driver's buffers
     std::map<LaunchShape, uint64_t> launches;                   //!< how many launches of each shape
-    std::map<std::tuple<void const*, int, size_t>, int> occupancy; //!< the occupancy queries' answers
+    std::map<OccupancyQuery, int> occupancy;                    //!< the occupancy queries' answers
 };
 
 Recorder& recorder()
@@ -262,7 +264,7 @@ void memoryCountsLaunch(void const* kernel, unsigned threads, size_t sharedBytes
 
 void memoryCountsOccupancy(void const* kernel, int threads, size_t sharedBytes, int blocks)
 {
-    recorder().occupancy[{kernel, threads, sharedBytes}] = blocks;
+    recorder().occupancy[OccupancyQuery{kernel, threads, sharedBytes}] = blocks;
 }
 
 void memoryCountsClusterEnded()

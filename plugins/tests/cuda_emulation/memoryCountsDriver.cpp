@@ -147,6 +147,8 @@ void readPastABuffersFloat()
     ::emu::setFaultNames({});
 }
 
+//! One warp of `kernel(buffer)` with the patterns' shared memory; `buffer`, 64 floats, is where
+//! the loads write what they read and where the copies read from.
 template <typename Kernel>
 void launchWarp(Kernel kernel)
 {
@@ -168,9 +170,8 @@ void runPatterns()
     launchWarp(loadVectors<2>);
     launchWarp(loadMatrixRows<64>);
     launchWarp(loadMatrixRows<72>);
-    std::vector<float> source(4, 1.0f);
-    copyVectors<1> | ::emu::Launch(1, 32, kPatternBytes) | ::emu::args(static_cast<float const*>(source.data()));
-    copyVectors<8> | ::emu::Launch(1, 32, kPatternBytes) | ::emu::args(static_cast<float const*>(source.data()));
+    launchWarp(copyVectors<1>);
+    launchWarp(copyVectors<8>);
     launchGlobal(loadGlobalWords<0>);
     launchGlobal(loadGlobalWords<1>);
     launchGlobal(loadGlobalWords<2>);
