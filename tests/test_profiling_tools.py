@@ -200,6 +200,9 @@ def test_compare_commits_host_measures_python_around_the_kernels(capsys):
      "argument --out: no folder /no-such-folder; make it first"),
     ("occupancy", ["--out", "/no-such-folder/occupancy.md"],
      "argument --out: no folder /no-such-folder; make it first"),
+    ("instruction_counts", ["--arch", "90"], "argument --arch: '90' is not an architecture such as sm_90"),
+    ("instruction_counts", ["--out", "/no-such-folder/instructions.md"],
+     "argument --out: no folder /no-such-folder; make it first"),
 ])
 def test_the_tools_refuse_bad_arguments_in_one_line_before_any_work(tool, argv, message,
                                                                     monkeypatch, capsys):

@@ -336,16 +336,22 @@ def widths(sizes: set[int]) -> str:
     return ", ".join(map(str, sorted(sizes))) or "-"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_report_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``parser``'s arguments with --arch (sm_90) and --out, checked (a one-line usage error)."""
     parser.add_argument("--arch", default="sm_90", help="the kernels of this architecture (sm_90)")
-    parser.add_argument("--all", action="store_true", help="every statement, the same ones too")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
         parser.error(f"argument --arch: {args.arch!r} is not an architecture such as sm_90")
     if args.out and not args.out.parent.is_dir():
         parser.error(f"argument --out: no folder {args.out.parent}; make it first")
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all", action="store_true", help="every statement, the same ones too")
+    args = parse_report_arguments(parser, argv)
 
     def comparison() -> str:
         sources = Sources()

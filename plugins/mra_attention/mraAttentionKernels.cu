@@ -33,6 +33,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -77,6 +78,14 @@ constexpr int kMaxHeadDim = 128;
 #endif
 #ifndef MRA_SPLIT_BELOW_WAVES
 #define MRA_SPLIT_BELOW_WAVES 3
+#endif
+
+// The CTAs an SM ptxas must fit the split tensor-core kernel at head_dim 64 in on sm_90 (its
+// launch bounds' minimum), for an A/B build: 0, the default, leaves ptxas its own choice, 103
+// registers and 4 CTAs an SM, though its shared memory allows 5 (tools/occupancy.py). 5 holds it
+// to 96 registers, and ptxas then spills 16 bytes (docs/gpu.md).
+#ifndef MRA_MMA_SPLIT_MIN_CTAS
+#define MRA_MMA_SPLIT_MIN_CTAS 0
 #endif
 
 // Programmatic dependent launches (waitForPreviousKernel); 0 for an A/B build without them.
@@ -795,6 +804,21 @@ __device__ inline void waitForCopies()
 #endif
 }
 
+//! 2^x by ex2.approx.ftz (one MUFU.EX2, about 2 ulp), results below 2^-126 flushed to 0: where
+//! the 16-bit kernels' weights and rescales are made. __expf is the same instruction after a
+//! multiply, and three more instructions that keep results below 2^-126, which no fp16 weight can
+//! hold (its least is 2^-24), nor make a difference beside a row's largest weight, 1, in bf16.
+__device__ inline float exp2Approximate(float x)
+{
+#ifdef MRA_CUDA_EMULATION_H
+    return std::exp2(x); // the emulation's exponentials are exact (as its __expf)
+#else
+    float result;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(result) : "f"(x));
+    return result;
+#endif
+}
+
 //! The tile row of 16-byte vector `index` of a [32, D] tile of kVectorsPerRow vectors a row, in
 //! the order the copies in and out take them. Rows of 4 vectors (16-bit, head_dim 32) are 80
 //! bytes apart in the tensor-core kernel's tiles, so a quarter warp's 8 vectors, two rows, would
@@ -814,17 +838,18 @@ __device__ inline int32_t tileRow(int32_t index)
 
 //! Issues the copies of the [32, D] tiles of tokens first + 0..31 of kTensors tensors (Q; or K
 //! and V) into shared memory, row-major with rows `stride` elements apart (16-byte aligned):
-//! padded tokens and those past the sequence as zeros. Thread `thread` of the kThreads that
-//! share the copy takes 16-byte vectors thread, thread + kThreads, ... of each.
+//! padded tokens and those past the sequence as zeros (`realTokens` bit r: token first + r is
+//! real, from realTokenBits: one mask read a warp, where each vector's own would be one a
+//! vector, on the way to each copy). Thread `thread` of the kThreads that share the copy takes
+//! 16-byte vectors thread, thread + kThreads, ... of each.
 template <typename T, int D, int kTensors, int kThreads>
-__device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors], int32_t const* mask, int32_t row,
+__device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors], uint32_t realTokens, int32_t row,
     int32_t first, T* const (&tiles)[kTensors], int32_t stride, int32_t thread)
 {
     constexpr int kVector = 16 / sizeof(T);
     constexpr int kVectorsPerRow = D / kVector;
     constexpr int kPerThread = kBlock * kVectorsPerRow / kThreads;
     static_assert(kPerThread * kThreads == kBlock * kVectorsPerRow, "the threads share the tile evenly");
-    int32_t const batch = row / p.heads;
     // The tile's first token, then 32-bit steps within the tile (heads * head_dim fits int32).
     size_t const base = tokenOffset(p, row, first);
     int32_t const tokenStride = static_cast<int32_t>(p.tokenStride);
@@ -834,7 +859,7 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
         int32_t const index = thread + v * kThreads;
         int32_t const r = tileRow<kVectorsPerRow>(index);
         int32_t const column = (index % kVectorsPerRow) * kVector;
-        bool const real = isReal(p, mask, batch, first + r);
+        bool const real = (realTokens >> r) & 1u;
         MRA_UNROLL
         for (int32_t t = 0; t < kTensors; ++t)
         {
@@ -876,19 +901,16 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     // A group of copies per round, empty past the group's last block, so that wait_group counts rounds.
     auto fetch = [&](int32_t round) {
         int32_t const index = begin + round * kGroups;
-        if (index < end)
+        if (index < end) // the same in each thread of the group: its warps all read the mask
         {
             int32_t const stage = round % kStages;
             int32_t const j = selected[index] - i * p.nb;
-            copyTiles<T, D, 2, kThreads>(p, {key, value}, mask, row, j * kBlock, {tile(stage, 0), tile(stage, 1)},
+            uint32_t const bits = realTokenBits(p, mask, row / p.heads, j);
+            copyTiles<T, D, 2, kThreads>(p, {key, value}, bits, row, j * kBlock, {tile(stage, 0), tile(stage, 1)},
                 stride, thread);
-            if (thread < kBlock)
+            if (thread == 0)
             {
-                uint32_t const bits = realTokenBits(p, mask, row / p.heads, j);
-                if (thread == 0)
-                {
-                    realKeys(stage) = bits;
-                }
+                realKeys(stage) = bits;
             }
         }
         commitCopies();
@@ -911,10 +933,29 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     waitForCopies<0>(); // the query tile's, where no block was selected
 }
 
+//! Runs `softmax(everyKeyReal)` with std::true_type where a key block has no padding key (every
+//! block but, at most, a sequence's last), so that its masks compile away; else std::false_type.
+//! `realKeys` is the block's, the same in every thread: the branch does not diverge.
+template <typename Softmax>
+__device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
+{
+    static_assert(kBlock == 32, "a block's keys are one 32-bit word");
+    if (realKeys == 0xffffffffu)
+    {
+        softmax(std::true_type{});
+    }
+    else
+    {
+        softmax(std::false_type{});
+    }
+}
+
+constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
+
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
 //! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
-//! with one weight exactly 1.
+//! with one weight 1 (to a few ulp of fp32 by the fast exponential).
 struct SoftmaxStats
 {
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
@@ -923,9 +964,11 @@ struct SoftmaxStats
 
     //! Fold in one block's scores of a row, kKeys per thread of its kLanes (`real`: the key is
     //! real). Returns the factor the row's earlier sums are rescaled by, and the weights in
-    //! `weights`. fp16/bf16 take the fast exponential (a few ulp of fp32), as their weights round
-    //! to 8 or 11 bits anyway.
-    template <bool kFastExp, int kLanes, int kKeys>
+    //! `weights`. fp16/bf16 take the fast exponential, 2^(P log2 e - baseMax log2 e) in one FFMA
+    //! and one MUFU.EX2 (a few ulp of fp32), as their weights round to 8 or 11 bits anyway.
+    //! kEveryKeyReal: the block has no padding key (`real` unread), so its real keys' max is its
+    //! max, one reduction instead of two; the same values either way.
+    template <bool kFastExp, int kLanes, bool kEveryKeyReal, int kKeys>
     __device__ float absorb(float const (&scores)[kKeys], bool const (&real)[kKeys], float (&weights)[kKeys])
     {
         static_assert(kKeys * kLanes == kBlock, "a row's threads hold the block's keys");
@@ -934,17 +977,22 @@ struct SoftmaxStats
         for (int32_t t = 0; t < kKeys; ++t)
         {
             blockMax = fmaxf(blockMax, scores[t]);
-            blockRealMax = fmaxf(blockRealMax, real[t] ? scores[t] : -FLT_MAX);
+            blockRealMax = fmaxf(blockRealMax, kEveryKeyReal || real[t] ? scores[t] : -FLT_MAX);
         }
-        runningMax = fmaxf(runningMax, rowMaxOver<kLanes>(blockMax));
-        float const newBase = fmaxf(baseMax, rowMaxOver<kLanes>(blockRealMax));
-        float const rescale = expf(baseMax - newBase); // 1 while no real key has been seen
+        float const rowMax = rowMaxOver<kLanes>(blockMax);
+        runningMax = fmaxf(runningMax, rowMax);
+        float const newBase = fmaxf(baseMax, kEveryKeyReal ? rowMax : rowMaxOver<kLanes>(blockRealMax));
+        // 1 while no real key has been seen; 0 from no real key to one (-FLT_MAX log2 e is -inf)
+        float const rescale
+            = kFastExp ? exp2Approximate((baseMax - newBase) * kLog2e) : expf(baseMax - newBase);
         baseMax = newBase;
+        float const baseLog2 = newBase * kLog2e; // -inf before a real key, when every weight is 0
         float partial = 0.0f;
         for (int32_t t = 0; t < kKeys; ++t)
         {
-            float const exponent = scores[t] - newBase;
-            weights[t] = !real[t] ? 0.0f : kFastExp ? __expf(exponent) : expf(exponent); // exp(.. - 1e4) is 0
+            weights[t] = !(kEveryKeyReal || real[t]) ? 0.0f // exp(.. - 1e4) is 0
+                : kFastExp                          ? exp2Approximate(fmaf(scores[t], kLog2e, -baseLog2))
+                                                    : expf(scores[t] - newBase);
             partial += weights[t];
         }
         norm = norm * rescale + rowSumOver<kLanes>(partial);
@@ -994,7 +1042,10 @@ struct LowResolution
 struct RowEpilogue
 {
     bool full;
-    float toQuantised, loScale, hiScale, denominator;
+    float toQuantised, loScale, hiScale;
+    // The row's one division: each dim then multiplies by it (1 ulp from dividing each, as
+    // transformers does; a division is a dozen instructions and a slow-path branch a dim).
+    float inverseDenominator;
 
     __device__ RowEpilogue(Problem const& p, SoftmaxStats const& stats, float blockRowMax, float lowNorm)
         : full(p.full)
@@ -1007,13 +1058,14 @@ struct RowEpilogue
         loScale = expf(fminf(maxGap, 0.0f));
         hiScale = expf(-fmaxf(maxGap, 0.0f));
         float const hiNorm = stats.norm * toQuantised;
-        denominator = full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps;
+        float const denominator = full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps;
+        inverseDenominator = 1.0f / denominator;
     }
 
     __device__ float operator()(float hiOut, float lowOut) const
     {
         float const hi = hiOut * toQuantised;
-        return full ? (hi * hiScale + lowOut * loScale) / denominator : hi / denominator;
+        return (full ? hi * hiScale + lowOut * loScale : hi) * inverseDenominator;
     }
 };
 
@@ -1187,8 +1239,8 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
     int32_t const lane = groupThread % 8;
     int32_t const rows[2] = {r, r + 16};
 
-    copyTiles<float, D, 1, kHighResThreads * kSplit>(p, {query}, mask, row, i * kBlock, {queryTile},
-        Smem::kTileStride, threadIdx.x);
+    copyTiles<float, D, 1, kHighResThreads * kSplit>(p, {query}, realTokenBits(p, mask, row / p.heads, i), row,
+        i * kBlock, {queryTile}, Smem::kTileStride, threadIdx.x);
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];
     float4 out[2][kGroups] = {}; // sum exp(P - baseMax) V at dims 4 (lane + 8 group) .. + 3
@@ -1205,7 +1257,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
         for (int32_t h = 0; h < 2; ++h)
         {
             float weights[4];
-            rescale[h] = stats[h].absorb<false, 8>(scores[h], real, weights);
+            rescale[h] = stats[h].absorb<false, 8, false>(scores[h], real, weights);
             for (int32_t t = 0; t < 4; ++t)
             {
                 weightTile[rows[h] * Smem::kWeightStride + lane + 8 * t] = weights[t];
@@ -1385,8 +1437,18 @@ struct MmaSmem
 //! (L2 reuse). Each group takes every kSplit-th of the query block's key blocks (a query block
 //! may hold several times the mean, and alone it would keep the GPU waiting at batch 1); group 0
 //! then merges the others' partial sums, as the blocks' softmax statistics merge, and writes.
+//! The launch bounds' minimum CTAs an SM of highResolutionMma<T, D, kSplit> (MRA_MMA_SPLIT_MIN_CTAS);
+//! 0: ptxas' own choice (an explicit 1 would let it take up to 255 registers).
+template <int D, int kSplit>
+constexpr int kMmaMinCtasPerSm =
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    D == 64 && kSplit > 1 ? MRA_MMA_SPLIT_MIN_CTAS : 0;
+#else
+    0;
+#endif
+
 template <typename T, int D, int kSplit>
-__global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
+__global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D, kSplit>)) highResolutionMma(
     Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
 {
     using Smem = MmaSmem<T, D, kSplit>;
@@ -1409,7 +1471,8 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
     // Scaled by the reciprocal (1 ulp from dividing, far inside fp16/bf16 tolerances).
     float const inverseScale = 1.0f / p.scaleDivisor;
 
-    copyTiles<T, D, 1, kThreads>(p, {query}, mask, row, i * kBlock, {queryTile}, Smem::kTileStride, threadIdx.x);
+    copyTiles<T, D, 1, kThreads>(p, {query}, realTokenBits(p, mask, row / p.heads, i), row, i * kBlock, {queryTile},
+        Smem::kTileStride, threadIdx.x);
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
@@ -1450,29 +1513,31 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit) highResolutionMma(
 
         // The softmax of each of the thread's two rows: its keys 8n + 2t + c (n < 4, c < 2).
         float weights[2][8];
-        MRA_UNROLL
-        for (int32_t h = 0; h < 2; ++h)
-        {
-            float scores[8];
-            bool real[8];
+        byKeyPadding(blockRealKeys, [&](auto everyKeyReal) {
             MRA_UNROLL
-            for (int32_t n = 0; n < 4; ++n)
+            for (int32_t h = 0; h < 2; ++h)
             {
+                float scores[8];
+                bool real[8];
                 MRA_UNROLL
-                for (int32_t c = 0; c < 2; ++c)
+                for (int32_t n = 0; n < 4; ++n)
                 {
-                    scores[2 * n + c] = scoreTiles[n][2 * h + c] * inverseScale;
-                    real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
+                    MRA_UNROLL
+                    for (int32_t c = 0; c < 2; ++c)
+                    {
+                        scores[2 * n + c] = scoreTiles[n][2 * h + c] * inverseScale;
+                        real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
+                    }
+                }
+                float const rescale = stats[h].absorb<true, 4, decltype(everyKeyReal)::value>(scores, real, weights[h]);
+                MRA_UNROLL
+                for (int32_t n = 0; n < kDimTiles; ++n)
+                {
+                    out[n][2 * h] *= rescale;
+                    out[n][2 * h + 1] *= rescale;
                 }
             }
-            float const rescale = stats[h].absorb<true, 4>(scores, real, weights[h]);
-            MRA_UNROLL
-            for (int32_t n = 0; n < kDimTiles; ++n)
-            {
-                out[n][2 * h] *= rescale;
-                out[n][2 * h + 1] *= rescale;
-            }
-        }
+        });
 
         // O += P V: P's A fragment for keys 16u..16u+15 is S's n tiles 2u and 2u + 1, rounded to T.
         // V's B fragments by ldmatrix.trans: lane l addresses key 16u + matrixRow at dims

@@ -1,0 +1,114 @@
+"""The instructions a warp of each tensor-core high-resolution kernel issues for one key block, as
+nvcc compiled them (tools/instruction_counts.py). The first tests walk a small piece of
+nvdisasm's output and need no CUDA; the others need the CUDA library (make plugins with nvcc) and
+NVIDIA's cuobjdump and nvdisasm (make setup)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .conftest import built_or_skip, load_tool
+
+instruction_counts = load_tool("instruction_counts")
+
+# nvdisasm -c's shape. A loop (0x10 to 0x90) whose head copies; a uniform branch skips two
+# masking instructions (the every-key-real path); a branch around the matrix product (a path
+# without it is not a key block's); a divergent fallback out of the loop; an instruction that
+# never runs; then the epilogue and a padding loop after EXIT.
+SASS = """\
+.text._Z6kernelv:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+        /*0030*/                   FMNMX R5, R5, R6, !PT ;
+        /*0040*/                   FSEL R5, R5, -3.40282346638528859812e+38, P1 ;
+.L_x_1:
+        /*0050*/               @P2 BRA `(.L_x_2) ;
+        /*0060*/                   HMMA.16816.F32 R8, R12, R14, R8 ;
+.L_x_2:
+        /*0070*/                   BRA.DIV UR4, `(.L_x_3) ;
+        /*0080*/              @!PT SHFL.BFLY PT, R6, R5, 0x1, 0x1f ;
+        /*0090*/              @!P1 BRA `(.L_x_0) ;
+        /*00a0*/                   FCHK P0, R7, R9 ;
+        /*00b0*/                   STG.E desc[UR4][R2.64], R8 ;
+        /*00c0*/                   EXIT ;
+.L_x_3:
+        /*00d0*/                   WARPSYNC.ALL ;
+        /*00e0*/                   BRA `(.L_x_2) ;
+.L_x_4:
+        /*00f0*/                   BRA `(.L_x_4) ;
+"""
+
+
+def test_the_loops_paths_with_all_its_work_give_the_fewest_and_the_most_instructions():
+    kernels = instruction_counts.parse(SASS)
+    assert list(kernels) == ["kernel"]
+    instructions = kernels["kernel"]
+    assert [i.address for i in instructions][:3] == [0x0, 0x10, 0x20]
+    assert instructions[2].target == 0x50 and instructions[2].conditional
+    assert instructions[8].predicate == "@!PT"
+
+    counted = instruction_counts.count("kernel", instructions)
+    fewest, most = counted.key_block
+    # 0x10 0x20 0x50 0x60 0x70 (0x80 never runs) 0x90; the masking path adds 0x30 and 0x40.
+    assert (fewest.length, most.length) == (6, 8)
+    assert (fewest.work, fewest.copies) == (most.work, most.copies) == (1, 1)
+    assert counted.before == 1  # the MOV
+    assert counted.after == 3  # FCHK, STG, EXIT
+    assert counted.divisions == 1
+
+
+def test_a_loop_holding_a_loop_is_refused_in_one_line():
+    inner = SASS.replace("        /*0070*/                   BRA.DIV UR4, `(.L_x_3) ;",
+                         "        /*0070*/               @P3 BRA `(.L_x_2) ;")
+    with pytest.raises(instruction_counts.UserError, match="holds another loop"):
+        instruction_counts.count("kernel", instruction_counts.parse(inner)["kernel"])
+
+
+@pytest.fixture(scope="module")
+def built_counts() -> dict:
+    """The built library's counts, by architecture (skips where it was built without nvcc, or
+    where cuobjdump and nvdisasm are missing)."""
+    from mra_export import native
+    from mra_export.errors import UserError
+
+    library = built_or_skip(native.CUDA_LIBRARY)
+    sass_accesses = instruction_counts.sass_accesses
+    try:
+        return {arch: instruction_counts.counts(library, arch) for arch in sass_accesses.architectures(library)}
+    except UserError as error:
+        pytest.skip(str(error))
+
+
+def head_dim(kernel: str) -> int:
+    return int(re.match(r"highResolutionMma<\w+, (\d+), \d>", kernel).group(1))
+
+
+def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_counts):
+    """S = Q K^T is D/16 k steps over 4 key tiles of 8; O += P V is 2 key steps over D/8 dim
+    tiles: D/2 mma.sync a warp a key block, on every path the loop takes."""
+    for arch, rows in built_counts.items():
+        assert len(rows) == 12, arch  # fp16, bf16; head_dim 32, 64, 128; split or not
+        for row in rows:
+            fewest, most = row.key_block
+            assert fewest.work == most.work == head_dim(row.kernel) // 2, (arch, row.kernel)
+            assert fewest.copies == most.copies > 0, (arch, row.kernel)
+
+
+def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):
+    """byKeyPadding compiles the softmax twice: a block whose keys are all real skips the masks'
+    selects and one of the two row reductions."""
+    for arch, rows in built_counts.items():
+        for row in rows:
+            fewest, most = row.key_block
+            assert most.length - fewest.length >= 100, (arch, row.kernel, fewest, most)
+
+
+def test_the_epilogue_divides_once_a_row_not_once_a_dim(built_counts):
+    """RowEpilogue multiplies each dim by its row's reciprocal: a kernel's IEEE divisions do not
+    grow with head_dim (they did, 34, 66 and 130 at head_dim 32, 64 and 128)."""
+    for arch, rows in built_counts.items():
+        assert {row.divisions for row in rows} == {2}, (arch, [(row.kernel, row.divisions) for row in rows])

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""The instructions a warp of each tensor-core high-resolution kernel issues for one key block, as
+nvcc compiled them: a stand-in, without a GPU, for Nsight Compute's instruction counts.
+
+A kernel whose warps wait on each other's instructions rather than on memory or the tensor cores
+goes as fast as it issues: an SM sub-partition issues one warp instruction a cycle. This tool
+disassembles the built CUDA library's kernels for one architecture (cuobjdump, nvdisasm), finds
+each highResolutionMma kernel's key-block loop (the backward branch around the most HMMA) and
+walks its control-flow paths from the loop's head to its backward branch. Of the paths that run
+all of the loop's matrix products and copies (LDGSTS), it gives the fewest and the most
+instructions: a key block with every key real, and one with padding keys (docs/gpu.md). The
+fp32 kernels' loops hold loops of their own, which nvcc did not unroll, and are not counted. A divergent warp's fallback (BRA.DIV) and a division's slow path (a
+CALL, counted as one instruction) are left out. Also the most instructions before the loop and
+after it (once a CTA), and the IEEE divisions (FCHK) in the kernel.
+
+    python tools/instruction_counts.py [--arch sm_90] [--out FILE.md]
+
+Needs the CUDA library (make plugins with nvcc) and what tools/sass_accesses.py needs; no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import memory_counts  # noqa: E402
+import sass_accesses  # noqa: E402
+from mra_export import native  # noqa: E402
+from mra_export.errors import UserError  # noqa: E402
+
+LABEL = re.compile(r"^(\.L_x_\d+):")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+KERNELS = re.compile(r"highResolutionMma<")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    predicate: str  # "", "@P0", "@!P1", "@PT"; "@!PT" never runs
+    opcode: str  # "HMMA.16816.F32"
+    target: int | None  # a branch's or call's address
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def conditional(self) -> bool:
+        return self.predicate not in ("", "@PT")
+
+
+def parse(text: str) -> dict[str, list[Instruction]]:
+    """nvdisasm -c's kernels (demangled names, as memory_counts names them) and their
+    instructions in address order; labels resolved to addresses."""
+    raw: dict[str, list[tuple[int, str, str, str | None]]] = {}
+    labels: dict[str, int] = {}
+    function, pending = "", []
+    for line in text.splitlines():
+        if found := sass_accesses.FUNCTION.match(line.strip()):
+            function = found.group(1)
+            raw[function] = []
+        elif found := LABEL.match(line.strip()):
+            pending.append(found.group(1))
+        elif (found := INSTRUCTION.search(line)) and function:
+            address = int(found.group(1), 16)
+            for label in pending:
+                labels[label] = address
+            pending = []
+            target = TARGET.search(found.group(4))
+            raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1)))
+    mangled = sorted(raw)
+    names = dict(zip(mangled, sass_accesses.demangle(mangled)))
+    return {memory_counts.kernel_name(names[name]): [
+        Instruction(address, predicate, opcode, labels.get(target) if target else None)
+        for address, predicate, opcode, target in instructions] for name, instructions in raw.items()}
+
+
+def successors(instructions: list[Instruction]) -> list[list[int]]:
+    """For each instruction, the indices control may go to next on a converged warp's usual path:
+    a divergent warp's fallback (BRA.DIV) and a call's callee are not followed."""
+    at = {instruction.address: index for index, instruction in enumerate(instructions)}
+    graph = []
+    for index, here in enumerate(instructions):
+        following = [index + 1] if index + 1 < len(instructions) else []
+        if here.predicate == "@!PT":
+            graph.append(following)
+        elif here.base in ("EXIT", "RET"):
+            graph.append(following if here.conditional else [])
+        elif here.base == "BRA" and not here.opcode.startswith("BRA.DIV"):
+            taken = [at[here.target]] if here.target in at else []
+            graph.append(following + taken if here.conditional else taken)
+        else:
+            graph.append(following)
+    return graph
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What one path through a kernel's instructions runs."""
+    work: int  # matrix products (HMMA)
+    copies: int  # LDGSTS
+    length: int  # instructions
+
+    def __add__(self, other: Walk) -> Walk:
+        return Walk(self.work + other.work, self.copies + other.copies, self.length + other.length)
+
+
+def step(instruction: Instruction) -> Walk:
+    runs = instruction.predicate != "@!PT"
+    return Walk(int(runs and instruction.base == "HMMA"), int(runs and instruction.base == "LDGSTS"), int(runs))
+
+
+def extreme_paths(instructions: list[Instruction], graph: list[list[int]], first: int,
+                  last: int) -> tuple[Walk, Walk] | None:
+    """Of the forward paths from ``first`` to ``last`` (indices; backward branches cut), those
+    with the most work and then the most copies: the one with the fewest instructions and the
+    one with the most. None where ``last`` cannot be reached."""
+    orders = ((lambda walk: (walk.work, walk.copies, -walk.length)),
+              (lambda walk: (walk.work, walk.copies, walk.length)))
+    best: list[dict[int, Walk]] = [{first: step(instructions[first])} for _ in orders]
+    for index in range(first, last):
+        for order, reached in zip(orders, best):
+            if index not in reached:
+                continue
+            for following in graph[index]:
+                if first < following <= last:
+                    candidate = reached[index] + step(instructions[following])
+                    if following not in reached or order(candidate) > order(reached[following]):
+                        reached[following] = candidate
+    if last not in best[0]:
+        return None
+    return best[0][last], best[1][last]
+
+
+@dataclass(frozen=True)
+class KernelCounts:
+    kernel: str
+    key_block: tuple[Walk, Walk]  # the fewest and the most
+    before: int  # at most, from the kernel's first instruction to the loop's head
+    after: int  # at most, from the loop's exit to an EXIT
+    divisions: int  # FCHK: each IEEE division's range check
+
+
+def key_block_loop(instructions: list[Instruction]) -> tuple[int, int]:
+    """(head, backward branch) indices of the loop around the most HMMA."""
+    at = {instruction.address: i for i, instruction in enumerate(instructions)}
+    loops = [(at[instruction.target], index) for index, instruction in enumerate(instructions)
+             if instruction.base == "BRA" and instruction.target is not None
+             and instruction.target <= instruction.address and instruction.target in at]
+    if not loops:
+        raise UserError("a high-resolution kernel has no loop: is the library built from these sources?")
+    head, back = max(loops, key=lambda loop: sum(i.base == "HMMA" for i in instructions[loop[0]:loop[1] + 1]))
+    if any(head <= inner_head and inner_back < back for inner_head, inner_back in loops):
+        raise UserError(f"the key-block loop at {instructions[head].address:#x} holds another loop: "
+                        "this tool counts a loop whose body nvcc unrolled")
+    return head, back
+
+
+def most_instructions(instructions: list[Instruction], graph: list[list[int]], first: int, ends: list[int]) -> int:
+    reached = [paths[1].length for end in ends
+               if (paths := extreme_paths(instructions, graph, first, end)) is not None]
+    return max(reached, default=0)
+
+
+def count(kernel: str, instructions: list[Instruction]) -> KernelCounts:
+    graph = successors(instructions)
+    head, back = key_block_loop(instructions)
+    exits = [i for i, instruction in enumerate(instructions)
+             if instruction.base == "EXIT" and instruction.predicate != "@!PT" and i > back]
+    return KernelCounts(
+        kernel, extreme_paths(instructions, graph, head, back),
+        # the loop's head is the loop's, not before it
+        before=most_instructions(instructions, graph, 0, [head]) - 1,
+        after=most_instructions(instructions, graph, back + 1, exits),
+        divisions=sum(i.base == "FCHK" for i in instructions))
+
+
+def counts(library: Path, arch: str) -> list[KernelCounts]:
+    """Each tensor-core high-resolution kernel's counts in ``library``'s cubin for ``arch``."""
+    text = sass_accesses.read_cubin(library, arch, [sass_accesses.binary("nvdisasm"), "-c"])
+    kernels = parse(text)
+    chosen = sorted(name for name in kernels if KERNELS.match(name))
+    if not chosen:
+        raise UserError(f"{library.name} has no high-resolution kernels for {arch}: rebuild it with make plugins")
+    return [count(name, kernels[name]) for name in chosen]
+
+
+def report(arch: str, rows: list[KernelCounts]) -> str:
+    lines = [f"# Instructions a warp issues, {arch}", "",
+             f"Command: `python tools/instruction_counts.py --arch {arch}` (nvdisasm over the built CUDA "
+             "library; no GPU). A key block: the fewest and the most instructions over the loop's paths "
+             "that run all its matrix products and copies (in the tensor-core kernels, every key real / "
+             "padding keys). Before and after the loop: the most, once a CTA. A division's slow path is "
+             "one CALL; a divergent warp's fallback is left out. "
+             "What it means: [docs/gpu.md](../../docs/gpu.md).", "",
+             "| kernel | a key block: fewest, most | of which HMMA | before the loop | "
+             "after the loop | IEEE divisions (FCHK) |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        fewest, most = row.key_block
+        lines.append(f"| {row.kernel} | {fewest.length}, {most.length} | {fewest.work} | "
+                     f"{row.before} | {row.after} | {row.divisions} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = sass_accesses.parse_report_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), argv)
+    return memory_counts.write_report(
+        lambda: report(args.arch, counts(native.library_path(native.CUDA_LIBRARY), args.arch)), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
