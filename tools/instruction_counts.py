@@ -7,11 +7,14 @@ goes as fast as it issues: an SM sub-partition issues one warp instruction a cyc
 disassembles the built CUDA library's kernels for one architecture (cuobjdump, nvdisasm), finds
 each highResolutionMma kernel's key-block loop (the backward branch around the most HMMA) and
 walks its control-flow paths from the loop's head to its backward branch. Of the paths that run
-all of the loop's matrix products and copies (LDGSTS), it gives the fewest and the most
-instructions: a key block with every key real, and one with padding keys (docs/gpu.md). The
-fp32 kernels' loops hold loops of their own, which nvcc did not unroll, and are not counted. A divergent warp's fallback (BRA.DIV) and a division's slow path (a
-CALL, counted as one instruction) are left out. Also the most instructions before the loop and
-after it (once a CTA), and the IEEE divisions (FCHK) in the kernel.
+the most matrix products and then the most copies (LDGSTS), it gives the fewest and the most
+instructions: a key block with every key real, and one with padding keys (docs/gpu.md). A
+divergent warp's fallback (BRA.DIV) and a division's slow path (a CALL, counted as one
+instruction) are left out. Also, once a CTA, the most instructions before the loop and after it
+(over the same choice of paths, and one pass of each loop there: the first copies' and the
+output's), and the kernel's FCHK: each IEEE division x / y checks its range with one (a
+reciprocal, 1 / y, does not). The fp32 kernels' loops hold loops of their own, which nvcc did
+not unroll, and are not counted.
 
     python tools/instruction_counts.py [--arch sm_90] [--out FILE.md]
 
@@ -59,28 +62,36 @@ class Instruction:
 
 def parse(text: str) -> dict[str, list[Instruction]]:
     """nvdisasm -c's kernels (demangled names, as memory_counts names them) and their
-    instructions in address order; labels resolved to addresses."""
+    instructions in address order, each branch's label resolved to its address in its kernel."""
     raw: dict[str, list[tuple[int, str, str, str | None]]] = {}
-    labels: dict[str, int] = {}
+    labels: dict[str, dict[str, int]] = {}  # by kernel: addresses restart at 0 in each
     function, pending = "", []
     for line in text.splitlines():
         if found := sass_accesses.FUNCTION.match(line.strip()):
-            function = found.group(1)
-            raw[function] = []
+            function, pending = found.group(1), []  # a label after the last kernel's end is its own
+            raw[function], labels[function] = [], {}
         elif found := LABEL.match(line.strip()):
             pending.append(found.group(1))
         elif (found := INSTRUCTION.search(line)) and function:
             address = int(found.group(1), 16)
-            for label in pending:
-                labels[label] = address
+            labels[function].update((label, address) for label in pending)
             pending = []
             target = TARGET.search(found.group(4))
             raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1)))
     mangled = sorted(raw)
     names = dict(zip(mangled, sass_accesses.demangle(mangled)))
     return {memory_counts.kernel_name(names[name]): [
-        Instruction(address, predicate, opcode, labels.get(target) if target else None)
+        Instruction(address, predicate, opcode, resolve(labels[name], target, names[name]))
         for address, predicate, opcode, target in instructions] for name, instructions in raw.items()}
+
+
+def resolve(labels: dict[str, int], target: str | None, function: str) -> int | None:
+    if target is None:
+        return None
+    if target not in labels:
+        raise UserError(f"{memory_counts.kernel_name(function)} branches to {target}, which it does not "
+                        "hold: is this nvdisasm -c's output?")
+    return labels[target]
 
 
 def successors(instructions: list[Instruction]) -> list[list[int]]:
@@ -146,20 +157,37 @@ class KernelCounts:
     key_block: tuple[Walk, Walk]  # the fewest and the most
     before: int  # at most, from the kernel's first instruction to the loop's head
     after: int  # at most, from the loop's exit to an EXIT
-    divisions: int  # FCHK: each IEEE division's range check
+    divisions: int  # FCHK: each IEEE division x / y's range check
 
 
-def key_block_loop(instructions: list[Instruction]) -> tuple[int, int]:
-    """(head, backward branch) indices of the loop around the most HMMA."""
+def reachable(graph: list[list[int]]) -> set[int]:
+    """The instructions a converged warp can reach from the kernel's first."""
+    seen, stack = {0}, [0]
+    while stack:
+        for following in graph[stack.pop()]:
+            if following not in seen:
+                seen.add(following)
+                stack.append(following)
+    return seen
+
+
+def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[list[int]]) -> tuple[int, int]:
+    """(head, backward branch) indices of the loop around the most HMMA (the narrowest of equals)
+    among the backward branches a converged warp reaches: not a divergent warp's fallback code
+    jumping back, nor the spin after EXIT."""
     at = {instruction.address: i for i, instruction in enumerate(instructions)}
-    loops = [(at[instruction.target], index) for index, instruction in enumerate(instructions)
-             if instruction.base == "BRA" and instruction.target is not None
-             and instruction.target <= instruction.address and instruction.target in at]
-    if not loops:
-        raise UserError("a high-resolution kernel has no loop: is the library built from these sources?")
-    head, back = max(loops, key=lambda loop: sum(i.base == "HMMA" for i in instructions[loop[0]:loop[1] + 1]))
-    if any(head <= inner_head and inner_back < back for inner_head, inner_back in loops):
-        raise UserError(f"the key-block loop at {instructions[head].address:#x} holds another loop: "
+    last_back: dict[int, int] = {}  # by head: several backward branches to one head (a `continue`) are one loop
+    for index in sorted(reachable(graph)):
+        instruction = instructions[index]
+        if instruction.base == "BRA" and at.get(instruction.target, index + 1) <= index:
+            last_back[at[instruction.target]] = index
+    loops = list(last_back.items())
+    products = {loop: sum(i.base == "HMMA" for i in instructions[loop[0]:loop[1] + 1]) for loop in loops}
+    if not loops or max(products.values()) == 0:
+        raise UserError(f"{kernel} has no loop of matrix products: is the library built from these sources?")
+    head, back = max(loops, key=lambda loop: (products[loop], loop[0] - loop[1]))
+    if any(head < inner_head and inner_back < back for inner_head, inner_back in loops):
+        raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} holds another loop: "
                         "this tool counts a loop whose body nvcc unrolled")
     return head, back
 
@@ -172,11 +200,15 @@ def most_instructions(instructions: list[Instruction], graph: list[list[int]], f
 
 def count(kernel: str, instructions: list[Instruction]) -> KernelCounts:
     graph = successors(instructions)
-    head, back = key_block_loop(instructions)
+    head, back = key_block_loop(kernel, instructions, graph)
+    key_block = extreme_paths(instructions, graph, head, back)
+    if key_block is None:
+        raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} has no path to its "
+                        "backward branch")
     exits = [i for i, instruction in enumerate(instructions)
              if instruction.base == "EXIT" and instruction.predicate != "@!PT" and i > back]
     return KernelCounts(
-        kernel, extreme_paths(instructions, graph, head, back),
+        kernel, key_block,
         # the loop's head is the loop's, not before it
         before=most_instructions(instructions, graph, 0, [head]) - 1,
         after=most_instructions(instructions, graph, back + 1, exits),
@@ -197,12 +229,12 @@ def report(arch: str, rows: list[KernelCounts]) -> str:
     lines = [f"# Instructions a warp issues, {arch}", "",
              f"Command: `python tools/instruction_counts.py --arch {arch}` (nvdisasm over the built CUDA "
              "library; no GPU). A key block: the fewest and the most instructions over the loop's paths "
-             "that run all its matrix products and copies (in the tensor-core kernels, every key real / "
-             "padding keys). Before and after the loop: the most, once a CTA. A division's slow path is "
+             "that run the most matrix products and copies (every key real / padding keys). Before and "
+             "after the loop: the most, once a CTA, one pass of each loop there. A division's slow path is "
              "one CALL; a divergent warp's fallback is left out. "
              "What it means: [docs/gpu.md](../../docs/gpu.md).", "",
              "| kernel | a key block: fewest, most | of which HMMA | before the loop | "
-             "after the loop | IEEE divisions (FCHK) |", "|---|---|---|---|---|---|"]
+             "after the loop | FCHK |", "|---|---|---|---|---|---|"]
     for row in rows:
         fewest, most = row.key_block
         lines.append(f"| {row.kernel} | {fewest.length}, {most.length} | {fewest.work} | "

@@ -122,7 +122,7 @@ def read_cubin(library: Path, arch: str, command: list[str]) -> str:
         raise UserError(f"{library.name} has no {arch} kernels (it has: {', '.join(sorted(carried)) or 'none'}); "
                         "pick one with --arch, or rebuild with MRA_CUDA_ARCHITECTURES")
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([binary("cuobjdump"), "-xelf", carried[arch], str(library)], cwd=folder,
+        subprocess.run([binary("cuobjdump"), "-xelf", carried[arch], str(library.resolve())], cwd=folder,
                        check=True, capture_output=True)
         result = subprocess.run([*command, str(Path(folder) / carried[arch])], capture_output=True,
                                 text=True, check=True)

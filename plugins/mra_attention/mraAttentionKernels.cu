@@ -860,11 +860,13 @@ __device__ void copyTiles(Problem const& p, T const* const (&sources)[kTensors],
         int32_t const r = tileRow<kVectorsPerRow>(index);
         int32_t const column = (index % kVectorsPerRow) * kVector;
         bool const real = (realTokens >> r) & 1u;
+        // A padded token's copy reads nothing, and names the tensor's first element rather than
+        // one that may lie past it; one offset serves the kTensors, which share their layout.
+        size_t const from = real ? base + r * tokenStride + column : 0;
         MRA_UNROLL
         for (int32_t t = 0; t < kTensors; ++t)
         {
-            T const* const from = real ? sources[t] + base + r * tokenStride + column : sources[t];
-            copyAsync16(tiles[t] + r * stride + column, from, real);
+            copyAsync16(tiles[t] + r * stride + column, sources[t] + from, real);
         }
     }
 }
@@ -933,9 +935,10 @@ __device__ void forEachKeyBlock(Problem const& p, T const* key, T const* value, 
     waitForCopies<0>(); // the query tile's, where no block was selected
 }
 
-//! Runs `softmax(everyKeyReal)` with std::true_type where a key block has no padding key (every
-//! block but, at most, a sequence's last), so that its masks compile away; else std::false_type.
-//! `realKeys` is the block's, the same in every thread: the branch does not diverge.
+//! Runs `softmax(everyKeyReal)` with std::true_type where a key block has no padding key (with
+//! padding at the end, every block but, at most, a sequence's last), so that its masks compile
+//! away; else std::false_type. `realKeys` is the block's, the same in every thread of the group
+//! that computes it (each warp lies in one group): the branch does not diverge.
 template <typename Softmax>
 __device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
 {
@@ -955,7 +958,8 @@ constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
 //! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
-//! with one weight 1 (to a few ulp of fp32 by the fast exponential).
+//! with one weight 1 (by the fast exponential, to half an ulp of baseMax log2 e in the exponent:
+//! 1e-5 at scores of 100, as in FlashAttention).
 struct SoftmaxStats
 {
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
@@ -965,7 +969,8 @@ struct SoftmaxStats
     //! Fold in one block's scores of a row, kKeys per thread of its kLanes (`real`: the key is
     //! real). Returns the factor the row's earlier sums are rescaled by, and the weights in
     //! `weights`. fp16/bf16 take the fast exponential, 2^(P log2 e - baseMax log2 e) in one FFMA
-    //! and one MUFU.EX2 (a few ulp of fp32), as their weights round to 8 or 11 bits anyway.
+    //! and one MUFU.EX2 (off by the rounding of baseMax log2 e, above), as their weights round to
+    //! 8 or 11 bits anyway.
     //! kEveryKeyReal: the block has no padding key (`real` unread), so its real keys' max is its
     //! max, one reduction instead of two; the same values either way.
     template <bool kFastExp, int kLanes, bool kEveryKeyReal, int kKeys>
@@ -1433,12 +1438,9 @@ struct MmaSmem
         "a group's partial sums fit its stages");
 };
 
-//! One CTA per (row, query block i), kSplit groups of 2 warps; the CTAs of a row are adjacent
-//! (L2 reuse). Each group takes every kSplit-th of the query block's key blocks (a query block
-//! may hold several times the mean, and alone it would keep the GPU waiting at batch 1); group 0
-//! then merges the others' partial sums, as the blocks' softmax statistics merge, and writes.
-//! The launch bounds' minimum CTAs an SM of highResolutionMma<T, D, kSplit> (MRA_MMA_SPLIT_MIN_CTAS);
-//! 0: ptxas' own choice (an explicit 1 would let it take up to 255 registers).
+//! The launch bounds' minimum CTAs an SM of highResolutionMma<T, D, kSplit> on sm_90 and later
+//! (MRA_MMA_SPLIT_MIN_CTAS); 0: ptxas' own choice (an explicit 1 would let it take up to 255
+//! registers).
 template <int D, int kSplit>
 constexpr int kMmaMinCtasPerSm =
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1446,7 +1448,12 @@ constexpr int kMmaMinCtasPerSm =
 #else
     0;
 #endif
+static_assert(MRA_MMA_SPLIT_MIN_CTAS >= 0, "a launch bound's minimum CTAs an SM, or 0");
 
+//! One CTA per (row, query block i), kSplit groups of 2 warps; the CTAs of a row are adjacent
+//! (L2 reuse). Each group takes every kSplit-th of the query block's key blocks (a query block
+//! may hold several times the mean, and alone it would keep the GPU waiting at batch 1); group 0
+//! then merges the others' partial sums, as the blocks' softmax statistics merge, and writes.
 template <typename T, int D, int kSplit>
 __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D, kSplit>)) highResolutionMma(
     Problem p, T const* query, T const* key, T const* value, int32_t const* mask, Scratch s, T* output)
