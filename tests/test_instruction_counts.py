@@ -1,7 +1,7 @@
 """The instructions a warp of each tensor-core high-resolution kernel issues for one key block, as
-nvcc compiled them (tools/instruction_counts.py). The first tests walk a small piece of
-nvdisasm's output and need no CUDA; the others need the CUDA library (make plugins with nvcc) and
-NVIDIA's cuobjdump and nvdisasm (make setup)."""
+nvcc compiled them (tools/instruction_counts.py). The first tests walk small pieces of
+nvdisasm's output (with names that need no demangling) and need no CUDA; the others need the CUDA
+library (make plugins with nvcc), NVIDIA's cuobjdump and nvdisasm (make setup) and c++filt."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from .conftest import built_or_skip, load_tool
+from .conftest import built_or_skip, cuda_architectures_named, load_tool
 
 instruction_counts = load_tool("instruction_counts")
 
@@ -18,7 +18,7 @@ instruction_counts = load_tool("instruction_counts")
 # without it is not a key block's); a divergent fallback out of the loop; an instruction that
 # never runs; then the epilogue and a padding loop after EXIT.
 SASS = """\
-.text._Z6kernelv:
+.text.kernel:
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_0:
         /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
@@ -72,16 +72,48 @@ def test_a_divergent_warps_fallback_jumping_back_is_not_the_loop():
     assert (counted.key_block[0].length, counted.key_block[1].length) == (6, 8)
 
 
-def test_a_second_backward_branch_to_the_head_is_the_same_loop():
+def walk(sass: str) -> tuple[int, int]:
+    fewest, most = instruction_counts.count("kernel", instruction_counts.parse(sass)["kernel"]).key_block
+    return fewest.length, most.length
+
+
+def test_a_second_backward_branch_to_the_head_ends_an_iteration_too():
+    """A `continue`: an iteration may end at either branch back (0x80 taken: 6 instructions;
+    the masks and 0x80 not taken, then 0x90: 9)."""
     continued = SASS.replace("        /*0080*/              @!PT SHFL.BFLY PT, R6, R5, 0x1, 0x1f ;",
                              "        /*0080*/               @P4 BRA `(.L_x_0) ;")
-    fewest, most = instruction_counts.count("kernel", instruction_counts.parse(continued)["kernel"]).key_block
-    assert (fewest.length, most.length) == (7, 9)  # the `continue` now runs, and falls through
+    assert walk(continued) == (6, 9)
+
+
+def test_a_branchs_own_condition_keeps_its_fall_through():
+    """`BRA !P3, target` is as conditional as `@P3 BRA target`; a `@!PT BRA` back is no loop."""
+    operand = SASS.replace("               @P0 BRA `(.L_x_1) ;", "                   BRA !P3, `(.L_x_1) ;")
+    assert walk(operand) == (6, 8)
+    never = SASS.replace("        /*0080*/              @!PT SHFL.BFLY PT, R6, R5, 0x1, 0x1f ;",
+                         "        /*0080*/              @!PT BRA `(.L_x_1) ;")
+    assert walk(never) == (6, 8)
+
+
+def test_of_loops_with_as_many_matrix_products_the_narrowest_is_the_key_blocks():
+    """A loop from 0x00 to 0xb0 around the key-block loop holds its one HMMA too."""
+    outer = SASS.replace("        /*00b0*/                   STG.E desc[UR4][R2.64], R8 ;",
+                         "        /*00b0*/               @P5 BRA `(.L_x_5) ;").replace(
+                         ".text.kernel:\n", ".text.kernel:\n.L_x_5:\n")
+    assert walk(outer) == (6, 8)
+
+
+def test_each_kernels_labels_are_its_own():
+    """A second kernel that names its label .L_x_8 but branches to .L_x_1, the first kernel's."""
+    two = SASS + SASS.replace(".text.kernel:", ".text.other:").replace(".L_x_1:\n", ".L_x_8:\n")
+    with pytest.raises(instruction_counts.UserError, match="other branches to .L_x_1, which it does not hold"):
+        instruction_counts.parse(two)
 
 
 @pytest.mark.parametrize("change, message", [
     (("`(.L_x_1) ;", "`(.L_x_9) ;"), "kernel branches to .L_x_9, which it does not hold"),
     (("HMMA.16816.F32 R8, R12, R14, R8", "FFMA R8, R12, R14, R8"), "kernel has no loop of matrix products"),
+    (("                   MOV R1, c[0x0][0x28] ;", "                   BRA `(.L_x_1) ;"),  # entered mid-loop
+     "kernel: no forward path to the loop's head"),
 ])
 def test_sass_the_tool_cannot_walk_is_refused_in_one_line(change, message):
     with pytest.raises(instruction_counts.UserError, match=message):
@@ -123,6 +155,7 @@ def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_co
     """S = Q K^T is D/16 k steps over 4 key tiles of 8; O += P V is 2 key steps over D/8 dim
     tiles: D/2 mma.sync a warp a key block, on the loop's fullest paths, with the next block's
     copies."""
+    assert sorted(built_counts) == cuda_architectures_named()
     for arch, rows in built_counts.items():
         assert len(rows) == 12, arch  # fp16, bf16; head_dim 32, 64, 128; split or not
         for row in rows:

@@ -6,7 +6,7 @@ A kernel whose warps wait on each other's instructions rather than on memory or 
 goes as fast as it issues: an SM sub-partition issues one warp instruction a cycle. This tool
 disassembles the built CUDA library's kernels for one architecture (cuobjdump, nvdisasm), finds
 each highResolutionMma kernel's key-block loop (the backward branch around the most HMMA) and
-walks its control-flow paths from the loop's head to its backward branch. Of the paths that run
+walks its control-flow paths from the loop's head to a branch back to it. Of the paths that run
 the most matrix products and then the most copies (LDGSTS), it gives the fewest and the most
 instructions: a key block with every key real, and one with padding keys (docs/gpu.md). A
 divergent warp's fallback (BRA.DIV) and a division's slow path (a CALL, counted as one
@@ -41,6 +41,8 @@ from mra_export.errors import UserError  # noqa: E402
 LABEL = re.compile(r"^(\.L_x_\d+):")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+# A branch's own condition, an operand before its target: `BRA !P3, `(.L_x_7)`.
+BRANCH_CONDITION = re.compile(r"^\s*(!?U?P\w+)\s*,")
 KERNELS = re.compile(r"highResolutionMma<")
 
 
@@ -50,25 +52,30 @@ class Instruction:
     predicate: str  # "", "@P0", "@!P1", "@PT"; "@!PT" never runs
     opcode: str  # "HMMA.16816.F32"
     target: int | None  # a branch's or call's address
+    condition: str = ""  # a branch's condition operand ("!P3"), where it has one
 
     @property
     def base(self) -> str:
         return self.opcode.split(".")[0]
 
     @property
+    def runs(self) -> bool:
+        return self.predicate != "@!PT"
+
+    @property
     def conditional(self) -> bool:
-        return self.predicate not in ("", "@PT")
+        return self.predicate not in ("", "@PT") or self.condition not in ("", "PT")
 
 
 def parse(text: str) -> dict[str, list[Instruction]]:
     """nvdisasm -c's kernels (demangled names, as memory_counts names them) and their
     instructions in address order, each branch's label resolved to its address in its kernel."""
-    raw: dict[str, list[tuple[int, str, str, str | None]]] = {}
+    raw: dict[str, list[tuple[int, str, str, str | None, str]]] = {}
     labels: dict[str, dict[str, int]] = {}  # by kernel: addresses restart at 0 in each
     function, pending = "", []
     for line in text.splitlines():
         if found := sass_accesses.FUNCTION.match(line.strip()):
-            function, pending = found.group(1), []  # a label after the last kernel's end is its own
+            function, pending = found.group(1), []  # a label still pending at a kernel's end is dropped
             raw[function], labels[function] = [], {}
         elif found := LABEL.match(line.strip()):
             pending.append(found.group(1))
@@ -76,13 +83,16 @@ def parse(text: str) -> dict[str, list[Instruction]]:
             address = int(found.group(1), 16)
             labels[function].update((label, address) for label in pending)
             pending = []
-            target = TARGET.search(found.group(4))
-            raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1)))
-    mangled = sorted(raw)
-    names = dict(zip(mangled, sass_accesses.demangle(mangled)))
+            operands = found.group(4)
+            target = TARGET.search(operands)
+            condition = BRANCH_CONDITION.match(operands) if found.group(3).startswith("BRA") else None
+            raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1),
+                                  condition.group(1) if condition else ""))
+    mangled = sorted(name for name in raw if name.startswith("_Z"))  # c++filt only where needed
+    names = {**{name: name for name in raw}, **dict(zip(mangled, sass_accesses.demangle(mangled)))}
     return {memory_counts.kernel_name(names[name]): [
-        Instruction(address, predicate, opcode, resolve(labels[name], target, names[name]))
-        for address, predicate, opcode, target in instructions] for name, instructions in raw.items()}
+        Instruction(address, predicate, opcode, resolve(labels[name], target, names[name]), condition)
+        for address, predicate, opcode, target, condition in instructions] for name, instructions in raw.items()}
 
 
 def resolve(labels: dict[str, int], target: str | None, function: str) -> int | None:
@@ -101,7 +111,7 @@ def successors(instructions: list[Instruction]) -> list[list[int]]:
     graph = []
     for index, here in enumerate(instructions):
         following = [index + 1] if index + 1 < len(instructions) else []
-        if here.predicate == "@!PT":
+        if not here.runs or here.condition == "!PT":
             graph.append(following)
         elif here.base in ("EXIT", "RET"):
             graph.append(following if here.conditional else [])
@@ -125,20 +135,23 @@ class Walk:
 
 
 def step(instruction: Instruction) -> Walk:
-    runs = instruction.predicate != "@!PT"
+    runs = instruction.runs
     return Walk(int(runs and instruction.base == "HMMA"), int(runs and instruction.base == "LDGSTS"), int(runs))
 
 
+ORDERS = ((lambda walk: (walk.work, walk.copies, -walk.length)),  # the fewest instructions
+          (lambda walk: (walk.work, walk.copies, walk.length)))  # the most
+
+
 def extreme_paths(instructions: list[Instruction], graph: list[list[int]], first: int,
-                  last: int) -> tuple[Walk, Walk] | None:
-    """Of the forward paths from ``first`` to ``last`` (indices; backward branches cut), those
-    with the most work and then the most copies: the one with the fewest instructions and the
-    one with the most. None where ``last`` cannot be reached."""
-    orders = ((lambda walk: (walk.work, walk.copies, -walk.length)),
-              (lambda walk: (walk.work, walk.copies, walk.length)))
-    best: list[dict[int, Walk]] = [{first: step(instructions[first])} for _ in orders]
+                  ends: list[int]) -> tuple[Walk, Walk] | None:
+    """Of the forward paths from ``first`` to any of ``ends`` (indices; backward branches cut),
+    those with the most work and then the most copies: the one with the fewest instructions and
+    the one with the most. None where no end can be reached."""
+    last = max(ends)
+    best: list[dict[int, Walk]] = [{first: step(instructions[first])} for _ in ORDERS]
     for index in range(first, last):
-        for order, reached in zip(orders, best):
+        for order, reached in zip(ORDERS, best):
             if index not in reached:
                 continue
             for following in graph[index]:
@@ -146,9 +159,10 @@ def extreme_paths(instructions: list[Instruction], graph: list[list[int]], first
                     candidate = reached[index] + step(instructions[following])
                     if following not in reached or order(candidate) > order(reached[following]):
                         reached[following] = candidate
-    if last not in best[0]:
+    found = [[reached[end] for end in ends if end in reached] for reached in best]
+    if not found[0]:
         return None
-    return best[0][last], best[1][last]
+    return max(found[0], key=ORDERS[0]), max(found[1], key=ORDERS[1])
 
 
 @dataclass(frozen=True)
@@ -171,47 +185,54 @@ def reachable(graph: list[list[int]]) -> set[int]:
     return seen
 
 
-def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[list[int]]) -> tuple[int, int]:
-    """(head, backward branch) indices of the loop around the most HMMA (the narrowest of equals)
-    among the backward branches a converged warp reaches: not a divergent warp's fallback code
-    jumping back, nor the spin after EXIT."""
+def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[list[int]]) -> tuple[int, list[int]]:
+    """The head and the backward branches (indices) of the loop around the most HMMA (the
+    narrowest of equals), among the branches back a converged warp reaches and takes: not a
+    divergent warp's fallback code jumping back, nor the spin after EXIT. Several branches back
+    to one head (a `continue`) are one loop, each the end of an iteration."""
     at = {instruction.address: i for i, instruction in enumerate(instructions)}
-    last_back: dict[int, int] = {}  # by head: several backward branches to one head (a `continue`) are one loop
-    for index in sorted(reachable(graph)):
+    reached = reachable(graph)
+    backs: dict[int, list[int]] = {}
+    for index in sorted(reached):
         instruction = instructions[index]
-        if instruction.base == "BRA" and at.get(instruction.target, index + 1) <= index:
-            last_back[at[instruction.target]] = index
-    loops = list(last_back.items())
-    products = {loop: sum(i.base == "HMMA" for i in instructions[loop[0]:loop[1] + 1]) for loop in loops}
+        if (instruction.base == "BRA" and not instruction.opcode.startswith("BRA.DIV") and instruction.runs
+                and instruction.condition != "!PT" and at.get(instruction.target, index + 1) <= index):
+            backs.setdefault(at[instruction.target], []).append(index)
+    loops = [(head, ends[-1]) for head, ends in backs.items()]
+    products = {(head, back): sum(instructions[i].base == "HMMA" and instructions[i].runs
+                                  for i in range(head, back + 1) if i in reached) for head, back in loops}
     if not loops or max(products.values()) == 0:
         raise UserError(f"{kernel} has no loop of matrix products: is the library built from these sources?")
     head, back = max(loops, key=lambda loop: (products[loop], loop[0] - loop[1]))
     if any(head < inner_head and inner_back < back for inner_head, inner_back in loops):
         raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} holds another loop: "
                         "this tool counts a loop whose body nvcc unrolled")
-    return head, back
+    return head, backs[head]
 
 
-def most_instructions(instructions: list[Instruction], graph: list[list[int]], first: int, ends: list[int]) -> int:
-    reached = [paths[1].length for end in ends
-               if (paths := extreme_paths(instructions, graph, first, end)) is not None]
-    return max(reached, default=0)
+def most_instructions(kernel: str, instructions: list[Instruction], graph: list[list[int]], first: int,
+                      ends: list[int], what: str) -> int:
+    paths = extreme_paths(instructions, graph, first, ends) if ends else None
+    if paths is None:
+        raise UserError(f"{kernel}: no forward path {what}: this tool counts a loop entered at its head")
+    return paths[1].length
 
 
 def count(kernel: str, instructions: list[Instruction]) -> KernelCounts:
     graph = successors(instructions)
-    head, back = key_block_loop(kernel, instructions, graph)
-    key_block = extreme_paths(instructions, graph, head, back)
+    head, backs = key_block_loop(kernel, instructions, graph)
+    key_block = extreme_paths(instructions, graph, head, backs)
     if key_block is None:
         raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} has no path to its "
                         "backward branch")
+    back = backs[-1]
     exits = [i for i, instruction in enumerate(instructions)
-             if instruction.base == "EXIT" and instruction.predicate != "@!PT" and i > back]
+             if instruction.base == "EXIT" and instruction.runs and i > back]
+    before = 0 if head == 0 else most_instructions(kernel, instructions, graph, 0, [head], "to the loop's head") - 1
     return KernelCounts(
         kernel, key_block,
-        # the loop's head is the loop's, not before it
-        before=most_instructions(instructions, graph, 0, [head]) - 1,
-        after=most_instructions(instructions, graph, back + 1, exits),
+        before=before,  # the loop's head is the loop's, not before it
+        after=most_instructions(kernel, instructions, graph, back + 1, exits, "from the loop to an EXIT"),
         divisions=sum(i.base == "FCHK" for i in instructions))
 
 

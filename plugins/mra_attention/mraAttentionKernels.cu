@@ -958,8 +958,8 @@ constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
 //! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
-//! with one weight 1 (by the fast exponential, to half an ulp of baseMax log2 e in the exponent:
-//! 1e-5 at scores of 100, as in FlashAttention).
+//! with one weight 1 (by the fast exponential, to about 5e-6 at scores of 100: its exponent is
+//! off by up to half an ulp of baseMax log2 e, as in FlashAttention).
 struct SoftmaxStats
 {
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
