@@ -155,7 +155,7 @@ def extreme_paths(instructions: list[Instruction], graph: list[list[int]], first
             if index not in reached:
                 continue
             for following in graph[index]:
-                if first < following <= last:
+                if index < following <= last:  # forward only: a branch back ends the path
                     candidate = reached[index] + step(instructions[following])
                     if following not in reached or order(candidate) > order(reached[following]):
                         reached[following] = candidate

@@ -1043,35 +1043,34 @@ struct LowResolution
 };
 
 //! (d) The epilogue's combination for one query row: the quantised row max, the low-resolution
-//! term (mode "full") and the correction; `hiOut` is sum exp(P - baseMax) V at one dim.
+//! term (mode "full") and the correction; `hiOut` is sum exp(P - baseMax) V at one dim. Each dim
+//! is then one multiply and one FMA, by the row's two factors: the row's one division, its
+//! reciprocal, is in them (1 ulp from dividing each dim, as transformers does; a division is a
+//! dozen instructions and a slow-path branch a dim). kFastExp (fp16, bf16): its four
+//! exponentials as the weights', by exp2Approximate.
+template <bool kFastExp>
 struct RowEpilogue
 {
-    bool full;
-    float toQuantised, loScale, hiScale;
-    // The row's one division: each dim then multiplies by it (1 ulp from dividing each, as
-    // transformers does; a division is a dozen instructions and a slow-path branch a dim).
-    float inverseDenominator;
+    float hiFactor, loFactor;
 
     __device__ RowEpilogue(Problem const& p, SoftmaxStats const& stats, float blockRowMax, float lowNorm)
-        : full(p.full)
     {
+        auto const exponential = [](float x) { return kFastExp ? exp2Approximate(x * kLog2e) : expf(x); };
         float const quantisedMax = quantisedRowMax(stats.runningMax);
         // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow,
         // and baseMax = -FLT_MAX (no real key) gives 0.
-        toQuantised = expf(stats.baseMax - quantisedMax);
+        float const toQuantised = exponential(stats.baseMax - quantisedMax);
         float const maxGap = blockRowMax - quantisedMax;
-        loScale = expf(fminf(maxGap, 0.0f));
-        hiScale = expf(-fmaxf(maxGap, 0.0f));
+        float const loScale = exponential(fminf(maxGap, 0.0f));
+        float const hiScale = exponential(-fmaxf(maxGap, 0.0f));
         float const hiNorm = stats.norm * toQuantised;
-        float const denominator = full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps;
-        inverseDenominator = 1.0f / denominator;
+        float const inverseDenominator
+            = 1.0f / (p.full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps);
+        hiFactor = toQuantised * (p.full ? hiScale : 1.0f) * inverseDenominator;
+        loFactor = p.full ? loScale * inverseDenominator : 0.0f; // lowOut is 0 in mode "sparse"
     }
 
-    __device__ float operator()(float hiOut, float lowOut) const
-    {
-        float const hi = hiOut * toQuantised;
-        return (full ? hi * hiScale + lowOut * loScale : hi) * inverseDenominator;
-    }
+    __device__ float operator()(float hiOut, float lowOut) const { return fmaf(hiOut, hiFactor, lowOut * loFactor); }
 };
 
 //! The CTA's [32, D] output tile, staged in shared memory as T, written in 16-byte vectors.
@@ -1321,7 +1320,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
     __syncthreads(); // the query tile becomes the output staging tile
     for (int32_t h = 0; h < 2 && group == 0; ++h)
     {
-        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
+        RowEpilogue<false> const combine(p, stats[h], blockRowMax, low.norm);
         bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
         for (int32_t group = 0; group < kGroups; ++group)
         {
@@ -1584,7 +1583,7 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
     MRA_UNROLL
     for (int32_t h = 0; h < 2 && group == 0; ++h)
     {
-        RowEpilogue const combine(p, stats[h], blockRowMax, low.norm);
+        RowEpilogue<true> const combine(p, stats[h], blockRowMax, low.norm);
         bool const queryReal = isReal(p, mask, row / p.heads, i * kBlock + rows[h]);
         MRA_UNROLL
         for (int32_t n = 0; n < kDimTiles; ++n)
