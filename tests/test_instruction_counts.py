@@ -120,6 +120,30 @@ def test_sass_the_tool_cannot_walk_is_refused_in_one_line(change, message):
         instruction_counts.count("kernel", instruction_counts.parse(SASS.replace(*change))["kernel"])
 
 
+def test_a_branch_back_after_the_loop_ends_its_path():
+    """After the key-block loop the walk follows no branch back either: the output loop below,
+    left only at its head's conditional EXIT, counts as its way out (FCHK, EXIT), not as a pass
+    that would reach that EXIT again from the back branch."""
+    tail = """\
+.text.kernel:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/                   HMMA.16816.F32 R8, R12, R14, R8 ;
+        /*0030*/              @!P1 BRA `(.L_x_0) ;
+        /*0040*/                   FCHK P0, R7, R9 ;
+.L_x_6:
+        /*0050*/               @P6 EXIT ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R8 ;
+        /*0070*/                   STG.E desc[UR4][R2.64+0x10], R8 ;
+        /*0080*/                   BRA `(.L_x_6) ;
+        /*0090*/                   EXIT ;
+"""
+    counted = instruction_counts.count("kernel", instruction_counts.parse(tail)["kernel"])
+    assert (counted.before, counted.after) == (1, 2)
+    assert (counted.key_block[0].length, counted.key_block[1].length) == (3, 3)
+
+
 def test_a_loop_holding_a_loop_is_refused_in_one_line():
     inner = SASS.replace("        /*0070*/                   BRA.DIV UR4, `(.L_x_3) ;",
                          "        /*0070*/               @P3 BRA `(.L_x_2) ;")
