@@ -33,10 +33,10 @@
 
 #include <cfloat>
 #include <cstdint>
-#include <type_traits>
 #include <cstdio>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <type_traits>
 
 // Loops over register arrays (fragments, accumulators) are unrolled so that the arrays stay in
@@ -804,6 +804,8 @@ __device__ inline void waitForCopies()
 #endif
 }
 
+constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
+
 //! 2^x by ex2.approx.ftz (one MUFU.EX2, about 2 ulp), results below 2^-126 flushed to 0: the 16-bit
 //! kernels' weights, rescales and epilogue factors. __expf adds three instructions to keep those
 //! results, which no fp16 weight holds (its least is 2^-24) and which beside a row's largest weight,
@@ -817,6 +819,13 @@ __device__ inline float exp2Approximate(float x)
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(result) : "f"(x));
     return result;
 #endif
+}
+
+//! exp(x): by exp2Approximate where kFastExp (the 16-bit kernels), else expf.
+template <bool kFastExp>
+__device__ inline float exponential(float x)
+{
+    return kFastExp ? exp2Approximate(x * kLog2e) : expf(x);
 }
 
 //! The tile row of 16-byte vector `index` of a [32, D] tile of kVectorsPerRow vectors a row, in
@@ -953,8 +962,6 @@ __device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
     }
 }
 
-constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
-
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
 //! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
@@ -988,8 +995,7 @@ struct SoftmaxStats
         runningMax = fmaxf(runningMax, rowMax);
         float const newBase = fmaxf(baseMax, kEveryKeyReal ? rowMax : rowMaxOver<kLanes>(blockRealMax));
         // 1 while no real key has been seen; 0 from no real key to one (-FLT_MAX log2 e is -inf)
-        float const rescale
-            = kFastExp ? exp2Approximate((baseMax - newBase) * kLog2e) : expf(baseMax - newBase);
+        float const rescale = exponential<kFastExp>(baseMax - newBase);
         baseMax = newBase;
         float const baseLog2 = newBase * kLog2e; // -inf before a real key, when every weight is 0
         float partial = 0.0f;
@@ -1055,14 +1061,13 @@ struct RowEpilogue
 
     __device__ RowEpilogue(Problem const& p, SoftmaxStats const& stats, float blockRowMax, float lowNorm)
     {
-        auto const exponential = [](float x) { return kFastExp ? exp2Approximate(x * kLog2e) : expf(x); };
         float const quantisedMax = quantisedRowMax(stats.runningMax);
         // exp(P - M) = exp(P - baseMax) * exp(baseMax - M); baseMax <= M + 1e-3, so no overflow,
         // and baseMax = -FLT_MAX (no real key) gives 0.
-        float const toQuantised = exponential(stats.baseMax - quantisedMax);
+        float const toQuantised = exponential<kFastExp>(stats.baseMax - quantisedMax);
         float const maxGap = blockRowMax - quantisedMax;
-        float const loScale = exponential(fminf(maxGap, 0.0f));
-        float const hiScale = exponential(-fmaxf(maxGap, 0.0f));
+        float const loScale = exponential<kFastExp>(fminf(maxGap, 0.0f));
+        float const hiScale = exponential<kFastExp>(-fmaxf(maxGap, 0.0f));
         float const hiNorm = stats.norm * toQuantised;
         float const inverseDenominator
             = 1.0f / (p.full ? hiNorm * hiScale + lowNorm * loScale + kNormaliserEps : hiNorm + kNormaliserEps);
