@@ -43,7 +43,6 @@ INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_
 TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 # A branch's own condition, an operand before its target: `BRA !P3, `(.L_x_7)`.
 BRANCH_CONDITION = re.compile(r"^\s*(!?U?P\w+)\s*,")
-KERNELS = re.compile(r"highResolutionMma<")
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,9 @@ def parse(text: str) -> dict[str, list[Instruction]]:
             raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1),
                                   condition.group(1) if condition else ""))
     mangled = sorted(name for name in raw if name.startswith("_Z"))  # c++filt only where needed
-    names = {**{name: name for name in raw}, **dict(zip(mangled, sass_accesses.demangle(mangled)))}
-    return {memory_counts.kernel_name(names[name]): [
+    # demangle gives kernel_name's names; the others are taken as they are
+    names = {name: memory_counts.kernel_name(name) for name in raw} | dict(zip(mangled, sass_accesses.demangle(mangled)))
+    return {names[name]: [
         Instruction(address, predicate, opcode, resolve(labels[name], target, names[name]), condition)
         for address, predicate, opcode, target, condition in instructions] for name, instructions in raw.items()}
 
@@ -99,7 +99,7 @@ def resolve(labels: dict[str, int], target: str | None, function: str) -> int | 
     if target is None:
         return None
     if target not in labels:
-        raise UserError(f"{memory_counts.kernel_name(function)} branches to {target}, which it does not "
+        raise UserError(f"{function} branches to {target}, which it does not "
                         "hold: is this nvdisasm -c's output?")
     return labels[target]
 
@@ -190,14 +190,12 @@ def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[lis
     narrowest of equals), among the branches back a converged warp reaches and takes: not a
     divergent warp's fallback code jumping back, nor the spin after EXIT. Several branches back
     to one head (a `continue`) are one loop, each the end of an iteration."""
-    at = {instruction.address: i for i, instruction in enumerate(instructions)}
     reached = reachable(graph)
-    backs: dict[int, list[int]] = {}
+    backs: dict[int, list[int]] = {}  # the graph's edges back, which successors() took
     for index in sorted(reached):
-        instruction = instructions[index]
-        if (instruction.base == "BRA" and not instruction.opcode.startswith("BRA.DIV") and instruction.runs
-                and instruction.condition != "!PT" and at.get(instruction.target, index + 1) <= index):
-            backs.setdefault(at[instruction.target], []).append(index)
+        for following in graph[index]:
+            if following <= index:
+                backs.setdefault(following, []).append(index)
     loops = [(head, ends[-1]) for head, ends in backs.items()]
     products = {(head, back): sum(instructions[i].base == "HMMA" and instructions[i].runs
                                   for i in range(head, back + 1) if i in reached) for head, back in loops}
@@ -238,9 +236,9 @@ def count(kernel: str, instructions: list[Instruction]) -> KernelCounts:
 
 def counts(library: Path, arch: str) -> list[KernelCounts]:
     """Each tensor-core high-resolution kernel's counts in ``library``'s cubin for ``arch``."""
-    text = sass_accesses.read_cubin(library, arch, [sass_accesses.binary("nvdisasm"), "-c"])
+    text = sass_accesses.disassemble(library, arch, lines=False)
     kernels = parse(text)
-    chosen = sorted(name for name in kernels if KERNELS.match(name))
+    chosen = sorted(name for name in kernels if name.startswith("highResolutionMma<"))
     if not chosen:
         raise UserError(f"{library.name} has no high-resolution kernels for {arch}: rebuild it with make plugins")
     return [count(name, kernels[name]) for name in chosen]

@@ -91,13 +91,11 @@ def parse_counts(stdout: str) -> list[Instruction]:
 
 @dataclass(frozen=True)
 class Launch:
-    """The launches of one kernel with one shape: threads a CTA, dynamic shared memory, cluster."""
+    """The launches of one kernel with one shape: threads a CTA, dynamic shared memory."""
 
     function: str
     threads: int
     dynamic_shared: int
-    cluster: int
-    count: int
 
 
 def frames(executable: Path, offsets: set[int]) -> dict[int, list[tuple[str, str]]]:
@@ -174,8 +172,8 @@ def run_launches(what: str = "attention") -> tuple[list[Launch], list[OccupancyA
 
     if not records["launch"]:
         raise UserError(f"{executable.name} {what} listed no launches: rebuild it (make plugins)")
-    launches = [Launch(name(offset), int(threads), int(shared), int(cluster), int(count))
-                for offset, threads, shared, cluster, count in records["launch"]]
+    launches = [Launch(name(offset), int(threads), int(shared))  # the cluster and the count unread
+                for offset, threads, shared, *_ in records["launch"]]
     answers = [OccupancyAnswer(name(offset), int(threads), int(shared), int(ctas))
                for offset, threads, shared, ctas in records["occupancy"]]
     return launches, answers

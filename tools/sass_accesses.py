@@ -129,9 +129,9 @@ def read_cubin(library: Path, arch: str, command: list[str]) -> str:
     return result.stdout
 
 
-def disassemble(library: Path, arch: str) -> str:
-    """``library``'s cubin for ``arch``, disassembled with its inlined source lines."""
-    return read_cubin(library, arch, [binary("nvdisasm"), "-gi", "-c"])
+def disassemble(library: Path, arch: str, lines: bool = True) -> str:
+    """``library``'s cubin for ``arch``, disassembled (with its inlined source lines: ``lines``)."""
+    return read_cubin(library, arch, [binary("nvdisasm"), *(["-gi"] if lines else []), "-c"])
 
 
 def parse_sass(text: str) -> list[SassInstruction]:
