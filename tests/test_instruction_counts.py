@@ -1,5 +1,5 @@
-"""The instructions a warp of each tensor-core high-resolution kernel issues for one key block, as
-nvcc compiled them (tools/instruction_counts.py). The first tests walk small pieces of
+"""The instructions a warp of each high-resolution kernel issues for one key block, as nvcc
+compiled them (tools/instruction_counts.py). The first tests walk small pieces of
 nvdisasm's output (with names that need no demangling) and need no CUDA; the others need the CUDA
 library (make plugins with nvcc), NVIDIA's cuobjdump and nvdisasm (make setup) and c++filt."""
 
@@ -111,7 +111,7 @@ def test_each_kernels_labels_are_its_own():
 
 @pytest.mark.parametrize("change, message", [
     (("`(.L_x_1) ;", "`(.L_x_9) ;"), "kernel branches to .L_x_9, which it does not hold"),
-    (("HMMA.16816.F32 R8, R12, R14, R8", "FFMA R8, R12, R14, R8"), "kernel has no loop of matrix products"),
+    (("HMMA.16816.F32 R8, R12, R14, R8", "FFMA R8, R12, R14, R8"), "kernel has no loop of products"),
     (("                   MOV R1, c[0x0][0x28] ;", "                   BRA `(.L_x_1) ;"),  # entered mid-loop
      "kernel: no forward path to the loop's head"),
 ])
@@ -172,7 +172,11 @@ def built_counts() -> dict:
 
 
 def head_dim(kernel: str) -> int:
-    return int(re.match(r"highResolutionMma<\w+, (\d+), \d>", kernel).group(1))
+    return int(re.match(r"highResolution\wma<(?:\w+, )?(\d+), \d>", kernel).group(1))
+
+
+def tensor_core_rows(rows) -> list:
+    return [row for row in rows if row.kernel.startswith("highResolutionMma<")]
 
 
 def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_counts):
@@ -180,7 +184,8 @@ def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_co
     tiles: D/2 mma.sync a warp a key block, on the loop's fullest paths, with the next block's
     copies."""
     assert sorted(built_counts) == cuda_architectures_named()
-    for arch, rows in built_counts.items():
+    for arch, (rows, _) in built_counts.items():
+        rows = tensor_core_rows(rows)
         assert len(rows) == 12, arch  # fp16, bf16; head_dim 32, 64, 128; split or not
         for row in rows:
             fewest, _ = row.key_block
@@ -188,11 +193,28 @@ def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_co
             assert fewest.copies > 0, (arch, row.kernel)
 
 
+def test_the_fp32_kernels_key_block_loops_are_unrolled_whole_from_head_dim_64(built_counts):
+    """A thread of highResolutionFma takes 2 query rows against 4 keys (8 D multiply-adds for the
+    scores) and 32 keys into its 2 rows' D / 4 output dims (8 D for P V): 16 D FFMA a key block,
+    and the softmax's few besides. From head_dim 64 the loops over dims and keys are unrolled
+    whole (scoresByFma, highResolutionFma), so the key-block loop holds no loop and is counted;
+    rolled up, it is not (or holds a fraction of the FFMA)."""
+    for arch, (rows, nested) in built_counts.items():
+        fp32 = {row.kernel: row for row in rows if row.kernel.startswith("highResolutionFma<")}
+        assert {"highResolutionFma<64, 1>", "highResolutionFma<64, 2>", "highResolutionFma<128, 1>"} <= set(fp32), \
+            (arch, sorted(fp32), nested)
+        for kernel, row in fp32.items():
+            fewest, _ = row.key_block
+            products = 16 * head_dim(kernel)
+            assert products <= fewest.work <= products + 128, (arch, kernel, fewest)
+            assert fewest.copies > 0, (arch, kernel)
+
+
 def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):
     """byKeyPadding compiles the softmax twice: a block whose keys are all real skips the masks'
     selects and one of the two row reductions."""
-    for arch, rows in built_counts.items():
-        for row in rows:
+    for arch, (rows, _) in built_counts.items():
+        for row in tensor_core_rows(rows):
             fewest, most = row.key_block
             assert most.length - fewest.length >= 100, (arch, row.kernel, fewest, most)
 
@@ -201,5 +223,6 @@ def test_the_epilogue_divides_once_a_row_not_once_a_dim(built_counts):
     """RowEpilogue multiplies each dim by its row's reciprocal (1 / y: no FCHK), so a kernel's
     x / y divisions do not grow with head_dim: they were 34, 66 and 130 at head_dim 32, 64 and
     128. The 2 left are quantisedRowMax's, one a row of the thread's two."""
-    for arch, rows in built_counts.items():
+    for arch, (rows, _) in built_counts.items():
+        rows = tensor_core_rows(rows)
         assert {row.divisions for row in rows} == {2}, (arch, [(row.kernel, row.divisions) for row in rows])

@@ -62,6 +62,33 @@ def test_a_row_is_narrower_wherever_nvcc_split_an_access_the_counts_take_whole(n
     assert sass_accesses.Row("k.cu:1", "", "shared", False, nvcc, emulation).verdict == verdict
 
 
+# ptxas loading the last word of a 16-byte load again (a value it did not keep in a register), a
+# 4-byte load past it, one from another register, one of another statement, and one split.
+REREAD = """\
+.text.k:
+\t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 20
+        /*0000*/                   LDS.128 R4, [R61+0x2aa0] ;
+        /*0010*/                   LDS R9, [R61+0x2aac] ;
+        /*0020*/                   LDS R10, [R61+0x2ab0] ;
+        /*0030*/                   LDS R11, [R62+0x2aa4] ;
+\t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 30
+        /*0040*/                   LDS R12, [R61+0x2aa8] ;
+        /*0050*/                   LDS.64 R14, [R40] ;
+        /*0060*/                   LDS.64 R16, [R40+0x8] ;
+"""
+
+
+def test_a_load_of_bytes_a_wider_load_of_its_statement_read_is_a_reread_not_a_split():
+    sass = sass_accesses.parse_sass(REREAD)
+    assert [i.address for i in sass] == [("R61", 0x2aa0), ("R61", 0x2aac), ("R61", 0x2ab0), ("R62", 0x2aa4),
+                                         ("R61", 0x2aa8), ("R40", 0), ("R40", 8)]
+    assert sass_accesses.rereads(sass) == {1}
+    row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16, 4}, {16})
+    assert row.widths_verdict == row.verdict == "narrower in nvcc"
+    row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16}, {16}, rereads=1)
+    assert (row.widths_verdict, row.verdict) == ("same", "same, nvcc reads 1 again")
+
+
 def test_a_kernels_data_type_keys_its_widths():
     assert [sass_accesses.element_type(name) for name in (
         "highResolutionMma<__half, 64, 2>", "copyTiles<float, 32, 2, 128>", "highResolutionFma<32, 1>",
@@ -157,7 +184,7 @@ def test_nvcc_splits_no_access_the_emulation_counts_whole(comparisons):
     """nvcc may merge neighbouring accesses (a loop's floats into one 16-byte load: fewer
     requests than counted); one it split would make more than the counts say."""
     for arch, (rows, _) in comparisons.items():
-        narrower = [r for r in rows if r.verdict == "narrower in nvcc"]
+        narrower = [r for r in rows if r.widths_verdict == "narrower in nvcc"]
         assert not narrower, f"{arch}:\n{described(narrower)}"
 
 

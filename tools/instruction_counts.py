@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
-"""The instructions a warp of each tensor-core high-resolution kernel issues for one key block, as
-nvcc compiled them: a stand-in, without a GPU, for Nsight Compute's instruction counts.
+"""The instructions a warp of each high-resolution kernel issues for one key block, as nvcc
+compiled them: a stand-in, without a GPU, for Nsight Compute's instruction counts.
 
 A kernel whose warps wait on each other's instructions rather than on memory or the tensor cores
 goes as fast as it issues: an SM sub-partition issues one warp instruction a cycle. This tool
 disassembles the built CUDA library's kernels for one architecture (cuobjdump, nvdisasm), finds
-each highResolutionMma kernel's key-block loop (the backward branch around the most HMMA) and
-walks its control-flow paths from the loop's head to a branch back to it. Of the paths that run
-the most matrix products and then the most copies (LDGSTS), it gives the fewest and the most
-instructions: a key block with every key real, and one with padding keys (docs/gpu.md). A
+each high-resolution kernel's key-block loop (the backward branch around the most products:
+HMMA in the tensor-core kernels, FFMA in the fp32 ones) and walks its control-flow paths from the
+loop's head to a branch back to it. Of the paths that run the most products and then the most
+copies (LDGSTS), it gives the fewest and the most instructions: in the tensor-core kernels a key
+block with every key real, and one with padding keys (docs/gpu.md). A
 divergent warp's fallback (BRA.DIV) and a division's slow path (a CALL, counted as one
 instruction) are left out. Also, once a CTA, the most instructions before the loop and after it
 (over the same choice of paths, and one pass of each loop there: the first copies' and the
 output's), and the kernel's FCHK: each IEEE division x / y checks its range with one (a
-reciprocal, 1 / y, does not). The fp32 kernels' loops hold loops of their own, which nvcc did
-not unroll, and are not counted.
+reciprocal, 1 / y, does not). A kernel whose key-block loop holds a loop of its own (nvcc did not
+unroll it: the fp32 kernels at head_dim 32) is listed as not counted.
 
     python tools/instruction_counts.py [--arch sm_90] [--out FILE.md]
 
@@ -126,7 +127,7 @@ def successors(instructions: list[Instruction]) -> list[list[int]]:
 @dataclass(frozen=True)
 class Walk:
     """What one path through a kernel's instructions runs."""
-    work: int  # matrix products (HMMA)
+    work: int  # products (HMMA, or FFMA in the fp32 kernels)
     copies: int  # LDGSTS
     length: int  # instructions
 
@@ -134,9 +135,9 @@ class Walk:
         return Walk(self.work + other.work, self.copies + other.copies, self.length + other.length)
 
 
-def step(instruction: Instruction) -> Walk:
+def step(instruction: Instruction, work: str) -> Walk:
     runs = instruction.runs
-    return Walk(int(runs and instruction.base == "HMMA"), int(runs and instruction.base == "LDGSTS"), int(runs))
+    return Walk(int(runs and instruction.base == work), int(runs and instruction.base == "LDGSTS"), int(runs))
 
 
 ORDERS = ((lambda walk: (walk.work, walk.copies, -walk.length)),  # the fewest instructions
@@ -144,25 +145,29 @@ ORDERS = ((lambda walk: (walk.work, walk.copies, -walk.length)),  # the fewest i
 
 
 def extreme_paths(instructions: list[Instruction], graph: list[list[int]], first: int,
-                  ends: list[int]) -> tuple[Walk, Walk] | None:
+                  ends: list[int], work: str = "HMMA") -> tuple[Walk, Walk] | None:
     """Of the forward paths from ``first`` to any of ``ends`` (indices; backward branches cut),
-    those with the most work and then the most copies: the one with the fewest instructions and
-    the one with the most. None where no end can be reached."""
+    those with the most ``work`` (an opcode) and then the most copies: the one with the fewest
+    instructions and the one with the most. None where no end can be reached."""
     last = max(ends)
-    best: list[dict[int, Walk]] = [{first: step(instructions[first])} for _ in ORDERS]
+    best: list[dict[int, Walk]] = [{first: step(instructions[first], work)} for _ in ORDERS]
     for index in range(first, last):
         for order, reached in zip(ORDERS, best):
             if index not in reached:
                 continue
             for following in graph[index]:
                 if index < following <= last:  # forward only: a branch back ends the path
-                    candidate = reached[index] + step(instructions[following])
+                    candidate = reached[index] + step(instructions[following], work)
                     if following not in reached or order(candidate) > order(reached[following]):
                         reached[following] = candidate
     found = [[reached[end] for end in ends if end in reached] for reached in best]
     if not found[0]:
         return None
     return max(found[0], key=ORDERS[0]), max(found[1], key=ORDERS[1])
+
+
+class NestedLoop(UserError):
+    """A kernel's key-block loop holds a loop: its iterations' counts are not one path's."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,9 @@ def reachable(graph: list[list[int]]) -> set[int]:
     return seen
 
 
-def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[list[int]]) -> tuple[int, list[int]]:
-    """The head and the backward branches (indices) of the loop around the most HMMA (the
+def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[list[int]],
+                   work: str = "HMMA") -> tuple[int, list[int]]:
+    """The head and the backward branches (indices) of the loop around the most ``work`` (the
     narrowest of equals), among the branches back a converged warp reaches and takes: not a
     divergent warp's fallback code jumping back, nor the spin after EXIT. Several branches back
     to one head (a `continue`) are one loop, each the end of an iteration."""
@@ -197,74 +203,90 @@ def key_block_loop(kernel: str, instructions: list[Instruction], graph: list[lis
             if following <= index:
                 backs.setdefault(following, []).append(index)
     loops = [(head, ends[-1]) for head, ends in backs.items()]
-    products = {(head, back): sum(instructions[i].base == "HMMA" and instructions[i].runs
+    products = {(head, back): sum(instructions[i].base == work and instructions[i].runs
                                   for i in range(head, back + 1) if i in reached) for head, back in loops}
     if not loops or max(products.values()) == 0:
-        raise UserError(f"{kernel} has no loop of matrix products: is the library built from these sources?")
+        raise UserError(f"{kernel} has no loop of products ({work}): is the library built from these sources?")
     head, back = max(loops, key=lambda loop: (products[loop], loop[0] - loop[1]))
     if any(head < inner_head and inner_back < back for inner_head, inner_back in loops):
-        raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} holds another loop: "
-                        "this tool counts a loop whose body nvcc unrolled")
+        raise NestedLoop(f"{kernel}'s key-block loop at {instructions[head].address:#x} holds another loop: "
+                         "this tool counts a loop whose body nvcc unrolled")
     return head, backs[head]
 
 
 def most_instructions(kernel: str, instructions: list[Instruction], graph: list[list[int]], first: int,
-                      ends: list[int], what: str) -> int:
-    paths = extreme_paths(instructions, graph, first, ends) if ends else None
+                      ends: list[int], what: str, work: str) -> int:
+    paths = extreme_paths(instructions, graph, first, ends, work) if ends else None
     if paths is None:
         raise UserError(f"{kernel}: no forward path {what}: this tool counts a loop entered at its head")
     return paths[1].length
 
 
-def count(kernel: str, instructions: list[Instruction]) -> KernelCounts:
+def count(kernel: str, instructions: list[Instruction], work: str = "HMMA") -> KernelCounts:
+    """``kernel``'s counts, its products being ``work`` instructions (an opcode)."""
     graph = successors(instructions)
-    head, backs = key_block_loop(kernel, instructions, graph)
-    key_block = extreme_paths(instructions, graph, head, backs)
+    head, backs = key_block_loop(kernel, instructions, graph, work)
+    key_block = extreme_paths(instructions, graph, head, backs, work)
     if key_block is None:
         raise UserError(f"{kernel}'s key-block loop at {instructions[head].address:#x} has no path to its "
                         "backward branch")
     back = backs[-1]
     exits = [i for i, instruction in enumerate(instructions)
              if instruction.base == "EXIT" and instruction.runs and i > back]
-    before = 0 if head == 0 else most_instructions(kernel, instructions, graph, 0, [head], "to the loop's head") - 1
+    before = 0 if head == 0 else most_instructions(kernel, instructions, graph, 0, [head], "to the loop's head",
+                                                   work) - 1
     return KernelCounts(
         kernel, key_block,
         before=before,  # the loop's head is the loop's, not before it
-        after=most_instructions(kernel, instructions, graph, back + 1, exits, "from the loop to an EXIT"),
+        after=most_instructions(kernel, instructions, graph, back + 1, exits, "from the loop to an EXIT", work),
         divisions=sum(i.base == "FCHK" for i in instructions))
 
 
-def counts(library: Path, arch: str) -> list[KernelCounts]:
-    """Each tensor-core high-resolution kernel's counts in ``library``'s cubin for ``arch``."""
-    text = sass_accesses.disassemble(library, arch, lines=False)
-    kernels = parse(text)
-    chosen = sorted(name for name in kernels if name.startswith("highResolutionMma<"))
-    if not chosen:
+# Each high-resolution kernel's products, by the start of its name.
+PRODUCTS = {"highResolutionFma<": "FFMA", "highResolutionMma<": "HMMA"}
+
+
+def counts(library: Path, arch: str) -> tuple[list[KernelCounts], list[str]]:
+    """Each high-resolution kernel's counts in ``library``'s cubin for ``arch``, and the kernels
+    not counted, their key-block loops holding loops."""
+    kernels = parse(sass_accesses.disassemble(library, arch, lines=False))
+    rows, nested = [], []
+    for prefix, work in PRODUCTS.items():
+        for name in sorted(name for name in kernels if name.startswith(prefix)):
+            try:
+                rows.append(count(name, kernels[name], work))
+            except NestedLoop:
+                nested.append(name)
+    if not rows and not nested:
         raise UserError(f"{library.name} has no high-resolution kernels for {arch}: rebuild it with make plugins")
-    return [count(name, kernels[name]) for name in chosen]
+    return rows, nested
 
 
-def report(arch: str, rows: list[KernelCounts]) -> str:
+def report(arch: str, rows: list[KernelCounts], nested: list[str]) -> str:
     lines = [f"# Instructions a warp issues, {arch}", "",
              f"Command: `python tools/instruction_counts.py --arch {arch}` (nvdisasm over the built CUDA "
              "library; no GPU). A key block: the fewest and the most instructions over the loop's paths "
-             "that run the most matrix products and copies (every key real / padding keys). Before and "
+             "that run the most products (HMMA; FFMA in fp32) and copies (every key real / padding keys). "
+             "Before and "
              "after the loop: the most, once a CTA, one pass of each loop there. A division's slow path is "
              "one CALL; a divergent warp's fallback is left out. "
              "What it means: [docs/gpu.md](../../docs/gpu.md).", "",
-             "| kernel | a key block: fewest, most | of which HMMA | before the loop | "
+             "| kernel | a key block: fewest, most | of which products | before the loop | "
              "after the loop | FCHK |", "|---|---|---|---|---|---|"]
     for row in rows:
         fewest, most = row.key_block
         lines.append(f"| {row.kernel} | {fewest.length}, {most.length} | {fewest.work} | "
                      f"{row.before} | {row.after} | {row.divisions} |")
+    if nested:
+        lines += ["", "Not counted (a loop in the key-block loop, which nvcc did not unroll): "
+                  + ", ".join(nested) + "."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = sass_accesses.parse_report_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), argv)
     return memory_counts.write_report(
-        lambda: report(args.arch, counts(native.library_path(native.CUDA_LIBRARY), args.arch)), args.out)
+        lambda: report(args.arch, *counts(native.library_path(native.CUDA_LIBRARY), args.arch)), args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ memory space and direction, beside the emulated build's on memory_counts' proble
 One row per statement where the two differ (every statement with --all), with a verdict: "same";
 "wider in nvcc" (nvcc merged accesses that the emulation counts apart) or "narrower in nvcc";
 "nvcc only" (code the problems do not run, or a stand-in's under the emulation: CUB's scan);
-"emulation only". Then what the counts do not model: each kernel's local-memory and generic
+"emulation only"; and beside it where nvcc reads again bytes a wider load of the statement read
+(ptxas re-loading a value instead of keeping it in a register: requests the counts lack). Then
+what the counts do not model: each kernel's local-memory and generic
 (address space unknown to the compiler) accesses. Needs the CUDA library (make plugins with nvcc),
 NVIDIA's cuobjdump and nvdisasm (PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, which
 `make setup` installs), binutils (c++filt, addr2line) and GCC's load and store hooks; no GPU.
@@ -51,7 +53,10 @@ BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdis
 
 FUNCTION = re.compile(r"^\.text\.(\S+):$")
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
-INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)")
+INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
+# A shared-memory operand: its registers and an offset, "[R61+0x2aac]", "[R92.X4+0x52ac]", "[R40]",
+# "[R3+UR4]", "[R3+-0x10]", "[0x10]".
+SHARED_ADDRESS = re.compile(r"\[([^\]]*?)\s*(?:\+?\s*(-?0x[0-9a-f]+))?\]")
 # A size suffix's bytes; an opcode without one moves 4 bytes a lane.
 SIZE_SUFFIXES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 # Opcodes by what they access: (space, store) for each access, as memory_counts counts them
@@ -70,6 +75,7 @@ class SassInstruction:
     function: str  # its kernel, named as memory_counts names it
     opcode: str  # "LDS.128"
     chain: tuple[tuple[str, int], ...]  # (file name, line), innermost first
+    address: tuple[str, int] | None = None  # a shared load's register and offset ("R61", 0x2aac)
 
 
 @dataclass(frozen=True)
@@ -149,8 +155,39 @@ def parse_sass(text: str) -> list[SassInstruction]:
         elif (found := INSTRUCTION.search(line)) and function:
             after_instruction = True
             if found.group(1) != "@!PT":
-                instructions.append(SassInstruction(function, found.group(2), tuple(chain)))
+                instructions.append(SassInstruction(function, found.group(2), tuple(chain),
+                                                    shared_address(found.group(2), found.group(3))))
     return instructions
+
+
+def shared_address(opcode: str, operands: str) -> tuple[str, int] | None:
+    """A shared-memory load's address operand as (its registers, offset); None for other opcodes."""
+    if opcode.split(".")[0] not in ("LDS", "LDSM"):
+        return None
+    found = SHARED_ADDRESS.search(operands)
+    return (found.group(1) or "RZ", int(found.group(2) or "0", 16)) if found else None
+
+
+def rereads(sass: list[SassInstruction]) -> set[int]:
+    """The shared loads (indices into ``sass``) that read bytes a wider load of the same kernel and
+    source place reads (the same register, an offset inside its bytes): ptxas loading a value
+    again where it did not keep it in a register, not an access split. Each is a request more than
+    the emulation counts."""
+    wide: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    for instruction in sass:
+        if instruction.address:
+            register, offset = instruction.address
+            size = accesses(instruction.opcode)[0].bytes
+            wide[(instruction.function, instruction.chain, register)].append((offset, size))
+    found = set()
+    for index, instruction in enumerate(sass):
+        if instruction.address:
+            register, offset = instruction.address
+            size = accesses(instruction.opcode)[0].bytes
+            if any(start <= offset and offset + size <= start + width and width > size
+                   for start, width in wide[(instruction.function, instruction.chain, register)]):
+                found.add(index)
+    return found
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -234,11 +271,19 @@ class Row:
     nvcc: set[int]
     emulation: set[int]
     through: str = ""  # the file nvcc's innermost line is in, where not the kernels' source
+    rereads: int = 0  # nvcc's loads of bytes a wider load of the statement read (rereads())
 
     @property
     def verdict(self) -> str:
         """Narrower where nvcc lacks the widest access the emulation counts or makes one narrower
-        than any counted (it split one); wider where it merged counted accesses."""
+        than any counted (it split one); wider where it merged counted accesses. A re-read is
+        neither: it is named beside the widths' verdict."""
+        if self.rereads:
+            return f"{self.widths_verdict}, nvcc reads {self.rereads} again"
+        return self.widths_verdict
+
+    @property
+    def widths_verdict(self) -> str:
         if self.nvcc == self.emulation:
             return "same"
         if not self.emulation:
@@ -261,12 +306,16 @@ def compare(sass: list[SassInstruction], emulated: list[memory_counts.Instructio
         key = (place, element_type(function), space, store)
         return rows.setdefault(key, Row(*key, set(), set()))
 
-    for instruction in sass:
+    again = rereads(sass)
+    for index, instruction in enumerate(sass):
         place = sources.place(instruction.chain)
         for access in accesses(instruction.opcode):
             if instruction.function in ran and place and access.space not in UNMODELLED_SPACES:
                 entry = row(place, instruction.function, access.space, access.store)
-                entry.nvcc.add(access.bytes)
+                if index in again:
+                    entry.rereads += 1
+                else:
+                    entry.nvcc.add(access.bytes)
                 if instruction.chain[0][0] not in sources.starts:
                     entry.through = instruction.chain[0][0]
     for instruction in emulated:
@@ -307,10 +356,12 @@ def report(arch: str, rows: list[Row], not_run: list[str], odd: dict, sources: S
            every_row: bool = False) -> str:
     verdicts = defaultdict(int)
     for r in rows:
-        verdicts[r.verdict.split(" (")[0]] += 1
+        verdicts[r.widths_verdict.split(" (")[0]] += 1
+    reread = [r for r in rows if r.rereads]
     out = [f"## {arch}: each statement's access widths, nvcc's beside the emulation's", "",
            f"{len(rows)} statement accesses (place, data type, space, direction): "
-           + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + ".",
+           + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + "; "
+           + f"{len(reread)} of them read again by nvcc ({sum(r.rereads for r in reread)} loads).",
            "Kernels nvcc compiled that the problems do not run: "
            + (", ".join(f"`{name}`" for name in not_run) or "none") + ".", "",
            "| place | statement | data | space | access | nvcc bytes | emulation bytes | verdict |",

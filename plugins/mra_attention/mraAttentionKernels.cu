@@ -37,14 +37,17 @@
 #include <map>
 #include <mutex>
 #include <type_traits>
-#include <type_traits>
 
 // Loops over register arrays (fragments, accumulators) are unrolled so that the arrays stay in
-// registers: indexed at run time they would live in local memory. The emulation has no pragma.
+// registers: indexed at run time they would live in local memory. MRA_UNROLL_BY(n) unrolls by n
+// (a constant expression). The emulation has no pragma.
 #ifdef MRA_CUDA_EMULATION_H
 #define MRA_UNROLL
+#define MRA_UNROLL_BY(n)
 #else
+#define MRA_PRAGMA(text) _Pragma(#text)
 #define MRA_UNROLL _Pragma("unroll")
+#define MRA_UNROLL_BY(n) MRA_PRAGMA(unroll(n))
 #endif
 
 namespace mra
@@ -1196,8 +1199,7 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
 {
     using Smem = FmaSmem<D, 1>; // the tiles' stride, whatever the split
     float dot[2][4] = {};
-    for (int32_t d = 0; d < D; d += 4)
-    {
+    auto accumulate = [&](int32_t d) { // dims d to d + 3
         float4 const q[2] = {*reinterpret_cast<float4 const*>(queryTile + r * Smem::kTileStride + d),
             *reinterpret_cast<float4 const*>(queryTile + (r + 16) * Smem::kTileStride + d)};
         MRA_UNROLL
@@ -1212,6 +1214,24 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
                 dot[h][t] += q[h].z * k.z;
                 dot[h][t] += q[h].w * k.w;
             }
+        }
+    };
+    if constexpr (D >= 64)
+    {
+        // Whole, so that ptxas can issue K's loads ahead of their products (and takes fewer
+        // registers). At head_dim 32 nvcc's own choice: whole, the unsplit kernel took 72
+        // registers on sm_90, a CTA an SM fewer (tools/occupancy.py).
+        MRA_UNROLL
+        for (int32_t d = 0; d < D; d += 4)
+        {
+            accumulate(d);
+        }
+    }
+    else
+    {
+        for (int32_t d = 0; d < D; d += 4)
+        {
+            accumulate(d);
         }
     }
     for (int32_t h = 0; h < 2; ++h)
@@ -1285,6 +1305,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
                 out[h][group].w *= rescale[h];
             }
         }
+        MRA_UNROLL // whole, as the scores' loop
         for (int32_t k = 0; k < kBlock; ++k)
         {
             float const weight[2] = {weightTile[rows[0] * Smem::kWeightStride + k],
@@ -1384,7 +1405,7 @@ __device__ inline void warpMma(float (&d)[4], uint32_t const (&a)[4], uint32_t c
 //! or with `kTransposed` rows 2 (l % 4) + {0, 1} of column l / 4 (a B fragment from a tile
 //! stored k-major, as V is).
 template <bool kTransposed>
-__device__ inline void loadMatrices(uint32_t (&r)[4], void const* rowAddress)
+__device__ __forceinline__ void loadMatrices(uint32_t (&r)[4], void const* rowAddress)
 {
 #ifdef MRA_CUDA_EMULATION_H
     ::emu::ldmatrixX4(__FILE__, __LINE__, r, rowAddress, kTransposed);
