@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from .conftest import built_or_skip, cuda_architectures_named, load_tool
+from .conftest import built_or_skip, cuda_architectures_named, disassembly_tools_or_skip, load_tool
 
 instruction_counts = load_tool("instruction_counts")
 
@@ -155,19 +155,11 @@ def test_a_loop_holding_a_loop_is_refused_in_one_line():
 def built_counts() -> dict:
     """The built library's counts, by architecture (skips where it was built without nvcc, or
     where cuobjdump, nvdisasm or c++filt is missing; the tool's own refusals fail)."""
-    import shutil
-
     from mra_export import native
-    from mra_export.errors import UserError
 
     library = built_or_skip(native.CUDA_LIBRARY)
     sass_accesses = instruction_counts.sass_accesses
-    try:
-        sass_accesses.binary("cuobjdump"), sass_accesses.binary("nvdisasm")
-    except UserError as error:
-        pytest.skip(str(error))
-    if shutil.which("c++filt") is None:
-        pytest.skip("c++filt is not on PATH: install binutils")
+    disassembly_tools_or_skip(sass_accesses)
     return {arch: instruction_counts.counts(library, arch) for arch in sass_accesses.architectures(library)}
 
 

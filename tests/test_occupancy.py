@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from .conftest import built_or_skip, cuda_architectures_named, load_tool, program_or_skip
+from .conftest import built_or_skip, cuda_architectures_named, disassembly_tools_or_skip, load_tool, program_or_skip
 
 occupancy = load_tool("occupancy")
 memory_counts = occupancy.memory_counts
@@ -43,16 +43,13 @@ def test_the_calculator_answers_as_the_programming_guides_limits_do():
 
 @pytest.fixture(scope="module")
 def library():
-    """The built CUDA library (skips where it, the calculator, the driver or cuobjdump is missing)."""
+    """The built CUDA library (skips where it, the calculator, the driver, cuobjdump, nvdisasm or
+    c++filt is missing)."""
     from mra_export import native
-    from mra_export.errors import UserError
 
     built_or_skip(occupancy.CALCULATOR)
     program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
-    try:
-        occupancy.sass_accesses.binary("cuobjdump")
-    except UserError as error:
-        pytest.skip(str(error))
+    disassembly_tools_or_skip(occupancy.sass_accesses)
     return built_or_skip(native.CUDA_LIBRARY)
 
 

@@ -40,7 +40,6 @@ from mra_export import native  # noqa: E402
 from mra_export.errors import UserError  # noqa: E402
 
 LABEL = re.compile(r"^(\.L_x_\d+):")
-INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 # A branch's own condition, an operand before its target: `BRA !P3, `(.L_x_7)`.
 BRANCH_CONDITION = re.compile(r"^\s*(!?U?P\w+)\s*,")
@@ -79,7 +78,7 @@ def parse(text: str) -> dict[str, list[Instruction]]:
             raw[function], labels[function] = [], {}
         elif found := LABEL.match(line.strip()):
             pending.append(found.group(1))
-        elif (found := INSTRUCTION.search(line)) and function:
+        elif (found := sass_accesses.INSTRUCTION.search(line)) and function:
             address = int(found.group(1), 16)
             labels[function].update((label, address) for label in pending)
             pending = []
@@ -88,9 +87,7 @@ def parse(text: str) -> dict[str, list[Instruction]]:
             condition = BRANCH_CONDITION.match(operands) if found.group(3).startswith("BRA") else None
             raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1),
                                   condition.group(1) if condition else ""))
-    mangled = sorted(name for name in raw if name.startswith("_Z"))  # c++filt only where needed
-    # demangle gives kernel_name's names; the others are taken as they are
-    names = {name: memory_counts.kernel_name(name) for name in raw} | dict(zip(mangled, sass_accesses.demangle(mangled)))
+    names = sass_accesses.kernel_names(raw)
     return {names[name]: [
         Instruction(address, predicate, opcode, resolve(labels[name], target, names[name]), condition)
         for address, predicate, opcode, target, condition in instructions] for name, instructions in raw.items()}

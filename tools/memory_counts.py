@@ -21,6 +21,7 @@ only rows with an excess unless --all; then each kernel's totals. Needs GCC (its
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shutil
 import subprocess
@@ -128,6 +129,7 @@ def locate(executable: Path, instructions: list[Instruction]) -> None:
             instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(chain))
 
 
+@functools.lru_cache(maxsize=None)  # run() and run_launches() read the same output
 def driver_output(what: str) -> tuple[Path, str]:
     """The driver and what it printed for ``what`` ("attention", "patterns" or "profile")."""
     executable = program()
@@ -247,16 +249,22 @@ def main(argv=None) -> int:
     which.add_argument("--profile", action="store_true",
                        help="tools/kernel_profile.py's case at batch 1 (fp16, 12 heads, 4096 tokens)")
     parser.add_argument("--all", action="store_true", help="rows without an excess as well")
-    parser.add_argument("--out", type=Path, help="also write the tables here")
+    parser.add_argument("--out", type=report_path, help="also write the tables here")
     args = parser.parse_args(argv)
-    if args.out and not args.out.parent.is_dir():
-        parser.error(f"argument --out: no folder {args.out.parent}; make it first")
 
     def tables() -> str:
         instructions = run("patterns" if args.patterns else "profile" if args.profile else "attention")
         return report(instructions, every_row=args.all or args.patterns, totals=not args.patterns)
 
     return write_report(tables, args.out)
+
+
+def report_path(text: str) -> Path:
+    """An --out argument: a file in a folder that exists (argparse's one-line error otherwise)."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent}; make it first")
+    return path
 
 
 def write_report(make: Callable[[], str], out: Path | None) -> int:

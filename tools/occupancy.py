@@ -138,10 +138,8 @@ def report(table: list[Row]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--out", type=memory_counts.report_path, help="also write the table here")
     args = parser.parse_args(argv)
-    if args.out and not args.out.parent.is_dir():
-        parser.error(f"argument --out: no folder {args.out.parent}; make it first")
 
     def table() -> str:
         library = native.library_path(native.CUDA_LIBRARY)

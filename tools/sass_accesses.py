@@ -53,7 +53,8 @@ BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdis
 
 FUNCTION = re.compile(r"^\.text\.(\S+):$")
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
-INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
+# An instruction: its address, predicate, opcode and operands ("/*0b40*/ @P1 STG.E.U16 [R2.64], R5 ;").
+INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 # A shared-memory operand: its registers and an offset, "[R61+0x2aac]", "[R92.X4+0x52ac]", "[R40]",
 # "[R3+UR4]", "[R3+-0x10]", "[0x10]".
 SHARED_ADDRESS = re.compile(r"\[([^\]]*?)\s*(?:\+?\s*(-?0x[0-9a-f]+))?\]")
@@ -142,8 +143,7 @@ def disassemble(library: Path, arch: str, lines: bool = True) -> str:
 
 def parse_sass(text: str) -> list[SassInstruction]:
     """nvdisasm -gi's instructions; a predicate of @!PT (never runs: padding) leaves one out."""
-    mangled_names = sorted({found.group(1) for line in text.splitlines() if (found := FUNCTION.match(line))})
-    names = dict(zip(mangled_names, demangle(mangled_names)))
+    names = kernel_names(found.group(1) for line in text.splitlines() if (found := FUNCTION.match(line)))
     instructions, function, chain, after_instruction = [], "", [], False
     for line in text.splitlines():
         if found := FUNCTION.match(line):
@@ -154,9 +154,9 @@ def parse_sass(text: str) -> list[SassInstruction]:
             chain.append((Path(found.group(1)).name, int(found.group(2))))
         elif (found := INSTRUCTION.search(line)) and function:
             after_instruction = True
-            if found.group(1) != "@!PT":
-                instructions.append(SassInstruction(function, found.group(2), tuple(chain),
-                                                    shared_address(found.group(2), found.group(3))))
+            _, predicate, opcode, operands = found.groups()
+            if predicate != "@!PT":
+                instructions.append(SassInstruction(function, opcode, tuple(chain), shared_address(opcode, operands)))
     return instructions
 
 
@@ -188,6 +188,14 @@ def rereads(sass: list[SassInstruction]) -> set[int]:
                    for start, width in wide[(instruction.function, instruction.chain, register)]):
                 found.add(index)
     return found
+
+
+def kernel_names(functions) -> dict[str, str]:
+    """Each of nvdisasm's function names as memory_counts names kernels ("highResolutionMma<__half,
+    64, 2>"): c++filt demangles the mangled ones."""
+    functions = sorted(set(functions))
+    mangled = [name for name in functions if name.startswith("_Z")]
+    return {name: memory_counts.kernel_name(name) for name in functions} | dict(zip(mangled, demangle(mangled)))
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -390,12 +398,10 @@ def widths(sizes: set[int]) -> str:
 def parse_report_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """``parser``'s arguments with --arch (sm_90) and --out, checked (a one-line usage error)."""
     parser.add_argument("--arch", default="sm_90", help="the kernels of this architecture (sm_90)")
-    parser.add_argument("--out", type=Path, help="also write the report here")
+    parser.add_argument("--out", type=memory_counts.report_path, help="also write the report here")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
         parser.error(f"argument --arch: {args.arch!r} is not an architecture such as sm_90")
-    if args.out and not args.out.parent.is_dir():
-        parser.error(f"argument --out: no folder {args.out.parent}; make it first")
     return args
 
 
