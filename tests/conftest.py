@@ -161,16 +161,17 @@ def built_or_skip(name: str) -> Path:
     return path
 
 
-def disassembly_tools_or_skip(sass_accesses) -> None:
+def disassembly_tools_or_skip(sass_accesses, binaries=("cuobjdump", "nvdisasm")) -> None:
     """Skips where what the tools reading the built library's cubins need is missing: NVIDIA's
-    cuobjdump and nvdisasm (make setup installs them from PyPI) or binutils' c++filt.
-    ``sass_accesses``: tools/sass_accesses.py as the test loaded it, whose lookup the tools use."""
+    ``binaries`` (make setup installs them from PyPI) or binutils' c++filt. ``sass_accesses``:
+    tools/sass_accesses.py as the test loaded it, whose lookup the tools use."""
     import shutil
 
     from mra_export.errors import UserError
 
     try:
-        sass_accesses.binary("cuobjdump"), sass_accesses.binary("nvdisasm")
+        for name in binaries:
+            sass_accesses.binary(name)
     except UserError as error:
         pytest.skip(str(error))
     if shutil.which("c++filt") is None:

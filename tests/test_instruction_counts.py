@@ -6,6 +6,7 @@ library (make plugins with nvcc), NVIDIA's cuobjdump and nvdisasm (make setup) a
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -147,8 +148,32 @@ def test_a_branch_back_after_the_loop_ends_its_path():
 def test_a_loop_holding_a_loop_is_refused_in_one_line():
     inner = SASS.replace("        /*0070*/                   BRA.DIV UR4, `(.L_x_3) ;",
                          "        /*0070*/               @P3 BRA `(.L_x_2) ;")
-    with pytest.raises(instruction_counts.UserError, match="holds another loop"):
+    with pytest.raises(instruction_counts.NestedLoop, match="holds another loop"):
         instruction_counts.count("kernel", instruction_counts.parse(inner)["kernel"])
+
+
+def test_each_kernel_family_is_counted_by_its_products_and_only_fp32_may_hold_a_loop(monkeypatch):
+    """counts() walks the fp32 kernels by their FFMA and the tensor-core ones by their HMMA; an
+    fp32 kernel whose loop holds a loop is listed as not counted, a tensor-core one is refused."""
+    fma = SASS.replace("HMMA.16816.F32 R8, R12, R14, R8", "FFMA R8, R12, R14, R8")
+    nested = fma.replace("        /*0070*/                   BRA.DIV UR4, `(.L_x_3) ;",
+                         "        /*0070*/               @P3 BRA `(.L_x_2) ;")
+    library = {"highResolutionFma<64,1>": fma, "highResolutionFma<32,2>": nested,
+               "highResolutionMma<__half,64,1>": SASS}
+
+    def disassembled(*_, **__) -> str:
+        return "\n".join(text.replace(".text.kernel:", f".text.{name}:") for name, text in library.items())
+
+    monkeypatch.setattr(instruction_counts.sass_accesses, "disassemble", disassembled)
+    rows, not_counted = instruction_counts.counts(Path("libmra_attention_cuda.so"), "sm_90")
+    assert [row.kernel for row in rows] == ["highResolutionFma<64,1>", "highResolutionMma<__half,64,1>"]
+    assert [row.key_block[0].work for row in rows] == [1, 1]
+    assert not_counted == ["highResolutionFma<32,2>"]
+    assert instruction_counts.report("sm_90", rows, not_counted).endswith(
+        "Not counted (a loop in the key-block loop, which nvcc did not unroll): highResolutionFma<32,2>.")
+    library["highResolutionMma<__half,64,1>"] = nested.replace("FFMA", "HMMA.16816.F32")
+    with pytest.raises(instruction_counts.NestedLoop, match="highResolutionMma<__half,64,1>'s key-block loop"):
+        instruction_counts.counts(Path("libmra_attention_cuda.so"), "sm_90")
 
 
 @pytest.fixture(scope="module")

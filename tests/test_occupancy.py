@@ -43,13 +43,13 @@ def test_the_calculator_answers_as_the_programming_guides_limits_do():
 
 @pytest.fixture(scope="module")
 def library():
-    """The built CUDA library (skips where it, the calculator, the driver, cuobjdump, nvdisasm or
-    c++filt is missing)."""
+    """The built CUDA library (skips where it, the calculator, the driver, cuobjdump or c++filt is
+    missing)."""
     from mra_export import native
 
     built_or_skip(occupancy.CALCULATOR)
     program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
-    disassembly_tools_or_skip(occupancy.sass_accesses)
+    disassembly_tools_or_skip(occupancy.sass_accesses, binaries=("cuobjdump",))
     return built_or_skip(native.CUDA_LIBRARY)
 
 

@@ -62,31 +62,56 @@ def test_a_row_is_narrower_wherever_nvcc_split_an_access_the_counts_take_whole(n
     assert sass_accesses.Row("k.cu:1", "", "shared", False, nvcc, emulation).verdict == verdict
 
 
-# ptxas loading the last word of a 16-byte load again (a value it did not keep in a register), a
-# 4-byte load past it, one from another register, one of another statement, and one split.
+# Line 20: ptxas loading a word of a 16-byte load before it and after it (values it did not keep
+# in registers; a label nothing branches to between), a word past it, one from another register,
+# one after the register changed, one past a label a branch goes to, one the wider load's
+# predicate may skip. Line 30: another statement's word, and a split into 8-byte loads.
 REREAD = """\
 .text.k:
 \t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 20
-        /*0000*/                   LDS.128 R4, [R61+0x2aa0] ;
-        /*0010*/                   LDS R9, [R61+0x2aac] ;
-        /*0020*/                   LDS R10, [R61+0x2ab0] ;
-        /*0030*/                   LDS R11, [R62+0x2aa4] ;
+        /*0000*/                   LDS R3, [R61+0x2aa4] ;
+        /*0010*/                   LDS.128 R4, [R61+0x2aa0] ;
+.L_x_9:
+        /*0020*/                   LDS R9, [R61+0x2aac] ;
+        /*0030*/                   LDS R10, [R61+0x2ab0] ;
+        /*0040*/                   LDS R11, [R62+0x2aa4] ;
+        /*0050*/                   IADD3 R61, R61, 0x10, RZ ;
+        /*0060*/                   LDS R12, [R61+0x2aa8] ;
+        /*0070*/                   LDS.128 R20, [R61+0x2ac0] ;
+.L_x_1:
+        /*0080*/                   LDS R13, [R61+0x2ac4] ;
+        /*0090*/               @P0 LDS.128 R24, [R70] ;
+        /*00a0*/                   LDS R28, [R70+0x4] ;
 \t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 30
-        /*0040*/                   LDS R12, [R61+0x2aa8] ;
-        /*0050*/                   LDS.64 R14, [R40] ;
-        /*0060*/                   LDS.64 R16, [R40+0x8] ;
+        /*00b0*/                   LDS R12, [R61+0x2aa8] ;
+        /*00c0*/                   LDS.64 R14, [R40] ;
+        /*00d0*/                   LDS.64 R16, [R40+0x8] ;
+        /*00e0*/                   BRA `(.L_x_1) ;
 """
 
 
 def test_a_load_of_bytes_a_wider_load_of_its_statement_read_is_a_reread_not_a_split():
     sass = sass_accesses.parse_sass(REREAD)
-    assert [i.address for i in sass] == [("R61", 0x2aa0), ("R61", 0x2aac), ("R61", 0x2ab0), ("R62", 0x2aa4),
-                                         ("R61", 0x2aa8), ("R40", 0), ("R40", 8)]
-    assert sass_accesses.rereads(sass) == {1}
+    assert [i.shared_operand for i in sass if i.opcode.startswith("LDS")] == [
+        ("R61", 0x2aa4), ("R61", 0x2aa0), ("R61", 0x2aac), ("R61", 0x2ab0), ("R62", 0x2aa4), ("R61", 0x2aa8),
+        ("R61", 0x2ac0), ("R61", 0x2ac4), ("R70", 0), ("R70", 4), ("R61", 0x2aa8), ("R40", 0), ("R40", 8)]
+    assert sass[5].writes == {"R61"} and sass[1].writes == {"R4", "R5", "R6", "R7"}
+    assert sass_accesses.rereads(sass) == {0, 2}
     row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16, 4}, {16})
     assert row.widths_verdict == row.verdict == "narrower in nvcc"
     row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16}, {16}, rereads=1)
     assert (row.widths_verdict, row.verdict) == ("same", "same, nvcc reads 1 again")
+
+
+def test_a_statements_rereads_are_counted_apart_from_its_widths():
+    sass = sass_accesses.parse_sass("\n".join(REREAD.splitlines()[:6]))
+    assert [i.opcode for i in sass] == ["LDS", "LDS.128", "LDS"]
+    emulated = [memory_counts.Instruction("shared", 0, False, 16, 1, 1, 1, 1, "k", ("mraAttentionKernels.cu:20",))]
+    rows, not_run = sass_accesses.compare(sass, emulated, sass_accesses.Sources())
+    assert not_run == []
+    [row] = rows
+    assert (row.nvcc, row.emulation, row.rereads) == ({16}, {16}, 2)
+    assert row.verdict == "same, nvcc reads 2 again"
 
 
 def test_a_kernels_data_type_keys_its_widths():

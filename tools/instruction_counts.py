@@ -15,7 +15,7 @@ instruction) are left out. Also, once a CTA, the most instructions before the lo
 (over the same choice of paths, and one pass of each loop there: the first copies' and the
 output's), and the kernel's FCHK: each IEEE division x / y checks its range with one (a
 reciprocal, 1 / y, does not). A kernel whose key-block loop holds a loop of its own (nvcc did not
-unroll it: the fp32 kernels at head_dim 32) is listed as not counted.
+unroll it: the split fp32 kernel at head_dim 32) is listed as not counted.
 
     python tools/instruction_counts.py [--arch sm_90] [--out FILE.md]
 
@@ -239,8 +239,10 @@ def count(kernel: str, instructions: list[Instruction], work: str = "HMMA") -> K
         divisions=sum(i.base == "FCHK" for i in instructions))
 
 
-# Each high-resolution kernel's products, by the start of its name.
-PRODUCTS = {"highResolutionFma<": "FFMA", "highResolutionMma<": "HMMA"}
+# The high-resolution kernels by the start of their names: their products' opcode, and whether
+# their key-block loop may hold a loop nvcc did not unroll (the fp32 kernel's dims at head_dim
+# 32, nvcc's choice; a tensor-core kernel's would be a fault).
+FAMILIES = {"highResolutionFma<": ("FFMA", True), "highResolutionMma<": ("HMMA", False)}
 
 
 def counts(library: Path, arch: str) -> tuple[list[KernelCounts], list[str]]:
@@ -248,11 +250,13 @@ def counts(library: Path, arch: str) -> tuple[list[KernelCounts], list[str]]:
     not counted, their key-block loops holding loops."""
     kernels = parse(sass_accesses.disassemble(library, arch, lines=False))
     rows, nested = [], []
-    for prefix, work in PRODUCTS.items():
+    for prefix, (work, may_nest) in FAMILIES.items():
         for name in sorted(name for name in kernels if name.startswith(prefix)):
             try:
                 rows.append(count(name, kernels[name], work))
             except NestedLoop:
+                if not may_nest:
+                    raise
                 nested.append(name)
     if not rows and not nested:
         raise UserError(f"{library.name} has no high-resolution kernels for {arch}: rebuild it with make plugins")
@@ -263,12 +267,12 @@ def report(arch: str, rows: list[KernelCounts], nested: list[str]) -> str:
     lines = [f"# Instructions a warp issues, {arch}", "",
              f"Command: `python tools/instruction_counts.py --arch {arch}` (nvdisasm over the built CUDA "
              "library; no GPU). A key block: the fewest and the most instructions over the loop's paths "
-             "that run the most products (HMMA; FFMA in fp32) and copies (every key real / padding keys). "
-             "Before and "
+             "that run the most products (HMMA; FFMA in fp32) and copies (in the tensor-core kernels: "
+             "every key real / padding keys). Before and "
              "after the loop: the most, once a CTA, one pass of each loop there. A division's slow path is "
              "one CALL; a divergent warp's fallback is left out. "
              "What it means: [docs/gpu.md](../../docs/gpu.md).", "",
-             "| kernel | a key block: fewest, most | of which products | before the loop | "
+             "| kernel | a key block: fewest, most | of which HMMA / FFMA | before the loop | "
              "after the loop | FCHK |", "|---|---|---|---|---|---|"]
     for row in rows:
         fewest, most = row.key_block

@@ -129,10 +129,16 @@ def locate(executable: Path, instructions: list[Instruction]) -> None:
             instruction.chain = tuple(Path(where.split(" ")[0]).name for _, where in reversed(chain))
 
 
-@functools.lru_cache(maxsize=None)  # run() and run_launches() read the same output
 def driver_output(what: str) -> tuple[Path, str]:
-    """The driver and what it printed for ``what`` ("attention", "patterns" or "profile")."""
+    """The driver and what it printed for ``what`` ("attention", "patterns" or "profile"), run once
+    a process for each build of it (run() and run_launches() read the same output)."""
     executable = program()
+    return executable, cached_driver_output(executable, executable.stat().st_mtime_ns, what)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_driver_output(executable: Path, built: int, what: str) -> str:
+    """``executable``'s output for ``what``; ``built``, its modification time, keys the cache."""
     try:
         result = subprocess.run([str(executable), what], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -140,7 +146,7 @@ def driver_output(what: str) -> tuple[Path, str]:
     if result.returncode != 0 or f"ran {what}" not in result.stdout:
         raise UserError(f"{executable.name} {what} failed (exit {result.returncode}): "
                         f"{result.stderr.strip() or result.stdout.strip()}")
-    return executable, result.stdout
+    return result.stdout
 
 
 def run(what: str = "attention") -> list[Instruction]:

@@ -52,12 +52,21 @@ EMULATION_BRANCH = "#ifdef MRA_CUDA_EMULATION_H"
 BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm"}
 
 FUNCTION = re.compile(r"^\.text\.(\S+):$")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+LABEL_USE = re.compile(r"`\((\.L_x_\d+)\)")
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
 # An instruction: its address, predicate, opcode and operands ("/*0b40*/ @P1 STG.E.U16 [R2.64], R5 ;").
 INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 # A shared-memory operand: its registers and an offset, "[R61+0x2aac]", "[R92.X4+0x52ac]", "[R40]",
 # "[R3+UR4]", "[R3+-0x10]", "[0x10]".
 SHARED_ADDRESS = re.compile(r"\[([^\]]*?)\s*(?:\+?\s*(-?0x[0-9a-f]+))?\]")
+# An instruction's destination, its first operand where that is a register ("R9", "UR4").
+DESTINATION = re.compile(r"^\s*(U?R)(\d+)\b")
+# Registers a destination spans, by opcode suffix (a vector load, a wide product); one otherwise.
+DESTINATION_WIDTHS = {"128": 4, "64": 2, "WIDE": 2}
+# Opcodes that end a basic block (a label that an instruction names begins one); a barrier does
+# not: both loads still run.
+BLOCK_ENDS = {"BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BSYNC"}
 # A size suffix's bytes; an opcode without one moves 4 bytes a lane.
 SIZE_SUFFIXES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 # Opcodes by what they access: (space, store) for each access, as memory_counts counts them
@@ -76,7 +85,10 @@ class SassInstruction:
     function: str  # its kernel, named as memory_counts names it
     opcode: str  # "LDS.128"
     chain: tuple[tuple[str, int], ...]  # (file name, line), innermost first
-    address: tuple[str, int] | None = None  # a shared load's register and offset ("R61", 0x2aac)
+    shared_operand: tuple[str, int] | None = None  # an LDS's registers and offset ("R61", 0x2aac)
+    predicate: str = ""  # "@P0", "@!P1"
+    block: int = 0  # its basic block, numbered in its kernel
+    writes: frozenset[str] = frozenset()  # the registers it writes ("R4", ..., "R7")
 
 
 @dataclass(frozen=True)
@@ -144,10 +156,13 @@ def disassemble(library: Path, arch: str, lines: bool = True) -> str:
 def parse_sass(text: str) -> list[SassInstruction]:
     """nvdisasm -gi's instructions; a predicate of @!PT (never runs: padding) leaves one out."""
     names = kernel_names(found.group(1) for line in text.splitlines() if (found := FUNCTION.match(line)))
-    instructions, function, chain, after_instruction = [], "", [], False
+    targets = set(LABEL_USE.findall(text))  # nvdisasm labels some addresses nothing branches to
+    instructions, function, chain, after_instruction, block = [], "", [], False, 0
     for line in text.splitlines():
         if found := FUNCTION.match(line):
             function, chain = names[found.group(1)], []
+        elif found := LABEL.match(line):
+            block += found.group(1) in targets
         elif found := LINE_INFO.search(line):
             if after_instruction:  # a new instruction's chain, innermost line first
                 chain, after_instruction = [], False
@@ -156,38 +171,64 @@ def parse_sass(text: str) -> list[SassInstruction]:
             after_instruction = True
             _, predicate, opcode, operands = found.groups()
             if predicate != "@!PT":
-                instructions.append(SassInstruction(function, opcode, tuple(chain), shared_address(opcode, operands)))
+                instructions.append(SassInstruction(function, opcode, tuple(chain), shared_operand(opcode, operands),
+                                                    predicate or "", block, destination(opcode, operands)))
+            if opcode.split(".")[0] in BLOCK_ENDS:
+                block += 1
     return instructions
 
 
-def shared_address(opcode: str, operands: str) -> tuple[str, int] | None:
-    """A shared-memory load's address operand as (its registers, offset); None for other opcodes."""
-    if opcode.split(".")[0] not in ("LDS", "LDSM"):
+def shared_operand(opcode: str, operands: str) -> tuple[str, int] | None:
+    """An LDS's address operand as (its registers, offset); None for other opcodes (an ldmatrix's
+    lanes give addresses of their own, so it is left out)."""
+    if opcode.split(".")[0] != "LDS":
         return None
     found = SHARED_ADDRESS.search(operands)
     return (found.group(1) or "RZ", int(found.group(2) or "0", 16)) if found else None
 
 
+def destination(opcode: str, operands: str) -> frozenset[str]:
+    """The registers an instruction writes: its first operand's, as wide as its opcode says."""
+    found = DESTINATION.match(operands)
+    if not found:
+        return frozenset()
+    base, *suffixes = opcode.split(".")
+    if base == "HMMA":  # an m16n8 tile's accumulators: 4 fp32 registers, or 2 of fp16 pairs
+        width = 4 if suffixes[-1] == "F32" else 2
+    elif base == "LDSM":  # .x1, .x2, .x4: a register a matrix
+        width = int(suffixes[-1]) if suffixes[-1].isdigit() else 4
+    else:
+        width = next((DESTINATION_WIDTHS[s] for s in suffixes if s in DESTINATION_WIDTHS), 1)
+    kind, first = found.group(1), int(found.group(2))
+    return frozenset(f"{kind}{first + n}" for n in range(width))
+
+
 def rereads(sass: list[SassInstruction]) -> set[int]:
-    """The shared loads (indices into ``sass``) that read bytes a wider load of the same kernel and
-    source place reads (the same register, an offset inside its bytes): ptxas loading a value
-    again where it did not keep it in a register, not an access split. Each is a request more than
-    the emulation counts."""
-    wide: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-    for instruction in sass:
-        if instruction.address:
-            register, offset = instruction.address
-            size = accesses(instruction.opcode)[0].bytes
-            wide[(instruction.function, instruction.chain, register)].append((offset, size))
-    found = set()
+    """The shared loads (indices into ``sass``) that read bytes a wider load reads: of the same
+    kernel, source line and inlining chain, in the same basic block, under the same predicate (or
+    none), at the same registers (none written between the two) and an offset inside its bytes.
+    That is ptxas loading a value again where it did not keep it in a register, not an access
+    split; each is a request more than the emulation counts."""
+    blocks: dict[tuple[str, int], list[int]] = defaultdict(list)
     for index, instruction in enumerate(sass):
-        if instruction.address:
-            register, offset = instruction.address
-            size = accesses(instruction.opcode)[0].bytes
-            if any(start <= offset and offset + size <= start + width and width > size
-                   for start, width in wide[(instruction.function, instruction.chain, register)]):
-                found.add(index)
-    return found
+        if instruction.shared_operand:
+            blocks[(instruction.function, instruction.block)].append(index)
+    return {narrow for loads in blocks.values() for narrow in loads
+            if any(covers(sass[wide], sass[narrow]) and not written_between(sass, wide, narrow) for wide in loads)}
+
+
+def covers(wide: SassInstruction, narrow: SassInstruction) -> bool:
+    """Whether ``wide`` reads every byte ``narrow`` does, wider, from the same statement."""
+    (registers, start), (same, offset) = wide.shared_operand, narrow.shared_operand
+    width, size = accesses(wide.opcode)[0].bytes, accesses(narrow.opcode)[0].bytes
+    return (registers == same and wide.chain == narrow.chain and wide.predicate in ("", narrow.predicate)
+            and width > size and start <= offset and offset + size <= start + width)
+
+
+def written_between(sass: list[SassInstruction], one: int, other: int) -> bool:
+    """Whether an instruction between the two writes a register of their address."""
+    registers = set(re.findall(r"U?R\d+", sass[one].shared_operand[0]))
+    return any(sass[i].writes & registers for i in range(min(one, other) + 1, max(one, other)))
 
 
 def kernel_names(functions) -> dict[str, str]:
@@ -195,7 +236,8 @@ def kernel_names(functions) -> dict[str, str]:
     64, 2>"): c++filt demangles the mangled ones."""
     functions = sorted(set(functions))
     mangled = [name for name in functions if name.startswith("_Z")]
-    return {name: memory_counts.kernel_name(name) for name in functions} | dict(zip(mangled, demangle(mangled)))
+    demangled = dict(zip(mangled, demangle(mangled))) if mangled else {}  # no c++filt needed otherwise
+    return {name: memory_counts.kernel_name(name) for name in functions} | demangled
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -369,7 +411,8 @@ def report(arch: str, rows: list[Row], not_run: list[str], odd: dict, sources: S
     out = [f"## {arch}: each statement's access widths, nvcc's beside the emulation's", "",
            f"{len(rows)} statement accesses (place, data type, space, direction): "
            + ", ".join(f"{count} {verdict}" for verdict, count in sorted(verdicts.items())) + "; "
-           + f"{len(reread)} of them read again by nvcc ({sum(r.rereads for r in reread)} loads).",
+           + f"{len(reread)} of them read again by nvcc ({sum(r.rereads for r in reread)} load instructions "
+           "over the kernels).",
            "Kernels nvcc compiled that the problems do not run: "
            + (", ".join(f"`{name}`" for name in not_run) or "none") + ".", "",
            "| place | statement | data | space | access | nvcc bytes | emulation bytes | verdict |",

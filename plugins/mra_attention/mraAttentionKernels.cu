@@ -39,15 +39,12 @@
 #include <type_traits>
 
 // Loops over register arrays (fragments, accumulators) are unrolled so that the arrays stay in
-// registers: indexed at run time they would live in local memory. MRA_UNROLL_BY(n) unrolls by n
-// (a constant expression). The emulation has no pragma.
+// registers: indexed at run time they would live in local memory. Some others are, for fewer
+// instructions (each says why). The emulation has no pragma.
 #ifdef MRA_CUDA_EMULATION_H
 #define MRA_UNROLL
-#define MRA_UNROLL_BY(n)
 #else
-#define MRA_PRAGMA(text) _Pragma(#text)
 #define MRA_UNROLL _Pragma("unroll")
-#define MRA_UNROLL_BY(n) MRA_PRAGMA(unroll(n))
 #endif
 
 namespace mra
@@ -1305,7 +1302,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
                 out[h][group].w *= rescale[h];
             }
         }
-        MRA_UNROLL // whole, as the scores' loop
+        MRA_UNROLL // whole at every head_dim (the scores' loop from 64): no loop test, 16-byte weight loads
         for (int32_t k = 0; k < kBlock; ++k)
         {
             float const weight[2] = {weightTile[rows[0] * Smem::kWeightStride + k],
