@@ -17,7 +17,8 @@ class MissingTensorRT(UserError):
     def __init__(self, what: str = "this command"):
         super().__init__(
             f"{what} needs TensorRT, which is not installed here; on an NVIDIA machine run "
-            "pip install 'mra-export[gpu]' (TensorRT's Python package and onnxruntime-gpu)")
+            "pip install -e '.[gpu]' in the mra-export checkout (TensorRT's Python package and "
+            "onnxruntime-gpu)")
 
 
 def first_line(error: BaseException) -> str:

@@ -456,7 +456,7 @@ def test_tensorrt_commands_fail_fast_in_one_line(argv, tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "needs TensorRT, which is not installed here" in err
-    assert "pip install 'mra-export[gpu]'" in err
+    assert "pip install -e '.[gpu]' in the mra-export checkout" in err
     assert not (tmp_path / "engine").exists()
 
 
@@ -509,7 +509,8 @@ def test_a_tensorrt_package_that_does_not_load_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"^mra-export build needs TensorRT, whose Python package "
                                         r"is installed but does not load \(libnvinfer.so.10: "
                                         r"cannot open shared object file: No such file or "
-                                        r"directory\); reinstall it .*mra-export\[gpu\]'$"):
+                                        r"directory\); reinstall it .*pip install -e '\.\[gpu\]' in the "
+                                        r"mra-export checkout$"):
         availability.require_tensorrt("mra-export build")
     # The demo and the bench then skip their TensorRT columns with that reason instead of failing.
     assert "installed but does not load" in availability.tensorrt_unavailable_reason()

@@ -575,7 +575,7 @@ def test_the_command_starts_without_torch_and_takes_ctrl_c_while_it_loads(monkey
 
 def test_ort_model_provider_errors(exports):
     with pytest.raises(UserError, match="CUDAExecutionProvider is not available in this "
-                                        "onnxruntime.*pip install 'mra-export\\[gpu\\]'"):
+                                        "onnxruntime.*pip install -e '\\.\\[gpu\\]' in the mra-export checkout"):
         OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
                                     provider="CUDAExecutionProvider")
     with pytest.raises(UserError, match="is a portable export"):

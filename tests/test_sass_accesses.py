@@ -64,8 +64,9 @@ def test_a_row_is_narrower_wherever_nvcc_split_an_access_the_counts_take_whole(n
 
 # Line 20: ptxas loading a word of a 16-byte load before it and after it (values it did not keep
 # in registers; a label nothing branches to between), a word past it, one from another register,
-# one after the register changed, one past a label a branch goes to, one the wider load's
-# predicate may skip. Line 30: another statement's word, and a split into 8-byte loads.
+# one after the register changed, one past a label a branch goes to, one after a load that
+# overwrote its own address register, one the wider load's predicate may skip, one of another
+# statement (line 30). Line 30 also splits a 16-byte access into 8-byte loads.
 REREAD = """\
 .text.k:
 \t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 20
@@ -80,13 +81,16 @@ REREAD = """\
         /*0070*/                   LDS.128 R20, [R61+0x2ac0] ;
 .L_x_1:
         /*0080*/                   LDS R13, [R61+0x2ac4] ;
-        /*0090*/               @P0 LDS.128 R24, [R70] ;
-        /*00a0*/                   LDS R28, [R70+0x4] ;
+        /*0090*/                   LDS.128 R60, [R61+0x10] ;
+        /*00a0*/                   LDS R9, [R61+0x14] ;
+        /*00b0*/               @P0 LDS.128 R24, [R70] ;
+        /*00c0*/               @P0 LDS R28, [R70+0x4] ;
+        /*00d0*/                   LDS.128 R40, [R80] ;
 \t//## File "/x/plugins/mra_attention/mraAttentionKernels.cu", line 30
-        /*00b0*/                   LDS R12, [R61+0x2aa8] ;
-        /*00c0*/                   LDS.64 R14, [R40] ;
-        /*00d0*/                   LDS.64 R16, [R40+0x8] ;
-        /*00e0*/                   BRA `(.L_x_1) ;
+        /*00e0*/                   LDS R44, [R80+0x4] ;
+        /*00f0*/                   LDS.64 R14, [R90] ;
+        /*0100*/                   LDS.64 R16, [R90+0x8] ;
+        /*0110*/                   BRA `(.L_x_1) ;
 """
 
 
@@ -94,17 +98,26 @@ def test_a_load_of_bytes_a_wider_load_of_its_statement_read_is_a_reread_not_a_sp
     sass = sass_accesses.parse_sass(REREAD)
     assert [i.shared_operand for i in sass if i.opcode.startswith("LDS")] == [
         ("R61", 0x2aa4), ("R61", 0x2aa0), ("R61", 0x2aac), ("R61", 0x2ab0), ("R62", 0x2aa4), ("R61", 0x2aa8),
-        ("R61", 0x2ac0), ("R61", 0x2ac4), ("R70", 0), ("R70", 4), ("R61", 0x2aa8), ("R40", 0), ("R40", 8)]
+        ("R61", 0x2ac0), ("R61", 0x2ac4), ("R61", 0x10), ("R61", 0x14), ("R70", 0), ("R70", 4), ("R80", 0),
+        ("R80", 4), ("R90", 0), ("R90", 8)]
     assert sass[5].writes == {"R61"} and sass[1].writes == {"R4", "R5", "R6", "R7"}
     assert sass_accesses.rereads(sass) == {0, 2}
-    row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16, 4}, {16})
-    assert row.widths_verdict == row.verdict == "narrower in nvcc"
-    row = sass_accesses.Row("k.cu:20", "float", "shared", False, {16}, {16}, rereads=1)
-    assert (row.widths_verdict, row.verdict) == ("same", "same, nvcc reads 1 again")
+
+
+@pytest.mark.parametrize("opcode, operands, written", [
+    ("LDS.U.128", " R4, [R61]", {"R4", "R5", "R6", "R7"}), ("IMAD.WIDE.U32", " R2, R3, 0x4, R4", {"R2", "R3"}),
+    ("HMMA.16816.F32.BF16", " R8, R12, R14, R8", {"R8", "R9", "R10", "R11"}),
+    ("HMMA.16816.F16", " R8, R12, R14, R8", {"R8", "R9"}), ("LDSM.16.MT88.2", " R4, [R40]", {"R4", "R5"}),
+    ("CS2R", " R86, SRZ", {"R86", "R87"}), ("CS2R.32", " R86, SR_CLOCKLO", {"R86"}),
+    ("SHFL.BFLY", " PT, R125, R109, 0x1, 0x1f", {"R125"}), ("S2UR", " UR4, SR_CTAID.X", {"UR4"}),
+    ("ISETP.GE.AND", " P0, PT, R2, R3, PT", set()), ("STS.128", " [R2+0x10], R4", set()),
+])
+def test_each_instructions_written_registers(opcode, operands, written):
+    assert sass_accesses.destination(opcode, operands) == written
 
 
 def test_a_statements_rereads_are_counted_apart_from_its_widths():
-    sass = sass_accesses.parse_sass("\n".join(REREAD.splitlines()[:6]))
+    sass = sass_accesses.parse_sass("\n".join(REREAD.splitlines()[:6]))  # through the first re-read
     assert [i.opcode for i in sass] == ["LDS", "LDS.128", "LDS"]
     emulated = [memory_counts.Instruction("shared", 0, False, 16, 1, 1, 1, 1, "k", ("mraAttentionKernels.cu:20",))]
     rows, not_run = sass_accesses.compare(sass, emulated, sass_accesses.Sources())

@@ -240,7 +240,7 @@ def print_speed(timings):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check.json", help="JSON results")
     parser.add_argument("--build-dir", default=str(native.GPU_CHECK_BUILD_DIR))
     parser.add_argument("--quick", action="store_true", help="fewer cases")

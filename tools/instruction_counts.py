@@ -14,8 +14,9 @@ divergent warp's fallback (BRA.DIV) and a division's slow path (a CALL, counted 
 instruction) are left out. Also, once a CTA, the most instructions before the loop and after it
 (over the same choice of paths, and one pass of each loop there: the first copies' and the
 output's), and the kernel's FCHK: each IEEE division x / y checks its range with one (a
-reciprocal, 1 / y, does not). A kernel whose key-block loop holds a loop of its own (nvcc did not
-unroll it: the split fp32 kernel at head_dim 32) is listed as not counted.
+reciprocal, 1 / y, does not). An fp32 kernel whose key-block loop holds a loop of its own (nvcc
+did not unroll it: the split one at head_dim 32) is listed as not counted; in a tensor-core
+kernel that is an error.
 
     python tools/instruction_counts.py [--arch sm_90] [--out FILE.md]
 
@@ -240,14 +241,14 @@ def count(kernel: str, instructions: list[Instruction], work: str = "HMMA") -> K
 
 
 # The high-resolution kernels by the start of their names: their products' opcode, and whether
-# their key-block loop may hold a loop nvcc did not unroll (the fp32 kernel's dims at head_dim
-# 32, nvcc's choice; a tensor-core kernel's would be a fault).
+# their key-block loop may hold a loop nvcc did not unroll (highResolutionFma<32, 2>'s loop over
+# dims, nvcc's choice; a tensor-core kernel's would be a fault).
 FAMILIES = {"highResolutionFma<": ("FFMA", True), "highResolutionMma<": ("HMMA", False)}
 
 
 def counts(library: Path, arch: str) -> tuple[list[KernelCounts], list[str]]:
-    """Each high-resolution kernel's counts in ``library``'s cubin for ``arch``, and the kernels
-    not counted, their key-block loops holding loops."""
+    """Each high-resolution kernel's counts in ``library``'s cubin for ``arch``, and the fp32
+    kernels not counted, their key-block loops holding loops (NestedLoop for a tensor-core one)."""
     kernels = parse(sass_accesses.disassemble(library, arch, lines=False))
     rows, nested = [], []
     for prefix, (work, may_nest) in FAMILIES.items():

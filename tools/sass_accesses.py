@@ -52,21 +52,23 @@ EMULATION_BRANCH = "#ifdef MRA_CUDA_EMULATION_H"
 BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm"}
 
 FUNCTION = re.compile(r"^\.text\.(\S+):$")
-LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-LABEL_USE = re.compile(r"`\((\.L_x_\d+)\)")
+LABEL = re.compile(r"^\s*(\.L_\w+):")
+LABEL_USE = re.compile(r"`\((\.L_\w+)\)")
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
 # An instruction: its address, predicate, opcode and operands ("/*0b40*/ @P1 STG.E.U16 [R2.64], R5 ;").
 INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 # A shared-memory operand: its registers and an offset, "[R61+0x2aac]", "[R92.X4+0x52ac]", "[R40]",
 # "[R3+UR4]", "[R3+-0x10]", "[0x10]".
 SHARED_ADDRESS = re.compile(r"\[([^\]]*?)\s*(?:\+?\s*(-?0x[0-9a-f]+))?\]")
-# An instruction's destination, its first operand where that is a register ("R9", "UR4").
+# An instruction's destination, its first operand where that is a register ("R9", "UR4"); a
+# shuffle's comes after its predicate ("SHFL.BFLY PT, R125, R109, 0x1, 0x1f").
 DESTINATION = re.compile(r"^\s*(U?R)(\d+)\b")
+SHUFFLE_DESTINATION = re.compile(r"^\s*!?U?P\w+\s*,\s*(U?R)(\d+)\b")
 # Registers a destination spans, by opcode suffix (a vector load, a wide product); one otherwise.
 DESTINATION_WIDTHS = {"128": 4, "64": 2, "WIDE": 2}
 # Opcodes that end a basic block (a label that an instruction names begins one); a barrier does
 # not: both loads still run.
-BLOCK_ENDS = {"BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BSYNC"}
+BLOCK_ENDS = {"BRA", "BRX", "BRXU", "JMP", "JMX", "JMXU", "EXIT", "RET", "CALL", "BSYNC", "BPT", "KILL"}
 # A size suffix's bytes; an opcode without one moves 4 bytes a lane.
 SIZE_SUFFIXES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 # Opcodes by what they access: (space, store) for each access, as memory_counts counts them
@@ -189,12 +191,14 @@ def shared_operand(opcode: str, operands: str) -> tuple[str, int] | None:
 
 def destination(opcode: str, operands: str) -> frozenset[str]:
     """The registers an instruction writes: its first operand's, as wide as its opcode says."""
-    found = DESTINATION.match(operands)
+    base, *suffixes = opcode.split(".")
+    found = (SHUFFLE_DESTINATION if base == "SHFL" else DESTINATION).match(operands)
     if not found:
         return frozenset()
-    base, *suffixes = opcode.split(".")
-    if base == "HMMA":  # an m16n8 tile's accumulators: 4 fp32 registers, or 2 of fp16 pairs
-        width = 4 if suffixes[-1] == "F32" else 2
+    if base == "HMMA":  # an m16n8 tile's accumulators: 4 fp32 registers (.F32, .F32.BF16), or 2 of fp16 pairs
+        width = 4 if "F32" in suffixes else 2
+    elif base == "CS2R":  # a pair, unless .32
+        width = 1 if "32" in suffixes else 2
     elif base == "LDSM":  # .x1, .x2, .x4: a register a matrix
         width = int(suffixes[-1]) if suffixes[-1].isdigit() else 4
     else:
@@ -205,8 +209,9 @@ def destination(opcode: str, operands: str) -> frozenset[str]:
 
 def rereads(sass: list[SassInstruction]) -> set[int]:
     """The shared loads (indices into ``sass``) that read bytes a wider load reads: of the same
-    kernel, source line and inlining chain, in the same basic block, under the same predicate (or
-    none), at the same registers (none written between the two) and an offset inside its bytes.
+    kernel, source line and inlining chain, in the same basic block, the wider one under no
+    predicate, at the same registers (none written by the first of the two or between them) and an
+    offset inside its bytes.
     That is ptxas loading a value again where it did not keep it in a register, not an access
     split; each is a request more than the emulation counts."""
     blocks: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -221,14 +226,15 @@ def covers(wide: SassInstruction, narrow: SassInstruction) -> bool:
     """Whether ``wide`` reads every byte ``narrow`` does, wider, from the same statement."""
     (registers, start), (same, offset) = wide.shared_operand, narrow.shared_operand
     width, size = accesses(wide.opcode)[0].bytes, accesses(narrow.opcode)[0].bytes
-    return (registers == same and wide.chain == narrow.chain and wide.predicate in ("", narrow.predicate)
+    return (registers == same and wide.chain == narrow.chain and not wide.predicate
             and width > size and start <= offset and offset + size <= start + width)
 
 
 def written_between(sass: list[SassInstruction], one: int, other: int) -> bool:
-    """Whether an instruction between the two writes a register of their address."""
+    """Whether the first of the two loads, or an instruction between them, writes a register of
+    their address (after which the second reads elsewhere)."""
     registers = set(re.findall(r"U?R\d+", sass[one].shared_operand[0]))
-    return any(sass[i].writes & registers for i in range(min(one, other) + 1, max(one, other)))
+    return any(sass[i].writes & registers for i in range(min(one, other), max(one, other)))
 
 
 def kernel_names(functions) -> dict[str, str]:

@@ -30,5 +30,5 @@ def require_tensorrt(what: str):
     except Exception as error:  # ImportError, OSError from its shared libraries, or its own
         raise UserError(f"{what} needs TensorRT, whose Python package is installed but does not "
                         f"load ({first_line(error)}); reinstall it on this NVIDIA machine with "
-                        "pip install 'mra-export[gpu]'") from None
+                        "pip install -e '.[gpu]' in the mra-export checkout") from None
     return tensorrt

@@ -20,8 +20,8 @@ from ..runtime.plugin_reference import ReferencePluginModel
 # fp32 for onnxruntime and the CPU references; fp16/bf16 as for TensorRT engines of that type.
 # int8: none; its outputs' errors are reported and the task agreement judges it (agreement.py).
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2, "int8": None}
-NO_TENSORRT = ("TensorRT is not installed here (pip install 'mra-export[gpu]' on an NVIDIA "
-               "machine)")
+NO_TENSORRT = ("TensorRT is not installed here (pip install -e '.[gpu]' in the mra-export checkout, "
+               "on an NVIDIA machine)")
 
 
 @dataclasses.dataclass

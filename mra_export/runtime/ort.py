@@ -235,7 +235,7 @@ def choose_providers(provider, dtype: str = "fp32") -> list:
     if missing:
         raise UserError(f"{', '.join(missing)} is not available in this onnxruntime "
                         f"(available: {', '.join(available)}); for CUDA or TensorRT install "
-                        "onnxruntime-gpu (pip install 'mra-export[gpu]')")
+                        "onnxruntime-gpu (pip install -e '.[gpu]' in the mra-export checkout)")
     if dtype == "bf16" and wanted and _provider_name(wanted[0]) == CPU:
         raise UserError(f"this export is bfloat16: {BF16_NOT_ON_CPU}")
     return wanted

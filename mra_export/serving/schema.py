@@ -14,7 +14,7 @@ from ..errors import UserError, first_line
 
 CONFIG_FILE = "config.pbtxt"
 NEEDS_TRITONCLIENT = ("checking config.pbtxt against Triton's schema needs tritonclient's gRPC "
-                      "package: pip install 'mra-export[serve]'")
+                      "package: pip install -e '.[serve]' in the mra-export checkout")
 
 
 def model_config_message():
