@@ -2,7 +2,7 @@
 # Builds here, on the CPU machine, everything `tools/gpu_session.sh` carries to a lent GPU, so that
 # a session given one spends its device minutes measuring. A new checkout has none of it (the
 # folders are ignored by git); it took 5 minutes on the 2-core machine.
-#   bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]
+#   bash tools/gpu_prepare.sh [--previous REV]... [--no-wheel]
 # - .carry-libs/: the libraries for sm_90 (H100, H200), stripped and xz-compressed, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
 #   session's `ab` section: selectsingle (one CTA a row in the selection), nodependent (no
@@ -10,28 +10,30 @@
 #   nosplit and splitalways (a query block's key blocks never, or always, split over 2 thread
 #   groups: the rule splits them below 3 waves of CTAs), splitregisters (the split 16-bit
 #   head_dim-64 kernel held to 96 registers, for 5 CTAs an H200 SM);
-#   with --previous REV also REV's kernels (what the commits since moved);
+#   with --previous REV also REV's kernels (what the commits since moved), for each REV given;
 # - .carry-onnx/: the one-layer graphs `ort_cuda_speed.py run` times;
 # - .carry/: onnxruntime-gpu's wheel in parts (../shared/gpu/README.md), unless --no-wheel.
 # Then prints the device calls to make.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PREVIOUS=""
+PREVIOUS=()
 WHEEL=1
 usage() {  # a one-line error, exit 2
-  echo "gpu_prepare.sh: $1; usage: bash tools/gpu_prepare.sh [--previous REV] [--no-wheel]" >&2
+  echo "gpu_prepare.sh: $1; usage: bash tools/gpu_prepare.sh [--previous REV]... [--no-wheel]" >&2
   exit 2
 }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --previous) [ $# -ge 2 ] || usage "--previous needs a commit"; PREVIOUS=$2; shift 2 ;;
+    --previous) [ $# -ge 2 ] || usage "--previous needs a commit"; PREVIOUS+=("$2"); shift 2 ;;
     --no-wheel) WHEEL=0; shift ;;
     *) usage "unknown argument '$1'" ;;
   esac
 done
 # Checked before the builds, which take minutes.
-[ -z "$PREVIOUS" ] || git rev-parse --quiet --verify "$PREVIOUS^{commit}" > /dev/null \
-  || usage "--previous $PREVIOUS is not a commit of this repository"
+for revision in ${PREVIOUS[@]+"${PREVIOUS[@]}"}; do
+  git rev-parse --quiet --verify "$revision^{commit}" > /dev/null \
+    || usage "--previous $revision is not a commit of this repository"
+done
 THIRD_PARTY=$(cd .. && pwd)/shared/third_party
 [ -f "$THIRD_PARTY/tensorrt/include/NvInferRuntime.h" ] && [ -f "$THIRD_PARTY/onnxruntime/include/onnxruntime_c_api.h" ] \
   || { echo "gpu_prepare.sh: TensorRT's and onnxruntime's headers are not in $THIRD_PARTY; the plugin and the op library need them" >&2; exit 2; }
@@ -48,6 +50,7 @@ NEW=.carry-new
 rm -rf "$NEW" && mkdir -p "$NEW/libs/ab"
 WORKTREE=/tmp/gpu-prepare-previous
 trap 'rm -rf "$NEW"; git worktree remove --force "$WORKTREE" 2> /dev/null || true' EXIT
+PREVIOUS_BUILDS=""  # their A/B names, "previous-ba57bd4 ..."
 
 compress() {  # FILE -> FILE.xz (gpu_session.sh unpacks it): a CUDA library in a sixth of the space or less
   python3 -c "import lzma, os, shutil, sys
@@ -94,11 +97,14 @@ setting stages4 -DMRA_MMA_STAGES=4
 setting nosplit -DMRA_SPLIT=1 "a query block's key blocks never split over 2 thread groups"
 setting splitalways -DMRA_SPLIT_BELOW_WAVES=1000000 "a query block's key blocks always split over 2 thread groups"
 setting splitregisters -DMRA_MMA_SPLIT_MIN_CTAS=5 "the split 16-bit head_dim-64 kernel held to 96 registers: 5 CTAs an H200 SM, 16 bytes spilled"
-if [ -n "$PREVIOUS" ]; then
+for revision in ${PREVIOUS[@]+"${PREVIOUS[@]}"}; do  # one worktree, each revision in turn
+  short=$(git rev-parse --short "$revision")
+  git worktree remove --force "$WORKTREE" 2> /dev/null || true
   rm -rf "$WORKTREE" && git worktree prune
-  git worktree add --detach "$WORKTREE" "$PREVIOUS" > /dev/null
-  ab_build "previous-$(git rev-parse --short "$PREVIOUS")" "$WORKTREE" "" "$(git rev-parse --short "$PREVIOUS"), the kernels before the commits since"
-fi
+  git worktree add --detach "$WORKTREE" "$revision" > /dev/null
+  ab_build "previous-$short" "$WORKTREE" "" "$short, the kernels before the commits since"
+  PREVIOUS_BUILDS+="previous-$short "
+done
 
 echo "== the one-layer graphs (.carry-onnx)"
 .venv/bin/python tools/ort_cuda_speed.py export "$NEW/onnx" > /tmp/gpu-prepare-onnx.log 2>&1 \
@@ -118,7 +124,7 @@ du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
 # sections (which need no graph: .carry-onnx, 45 MB, travels with the ort call only);
 # onnxruntime-gpu's parts and its section come after, where minutes are left.
 # The A/B builds the last kernel change asked for first (all eight would take the call).
-AB="${PREVIOUS:+previous-$(git rev-parse --short "$PREVIOUS") }splitregisters nosplit"
+AB="${PREVIOUS_BUILDS}splitregisters nosplit"
 echo "The device calls, back to back (the machine stays warm about 30 s after each):"
 echo "  carry [\".carry-libs\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
 sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)
