@@ -1187,6 +1187,12 @@ struct FmaSmem
         "a group's partial sums fit its stages");
 };
 
+//! Whether n is a power of 4 (so that sqrt(n) is a power of 2).
+__host__ __device__ constexpr bool isPowerOfFour(int n)
+{
+    return n == 1 || (n > 1 && n % 4 == 0 && isPowerOfFour(n / 4));
+}
+
 //! The scores of keys lane + 8t (t < 4) of query rows r and r + 16, by FMA from shared memory
 //! in d order: each float4 of K read serves two rows (the 8 lanes' K rows fall in distinct
 //! banks; the query rows are one address per quarter warp).
@@ -1231,11 +1237,17 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
             accumulate(d);
         }
     }
+    // PyTorch divides by sqrt(head_dim). Where that is a power of 2 (head_dim 16, 64, 256), x * (1 /
+    // sqrt) is the same quotient rounded once, the same bits, without each division's range check
+    // and slow-path branch (which cut the unrolled loop into blocks ptxas schedules apart).
+    float const inverseScale = 1.0f / p.scaleDivisor; // exact where it is used
+    MRA_UNROLL
     for (int32_t h = 0; h < 2; ++h)
     {
+        MRA_UNROLL
         for (int32_t t = 0; t < 4; ++t)
         {
-            scores[h][t] = dot[h][t] / p.scaleDivisor; // divides, as PyTorch does
+            scores[h][t] = isPowerOfFour(D) ? dot[h][t] * inverseScale : dot[h][t] / p.scaleDivisor;
         }
     }
 }
