@@ -227,6 +227,16 @@ def test_the_fp32_kernels_key_block_loops_are_unrolled_whole_from_head_dim_64(bu
             assert fewest.copies > 0, (arch, kernel)
 
 
+def test_the_fp32_scores_multiply_where_sqrt_head_dim_is_a_power_of_two(built_counts):
+    """scoresByFma divides each of a thread's 8 scores by sqrt(head_dim), as PyTorch does, except
+    at head_dim 64 (16, 256), where it multiplies by the exact reciprocal (the same bits): its
+    kernels keep 8 fewer divisions (FCHK) than head_dim 128's."""
+    for arch, (rows, _) in built_counts.items():
+        divisions = {row.kernel: row.divisions for row in rows if row.kernel.startswith("highResolutionFma<")}
+        assert divisions["highResolutionFma<64, 1>"] == divisions["highResolutionFma<64, 2>"] \
+            == divisions["highResolutionFma<128, 1>"] - 8, (arch, divisions)
+
+
 def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):
     """byKeyPadding compiles the softmax twice: a block whose keys are all real skips the masks'
     selects and one of the two row reductions."""
