@@ -230,11 +230,13 @@ def test_the_fp32_kernels_key_block_loops_are_unrolled_whole_from_head_dim_64(bu
 def test_the_fp32_scores_multiply_where_sqrt_head_dim_is_a_power_of_two(built_counts):
     """scoresByFma divides each of a thread's 8 scores by sqrt(head_dim), as PyTorch does, except
     at head_dim 64 (16, 256), where it multiplies by the exact reciprocal (the same bits): its
-    kernels keep 8 fewer divisions (FCHK) than head_dim 128's."""
+    kernels keep 8 fewer divisions (FCHK) than head_dim 128's. At head_dim 32 a reciprocal would
+    change the bits: it divides, as 128 does."""
     for arch, (rows, _) in built_counts.items():
         divisions = {row.kernel: row.divisions for row in rows if row.kernel.startswith("highResolutionFma<")}
         assert divisions["highResolutionFma<64, 1>"] == divisions["highResolutionFma<64, 2>"] \
             == divisions["highResolutionFma<128, 1>"] - 8, (arch, divisions)
+        assert divisions["highResolutionFma<32, 1>"] >= divisions["highResolutionFma<128, 1>"], (arch, divisions)
 
 
 def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):

@@ -1237,9 +1237,9 @@ __device__ inline void scoresByFma(Problem const& p, float const* queryTile, flo
             accumulate(d);
         }
     }
-    // PyTorch divides by sqrt(head_dim). Where that is a power of 2 (head_dim 16, 64, 256), x * (1 /
-    // sqrt) is the same quotient rounded once, the same bits, without each division's range check
-    // and slow-path branch (which cut the unrolled loop into blocks ptxas schedules apart).
+    // PyTorch divides by sqrt(head_dim), p.scaleDivisor. Where that is a power of 2 (head_dim 16, 64,
+    // 256), x * (1 / sqrt) is the same quotient rounded once, the same bits, without each division's
+    // range check and slow-path branch (which cut the unrolled loop into blocks ptxas schedules apart).
     float const inverseScale = 1.0f / p.scaleDivisor; // exact where it is used
     MRA_UNROLL
     for (int32_t h = 0; h < 2; ++h)
