@@ -196,6 +196,10 @@ def tensor_core_rows(rows) -> list:
     return [row for row in rows if row.kernel.startswith("highResolutionMma<")]
 
 
+def fp32_rows(rows) -> dict:
+    return {row.kernel: row for row in rows if row.kernel.startswith("highResolutionFma<")}
+
+
 def test_every_tensor_core_kernel_issues_its_key_blocks_matrix_products(built_counts):
     """S = Q K^T is D/16 k steps over 4 key tiles of 8; O += P V is 2 key steps over D/8 dim
     tiles: D/2 mma.sync a warp a key block, on the loop's fullest paths, with the next block's
@@ -217,7 +221,7 @@ def test_the_fp32_kernels_key_block_loops_are_unrolled_whole_from_head_dim_64(bu
     whole (scoresByFma, highResolutionFma), so the key-block loop holds no loop and is counted;
     rolled up, it is not (or holds a fraction of the FFMA)."""
     for arch, (rows, nested) in built_counts.items():
-        fp32 = {row.kernel: row for row in rows if row.kernel.startswith("highResolutionFma<")}
+        fp32 = fp32_rows(rows)
         assert {"highResolutionFma<64, 1>", "highResolutionFma<64, 2>", "highResolutionFma<128, 1>"} <= set(fp32), \
             (arch, sorted(fp32), nested)
         for kernel, row in fp32.items():
@@ -233,7 +237,7 @@ def test_the_fp32_scores_multiply_where_sqrt_head_dim_is_a_power_of_two(built_co
     kernels keep 8 fewer divisions (FCHK) than head_dim 128's. At head_dim 32 a reciprocal would
     change the bits: it divides, as 128 does."""
     for arch, (rows, _) in built_counts.items():
-        divisions = {row.kernel: row.divisions for row in rows if row.kernel.startswith("highResolutionFma<")}
+        divisions = {kernel: row.divisions for kernel, row in fp32_rows(rows).items()}
         assert divisions["highResolutionFma<64, 1>"] == divisions["highResolutionFma<64, 2>"] \
             == divisions["highResolutionFma<128, 1>"] - 8, (arch, divisions)
         assert divisions["highResolutionFma<32, 1>"] >= divisions["highResolutionFma<128, 1>"], (arch, divisions)

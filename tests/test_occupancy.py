@@ -49,7 +49,7 @@ def library():
 
     built_or_skip(occupancy.CALCULATOR)
     program_or_skip(memory_counts.PROGRAM, "MRA_HAVE_ACCESS_HOOKS", "-fsanitize=kernel-address hooks")
-    disassembly_tools_or_skip(occupancy.sass_accesses, binaries=("cuobjdump",))
+    disassembly_tools_or_skip(occupancy.sass_accesses, binaries=("cuobjdump", "c++filt"))
     return built_or_skip(native.CUDA_LIBRARY)
 
 

@@ -99,7 +99,6 @@ setting splitalways -DMRA_SPLIT_BELOW_WAVES=1000000 "a query block's key blocks 
 setting splitregisters -DMRA_MMA_SPLIT_MIN_CTAS=5 "the split 16-bit head_dim-64 kernel held to 96 registers: 5 CTAs an H200 SM, 16 bytes spilled"
 for revision in ${PREVIOUS[@]+"${PREVIOUS[@]}"}; do  # one worktree, each revision in turn
   short=$(git rev-parse --short "$revision")
-  git worktree remove --force "$WORKTREE" 2> /dev/null || true
   rm -rf "$WORKTREE" && git worktree prune
   git worktree add --detach "$WORKTREE" "$revision" > /dev/null
   ab_build "previous-$short" "$WORKTREE" "" "$short, the kernels before the commits since"

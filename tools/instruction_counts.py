@@ -40,8 +40,6 @@ import sass_accesses  # noqa: E402
 from mra_export import native  # noqa: E402
 from mra_export.errors import UserError  # noqa: E402
 
-LABEL = re.compile(r"^(\.L_x_\d+):")
-TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 # A branch's own condition, an operand before its target: `BRA !P3, `(.L_x_7)`.
 BRANCH_CONDITION = re.compile(r"^\s*(!?U?P\w+)\s*,")
 
@@ -77,14 +75,14 @@ def parse(text: str) -> dict[str, list[Instruction]]:
         if found := sass_accesses.FUNCTION.match(line.strip()):
             function, pending = found.group(1), []  # a label still pending at a kernel's end is dropped
             raw[function], labels[function] = [], {}
-        elif found := LABEL.match(line.strip()):
+        elif found := sass_accesses.LABEL.match(line):
             pending.append(found.group(1))
         elif (found := sass_accesses.INSTRUCTION.search(line)) and function:
             address = int(found.group(1), 16)
             labels[function].update((label, address) for label in pending)
             pending = []
             operands = found.group(4)
-            target = TARGET.search(operands)
+            target = sass_accesses.LABEL_USE.search(operands)
             condition = BRANCH_CONDITION.match(operands) if found.group(3).startswith("BRA") else None
             raw[function].append((address, found.group(2) or "", found.group(3), target and target.group(1),
                                   condition.group(1) if condition else ""))

@@ -48,8 +48,8 @@ SOURCE_FOLDER = ROOT / "plugins" / "mra_attention"
 # Where a primitive's GPU branch (inline PTX) and its emulated branch (a call) sit in one
 # function; the two builds compile different lines of it by design.
 EMULATION_BRANCH = "#ifdef MRA_CUDA_EMULATION_H"
-# NVIDIA's binaries, and the PyPI distribution that carries each.
-BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm"}
+# The binaries the tools run, and the PyPI distribution that carries each (binutils' c++filt: none).
+BINARIES = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm", "c++filt": None}
 
 FUNCTION = re.compile(r"^\.text\.(\S+):$")
 LABEL = re.compile(r"^\s*(\.L_\w+):")
@@ -108,10 +108,12 @@ def accesses(opcode: str) -> list[Access]:
 
 
 def binary(name: str) -> str:
-    """NVIDIA's ``name`` from PATH or from its PyPI distribution (UserError where neither)."""
+    """``name`` (of BINARIES) from PATH or from its PyPI distribution (UserError where neither)."""
     found = shutil.which(name)
     if found:
         return found
+    if BINARIES[name] is None:
+        raise UserError(f"{name} is not on PATH: install binutils")
     try:
         files = importlib.metadata.files(BINARIES[name]) or []
     except importlib.metadata.PackageNotFoundError:
@@ -247,9 +249,7 @@ def kernel_names(functions) -> dict[str, str]:
 
 
 def demangle(names: list[str]) -> list[str]:
-    if shutil.which("c++filt") is None:
-        raise UserError("c++filt is not on PATH: install binutils")
-    result = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+    result = subprocess.run([binary("c++filt")], input="\n".join(names), capture_output=True, text=True,
                             check=True)
     return [memory_counts.kernel_name(name) for name in result.stdout.splitlines()]
 
@@ -444,14 +444,18 @@ def widths(sizes: set[int]) -> str:
     return ", ".join(map(str, sorted(sizes))) or "-"
 
 
+def architecture(text: str) -> str:
+    """An --arch argument, "sm_90" (argparse's one-line error otherwise)."""
+    if not re.fullmatch(r"sm_\d+[a-z]?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an architecture such as sm_90")
+    return text
+
+
 def parse_report_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """``parser``'s arguments with --arch (sm_90) and --out, checked (a one-line usage error)."""
-    parser.add_argument("--arch", default="sm_90", help="the kernels of this architecture (sm_90)")
+    parser.add_argument("--arch", type=architecture, default="sm_90", help="the kernels of this architecture (sm_90)")
     parser.add_argument("--out", type=memory_counts.report_path, help="also write the report here")
-    args = parser.parse_args(argv)
-    if not re.fullmatch(r"sm_\d+[a-z]?", args.arch):
-        parser.error(f"argument --arch: {args.arch!r} is not an architecture such as sm_90")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
