@@ -134,6 +134,50 @@ def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype,
     assert threads == {132: 2 * group if splits else group, 1: group}
 
 
+def scores_by_key_block(levels: dict[int, list[float]], heads: int, seed: int):
+    """q, k, v [1, heads, 128, 64] (4 blocks): in every head, query row r's scores with key
+    block b's keys are levels[r][b] (0 for rows not named), plus noise under 0.05."""
+    q, k, v = random_qkv(1, heads, 128, 64, seed=seed)
+    q, k = 0.03 * q, 0.03 * k
+    q[..., :4] = 0.0
+    for row, row_levels in levels.items():
+        q[..., row, :4] = 8.0 * torch.tensor(row_levels)  # over sqrt(64)
+    k[..., :4] = torch.eye(4).repeat_interleave(32, dim=0)  # dim b: 1 in key block b
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_lazy_softmax_base_moves_only_past_its_slack(emulated_kernels, dtype):
+    """The 16-bit kernels move a row's softmax base only where a key block's real scores pass it
+    by more than kLazyBaseSlack (5.5), and a warp rescales its output where one of its 16 rows
+    moved. Over 4 key blocks, row 5's scores rise by 4 (its base stays: weights up to e^4), then
+    2 (it moves, alone in its warp), then stay; row 13's, the other row of row 5's threads, rise
+    by 11.5 at block 1 alone, where row 5's base stays, then stay; row 40's fall and row 70's
+    rise by 4.5 in all, so theirs never move after the first. 8 heads: 32 query blocks, each
+    over two thread groups (132 SMs: blocks 0, 2 and 1, 3) or one (1 SM). In a trial each of
+    these failed it: no rescale, a rescale only where all 16 rows moved, or only where a
+    thread's first row did (unsplit), and (fp16) a slack of 12, where row 13's weights, e^11.5,
+    pass fp16's 65504."""
+    q, k, v = scores_by_key_block({5: [0, 4, 6, 6], 13: [0, 11.5, 11.5, 11.5], 40: [0, -3, -6, -9],
+                                   70: [0, 1.5, 3, 4.5]}, heads=8, seed=3)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = torch.ones(1, 128)
+    threads = set()
+    try:
+        for multiprocessors in (132, 1):
+            emulated_kernels.set_multiprocessors(multiprocessors)
+            for mode in ("sparse", "full"):
+                kw = dict(num_blocks=16, approx_mode=mode)  # every block of the 4 x 4
+                ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+                threads.add(emulated_kernels.last_launch_threads())
+                result = compare_with_reference(ours, selected, q, k, v, mask, relative=True,
+                                                tolerance=HALF_TOLERANCES[dtype], **kw)
+                assert result.passed and result.same_blocks, (multiprocessors, mode, result.summary())
+    finally:
+        emulated_kernels.set_multiprocessors(132)
+    assert threads == {2 * GROUP_THREADS[dtype], GROUP_THREADS[dtype]}  # split and not
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, layout):

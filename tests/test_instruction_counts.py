@@ -252,6 +252,18 @@ def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):
             assert most.length - fewest.length >= 100, (arch, row.kernel, fewest, most)
 
 
+def test_a_key_block_whose_rows_keep_their_softmax_bases_leaves_the_output_unscaled(built_counts):
+    """The 16-bit kernels' bases are lazy (SoftmaxStats::absorb's kLazyBase): where no row of a
+    warp moved its own, the warp skips multiplying its D/2 output registers a thread by the
+    rescale. The fewest path keeps the 16 multiplies that scale a thread's scores and a few
+    more; with the rescale it took D/2 more (52 at head_dim 64 before, 20 since)."""
+    for arch, (rows, _) in built_counts.items():
+        for row in tensor_core_rows(rows):
+            fewest, most = row.key_block
+            assert fewest.opcodes["FMUL"] < 16 + head_dim(row.kernel) // 2, (arch, row.kernel, fewest.opcodes)
+            assert most.opcodes["FMUL"] >= 16 + head_dim(row.kernel) // 2, (arch, row.kernel, most.opcodes)
+
+
 def test_the_epilogue_divides_once_a_row_not_once_a_dim(built_counts):
     """RowEpilogue multiplies each dim by its row's reciprocal (1 / y: no FCHK), so a kernel's
     x / y divisions do not grow with head_dim: they were 34, 66 and 130 at head_dim 32, 64 and

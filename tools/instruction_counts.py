@@ -9,7 +9,8 @@ each high-resolution kernel's key-block loop (the backward branch around the mos
 HMMA in the tensor-core kernels, FFMA in the fp32 ones) and walks its control-flow paths from the
 loop's head to a branch back to it. Of the paths that run the most products and then the most
 copies (LDGSTS), it gives the fewest and the most instructions: in the tensor-core kernels a key
-block with every key real, and one with padding keys (docs/gpu.md). A
+block with every key real where no row of the warp moves its softmax base, and one with padding
+keys that moves one (docs/gpu.md). A
 divergent warp's fallback (BRA.DIV) and a division's slow path (a CALL, counted as one
 instruction) are left out. Also, once a CTA, the most instructions before the loop and after it
 (over the same choice of paths, and one pass of each loop there: the first copies' and the
@@ -28,7 +29,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,14 +128,17 @@ class Walk:
     work: int  # products (HMMA, or FFMA in the fp32 kernels)
     copies: int  # LDGSTS
     length: int  # instructions
+    opcodes: Counter = field(default_factory=Counter, compare=False)  # base opcode ("FMUL"): how many
 
     def __add__(self, other: Walk) -> Walk:
-        return Walk(self.work + other.work, self.copies + other.copies, self.length + other.length)
+        return Walk(self.work + other.work, self.copies + other.copies, self.length + other.length,
+                    self.opcodes + other.opcodes)
 
 
 def step(instruction: Instruction, work: str) -> Walk:
     runs = instruction.runs
-    return Walk(int(runs and instruction.base == work), int(runs and instruction.base == "LDGSTS"), int(runs))
+    return Walk(int(runs and instruction.base == work), int(runs and instruction.base == "LDGSTS"), int(runs),
+                Counter({instruction.base: 1}) if runs else Counter())
 
 
 ORDERS = ((lambda walk: (walk.work, walk.copies, -walk.length)),  # the fewest instructions
@@ -267,7 +272,7 @@ def report(arch: str, rows: list[KernelCounts], nested: list[str]) -> str:
              f"Command: `python tools/instruction_counts.py --arch {arch}` (nvdisasm over the built CUDA "
              "library; no GPU). A key block: the fewest and the most instructions over the loop's paths "
              "that run the most products (HMMA; FFMA in fp32) and copies (in the tensor-core kernels: "
-             "every key real / padding keys). Before and "
+             "every key real, no base moved / padding keys, a base moved). Before and "
              "after the loop: the most, once a CTA, one pass of each loop there. A division's slow path is "
              "one CALL; a divergent warp's fallback is left out. "
              "What it means: [docs/gpu.md](../../docs/gpu.md).", "",

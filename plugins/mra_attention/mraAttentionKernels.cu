@@ -962,15 +962,22 @@ __device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
     }
 }
 
+//! How far a block's real maximum may pass the base before a lazy base (SoftmaxStats::absorb's
+//! kLazyBase) moves, in nats: weights exp(P - baseMax) then stay below e^5.5 < 2^8, as in
+//! FlashAttention 4, far inside fp16's range, and O's rescale is skipped where no row of a warp
+//! moved its base.
+constexpr float kLazyBaseSlack = 5.5f;
+
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
-//! exp(P - M) of real keys far below 0 would underflow in an fp16 weight; exp(P - baseMax) <= 1
-//! with one weight 1 (by the fast exponential, to about 5e-6 at scores of 100: its exponent is
-//! off by up to half an ulp of baseMax log2 e, as in FlashAttention).
+//! exp(P - M) of real keys far below 0 would underflow in an fp16 weight. The base is the real
+//! keys' maximum (exp(P - baseMax) <= 1, one weight 1) or, lazily, at most kLazyBaseSlack below it.
+//! The fast exponential's exponent is off by up to half an ulp of baseMax log2 e, as in
+//! FlashAttention (a weight 1 is off by about 5e-6 at scores of 100).
 struct SoftmaxStats
 {
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
-    float baseMax = -FLT_MAX;    //!< over real keys only: the base of the exponentials
+    float baseMax = -FLT_MAX;    //!< of real keys only: the base of the exponentials
     float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
 
     //! Fold in one block's scores of a row, kKeys per thread of its kLanes (`real`: the key is
@@ -980,7 +987,12 @@ struct SoftmaxStats
     //! 8 or 11 bits anyway.
     //! kEveryKeyReal: the block has no padding key (`real` unread), so its real keys' max is its
     //! max, one reduction instead of two; the same values either way.
-    template <bool kFastExp, int kLanes, bool kEveryKeyReal, int kKeys>
+    //! kLazyBase: the base moves only where the block's real maximum passes it by more than
+    //! kLazyBaseSlack, so that after a row's first blocks the rescale is mostly exactly 1, and its
+    //! multiplies can be skipped. The sums are then over another base: the same in exact
+    //! arithmetic, and rounded alike (an fp16 or bf16 weight's relative rounding does not depend
+    //! on its size, nor does fp32's).
+    template <bool kFastExp, bool kLazyBase, int kLanes, bool kEveryKeyReal, int kKeys>
     __device__ float absorb(float const (&scores)[kKeys], bool const (&real)[kKeys], float (&weights)[kKeys])
     {
         static_assert(kKeys * kLanes == kBlock, "a row's threads hold the block's keys");
@@ -993,9 +1005,12 @@ struct SoftmaxStats
         }
         float const rowMax = rowMaxOver<kLanes>(blockMax);
         runningMax = fmaxf(runningMax, rowMax);
-        float const newBase = fmaxf(baseMax, kEveryKeyReal ? rowMax : rowMaxOver<kLanes>(blockRealMax));
+        float const blockBase = kEveryKeyReal ? rowMax : rowMaxOver<kLanes>(blockRealMax);
+        // Lazily: -FLT_MAX + kLazyBaseSlack is -FLT_MAX, so the first real key moves the base.
+        bool const moves = blockBase > baseMax + kLazyBaseSlack;
+        float const newBase = !kLazyBase ? fmaxf(baseMax, blockBase) : moves ? blockBase : baseMax;
         // 1 while no real key has been seen; 0 from no real key to one (-FLT_MAX log2 e is -inf)
-        float const rescale = exponential<kFastExp>(baseMax - newBase);
+        float const rescale = !kLazyBase || moves ? exponential<kFastExp>(baseMax - newBase) : 1.0f;
         baseMax = newBase;
         float const baseLog2 = newBase * kLog2e; // -inf before a real key, when every weight is 0
         float partial = 0.0f;
@@ -1295,7 +1310,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
         for (int32_t h = 0; h < 2; ++h)
         {
             float weights[4];
-            rescale[h] = stats[h].absorb<false, 8, false>(scores[h], real, weights);
+            rescale[h] = stats[h].absorb<false, false, 8, false>(scores[h], real, weights);
             for (int32_t t = 0; t < 4; ++t)
             {
                 weightTile[rows[h] * Smem::kWeightStride + lane + 8 * t] = weights[t];
@@ -1554,6 +1569,7 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
 
         // The softmax of each of the thread's two rows: its keys 8n + 2t + c (n < 4, c < 2).
         float weights[2][8];
+        float rescale[2];
         byKeyPadding(blockRealKeys, [&](auto everyKeyReal) {
             MRA_UNROLL
             for (int32_t h = 0; h < 2; ++h)
@@ -1570,15 +1586,22 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
                         real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
                     }
                 }
-                float const rescale = stats[h].absorb<true, 4, decltype(everyKeyReal)::value>(scores, real, weights[h]);
-                MRA_UNROLL
-                for (int32_t n = 0; n < kDimTiles; ++n)
-                {
-                    out[n][2 * h] *= rescale;
-                    out[n][2 * h + 1] *= rescale;
-                }
+                rescale[h] = stats[h].absorb<true, true, 4, decltype(everyKeyReal)::value>(scores, real, weights[h]);
             }
         });
+        // The bases are lazy: mostly no row of the warp's 16 moved its own, and O stays as it is.
+        if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f))
+        {
+            MRA_UNROLL
+            for (int32_t n = 0; n < kDimTiles; ++n)
+            {
+                MRA_UNROLL
+                for (int32_t c = 0; c < 4; ++c)
+                {
+                    out[n][c] *= rescale[c / 2]; // registers 0, 1: rows[0]; 2, 3: rows[1]
+                }
+            }
+        }
 
         // O += P V: P's A fragment for keys 16u..16u+15 is S's n tiles 2u and 2u + 1, rounded to T.
         // V's B fragments by ldmatrix.trans: lane l addresses key 16u + matrixRow at dims

@@ -610,6 +610,7 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, in
 #define __shfl_xor_sync(mask, value, laneMask, ...)                                                                    \
     ::emu::shflXor(__FILE__, __LINE__, mask, value, laneMask, ##__VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::emu::ballot(__FILE__, __LINE__, mask, predicate)
+#define __any_sync(mask, predicate) (::emu::ballot(__FILE__, __LINE__, mask, predicate) != 0u)
 
 namespace emu
 {

@@ -52,7 +52,7 @@ bool contains(std::string const& text, char const* part)
 
 // ---- kernels -------------------------------------------------------------------------------
 
-__global__ void shuffleAndBallot(int* sums, unsigned* ballots)
+__global__ void shuffleAndBallot(int* sums, unsigned* ballots, int* anys)
 {
     int value = static_cast<int>(threadIdx.x);
     for (int offset = 16; offset > 0; offset /= 2)
@@ -61,6 +61,7 @@ __global__ void shuffleAndBallot(int* sums, unsigned* ballots)
     }
     sums[threadIdx.x] = value;
     ballots[threadIdx.x] = __ballot_sync(0xffffffffu, threadIdx.x % 3 == 0);
+    anys[threadIdx.x] = __any_sync(0xffffffffu, threadIdx.x == 37) ? 1 : 0; // a lane of warp 1 only
 }
 
 __global__ void sharedWithBarrier(int* out)
@@ -364,12 +365,15 @@ void checkShufflesAndBallots()
 {
     std::vector<int> sums(64);
     std::vector<unsigned> ballots(64);
-    shuffleAndBallot | ::emu::Launch(1, 64) | ::emu::args(sums.data(), ballots.data());
+    std::vector<int> anys(64);
+    shuffleAndBallot | ::emu::Launch(1, 64) | ::emu::args(sums.data(), ballots.data(), anys.data());
     expect(launchError().empty(), "shuffle kernel runs");
     bool sumsRight = true;
     bool ballotsRight = true;
+    bool anysRight = true;
     for (int t = 0; t < 64; ++t)
     {
+        anysRight &= anys[t] == (t >= 32 ? 1 : 0);
         int const warpBase = (t / 32) * 32;
         sumsRight &= sums[t] == 32 * warpBase + 31 * 32 / 2; // sum of the warp's lane ids
         unsigned expected = 0;
@@ -381,7 +385,7 @@ void checkShufflesAndBallots()
     }
     expect(sumsRight, "__shfl_xor_sync butterfly sums every lane of its own warp");
     expect(ballotsRight, "__ballot_sync sets bit l for each lane l whose predicate holds");
-
+    expect(anysRight, "__any_sync holds in every lane of a warp where one lane's predicate does, in no other");
 }
 
 void checkBarriersAndSchedules()
