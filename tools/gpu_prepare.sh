@@ -9,7 +9,8 @@
 #   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline),
 #   nosplit and splitalways (a query block's key blocks never, or always, split over 2 thread
 #   groups: the rule splits them below 3 waves of CTAs), splitregisters (the split 16-bit
-#   head_dim-64 kernel held to 96 registers, for 5 CTAs an H200 SM);
+#   head_dim-64 kernel held to 96 registers, for 5 CTAs an H200 SM), eagerbase (the 16-bit
+#   kernels' softmax base always the row's maximum, not lazy);
 #   with --previous REV also REV's kernels (what the commits since moved), for each REV given;
 # - .carry-onnx/: the one-layer graphs `ort_cuda_speed.py run` times;
 # - .carry/: onnxruntime-gpu's wheel in parts (../shared/gpu/README.md), unless --no-wheel.
@@ -97,6 +98,7 @@ setting stages4 -DMRA_MMA_STAGES=4
 setting nosplit -DMRA_SPLIT=1 "a query block's key blocks never split over 2 thread groups"
 setting splitalways -DMRA_SPLIT_BELOW_WAVES=1000000 "a query block's key blocks always split over 2 thread groups"
 setting splitregisters -DMRA_MMA_SPLIT_MIN_CTAS=5 "the split 16-bit head_dim-64 kernel held to 96 registers: 5 CTAs an H200 SM, 16 bytes spilled"
+setting eagerbase -DMRA_LAZY_SOFTMAX_BASE=0 "the 16-bit kernels' softmax base always the real keys' maximum"
 for revision in ${PREVIOUS[@]+"${PREVIOUS[@]}"}; do  # one worktree, each revision in turn
   short=$(git rev-parse --short "$revision")
   rm -rf "$WORKTREE" && git worktree prune
@@ -122,8 +124,8 @@ du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
 # A session's 15 device minutes hold the machine's start and about one full call of the kernels'
 # sections (which need no graph: .carry-onnx, 45 MB, travels with the ort call only);
 # onnxruntime-gpu's parts and its section come after, where minutes are left.
-# The A/B builds the last kernel change asked for first (all eight would take the call).
-AB="${PREVIOUS_BUILDS}splitregisters nosplit"
+# The A/B builds the last kernel change asked for first (all of them would take the call).
+AB="${PREVIOUS_BUILDS}eagerbase splitregisters nosplit"
 echo "The device calls, back to back (the machine stays warm about 30 s after each):"
 echo "  carry [\".carry-libs\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
 sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)

@@ -88,6 +88,13 @@ constexpr int kMaxHeadDim = 128;
 #define MRA_MMA_SPLIT_MIN_CTAS 0
 #endif
 
+// The 16-bit kernels' lazy softmax base (SoftmaxArithmetic::kTensorCore); 0 for an A/B build
+// whose base is always the real keys' maximum, as before (docs/gpu.md: a lazy base costs 16-bit
+// results some accuracy, within their tolerances).
+#ifndef MRA_LAZY_SOFTMAX_BASE
+#define MRA_LAZY_SOFTMAX_BASE 1
+#endif
+
 // Programmatic dependent launches (waitForPreviousKernel); 0 for an A/B build without them.
 #ifndef MRA_DEPENDENT_LAUNCH
 #define MRA_DEPENDENT_LAUNCH 1
@@ -809,7 +816,8 @@ constexpr float kLog2e = 1.4426950408889634f; // exp(x) = 2^(x log2 e)
 //! 2^x by ex2.approx.ftz (one MUFU.EX2, about 2 ulp), results below 2^-126 flushed to 0: the 16-bit
 //! kernels' weights, rescales and epilogue factors. __expf adds three instructions to keep those
 //! results, which no fp16 weight holds (its least is 2^-24) and which beside a row's largest weight,
-//! 1, or its normaliser's 1e-6 floor change no bf16 output by more than about 1e-29 max|V|.
+//! at least 1, or its normaliser's 1e-6 floor change no bf16 output by more than about 1e-29
+//! max|V| (e^5.5 times that where a lazy base leaves the row's maximum above its base).
 __device__ inline float exp2Approximate(float x)
 {
 #ifdef MRA_CUDA_EMULATION_H
@@ -962,11 +970,30 @@ __device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
     }
 }
 
-//! How far a block's real maximum may pass the base before a lazy base (SoftmaxStats::absorb's
-//! kLazyBase) moves, in nats: weights exp(P - baseMax) then stay below e^5.5 < 2^8, as in
-//! FlashAttention 4, far inside fp16's range, and O's rescale is skipped where no row of a warp
-//! moved its base.
+//! How far a block's real maximum may pass the base before a lazy base (SoftmaxArithmetic's
+//! kTensorCore) moves, in nats: weights exp(P - baseMax) then stay below e^5.5 < 2^8, as in
+//! FlashAttention 4, far inside fp16's range (for scores under 2^23 in size, where baseMax +
+//! 5.5 and baseMax log2 e still round by less than 1), and O's rescale is skipped where no row
+//! of a warp moved its base.
 constexpr float kLazyBaseSlack = 5.5f;
+
+//! The high-resolution kernels' online softmax (SoftmaxStats::absorb).
+enum class SoftmaxArithmetic
+{
+    //! fp32 (highResolutionFma): expf; the base is the real keys' maximum; the normaliser is the
+    //! weights' fp32 sum.
+    kExact,
+    //! fp16, bf16 (highResolutionMma): the fast exponential, 2^(P log2 e - baseMax log2 e) in one
+    //! FFMA and one MUFU.EX2 (off by the rounding of baseMax log2 e, above), as the weights round
+    //! to 8 or 11 bits anyway; a lazy base: it moves only where the block's real maximum passes it
+    //! by more than kLazyBaseSlack, so that after a row's first blocks the rescale is mostly
+    //! exactly 1 and the caller skips its multiplies; and no normaliser here: the caller sums the
+    //! weights as rounded for P V, by P V's own products (a column of ones), so that the output
+    //! divides by the sum of the weights it multiplied. Lazily a row's largest weight is no
+    //! longer exactly 1 and rounds too, so 16-bit results lose some accuracy (docs/gpu.md), of
+    //! which summing the rounded weights wins part back.
+    kTensorCore,
+};
 
 //! One query row's online softmax statistics, over the key blocks absorbed so far. Padded keys
 //! count for M (they do in the original) but not for the base: with M pinned at 0 by them,
@@ -978,24 +1005,20 @@ struct SoftmaxStats
 {
     float runningMax = -FLT_MAX; //!< over every key of the selected blocks: the quantised M
     float baseMax = -FLT_MAX;    //!< of real keys only: the base of the exponentials
-    float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys
+    float norm = 0.0f;           //!< sum of exp(P - baseMax) over real keys (kTensorCore: the caller's)
 
     //! Fold in one block's scores of a row, kKeys per thread of its kLanes (`real`: the key is
-    //! real). Returns the factor the row's earlier sums are rescaled by, and the weights in
-    //! `weights`. fp16/bf16 take the fast exponential, 2^(P log2 e - baseMax log2 e) in one FFMA
-    //! and one MUFU.EX2 (off by the rounding of baseMax log2 e, above), as their weights round to
-    //! 8 or 11 bits anyway.
+    //! real), by kArithmetic. Returns the factor the row's earlier sums are rescaled by, and the
+    //! weights in `weights`.
     //! kEveryKeyReal: the block has no padding key (`real` unread), so its real keys' max is its
     //! max, one reduction instead of two; the same values either way.
-    //! kLazyBase: the base moves only where the block's real maximum passes it by more than
-    //! kLazyBaseSlack, so that after a row's first blocks the rescale is mostly exactly 1, and its
-    //! multiplies can be skipped. The sums are then over another base: the same in exact
-    //! arithmetic, and rounded alike (an fp16 or bf16 weight's relative rounding does not depend
-    //! on its size, nor does fp32's).
-    template <bool kFastExp, bool kLazyBase, int kLanes, bool kEveryKeyReal, int kKeys>
+    template <SoftmaxArithmetic kArithmetic, int kLanes, bool kEveryKeyReal, int kKeys>
     __device__ float absorb(float const (&scores)[kKeys], bool const (&real)[kKeys], float (&weights)[kKeys])
     {
         static_assert(kKeys * kLanes == kBlock, "a row's threads hold the block's keys");
+        constexpr bool kTensorCore = kArithmetic == SoftmaxArithmetic::kTensorCore;
+        constexpr bool kFastExp = kTensorCore;
+        constexpr bool kLazyBase = kTensorCore && MRA_LAZY_SOFTMAX_BASE != 0;
         float blockMax = -FLT_MAX;
         float blockRealMax = -FLT_MAX;
         for (int32_t t = 0; t < kKeys; ++t)
@@ -1021,7 +1044,10 @@ struct SoftmaxStats
                                                     : expf(scores[t] - newBase);
             partial += weights[t];
         }
-        norm = norm * rescale + rowSumOver<kLanes>(partial);
+        if constexpr (!kTensorCore) // else the caller sums the weights as rounded (partial is dropped)
+        {
+            norm = norm * rescale + rowSumOver<kLanes>(partial);
+        }
         return rescale;
     }
 
@@ -1310,7 +1336,7 @@ __global__ void __launch_bounds__(kHighResThreads * kSplit) highResolutionFma(
         for (int32_t h = 0; h < 2; ++h)
         {
             float weights[4];
-            rescale[h] = stats[h].absorb<false, false, 8, false>(scores[h], real, weights);
+            rescale[h] = stats[h].absorb<SoftmaxArithmetic::kExact, 8, false>(scores[h], real, weights);
             for (int32_t t = 0; t < 4; ++t)
             {
                 weightTile[rows[h] * Smem::kWeightStride + lane + 8 * t] = weights[t];
@@ -1532,6 +1558,10 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
     waitForPreviousKernel(); // the selected blocks, the low-resolution terms; Q is the caller's
     SoftmaxStats stats[2];             // rows[0], rows[1]
     float out[kDimTiles][4] = {};      // O's accumulator fragments: dims 8n + 2t (+1) of rows[0], rows[1]
+    // The normalisers' fragments: P times a tile of ones, whose every column is the row's sum of
+    // its weights as P V multiplies them (rounded to T): registers 0, 1 rows[0], 2, 3 rows[1].
+    float normTile[4] = {};
+    uint32_t const ones = packPair<T>(1.0f, 1.0f);
     // Q's A fragments, loaded once the first block's copies have landed and kept for every key
     // block (as FlashAttention-2 keeps them): dims 16k..16k+15 of the warp's 16 rows.
     uint32_t queryFragments[D / 16][4];
@@ -1586,20 +1616,22 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
                         real[2 * n + c] = (blockRealKeys >> (8 * n + 2 * t + c)) & 1u;
                     }
                 }
-                rescale[h] = stats[h].absorb<true, true, 4, decltype(everyKeyReal)::value>(scores, real, weights[h]);
+                rescale[h] = stats[h].absorb<SoftmaxArithmetic::kTensorCore, 4, decltype(everyKeyReal)::value>(
+                    scores, real, weights[h]);
             }
         });
         // The bases are lazy: mostly no row of the warp's 16 moved its own, and O stays as it is.
         if (__any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f))
         {
             MRA_UNROLL
-            for (int32_t n = 0; n < kDimTiles; ++n)
+            for (int32_t c = 0; c < 4; ++c) // registers 0, 1: rows[0]; 2, 3: rows[1]
             {
                 MRA_UNROLL
-                for (int32_t c = 0; c < 4; ++c)
+                for (int32_t n = 0; n < kDimTiles; ++n)
                 {
-                    out[n][c] *= rescale[c / 2]; // registers 0, 1: rows[0]; 2, 3: rows[1]
+                    out[n][c] *= rescale[c / 2];
                 }
+                normTile[c] *= rescale[c / 2];
             }
         }
 
@@ -1621,8 +1653,11 @@ __global__ void __launch_bounds__(kMmaGroupThreads * kSplit, (kMmaMinCtasPerSm<D
                 warpMma<T>(out[n], a, {b[0], b[1]});
                 warpMma<T>(out[n + 1], a, {b[2], b[3]});
             }
+            warpMma<T>(normTile, a, {ones, ones});
         }
     });
+    stats[0].norm = normTile[0];
+    stats[1].norm = normTile[2];
 
     mergeGroups<Smem, kSplit, kMmaGroupThreads, 4 * kDimTiles>(smem, group, groupThread, stats, [&](auto&& visit) {
         MRA_UNROLL

@@ -7,8 +7,8 @@
  * How it runs a launch: one CTA at a time, or one thread-block cluster at a time where the launch
  * asks for clusters (cudaLaunchAttributeClusterDimension; cooperative_groups.h here has
  * this_cluster() with sync and map_shared_rank); each CUDA thread is a fiber on one OS thread,
- * switched only at __syncthreads, cluster.sync, warp collectives (shuffles, ballots, mma.sync,
- * ldmatrix, __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
+ * switched only at __syncthreads, cluster.sync, warp collectives (shuffles, ballots and votes,
+ * mma.sync, ldmatrix, __syncwarp) and CUB's block collectives. Which runnable fiber goes next is the schedule: always the lowest
  * thread, always the highest, or a seeded random one. A kernel whose result depends on it reads
  * memory another thread writes without the barrier between them. Where real CUDA would hang or be undefined, the launch fails with a
  * message instead (cudaErrorLaunchFailure): a __syncthreads or warp collective not reached by
@@ -56,7 +56,7 @@
  * in mra_export/native.py fence each buffer against an unmapped page instead, and
  * fencedWorkspace.cpp each section of the kernels' workspace; a fault while a grid runs prints
  * the thread, its block and the memory's name before the process dies), and races
- * that no schedule exposes. In particular every warp collective (shuffle, ballot, mma.sync, ldmatrix)
+ * that no schedule exposes. In particular every warp collective (shuffle, ballot, vote, mma.sync, ldmatrix)
  * lets all lanes arrive before any goes on, so it also orders the lanes' memory accesses, which
  * on a GPU only __syncwarp or __syncthreads does: a missing __syncwarp after a shuffle is not
  * caught. It stands for a GPU in nothing but the kernels' logic.
