@@ -257,15 +257,18 @@ def test_a_block_without_padding_keys_takes_the_shorter_path(built_counts):
 
 
 def test_a_key_block_whose_rows_keep_their_softmax_bases_leaves_the_output_unscaled(built_counts):
-    """The 16-bit kernels' bases are lazy (SoftmaxStats::absorb's kLazyBase): where no row of a
-    warp moved its own, the warp skips multiplying its D/2 output registers a thread by the
-    rescale: the fewest path has at least D/2 FMUL fewer than the most, which rescales (at
-    head_dim 64, 20 and 56; before, 52 on both)."""
+    """The 16-bit kernels' bases are lazy (SoftmaxArithmetic::kTensorCore, MRA_LAZY_SOFTMAX_BASE):
+    where no row of a warp moved its own, the warp skips multiplying its D/2 output registers a
+    thread by the rescale: the fewest path has at least D/2 FMUL fewer than the most, which
+    rescales (at head_dim 64, 20 and 56; before, 52 on both). And the normalisers are P V's
+    products, not sums of the thread's own: the fewest path's only shuffles are the two rows'
+    maxima, 2 each (before, 4 more for the sums)."""
     for arch, (rows, _) in built_counts.items():
         for row in tensor_core_rows(rows):
             fewest, most = row.key_block
             assert most.opcodes["FMUL"] - fewest.opcodes["FMUL"] >= head_dim(row.kernel) // 2, \
                 (arch, row.kernel, fewest.opcodes, most.opcodes)
+            assert fewest.opcodes["SHFL"] <= 4, (arch, row.kernel, fewest.opcodes)
 
 
 def test_the_epilogue_divides_once_a_row_not_once_a_dim(built_counts):
