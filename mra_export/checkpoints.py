@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
 
@@ -54,6 +56,9 @@ def load_config(folder: str | Path) -> MraConfig:
         raise UserError(f"{folder} has no config.json; pass a folder written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except StrictDataclassError as error:  # a value of the wrong type; its last line names it
+        raise UserError(f"{folder / 'config.json'}: {str(error).strip().splitlines()[-1].strip()}; "
+                        "fix it or pass another checkpoint") from None
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {folder / 'config.json'}: {first_line(error)}") from None
     if config.model_type != "mra":
@@ -64,12 +69,32 @@ def load_config(folder: str | Path) -> MraConfig:
     return config
 
 
+# The config's sizes, each a whole number at least this (None: MRA's own rule, below);
+# transformers checks few of them, and fails deep inside on the rest: a division by zero heads,
+# an assertion on an empty vocabulary.
+SIZES = {"hidden_size": 1, "num_attention_heads": 1, "num_hidden_layers": 0, "intermediate_size": 1,
+         "vocab_size": 1, "type_vocab_size": 1, "max_position_embeddings": None, "block_per_row": None}
+
+
 def _config_problem(config: MraConfig) -> str | None:
-    """What transformers would fail on deep inside (a KeyError for an unknown activation) or
-    MRA cannot compute (no blocks to select)."""
+    """What transformers would fail on deep inside (a KeyError for an unknown activation, a
+    division by zero heads) or MRA cannot compute (no blocks to select)."""
     from transformers.activations import ACT2FN
 
-    if isinstance(config.hidden_act, str) and config.hidden_act not in ACT2FN:
+    for name, least in SIZES.items():
+        value = getattr(config, name, 1)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or (least is not None and value < least):
+            at_least = f" >= {least}" if least is not None else ""
+            return f"{name} must be a whole number{at_least}, got {json.dumps(value)}"
+    eps = getattr(config, "layer_norm_eps", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        return f"layer_norm_eps must be a number > 0, got {json.dumps(eps)}"
+    architectures = getattr(config, "architectures", None)
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        return f"architectures must be a list of class names, got {json.dumps(architectures)}"
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
         return f"unknown hidden_act {config.hidden_act!r}"
     if config.hidden_size % config.num_attention_heads:
         return (f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
@@ -113,11 +138,14 @@ class Checkpoint:
                 self.folder, config=self.config, dtype=torch.float32, local_files_only=True,
                 output_loading_info=True,  # transformers would keep an fp16 checkpoint in fp16
                 ignore_mismatched_sizes=True)  # reported below, by name
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # corrupt weights
+        except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError,
+                LookupError, EOFError) as error:  # corrupt weights (torch's unpickler raises any
+            # of these on bytes that are not a pickle: KeyError, IndexError, ...)
             raise UserError(f"cannot load {self.task.model_class.__name__} from {self.folder}: "
                             f"{first_line(error)}; pass a folder with the weights save_pretrained "
                             "wrote") from None
         _check_weights_fit(self.folder, self.task, loading, self.remedy)
+        _check_weights_finite(self.folder, model)
         return model.eval()
 
 
@@ -141,6 +169,15 @@ def load_model(folder: str | Path, task: Task | None = None, remedy: str = WRONG
     architectures), and that task."""
     checkpoint = open_checkpoint(folder, task, remedy)
     return checkpoint.model, checkpoint.task
+
+
+def _check_weights_finite(folder, model) -> None:
+    """A NaN or infinite weight makes every output NaN: say so here, not as an export that
+    differs from PyTorch."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise UserError(f"{folder}'s weight {name} holds NaN or infinite values; the checkpoint "
+                            "is damaged: pass another")
 
 
 def _check_weights_fit(folder, task: Task, loading: dict, remedy: str) -> None:

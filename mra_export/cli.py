@@ -159,11 +159,19 @@ def _demo(args) -> int:
     return 0 if run_demo(args.out) else EXIT_FAILED
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the tool's own are (argparse puts its usage block
+    first): the problem, and where the options are listed. Its subcommands' parsers are too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .export.exporter import DEFAULT_OPSET, FLAVOURS, SUPPORTED_OPSETS
     from .tasks import TASKS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mra-export", description="transformers' MRA models to ONNX, onnxruntime and "
         "TensorRT, with parity reports against PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

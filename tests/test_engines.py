@@ -476,6 +476,21 @@ def test_help_works_everywhere(command, capsys):
     assert "usage: mra-export" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["export", "--model", "m", "--out", "o", "--opset", "abc"],
+     "mra-export export: error: argument --opset: invalid int value: 'abc'; see 'mra-export export --help'"),
+    (["build", "--precision", "int8"], "mra-export build: error: argument --precision: invalid choice: 'int8'"),
+    (["bogus"], "mra-export: error: argument COMMAND: invalid choice: 'bogus'"),
+    ([], "mra-export: error: the following arguments are required: COMMAND; see 'mra-export --help'"),
+])
+def test_bad_options_are_one_line_without_argparses_usage_block(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(message), error
+
+
 def test_python_m_mra_export_is_the_command_without_installing(tmp_path):
     """As on a lent GPU machine: the checkout on PYTHONPATH, run from elsewhere."""
     checkout = Path(__file__).resolve().parent.parent

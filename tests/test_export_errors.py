@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, MraConfig, MraModel
 
 from mra_export.cli import main
@@ -97,13 +98,50 @@ def edited_checkpoint(source, folder, **config_edits):
     (dict(block_per_row=0), "block_per_row=0 and max_position_embeddings=256 leave MRA no block "
                             "to select"),
     (dict(max_position_embeddings=16), "block_per_row=2 and max_position_embeddings=16 leave"),
+    # transformers' own failures deep inside: a division by zero heads, an assertion on an empty
+    # vocabulary, a TypeError on architectures, onnxruntime's on a negative epsilon
+    (dict(num_attention_heads=0), "num_attention_heads must be a whole number >= 1, got 0"),
+    (dict(vocab_size=0), "vocab_size must be a whole number >= 1, got 0"),
+    (dict(num_hidden_layers=-1), "num_hidden_layers must be a whole number >= 0, got -1"),
+    (dict(architectures=5), "architectures must be a list of class names, got 5"),
+    (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a number > 0, got -1.0"),
+    # transformers' own type checks, whose messages span lines
+    (dict(hidden_size="128"), "TypeError: Field 'hidden_size' expected int, got str"),
+    (dict(max_position_embeddings=None), "TypeError: Field 'max_position_embeddings' expected int"),
+    (dict(hidden_act=["gelu"]), "TypeError: Field 'hidden_act' expected str, got list"),
 ])
 def test_a_config_mra_cannot_run_is_named_before_transformers_fails(small_checkpoints, tmp_path,
                                                                       edit, message):
     checkpoint = edited_checkpoint(small_checkpoints["fill-mask"], tmp_path / "model", **edit)
-    with pytest.raises(UserError, match=f"model/config.json: {message}.*; fix it or pass another "
-                                        "checkpoint"):
+    with pytest.raises(UserError, match=f"model/config.json: {re.escape(message)}.*; fix it or pass "
+                                        "another checkpoint") as raised:
         export_model(checkpoint, tmp_path / "out")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_with_a_nan_are_named_not_reported_as_an_export_that_differs(small_checkpoints,
+                                                                            tmp_path):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    weights = load_file(checkpoint / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model's weight .* holds NaN or infinite values; the "
+                                        "checkpoint is damaged: pass another"):
+        export_model(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weights_file_that_is_not_a_pickle_is_a_one_line_error(small_checkpoints, tmp_path):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    (checkpoint / "model.safetensors").unlink()
+    (checkpoint / "pytorch_model.bin").write_bytes(b"e" * 1100)  # text where a pickle should be
+    with pytest.raises(UserError, match="cannot load MraForMaskedLM from .*model: .*; pass a folder "
+                                        "with the weights save_pretrained wrote") as raised:
+        export_model(checkpoint, tmp_path / "out")
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -25,6 +25,7 @@ from mra_export.export import ExportInfo, export_model
 from mra_export.export import quantize as quantize_module
 from mra_export.export.exporter import example_inputs
 from mra_export.export.quantize import quantize_export
+from mra_export.files import sha256_of
 from mra_export.parity import agreement
 from mra_export.parity.agreement import (
     AGREEMENT_THRESHOLD,
@@ -276,6 +277,23 @@ def test_a_missing_or_corrupt_export_is_refused_in_one_line(qa, tmp_path, capsys
     broken = shutil.copytree(qa["fp32"], tmp_path / "broken")
     (broken / "export.json").write_text("{not json")
     assert "export.json is corrupt" in quantize_error(capsys, broken, tmp_path / "d")
+    for edit, problem in [({}, "attention's layers is None, not a whole number >= 1"),
+                          ({"layers": "2"}, "attention's layers is '2', not a whole number >= 1")]:
+        sizes = shutil.copytree(qa["fp32"], tmp_path / f"sizes{len(edit)}")
+        record = json.loads((sizes / "export.json").read_text())
+        record["attention"] = {**record["attention"], **edit} if edit else {}
+        (sizes / "export.json").write_text(json.dumps(record))
+        assert f"export.json is corrupt ({problem})" in quantize_error(capsys, sizes, tmp_path / "e")
+    # A graph cut short whose checksum was written anew passes the checksum, not the reading.
+    resigned = shutil.copytree(qa["fp32"], tmp_path / "resigned")
+    graph_bytes = (resigned / "model.onnx").read_bytes()
+    (resigned / "model.onnx").write_bytes(graph_bytes[:len(graph_bytes) // 2])
+    record = json.loads((resigned / "export.json").read_text())
+    record["sha256"]["model.onnx"] = sha256_of(resigned / "model.onnx")
+    (resigned / "export.json").write_text(json.dumps(record))
+    message = quantize_error(capsys, resigned, tmp_path / "f")
+    assert "resigned/model.onnx is not a readable ONNX graph" in message and "export the model again" in message
+    assert not (tmp_path / "f").exists()
 
 
 def test_a_failure_part_way_leaves_nothing_and_keeps_an_earlier_output(qa, tmp_path,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -254,6 +256,32 @@ def test_a_failing_block_still_stops_the_server(tritonserver, tmp_path):
     assert running.process.poll() is not None and not running.ready()
 
 
+def test_the_server_command_refuses_a_missing_repository_or_log_folder_in_one_line(tmp_path, capsys):
+    """Checked before any server starts (none is needed here), and nothing left behind."""
+    from mra_export.serving.server import main as serve
+
+    temporary = set(Path(tempfile.gettempdir()).glob("tritonserver-*"))
+    assert serve(["--repo", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == (f"error: model repository {tmp_path / 'nope'} is not a "
+                                       "folder; make one with 'mra-export triton --repo REPO'\n")
+    (tmp_path / "repo").mkdir()
+    assert serve(["--repo", str(tmp_path / "repo"), "--log", str(tmp_path / "no" / "dir" / "log")]) == 2
+    assert capsys.readouterr().err == (f"error: the log's folder {tmp_path / 'no' / 'dir'} does not "
+                                       "exist; pass a --log in an existing folder\n")
+    assert set(Path(tempfile.gettempdir()).glob("tritonserver-*")) == temporary
+
+
+def test_a_repository_triton_refuses_is_one_line_naming_its_error(tritonserver, tmp_path):
+    (tmp_path / "repo" / "broken").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "config.pbtxt").write_text("garbage {")
+    with pytest.raises(UserError, match="tritonserver exited .* before it was ready: E.*failed to read "
+                                        "text proto from .*broken/config.pbtxt.*; pass --log FILE to "
+                                        "keep the whole log") as raised:
+        with TritonServer(tmp_path / "repo", binary=tritonserver):
+            pass
+    assert "\n" not in str(raised.value)
+
+
 def test_the_fetch_extracts_again_what_is_partial_or_for_another_python(tmp_path):
     fetch = load_tool("fetch_tritonserver")
     server = tmp_path / "server"
@@ -456,6 +484,26 @@ def test_a_config_the_writer_got_wrong_fails_the_command_and_writes_nothing(
 
 
 # --- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit,flags,message", [
+    ({"dtype": "bf16"}, [], "this export is bfloat16: onnxruntime's CPU provider lacks bfloat16 "
+                            "kernels for this graph; pass --device gpu"),
+    ({"dtype": "int8", "quantization": {"nodes": ["a"]}}, ["--device", "gpu"],
+     "this export is int8: onnxruntime computes its dynamically quantized MatMuls on the CPU only; "
+     "pass --device cpu"),
+])
+def test_an_export_no_onnxruntime_runs_on_the_device_is_refused(edit, flags, message, exports,
+                                                                tmp_path, capsys):
+    """Triton's onnxruntime backend would fail to load it (the python backend's OrtMraModel
+    refuses it the same way)."""
+    export = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "export")
+    record = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**record, **edit}))
+    repo = tmp_path / "repo"
+    assert cli("--onnx", export, "--repo", repo, "--name", "m", *flags) == 2
+    assert message in one_line_error(capsys)
+    assert not repo.exists()
+
 
 def test_a_folder_without_its_record_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()

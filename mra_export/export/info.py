@@ -60,8 +60,16 @@ class ExportInfo(JsonRecord):
                                        ("bhsd", "bshd"))):
             if value not in allowed:
                 return f"unknown {field} {value!r}"
-        return (self._quantization_problem() or self._files_problem()
+        return (self._attention_problem() or self._quantization_problem() or self._files_problem()
                 or self._interface_problem(TASKS[self.task]))
+
+    def _attention_problem(self) -> str | None:
+        """The sizes the runtimes and quantize read from ``attention``: whole numbers >= 1."""
+        for name in ("layers", "heads", "head_dim"):
+            value = self.attention.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"attention's {name} is {value!r}, not a whole number >= 1"
+        return None
 
     def _quantization_problem(self) -> str | None:
         """An int8 export is a portable one with its quantization recorded; no other has one."""

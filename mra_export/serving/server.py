@@ -73,9 +73,15 @@ class TritonServer:
     def __init__(self, repo: str | Path, *, http_port: int = 0, grpc_port: int = 0,
                  log_path: str | Path | None = None, binary: str | Path | None = None):
         self.repo = Path(repo).absolute()
+        if not self.repo.is_dir():
+            raise UserError(f"model repository {repo} is not a folder; make one with "
+                            "'mra-export triton --repo REPO'")
+        self._log_path = Path(log_path).absolute() if log_path else None
+        if self._log_path is not None and not self._log_path.parent.is_dir():
+            raise UserError(f"the log's folder {self._log_path.parent} does not exist; pass a "
+                            "--log in an existing folder")
         self.binary = Path(binary) if binary else server_binary()
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
-        self._log_path = Path(log_path).absolute() if log_path else None
         self.workdir: Path | None = None  # made by start, removed by stop
         self.process: subprocess.Popen | None = None
 
@@ -109,11 +115,16 @@ class TritonServer:
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=server_environment(),
-                                            cwd=self.workdir,
-                                            start_new_session=True)  # its stubs in its group
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=server_environment(),
+                                                cwd=self.workdir,
+                                                start_new_session=True)  # its stubs in its group
+        except OSError as error:  # the log not writable, the binary not runnable
+            self.stop()
+            raise UserError(f"cannot start {self.binary} (log {self.log_path}): {error.strerror or error}"
+                            ) from None
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -125,11 +136,11 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UserError(f"tritonserver exited ({self.process.returncode}) before it was "
-                                f"ready:\n{self.log_errors()}")
+                                f"ready: {self.log_error()}")
             if self.ready():
                 return
             time.sleep(0.25)
-        raise UserError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_errors()}")
+        raise UserError(f"tritonserver was not ready after {timeout:.0f} s: {self.log_error()}")
 
     def ready(self) -> bool:
         try:
@@ -153,16 +164,18 @@ class TritonServer:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def log_errors(self) -> str:
-        """Triton's error lines (``E...``), without those of a machine with no GPU; else the log's
-        end."""
+    def log_error(self) -> str:
+        """Triton's last error line (``E...``), not one of a machine with no GPU; else the log's
+        last line: one line for a one-line error (the log itself goes with the server's folder
+        unless --log keeps it)."""
+        lines = []
         with contextlib.suppress(OSError):
             lines = self.log_path.read_text(errors="replace").splitlines()
-            errors = [line for line in lines if line.startswith("E") and not any(
-                gpu in line for gpu in ("CUDA", "CudaDriver"))]
-            if errors:
-                return "\n".join(errors[-20:])
-        return f"its log ends:\n{self.log_tail()}"
+        errors = [line for line in lines if line.startswith("E") and not any(
+            gpu in line for gpu in ("CUDA", "CudaDriver"))]
+        last = (errors or [line for line in lines if line.strip()] or ["its log is empty"])[-1]
+        return last.strip()[:400] + ("; pass --log FILE to keep the whole log" if self._log_path is None else
+                                     f"; the whole log: {self._log_path}")
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

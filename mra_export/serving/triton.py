@@ -188,7 +188,21 @@ def _checked_counts(source: Source, max_batch_size, instances: int, device: str)
         raise UserError("a TensorRT engine runs on its GPU: --device gpu (or leave it out)")
     if source.backend == "python":
         _check_runs_here(source.info, device)
+    elif source.backend == "onnxruntime":
+        _check_onnxruntime_runs(source.info, device)
     return batch
+
+
+def _check_onnxruntime_runs(info: ExportInfo, device: str) -> None:
+    """What no onnxruntime runs, whichever Triton serves it: int8's quantized MatMuls on a GPU,
+    bfloat16 on the CPU (the server would fail to load the model)."""
+    if info.dtype == "int8" and device == "gpu":
+        raise UserError("this export is int8: onnxruntime computes its dynamically quantized "
+                        "MatMuls on the CPU only; pass --device cpu, or serve the fp32/fp16 export "
+                        "on the GPU")
+    if info.dtype == "bf16" and device == "cpu":
+        raise UserError("this export is bfloat16: onnxruntime's CPU provider lacks bfloat16 kernels "
+                        "for this graph; pass --device gpu, or serve an fp32/fp16 export")
 
 
 def _check_runs_here(info: ExportInfo, device: str) -> None:
