@@ -296,6 +296,23 @@ def test_a_missing_or_corrupt_export_is_refused_in_one_line(qa, tmp_path, capsys
     assert not (tmp_path / "f").exists()
 
 
+def test_export_and_quantize_do_not_replace_each_others_output(qa, tmp_path, capsys):
+    """Both write export.json: an fp32 export is not an earlier output of quantize, nor an int8
+    one of export."""
+    fp32 = shutil.copytree(qa["fp32"], tmp_path / "fp32")
+    before = (fp32 / "export.json").read_text()
+    assert main(["quantize", "--onnx", str(qa["fp32"]), "--out", str(fp32)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mra-export quantize: error: {fp32} is an output of 'mra-export export' (fp32), which this "
+        "command does not replace; choose another output folder")
+    assert (fp32 / "export.json").read_text() == before
+    int8 = shutil.copytree(qa["int8"], tmp_path / "int8")
+    with pytest.raises(UserError, match="int8 is an output of 'mra-export quantize' \\(int8\\), which "
+                                        "this command does not replace"):
+        export_model(qa["checkpoint"], int8, task=QA.name, log=silent)
+    assert (int8 / "export.json").read_text() == (qa["int8"] / "export.json").read_text()
+
+
 def test_a_failure_part_way_leaves_nothing_and_keeps_an_earlier_output(qa, tmp_path,
                                                                       monkeypatch):
     earlier = shutil.copytree(qa["int8"], tmp_path / "earlier")

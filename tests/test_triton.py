@@ -549,6 +549,18 @@ def test_a_folder_this_command_did_not_write_is_left_alone(exports, tmp_path, ca
     assert written(repo) == ["m", "n_text"]
 
 
+def test_another_models_ensemble_is_not_replaced_by_a_name_like_it(exports, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert cli("--onnx", exports["fill-mask", "portable"], "--repo", repo, "--name", "a") == 0
+    before = (repo / "a_text" / "config.pbtxt").read_text()
+    capsys.readouterr()
+    assert cli("--onnx", exports["fill-mask", "portable"], "--repo", repo, "--name", "a_text") == 2
+    assert (f"{repo / 'a_text'} belongs to model a of this repository (mra-export triton --name a); "
+            "choose another --name") in one_line_error(capsys)
+    assert (repo / "a_text" / "config.pbtxt").read_text() == before
+    assert not (repo / "a_text_tokenizer").exists()
+
+
 def test_an_earlier_repository_of_this_command_is_replaced(exports, tmp_path):
     repo = tmp_path / "repo"
     assert cli("--onnx", exports["fill-mask", "portable"], "--repo", repo, "--name", "m") == 0

@@ -23,7 +23,7 @@ from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
 from ..tasks import Task
 from . import attention_function, graph_names, plugin_node, tracing
-from .info import DTYPE_NAMES, FLAVOURS, ExportInfo
+from .info import DTYPE_NAMES, FLAVOURS, ExportInfo, check_not_the_other_commands
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -53,6 +53,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
     config, chosen = checkpoint.config, checkpoint.task
     if flavour == "plugin":
         plugin_node.check_head_dim(config.hidden_size // config.num_attention_heads)
+    check_not_the_other_commands(out, quantizing=False)
     with staged_folder(out, marker=ExportInfo.FILE_NAME, inputs=[model_dir]) as staging:
         log(f"loading {chosen.model_class.__name__} from {model_dir}")
         model = patch_model(checkpoint.model, attention="reference").to(DTYPES[dtype])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +16,18 @@ FORMAT = "mra-export/1"
 FLAVOURS = ("portable", "plugin")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 QUANTIZED_DTYPES = ("int8",)  # made from an fp32 export by mra-export quantize
+
+
+def check_not_the_other_commands(out: str | Path, quantizing: bool) -> None:
+    """export and quantize both write export.json, so either would take the other's output for
+    an earlier one of its own and replace it: an int8 export is quantize's, any other export's."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((Path(out) / FILE_NAME).read_text())
+        dtype = record.get("dtype") if isinstance(record, dict) else None
+        if dtype is not None and (dtype in QUANTIZED_DTYPES) != quantizing:
+            made_by = "mra-export quantize" if dtype in QUANTIZED_DTYPES else "mra-export export"
+            raise UserError(f"{out} is an output of '{made_by}' ({dtype}), which this command does "
+                            "not replace; choose another output folder")
 
 
 @dataclasses.dataclass

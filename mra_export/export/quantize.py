@@ -27,7 +27,7 @@ from ..checkpoints import load_config
 from ..errors import UserError, first_line
 from ..files import sha256_of, staged_folder
 from ..tasks import get_task
-from .info import QUANTIZED_DTYPES, ExportInfo
+from .info import QUANTIZED_DTYPES, ExportInfo, check_not_the_other_commands
 from .tracing import quiet_logger
 
 INT8 = QUANTIZED_DTYPES[0]
@@ -50,6 +50,7 @@ def quantize_export(onnx_dir: str | Path, out: str | Path, log=print) -> ExportI
     ``export.json``. ``out`` is written whole or not at all."""
     info = _quantizable(onnx_dir)
     source = info.onnx_path(onnx_dir)
+    check_not_the_other_commands(out, quantizing=True)
     with staged_folder(out, marker=ExportInfo.FILE_NAME, inputs=[onnx_dir]) as staging:
         log(f"quantizing the encoder's weight MatMuls of {source} to int8 (onnxruntime "
             f"{ort.__version__}) ...")

@@ -87,6 +87,7 @@ def write_repository(repo: str | Path, *, onnx: str | Path | None = None,
              for model, config in configs.items()}
     for model, text in texts.items():  # as Triton will read them
         schema.check_config_text(text, repo / model / schema.CONFIG_FILE)
+    _check_not_anothers(repo, name, texts)
     written = _write(repo, name, source, texts)
     for folder in written:
         log(f"wrote {folder}")
@@ -352,6 +353,18 @@ def _fill_tokenizer(staging: Path, source: Source) -> None:
     for file in source.tokenizer_files:
         shutil.copy2(source.folder / file, version / file)
     shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
+
+
+def _check_not_anothers(repo: Path, name: str, models) -> None:
+    """A folder this command wrote for another model (model a's ensemble a_text, say) is not
+    this run's to replace, though its marker would let staged_folder replace it."""
+    for model in models:
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads((repo / model / MARKER).read_text())
+            owner = record.get("model") if isinstance(record, dict) else None
+            if owner not in (None, name):
+                raise UserError(f"{repo / model} belongs to model {owner} of this repository "
+                                f"(mra-export triton --name {owner}); choose another --name")
 
 
 def _record(staging: Path, source: Source, name: str) -> None:
