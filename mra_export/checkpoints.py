@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, MraConfig, PreTrainedTokenizerFast
 
 from .errors import UserError, first_line
+from .files import is_json_int
 from .tasks import TASKS, Task, get_task, task_for_config
 
 # Small enough for CI, shaped like mra-base where it matters: head_dim 64 (transformers' CUDA
@@ -83,8 +84,7 @@ def _config_problem(config: MraConfig) -> str | None:
 
     for name, least in SIZES.items():
         value = getattr(config, name, 1)
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if not whole or (least is not None and value < least):
+        if not is_json_int(value) or (least is not None and value < least):
             at_least = f" >= {least}" if least is not None else ""
             return f"{name} must be a whole number{at_least}, got {json.dumps(value)}"
     eps = getattr(config, "layer_norm_eps", 1e-5)

@@ -37,11 +37,13 @@ HALF_TOLERANCES = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, as on
 
 
 @pytest.fixture(autouse=True)
-def lowest_thread_first_fenced_after(emulated_kernels):
-    """Each test starts, and leaves the library, on schedule 0 with the page after each buffer."""
+def lowest_thread_first_fenced_after_on_132_sms(emulated_kernels):
+    """Each test starts, and leaves the library, on schedule 0 with the page after each buffer,
+    on an emulated GPU of 132 SMs (an H200's)."""
     def reset():
         emulated_kernels.set_schedule(0)
         emulated_kernels.set_fence("after")
+        emulated_kernels.set_multiprocessors(132)
 
     reset()
     yield
@@ -117,18 +119,15 @@ def test_key_blocks_split_over_two_thread_groups_or_not(emulated_kernels, dtype,
     relative = dtype != torch.float32
     tolerance = HALF_TOLERANCES[dtype] if relative else TOLERANCE
     threads = {}
-    try:
-        for multiprocessors in (132, 1):
-            emulated_kernels.set_multiprocessors(multiprocessors)
-            for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_diagonal_n_blocks=1),
-                       dict(num_blocks=5, approx_mode="sparse")):
-                ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
-                threads[multiprocessors] = emulated_kernels.last_launch_threads()
-                result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
-                                                tolerance=tolerance, **kw)
-                assert result.passed and result.same_blocks, (multiprocessors, result.summary())
-    finally:
-        emulated_kernels.set_multiprocessors(132)
+    for multiprocessors in (132, 1):
+        emulated_kernels.set_multiprocessors(multiprocessors)
+        for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_diagonal_n_blocks=1),
+                   dict(num_blocks=5, approx_mode="sparse")):
+            ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+            threads[multiprocessors] = emulated_kernels.last_launch_threads()
+            result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
+                                            tolerance=tolerance, **kw)
+            assert result.passed and result.same_blocks, (multiprocessors, result.summary())
     group = GROUP_THREADS[dtype]
     splits = dtype != torch.float32 or head_dim <= 64
     assert threads == {132: 2 * group if splits else group, 1: group}
@@ -163,18 +162,15 @@ def test_a_lazy_softmax_base_moves_only_past_its_slack(emulated_kernels, dtype):
     q, k, v = (t.to(dtype) for t in (q, k, v))
     mask = torch.ones(1, 128)
     threads = set()
-    try:
-        for multiprocessors in (132, 1):
-            emulated_kernels.set_multiprocessors(multiprocessors)
-            for mode in ("sparse", "full"):
-                kw = dict(num_blocks=16, approx_mode=mode)  # every block of the 4 x 4
-                ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
-                threads.add(emulated_kernels.last_launch_threads())
-                result = compare_with_reference(ours, selected, q, k, v, mask, relative=True,
-                                                tolerance=HALF_TOLERANCES[dtype], **kw)
-                assert result.passed and result.same_blocks, (multiprocessors, mode, result.summary())
-    finally:
-        emulated_kernels.set_multiprocessors(132)
+    for multiprocessors in (132, 1):
+        emulated_kernels.set_multiprocessors(multiprocessors)
+        for mode in ("sparse", "full"):
+            kw = dict(num_blocks=16, approx_mode=mode)  # every block of the 4 x 4
+            ours, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+            threads.add(emulated_kernels.last_launch_threads())
+            result = compare_with_reference(ours, selected, q, k, v, mask, relative=True,
+                                            tolerance=HALF_TOLERANCES[dtype], **kw)
+            assert result.passed and result.same_blocks, (multiprocessors, mode, result.summary())
     assert threads == {2 * GROUP_THREADS[dtype], GROUP_THREADS[dtype]}  # split and not
 
 
@@ -191,18 +187,15 @@ def test_nothing_is_read_or_written_before_a_buffer(emulated_kernels, dtype, lay
     relative = dtype != torch.float32
     tolerance = HALF_TOLERANCES[dtype] if relative else TOLERANCE
     emulated_kernels.set_fence("before")
-    try:
-        for multiprocessors in (132, 1):
-            emulated_kernels.set_multiprocessors(multiprocessors)
-            for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
-                            initial_prior_diagonal_n_blocks=2),
-                       dict(num_blocks=5, approx_mode="sparse")):
-                ours, selected = emulated_kernels.attention(q, k, v, mask, layout=layout, **kw)
-                result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
-                                                tolerance=tolerance, **kw)
-                assert result.passed and result.same_blocks, (multiprocessors, result.summary())
-    finally:
-        emulated_kernels.set_multiprocessors(132)
+    for multiprocessors in (132, 1):
+        emulated_kernels.set_multiprocessors(multiprocessors)
+        for kw in (dict(num_blocks=40, approx_mode="full", initial_prior_first_n_blocks=1,
+                        initial_prior_diagonal_n_blocks=2),
+                   dict(num_blocks=5, approx_mode="sparse")):
+            ours, selected = emulated_kernels.attention(q, k, v, mask, layout=layout, **kw)
+            result = compare_with_reference(ours, selected, q, k, v, mask, relative=relative,
+                                            tolerance=tolerance, **kw)
+            assert result.passed and result.same_blocks, (multiprocessors, result.summary())
 
 
 # A call with K and V of 128 tokens, then one with K and V of 64 told they have 128: it reads
@@ -393,23 +386,19 @@ def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq
     selection = {name: value for name, value in kw.items() if name != "approx_mode"}
     expected_selected = selected_blocks(q, k, mask, **selection).to(torch.int32)
     results = []
-    try:
-        # The library asks what clusters the GPU runs at its first launch in the process (the
-        # emulated one: as many as its SMs allow): a first launch at 4 SMs would rule out 8.
-        emulated_kernels.set_multiprocessors(132)
-        emulated_kernels.attention(q, k, v, mask, **kw)
-        clusters = []
-        for multiprocessors in (4, 8, 16, 32):
-            emulated_kernels.set_multiprocessors(multiprocessors)
-            for schedule in (0, 1, 7):
-                emulated_kernels.set_schedule(schedule)
-                emulated_kernels.take_largest_cluster()
-                output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
-                results.append((output, selected, emulated_kernels.last_launch_threads()))
-                clusters.append(emulated_kernels.take_largest_cluster())
-    finally:
-        emulated_kernels.set_multiprocessors(132)
-        emulated_kernels.set_schedule(0)
+    # The library asks what clusters the GPU runs at its first launch in the process (the
+    # emulated one: as many as its SMs allow): a first launch at 4 SMs would rule out 8, so one
+    # at the fixture's 132 comes first.
+    emulated_kernels.attention(q, k, v, mask, **kw)
+    clusters = []
+    for multiprocessors in (4, 8, 16, 32):
+        emulated_kernels.set_multiprocessors(multiprocessors)
+        for schedule in (0, 1, 7):
+            emulated_kernels.set_schedule(schedule)
+            emulated_kernels.take_largest_cluster()
+            output, selected = emulated_kernels.attention(q, k, v, mask, **kw)
+            results.append((output, selected, emulated_kernels.last_launch_threads()))
+            clusters.append(emulated_kernels.take_largest_cluster())
     assert clusters == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
     first_output = {}  # by the high-resolution kernel's threads: split or not
     for output, selected, threads in results:

@@ -30,7 +30,7 @@ import argparse
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,21 +124,28 @@ def successors(instructions: list[Instruction]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Walk:
-    """What one path through a kernel's instructions runs."""
-    work: int  # products (HMMA, or FFMA in the fp32 kernels)
-    copies: int  # LDGSTS
-    length: int  # instructions
-    opcodes: Counter = field(default_factory=Counter, compare=False)  # base opcode ("FMUL"): how many
+    """What one path through a kernel's instructions runs: how many of each base opcode."""
+    opcodes: Counter  # "FMUL": how many
+    work_opcode: str = "HMMA"  # the products' (FFMA in the fp32 kernels)
+
+    @property
+    def work(self) -> int:
+        return self.opcodes[self.work_opcode]
+
+    @property
+    def copies(self) -> int:
+        return self.opcodes["LDGSTS"]
+
+    @property
+    def length(self) -> int:
+        return sum(self.opcodes.values())
 
     def __add__(self, other: Walk) -> Walk:
-        return Walk(self.work + other.work, self.copies + other.copies, self.length + other.length,
-                    self.opcodes + other.opcodes)
+        return Walk(self.opcodes + other.opcodes, self.work_opcode)
 
 
 def step(instruction: Instruction, work: str) -> Walk:
-    runs = instruction.runs
-    return Walk(int(runs and instruction.base == work), int(runs and instruction.base == "LDGSTS"), int(runs),
-                Counter({instruction.base: 1}) if runs else Counter())
+    return Walk(Counter({instruction.base: 1} if instruction.runs else {}), work)
 
 
 ORDERS = ((lambda walk: (walk.work, walk.copies, -walk.length)),  # the fewest instructions

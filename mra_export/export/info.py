@@ -9,25 +9,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import UserError
-from ..files import JsonRecord, sha256_of
+from ..files import JsonRecord, is_json_int, sha256_of
 
 FILE_NAME = "export.json"
 FORMAT = "mra-export/1"
 FLAVOURS = ("portable", "plugin")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 QUANTIZED_DTYPES = ("int8",)  # made from an fp32 export by mra-export quantize
-
-
-def check_not_the_other_commands(out: str | Path, quantizing: bool) -> None:
-    """export and quantize both write export.json, so either would take the other's output for
-    an earlier one of its own and replace it: an int8 export is quantize's, any other export's."""
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads((Path(out) / FILE_NAME).read_text())
-        dtype = record.get("dtype") if isinstance(record, dict) else None
-        if dtype is not None and (dtype in QUANTIZED_DTYPES) != quantizing:
-            made_by = "mra-export quantize" if dtype in QUANTIZED_DTYPES else "mra-export export"
-            raise UserError(f"{out} is an output of '{made_by}' ({dtype}), which this command does "
-                            "not replace; choose another output folder")
+QUANTIZE_MADE_BY = "mra-export quantize"
 
 
 @dataclasses.dataclass
@@ -81,7 +70,7 @@ class ExportInfo(JsonRecord):
         """The sizes the runtimes and quantize read from ``attention``: whole numbers >= 1."""
         for name in ("layers", "heads", "head_dim"):
             value = self.attention.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_json_int(value) or value < 1:
                 return f"attention's {name} is {value!r}, not a whole number >= 1"
         return None
 
@@ -133,3 +122,15 @@ class ExportInfo(JsonRecord):
             if sha256_of(path) != expected:
                 raise UserError(f"{path} does not match the sha256 in {FILE_NAME} (changed or "
                                 "corrupt); export the model again")
+
+
+def check_not_the_other_commands(out: str | Path, quantizing: bool) -> None:
+    """export and quantize both write export.json, so either would take the other's output for
+    an earlier one of its own and replace it: an int8 export is quantize's, any other export's."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((Path(out) / FILE_NAME).read_text())
+        dtype = record.get("dtype") if isinstance(record, dict) else None
+        if dtype is not None and (dtype in QUANTIZED_DTYPES) != quantizing:
+            made_by = QUANTIZE_MADE_BY if dtype in QUANTIZED_DTYPES else ExportInfo.MADE_BY
+            raise UserError(f"{out} is an output of '{made_by}' ({dtype}), which this command does "
+                            "not replace; choose another output folder")

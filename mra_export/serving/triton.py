@@ -195,8 +195,10 @@ def _checked_counts(source: Source, max_batch_size, instances: int, device: str)
 
 
 def _check_onnxruntime_runs(info: ExportInfo, device: str) -> None:
-    """What no onnxruntime runs, whichever Triton serves it: int8's quantized MatMuls on a GPU,
-    bfloat16 on the CPU (the server would fail to load the model)."""
+    """What OrtMraModel refuses too (choose_providers), for Triton's onnxruntime backend: int8 on a
+    GPU (its quantized MatMuls are CPU kernels), bfloat16 on the CPU (onnxruntime's CPU provider
+    lacks its kernels). How that backend itself would take them is not tried here: this
+    project's tritonserver has the python backend only."""
     if info.dtype == "int8" and device == "gpu":
         raise UserError("this export is int8: onnxruntime computes its dynamically quantized "
                         "MatMuls on the CPU only; pass --device cpu, or serve the fp32/fp16 export "
@@ -355,16 +357,23 @@ def _fill_tokenizer(staging: Path, source: Source) -> None:
     shutil.copy2(Path(__file__).with_name("triton_model.py"), version / "model.py")
 
 
+def _marker_owner(folder: Path) -> str | None:
+    """The model (--name) this command wrote ``folder`` for, by its marker; None where it has no
+    readable one."""
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((folder / MARKER).read_text())
+        return record.get("model") if isinstance(record, dict) else None
+    return None
+
+
 def _check_not_anothers(repo: Path, name: str, models) -> None:
     """A folder this command wrote for another model (model a's ensemble a_text, say) is not
     this run's to replace, though its marker would let staged_folder replace it."""
     for model in models:
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads((repo / model / MARKER).read_text())
-            owner = record.get("model") if isinstance(record, dict) else None
-            if owner not in (None, name):
-                raise UserError(f"{repo / model} belongs to model {owner} of this repository "
-                                f"(mra-export triton --name {owner}); choose another --name")
+        owner = _marker_owner(repo / model)
+        if owner not in (None, name):
+            raise UserError(f"{repo / model} belongs to model {owner} of this repository "
+                            f"(mra-export triton --name {owner}); choose another --name")
 
 
 def _record(staging: Path, source: Source, name: str) -> None:
@@ -378,11 +387,8 @@ def _remove_stale_companions(repo: Path, name: str, written) -> None:
     """An earlier run's tokenizer and ensemble of ``name`` that this run did not rewrite (its
     source has no tokenizer): they would feed the new model what the old one took."""
     for model in (name + TOKENIZER_SUFFIX, name + TEXT_SUFFIX):
-        marker = repo / model / MARKER
-        if model in written or not marker.is_file():
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(marker.read_text()).get("model") == name:
+        if model not in written and _marker_owner(repo / model) == name:
+            with contextlib.suppress(OSError):
                 shutil.rmtree(repo / model)
 
 

@@ -971,10 +971,10 @@ __device__ inline void byKeyPadding(uint32_t realKeys, Softmax&& softmax)
 }
 
 //! How far a block's real maximum may pass the base before a lazy base (SoftmaxArithmetic's
-//! kTensorCore) moves, in nats: weights exp(P - baseMax) then stay below e^5.5 < 2^8, as in
-//! FlashAttention 4, far inside fp16's range (for scores under 2^23 in size, where baseMax +
-//! 5.5 and baseMax log2 e still round by less than 1), and O's rescale is skipped where no row
-//! of a warp moved its base.
+//! kTensorCore) moves, in nats: weights exp(P - baseMax) then stay below e^5.5 < 2^8, far
+//! inside fp16's range, for scores under 2^23 (where baseMax + 5.5 and baseMax log2 e round by
+//! less than 1); O's rescale is skipped where no row of a warp moved its base. FlashAttention 4
+//! also rescales only where the maximum moved enough.
 constexpr float kLazyBaseSlack = 5.5f;
 
 //! The high-resolution kernels' online softmax (SoftmaxStats::absorb).
