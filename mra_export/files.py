@@ -40,17 +40,20 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     except OSError as error:  # e.g. a folder we may not read
         raise _cannot_write(out, error) from None
     parent = out.parent
+    made: list[Path] = []
     try:
-        made = _make_parents(parent)
-        staging = _temporary_folder(out, "partial")
-    except OSError as error:
-        raise _cannot_write(parent, error) from None
-    try:
+        try:
+            made = _make_parents(parent)
+            staging = _temporary_folder(out, "partial")
+        except OSError as error:
+            raise _cannot_write(parent, error) from None
         yield staging
         _make_readable(staging)
         _replace_folder(staging, out)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        # By this process's name, not `staging`: a stop (SIGTERM, Ctrl-C) may come between
+        # mkdtemp making the folder and the name being bound.
+        _remove_own_leftovers(out, "partial")
         _remove_if_empty(made)
         _raise_naming(error, out)
 
@@ -102,6 +105,13 @@ def _leftovers_of(out: Path) -> list[tuple[int, str, Path]]:
     siblings = sorted(os.listdir(out.parent)) if out.parent.is_dir() else []
     matches = (pattern.fullmatch(name) for name in siblings)
     return [(int(m[2]), m[1], out.parent / m[0]) for m in matches if m]
+
+
+def _remove_own_leftovers(out: Path, kind: str) -> None:
+    """This process's temporary siblings of ``out`` of ``kind``."""
+    for pid, found, path in _leftovers_of(out):
+        if pid == os.getpid() and found == kind:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -851,6 +851,25 @@ def test_a_run_killed_outright_is_undone_by_the_next_one(tmp_path, how):
     assert (earlier / "parity.json").read_text() == "new"
 
 
+def test_a_stop_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A SIGTERM or Ctrl-C (raised between any two bytecodes) just after mkdtemp made the
+    staging folder, before staged_folder has its name: CI once caught that window
+    (test_a_stopped_export_leaves_nothing, SIGTERM, on a busy machine)."""
+    from mra_export import files
+
+    made = files._temporary_folder
+
+    def stopped_after_making(*args):
+        made(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "_temporary_folder", stopped_after_making)
+    with pytest.raises(KeyboardInterrupt):
+        with files.staged_folder(tmp_path / "out", "parity.json"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_first_run_leaves_nothing_after_the_next(tmp_path):
     from mra_export.files import folder_filled_in_place
 
