@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 APPROX_MODES = ("full", "sparse")
 
@@ -490,12 +490,12 @@ def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode,
                      first_n, diagonal_n) -> None:
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != 4:
             raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape "
                              f"{tuple(tensor.shape)}")
         if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            raise InputTypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if key.shape != query.shape or value.shape != query.shape:
         raise InputError("query, key and value must have the same shape, got "
                          f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
@@ -506,8 +506,8 @@ def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode,
         raise InputError(f"seq and head_dim must be at least 1, got shape {tuple(query.shape)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError("attention_mask must be a torch.Tensor or None, got "
-                            f"{type(attention_mask).__name__}")
+            raise InputTypeError("attention_mask must be a torch.Tensor or None, got "
+                                 f"{type(attention_mask).__name__}")
         expected = (query.shape[0], query.shape[2])
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
             raise InputError(f"attention_mask must be [batch, seq] = {list(expected)}, got shape "
@@ -522,6 +522,6 @@ def _check_arguments(query, key, value, attention_mask, num_blocks, approx_mode,
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")

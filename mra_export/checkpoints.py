@@ -142,11 +142,20 @@ class Checkpoint:
                 LookupError, EOFError) as error:  # corrupt weights (torch's unpickler raises any
             # of these on bytes that are not a pickle: KeyError, IndexError, ...)
             raise UserError(f"cannot load {self.task.model_class.__name__} from {self.folder}: "
-                            f"{first_line(error)}; pass a folder with the weights save_pretrained "
-                            "wrote") from None
+                            f"{_load_problem(error)}; pass a folder with the weights "
+                            "save_pretrained wrote") from None
         _check_weights_fit(self.folder, self.task, loading, self.remedy)
         _check_weights_finite(self.folder, model)
         return model.eval()
+
+
+def _load_problem(error: BaseException) -> str:
+    """What went wrong loading the weights, in a line: torch's refusal of a pickle goes on to
+    advise weights_only=False, which is unsafe and not this command's to take."""
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return ("its .bin weights are not a pickle torch.load reads safely (weights_only: "
+                "corrupt, or not saved by torch.save)")
+    return first_line(error)
 
 
 def open_checkpoint(folder: str | Path, task: str | Task | None = "auto",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -87,9 +88,16 @@ def _restore_handlers(handlers: dict) -> None:
 
 
 def _os_error(error: OSError) -> str:
-    """``[Errno 28] No space left on device: 'out/x'`` as ``out/x: No space left on device``."""
+    """``[Errno 28] No space left on device: 'out/x'`` as ``out/x: No space left on device; free
+    space there, or choose another output path``. A copy's error names the source first and the
+    file written second: the second is where the disk is full."""
     if error.filename is None or not error.strerror:
         return str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        written = error.filename2 if error.filename2 is not None else error.filename
+        return f"{written}: {error.strerror}; free space there, or choose another output path"
+    if error.filename2 is not None:
+        return f"{error.filename} -> {error.filename2}: {error.strerror}"
     return f"{error.filename}: {error.strerror}"
 
 
@@ -163,8 +171,19 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, as the tool's own are (argparse puts its usage block
     first): the problem, and where the options are listed. Its subcommands' parsers are too."""
 
+    commands: dict = {}  # a command's name -> its parser (the top-level parser's)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option the command does not take is the command's error,
+        pointing to its own --help (argparse leaves those to the top-level parser)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="mra-export", description="transformers' MRA models to ONNX, onnxruntime and "
         "TensorRT, with parity reports against PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands.choices
 
     export = commands.add_parser("export", help="export a local checkpoint to ONNX")
     export.add_argument("--model", required=True, help="local checkpoint folder (save_pretrained)")

@@ -8,7 +8,12 @@ class UserError(Exception):
 
 
 class InputError(UserError, ValueError):
-    """Model inputs of the wrong type, rank, shape or range."""
+    """Model inputs or arguments of the wrong type, rank, shape, range or value."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An input or argument of the wrong Python or tensor type: a TypeError, as Python's own
+    are, and an InputError (a UserError) like the others."""
 
 
 class MissingTensorRT(UserError):

@@ -51,11 +51,13 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
         _make_readable(staging)
         _replace_folder(staging, out)
     except BaseException as error:
-        # By this process's name, not `staging`: a stop (SIGTERM, Ctrl-C) may come between
-        # mkdtemp making the folder and the name being bound.
-        _remove_own_leftovers(out, "partial")
+        # By this process's names, not `staging`: a stop (SIGTERM, Ctrl-C) may come between
+        # mkdtemp making the folder and the name being bound, or between the earlier output's
+        # move aside and the rename that replaces it.
+        _undo_runs(out, _is_this_process)
         _remove_if_empty(made)
-        _raise_naming(error, out)
+        _name_under_output(error, out)
+        raise_naming(error, out)
 
 
 LEFTOVER_KINDS = ("partial", "previous")  # being written, an earlier output moved aside
@@ -80,10 +82,18 @@ def _clear_stopped_runs(out: Path) -> None:
     if writer is not None and _alive(writer):
         raise UserError(f"{out} is being written by another mra-export (process {writer}); wait "
                         "for it to finish or choose another output path")
-    if writer is not None:
+    _undo_runs(out, lambda pid: not _alive(pid))
+
+
+def _undo_runs(out: Path, ended) -> None:
+    """Undo the runs for ``out`` of the processes ``ended(pid)`` picks: remove the output they
+    were filling in place and their temporary folders and files beside it, and put back an
+    earlier output they had moved aside (where nothing has replaced it)."""
+    writer = _in_place_writer(out)
+    if writer is not None and ended(writer):
         _remove(out)  # the remains of an in-place run (its marker says so)
     for pid, kind, path in _leftovers_of(out):
-        if _alive(pid):
+        if not ended(pid):
             continue
         if kind == "previous" and not os.path.lexists(out) and os.path.lexists(path / out.name):
             _put_back(path, out)
@@ -114,6 +124,10 @@ def _remove_own_leftovers(out: Path, kind: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _is_this_process(pid: int) -> bool:
+    return pid == os.getpid()
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -133,7 +147,24 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _raise_naming(error: BaseException, path: Path) -> None:
+def _name_under_output(error: BaseException, out: Path) -> None:
+    """Where an OSError names a file of this process's staging folder for ``out``, which is
+    gone once the error is reported, name it as it would have been under ``out``."""
+    if not isinstance(error, OSError):
+        return
+    staging = re.compile(rf"{re.escape(_sibling_prefix(out, 'partial'))}[^/]+")
+    for attribute in ("filename", "filename2"):
+        name = getattr(error, attribute)
+        if not isinstance(name, (str, os.PathLike)):
+            continue
+        path = Path(name)
+        if path != out.parent and path.is_relative_to(out.parent):
+            first, *rest = path.relative_to(out.parent).parts
+            if staging.fullmatch(first):
+                setattr(error, attribute, str(out.joinpath(*rest)))
+
+
+def raise_naming(error: BaseException, path: Path) -> None:
     """Re-raise ``error``; an OSError without a path (a failed write) as one naming ``path``,
     for the CLI's one line ``PATH: reason``."""
     if isinstance(error, OSError) and error.filename is None:
@@ -175,21 +206,24 @@ def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
     try:
         _clear_stopped_runs(out)
         _check_replaceable(out, marker)
-        made = _make_parents(out.parent)
-        previous = _move_aside(out)
-        _make_marked(out)
     except OSError as error:
         raise _cannot_write(out, error) from None
+    made: list[Path] = []
     try:
+        try:
+            made = _make_parents(out.parent)
+            _move_aside(out)
+            _make_marked(out)
+        except OSError as error:
+            raise _cannot_write(out, error) from None
         yield out
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        if previous:
-            _put_back(previous, out)
+        # By this process's names, not bound variables: a stop (SIGTERM, Ctrl-C) may come
+        # between a folder's making or moving and its name's binding.
+        _undo_runs(out, _is_this_process)
         _remove_if_empty(made)
         raise
-    if previous:
-        shutil.rmtree(previous, ignore_errors=True)
+    _remove_own_leftovers(out, "previous")
     (out / WRITING).unlink()  # last: until here a later run can undo this one
 
 
@@ -267,7 +301,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        _raise_naming(error, path)
+        raise_naming(error, path)
 
 
 def check_writable_file(path: str | Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from .errors import UserError, first_line
+from .errors import InputError, UserError, first_line
 from .fenced_memory import SIDES, FencedBuffers, check_side
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "plugins" / "build"
@@ -260,10 +260,10 @@ class MraLibrary:
         on that device's current stream. ``layout``: how the library sees them in memory."""
         devices = {t.device for t in (query, key, value, mask)}
         if len(devices) != 1:
-            raise ValueError(f"query, key, value and mask must be on one device, got "
+            raise InputError(f"query, key, value and mask must be on one device, got "
                              f"{', '.join(sorted(map(str, devices)))}")
         if self.emulated and query.is_cuda:
-            raise ValueError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
+            raise InputError(f"{self.path.name} runs the kernels on the CPU: pass CPU tensors")
         params = self.params(query, layout=layout, **settings)
         output, workspace = self.run(params, *c_inputs(query, key, value, mask, layout))
         return output, self._selected(params, workspace)

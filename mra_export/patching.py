@@ -21,7 +21,7 @@ from transformers.models.mra.modeling_mra import MraModel, MraPreTrainedModel, M
 
 from . import fused
 from .attention import exporting, mra_attention, running_eagerly
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 # transformers zero-pads head dims under 32 to 32 (its CUDA kernels' warp size) before
 # attention, so the scale becomes 1/sqrt(32); the patched model keeps that rule.
@@ -113,14 +113,14 @@ def patch_model(model: MraPreTrainedModel, attention: str = "auto") -> MraPreTra
     "reference" (module docstring). Patching again only sets ``attention``.
     """
     if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
+        raise InputError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
                          f"{attention!r}")
     if not isinstance(model, MraPreTrainedModel):
-        raise TypeError("patch_model expects a transformers MRA model (MraModel or an MraFor* "
-                        f"head), got {type(model).__name__}")
+        raise InputTypeError("patch_model expects a transformers MRA model (MraModel or an "
+                             f"MraFor* head), got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, MraSelfAttention)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MraSelfAttention layer to patch")
+        raise InputError(f"{type(model).__name__} has no MraSelfAttention layer to patch")
     if attention == "fused":
         _check_fused_built(model)
     for layer in layers:
@@ -161,43 +161,86 @@ def _token_mask(attention_mask, batch: int, seq_len: int, device,
         if attention_mask.dtype == dtype == torch.int32:
             return attention_mask  # the op's library reads any non-zero as a real token
         return (attention_mask != 0).to(dtype)
-    raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    raise InputError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+
+
+# MraModel.forward's leading parameters, in order: a pre-hook sees them positional or by name.
+FORWARD_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# transformers offsets MRA's positions by 2 (RoBERTa's padding_idx + 1): its table has 2 rows more.
+POSITION_OFFSET = 2
 
 
 def _check_inputs(base: MraModel, config) -> None:
     """Clear errors for the inputs transformers would fail on deep inside (an embedding's
-    IndexError, a shape error in the position embeddings), before the forward pass."""
+    IndexError, a shape error in the embeddings' sum), before the forward pass."""
     if getattr(base, "_mra_export_input_check", False):
         return
 
     def check(module, args, kwargs):
-        ids = args[0] if args else kwargs.get("input_ids")
-        name, tokens = ("input_ids", ids) if ids is not None else ("inputs_embeds",
-                                                                    kwargs.get("inputs_embeds"))
+        given = {**dict(zip(FORWARD_INPUTS, args)), **kwargs}
+        name = "input_ids" if given.get("input_ids") is not None else "inputs_embeds"
+        tokens = given.get(name)
         if tokens is None:
-            return
-        if not isinstance(tokens, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}; use "
-                             "torch.as_tensor (OrtMraModel takes numpy arrays and lists too)")
-        axes = ["batch", "sequence"] + (["hidden"] if name == "inputs_embeds" else [])
-        if tokens.dim() != len(axes) or tokens.shape[1] == 0:
-            raise InputError(f"{name} must be [{', '.join(axes)}] with at least one token, got "
-                             f"shape {list(tokens.shape)}")
-        if tokens.shape[1] > config.max_position_embeddings:
-            raise InputError(f"sequence length {tokens.shape[1]} is longer than the model's "
-                             f"max_position_embeddings={config.max_position_embeddings}; "
-                             "truncate the input, e.g. tokenizer(..., truncation=True, "
-                             f"max_length={config.max_position_embeddings})")
-        if name == "input_ids":
-            if tokens.is_floating_point():
-                raise InputError(f"input_ids must hold integers, got {tokens.dtype}")
-            _check_range("input_ids", tokens, config.vocab_size)
-        token_types = kwargs.get("token_type_ids")
-        if isinstance(token_types, torch.Tensor):
-            _check_range("token_type_ids", token_types, config.type_vocab_size)
+            return  # transformers says to pass one of them
+        _check_tokens(name, tokens, config)
+        if exporting() or torch.compiler.is_compiling():
+            return  # a comparison of symbolic sizes would become a guard of the trace
+        batch, seq_len = tokens.shape[:2]
+        _check_mask(given.get("attention_mask"), batch, seq_len)
+        for extra, size in (("token_type_ids", config.type_vocab_size),
+                            ("position_ids", config.max_position_embeddings + POSITION_OFFSET)):
+            if given.get(extra) is not None:
+                _check_per_token(extra, given[extra], batch, seq_len)
+                _check_range(extra, given[extra], size)
 
     base.register_forward_pre_hook(check, with_kwargs=True)
     base._mra_export_input_check = True
+
+
+def _check_tokens(name: str, tokens, config) -> None:
+    """``input_ids`` [batch, seq] of integers in the vocabulary, or ``inputs_embeds``
+    [batch, seq, hidden]; at most max_position_embeddings tokens."""
+    if not isinstance(tokens, torch.Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}; use "
+                             "torch.as_tensor (OrtMraModel takes numpy arrays and lists too)")
+    axes = ["batch", "sequence"] + (["hidden"] if name == "inputs_embeds" else [])
+    if tokens.dim() != len(axes) or tokens.shape[1] == 0:
+        raise InputError(f"{name} must be [{', '.join(axes)}] with at least one token, got "
+                         f"shape {list(tokens.shape)}")
+    if tokens.shape[1] > config.max_position_embeddings:
+        raise InputError(f"sequence length {tokens.shape[1]} is longer than the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}; "
+                         "truncate the input, e.g. tokenizer(..., truncation=True, "
+                         f"max_length={config.max_position_embeddings})")
+    if name == "inputs_embeds" and tokens.shape[2] != config.hidden_size:
+        raise InputError(f"inputs_embeds must be [batch, sequence, {config.hidden_size}] for this "
+                         f"model (its hidden_size), got shape {list(tokens.shape)}")
+    if name == "input_ids":
+        if tokens.is_floating_point():
+            raise InputError(f"input_ids must hold integers, got {tokens.dtype}")
+        _check_range("input_ids", tokens, config.vocab_size)
+
+
+def _check_mask(mask, batch: int, seq_len: int) -> None:
+    """MRA masks keys by padding only: one [batch, seq] row of 0/1 a sample."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise InputTypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}; "
+                             "use torch.as_tensor")
+    if tuple(mask.shape) != (batch, seq_len):
+        raise InputError(f"attention_mask must be [batch, sequence] = [{batch}, {seq_len}] (MRA "
+                         f"masks padding tokens only), got shape {list(mask.shape)}")
+
+
+def _check_per_token(name: str, values, batch: int, seq_len: int) -> None:
+    """token_type_ids and position_ids: integers for each token, [batch or 1, seq]."""
+    if not isinstance(values, torch.Tensor) or values.is_floating_point():
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise InputError(f"{name} must be a torch.Tensor of integers, got {got}")
+    if values.dim() != 2 or values.shape[0] not in (1, batch) or values.shape[1] != seq_len:
+        raise InputError(f"{name} must be [batch, sequence] = [{batch}, {seq_len}] (or [1, "
+                         f"{seq_len}]), got shape {list(values.shape)}")
 
 
 def _make_the_op_mask_once(base: MraModel, config) -> None:

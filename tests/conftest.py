@@ -89,6 +89,23 @@ def _export(checkpoint: Path, folder: Path, **settings) -> None:
         export_model(checkpoint, folder, log=lambda message: None, **settings)
 
 
+def cut_short_and_resigned(export: Path, folder: Path) -> Path:
+    """A copy of ``export`` whose model.onnx is cut in half and given its checksum anew in
+    export.json: it passes verify_files, not the reading."""
+    import json
+    import shutil
+
+    from mra_export.files import sha256_of
+
+    copy = shutil.copytree(export, folder)
+    graph_bytes = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(graph_bytes[:len(graph_bytes) // 2])
+    record = json.loads((copy / "export.json").read_text())
+    record["sha256"]["model.onnx"] = sha256_of(copy / "model.onnx")
+    (copy / "export.json").write_text(json.dumps(record))
+    return copy
+
+
 @pytest.fixture(scope="session")
 def several_chunks_export(tmp_path_factory):
     """A feature-extraction checkpoint whose rows select several chunks of blocks, and its

@@ -1,4 +1,5 @@
-"""Bad input fails early with a ValueError/TypeError whose message names the problem."""
+"""Bad input fails early with a ValueError/TypeError whose message names the problem; each is
+also an InputError (a UserError), which the CLI prints as one line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mra_export import mra_attention, patch_model
-from mra_export.errors import InputError
+from mra_export.errors import InputError, UserError
 
 Q = torch.zeros(2, 3, 40, 16)
 MASK = torch.ones(2, 40)
@@ -32,8 +33,9 @@ MASK = torch.ones(2, 40)
     ((Q, Q.half(), Q, MASK), {}, InputError, r"same dtype, got torch.float32, torch.float16"),
 ])
 def test_bad_arguments_are_named(args, kwargs, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         mra_attention(*args, **{"num_blocks": 4, **kwargs})
+    assert isinstance(raised.value, UserError)  # the CLI's one line, where a command meets it
 
 
 @pytest.mark.parametrize("empty", [Q[:0], Q[:, :0]])
@@ -50,5 +52,5 @@ def test_patch_model_refuses_a_model_that_is_not_mra():
                                 intermediate_size=32))
     with pytest.raises(TypeError, match="expects a transformers MRA model.*got BertModel"):
         patch_model(bert)
-    with pytest.raises(TypeError, match="got Linear"):
+    with pytest.raises(InputError, match="got Linear"):
         patch_model(torch.nn.Linear(2, 2))

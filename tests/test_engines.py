@@ -482,6 +482,8 @@ def test_help_works_everywhere(command, capsys):
     (["build", "--precision", "int8"], "mra-export build: error: argument --precision: invalid choice: 'int8'"),
     (["bogus"], "mra-export: error: argument COMMAND: invalid choice: 'bogus'"),
     ([], "mra-export: error: the following arguments are required: COMMAND; see 'mra-export --help'"),
+    (["parity", "--model", "m", "--onnx", "o", "--seed", "1"],
+     "mra-export parity: error: unrecognized arguments: --seed 1; see 'mra-export parity --help'"),
 ])
 def test_bad_options_are_one_line_without_argparses_usage_block(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

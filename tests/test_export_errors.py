@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 
 import numpy as np
@@ -142,6 +143,11 @@ def test_a_weights_file_that_is_not_a_pickle_is_a_one_line_error(small_checkpoin
                                         "with the weights save_pretrained wrote") as raised:
         export_model(checkpoint, tmp_path / "out")
     assert "\n" not in str(raised.value)
+    (checkpoint / "pytorch_model.bin").write_bytes(b"garbage\n")  # a pickle torch refuses
+    with pytest.raises(UserError, match="model: its .bin weights are not a pickle torch.load reads "
+                                        r"safely \(weights_only: corrupt") as raised:
+        export_model(checkpoint, tmp_path / "out")
+    assert "weights_only=False" not in str(raised.value)  # unsafe advice, not ours to give
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -313,8 +319,53 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(small_check
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error and error.count("\n") == 1
     assert error.startswith("mra-export export: error: ") and error.rstrip().endswith(
-        "model.onnx: No space left on device")
+        "model.onnx: No space left on device; free space there, or choose another output path")
     assert no_leftovers(tmp_path) == []
+
+
+LEFT_ON_DISK = "left-on-the-disk:"
+
+
+def small_disk_or_skip(folder) -> list[str]:
+    """A command prefix that runs what follows with a 512 KiB tmpfs mounted at ``folder``, in
+    a user and mount namespace of its own (no root needed), then lists what is left there."""
+    import subprocess
+
+    folder.mkdir()
+    mount = f"mount -t tmpfs -o size=512k tmpfs {shlex.quote(str(folder))}"
+    try:
+        subprocess.run(["unshare", "-rm", "sh", "-c", mount], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"no tmpfs in a user namespace here (unshare -rm: {error})")
+    run_then_list = (f'{mount} && "$@"; status=$?; echo {LEFT_ON_DISK}; '
+                     f'ls -A {shlex.quote(str(folder))}; exit $status')
+    return ["unshare", "-rm", "sh", "-c", run_then_list, "sh"]
+
+
+@pytest.mark.parametrize("command,written", [
+    (["export", "--model", "{checkpoint}", "--out", "{disk}/out"], "{disk}/out"),
+    (["quantize", "--onnx", "{export}", "--out", "{disk}/out"], "{disk}/out/model.onnx"),
+    (["triton", "--onnx", "{export}", "--repo", "{disk}/repo", "--name", "m"],
+     "{disk}/repo/m/1/model.onnx"),
+])
+def test_a_disk_that_fills_up_is_one_line_naming_the_output_and_leaves_nothing(
+        command, written, small_checkpoints, exports, tmp_path):
+    """A real full disk: the output's own path (not its staging folder's, nor the file copied)
+    and what to do, and nothing left on it."""
+    import subprocess
+    import sys
+
+    names = dict(checkpoint=small_checkpoints["text-classification"], disk=tmp_path / "disk",
+                 export=exports["text-classification", "portable"])
+    prefix = small_disk_or_skip(names["disk"])
+    run = subprocess.run([*prefix, sys.executable, "-m", "mra_export.cli",
+                          *(word.format(**names) for word in command)],
+                         capture_output=True, text=True, timeout=300)
+    error = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert error == (f"mra-export {command[0]}: error: {written.format(**names)}: No space left "
+                     "on device; free space there, or choose another output path")
+    assert run.stdout.split(LEFT_ON_DISK)[-1].split() == [], run.stdout
 
 
 def test_a_failed_export_keeps_the_previous_folder_and_no_partial_one(small_checkpoints, tmp_path,
@@ -868,6 +919,39 @@ def test_a_stop_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypat
         with files.staged_folder(tmp_path / "out", "parity.json"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how,step", [
+    ("in-place", "_temporary_folder"),  # the folder the earlier output is moved into, made
+    ("in-place", "_move_aside"),  # the earlier output moved there
+    ("in-place", "_make_marked"),  # the output made, holding this run's marker
+    ("staged", "_temporary_folder"),  # the staging folder made
+    ("staged", "_move_aside"),  # the earlier output moved aside, the staging folder not yet in
+])
+def test_a_stop_between_a_writers_steps_leaves_the_earlier_output(tmp_path, monkeypatch, how,
+                                                                   step):
+    """A SIGTERM or Ctrl-C may come between any two bytecodes: just after each step that makes
+    or moves a folder, before the writer has bound its name, the earlier output is put back at
+    once and nothing else is left (not only by the next run)."""
+    from mra_export import files
+
+    done = getattr(files, step)
+
+    def stopped_after(*args):
+        done(*args)
+        raise KeyboardInterrupt
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+    monkeypatch.setattr(files, step, stopped_after)
+    writer = files.folder_filled_in_place if how == "in-place" else files.staged_folder
+    with pytest.raises(KeyboardInterrupt):
+        with writer(earlier, "parity.json") as folder:
+            (folder / "parity.json").write_text("new")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+    assert (earlier / "parity.json").read_text() == "old"
 
 
 def test_a_killed_first_run_leaves_nothing_after_the_next(tmp_path):

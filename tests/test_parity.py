@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from mra_export.export.info import ExportInfo
 from mra_export.parity import run_parity
 from mra_export.tasks import TASKS
 
-from .conftest import ONE_LAYER_MODEL, SMALL_MODEL, export_both_flavours
+from .conftest import ONE_LAYER_MODEL, SMALL_MODEL, cut_short_and_resigned, export_both_flavours
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +118,11 @@ def test_an_export_named_twice_is_checked_once(small_checkpoints, exports, monke
                         [exported, f"./{exported.name}", exported / "."], log=lambda m: None)
     assert [b.backend for b in report.backends] == ["onnxruntime-cpu", "onnxruntime-cuda",
                                                        "tensorrt"]
+    # One folder, not in a list: the folder, not its letters (nor a path's parts).
+    for one in (exported.name, exported):
+        report = run_parity(small_checkpoints["multiple-choice"], one, log=lambda m: None)
+        assert [(b.backend, Path(b.source).resolve()) for b in report.backends][:1] == [
+            ("onnxruntime-cpu", exported.resolve())]
 
 
 def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exports):
@@ -136,6 +142,7 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
     corrupt = shutil.copytree(exports["fill-mask", "portable"], tmp_path / "corrupt")
     with open(corrupt / "model.onnx", "r+b") as stream:
         stream.truncate(1000)
+    resigned = cut_short_and_resigned(exports["fill-mask", "portable"], tmp_path / "resigned")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "notes.json").write_text('{"mine": 1}')
     narrower = build_checkpoint(tmp_path / "narrower", TASKS["fill-mask"],
@@ -154,6 +161,8 @@ def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, ex
         (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(corrupt)],
          r"corrupt/model.onnx does not match the sha256 in export.json \(changed or corrupt\); "
          "export the model again"),
+        (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(resigned)],
+         r"resigned/model.onnx is not a readable ONNX graph \(.*\); export the model again"),
         (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(exports["fill-mask", "portable"]),
           "--report", str(tmp_path / "a-file" / "report.json")], "cannot write to .*a-file"),
         (["--model", str(small_checkpoints["fill-mask"]), "--onnx", str(exports["fill-mask", "portable"]),
@@ -189,7 +198,7 @@ def test_a_failed_report_write_still_shows_the_results(small_checkpoints, export
     assert code == 2
     assert re.search(r"fill-mask +onnxruntime-cpu +logits .* pass\n", captured.out)
     assert captured.err == (f"mra-export parity: error: {tmp_path / 'report.json'}: No space left "
-                            "on device\n")
+                            "on device; free space there, or choose another output path\n")
     assert list(tmp_path.iterdir()) == []
 
 

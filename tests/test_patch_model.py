@@ -166,10 +166,46 @@ def test_inputs_transformers_would_fail_on_deep_inside_are_named(small_checkpoin
         ({"input_ids": -ids}, rf"input_ids must be in \[0, {vocab}\).*got values -1..-1"),
         ({"input_ids": ids, "token_type_ids": ids * 5}, r"token_type_ids must be in \[0, 1\)"),
         ({"inputs_embeds": torch.zeros(2, 20)}, r"inputs_embeds must be \[batch, sequence, hidden\]"),
+        ({"inputs_embeds": torch.zeros(2, 20, 100)},
+         r"inputs_embeds must be \[batch, sequence, 128\] for this model \(its hidden_size\), "
+         r"got shape \[2, 20, 100\]"),
+        ({"input_ids": ids, "attention_mask": torch.ones(2, 20, 20)},
+         r"attention_mask must be \[batch, sequence\] = \[2, 20\] \(MRA masks padding tokens "
+         r"only\), got shape \[2, 20, 20\]"),
+        ({"input_ids": ids, "attention_mask": torch.ones(2, 19)}, r"got shape \[2, 19\]"),
+        ({"input_ids": ids, "attention_mask": [[1] * 20] * 2},
+         "attention_mask must be a torch.Tensor, got list; use torch.as_tensor"),
+        ({"input_ids": ids, "token_type_ids": ids[:, :19] * 0},
+         r"token_type_ids must be \[batch, sequence\] = \[2, 20\] \(or \[1, 20\]\), got shape "
+         r"\[2, 19\]"),
+        ({"input_ids": ids, "position_ids": torch.arange(20)[None] + 239},
+         r"position_ids must be in \[0, 258\) for this model, got values 239..258"),
+        ({"input_ids": ids, "position_ids": torch.arange(20.0)[None]},
+         "position_ids must be a torch.Tensor of integers, got torch.float32"),
+        ({"input_ids": ids, "position_ids": torch.arange(20)}, r"position_ids must be .*got shape \[20\]"),
     ]:
         with pytest.raises(InputError, match=message):
             model(**inputs)
+    with pytest.raises(InputError, match=r"got shape \[2, 21\]"):
+        model(ids, torch.ones(2, 21))  # the mask given by position, as forward's second argument
     assert model(input_ids=ids[:0]).logits.shape == (0, 20, vocab)  # an empty batch, as in torch
+
+
+def test_inputs_at_the_edges_of_what_transformers_takes_still_run(small_checkpoints):
+    """What the checks above must let through: one row of token types or positions for the
+    whole batch (the same outputs as that row repeated), the table's last position, a bool mask."""
+    model = patch_model(load_model(small_checkpoints["fill-mask"])[0], attention="reference")
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    last_positions = torch.arange(20)[None] + model.config.max_position_embeddings + 2 - 20
+    for inputs in ({"token_type_ids": torch.zeros(1, 20, dtype=torch.long)},
+                   {"position_ids": last_positions},
+                   {"position_ids": last_positions.expand(2, 20)},
+                   {"attention_mask": torch.ones(2, 20, dtype=torch.bool)}):
+        with torch.no_grad():
+            got = model(input_ids=ids, **inputs).logits
+            expected = model(input_ids=ids, **{name: value.expand(2, 20).clone()
+                                               for name, value in inputs.items()}).logits
+        assert torch.isfinite(got).all() and torch.equal(got, expected)
 
 
 def test_patching_keeps_weights_and_is_idempotent(small_checkpoints):

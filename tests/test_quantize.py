@@ -25,7 +25,6 @@ from mra_export.export import ExportInfo, export_model
 from mra_export.export import quantize as quantize_module
 from mra_export.export.exporter import example_inputs
 from mra_export.export.quantize import quantize_export
-from mra_export.files import sha256_of
 from mra_export.parity import agreement
 from mra_export.parity.agreement import (
     AGREEMENT_THRESHOLD,
@@ -38,6 +37,8 @@ from mra_export.parity.inputs import parity_feeds
 from mra_export.patching import patch_model
 from mra_export.runtime.ort import OrtMraModel
 from mra_export.tasks import TASKS
+
+from .conftest import cut_short_and_resigned
 
 pytestmark = pytest.mark.slow
 
@@ -285,12 +286,7 @@ def test_a_missing_or_corrupt_export_is_refused_in_one_line(qa, tmp_path, capsys
         (sizes / "export.json").write_text(json.dumps(record))
         assert f"export.json is corrupt ({problem})" in quantize_error(capsys, sizes, tmp_path / "e")
     # A graph cut short whose checksum was written anew passes the checksum, not the reading.
-    resigned = shutil.copytree(qa["fp32"], tmp_path / "resigned")
-    graph_bytes = (resigned / "model.onnx").read_bytes()
-    (resigned / "model.onnx").write_bytes(graph_bytes[:len(graph_bytes) // 2])
-    record = json.loads((resigned / "export.json").read_text())
-    record["sha256"]["model.onnx"] = sha256_of(resigned / "model.onnx")
-    (resigned / "export.json").write_text(json.dumps(record))
+    resigned = cut_short_and_resigned(qa["fp32"], tmp_path / "resigned")
     message = quantize_error(capsys, resigned, tmp_path / "f")
     assert "resigned/model.onnx is not a readable ONNX graph" in message and "export the model again" in message
     assert not (tmp_path / "f").exists()

@@ -34,7 +34,7 @@ from mra_export.serving import load, schema
 from mra_export.serving import triton as triton_module
 from mra_export.serving.server import BINARY_VARIABLE, TritonServer
 
-from .conftest import load_tool
+from .conftest import cut_short_and_resigned, load_tool
 
 TASKS = ("feature-extraction", "fill-mask", "text-classification", "multiple-choice",
          "token-classification", "question-answering")
@@ -502,6 +502,33 @@ def test_an_export_no_onnxruntime_runs_on_the_device_is_refused(edit, flags, mes
     repo = tmp_path / "repo"
     assert cli("--onnx", export, "--repo", repo, "--name", "m", *flags) == 2
     assert message in one_line_error(capsys)
+    assert not repo.exists()
+
+
+@pytest.mark.parametrize("task,field", [("text-classification", "num_labels"),
+                                        ("fill-mask", "vocab_size")])
+def test_a_config_edited_away_from_the_graph_is_refused(task, field, exports, tmp_path, capsys):
+    """config.pbtxt's fixed sizes come from config.json, which is not under checksum: one whose
+    size is no longer the graph's would make Triton reject every answer."""
+    export = shutil.copytree(exports[task, "portable"], tmp_path / "export")
+    config = json.loads((export / "config.json").read_text())
+    graph_size = graph_dims(export / "model.onnx", "logits")[-1]
+    edited = {"num_labels": {"id2label": {str(i): f"L{i}" for i in range(graph_size + 1)},
+                             "label2id": {f"L{i}": i for i in range(graph_size + 1)}},
+              "vocab_size": {"vocab_size": graph_size + 1}}[field]
+    (export / "config.json").write_text(json.dumps({**config, **edited}))
+    repo = tmp_path / "repo"
+    assert cli("--onnx", export, "--repo", repo, "--name", "m") == 2
+    assert (f"config.json has {field}={graph_size + 1} but the graph's logits were exported "
+            f"with {graph_size}; restore the export's config.json" in one_line_error(capsys))
+    assert not repo.exists()
+
+
+def test_a_graph_cut_short_and_resigned_is_one_line(exports, tmp_path, capsys):
+    resigned = cut_short_and_resigned(exports["fill-mask", "portable"], tmp_path / "resigned")
+    repo = tmp_path / "repo"
+    assert cli("--onnx", resigned, "--repo", repo) == 2
+    assert "resigned/model.onnx is not a readable ONNX graph" in one_line_error(capsys)
     assert not repo.exists()
 
 

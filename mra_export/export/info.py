@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import JsonRecord, is_json_int, sha256_of
 
 FILE_NAME = "export.json"
@@ -122,6 +122,20 @@ class ExportInfo(JsonRecord):
             if sha256_of(path) != expected:
                 raise UserError(f"{path} does not match the sha256 in {FILE_NAME} (changed or "
                                 "corrupt); export the model again")
+
+
+def read_graph(path: str | Path):
+    """The ONNX graph at ``path`` without its external weights (names, types, shapes), or a
+    one-line error where the file is not ONNX: a file cut short whose checksum export.json was
+    given anew passes verify_files."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as error:
+        raise UserError(f"{path} is not a readable ONNX graph ({first_line(error)}); export the "
+                        "model again") from None
 
 
 def check_not_the_other_commands(out: str | Path, quantizing: bool) -> None:

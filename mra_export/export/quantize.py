@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
 from ..checkpoints import load_config
 from ..errors import UserError, first_line
-from ..files import sha256_of, staged_folder
+from ..files import raise_naming, sha256_of, staged_folder
 from ..tasks import get_task
-from .info import QUANTIZED_DTYPES, ExportInfo, check_not_the_other_commands
+from .info import QUANTIZED_DTYPES, ExportInfo, check_not_the_other_commands, read_graph
 from .tracing import quiet_logger
 
 INT8 = QUANTIZED_DTYPES[0]
@@ -94,7 +93,7 @@ def quantize_graph(source: Path, target: Path, layers: int,
     """Write ``source`` (an fp32 encoder of ``layers`` layers, as mra-export exports them) with
     its encoder's weight MatMuls in int8 to ``target``; returns (the MatMuls quantized, those
     left float), by their names in ``source``, as read back from ``target``."""
-    graph = _read_graph(source)  # names and types only
+    graph = read_graph(source)  # names and types only
     weights, activations = split_matmuls(graph)
     chosen = encoder_matmuls(graph, weights, layers, source)
     kept_float = [name for name in weights + activations if name not in chosen]
@@ -140,6 +139,8 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool) -> N
                              nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
                              weight_type=QuantType.QInt8, use_external_data_format=external,
                              extra_options={"MatMulConstBOnly": True})
+        except OSError as error:  # the system's (a full disk): the CLI's one line names target
+            raise_naming(error, target)
         except Exception as error:  # onnxruntime.quantization raises whatever its steps raise
             raise UserError(f"onnxruntime could not quantize {source}: {first_line(error)}; "
                             "please report this") from None
@@ -153,16 +154,6 @@ def quantized_nodes(graph: onnx.ModelProto) -> list[str]:
     int8 = {t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     return [node.name.removesuffix(QUANTIZED_SUFFIX) for node in graph.graph.node
             if node.op_type == QUANTIZED_OP and node.input[1] in int8]
-
-
-def _read_graph(path: Path) -> onnx.ModelProto:
-    """The graph without its external weights, or a one-line error where the file is not ONNX
-    (a file cut short whose checksum export.json was given anew passes verify_files)."""
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError) as error:
-        raise UserError(f"{path} is not a readable ONNX graph ({first_line(error)}); export the "
-                        "model again") from None
 
 
 def _check_quantized(path: Path, chosen: list[str], kept_float: list[str]) -> None:

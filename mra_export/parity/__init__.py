@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..checkpoints import load_config, load_model
 from ..engines.manifest import EngineManifest
 from ..engines.system import fitting_manifest
 from ..errors import MissingTensorRT, UserError, warn
-from ..export.info import ExportInfo
+from ..export.info import ExportInfo, read_graph
 from ..patching import patch_model
 from ..tasks import get_task
 from .backends import engine_backends, export_backends, tensorrt_available
@@ -23,7 +24,9 @@ __all__ = ["ParityReport", "format_table", "run_parity"]
 def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 0,
                log=print) -> ParityReport:
     """Check each export folder (and engine) against the patched PyTorch model of
-    ``model_dir`` on seeded inputs (``report.save(path)`` writes the JSON report)."""
+    ``model_dir`` on seeded inputs (``report.save(path)`` writes the JSON report).
+    ``onnx_dirs`` and ``engine_dirs``: a folder, or a list of them."""
+    onnx_dirs, engine_dirs = _folders(onnx_dirs), _folders(engine_dirs)
     if not onnx_dirs and not engine_dirs:
         raise UserError("nothing to check: pass --onnx OUT (an export folder) or --engine DIR")
     if not all(str(folder).strip() for folder in (*onnx_dirs, *engine_dirs)):
@@ -36,6 +39,7 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 
     infos = [ExportInfo.load(folder) for folder in onnx_dirs]
     for folder, info in zip(onnx_dirs, infos):
         info.verify_files(folder)  # a corrupt or replaced model.onnx is one line, not a result
+        read_graph(info.onnx_path(folder))  # and so is one re-signed after it was cut short
     tasks = {info.task for info in infos}
     if len(tasks) > 1:
         raise UserError(f"the export folders are for different tasks ({', '.join(sorted(tasks))})"
@@ -65,6 +69,12 @@ def run_parity(model_dir: str | Path, onnx_dirs=(), engine_dirs=(), seed: int = 
 
 def _engine_task(engine_dirs):
     return get_task(EngineManifest.load(engine_dirs[0]).export["task"])
+
+
+def _folders(given) -> list:
+    """A folder or several: ``run_parity(model, "out")`` checks the folder ``out``, not its
+    letters."""
+    return [given] if isinstance(given, (str, os.PathLike)) else list(given)
 
 
 def _once_each(folders) -> list:

@@ -11,7 +11,7 @@ Laid out as Triton's documentation has it::
     REPO/NAME_text/config.pbtxt        ensemble: tokenizer, then NAME
 
 Inputs and outputs take their names, types and dynamic dimensions from ``export.json`` (an
-engine's manifest carries its export's), their fixed sizes from ``config.json``. Every
+engine's manifest carries its export's), their fixed sizes from ``config.json`` (checked against the graph). Every
 ``config.pbtxt`` is checked against Triton's ``model_config.proto`` (``schema``) before anything
 is written; each model folder is staged and renamed, so a failure leaves ``REPO`` as it was.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoints import TOKENIZER_FILES, load_config
 from ..errors import UserError
-from ..export.info import ExportInfo
+from ..export.info import ExportInfo, read_graph
 from ..files import absolute, staged_folder
 from ..native import TRITON_PLUGIN_LIBRARY
 from . import schema
@@ -49,6 +49,9 @@ TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_
 # Names every client reaches: a folder name, an HTTP path segment and a gRPC string alike.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 TOKENIZER_SUFFIX, TEXT_SUFFIX = "_tokenizer", "_text"
+# The config.json field that sizes a head's outputs after their dynamic axes (others have none).
+FIXED_SIZE_FIELDS = {"feature-extraction": "hidden_size", "fill-mask": "vocab_size",
+                     "text-classification": "num_labels", "token-classification": "num_labels"}
 
 
 @dataclasses.dataclass
@@ -104,6 +107,7 @@ def _export_source(folder, backend: str | None) -> Source:
     info = ExportInfo.load(folder)
     info.verify_files(folder)
     config = load_config(folder)
+    _check_config_fits_graph(info.onnx_path(folder), info, config)
     backend = backend or "onnxruntime"
     if backend not in EXPORT_BACKENDS:
         raise UserError(f"an export is served by the {' or '.join(EXPORT_BACKENDS)} backend, not "
@@ -138,6 +142,24 @@ def _engine_source(folder, backend: str | None) -> Source:
     plugin = Path(manifest.plugin_library)
     return Source(folder, info, load_config(folder), "tensorrt", files, _triton_library(plugin),
                   profile_batch, _tokenizer_files(folder), companions=[plugin])
+
+
+def _check_config_fits_graph(onnx_path: Path, info: ExportInfo, config) -> None:
+    """config.pbtxt takes the outputs' fixed sizes from config.json, which is not under checksum
+    (its labels' names may be edited): refuse one whose sizes are no longer the graph's."""
+    graph = read_graph(onnx_path).graph
+    for output in graph.output:
+        if output.name not in info.outputs:
+            continue
+        dims = output.type.tensor_type.shape.dim
+        graph_sizes = [d.dim_value for d in dims[len(info.dynamic_axes[output.name]):]]
+        if graph_sizes != fixed_sizes(info.task, config):
+            field = FIXED_SIZE_FIELDS[info.task]
+            exported = ", ".join(map(str, graph_sizes))
+            raise UserError(f"{onnx_path.parent / 'config.json'} has {field}="
+                            f"{getattr(config, field)} but the graph's {output.name} were "
+                            f"exported with {exported}; restore the export's config.json or "
+                            "export the model again")
 
 
 def _triton_library(plugin: Path) -> Path:
@@ -294,9 +316,8 @@ def output_dims(info: ExportInfo, config, name: str) -> list[int]:
 
 def fixed_sizes(task: str, config) -> list[int]:
     """The sizes after an output's dynamic axes: hidden states, vocabulary or labels."""
-    return {"feature-extraction": [config.hidden_size], "fill-mask": [config.vocab_size],
-            "text-classification": [config.num_labels],
-            "token-classification": [config.num_labels]}.get(task, [])
+    field = FIXED_SIZE_FIELDS.get(task)
+    return [getattr(config, field)] if field else []
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
