@@ -226,6 +226,7 @@ def build_checkpoint(folder: str | Path, task: Task, seed: int = DEFAULT_SEED,
     torch.manual_seed(seed)
     model = task.model_class(config).eval()
     model.save_pretrained(folder)
+    tokenizer.model_max_length = config.max_position_embeddings  # what truncation=True keeps
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -251,4 +252,4 @@ def default_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
         cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-        model_max_length=DEFAULT_CONFIG["max_position_embeddings"])
+        model_max_length=DEFAULT_CONFIG["max_position_embeddings"])  # build_checkpoint sets it

@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 
-from .errors import UserError
+from . import __version__
+from .errors import OneLineParser, UserError, first_line
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
         return _interrupted()
     with _cleanup_on_stop():
         try:
+            _check_environment()
             return args.run(args) or 0
         except UserError as error:
             print(f"mra-export {args.command}: error: {error}", file=sys.stderr)
@@ -47,8 +49,31 @@ def main(argv=None) -> int:
         except OSError as error:  # the system's (disk full, a folder gone): one line, no trace
             print(f"mra-export {args.command}: error: {_os_error(error)}", file=sys.stderr)
             return EXIT_USAGE
+        except (MemoryError, RuntimeError) as error:
+            if not _out_of_memory(error):
+                raise
+            print(f"mra-export {args.command}: error: out of memory ({first_line(error)}); use "
+                  "smaller sizes (lengths, batches, layers) or a machine with more memory",
+                  file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt:
             return _interrupted()
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocators' RuntimeErrors (host and CUDA)."""
+    import torch  # imported already: every command runs on it
+
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def _check_environment() -> None:
+    """The environment's settings, before any work (a bad one would surface as a failed backend
+    in parity, a failed cell in bench)."""
+    from .runtime.ort import threads_from_environment
+
+    threads_from_environment()
 
 
 def _interrupted() -> int:
@@ -167,25 +192,6 @@ def _demo(args) -> int:
     return 0 if run_demo(args.out) else EXIT_FAILED
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, as the tool's own are (argparse puts its usage block
-    first): the problem, and where the options are listed. Its subcommands' parsers are too."""
-
-    commands: dict = {}  # a command's name -> its parser (the top-level parser's)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
-
-    def parse_args(self, args=None, namespace=None):
-        """As argparse's, but an option the command does not take is the command's error,
-        pointing to its own --help (argparse leaves those to the top-level parser)."""
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            self.commands.get(getattr(parsed, "command", None), self).error(
-                f"unrecognized arguments: {' '.join(unknown)}")
-        return parsed
-
-
 def _parser() -> argparse.ArgumentParser:
     from .export.exporter import DEFAULT_OPSET, FLAVOURS, SUPPORTED_OPSETS
     from .tasks import TASKS
@@ -193,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="mra-export", description="transformers' MRA models to ONNX, onnxruntime and "
         "TensorRT, with parity reports against PyTorch.")
+    parser.add_argument("--version", action="version", version=f"mra-export {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = commands.choices
 

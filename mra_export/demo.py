@@ -30,12 +30,14 @@ SAMPLE_TEXTS = [
 # transformers needs a multiple of 32 with num_blocks <= (S / 32) ** 2: 64 blocks -> 256.
 SAMPLE_LENGTH = 256
 SUMMARY = "parity.json"  # also what marks a folder as an earlier demo's, to be replaced
+# All an earlier demo holds: a folder with a parity report of the user's and more is not one.
+DEMO_ENTRIES = frozenset({"checkpoints", "onnx", "engines", SUMMARY})
 
 
 def run_demo(out: str | Path = "out/demo", log=print) -> bool:
     """The whole pipeline under ``out``, made in place (its exports record their checkpoints'
     paths): a failed or stopped demo leaves ``out`` as it was; an earlier demo is replaced."""
-    with folder_filled_in_place(out, SUMMARY):
+    with folder_filled_in_place(out, SUMMARY, holds_only=DEMO_ENTRIES):
         return _run_demo(Path(out), log)
 
 

@@ -1,5 +1,6 @@
 """Errors a user can act on: the CLI prints them as one line, without a traceback."""
 
+import argparse
 import sys
 
 
@@ -35,3 +36,22 @@ def first_line(error: BaseException) -> str:
 def warn(message: str) -> None:
     """A warning or note for the user, on stderr: stdout keeps the results (tables, reports)."""
     print(message, file=sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the tool's own are (argparse puts its usage block
+    first): the problem, and where the options are listed. Its subcommands' parsers are too."""
+
+    commands: dict = {}  # a command's name -> its parser (the top-level parser's)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option the command does not take is the command's error,
+        pointing to its own --help (argparse leaves those to the top-level parser)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed

@@ -33,7 +33,7 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
     else is ever deleted. On any error the staging folder, and the parents made for it, are
     removed and ``out`` is left as it was.
     """
-    out = absolute(out)
+    out = _output_folder(out)
     try:
         _clear_stopped_runs(out)
         _check_replaceable(out, marker, inputs)
@@ -197,15 +197,17 @@ def _remove_if_empty(folders: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def folder_filled_in_place(out: str | Path, marker: str) -> Iterator[Path]:
+def folder_filled_in_place(out: str | Path, marker: str,
+                           holds_only: frozenset[str] | None = None) -> Iterator[Path]:
     """As ``staged_folder``, for outputs that record their own paths (the demo's exports name
     their checkpoints, its engines their ONNX files), so cannot be made under another name:
     ``out`` is made empty, an earlier output moved aside; on any error or stop ``out`` is removed
-    and the earlier output put back."""
-    out = absolute(out)
+    and the earlier output put back. ``holds_only``: the names an earlier output may hold, where
+    ``marker`` alone does not tell it from a user's folder."""
+    out = _output_folder(out)
     try:
         _clear_stopped_runs(out)
-        _check_replaceable(out, marker)
+        _check_replaceable(out, marker, holds_only=holds_only)
     except OSError as error:
         raise _cannot_write(out, error) from None
     made: list[Path] = []
@@ -251,18 +253,45 @@ def _put_back(previous: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _check_replaceable(out: Path, marker: str, inputs=()) -> None:
+# The records of the outputs that other commands take as input (an export, an engine): their
+# folders are replaced whole when made again, with anything put inside them.
+INPUT_RECORDS = ("export.json", "manifest.json")
+
+
+def _replaced_whole(folder: Path) -> bool:
+    return any((folder / record).is_file() for record in INPUT_RECORDS)
+
+
+def _output_folder(out: str | Path) -> Path:
+    """``out`` made absolute; where it is a link to a folder, that folder: the output replaces
+    what the link points to, and the link stays."""
+    out = absolute(out)
+    return Path(os.path.realpath(out)) if out.is_symlink() and out.is_dir() else out
+
+
+def _check_replaceable(out: Path, marker: str, inputs=(), holds_only=None) -> None:
     if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
         raise UserError(f"{out} exists and is not a folder; choose another output path")
+    if os.path.ismount(out):  # a volume's root: it cannot be renamed away or into place
+        raise UserError(f"{out} is a mount point, which outputs cannot replace (they are written "
+                        f"beside it and renamed into place); pass a folder inside it, e.g. "
+                        f"{out / 'out'}")
     check_writable_folder(out.parent)
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise UserError(f"{out} already holds other files (no {marker}: not an earlier output to "
                         "replace); choose a new or empty folder")
+    foreign = sorted(set(os.listdir(out)) - holds_only) if holds_only and out.is_dir() else []
+    if foreign:
+        raise UserError(f"{out} holds {', '.join(foreign[:3])}, which an earlier output of this "
+                        "command does not (not one to replace); choose a new or empty folder")
     for given in inputs:  # in an earlier output, which the new one replaces
         resolved = Path(given).resolve()
         if out.resolve() in (resolved, *resolved.parents):
             raise UserError(f"{given} is inside {out}, which this command would replace; "
                             "choose another output folder")
+        if resolved in out.resolve().parents and _replaced_whole(resolved):
+            raise UserError(f"{out} is inside {given}, which the command that made it replaces "
+                            "whole when run again; choose an output folder outside it")
 
 
 def _umask() -> int:

@@ -196,6 +196,17 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_a_size_given_twice_is_measured_once(monkeypatch, tmp_path):
+    from mra_export.bench import cli as bench_cli
+
+    asked = {}
+    monkeypatch.setattr(bench_cli, "run_bench", lambda out, lengths, batches, *args, **kwargs:
+                        asked.update(lengths=lengths, batches=batches))
+    assert main(["bench", "--lengths", "512,16,512,16", "--batches", "8,1,8",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert asked == {"lengths": [512, 16], "batches": [8, 1]}
+
+
 def test_a_run_without_the_target_cells_says_the_targets_were_not_evaluated():
     from mra_export.bench import report
 

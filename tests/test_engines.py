@@ -468,6 +468,14 @@ def test_trt_model_says_tensorrt_is_missing(tmp_path):
         TrtMraModel.from_engine(tmp_path)
 
 
+def test_version(capsys):
+    from mra_export import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"mra-export {__version__}\n"
+
+
 @pytest.mark.parametrize("command", ["build", "parity", "export", "demo", "bench"])
 def test_help_works_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

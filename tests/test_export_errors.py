@@ -65,6 +65,20 @@ def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_
     assert warned.startswith(f"warning: the tokenizer files in {checkpoint} cannot be read")
 
 
+def test_a_tokenizer_longer_than_the_model_is_noted_at_export(small_checkpoints, tmp_path,
+                                                               capsys):
+    checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    assert settings["model_max_length"] == 256  # build_checkpoint's: max_position_embeddings
+    settings["model_max_length"] = 512
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
+    main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--flavour",
+          "plugin"])
+    assert ("note: the tokenizer's model_max_length (512) is above the model's "
+            "max_position_embeddings (256): pass max_length=256 when truncating"
+            in capsys.readouterr().err)
+
+
 def test_a_config_that_is_not_mra(tmp_path):
     BertConfig().save_pretrained(tmp_path / "bert")
     with pytest.raises(UserError, match="holds a 'bert' model, not MRA"):
@@ -202,6 +216,38 @@ def test_corrupt_weights(small_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("error,shown", [
+    (MemoryError(), "out of memory (MemoryError)"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 2359296 bytes."),
+     "out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+     "allocate memory: you tried to allocate 2359296 bytes.)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore advice"),
+     "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+])
+def test_running_out_of_memory_is_one_line(error, shown, monkeypatch, capsys):
+    from mra_export import cli
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_export", exhausted)
+    assert main(["export", "--model", "m", "--out", "o"]) == 2
+    assert capsys.readouterr().err == (f"mra-export export: error: {shown}; use smaller sizes "
+                                       "(lengths, batches, layers) or a machine with more memory\n")
+
+
+def test_another_runtime_error_is_not_called_out_of_memory(monkeypatch):
+    from mra_export import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_export", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["export", "--model", "m", "--out", "o"])
+
+
 def test_a_signal_ignored_at_start_stays_ignored_while_a_command_runs():
     """Under nohup SIGHUP is ignored, and a command must not turn it into a stop."""
     import signal
@@ -261,6 +307,61 @@ def test_the_signal_handlers_are_the_callers_again_after_a_command(tmp_path):
     thread.start()
     thread.join()
     assert codes == [2]
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "--model", "{checkpoint}", "--out", "{disk}"],
+    ["quantize", "--onnx", "{export}", "--out", "{disk}"],
+    ["demo", "--out", "{disk}"],
+    ["bench", "--lengths", "16", "--batches", "1", "--budget", "1", "--out", "{disk}"],
+])
+def test_a_mount_point_as_the_output_is_refused_before_any_work(command, small_checkpoints,
+                                                               exports, tmp_path):
+    """An empty volume (a container's) cannot be renamed away or into place: said up front,
+    with what to pass instead, not after the work as a rename's EBUSY on a temporary name."""
+    import subprocess
+    import sys
+
+    names = dict(checkpoint=small_checkpoints["text-classification"], disk=tmp_path / "disk",
+                 export=exports["text-classification", "portable"])
+    prefix = small_disk_or_skip(names["disk"])
+    run = subprocess.run([*prefix, sys.executable, "-m", "mra_export.cli",
+                          *(word.format(**names) for word in command)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr == (
+        f"mra-export {command[0]}: error: {names['disk']} is a mount point, which outputs cannot "
+        "replace (they are written beside it and renamed into place); pass a folder inside it, "
+        f"e.g. {names['disk'] / 'out'}\n")
+    assert run.stdout.split(LEFT_ON_DISK)[-1].split() == [], run.stdout
+
+
+@pytest.mark.parametrize("command,out", [
+    (["quantize", "--onnx", "{export}", "--out", "{export}/int8"], "{export}/int8"),
+    (["triton", "--onnx", "{export}", "--repo", "{export}/repo", "--name", "m"], "{export}/repo/m"),
+])
+def test_an_output_inside_the_export_it_reads_is_refused(command, out, exports, tmp_path,
+                                                         capsys):
+    """A later export to that folder would delete it with the rest."""
+    export = shutil.copytree(exports["text-classification", "portable"], tmp_path / "export")
+    before = sorted(p.name for p in export.iterdir())
+    assert main([word.format(export=export) for word in command]) == 2
+    assert capsys.readouterr().err == (
+        f"mra-export {command[0]}: error: {out.format(export=export)} is inside {export}, which "
+        "the command that made it replaces whole when run again; choose an output folder "
+        "outside it\n")
+    assert sorted(p.name for p in export.iterdir()) == before
+
+
+def test_an_output_through_a_link_to_a_folder_replaces_the_folder_and_keeps_the_link(
+        small_checkpoints, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    export_model(small_checkpoints["text-classification"], tmp_path / "link", **FOLDER_TEST)
+    assert (tmp_path / "link").is_symlink() and (target / "export.json").is_file()
+    export_model(small_checkpoints["text-classification"], tmp_path / "link", **FOLDER_TEST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    assert (tmp_path / "link").is_symlink() and (target / "export.json").is_file()
 
 
 def test_output_paths_through_a_dangling_link_are_one_line(small_checkpoints, tmp_path):
@@ -446,6 +547,8 @@ def ids(*shape, high=500):
                                              r"dense one \(.to_dense\(\)\)"),
     (dict(input_ids=np.array([[2**63 + 5]], dtype=np.uint64)),
      "input_ids holds 9223372036854775813, past int64's range"),
+    (dict(input_ids=[[5, 2**63]]), "input_ids holds 9223372036854775808, past int64's range"),
+    (dict(input_ids=[[5, -2**70]]), "input_ids holds -1180591620717411303424, past int64's range"),
     (dict(input_ids={"input_ids": [[5, 6]]}), r"input_ids is a mapping \(a tokenizer's whole "
                                               r"output\?\); pass it unpacked: model\(\*\*encoding\)"),
     (dict(input_ids=ids(2, 10), output_attentions=True), "output_attentions is not available from "
@@ -685,6 +788,13 @@ def test_a_reference_node_whose_library_is_not_built_fails_at_load(exports, tmp_
         ReferencePluginModel.from_pretrained(exports["fill-mask", "plugin"], node=node)
 
 
+@pytest.mark.parametrize("node", ["bogus", ["torch"], None])
+def test_an_unknown_reference_node_is_named(node, exports):
+    with pytest.raises(UserError, match=re.escape(f"unknown MraAttention implementation {node!r}; "
+                                                  "choose one of: torch, cpp, plugin-emulated")):
+        ReferencePluginModel.from_pretrained(exports["fill-mask", "plugin"], node=node)
+
+
 def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
     for provider in (5, ["CPUExecutionProvider", 5], [("CPUExecutionProvider", "options")]):
         with pytest.raises(UserError, match="provider must be an execution provider's name, a "
@@ -701,6 +811,10 @@ def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
             return str(exports["fill-mask", "portable"])
 
     assert OrtMraModel.from_pretrained(PathLike()).task == "fill-mask"
+    with pytest.raises(TypeError, match="session_options must be an onnxruntime.SessionOptions, "
+                                        "got str") as raised:
+        OrtMraModel.from_pretrained(exports["fill-mask", "portable"], session_options="x")
+    assert isinstance(raised.value, UserError)
 
 
 @pytest.mark.parametrize("value", ["abc", "-3", "2.5"])
@@ -711,6 +825,28 @@ def test_a_thread_count_onnxruntime_cannot_take_is_one_line(value, monkeypatch):
         ort_module.default_options()
     monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", " 3 ")
     assert ort_module.default_options().intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("abc", " must be a number of threads (0: one per core), got 'abc'"),
+    ("100000", f"=100000 is more threads than this machine's {os.cpu_count()} cores can use; set "
+               f"at most {4 * os.cpu_count()} (0: one per core)"),
+])
+@pytest.mark.parametrize("command", ["parity", "bench"])
+def test_a_bad_thread_count_stops_a_command_before_any_work(value, problem, command, exports,
+                                                            small_checkpoints, tmp_path, capsys,
+                                                            monkeypatch):
+    """Not a failed backend in parity's table (exit 1), nor failed cells in a bench that exits 0:
+    a usage error, said first."""
+    monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", value)
+    arguments = {"parity": ["--model", str(small_checkpoints["fill-mask"]),
+                            "--onnx", str(exports["fill-mask", "portable"])],
+                 "bench": ["--lengths", "16", "--out", str(tmp_path / "bench")]}[command]
+    assert main([command, *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        f"mra-export {command}: error: MRA_EXPORT_ORT_THREADS{problem}\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_providers_with_options_are_checked_by_name(monkeypatch):
@@ -808,6 +944,20 @@ def test_demo_and_bench_refuse_a_folder_of_other_files(tmp_path, capsys, command
         f"mra-export {command}: error: {tmp_path / 'mine'} already holds other files (no {marker}: "
         "not an earlier output to replace); choose a new or empty folder")
     assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]
+
+
+def test_demo_refuses_a_folder_whose_parity_json_is_a_users_report(tmp_path, capsys):
+    """parity --report mine/parity.json beside the user's own files: not an earlier demo."""
+    mine = tmp_path / "mine"
+    (mine / "sst2").mkdir(parents=True)
+    (mine / "sst2" / "model.onnx").write_text("a user's export")
+    (mine / "parity.json").write_text("{}")
+    assert main(["demo", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mra-export demo: error: {mine} holds sst2, which an earlier output of this command does "
+        "not (not one to replace); choose a new or empty folder")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "mine", "mine/parity.json", "mine/sst2", "mine/sst2/model.onnx"]
 
 
 def test_an_output_made_in_place_replaces_the_earlier_one(tmp_path):

@@ -242,6 +242,23 @@ def test_every_heads_plugin_export_runs_on_onnxruntime_as_pytorch(op_library, sm
             assert np.abs(np.asarray(got[name]) - expected[name]).max() <= MODEL_TOLERANCE
 
 
+def test_session_options_that_already_hold_the_library_are_named(op_library, exports):
+    """onnxruntime's "Domain already set in registry" blamed the model; the options are the
+    problem, and options this registered itself are reused (two models, one options object)."""
+    from mra_export.errors import UserError
+
+    held = ort.SessionOptions()
+    held.register_custom_ops_library(str(op_library))
+    with pytest.raises(UserError, match="session_options already held the MraAttention op "
+                                        "library .*; pass new SessionOptions"):
+        OrtMraModel.from_pretrained(exports["fill-mask", "plugin"], provider="CPUExecutionProvider",
+                                    session_options=held)
+    shared = ort.SessionOptions()
+    for _ in range(2):
+        OrtMraModel.from_pretrained(exports["fill-mask", "plugin"], provider="CPUExecutionProvider",
+                                    session_options=shared)
+
+
 @pytest.mark.slow
 def test_parity_adds_the_op_rows_and_says_why_cuda_is_skipped(op_library, small_checkpoints,
                                                               exports):

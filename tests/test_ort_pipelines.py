@@ -55,6 +55,16 @@ def test_pipelines_give_the_pytorch_models_results(task, small_checkpoints, expo
     assert_same_results(ours(texts, batch_size=2), theirs(texts, batch_size=2))
 
 
+def test_a_text_past_the_models_length_is_truncated_to_it(small_checkpoints, exports):
+    """The checkpoints' tokenizers stop at max_position_embeddings (256 here), so truncation=True
+    fits the model: a text of about 1000 tokens gives what its first 256 give."""
+    ours, theirs = both_pipelines("text-classification", small_checkpoints, exports)
+    assert ours.tokenizer.model_max_length == 256
+    long_text = " ".join(["models export to onnx and fine engines"] * 150)
+    assert len(ours.tokenizer(long_text)["input_ids"]) > 900
+    assert_same_results(ours(long_text, truncation=True), theirs(long_text, truncation=True))
+
+
 def test_the_model_takes_host_tensors_and_moves_only_where_onnxruntime_can(exports):
     model = OrtMraModel.from_pretrained(exports["text-classification", "portable"],
                                         provider="CPUExecutionProvider")

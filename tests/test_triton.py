@@ -268,6 +268,19 @@ def test_the_server_command_refuses_a_missing_repository_or_log_folder_in_one_li
     assert serve(["--repo", str(tmp_path / "repo"), "--log", str(tmp_path / "no" / "dir" / "log")]) == 2
     assert capsys.readouterr().err == (f"error: the log's folder {tmp_path / 'no' / 'dir'} does not "
                                        "exist; pass a --log in an existing folder\n")
+    # An empty repository, or an export folder, which Triton would serve as "ready" with no model.
+    assert serve(["--repo", str(tmp_path / "repo")]) == 2
+    assert capsys.readouterr().err == (f"error: model repository {tmp_path / 'repo'} holds no model "
+                                       "(no */config.pbtxt); pass the --repo that 'mra-export "
+                                       "triton' wrote\n")
+    for port, flag in (("-1", "--http-port"), ("70000", "--grpc-port")):
+        assert serve(["--repo", str(tmp_path / "repo"), flag, port]) == 2
+        assert capsys.readouterr().err == f"error: {flag} must be 0 (a free port) to 65535, got {port}\n"
+    with pytest.raises(SystemExit):
+        serve(["--repo", str(tmp_path / "repo"), "--port", "1"])
+    assert capsys.readouterr().err == ("python -m mra_export.serving.server: error: unrecognized "
+                                       "arguments: --port 1; see 'python -m "
+                                       "mra_export.serving.server --help'\n")
     assert set(Path(tempfile.gettempdir()).glob("tritonserver-*")) == temporary
 
 
@@ -549,9 +562,11 @@ def test_a_folder_without_its_record_is_one_line(tmp_path, capsys):
     (["--name", "../elsewhere"], "model name '../elsewhere' is not one Triton serves"),
     (["--name", ".hidden"], "model name '.hidden' is not one Triton serves"),
     (["--name", ""], "model name '' is not one Triton serves"),
-    (["--max-batch-size", "0"], "--max-batch-size must be 1 or more, got 0"),
-    (["--max-batch-size", "-4"], "--max-batch-size must be 1 or more, got -4"),
-    (["--instances", "0"], "--instances must be 1 or more, got 0"),
+    (["--max-batch-size", "0"], "--max-batch-size must be 1 to 2147483647 (Triton's int32), got 0"),
+    (["--max-batch-size", "-4"], "--max-batch-size must be 1 to 2147483647 (Triton's int32), got -4"),
+    (["--max-batch-size", "2147483648"], "--max-batch-size must be 1 to 2147483647 (Triton's "
+                                         "int32), got 2147483648"),
+    (["--instances", "0"], "--instances must be 1 to 2147483647 (Triton's int32), got 0"),
     (["--backend", "tensorrt"], "an export is served by the onnxruntime or python backend"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(flags, message, exports, tmp_path, capsys):

@@ -55,14 +55,15 @@ def run_bench_from_args(args) -> dict:
 
 
 def _integers(flag: str, text: str, low: int, high: float = math.inf) -> list[int]:
-    """``256,512`` -> [256, 512], each within low..high, or a one-line error naming the flag."""
+    """``256,512`` -> [256, 512], each within low..high, or a one-line error naming the flag;
+    a value given twice is measured once."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not all(low <= value <= high for value in values):
         raise UserError(f"{flag} must be {_bound(low, high)}, got {text}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def int_within(low: int, high: float = math.inf):

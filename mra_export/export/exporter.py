@@ -197,6 +197,10 @@ def _copy_tokenizer(checkpoint: Checkpoint, staging: Path) -> bool:
         warn(f"warning: the tokenizer files in {folder} cannot be read ({first_line(error)}); "
              "the export has no tokenizer")
         return False
+    limit = checkpoint.config.max_position_embeddings
+    if tokenizer.model_max_length > limit:  # truncation=True would still give too many tokens
+        warn(f"note: the tokenizer's model_max_length ({tokenizer.model_max_length}) is above the "
+             f"model's max_position_embeddings ({limit}): pass max_length={limit} when truncating")
     tokenizer.save_pretrained(staging)
     return True
 

@@ -115,6 +115,9 @@ def _as_array(name: str, value) -> np.ndarray:
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
             value = value.float()
         value = value.numpy()
+    huge = _integer_past_int64(value)
+    if huge is not None:  # numpy would make it uint64, float64 or an object
+        raise InputError(f"{name} holds {huge}, past int64's range")
     try:
         array = np.asarray(value)
     except ValueError:  # numpy refuses some ragged lists, and makes objects of others
@@ -122,6 +125,15 @@ def _as_array(name: str, value) -> np.ndarray:
     if array is None or array.dtype == object:
         raise InputError(f"{name} is ragged; pad the batch (tokenizer(..., padding=True))")
     return array
+
+
+def _integer_past_int64(value) -> int | None:
+    """The first Python integer in a (nested) list that int64 cannot hold, None if none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if -2**63 <= value < 2**63 else value
+    if isinstance(value, (list, tuple)):
+        return next((huge for huge in map(_integer_past_int64, value) if huge is not None), None)
+    return None
 
 
 def _check_rank(name: str, array: np.ndarray, info: ExportInfo) -> None:

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import InputTypeError, UserError, first_line
 from ..native import ORT_OP_LIBRARY, build_dir, check_interface_version, open_library
 from .base import ExportedModel
 from .model_io import ModelInputs
@@ -80,6 +80,9 @@ class OrtMraModel(ExportedModel):
         export (``mra-export quantize``) runs on the CPU provider only. A provider option that
         captures CUDA graphs (``enable_cuda_graph``) is refused: each call binds new buffers.
         """
+        if session_options is not None and not isinstance(session_options, ort.SessionOptions):
+            raise InputTypeError("session_options must be an onnxruntime.SessionOptions, got "
+                                 f"{type(session_options).__name__}")
         info, config = cls.load_export(folder, verify)
         providers = choose_providers(provider, info.dtype)
         options = session_options or default_options()
@@ -161,6 +164,10 @@ class OrtMraModel(ExportedModel):
             return ort.InferenceSession(model, sess_options=self._options,
                                         providers=self._providers)
         except Exception as error:  # onnxruntime raises its own exception types
+            if "Domain already set in registry" in str(error):  # not the model's fault
+                raise UserError("session_options already held the MraAttention op library "
+                                "(registered elsewhere), and this registers it again; pass new "
+                                "SessionOptions, or leave session_options out") from None
             raise UserError(f"onnxruntime cannot load {self.info.onnx_path(self.folder)}: "
                             f"{first_line(error)}") from None
 
@@ -323,6 +330,10 @@ def _provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
+THREADS_VARIABLE = "MRA_EXPORT_ORT_THREADS"
+MAX_THREADS_PER_CORE = 4  # past that, threads only wait for each other (and spawn for seconds)
+
+
 def default_options() -> ort.SessionOptions:
     """Full graph optimisation; no memory patterns; intra-op threads as onnxruntime chooses (one
     per core) unless ``MRA_EXPORT_ORT_THREADS`` says otherwise.
@@ -335,13 +346,23 @@ def default_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_mem_pattern = False
-    threads = os.environ.get("MRA_EXPORT_ORT_THREADS", "").strip()
-    if threads:
-        if not threads.isdigit():
-            raise UserError(f"MRA_EXPORT_ORT_THREADS must be a number of threads (0: one per "
-                            f"core), got {threads!r}")
-        try:
-            options.intra_op_num_threads = int(threads)
-        except (TypeError, OverflowError):  # past a C int
-            raise UserError(f"MRA_EXPORT_ORT_THREADS={threads} is too many threads") from None
+    threads = threads_from_environment()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return options
+
+
+def threads_from_environment() -> int | None:
+    """``MRA_EXPORT_ORT_THREADS`` as onnxruntime's intra-op threads (0: one per core), None where
+    it is not set; the CLI checks it before any work, so that a typo is not a failed backend."""
+    threads = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not threads:
+        return None
+    if not threads.isdigit():
+        raise UserError(f"{THREADS_VARIABLE} must be a number of threads (0: one per core), got "
+                        f"{threads!r}")
+    most = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if int(threads) > most:
+        raise UserError(f"{THREADS_VARIABLE}={threads} is more threads than this machine's "
+                        f"{os.cpu_count()} cores can use; set at most {most} (0: one per core)")
+    return int(threads)

@@ -113,7 +113,7 @@ class ReferencePluginModel(ExportedModel):
 
     def __init__(self, info, config, folder, node: str):
         super().__init__(info, config, folder)
-        if node not in NODE_IMPLEMENTATIONS:
+        if not isinstance(node, str) or node not in NODE_IMPLEMENTATIONS:
             raise UserError(f"unknown MraAttention implementation {node!r}; choose one of: "
                             f"{', '.join(NODE_IMPLEMENTATIONS)}")
         require_native_library(node)

@@ -13,7 +13,6 @@ Python's ``libpython`` first on ``LD_LIBRARY_PATH``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -28,13 +27,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import OneLineParser, UserError
+from .schema import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = ROOT / ".triton" / "server" / "pytriton" / "tritonserver" / "bin" / "tritonserver"
 BINARY_VARIABLE = "MRA_EXPORT_TRITONSERVER"
 STUB_ENV = ROOT / ".triton" / "stub-env"
 HOST = "127.0.0.1"  # never another address
+MAX_PORT = 65535
 READY_TIMEOUT_S = 180  # python models import torch and onnxruntime in each stub
 EXIT_TIMEOUT_S = 5  # for unloading: nine python stubs took over 10 s on 2 busy cores, then exit
 
@@ -76,6 +77,9 @@ class TritonServer:
         if not self.repo.is_dir():
             raise UserError(f"model repository {repo} is not a folder; make one with "
                             "'mra-export triton --repo REPO'")
+        for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
+            if not 0 <= port <= MAX_PORT:
+                raise UserError(f"{flag} must be 0 (a free port) to {MAX_PORT}, got {port}")
         self._log_path = Path(log_path).absolute() if log_path else None
         if self._log_path is not None and not self._log_path.parent.is_dir():
             raise UserError(f"the log's folder {self._log_path.parent} does not exist; pass a "
@@ -184,7 +188,7 @@ class TritonServer:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mra_export.serving.server",
+    parser = OneLineParser(prog="python -m mra_export.serving.server",
                                      description="Serve a model repository on 127.0.0.1 with "
                                      "the tritonserver of 'make triton-server'.")
     parser.add_argument("--repo", required=True, help="the model repository (mra-export triton)")
@@ -202,6 +206,7 @@ def main(argv=None) -> int:
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               log_path=args.log)
+        _check_holds_a_model(server.repo, args.repo)
         with server:
             print(f"ready: http://{server.http_url} and grpc {server.grpc_url} (log: "
                   f"{server.log_path}); Ctrl-C stops it", flush=True)
@@ -214,6 +219,14 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _check_holds_a_model(repo: Path, given: str) -> None:
+    """Triton serves an empty repository (or an export folder) as ready, and every request then
+    gets 404: refuse it before the server starts."""
+    if not any(repo.glob(f"*/{CONFIG_FILE}")):
+        raise UserError(f"model repository {given} holds no model (no */{CONFIG_FILE}); pass the "
+                        "--repo that 'mra-export triton' wrote")
 
 
 def _raise_interrupt(signum, frame):

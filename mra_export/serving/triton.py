@@ -39,6 +39,7 @@ from . import schema
 from .parameters import INPUTS, MANY_STRINGS, MAX_LENGTH, PYTHON, ROLE, SYS_PATH, TASK, text_inputs
 
 DEFAULT_MAX_BATCH_SIZE = 8
+INT32_MAX = 2**31 - 1  # model_config.proto's max_batch_size and instance counts
 MAX_QUEUE_DELAY_US = 1000  # how long a request may wait for others to fill a batch
 VERSION = "1"
 MARKER = "mra-export-triton.json"  # in every model folder this command writes
@@ -197,14 +198,15 @@ def _checked_name(name: str) -> str:
 
 def _checked_counts(source: Source, max_batch_size, instances: int, device: str) -> int:
     batch = source.max_batch_size if max_batch_size is None else max_batch_size
-    if batch < 1:
-        raise UserError(f"--max-batch-size must be 1 or more, got {batch}")
+    if not 1 <= batch <= INT32_MAX:
+        raise UserError(f"--max-batch-size must be 1 to {INT32_MAX} (Triton's int32), got "
+                        f"{batch}")
     if batch > source.max_batch_size and source.backend == "tensorrt":
         raise UserError(f"--max-batch-size {batch} is above the engine's profile (batch up to "
                         f"{source.max_batch_size}); pass at most that, or rebuild with a larger "
                         "--shapes batch=")
-    if instances < 1:
-        raise UserError(f"--instances must be 1 or more, got {instances}")
+    if not 1 <= instances <= INT32_MAX:
+        raise UserError(f"--instances must be 1 to {INT32_MAX} (Triton's int32), got {instances}")
     if device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if source.backend == "tensorrt" and device != "gpu":
