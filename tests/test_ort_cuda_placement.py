@@ -328,3 +328,17 @@ def test_a_replayed_run_binds_its_outputs_at_fixed_addresses_or_says_why_not():
     assert replayed_ms(refused, {"x": x}, outputs, "cpu") == (
         "not captured: [ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture "
         "feature")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["scans", "{empty}"], "{empty} holds no graph; make them with 'export {empty}'"),
+    (["run", "{empty}"], "{empty} holds no graph"),
+    (["export", "{empty}", "--dtypes", "fp64"], "--dtypes takes fp16, fp32 or both, got fp64"),
+])
+def test_the_tools_bad_arguments_are_named_before_any_work(argv, message, tmp_path, capsys):
+    tool = load_tool("ort_cuda_speed")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([word.format(empty=tmp_path) for word in argv])
+    assert exit_info.value.code == 2
+    assert message.format(empty=tmp_path) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -409,6 +409,12 @@ def speed_table(rows: list[dict], timing: str, extra: bool = False) -> list[str]
     return lines
 
 
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("export", "run", "scans"))
@@ -419,11 +425,18 @@ def main(argv=None) -> int:
                         help=f"export: which of {', '.join(GRAPHS)} (dense: RoBERTa's)")
     args = parser.parse_args(argv)
     if args.action == "export":
-        names = args.graphs.split(",")
+        names, dtypes = args.graphs.split(","), args.dtypes.split(",")
         if not set(names) <= set(GRAPHS):
             parser.error(f"--graphs takes {', '.join(GRAPHS)}, got {args.graphs}")
-        export(args.folder, args.dtypes.split(","), names)
+        if not set(dtypes) <= {"fp16", "fp32"}:
+            parser.error(f"--dtypes takes fp16, fp32 or both, got {args.dtypes}")
+        export(args.folder, dtypes, names)
         return 0
+    if not sorted(args.folder.glob("*.onnx")):
+        parser.error(f"{args.folder} holds no graph; make them with 'export {args.folder}'")
+    if args.action == "run" and "CUDAExecutionProvider" not in _providers():
+        parser.error("run times onnxruntime's CUDA provider, which this onnxruntime lacks "
+                     "(onnxruntime-gpu on an NVIDIA machine: ../shared/gpu/README.md)")
     if args.action == "scans":
         print_scans(args.folder)
         return 0

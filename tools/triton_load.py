@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from mra_export.bench.cli import cpu_name  # noqa: E402
 from mra_export.bench.cli import int_within  # noqa: E402
 from mra_export.errors import UserError  # noqa: E402
+from mra_export.files import check_writable_file  # noqa: E402
 from mra_export.serving import load  # noqa: E402
 from mra_export.serving.server import TritonServer  # noqa: E402
 from mra_export.serving.triton import write_repository  # noqa: E402
@@ -61,7 +62,11 @@ def main(argv=None) -> int:
                         help="rounds of the batch-1 comparison (default: 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.out.suffix != ".json":  # results are replaced, and the table written beside them
+        parser.error(f"--out names the results' .json file (the table goes beside it as .md), "
+                     f"got {args.out}")
     try:
+        check_writable_file(args.out)  # now, not after minutes of load
         result = run(args)
     except UserError as error:
         print(f"triton_load: error: {error}", file=sys.stderr)
