@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import types
 import typing
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def staged_folder(out: str | Path, marker: str, inputs=()) -> Iterator[Path]:
         # By this process's names, not `staging`: a stop (SIGTERM, Ctrl-C) may come between
         # mkdtemp making the folder and the name being bound, or between the earlier output's
         # move aside and the rename that replaces it.
-        _undo_runs(out, _is_this_process)
+        _undo_own_runs(out)
         _remove_if_empty(made)
         _name_under_output(error, out)
         raise_naming(error, out)
@@ -88,17 +89,30 @@ def _clear_stopped_runs(out: Path) -> None:
 def _undo_runs(out: Path, ended) -> None:
     """Undo the runs for ``out`` of the processes ``ended(pid)`` picks: remove the output they
     were filling in place and their temporary folders and files beside it, and put back an
-    earlier output they had moved aside (where nothing has replaced it)."""
+    earlier output they had moved aside (where nothing has replaced it). Each step leaves the
+    folders as a later run can still undo: the half-made output is first renamed away whole (a
+    removal stopped halfway would leave it unmarked, and the earlier output taken for litter),
+    and an earlier output is put back before any removal."""
     writer = _in_place_writer(out)
+    discarded = []
     if writer is not None and ended(writer):
-        _remove(out)  # the remains of an in-place run (its marker says so)
-    for pid, kind, path in _leftovers_of(out):
-        if not ended(pid):
-            continue
+        discarded.append(out.parent / f"{_sibling_prefix(out, 'partial')}{uuid.uuid4().hex[:8]}")
+        os.rename(out, discarded[0])  # the remains of an in-place run (its marker says so)
+    leftovers = [(kind, path) for pid, kind, path in _leftovers_of(out) if ended(pid)]
+    for kind, path in sorted(leftovers, key=lambda leftover: leftover[0] != "previous"):
         if kind == "previous" and not os.path.lexists(out) and os.path.lexists(path / out.name):
             _put_back(path, out)
-        else:
-            _remove(path)
+        elif path not in discarded:
+            discarded.append(path)
+    for path in discarded:
+        _remove(path)
+
+
+def _undo_own_runs(out: Path) -> None:
+    """This process's run for ``out``, undone as it fails or stops: best effort, so that the
+    error that stopped it is the one reported."""
+    with contextlib.suppress(OSError):
+        _undo_runs(out, _is_this_process)
 
 
 def _in_place_writer(out: Path) -> int | None:
@@ -222,11 +236,11 @@ def folder_filled_in_place(out: str | Path, marker: str,
     except BaseException:
         # By this process's names, not bound variables: a stop (SIGTERM, Ctrl-C) may come
         # between a folder's making or moving and its name's binding.
-        _undo_runs(out, _is_this_process)
+        _undo_own_runs(out)
         _remove_if_empty(made)
         raise
+    (out / WRITING).unlink()  # out is whole: from here no later run undoes it
     _remove_own_leftovers(out, "previous")
-    (out / WRITING).unlink()  # last: until here a later run can undo this one
 
 
 def _make_marked(out: Path) -> None:

@@ -166,6 +166,7 @@ def _token_mask(attention_mask, batch: int, seq_len: int, device,
 
 # MraModel.forward's leading parameters, in order: a pre-hook sees them positional or by name.
 FORWARD_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+EMBEDDING_INDICES = (torch.int64, torch.int32)  # what nn.Embedding takes
 # transformers offsets MRA's positions by 2 (RoBERTa's padding_idx + 1): its table has 2 rows more.
 POSITION_OFFSET = 2
 
@@ -234,13 +235,14 @@ def _check_mask(mask, batch: int, seq_len: int) -> None:
 
 
 def _check_per_token(name: str, values, batch: int, seq_len: int) -> None:
-    """token_type_ids and position_ids: integers for each token, [batch or 1, seq]."""
-    if not isinstance(values, torch.Tensor) or values.is_floating_point():
+    """token_type_ids and position_ids: an embedding's indices for each token, [batch, seq],
+    or one row for the whole batch ([1, seq] or [seq]), as transformers broadcasts them."""
+    if not isinstance(values, torch.Tensor) or values.dtype not in EMBEDDING_INDICES:
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-        raise InputError(f"{name} must be a torch.Tensor of integers, got {got}")
-    if values.dim() != 2 or values.shape[0] not in (1, batch) or values.shape[1] != seq_len:
+        raise InputError(f"{name} must be a torch.Tensor of int64 (or int32), got {got}")
+    if tuple(values.shape) not in ((batch, seq_len), (1, seq_len), (seq_len,)):
         raise InputError(f"{name} must be [batch, sequence] = [{batch}, {seq_len}] (or [1, "
-                         f"{seq_len}]), got shape {list(values.shape)}")
+                         f"{seq_len}], [{seq_len}]), got shape {list(values.shape)}")
 
 
 def _make_the_op_mask_once(base: MraModel, config) -> None:

@@ -196,6 +196,20 @@ def test_a_build_into_the_folder_holding_its_export_is_refused(exports, tmp_path
     assert (inside / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("given", ["folder", "model.onnx"])
+def test_a_build_into_the_export_it_reads_is_refused(given, exports, tmp_path, plugin_library,
+                                                     fake_tensorrt):
+    """A re-export would delete the engine with the rest of its export folder; the README's
+    form names the export's model.onnx."""
+    export = shutil.copytree(exports["question-answering", "plugin"], tmp_path / "export")
+    onnx = export if given == "folder" else export / "model.onnx"
+    spec = resolve_spec(onnx=str(onnx), plugin=str(plugin_library), out=str(export / "engine"))
+    with pytest.raises(UserError, match=f"engine is inside {export}, which the command that made "
+                                        "it replaces whole when run again"):
+        build_module.build_engine(spec, log=lambda m: None, builder=fake_builder)
+    assert not (export / "engine").exists()
+
+
 def test_a_build_replaces_only_an_earlier_engine(exports, tmp_path, plugin_library, fake_tensorrt):
     build(exports, tmp_path, plugin_library)
     build(exports, tmp_path, plugin_library, precision="fp32")  # an engine folder: replaced

@@ -70,13 +70,16 @@ def test_a_tokenizer_longer_than_the_model_is_noted_at_export(small_checkpoints,
     checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
     settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
     assert settings["model_max_length"] == 256  # build_checkpoint's: max_position_embeddings
-    settings["model_max_length"] = 512
-    (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
-    main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--flavour",
-          "plugin"])
-    assert ("note: the tokenizer's model_max_length (512) is above the model's "
-            "max_position_embeddings (256): pass max_length=256 when truncating"
-            in capsys.readouterr().err)
+    for model_max_length, stops in [(512, "stops at 512 tokens (model_max_length)"),
+                                     (None, "sets no model_max_length")]:
+        settings["model_max_length"] = model_max_length
+        if model_max_length is None:
+            del settings["model_max_length"]
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
+        assert main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "out"),
+                     "--flavour", "plugin"]) == 0
+        assert (f"note: the tokenizer {stops}, the model at 256 (max_position_embeddings): pass "
+                "max_length=256 when truncating" in capsys.readouterr().err)
 
 
 def test_a_config_that_is_not_mra(tmp_path):
@@ -817,7 +820,7 @@ def test_a_provider_or_folder_of_the_wrong_kind_is_named(exports):
     assert isinstance(raised.value, UserError)
 
 
-@pytest.mark.parametrize("value", ["abc", "-3", "2.5"])
+@pytest.mark.parametrize("value", ["abc", "-3", "2.5", "\u00b2"])  # "²": a digit to str.isdigit
 def test_a_thread_count_onnxruntime_cannot_take_is_one_line(value, monkeypatch):
     monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", value)
     with pytest.raises(UserError, match=f"MRA_EXPORT_ORT_THREADS must be a number of threads "
@@ -1099,6 +1102,71 @@ def test_a_stop_between_a_writers_steps_leaves_the_earlier_output(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         with writer(earlier, "parity.json") as folder:
             (folder / "parity.json").write_text("new")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+    assert (earlier / "parity.json").read_text() == "old"
+
+
+def _as_the_next_process_sees_it(monkeypatch):
+    """This process taken for dead, as a later command finds a killed one."""
+    from mra_export import files
+
+    monkeypatch.setattr(files, "_alive", lambda pid: pid != os.getpid())
+
+
+def test_a_stop_as_a_finished_demo_removes_the_earlier_one_keeps_the_new_one(tmp_path,
+                                                                             monkeypatch):
+    """The output is whole before the earlier one is removed: it loses its marker first, so a
+    stop (or a kill) during that removal leaves the new output, which no later run undoes."""
+    from mra_export import files
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+
+    def stopped(out, kind):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "_remove_own_leftovers", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        with files.folder_filled_in_place(earlier, "parity.json") as folder:
+            (folder / "parity.json").write_text("new")
+    assert [p.name for p in earlier.iterdir()] == ["parity.json"]
+    assert (earlier / "parity.json").read_text() == "new"
+    monkeypatch.undo()
+    _as_the_next_process_sees_it(monkeypatch)
+    with files.folder_filled_in_place(earlier, "parity.json") as folder:
+        (folder / "parity.json").write_text("newer")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "demo", "demo/parity.json"]
+    assert (earlier / "parity.json").read_text() == "newer"
+
+
+def test_a_kill_during_a_failed_demos_clean_up_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """The clean-up renames the half-made output away whole and puts the earlier one back before
+    removing anything: killed while removing (rmtree goes in the file system's order, so the
+    marker may go first), the earlier output is in place and the next run clears the rest."""
+    from mra_export import files
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+
+    def killed_halfway(path):
+        (path / files.WRITING).unlink(missing_ok=True)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(files, "_remove", killed_halfway)
+    with pytest.raises(SystemExit):
+        with files.folder_filled_in_place(earlier, "parity.json") as folder:
+            (folder / "half.bin").write_text("half")
+            raise UserError("the demo failed")
+    assert (earlier / "parity.json").read_text() == "old"
+    monkeypatch.undo()
+    _as_the_next_process_sees_it(monkeypatch)
+    with pytest.raises(UserError, match="again"):
+        with files.folder_filled_in_place(earlier, "parity.json"):
+            raise UserError("failed again")
     assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
         "demo", "demo/parity.json"]
     assert (earlier / "parity.json").read_text() == "old"

@@ -133,6 +133,8 @@ def test_parity_of_exports_for_different_tasks_is_refused(small_checkpoints, exp
                                                     exports["question-answering", "portable"]])
     with pytest.raises(UserError, match="nothing to check"):
         run_parity(small_checkpoints["fill-mask"])
+    with pytest.raises(UserError, match="nothing to check"):
+        run_parity(small_checkpoints["fill-mask"], None)
 
 
 def test_bad_inputs_to_parity_are_one_line_before_any_work(small_checkpoints, exports, tmp_path,

@@ -176,13 +176,15 @@ def test_inputs_transformers_would_fail_on_deep_inside_are_named(small_checkpoin
         ({"input_ids": ids, "attention_mask": [[1] * 20] * 2},
          "attention_mask must be a torch.Tensor, got list; use torch.as_tensor"),
         ({"input_ids": ids, "token_type_ids": ids[:, :19] * 0},
-         r"token_type_ids must be \[batch, sequence\] = \[2, 20\] \(or \[1, 20\]\), got shape "
-         r"\[2, 19\]"),
+         r"token_type_ids must be \[batch, sequence\] = \[2, 20\] \(or \[1, 20\], \[20\]\), got "
+         r"shape \[2, 19\]"),
         ({"input_ids": ids, "position_ids": torch.arange(20)[None] + 239},
          r"position_ids must be in \[0, 258\) for this model, got values 239..258"),
         ({"input_ids": ids, "position_ids": torch.arange(20.0)[None]},
-         "position_ids must be a torch.Tensor of integers, got torch.float32"),
-        ({"input_ids": ids, "position_ids": torch.arange(20)}, r"position_ids must be .*got shape \[20\]"),
+         r"position_ids must be a torch.Tensor of int64 \(or int32\), got torch.float32"),
+        ({"input_ids": ids, "token_type_ids": torch.zeros(2, 20, dtype=torch.bool)},
+         r"token_type_ids must be a torch.Tensor of int64 \(or int32\), got torch.bool"),
+        ({"input_ids": ids, "position_ids": torch.arange(19)}, r"position_ids must be .*got shape \[19\]"),
     ]:
         with pytest.raises(InputError, match=message):
             model(**inputs)
@@ -193,12 +195,15 @@ def test_inputs_transformers_would_fail_on_deep_inside_are_named(small_checkpoin
 
 def test_inputs_at_the_edges_of_what_transformers_takes_still_run(small_checkpoints):
     """What the checks above must let through: one row of token types or positions for the
-    whole batch (the same outputs as that row repeated), the table's last position, a bool mask."""
+    whole batch, [1, seq] or [seq] (the same outputs as that row repeated), int32 indices, the
+    table's last position, a bool mask."""
     model = patch_model(load_model(small_checkpoints["fill-mask"])[0], attention="reference")
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     last_positions = torch.arange(20)[None] + model.config.max_position_embeddings + 2 - 20
     for inputs in ({"token_type_ids": torch.zeros(1, 20, dtype=torch.long)},
+                   {"token_type_ids": torch.zeros(20, dtype=torch.int32)},
                    {"position_ids": last_positions},
+                   {"position_ids": last_positions[0]},
                    {"position_ids": last_positions.expand(2, 20)},
                    {"attention_mask": torch.ones(2, 20, dtype=torch.bool)}):
         with torch.no_grad():

@@ -48,7 +48,8 @@ def build_engine(spec: BuildSpec, command: str = "", log=print, builder=None) ->
     log(f"building a {precision} TensorRT {system.tensorrt_version} engine for {system.gpu_name} "
         f"from {spec.onnx_file} ...")
     started = time.time()
-    inputs = [spec.onnx, spec.plugin, *([spec.timing_cache] if spec.timing_cache else [])]
+    inputs = [spec.onnx, spec.export_folder, spec.plugin,
+              *([spec.timing_cache] if spec.timing_cache else [])]
     with staged_folder(spec.out, marker=EngineManifest.FILE_NAME, inputs=inputs) as staging:
         engine = (builder or build_serialized_engine)(spec, info, precision, profile, system)
         (staging / ENGINE_FILE).write_bytes(engine)

@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 import torch
 import transformers
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER  # a tokenizer without a limit
 
 from .. import __version__
 from ..checkpoints import Checkpoint, open_checkpoint
@@ -199,8 +200,10 @@ def _copy_tokenizer(checkpoint: Checkpoint, staging: Path) -> bool:
         return False
     limit = checkpoint.config.max_position_embeddings
     if tokenizer.model_max_length > limit:  # truncation=True would still give too many tokens
-        warn(f"note: the tokenizer's model_max_length ({tokenizer.model_max_length}) is above the "
-             f"model's max_position_embeddings ({limit}): pass max_length={limit} when truncating")
+        stops = ("sets no model_max_length" if tokenizer.model_max_length >= VERY_LARGE_INTEGER
+                 else f"stops at {tokenizer.model_max_length} tokens (model_max_length)")
+        warn(f"note: the tokenizer {stops}, the model at {limit} (max_position_embeddings): "
+             f"pass max_length={limit} when truncating")
     tokenizer.save_pretrained(staging)
     return True
 

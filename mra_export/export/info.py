@@ -132,10 +132,14 @@ def read_graph(path: str | Path):
     from google.protobuf.message import DecodeError
 
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError) as error:
         raise UserError(f"{path} is not a readable ONNX graph ({first_line(error)}); export the "
                         "model again") from None
+    if not model.graph.output:  # protobuf reads a file cut at a field's end, or empty, as whole
+        raise UserError(f"{path} is not a readable ONNX graph (it has no outputs: cut short?); "
+                        "export the model again")
+    return model
 
 
 def check_not_the_other_commands(out: str | Path, quantizing: bool) -> None:

@@ -74,6 +74,8 @@ def _engine_task(engine_dirs):
 def _folders(given) -> list:
     """A folder or several: ``run_parity(model, "out")`` checks the folder ``out``, not its
     letters."""
+    if given is None:
+        return []
     return [given] if isinstance(given, (str, os.PathLike)) else list(given)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import weakref
 from pathlib import Path
 
@@ -358,7 +359,7 @@ def threads_from_environment() -> int | None:
     threads = os.environ.get(THREADS_VARIABLE, "").strip()
     if not threads:
         return None
-    if not threads.isdigit():
+    if not re.fullmatch("[0-9]+", threads):  # str.isdigit takes "²", which int() does not
         raise UserError(f"{THREADS_VARIABLE} must be a number of threads (0: one per core), got "
                         f"{threads!r}")
     most = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
