@@ -355,6 +355,24 @@ def test_an_output_inside_the_export_it_reads_is_refused(command, out, exports, 
     assert sorted(p.name for p in export.iterdir()) == before
 
 
+@pytest.mark.parametrize("writer", ["staged_folder", "folder_filled_in_place"])
+def test_a_mount_point_is_refused_where_no_namespace_can_make_one(writer, tmp_path, monkeypatch):
+    """The test above needs unprivileged user namespaces; this one holds the rule everywhere, a
+    mount point as os.path.ismount finds it."""
+    from mra_export import files
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setattr(files.os.path, "ismount", lambda path: os.fspath(path) == str(volume))
+    with pytest.raises(UserError, match=f"{volume} is a mount point, which outputs cannot "
+                                        "replace .*; pass a folder inside it"):
+        with getattr(files, writer)(volume, "parity.json"):
+            pass
+    with getattr(files, writer)(volume / "out", "parity.json") as folder:
+        (folder / "parity.json").write_text("inside")
+    assert (volume / "out" / "parity.json").read_text() == "inside"
+
+
 def test_an_output_through_a_link_to_a_folder_replaces_the_folder_and_keeps_the_link(
         small_checkpoints, tmp_path):
     target = tmp_path / "target"
