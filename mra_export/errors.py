@@ -50,8 +50,12 @@ class OneLineParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but an option the command does not take is the command's error,
         pointing to its own --help (argparse leaves those to the top-level parser)."""
-        parsed, unknown = self.parse_known_args(args, namespace)
+        words = sys.argv[1:] if args is None else list(args)
+        parsed, unknown = self.parse_known_args(words, namespace)
         if unknown:
-            self.commands.get(getattr(parsed, "command", None), self).error(
-                f"unrecognized arguments: {' '.join(unknown)}")
+            command = getattr(parsed, "command", None)
+            before_it = (command in words and unknown[0] in words
+                         and words.index(unknown[0]) < words.index(command))
+            parser = self if before_it else self.commands.get(command, self)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return parsed

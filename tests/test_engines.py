@@ -506,6 +506,8 @@ def test_help_works_everywhere(command, capsys):
     ([], "mra-export: error: the following arguments are required: COMMAND; see 'mra-export --help'"),
     (["parity", "--model", "m", "--onnx", "o", "--seed", "1"],
      "mra-export parity: error: unrecognized arguments: --seed 1; see 'mra-export parity --help'"),
+    (["--verbose", "bench"], "mra-export: error: unrecognized arguments: --verbose; see "
+                             "'mra-export --help'"),
 ])
 def test_bad_options_are_one_line_without_argparses_usage_block(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
