@@ -613,6 +613,15 @@ def test_ort_model_to_a_dtype_or_device_it_cannot_take_is_one_line(qa_model):
     with pytest.raises(UserError, match="CUDAExecutionProvider is not available"):
         qa_model.to(0)  # pipeline(device=0): the first GPU
     assert qa_model.providers == ["CPUExecutionProvider"]
+    # torch's other forms: device and dtype together, by name, a tensor's; -1 as pipeline's CPU
+    for args, kwargs in [(("cpu", torch.float32), {}), ((), {"device": "cpu", "dtype": torch.float32}),
+                         ((torch.zeros(1),), {}), ((-1,), {}), ((), {"non_blocking": True})]:
+        assert qa_model.to(*args, **kwargs) is qa_model
+    with pytest.raises(UserError, match="for torch.float16 export again with --dtype"):
+        qa_model.to("cpu", dtype=torch.float16)
+    with pytest.raises(UserError, match="for torch.bfloat16 export again with --dtype"):
+        qa_model.to(torch.zeros(1, dtype=torch.bfloat16))
+    assert qa_model.providers == ["CPUExecutionProvider"]
 
 
 def test_ort_model_takes_transformers_call_conventions(qa_model):

@@ -89,16 +89,23 @@ class ExportedModel:
         """The outputs' type: the export's, bfloat16 widened to float32."""
         return torch.float16 if self.info.dtype == "fp16" else torch.float32
 
-    def to(self, device):
-        """Compute on ``device``'s kind of processor ("cpu", "cuda", or a GPU's index as in
-        ``pipeline(device=0)``), or a one-line error where this runtime cannot; returns ``self``.
-        A dtype is taken only if it is the export's own (it is fixed when the model is exported)."""
-        if isinstance(device, torch.dtype):
-            if device != self.dtype:
-                raise UserError(f"this export computes in {self.info.dtype}, fixed when it was "
-                                f"made; for {device} export again with --dtype")
-            return self
-        self._compute_on(_device_kind(device))
+    def to(self, *args, device=None, dtype=None, non_blocking: bool = False):
+        """As torch's ``Module.to`` (a device, a dtype, both, or a tensor's): compute on the
+        device's kind of processor ("cpu", "cuda", or a GPU's index as in ``pipeline(device=0)``,
+        -1 the CPU), or a one-line error where this runtime cannot; returns ``self``. A dtype is
+        taken only if it is the export's own (it is fixed when the model is exported)."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, torch.Tensor):
+                device, dtype = arg.device, arg.dtype
+            else:
+                device = arg
+        if dtype is not None and dtype != self.dtype:
+            raise UserError(f"this export computes in {self.info.dtype}, fixed when it was made; "
+                            f"for {dtype} export again with --dtype")
+        if device is not None:
+            self._compute_on(_device_kind(device))
         return self
 
     def _compute_on(self, kind: str) -> None:
@@ -126,7 +133,7 @@ class ExportedModel:
 
 def _device_kind(device) -> str:
     if isinstance(device, int) and not isinstance(device, bool):
-        return "cuda"  # transformers' convention: a GPU's index
+        return "cuda" if device >= 0 else "cpu"  # transformers' pipeline(device=...): -1 the CPU
     try:
         return torch.device(device).type
     except (RuntimeError, TypeError):
