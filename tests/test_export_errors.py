@@ -566,6 +566,7 @@ def ids(*shape, high=500):
     (dict(input_ids=5), r"input_ids must be \[batch_size, sequence_length\], got shape \[\]"),
     (dict(input_ids=ids(2, 10).to_sparse()), r"input_ids is a torch.sparse_coo tensor; pass a "
                                              r"dense one \(.to_dense\(\)\)"),
+    (dict(input_ids=ids(2, 10).to("meta")), "input_ids is a meta tensor, which holds no values"),
     (dict(input_ids=np.array([[2**63 + 5]], dtype=np.uint64)),
      "input_ids holds 9223372036854775813, past int64's range"),
     (dict(input_ids=[[5, 2**63]]), "input_ids holds 9223372036854775808, past int64's range"),

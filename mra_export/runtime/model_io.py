@@ -111,6 +111,8 @@ def _as_array(name: str, value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided:
             raise InputError(f"{name} is a {value.layout} tensor; pass a dense one (.to_dense())")
+        if value.is_meta:
+            raise InputError(f"{name} is a meta tensor, which holds no values; pass one that does")
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
             value = value.float()
