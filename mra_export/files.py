@@ -134,7 +134,7 @@ def _leftovers_of(out: Path) -> list[tuple[int, str, Path]]:
 def _remove_own_leftovers(out: Path, kind: str) -> None:
     """This process's temporary siblings of ``out`` of ``kind``."""
     for pid, found, path in _leftovers_of(out):
-        if pid == os.getpid() and found == kind:
+        if _is_this_process(pid) and found == kind:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -267,8 +267,9 @@ def _put_back(previous: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-# The records of the outputs that other commands take as input (an export, an engine): their
-# folders are replaced whole when made again, with anything put inside them.
+# The records of the outputs that other commands take as input, an export and an engine
+# (ExportInfo.FILE_NAME, EngineManifest.FILE_NAME: named here, as those modules import this one):
+# their folders are replaced whole when made again, with anything put inside them.
 INPUT_RECORDS = ("export.json", "manifest.json")
 
 

@@ -312,32 +312,6 @@ def test_the_signal_handlers_are_the_callers_again_after_a_command(tmp_path):
     assert codes == [2]
 
 
-@pytest.mark.parametrize("command", [
-    ["export", "--model", "{checkpoint}", "--out", "{disk}"],
-    ["quantize", "--onnx", "{export}", "--out", "{disk}"],
-    ["demo", "--out", "{disk}"],
-    ["bench", "--lengths", "16", "--batches", "1", "--budget", "1", "--out", "{disk}"],
-])
-def test_a_mount_point_as_the_output_is_refused_before_any_work(command, small_checkpoints,
-                                                               exports, tmp_path):
-    """An empty volume (a container's) cannot be renamed away or into place: said up front,
-    with what to pass instead, not after the work as a rename's EBUSY on a temporary name."""
-    import subprocess
-    import sys
-
-    names = dict(checkpoint=small_checkpoints["text-classification"], disk=tmp_path / "disk",
-                 export=exports["text-classification", "portable"])
-    prefix = small_disk_or_skip(names["disk"])
-    run = subprocess.run([*prefix, sys.executable, "-m", "mra_export.cli",
-                          *(word.format(**names) for word in command)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr == (
-        f"mra-export {command[0]}: error: {names['disk']} is a mount point, which outputs cannot "
-        "replace (they are written beside it and renamed into place); pass a folder inside it, "
-        f"e.g. {names['disk'] / 'out'}\n")
-    assert run.stdout.split(LEFT_ON_DISK)[-1].split() == [], run.stdout
-
-
 @pytest.mark.parametrize("command,out", [
     (["quantize", "--onnx", "{export}", "--out", "{export}/int8"], "{export}/int8"),
     (["triton", "--onnx", "{export}", "--repo", "{export}/repo", "--name", "m"], "{export}/repo/m"),
@@ -355,10 +329,19 @@ def test_an_output_inside_the_export_it_reads_is_refused(command, out, exports, 
     assert sorted(p.name for p in export.iterdir()) == before
 
 
+def test_the_records_of_outputs_read_as_inputs_are_those_of_exports_and_engines():
+    """files.py names them itself (export/info.py and engines/manifest.py import it)."""
+    from mra_export import files
+    from mra_export.engines.manifest import EngineManifest
+    from mra_export.export.info import ExportInfo
+
+    assert files.INPUT_RECORDS == (ExportInfo.FILE_NAME, EngineManifest.FILE_NAME)
+
+
 @pytest.mark.parametrize("writer", ["staged_folder", "folder_filled_in_place"])
 def test_a_mount_point_is_refused_where_no_namespace_can_make_one(writer, tmp_path, monkeypatch):
-    """The test above needs unprivileged user namespaces; this one holds the rule everywhere, a
-    mount point as os.path.ismount finds it."""
+    """test_a_mount_point_as_the_output_is_refused_before_any_work needs unprivileged user
+    namespaces; this one holds the rule everywhere, a mount point as os.path.ismount finds it."""
     from mra_export import files
 
     volume = tmp_path / "volume"
@@ -464,6 +447,22 @@ def small_disk_or_skip(folder) -> list[str]:
     return ["unshare", "-rm", "sh", "-c", run_then_list, "sh"]
 
 
+def run_on_a_small_disk(command, small_checkpoints, exports, tmp_path):
+    """The CLI run on ``command``'s words, whose {checkpoint}, {export} and {disk} name a
+    text-classification checkpoint, its portable export and a 512 KiB tmpfs (small_disk_or_skip):
+    ``(the finished process, those names)``."""
+    import subprocess
+    import sys
+
+    names = dict(checkpoint=small_checkpoints["text-classification"], disk=tmp_path / "disk",
+                 export=exports["text-classification", "portable"])
+    prefix = small_disk_or_skip(names["disk"])
+    run = subprocess.run([*prefix, sys.executable, "-m", "mra_export.cli",
+                          *(word.format(**names) for word in command)],
+                         capture_output=True, text=True, timeout=300)
+    return run, names
+
+
 @pytest.mark.parametrize("command,written", [
     (["export", "--model", "{checkpoint}", "--out", "{disk}/out"], "{disk}/out"),
     (["quantize", "--onnx", "{export}", "--out", "{disk}/out"], "{disk}/out/model.onnx"),
@@ -474,19 +473,29 @@ def test_a_disk_that_fills_up_is_one_line_naming_the_output_and_leaves_nothing(
         command, written, small_checkpoints, exports, tmp_path):
     """A real full disk: the output's own path (not its staging folder's, nor the file copied)
     and what to do, and nothing left on it."""
-    import subprocess
-    import sys
-
-    names = dict(checkpoint=small_checkpoints["text-classification"], disk=tmp_path / "disk",
-                 export=exports["text-classification", "portable"])
-    prefix = small_disk_or_skip(names["disk"])
-    run = subprocess.run([*prefix, sys.executable, "-m", "mra_export.cli",
-                          *(word.format(**names) for word in command)],
-                         capture_output=True, text=True, timeout=300)
+    run, names = run_on_a_small_disk(command, small_checkpoints, exports, tmp_path)
     error = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert error == (f"mra-export {command[0]}: error: {written.format(**names)}: No space left "
                      "on device; free space there, or choose another output path")
+    assert run.stdout.split(LEFT_ON_DISK)[-1].split() == [], run.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "--model", "{checkpoint}", "--out", "{disk}"],
+    ["quantize", "--onnx", "{export}", "--out", "{disk}"],
+    ["demo", "--out", "{disk}"],
+    ["bench", "--lengths", "16", "--batches", "1", "--budget", "1", "--out", "{disk}"],
+])
+def test_a_mount_point_as_the_output_is_refused_before_any_work(command, small_checkpoints,
+                                                               exports, tmp_path):
+    """An empty volume (a container's) cannot be renamed away or into place: said up front,
+    with what to pass instead, not after the work as a rename's EBUSY on a temporary name."""
+    run, names = run_on_a_small_disk(command, small_checkpoints, exports, tmp_path)
+    assert run.returncode == 2 and run.stderr == (
+        f"mra-export {command[0]}: error: {names['disk']} is a mount point, which outputs cannot "
+        "replace (they are written beside it and renamed into place); pass a folder inside it, "
+        f"e.g. {names['disk'] / 'out'}\n")
     assert run.stdout.split(LEFT_ON_DISK)[-1].split() == [], run.stdout
 
 

@@ -409,12 +409,6 @@ def speed_table(rows: list[dict], timing: str, extra: bool = False) -> list[str]
     return lines
 
 
-def _providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("export", "run", "scans"))
@@ -432,11 +426,15 @@ def main(argv=None) -> int:
             parser.error(f"--dtypes takes fp16, fp32 or both, got {args.dtypes}")
         export(args.folder, dtypes, names)
         return 0
-    if not sorted(args.folder.glob("*.onnx")):
+    if not any(args.folder.glob("*.onnx")):
         parser.error(f"{args.folder} holds no graph; make them with 'export {args.folder}'")
-    if args.action == "run" and "CUDAExecutionProvider" not in _providers():
-        parser.error("run times onnxruntime's CUDA provider, which this onnxruntime lacks "
-                     "(onnxruntime-gpu on an NVIDIA machine: ../shared/gpu/README.md)")
+    if args.action == "run":
+        import onnxruntime as ort
+
+        from mra_export.runtime.ort import CUDA, NO_CUDA_PROVIDER
+
+        if CUDA not in ort.get_available_providers():
+            parser.error(f"run times onnxruntime's CUDA provider: {NO_CUDA_PROVIDER}")
     if args.action == "scans":
         print_scans(args.folder)
         return 0

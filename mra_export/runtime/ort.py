@@ -362,8 +362,8 @@ def threads_from_environment() -> int | None:
     if not re.fullmatch("[0-9]+", threads):  # str.isdigit takes "²", which int() does not
         raise UserError(f"{THREADS_VARIABLE} must be a number of threads (0: one per core), got "
                         f"{threads!r}")
-    most = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
-    if int(threads) > most:
+    count, most = int(threads), MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if count > most:
         raise UserError(f"{THREADS_VARIABLE}={threads} is more threads than this machine's "
                         f"{os.cpu_count()} cores can use; set at most {most} (0: one per core)")
-    return int(threads)
+    return count

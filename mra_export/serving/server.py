@@ -121,14 +121,14 @@ class TritonServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
         try:
             with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=server_environment(),
-                                                cwd=self.workdir,
-                                                start_new_session=True)  # its stubs in its group
+                self.process = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=server_environment(), cwd=self.workdir,
+                    start_new_session=True)  # its stubs in its group
         except OSError as error:  # the log not writable, the binary not runnable
             self.stop()
-            raise UserError(f"cannot start {self.binary} (log {self.log_path}): {error.strerror or error}"
-                            ) from None
+            raise UserError(f"cannot start {self.binary} (log {self.log_path}): "
+                            f"{error.strerror or error}") from None
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -178,8 +178,9 @@ class TritonServer:
         errors = [line for line in lines if line.startswith("E") and not any(
             gpu in line for gpu in ("CUDA", "CudaDriver"))]
         last = (errors or [line for line in lines if line.strip()] or ["its log is empty"])[-1]
-        return last.strip()[:400] + ("; pass --log FILE to keep the whole log" if self._log_path is None else
-                                     f"; the whole log: {self._log_path}")
+        kept = ("; pass --log FILE to keep the whole log" if self._log_path is None
+                else f"; the whole log: {self._log_path}")
+        return last.strip()[:400] + kept
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -189,8 +190,8 @@ class TritonServer:
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m mra_export.serving.server",
-                                     description="Serve a model repository on 127.0.0.1 with "
-                                     "the tritonserver of 'make triton-server'.")
+                           description="Serve a model repository on 127.0.0.1 with the "
+                           "tritonserver of 'make triton-server'.")
     parser.add_argument("--repo", required=True, help="the model repository (mra-export triton)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)

@@ -11,9 +11,10 @@ Laid out as Triton's documentation has it::
     REPO/NAME_text/config.pbtxt        ensemble: tokenizer, then NAME
 
 Inputs and outputs take their names, types and dynamic dimensions from ``export.json`` (an
-engine's manifest carries its export's), their fixed sizes from ``config.json`` (checked against the graph). Every
-``config.pbtxt`` is checked against Triton's ``model_config.proto`` (``schema``) before anything
-is written; each model folder is staged and renamed, so a failure leaves ``REPO`` as it was.
+engine's manifest carries its export's), their fixed sizes from ``config.json`` (checked against
+the graph). Every ``config.pbtxt`` is checked against Triton's ``model_config.proto``
+(``schema``) before anything is written; each model folder is staged and renamed, so a failure
+leaves ``REPO`` as it was.
 """
 
 from __future__ import annotations
