@@ -219,6 +219,8 @@ def _check_tokens(name: str, tokens, config) -> None:
     if name == "input_ids":
         if tokens.is_floating_point():
             raise InputError(f"input_ids must hold integers, got {tokens.dtype}")
+        if tokens.dtype not in EMBEDDING_INDICES:  # bool, uint8, int16: nn.Embedding refuses them
+            raise InputError(f"input_ids must be int64 (or int32), got {tokens.dtype}; use .long()")
         _check_range("input_ids", tokens, config.vocab_size)
 
 

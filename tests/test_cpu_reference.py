@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mra_export.attention import mra_attention, selected_blocks
+from mra_export import native
 from mra_export.native import MraAttentionParams
 from mra_export.transformers_reference import transformers_mra2_attention
 
@@ -112,6 +113,10 @@ def test_low_precision_storage(cpu_library, dtype, ulp):
     exact = mra_attention(q.float(), k.float(), v.float(), mask, num_blocks=6)
     # Both compute in float32 from the same rounded inputs; only the output rounding differs.
     assert ((ours.float() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+    # The twin computes its 16-bit attention in float32: its float32 result on the same inputs,
+    # rounded to nearest even by PyTorch, bit for bit (a truncating store would be an ulp off).
+    in_float32, _ = cpu_library.attention(q.float(), k.float(), v.float(), mask, num_blocks=6)
+    assert torch.equal(ours, in_float32.to(dtype))
 
 
 @settings(max_examples=40, deadline=None)
@@ -139,6 +144,13 @@ def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
     huge = MraAttentionParams(2**31 - 1, 2**31 - 1, 64, 4, 4, 32, 0, 0, 0, 0)
     assert lib.mraCheckParams(ctypes.byref(huge)) == 2
     assert lib.mraWorkspaceSize(ctypes.byref(huge)) == 0
+    # The block grid alone past int32: nb = 2**16 blocks a row, nb**2 = 2**32 cells a head, while
+    # the tensors (2**26 values) fit.
+    wide_grid = MraAttentionParams(1, 1, 2**21, 32, 4, 32, 0, 0, 0, 0)
+    assert lib.mraCheckParams(ctypes.byref(wide_grid)) == 2
+    no_blocks = MraAttentionParams(1, 1, 64, 32, 0, 32, 0, 0, 0, 0)  # num_blocks 0
+    assert lib.mraCheckParams(ctypes.byref(no_blocks)) == 1
+    assert lib.mraWorkspaceSize(ctypes.byref(no_blocks)) == 0
     q = torch.zeros(1, 1, 64, 32)
     good = cpu_library.params(q, num_blocks=4)
     needed = lib.mraWorkspaceSize(ctypes.byref(good))
@@ -151,6 +163,19 @@ def test_invalid_parameters_and_small_workspace_return_statuses(cpu_library):
     with pytest.raises(RuntimeError, match="invalid argument"):
         cpu_library.attention(q, q, q, torch.ones(1, 64), num_blocks=4, approx_mode="full",
                               initial_prior_first_n_blocks=-1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 100, 32), (3, 2, 257, 64), (2, 12, 4100, 64)])
+def test_workspace_sections_start_on_256_bytes(cpu_library, shape):
+    """The CUDA kernels move workspace sections in 16-byte vectors, and TensorRT and onnxruntime
+    hand out 256-byte aligned workspaces: each section starts on 256 bytes (the selected blocks'
+    is the one the C interface names), and the whole is a multiple of 256."""
+    lib = cpu_library.lib
+    for dtype in (torch.float32, torch.float16):
+        params = native.make_params(shape, dtype, num_blocks=7)
+        assert lib.mraWorkspaceSize(ctypes.byref(params)) % 256 == 0
+        selected = lib.mraSelectedBlocks(ctypes.byref(params), ctypes.c_void_p(0)) or 0
+        assert selected > 0 and selected % 256 == 0
 
 
 def assert_token_major_layout_is_the_same_attention(lib, dtype, head_dim):

@@ -568,6 +568,9 @@ def ids(*shape, high=500):
                                                                   r"\[2, 9\] but input_ids"),
     (dict(input_ids=ids(2, 10), position_ids=ids(2, 10)), "unexpected input position_ids"),
     (dict(input_ids=ids(2, 10) + 1000), r"input_ids must be in \[0, 512\)"),
+    (dict(input_ids=torch.tensor([[0, 511, 512]])), r"input_ids must be in \[0, 512\) for this "
+                                                    r"model, got values 0..512"),
+    (dict(input_ids=torch.tensor([[-1, 511]])), r"got values -1..511"),
     (dict(input_ids=[[1, 2, 3], [1, 2]]), "input_ids is ragged; pad the batch"),
     (dict(input_ids=ids(0, 10)), "input_ids is empty"),
     (dict(input_ids=ids(2, 10), attention_mask=torch.full((2, 10), 0.5)),
@@ -605,6 +608,8 @@ def test_ort_model_accepts_numpy_torch_lists_and_float_masks(qa_model):
     assert isinstance(as_numpy.start_logits, np.ndarray)
     assert np.array_equal(as_torch.start_logits.numpy(), as_numpy.start_logits)
     assert np.array_equal(as_list.end_logits, as_numpy.end_logits)  # default mask: all ones
+    edges = qa_model(input_ids=[[0, 511]])  # the vocabulary's first and last ids
+    assert edges.start_logits.shape == (1, 2) and np.isfinite(edges.start_logits).all()
 
 
 def test_ort_model_takes_a_bfloat16_mask_as_its_0_1_values(qa_model):
@@ -1240,3 +1245,20 @@ def test_a_report_write_killed_outright_leaves_no_temporary_file_after_the_next(
 
     atomic_write_text(tmp_path / "report.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_graph_that_differs_from_pytorch_is_refused_and_leaves_nothing(small_checkpoints,
+                                                                         tmp_path, monkeypatch):
+    """The export's own check on onnxruntime: here onnxruntime is made to answer 1e-3 off."""
+    import onnxruntime
+
+    class OffSession(onnxruntime.InferenceSession):
+        def run(self, *args, **kwargs):
+            return [value + np.float32(1e-3) for value in super().run(*args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", OffSession)
+    with pytest.raises(UserError, match=r"^the exported model differs from PyTorch by 0\.001 "
+                                        r"\(tolerance 0\.0001\) on onnxruntime; please report"):
+        export_model(small_checkpoints["text-classification"], tmp_path / "out",
+                     log=lambda m: None)
+    assert no_leftovers(tmp_path) == []

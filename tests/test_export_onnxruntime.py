@@ -241,3 +241,26 @@ def test_weights_beyond_the_limit_go_to_external_data(tmp_path, monkeypatch):
     assert np.array_equal(with_context["logits"], model.run_raw(feed)["logits"])
     batch, length = feed["input_ids"].shape
     assert with_context["attention_context.0"].shape[::2] == (batch, length)
+
+
+def test_the_validation_export_json_records_is_onnxruntime_against_pytorch(small_checkpoints,
+                                                                          exports):
+    """The export's own check, redone here: its feed (batch 3, 45 tokens, seed 1) through the
+    saved graph on onnxruntime and through the patched PyTorch model."""
+    from mra_export.export.exporter import example_inputs
+
+    task = TASKS["question-answering"]
+    folder = exports["question-answering", "portable"]
+    validation = ExportInfo.load(folder).validation
+    assert (validation["batch"], validation["sequence_length"]) == (3, 45)
+    model = patch_model(load_model(small_checkpoints["question-answering"], task)[0],
+                        attention="reference")  # the attention the graph was traced from
+    inputs = example_inputs(task, model.config, batch=3, seq_len=45, seed=1)
+    got = ort.InferenceSession(str(folder / "model.onnx")).run(
+        list(task.outputs), {name: value.numpy() for name, value in inputs.items()})
+    with torch.no_grad():
+        expected = model(**inputs)
+    max_abs = max(float(np.abs(expected[name].numpy() - value).max())
+                  for name, value in zip(task.outputs, got))
+    assert 0 < max_abs <= validation["tolerance"] == TOLERANCE
+    assert validation["max_abs"] == pytest.approx(max_abs, rel=1e-3)

@@ -207,6 +207,8 @@ def test_bad_inputs_are_refused_in_one_line_naming_the_problem(op_library):
         in refusal(op_library, graph, q, k, v, mask[:, :63])
     assert "key must have query's shape [2, 2, 64, 32], got [2, 2, 64, 16]" \
         in refusal(op_library, graph, q, k[..., :16], v, mask)
+    assert "value must have query's shape [2, 2, 64, 32], got [2, 2, 63, 32]" \
+        in refusal(op_library, graph, q, k, v[:, :, :63], mask)
     assert "query must be [batch, heads, seq, head_dim], got shape [2, 64, 32]" \
         in refusal(op_library, graph, q[0], k[0], v[0], mask)
     assert ("query, key and value must share one type, float32, float16 or bfloat16 (got "

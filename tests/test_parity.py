@@ -50,6 +50,7 @@ def test_parity_passes_and_writes_a_report(small_checkpoints, exports, tmp_path,
     ran = {b["backend"]: b for b in data["backends"] if b["status"] != "skipped"}
     assert set(ran) == {"onnxruntime-cpu"} | plugin_graph_backends()
     for backend in ran.values():
+        assert backend["outputs"]["logits"]["tolerance"] == 1e-4  # docs/usage.md's, for fp32
         assert backend["outputs"]["logits"]["max_abs"] <= 1e-4
         assert len(backend["attention"]["per_head_max_abs"]) == 2  # layers
         assert len(backend["attention"]["per_head_max_abs"][0]) == 2  # heads
@@ -268,3 +269,122 @@ def test_an_attention_context_of_another_shape_is_named_not_a_crash():
         _per_head_max_abs(pair, ["attention_context.0"])
     same = RunResults([results("pytorch", 16), results("onnxruntime-cpu", 16)])
     assert _per_head_max_abs(same, ["attention_context.0"]) == [[0.0, 0.0]]
+
+
+class _FakeExport:
+    """An exported model whose outputs are PyTorch's but for ``changes``: {(feed, name): delta}
+    added to that output on that feed (an attention context's delta to head 1 only)."""
+
+    class info:
+        attention_context_layout = "bhsd"
+
+    def __init__(self, reference, changes):
+        self.reference, self.changes, self.feed = reference, changes, 0
+
+    def run_raw(self, arrays, extra_outputs=()):
+        values = {name: value.copy() for name, value in self.reference[self.feed].items()}
+        for (feed, name), delta in self.changes.items():
+            if feed == self.feed:
+                target = values[name][:, 1] if name.startswith("attention_context") else values[name]
+                target += delta
+        self.feed += 1
+        return values
+
+    def close(self):
+        pass
+
+
+def _check_fake_backend(changes, task="question-answering", int8=False):
+    """check_backend on two feeds whose last 3 of 8 tokens are padding, an export that differs
+    from PyTorch by ``changes``; judged by task agreement where ``int8``."""
+    import numpy as np
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    from mra_export.parity.backends import TOLERANCES, Backend
+    from mra_export.parity.compare import check_backend
+
+    generator = np.random.default_rng(0)
+    names = [*TASKS[task].outputs, "attention_context.0"]
+    shapes = {"attention_context.0": (1, 2, 8, 32)}
+    reference = [{name: generator.standard_normal(shapes.get(name, (1, 8))).astype(np.float32)
+                  for name in names} for _ in range(2)]
+    mask = np.array([[1] * 5 + [0] * 3])
+    feeds = [{"input_ids": np.ones((1, 8), np.int64), "attention_mask": mask} for _ in range(2)]
+    pytorch = RunResults([("pytorch", [IterationResult(values, runner_name="pytorch")
+                                       for values in reference])])
+    backend = Backend("fake", "fake", TOLERANCES["int8" if int8 else "fp32"], agreement=int8,
+                      attention=not int8,
+                      load=lambda: _FakeExport(reference, changes))
+    return check_backend(backend, pytorch, feeds, TASKS[task], ["input_ids", "attention_mask"],
+                         ["attention_context.0"])
+
+
+def test_an_output_that_differs_on_one_feed_fails_the_backend_alone():
+    """Each output is judged on every feed, by its worst: here QA's second output on the second
+    feed only, while the attention matches."""
+    assert _check_fake_backend({}).status == "passed"
+    result = _check_fake_backend({(1, "end_logits"): 3e-3})
+    assert result.status == "failed" and result.attention.passed
+    assert result.outputs["end_logits"].max_abs == pytest.approx(3e-3, rel=1e-3)
+    assert not result.outputs["end_logits"].passed
+    assert result.outputs["start_logits"].max_abs == 0 and result.outputs["start_logits"].passed
+
+
+def test_a_head_that_differs_on_one_feed_is_the_first_divergence():
+    import math
+
+    result = _check_fake_backend({(1, "attention_context.0"): 2e-3})
+    assert result.status == "failed" and all(o.passed for o in result.outputs.values())
+    (heads,) = result.attention.per_head_max_abs
+    assert heads[0] == 0 and abs(heads[1] - 2e-3) < 1e-6
+    assert result.attention.first_divergence == {"layer": 0, "head": 1, "max_abs": heads[1]}
+    nan = _check_fake_backend({(0, "attention_context.0"): float("nan")})
+    assert nan.status == "failed" and nan.attention.first_divergence["head"] == 1
+    assert math.isnan(nan.attention.first_divergence["max_abs"])
+
+
+def test_int8_agreement_counts_real_tokens_only():
+    """An int8 answer judged by its argmaxes over the real tokens: a padded token's score, however
+    high, is no answer, while a real token's moves the argmax."""
+    import numpy as np
+
+    padded, real = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
+    padded[0, 7], real[0, 2] = 100, 100  # PyTorch's argmax: token 1 of the real ones, 5 of all
+    result = _check_fake_backend({(1, "start_logits"): padded}, int8=True)
+    assert result.status == "passed" and result.outputs["start_logits"].max_abs == 100
+    assert [(a.value, a.count) for a in result.agreement][0] == (1.0, 2)
+    moved = _check_fake_backend({(1, "start_logits"): real}, int8=True)
+    assert moved.status == "failed" and moved.agreement[0].value == 0.5
+
+
+def test_a_backend_that_errs_fails_the_report():
+    from mra_export.parity.report import BackendResult, ParityReport
+
+    passed = BackendResult("onnxruntime-cpu", "x", "passed")
+    for other in ("error", "failed"):
+        report = ParityReport("m", "fill-mask", [], [passed, BackendResult("b", "y", other)])
+        assert report.checked == 2 and not report.passed
+    skipped = BackendResult("tensorrt", "z", "skipped", "no TensorRT")
+    assert ParityReport("m", "fill-mask", [], [passed, skipped]).passed
+
+
+def test_sparse_mode_and_priors_reach_both_flavours(tmp_path):
+    """Every other export here is full mode without priors: a checkpoint in sparse mode with
+    priors, its plugin nodes carrying those settings, and every backend agreeing with PyTorch."""
+    import onnx
+
+    settings = dict(approx_mode="sparse", initial_prior_first_n_blocks=1,
+                    initial_prior_diagonal_n_blocks=3)
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", TASKS["fill-mask"],
+                                  **ONE_LAYER_MODEL, **settings)
+    folders = export_both_flavours(checkpoint, tmp_path, task="fill-mask")
+    (node,) = [n for n in onnx.load(str(folders["plugin"] / "model.onnx")).graph.node
+               if n.op_type == "MraAttention"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert {name: attributes[name] for name in settings} == {
+        "approx_mode": b"sparse", "initial_prior_first_n_blocks": 1,
+        "initial_prior_diagonal_n_blocks": 3}
+    report = run_parity(checkpoint, list(folders.values()), log=lambda message: None)
+    ran = {b.backend for b in report.backends if b.status != "skipped"}
+    assert ran == {"onnxruntime-cpu"} | plugin_graph_backends() and report.passed

@@ -162,6 +162,8 @@ def test_inputs_transformers_would_fail_on_deep_inside_are_named(small_checkpoin
                                 r"shape \[20\]"),
         ({"input_ids": ids[:, :0]}, r"at least one token, got shape \[2, 0\]"),
         ({"input_ids": ids.float()}, "input_ids must hold integers, got torch.float32"),
+        ({"input_ids": ids.bool()}, r"input_ids must be int64 \(or int32\), got torch.bool; use .long\(\)"),
+        ({"input_ids": ids.short()}, r"input_ids must be int64 \(or int32\), got torch.int16"),
         ({"input_ids": ids * vocab}, rf"input_ids must be in \[0, {vocab}\) for this model, got values {vocab}..{vocab}"),
         ({"input_ids": -ids}, rf"input_ids must be in \[0, {vocab}\).*got values -1..-1"),
         ({"input_ids": ids, "token_type_ids": ids * 5}, r"token_type_ids must be in \[0, 1\)"),

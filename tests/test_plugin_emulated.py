@@ -6,8 +6,9 @@ attachToContext, onShapeChange, enqueue with a workspace of getWorkspaceSize byt
 plugin is built over the CUDA kernels' source run under plugins/tests/cuda_emulation. So this
 checks the plugin's own code (fields, types, shapes, workspace, the call into the kernels)
 against the PyTorch reference, without TensorRT's libraries or a GPU. It needs TensorRT's headers
-to compile, which CI does not have: there it is skipped, and tests/test_cuda_emulation.py checks
-the kernels alone.
+to compile: `make test` points CMake at ../shared/third_party/tensorrt/include where that folder
+exists (as in CI); without them it skips, and tests/test_cuda_emulation.py checks the kernels
+alone.
 """
 
 from __future__ import annotations

@@ -364,3 +364,35 @@ def test_bench_int8_targets_are_the_ratios_of_the_measured_cells():
     run["results"][0]["backends"]["mra onnxruntime int8"] = cell(0.5, 400.0)
     speed, memory = int8_targets()
     assert (speed["met"], memory["met"]) == (False, True)  # 1.2x < 1.5x; 400 MB <= 420 MB
+
+
+def test_int8_defaults_to_the_cpu_provider_where_cuda_is_available(monkeypatch):
+    """onnxruntime's int8 kernels are CPU ones: on a GPU machine an int8 export still gets the
+    CPU provider by default, not CUDA's (which it would refuse)."""
+    from mra_export.runtime import ort as ort_module
+
+    monkeypatch.setattr(ort_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ort_module.choose_providers(None, "int8") == ["CPUExecutionProvider"]
+    assert ort_module.choose_providers(None, "fp32") == [ort_module.CUDA_FP32, "CPUExecutionProvider"]
+
+
+def test_an_int8_graph_that_computes_non_finite_values_is_refused_and_leaves_nothing(
+        qa, tmp_path, monkeypatch, capsys):
+    """quantize's own check runs the int8 graph on a sample: here onnxruntime answers a NaN for
+    it (and only for it)."""
+    fp32_graph = str(qa["fp32"] / "model.onnx")
+
+    class NanForInt8(ort.InferenceSession):
+        def run(self, *args, **kwargs):
+            values = super().run(*args, **kwargs)
+            if str(self._model_path) != fp32_graph:
+                values[0][..., -1] = np.nan
+            return values
+
+    monkeypatch.setattr(quantize_module.ort, "InferenceSession", NanForInt8)
+    assert main(["quantize", "--onnx", str(qa["fp32"]), "--out", str(tmp_path / "int8")]) == 2
+    assert capsys.readouterr().err == (
+        "mra-export quantize: error: the quantized model computes non-finite values on a "
+        "sample; please report this\n")
+    assert not (tmp_path / "int8").exists() and not no_leftovers(tmp_path)

@@ -616,3 +616,32 @@ def test_an_earlier_repository_of_this_command_is_replaced(exports, tmp_path):
     assert config.max_batch_size == 1 and not config.HasField("dynamic_batching")
     record = json.loads((repo / "m" / triton_module.MARKER).read_text())
     assert record["source"] == str(plain)
+
+
+def test_the_tokenizer_model_truncates_at_the_models_length(exports):
+    from mra_export.checkpoints import load_config
+    from mra_export.serving.parameters import MAX_LENGTH
+
+    folder = exports["fill-mask", "portable"]
+    config = triton_module.tokenizer_config(ExportInfo.load(folder), "m", 8)
+    assert int(config["parameters"][MAX_LENGTH]["string_value"]) == \
+        load_config(folder).max_position_embeddings
+
+
+def test_the_python_backend_declares_bfloat16_outputs_as_the_float32_it_returns(exports,
+                                                                                  tmp_path):
+    """OrtMraModel hands the python backend float32 for a bf16 graph's outputs; Triton's
+    onnxruntime backend serves the graph's own bf16."""
+    import dataclasses
+
+    from mra_export.checkpoints import load_config
+
+    folder = exports["fill-mask", "portable"]
+    bf16 = dataclasses.replace(ExportInfo.load(folder), dtype="bf16",
+                               outputs={"logits": "bfloat16"})
+    source = triton_module.Source(folder, bf16, load_config(folder), "python", [], None, 8, [])
+    config = triton_module.model_config(source, "m", 8, 1, "gpu", tmp_path / "m")
+    assert [t["data_type"] for t in config["output"]] == ["TYPE_FP32"]
+    served_as_is = dataclasses.replace(source, backend="onnxruntime")
+    config = triton_module.model_config(served_as_is, "m", 8, 1, "gpu", tmp_path / "m")
+    assert [t["data_type"] for t in config["output"]] == ["TYPE_BF16"]

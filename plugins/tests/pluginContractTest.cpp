@@ -196,6 +196,8 @@ int main(int argc, char** argv)
     expect(checks::supportsAllFormats(build, descriptors(DataType::kHALF, DataType::kINT32)), "float16 + int32 mask");
     expect(checks::supportsAllFormats(build, descriptors(DataType::kBF16, DataType::kINT32)), "bfloat16 + int32 mask");
     expect(!checks::supportsAllFormats(build, descriptors(DataType::kFLOAT, DataType::kFLOAT)), "no float mask");
+    expect(!checks::supportsAllFormats(build, descriptors(DataType::kFLOAT, DataType::kBOOL)), "no bool mask");
+    expect(!checks::supportsAllFormats(build, descriptors(DataType::kFLOAT, DataType::kINT64)), "no int64 mask");
     expect(!checks::supportsAllFormats(build, descriptors(DataType::kINT8, DataType::kINT32)), "no int8 activations");
     auto mixed = descriptors(DataType::kHALF, DataType::kINT32);
     mixed[2].desc.type = DataType::kFLOAT;
@@ -256,9 +258,12 @@ int main(int argc, char** argv)
     };
     auto shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 100));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) == 0, "matching runtime shapes");
-    std::printf("(two error messages about runtime shapes are expected next)\n");
+    std::printf("(three error messages about runtime shapes are expected next)\n");
     shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 96, 64), dims2(2, 100));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a key of another length is refused");
+    shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 100));
+    shapes[2].dims = dims4(2, 12, 96, 64);
+    expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a value of another length is refused");
     shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 64));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a mask of another length is refused");
 
