@@ -117,6 +117,10 @@ def test_low_precision_storage(cpu_library, dtype, ulp):
     # rounded to nearest even by PyTorch, bit for bit (a truncating store would be an ulp off).
     in_float32, _ = cpu_library.attention(q.float(), k.float(), v.float(), mask, num_blocks=6)
     assert torch.equal(ours, in_float32.to(dtype))
+    tiny = v * 2**-20  # fp16 subnormals (below 6.1e-5) in, and out
+    ours, _ = cpu_library.attention(q, k, tiny, mask, num_blocks=6)
+    in_float32, _ = cpu_library.attention(q.float(), k.float(), tiny.float(), mask, num_blocks=6)
+    assert torch.equal(ours, in_float32.to(dtype)) and ours.abs().max() > 0
 
 
 @settings(max_examples=40, deadline=None)

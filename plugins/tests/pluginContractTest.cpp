@@ -202,6 +202,9 @@ int main(int argc, char** argv)
     auto mixed = descriptors(DataType::kHALF, DataType::kINT32);
     mixed[2].desc.type = DataType::kFLOAT;
     expect(!build->supportsFormatCombination(2, mixed.data(), 4, 1), "value must match query's type");
+    auto mixedOutput = descriptors(DataType::kHALF, DataType::kINT32);
+    mixedOutput[4].desc.type = DataType::kFLOAT;
+    expect(!build->supportsFormatCombination(4, mixedOutput.data(), 4, 1), "output must match query's type");
     auto strided = descriptors(DataType::kHALF, DataType::kINT32);
     strided[0].desc.format = TensorFormat::kCHW32;
     expect(!build->supportsFormatCombination(0, strided.data(), 4, 1), "linear format only");
@@ -228,6 +231,9 @@ int main(int argc, char** argv)
     expect(build->getOutputShapes(inputs, 4, nullptr, 0, &output, 1, builder) == 0 && output.nbDims == 4
             && output.d[2] == inputs[0].d[2],
         "output dims = query dims");
+    inputs[3].nbDims = 3;
+    expect(build->getOutputShapes(inputs, 4, nullptr, 0, &output, 1, builder) != 0, "a mask of rank 3 is refused");
+    inputs[3].nbDims = 2;
 
     // configurePlugin accepts the kernels' head dims and refuses others.
     auto good = descriptors(DataType::kHALF, DataType::kINT32, 64);
@@ -235,6 +241,12 @@ int main(int argc, char** argv)
     auto odd = descriptors(DataType::kHALF, DataType::kINT32, 96);
     std::printf("(an error message about head_dim 96 is expected next)\n");
     expect(build->configurePlugin(odd.data(), 4, odd.data() + 4, 1) != 0, "head_dim 96 is refused");
+
+    auto fewerKeyHeads = descriptors(DataType::kHALF, DataType::kINT32, 64);
+    fewerKeyHeads[1].desc.dims = dims4(-1, 8, -1, 64); // query has 12
+    std::printf("(an error message about the inputs' shapes is expected next)\n");
+    expect(build->configurePlugin(fewerKeyHeads.data(), 4, fewerKeyHeads.data() + 4, 1) != 0,
+        "a key of other known dims is refused at build time");
 
     auto huge = descriptors(DataType::kHALF, DataType::kINT32, 64);
     huge[0].max = dims4(1 << 20, 12, 4096, 64); // batch * heads * nb * nb past int32
