@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mra_export.attention import mra_attention, selected_blocks
-from mra_export import native
-from mra_export.native import MraAttentionParams
+from mra_export.native import MraAttentionParams, make_params
 from mra_export.transformers_reference import transformers_mra2_attention
 
 from .conftest import random_qkv, ragged_mask
@@ -114,13 +113,13 @@ def test_low_precision_storage(cpu_library, dtype, ulp):
     # Both compute in float32 from the same rounded inputs; only the output rounding differs.
     assert ((ours.float() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
     # The twin computes its 16-bit attention in float32: its float32 result on the same inputs,
-    # rounded to nearest even by PyTorch, bit for bit (a truncating store would be an ulp off).
-    in_float32, _ = cpu_library.attention(q.float(), k.float(), v.float(), mask, num_blocks=6)
-    assert torch.equal(ours, in_float32.to(dtype))
-    tiny = v * 2**-20  # fp16 subnormals (below 6.1e-5) in, and out
-    ours, _ = cpu_library.attention(q, k, tiny, mask, num_blocks=6)
-    in_float32, _ = cpu_library.attention(q.float(), k.float(), tiny.float(), mask, num_blocks=6)
-    assert torch.equal(ours, in_float32.to(dtype)) and ours.abs().max() > 0
+    # rounded to nearest even by PyTorch, bit for bit (a truncating store would be an ulp off);
+    # values * 2**-20 are fp16 subnormals (below 6.1e-5), in and out.
+    for values in (v, v * 2**-20):
+        ours, _ = cpu_library.attention(q, k, values, mask, num_blocks=6)
+        in_float32, _ = cpu_library.attention(q.float(), k.float(), values.float(), mask,
+                                              num_blocks=6)
+        assert torch.equal(ours, in_float32.to(dtype)) and ours.abs().max() > 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -176,7 +175,7 @@ def test_workspace_sections_start_on_256_bytes(cpu_library, shape):
     is the one the C interface names), and the whole is a multiple of 256."""
     lib = cpu_library.lib
     for dtype in (torch.float32, torch.float16):
-        params = native.make_params(shape, dtype, num_blocks=7)
+        params = make_params(shape, dtype, num_blocks=7)
         assert lib.mraWorkspaceSize(ctypes.byref(params)) % 256 == 0
         selected = lib.mraSelectedBlocks(ctypes.byref(params), ctypes.c_void_p(0)) or 0
         assert selected > 0 and selected % 256 == 0

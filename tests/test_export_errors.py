@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1005,12 +1006,29 @@ def test_demo_refuses_a_folder_whose_parity_json_is_a_users_report(tmp_path, cap
         "mine", "mine/parity.json", "mine/sst2", "mine/sst2/model.onnx"]
 
 
+def an_earlier_demo(folder) -> Path:
+    """``folder/demo`` as an earlier demo left it: its parity.json reads "old"."""
+    earlier = folder / "demo"
+    earlier.mkdir()
+    (earlier / "parity.json").write_text("old")
+    return earlier
+
+
+def stop_after(monkeypatch, module, step: str) -> None:
+    """``module.step`` does its work, then is stopped (Ctrl-C) before its caller goes on."""
+    done = getattr(module, step)
+
+    def stopped_after(*args):
+        done(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, step, stopped_after)
+
+
 def test_an_output_made_in_place_replaces_the_earlier_one(tmp_path):
     from mra_export.files import folder_filled_in_place
 
-    earlier = tmp_path / "demo"
-    earlier.mkdir()
-    (earlier / "parity.json").write_text("old")
+    earlier = an_earlier_demo(tmp_path)
     (earlier / "stale.txt").write_text("from the earlier run")
     with folder_filled_in_place(earlier, "parity.json") as folder:
         assert folder == earlier and [p.name for p in folder.iterdir()] == [".mra-export-writing"]
@@ -1074,9 +1092,7 @@ def test_a_run_killed_outright_is_undone_by_the_next_one(tmp_path, how):
     from mra_export.files import folder_filled_in_place, staged_folder
 
     writer = folder_filled_in_place if how == "in-place" else staged_folder
-    earlier = tmp_path / "demo"
-    earlier.mkdir()
-    (earlier / "parity.json").write_text("old")
+    earlier = an_earlier_demo(tmp_path)
     _killed_while_writing(how, earlier)
     hidden = {"in-place": ".demo.previous-", "staged": ".demo.partial-"}[how]
     left = sorted(p.name for p in tmp_path.iterdir())
@@ -1103,13 +1119,7 @@ def test_a_stop_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypat
     (test_a_stopped_export_leaves_nothing, SIGTERM, on a busy machine)."""
     from mra_export import files
 
-    made = files._temporary_folder
-
-    def stopped_after_making(*args):
-        made(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(files, "_temporary_folder", stopped_after_making)
+    stop_after(monkeypatch, files, "_temporary_folder")
     with pytest.raises(KeyboardInterrupt):
         with files.staged_folder(tmp_path / "out", "parity.json"):
             pass
@@ -1130,16 +1140,8 @@ def test_a_stop_between_a_writers_steps_leaves_the_earlier_output(tmp_path, monk
     once and nothing else is left (not only by the next run)."""
     from mra_export import files
 
-    done = getattr(files, step)
-
-    def stopped_after(*args):
-        done(*args)
-        raise KeyboardInterrupt
-
-    earlier = tmp_path / "demo"
-    earlier.mkdir()
-    (earlier / "parity.json").write_text("old")
-    monkeypatch.setattr(files, step, stopped_after)
+    earlier = an_earlier_demo(tmp_path)
+    stop_after(monkeypatch, files, step)
     writer = files.folder_filled_in_place if how == "in-place" else files.staged_folder
     with pytest.raises(KeyboardInterrupt):
         with writer(earlier, "parity.json") as folder:
@@ -1162,9 +1164,7 @@ def test_a_stop_as_a_finished_demo_removes_the_earlier_one_keeps_the_new_one(tmp
     stop (or a kill) during that removal leaves the new output, which no later run undoes."""
     from mra_export import files
 
-    earlier = tmp_path / "demo"
-    earlier.mkdir()
-    (earlier / "parity.json").write_text("old")
+    earlier = an_earlier_demo(tmp_path)
 
     def stopped(out, kind):
         raise KeyboardInterrupt
@@ -1190,9 +1190,7 @@ def test_a_kill_during_a_failed_demos_clean_up_keeps_the_earlier_one(tmp_path, m
     marker may go first), the earlier output is in place and the next run clears the rest."""
     from mra_export import files
 
-    earlier = tmp_path / "demo"
-    earlier.mkdir()
-    (earlier / "parity.json").write_text("old")
+    earlier = an_earlier_demo(tmp_path)
 
     def killed_halfway(path):
         (path / files.WRITING).unlink(missing_ok=True)

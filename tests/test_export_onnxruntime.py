@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mra_export import patch_model
-from mra_export.checkpoints import build_checkpoint, load_model
+from mra_export.checkpoints import build_checkpoint, load_config, load_model
 from mra_export.export import export_model, plugin_node
 from mra_export.export.info import ExportInfo
 from mra_export.files import sha256_of
@@ -27,8 +27,8 @@ TOLERANCE = 1e-4
 pytestmark = pytest.mark.slow
 
 
-def torch_outputs(checkpoint, task, feed):
-    model = patch_model(load_model(checkpoint, task)[0])
+def torch_outputs(checkpoint, task, feed, attention="auto"):
+    model = patch_model(load_model(checkpoint, task)[0], attention=attention)
     with torch.no_grad():
         outputs = model(**{name: torch.from_numpy(v) for name, v in feed.items()})
     return {name: outputs[name].numpy() for name in task.outputs}
@@ -253,14 +253,13 @@ def test_the_validation_export_json_records_is_onnxruntime_against_pytorch(small
     folder = exports["question-answering", "portable"]
     validation = ExportInfo.load(folder).validation
     assert (validation["batch"], validation["sequence_length"]) == (3, 45)
-    model = patch_model(load_model(small_checkpoints["question-answering"], task)[0],
-                        attention="reference")  # the attention the graph was traced from
-    inputs = example_inputs(task, model.config, batch=3, seq_len=45, seed=1)
-    got = ort.InferenceSession(str(folder / "model.onnx")).run(
-        list(task.outputs), {name: value.numpy() for name, value in inputs.items()})
-    with torch.no_grad():
-        expected = model(**inputs)
-    max_abs = max(float(np.abs(expected[name].numpy() - value).max())
+    checkpoint = small_checkpoints["question-answering"]
+    feed = {name: value.numpy() for name, value in
+            example_inputs(task, load_config(checkpoint), batch=3, seq_len=45, seed=1).items()}
+    got = ort.InferenceSession(str(folder / "model.onnx")).run(list(task.outputs), feed)
+    # The attention the graph was traced from.
+    expected = torch_outputs(checkpoint, task, feed, attention="reference")
+    max_abs = max(float(np.abs(expected[name] - value).max())
                   for name, value in zip(task.outputs, got))
     assert 0 < max_abs <= validation["tolerance"] == TOLERANCE
     assert validation["max_abs"] == pytest.approx(max_abs, rel=1e-3)

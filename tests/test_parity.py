@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mra_export import native
@@ -230,8 +231,6 @@ def test_parity_with_nothing_that_can_run_here_fails(bf16_exports, tmp_path, cap
 
 def test_an_exported_model_runner_closes_its_model_when_deactivated():
     """An engine holds a CUDA stream and device buffers: parity must release each one it loads."""
-    import numpy as np
-
     from mra_export.parity.runners import ExportedModelRunner
 
     class Model:
@@ -253,7 +252,6 @@ def test_an_exported_model_runner_closes_its_model_when_deactivated():
 
 
 def test_an_attention_context_of_another_shape_is_named_not_a_crash():
-    import numpy as np
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
@@ -297,7 +295,6 @@ class _FakeExport:
 def _check_fake_backend(changes, task="question-answering", int8=False):
     """check_backend on two feeds whose last 3 of 8 tokens are padding, an export that differs
     from PyTorch by ``changes``; judged by task agreement where ``int8``."""
-    import numpy as np
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
@@ -314,8 +311,7 @@ def _check_fake_backend(changes, task="question-answering", int8=False):
     pytorch = RunResults([("pytorch", [IterationResult(values, runner_name="pytorch")
                                        for values in reference])])
     backend = Backend("fake", "fake", TOLERANCES["int8" if int8 else "fp32"], agreement=int8,
-                      attention=not int8,
-                      load=lambda: _FakeExport(reference, changes))
+                      attention=not int8, load=lambda: _FakeExport(reference, changes))
     return check_backend(backend, pytorch, feeds, TASKS[task], ["input_ids", "attention_mask"],
                          ["attention_context.0"])
 
@@ -347,8 +343,6 @@ def test_a_head_that_differs_on_one_feed_is_the_first_divergence():
 def test_int8_agreement_counts_real_tokens_only():
     """An int8 answer judged by its argmaxes over the real tokens: a padded token's score, however
     high, is no answer, while a real token's moves the argmax."""
-    import numpy as np
-
     padded, real = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
     padded[0, 7], real[0, 2] = 100, 100  # PyTorch's argmax: token 1 of the real ones, 5 of all
     result = _check_fake_backend({(1, "start_logits"): padded}, int8=True)

@@ -21,7 +21,7 @@ import pytest
 from transformers import AutoTokenizer
 from tritonclient.grpc import model_config_pb2
 
-from mra_export.checkpoints import TOKENIZER_FILES
+from mra_export.checkpoints import TOKENIZER_FILES, load_config
 from mra_export.cli import main
 from mra_export.engines import build as build_module
 from mra_export.engines import system as system_module
@@ -619,7 +619,6 @@ def test_an_earlier_repository_of_this_command_is_replaced(exports, tmp_path):
 
 
 def test_the_tokenizer_model_truncates_at_the_models_length(exports):
-    from mra_export.checkpoints import load_config
     from mra_export.serving.parameters import MAX_LENGTH
 
     folder = exports["fill-mask", "portable"]
@@ -633,8 +632,6 @@ def test_the_python_backend_declares_bfloat16_outputs_as_the_float32_it_returns(
     """OrtMraModel hands the python backend float32 for a bf16 graph's outputs; Triton's
     onnxruntime backend serves the graph's own bf16."""
     import dataclasses
-
-    from mra_export.checkpoints import load_config
 
     folder = exports["fill-mask", "portable"]
     bf16 = dataclasses.replace(ExportInfo.load(folder), dtype="bf16",
