@@ -211,6 +211,19 @@ def test_an_unknown_layout_is_an_invalid_argument(cpu_library):
     assert cpu_library.lib.mraCheckParams(ctypes.byref(params)) == 1
 
 
+@pytest.mark.parametrize("field,value", [
+    ("dtype", 3), ("approx_mode", 2), ("initial_prior_first_n_blocks", -1),
+    ("initial_prior_diagonal_n_blocks", -1)])
+def test_a_setting_out_of_range_is_an_invalid_argument(cpu_library, field, value):
+    """The C interface checks every setting itself: the front ends refuse these first, but a
+    direct caller's unknown dtype would be read as float32, an unknown mode run as "sparse"."""
+    params = cpu_library.params(torch.zeros(1, 1, 64, 32), num_blocks=4)
+    assert cpu_library.lib.mraCheckParams(ctypes.byref(params)) == 0
+    setattr(params, field, value)
+    assert cpu_library.lib.mraCheckParams(ctypes.byref(params)) == 1
+    assert cpu_library.lib.mraWorkspaceSize(ctypes.byref(params)) == 0
+
+
 def test_rows_whose_logits_are_all_below_minus_1e5_keep_the_kernels_floor(cpu_library):
     """The original's integer row max starts at -1e8, so M never goes below -1e5 (= -1e8 / 1e3):
     with every logit at -1.875e5 the high-resolution part then weighs exp(P - M) = 0."""

@@ -91,6 +91,21 @@ def test_exact_ties_go_to_the_lower_flat_index(emulated_kernels):
     assert_exact_ties_go_to_the_lower_flat_index(emulated_kernels)
 
 
+def test_ties_cut_in_a_later_cta_of_the_cluster(emulated_kernels):
+    """A row's cells are split over its cluster's CTAs in rank order, 512 a CTA here (one a
+    thread), so the first tied cells in flat order may all lie in CTA 0 and the cut in CTA 1:
+    CTA 1 must rank its ties after CTA 0's. A zero query ties all 23 x 23 cells; 520 are taken,
+    those of the lowest flat indices."""
+    _, k, v = random_qkv(1, 1, 736, 32, seed=5)
+    q = torch.zeros_like(k)
+    mask = torch.ones(1, 736)
+    emulated_kernels.take_largest_cluster()
+    _, selected = emulated_kernels.attention(q, k, v, mask, num_blocks=520)
+    assert emulated_kernels.take_largest_cluster() > 1  # one row on 132 SMs: a cluster
+    assert selected.tolist() == [list(range(520))]
+    assert check(emulated_kernels, q, k, v, mask, num_blocks=520) <= TOLERANCE
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_half_precision_tensor_core_path(emulated_kernels, dtype, head_dim):

@@ -6,6 +6,7 @@ builds real engines where TensorRT and a GPU are present.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -123,6 +124,10 @@ def test_incomplete_or_invalid_specs(tmp_path):
         load_spec_file(tmp_path)
     with pytest.raises(UserError, match="workspace must be a positive number of MB, got True"):
         resolve_spec(onnx="x.onnx", out="y", workspace_mb=True)
+    for none in (0, -1):  # 0 MB is no workspace, not "no limit"
+        with pytest.raises(UserError, match=f"workspace must be a positive number of MB, "
+                                            f"got {none}"):
+            resolve_spec(onnx="x.onnx", out="y", workspace_mb=none)
     with pytest.raises(UserError, match="--shapes: batch is given twice; give each axis once"):
         parse_shapes("batch=1/1/1,batch=2/2/2")
     with pytest.raises(UserError, match="nothing to build"):
@@ -141,6 +146,17 @@ def test_profile_is_bounded_by_max_position_embeddings(exports):
     with pytest.raises(UserError, match="sequence max 300 is past the model's "
                                         "max_position_embeddings=256"):
         resolve_spec(onnx="x.onnx", out="y", shapes="sequence=1/64/300").profile(info)
+
+
+def test_the_default_profile_is_the_documented_one(exports):
+    """engines/README.md: batch 1/1/8, sequence 1/128/max_position_embeddings, choices 1/2/4."""
+    spec = resolve_spec(onnx="x.onnx", out="y")
+    qa, choices = (ExportInfo.load(exports[task, "plugin"])
+                   for task in ("question-answering", "multiple-choice"))
+    limit = qa.max_sequence_length
+    assert spec.profile(qa)["input_ids"] == ((1, 1), (1, 128), (8, limit))
+    assert spec.profile(choices)["input_ids"] == (
+        (1, 1, 1), (1, 2, 128), (8, 4, limit))  # batch, choices, sequence
 
 
 # --- building (TensorRT injected) ----------------------------------------------------------------
@@ -319,6 +335,38 @@ def test_the_build_registers_the_plugin_before_parsing_a_network_of_the_exports_
     assert registered_when_parsed == [(library, True), (library, False)]
 
 
+@pytest.mark.parametrize("export_dtype,precision,flags", [
+    ("fp32", "fp32", (False, False)), ("fp32", "fp16", (True, False)),
+    ("fp32", "bf16", (False, True)), ("fp16", "fp16", (False, False)),
+    ("bf16", "bf16", (False, False))])
+def test_precision_flags_go_only_to_a_network_lowered_from_fp32(
+        exports, tmp_path, plugin_library, fresh_registrations, monkeypatch, export_dtype,
+        precision, flags):
+    """TensorRT refuses fp16/bf16 builder flags on a strongly typed network: they belong to an
+    fp32 export lowered by TensorRT 10, never to an export already in the engine's type."""
+    from polygraphy.backend import trt as polygraphy_trt
+
+    class ConfigReached(Exception):
+        pass
+
+    def create_config(**options):
+        seen.append((options["fp16"], options["bf16"]))
+        raise ConfigReached
+
+    seen = []
+    tensorrt = types.SimpleNamespace(get_plugin_registry=lambda: FakeRegistry(),
+                                     IProgressMonitor=object)
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt)
+    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", lambda path, strongly_typed: path)
+    monkeypatch.setattr(polygraphy_trt, "CreateConfig", create_config)
+    spec = resolve_spec(onnx=str(exports["fill-mask", "plugin"]), plugin=str(plugin_library),
+                        out=str(tmp_path / "engine"))
+    info = dataclasses.replace(ExportInfo.load(spec.export_folder), dtype=export_dtype)
+    with pytest.raises(ConfigReached):
+        build_module.build_serialized_engine(spec, info, precision, spec.profile(info), H200)
+    assert seen == [flags]
+
+
 # --- refusing engines that do not fit ------------------------------------------------------------
 
 @pytest.fixture
@@ -339,6 +387,15 @@ def test_refused_on_another_tensorrt_or_gpu(built_engine, system, message):
     assert refusal.startswith(f"cannot use the engine in {built_engine}:")
     assert __import__("re").search(message, refusal)
     assert "Rebuild it on this machine: mra-export build --onnx" in refusal
+
+
+def test_refused_on_a_gpu_of_the_same_major_but_another_minor_capability(built_engine):
+    """An engine holds kernels for one SM version: an A10's (8.6) does not fit an L40S (8.9)."""
+    manifest = dataclasses.replace(EngineManifest.load(built_engine), compute_capability="8.6",
+                                   gpu_name="NVIDIA A10")
+    refusal = manifest.refusal(SystemInfo("10.8.0.43", "NVIDIA L40S", "8.9"), built_engine)
+    assert refusal is not None and ("built for compute capability 8.6 (NVIDIA A10), this GPU is "
+                                    "8.9 (NVIDIA L40S)") in refusal
 
 
 def test_the_rebuild_command_builds_the_same_engine(exports, tmp_path, plugin_library, fake_tensorrt,
@@ -391,8 +448,10 @@ class ReusingRunner:
     """Polygraphy's TrtRunner as far as results go: torch outputs (bfloat16 here, as a bf16
     engine gives them) in one host buffer per output, overwritten by the next call."""
 
+    dtype = torch.bfloat16
+
     def __init__(self, engine, name):
-        self.buffers, self.is_active = {}, False
+        self.buffers, self.storage, self.is_active = {}, {}, False
 
     def activate(self):
         self.is_active = True
@@ -403,30 +462,62 @@ class ReusingRunner:
     def infer(self, feed_dict):
         ids = feed_dict["input_ids"]
         assert isinstance(ids, torch.Tensor)  # so that Polygraphy returns torch outputs
-        for name in ("start_logits", "end_logits"):
-            self.buffers.setdefault(name, torch.empty(0, dtype=torch.bfloat16))
-            self.buffers[name].resize_(ids.shape).copy_(ids / 3)
+        for name in ("start_logits", "end_logits"):  # a larger result gets a larger buffer
+            if len(self.storage.get(name, ())) < ids.numel():
+                self.storage[name] = torch.empty(max(ids.numel(), 4096), dtype=self.dtype)
+            self.buffers[name] = self.storage[name][:ids.numel()].view(ids.shape).copy_(ids / 3)
         return self.buffers
 
 
-def test_engine_results_are_copied_out_of_the_runners_buffers(built_engine, monkeypatch):
+class ReusingFloat32Runner(ReusingRunner):
+    """The same with float32 outputs (an fp32 or fp16 engine's), which need no widening."""
+
+    dtype = torch.float32
+
+
+@pytest.mark.parametrize("runner", [ReusingRunner, ReusingFloat32Runner])
+def test_engine_results_are_copied_out_of_the_runners_buffers(built_engine, monkeypatch, runner):
     from polygraphy.backend import trt as polygraphy_trt
 
     from mra_export.runtime.trt import TrtMraModel
 
-    monkeypatch.setattr(polygraphy_trt, "TrtRunner", ReusingRunner)
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", runner)
     manifest = EngineManifest.load(built_engine)
     model = TrtMraModel(ExportInfo(**manifest.export), None, built_engine, manifest, engine=None)
     first_ids = np.array([[5, 6, 7]], dtype=np.int64)
     first = model.run_raw({"input_ids": first_ids, "attention_mask": np.ones_like(first_ids)})
     second_ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
     model.run_raw({"input_ids": second_ids, "attention_mask": np.ones_like(second_ids)})
-    expected = torch.from_numpy(first_ids / 3).bfloat16().float().numpy()
+    expected = torch.from_numpy(first_ids / 3).to(runner.dtype).float().numpy()
     for name in ("start_logits", "end_logits"):
         assert first[name].dtype == np.float32  # bfloat16 widened: numpy has no bfloat16
         np.testing.assert_array_equal(first[name], expected)  # not the second call's values
     model.close()
     assert not model.runner.is_active
+
+
+def test_inputs_at_the_profiles_bounds_run_and_one_past_them_is_refused(built_engine, monkeypatch):
+    """TensorRT's profile ranges are inclusive: its min and max shapes run; one more is refused
+    before the runner sees it."""
+    from polygraphy.backend import trt as polygraphy_trt
+
+    from mra_export.errors import InputError
+    from mra_export.runtime.trt import TrtMraModel
+
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", ReusingRunner)
+    manifest = EngineManifest.load(built_engine)
+    model = TrtMraModel(ExportInfo(**manifest.export), None, built_engine, manifest, engine=None)
+    bounds = manifest.profiles[0]["input_ids"]
+    for batch, length in (bounds["min"], bounds["max"]):
+        ids = np.ones((batch, length), dtype=np.int64)
+        outputs = model.run_raw({"input_ids": ids, "attention_mask": ids})
+        assert outputs["end_logits"].shape == ids.shape
+    batch, length = bounds["max"]
+    for past in ((batch + 1, length), (batch, length + 1)):
+        ids = np.ones(past, dtype=np.int64)
+        with pytest.raises(InputError, match="outside this engine's profile"):
+            model.run_raw({"input_ids": ids, "attention_mask": ids})
+    model.close()
 
 
 def test_corrupt_or_missing_manifest(tmp_path):
@@ -440,6 +531,8 @@ def test_corrupt_or_missing_manifest(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m["sha256"].pop("plugin"), "no sha256 for the plugin"),
     (lambda m: m.update(profiles=[]), "profiles must be one profile of min, opt and max shapes"),
+    (lambda m: m.update(profiles=m["profiles"] * 2),  # the engine has one; which would run?
+     "profiles must be one profile of min, opt and max shapes"),
     (lambda m: m.update(export={}), "its export record: .*missing 16 required"),
     (lambda m: m["export"].update(task="fill-mask"), r"its export record: outputs \['start_logits', "
                                                      r"'end_logits'\] are not the fill-mask head's"),

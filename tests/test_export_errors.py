@@ -19,6 +19,7 @@ from transformers import BertConfig, MraConfig, MraModel
 from mra_export.cli import main
 from mra_export.errors import InputError, UserError
 from mra_export.export import export_model
+from mra_export.patching import patch_model
 from mra_export.runtime import OrtMraModel
 from mra_export.runtime import ort as ort_module
 from mra_export.runtime.plugin_reference import ReferencePluginModel
@@ -536,6 +537,23 @@ def test_plugin_exports_of_head_dims_the_cuda_kernels_lack_are_refused_first(
                                         f"model's is {head_dim}; export it with --flavour portable"):
         export_model(tmp_path / "model", tmp_path / "out", flavour="plugin")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plugin_export_of_a_head_dim_under_32_is_made_and_runs(tmp_path):
+    """The patched model pads head dims under 32 to 32, which the CUDA kernels take: a model of
+    head_dim 16 exports to the plugin flavour, and its graph computes what the patched
+    PyTorch model does."""
+    config = MraConfig(vocab_size=50, hidden_size=32, num_attention_heads=2,
+                       num_hidden_layers=1, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    MraModel(config).save_pretrained(tmp_path / "model")
+    export_model(tmp_path / "model", tmp_path / "out", flavour="plugin", log=lambda m: None)
+    ids = torch.randint(3, 50, (1, 40))
+    patched = patch_model(MraModel.from_pretrained(tmp_path / "model"), attention="reference")
+    with torch.no_grad():
+        expected = patched(input_ids=ids).last_hidden_state  # transformers' MRA needs CUDA
+    ours = ReferencePluginModel.from_pretrained(tmp_path / "out")(input_ids=ids.numpy())
+    assert np.abs(np.asarray(ours["last_hidden_state"]) - expected.numpy()).max() <= 1e-4
 
 
 def test_the_cli_prints_one_line_and_exits_2(small_checkpoints, tmp_path, capsys):

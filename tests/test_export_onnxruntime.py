@@ -7,13 +7,14 @@ import re
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
 
 from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_config, load_model
-from mra_export.export import export_model, plugin_node
+from mra_export.export import export_model, graph_names, plugin_node
 from mra_export.export.info import ExportInfo
 from mra_export.files import sha256_of
 from mra_export.parity.inputs import parity_feeds, parity_shapes
@@ -190,6 +191,21 @@ def test_export_json_describes_the_folder(exports):
     assert info["attention_contexts"] == ["attention_context.0", "attention_context.1"]
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     assert info["tokenizer"] is True
+
+
+def test_attention_contexts_are_listed_in_layer_order_past_ten_layers():
+    """export.json's attention_contexts (parity's per-layer diagnostic) follow the layers:
+    layer 10 comes after layer 9, not after layer 1 as text would sort it."""
+    layers = 12
+    names = [graph_names.ATTENTION_CONTEXT.format(layer=layer) for layer in range(layers)]
+    nodes = [onnx.helper.make_node("Identity", [source], [target])
+             for source, target in zip(["x", *names], names)]
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(nodes, "layers",
+                                   [value("x", onnx.TensorProto.FLOAT, [1])],
+                                   [value(names[-1], onnx.TensorProto.FLOAT, [1])])
+    model = ir.from_proto(onnx.helper.make_model(graph))
+    assert graph_names.attention_contexts(model) == names
 
 
 def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_path):

@@ -181,6 +181,21 @@ def test_gradients_are_the_references():
         assert ours is not None and (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_gradients_with_priors_are_the_references(mode):
+    """The backward pass recomputes the reference with the forward's settings: each prior must
+    reach it as itself (first != diagonal here, so a swap would select other blocks)."""
+    q, k, v = random_qkv(2, 2, 160, 32, seed=5)
+    mask = ragged_mask(2, 160, [160, 90])
+    grads = []
+    for attention in (fused.fused_mra_attention, mra_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, mask, **settings(8, mode, first=1, diagonal=3)).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, expected in zip(*grads):
+        assert ours is not None and (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_compile_and_export_trace_the_op_as_one_node():
     q, k, v = random_qkv(1, 2, 64, 32, seed=6)
     mask = torch.ones(1, 64, dtype=torch.int32)

@@ -70,12 +70,13 @@ def attributes(num_blocks, mode="full", first=0, diagonal=0) -> dict:
                 initial_prior_first_n_blocks=first, initial_prior_diagonal_n_blocks=diagonal)
 
 
-def node_graph(dtype=torch.float32, key_dtype=None, **node_attributes) -> bytes:
+def node_graph(dtype=torch.float32, key_dtype=None, value_dtype=None, **node_attributes) -> bytes:
     """One MraAttention node with float32 inputs and output, cast to and from ``dtype`` around
     it (numpy has no bfloat16): exact, as the values fed are ``dtype``'s already."""
     key_dtype = key_dtype or dtype
+    value_dtype = value_dtype or dtype
     nodes, names = [], []
-    for name, kind in (("query", dtype), ("key", key_dtype), ("value", dtype)):
+    for name, kind in (("query", dtype), ("key", key_dtype), ("value", value_dtype)):
         if kind == torch.float32:
             names.append(name)
         else:
@@ -191,6 +192,17 @@ def test_one_session_serves_every_shape_and_an_empty_batch(op_library):
     assert run(sess, empty, empty, empty, torch.zeros(0, 64)).shape == (0, 2, 64, 32)
 
 
+def test_absent_attributes_take_the_plugins_defaults(op_library):
+    """A node that gives only num_blocks: approx_mode "full", block_size 32, no priors and
+    layout "bhsd", as the plugin's fields default and as MraConfig does (mode "sparse" would
+    drop the low-resolution term: a different result wherever a block is left out)."""
+    q, k, v = random_qkv(2, 2, 160, 32, seed=13)
+    mask = ragged_mask(2, 160, [160, 100])
+    ours = op(op_library, q, k, v, mask, num_blocks=6)
+    expected = mra_attention(q, k, v, mask, num_blocks=6, approx_mode="full")
+    assert (ours - expected).abs().max().item() <= TOLERANCE
+
+
 def refusal(library, graph: bytes, query, key, value, mask) -> str:
     with pytest.raises(Exception) as raised:  # onnxruntime's own exception types
         run(session(library, graph), query, key, value, mask)
@@ -214,10 +226,21 @@ def test_bad_inputs_are_refused_in_one_line_naming_the_problem(op_library):
     assert ("query, key and value must share one type, float32, float16 or bfloat16 (got "
             "float32, float16, float32)") in refusal(op_library, node_graph(
                 torch.float32, torch.float16, **attributes(4)), q, k, v, mask)
+    # A value of another type than query and key would be read as query's type. (onnxruntime
+    # types the op's output as its value, so the value is the graph's float32 here.)
+    assert "(got float16, float16, float32)" in refusal(op_library, node_graph(
+        torch.float16, value_dtype=torch.float32, **attributes(4)), q, k, v, mask)
     assert "(got float64, float64, float64)" in refusal(
         op_library, node_graph(torch.float64, **attributes(4)), q, k, v, mask)
     assert "attribute num_blocks must be an integer from 1 to 2^31-1, got 0" in refusal(
         op_library, node_graph(**attributes(0)), q, k, v, mask)
+    # 2^32 + 4 would wrap around to a valid-looking 4 in int32.
+    assert "attribute num_blocks must be an integer from 1 to 2^31-1, got 4294967300" in refusal(
+        op_library, node_graph(**attributes(2**32 + 4)), q, k, v, mask)
+    assert "attribute initial_prior_first_n_blocks must be an integer from 0 to 2^31-1, got -1" \
+        in refusal(op_library, node_graph(**attributes(4, first=-1)), q, k, v, mask)
+    assert "attribute initial_prior_diagonal_n_blocks must be an integer from 0 to 2^31-1, got -2" \
+        in refusal(op_library, node_graph(**attributes(4, diagonal=-2)), q, k, v, mask)
     assert 'attribute approx_mode must be "full" or "sparse", got "dense"' in refusal(
         op_library, node_graph(**attributes(4, "dense")), q, k, v, mask)
     assert 'attribute layout must be "bhsd" or "bshd", got "sbhd"' in refusal(

@@ -382,3 +382,31 @@ def test_sparse_mode_and_priors_reach_both_flavours(tmp_path):
     report = run_parity(checkpoint, list(folders.values()), log=lambda message: None)
     ran = {b.backend for b in report.backends if b.status != "skipped"}
     assert ran == {"onnxruntime-cpu"} | plugin_graph_backends() and report.passed
+
+
+@pytest.mark.parametrize("failing_heads,verdict", [((), "ALL PASSED"),
+                                                   (("question-answering",), "FAILURES ABOVE")])
+def test_the_demo_passes_only_when_every_heads_parity_passes(tmp_path, monkeypatch,
+                                                               failing_heads, verdict):
+    """One head failing parity fails the demo (and its exit status), whatever the others do.
+    The checkpoints, exports and parity runs are stood in for: only the verdict is checked."""
+    from mra_export import demo
+    from mra_export.parity.report import BackendResult, ParityReport
+
+    def parity(checkpoint, exports, engines, log):
+        task = Path(checkpoint).name
+        status = "failed" if task in failing_heads else "passed"
+        backend = BackendResult("onnxruntime-cpu", "x", status)
+        return ParityReport(str(checkpoint), task, [], [backend])
+
+    monkeypatch.setattr(demo, "build_default_checkpoints",
+                        lambda root: {task: Path(root) / task for task in TASKS})
+    monkeypatch.setattr(demo, "padding_unsupported_reason", lambda: "not under test")
+    monkeypatch.setattr(demo, "export_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "_engines", lambda *args: {})
+    monkeypatch.setattr(demo, "run_parity", parity)
+    lines = []
+    assert demo.run_demo(tmp_path / "demo", log=lines.append) is (not failing_heads)
+    assert lines[-1].endswith(verdict)
+    summary = json.loads((tmp_path / "demo" / demo.SUMMARY).read_text())
+    assert [head["passed"] for head in summary] == [task not in failing_heads for task in TASKS]

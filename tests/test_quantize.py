@@ -9,6 +9,7 @@ of a random model (measured: 93.75% end-argmax agreement for its question-answer
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -96,6 +97,20 @@ def test_the_encoder_weight_matmuls_are_int8_as_recorded(qa):
         {n.name for n in matmuls} - set(recorded["nodes"]))
 
 
+def test_export_json_records_the_largest_int8_difference_over_every_output(qa):
+    """export.json's validation is the int8 graph against the fp32 export on its sample, the
+    largest difference over all the head's outputs (QA: both ends), recomputed here."""
+    validation = ExportInfo.load(qa["int8"]).validation
+    config = load_model(qa["checkpoint"], QA)[0].config
+    sample = example_inputs(QA, config, batch=validation["batch"],
+                            seq_len=validation["sequence_length"], seed=1)
+    feed = {name: tensor.numpy() for name, tensor in sample.items()}
+    runs = [ort.InferenceSession(str(qa[kind] / "model.onnx"), providers=["CPUExecutionProvider"])
+            .run(list(QA.outputs), feed) for kind in ("int8", "fp32")]
+    per_output = [float(np.abs(int8 - fp32).max()) for int8, fp32 in zip(*runs)]
+    assert validation["max_abs_vs_fp32_export"] == pytest.approx(max(per_output), rel=1e-6)
+
+
 def test_the_attention_and_every_other_node_stay_float(qa):
     """Every node of the fp32 graph but the quantized MatMuls is in the int8 graph unchanged
     (same op, inputs and outputs): the attention's block products, its TopK selection, sums
@@ -115,6 +130,27 @@ def test_the_attention_and_every_other_node_stay_float(qa):
     assert readers == {"MatMulInteger"}
     outputs = {o.name: o.type.tensor_type.elem_type for o in int8.graph.output}
     assert outputs == {name: onnx.TensorProto.FLOAT for name in QA.outputs}
+
+
+def test_a_quantizer_that_rewrites_an_attention_matmul_is_refused(qa, tmp_path, monkeypatch):
+    """The attention's block products must stay float MatMuls: where onnxruntime's quantizer
+    (another version of it) rewrites one as well as the chosen ones, quantize says so."""
+    quantize_for_real = quantize_module._quantize
+    source = qa["fp32"] / "model.onnx"
+    attention_matmul = quantize_module.split_matmuls(onnx.load(str(source)))[1][0]
+
+    def quantize_and_rewrite_one_more(source, target, nodes, external):
+        quantize_for_real(source, target, nodes, external)
+        model = onnx.load(str(target))
+        node = next(n for n in model.graph.node if n.name == attention_matmul)
+        node.name = f"{attention_matmul}_rewritten"
+        onnx.save(model, str(target))
+
+    monkeypatch.setattr(quantize_module, "_quantize", quantize_and_rewrite_one_more)
+    layers = ExportInfo.load(qa["fp32"]).attention["layers"]
+    changed = re.escape(f"attention MatMuls changed: ['{attention_matmul}']")
+    with pytest.raises(UserError, match=changed):
+        quantize_module.quantize_graph(source, tmp_path / "model.onnx", layers)
 
 
 def test_int8_outputs_are_within_the_quantization_tolerance_of_pytorch(qa):

@@ -256,9 +256,16 @@ def test_a_failing_block_still_stops_the_server(tritonserver, tmp_path):
     assert running.process.poll() is not None and not running.ready()
 
 
-def test_the_server_command_refuses_a_missing_repository_or_log_folder_in_one_line(tmp_path, capsys):
+def test_the_server_command_refuses_a_missing_repository_or_log_folder_in_one_line(
+        tmp_path, capsys, monkeypatch):
     """Checked before any server starts (none is needed here), and nothing left behind."""
+    from mra_export.serving import server
     from mra_export.serving.server import main as serve
+
+    def start(self, timeout=None):  # a check gone would serve until killed: fail instead
+        raise AssertionError(f"a server was started for {self.repo}")
+
+    monkeypatch.setattr(server.TritonServer, "start", start)
 
     temporary = set(Path(tempfile.gettempdir()).glob("tritonserver-*"))
     assert serve(["--repo", str(tmp_path / "nope")]) == 2
@@ -324,6 +331,17 @@ def test_counts_after_a_load_wait_for_the_requests_triton_records_late(monkeypat
                         lambda url, model, protocol="grpc": load.BatchingStats(399, 0, 0))
     counts = load.batching_stats_since("url", "m", before, requests=400, timeout=0.2)
     assert counts.requests == 399
+
+
+def test_counts_after_a_load_are_every_count_less_those_before_it(monkeypatch):
+    """The load test judges merging by executions < requests within its own window: each
+    count (executions too) is since the read before the load, not since the model loaded
+    (after 1000 requests in 1000 runs, 400 requests in 300 runs were merged)."""
+    monkeypatch.setattr(load, "batching_stats",
+                        lambda url, model, protocol="grpc": load.BatchingStats(1400, 3000, 1300))
+    before = load.BatchingStats(1000, 2000, 1000)
+    counts = load.batching_stats_since("url", "m", before, requests=400)
+    assert counts == load.BatchingStats(requests=400, inferences=1000, executions=300)
 
 
 # --- configs against the schema and the graph ----------------------------------------------------
@@ -625,6 +643,35 @@ def test_the_tokenizer_model_truncates_at_the_models_length(exports):
     config = triton_module.tokenizer_config(ExportInfo.load(folder), "m", 8)
     assert int(config["parameters"][MAX_LENGTH]["string_value"]) == \
         load_config(folder).max_position_embeddings
+
+
+def test_the_tokenizer_model_never_pads_past_a_length_that_is_no_block_multiple(exports):
+    """Rows are padded to a multiple of 32 only where the model's length is one: for a model of
+    100 positions a long text is cut at 100, as its own tokenizer cuts it, not padded to 128."""
+    from mra_export.serving.python_backend import TokenizerServer
+
+    folder = exports["fill-mask", "portable"]
+    tokenizer = TokenizerServer(folder, "fill-mask", ["input_ids", "attention_mask"], 100, None)
+    text = "Long documents need attention whose cost grows linearly. " * 20
+    served = tokenizer.tokenize(np.array([[text]], dtype=object))["input_ids"]
+    expected = AutoTokenizer.from_pretrained(folder)([text], truncation=True, max_length=100,
+                                                     return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(served, expected)
+
+
+def test_a_python_model_refuses_a_stub_of_another_python():
+    """model.py records the writer's Python: its site-packages hold compiled packages for that
+    Python alone, so a stub of another one is refused with what to do, not left to crash."""
+    import sys
+
+    from mra_export.serving import triton_model
+
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    triton_model._check_python(running)
+    with pytest.raises(RuntimeError, match=f"written by Python 2.7 .* the python backend's stub "
+                                           f"runs Python {running}; serve it with a stub for "
+                                           "Python 2.7"):
+        triton_model._check_python("2.7")
 
 
 def test_the_python_backend_declares_bfloat16_outputs_as_the_float32_it_returns(exports,

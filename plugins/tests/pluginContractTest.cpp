@@ -213,6 +213,9 @@ int main(int argc, char** argv)
     DataType outputType = DataType::kFLOAT;
     expect(build->getOutputDataTypes(&outputType, 1, inputTypes, 4) == 0 && outputType == DataType::kHALF,
         "output type = query type");
+    DataType const int8Inputs[4] = {DataType::kINT8, DataType::kINT8, DataType::kINT8, DataType::kINT32};
+    std::printf("(an error message about the input types is expected next)\n");
+    expect(build->getOutputDataTypes(&outputType, 1, int8Inputs, 4) != 0, "no output type for an int8 query");
 
     // Output shape = query shape (the expressions are opaque handles; only copied).
     DimsExprs inputs[4]{};
@@ -270,7 +273,7 @@ int main(int argc, char** argv)
     };
     auto shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 100));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) == 0, "matching runtime shapes");
-    std::printf("(three error messages about runtime shapes are expected next)\n");
+    std::printf("(four error messages about runtime shapes are expected next)\n");
     shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 96, 64), dims2(2, 100));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a key of another length is refused");
     shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 100));
@@ -278,6 +281,8 @@ int main(int argc, char** argv)
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a value of another length is refused");
     shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(2, 64));
     expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a mask of another length is refused");
+    shapes = runtimeDescs(dims4(2, 12, 100, 64), dims4(2, 12, 100, 64), dims2(3, 100));
+    expect(runtime->onShapeChange(shapes.data(), 4, shapes.data() + 4, 1) != 0, "a mask of another batch is refused");
 
     // Workspace from the profile's maxima.
     MraAttentionParams largest{8, 12, 4096, 64, 64, 32, MRA_SPARSE, 1, 3, MRA_FLOAT16, MRA_BHSD};
@@ -286,7 +291,7 @@ int main(int argc, char** argv)
     expect(workspaceSize(&largest) > 0, "workspace is non-zero");
 
     // Bad node fields fail createPlugin (the builder then names the node).
-    std::printf("(four error messages about bad fields are expected next)\n");
+    std::printf("(six error messages about bad fields are expected next)\n");
     NodeFields badMode;
     badMode.mode = "dense";
     expect(creator->createPlugin("bad", badMode.get(), TensorRTPhase::kBUILD) == nullptr, "approx_mode 'dense'");
@@ -296,6 +301,12 @@ int main(int argc, char** argv)
     NodeFields badCount;
     badCount.numBlocks = 0;
     expect(creator->createPlugin("bad", badCount.get(), TensorRTPhase::kBUILD) == nullptr, "num_blocks 0");
+    NodeFields badFirst;
+    badFirst.first = -1;
+    expect(creator->createPlugin("bad", badFirst.get(), TensorRTPhase::kBUILD) == nullptr, "first prior -1");
+    NodeFields badDiagonal;
+    badDiagonal.diagonal = -1;
+    expect(creator->createPlugin("bad", badDiagonal.get(), TensorRTPhase::kBUILD) == nullptr, "diagonal prior -1");
     NodeFields wideCount;
     int64_t const tooMany = (int64_t{1} << 32) + 64; // would wrap to a valid 64 in int32
     wideCount.get();
