@@ -17,21 +17,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
-demo: setup plugins
-	$(VENV)/bin/mra-export demo
-
 # TensorRT's and onnxruntime's public headers, where ../shared/third_party has them (CI does):
-# `make test` then builds and tests the plugin over the emulated kernels and the onnxruntime op.
+# `make demo` and `make test` then build the plugin over the emulated kernels and the
+# onnxruntime op, and run them.
 THIRD_PARTY := $(abspath ../shared/third_party)
-TEST_HEADERS := $(if $(wildcard $(THIRD_PARTY)/tensorrt/include/NvInferRuntime.h),TRT_INCLUDE_DIR=$(THIRD_PARTY)/tensorrt/include) \
+SHARED_HEADERS := $(if $(wildcard $(THIRD_PARTY)/tensorrt/include/NvInferRuntime.h),TRT_INCLUDE_DIR=$(THIRD_PARTY)/tensorrt/include) \
   $(if $(wildcard $(THIRD_PARTY)/onnxruntime/include/onnxruntime_c_api.h),ORT_INCLUDE_DIR=$(THIRD_PARTY)/onnxruntime/include)
+
+demo: setup
+	$(MAKE) plugins $(SHARED_HEADERS)
+	$(VENV)/bin/mra-export demo
 
 # One pytest-xdist worker per core: the suite is mostly single-threaded tracing for export. Each
 # test file runs in one worker, which builds its module fixtures once; the workers share the
 # session fixtures' builds (tests/shared_builds.py). TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 test: setup
-	$(MAKE) plugins $(TEST_HEADERS)
+	$(MAKE) plugins $(SHARED_HEADERS)
 	$(MAKE) triton-server || echo "make test: no tritonserver here (said above); tests/test_triton.py skips"
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
