@@ -84,6 +84,14 @@ def test_a_tokenizer_longer_than_the_model_is_noted_at_export(small_checkpoints,
                 "max_length=256 when truncating" in capsys.readouterr().err)
 
 
+def test_a_tokenizer_as_long_as_the_model_gets_no_note(small_checkpoints, tmp_path, capsys):
+    """build_checkpoint's tokenizer stops at max_position_embeddings (256): truncation=True
+    already gives what the model takes, so there is nothing to note."""
+    assert main(["export", "--model", str(small_checkpoints["fill-mask"]), "--out",
+                 str(tmp_path / "out"), "--flavour", "plugin"]) == 0
+    assert "note: the tokenizer" not in capsys.readouterr().err
+
+
 def test_a_config_that_is_not_mra(tmp_path):
     BertConfig().save_pretrained(tmp_path / "bert")
     with pytest.raises(UserError, match="holds a 'bert' model, not MRA"):
@@ -122,6 +130,7 @@ def edited_checkpoint(source, folder, **config_edits):
     # vocabulary, a TypeError on architectures, onnxruntime's on a negative epsilon
     (dict(num_attention_heads=0), "num_attention_heads must be a whole number >= 1, got 0"),
     (dict(vocab_size=0), "vocab_size must be a whole number >= 1, got 0"),
+    (dict(type_vocab_size=0), "type_vocab_size must be a whole number >= 1, got 0"),
     (dict(num_hidden_layers=-1), "num_hidden_layers must be a whole number >= 0, got -1"),
     (dict(architectures=5), "architectures must be a list of class names, got 5"),
     (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a number > 0, got -1.0"),
@@ -203,6 +212,24 @@ def test_a_failed_export_removes_the_parent_folders_it_made(small_checkpoints, t
     with pytest.raises(UserError, match="cannot load MraForMaskedLM"):
         export_model(checkpoint, tmp_path / "new" / "deeper" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_output_gets_the_permissions_of_any_file_made_under_the_umask(small_checkpoints,
+                                                                        tmp_path):
+    """Outputs are staged in mkdtemp/mkstemp entries (0700/0600): once in place they must be as
+    readable as a file or folder made the ordinary way (say, by a Triton server of another
+    user)."""
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / "plain_folder").mkdir()
+        (tmp_path / "plain_file").write_text("")
+        export_model(small_checkpoints["fill-mask"], tmp_path / "out", **FOLDER_TEST)
+    finally:
+        os.umask(previous)
+    ordinary = {True: (tmp_path / "plain_folder").stat().st_mode,
+                False: (tmp_path / "plain_file").stat().st_mode}
+    made = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    assert len(made) > 3 and all(path.stat().st_mode == ordinary[path.is_dir()] for path in made)
 
 
 def test_an_output_path_through_dot_dot_is_the_folder_it_names(small_checkpoints, tmp_path):
@@ -556,6 +583,27 @@ def test_a_plugin_export_of_a_head_dim_under_32_is_made_and_runs(tmp_path):
     assert np.abs(np.asarray(ours["last_hidden_state"]) - expected.numpy()).max() <= 1e-4
 
 
+class DataDependentBranch(torch.nn.Module):
+    """Model code torch.export cannot trace: a branch on a tensor's value."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def test_a_model_torch_export_cannot_trace_is_named_in_one_line(capsys):
+    """torch.onnx's own message only points at "the error above", which torch.export printed
+    to stderr as the graph it traced: the root cause is named instead, and nothing printed."""
+    from mra_export.export import tracing
+
+    with pytest.raises(UserError) as raised:
+        tracing.onnx_graph(DataDependentBranch(), {"x": torch.ones(2, 3)},
+                           {"x": {0: torch.export.Dim("batch")}}, 20, ["y"])
+    assert str(raised.value).startswith("torch.onnx.export failed: GuardOnDataDependentSymNode: "
+                                        "Could not guard on data-dependent expression")
+    assert "\n" not in str(raised.value)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_the_cli_prints_one_line_and_exits_2(small_checkpoints, tmp_path, capsys):
     code = main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     captured = capsys.readouterr()
@@ -889,6 +937,29 @@ def test_a_thread_count_onnxruntime_cannot_take_is_one_line(value, monkeypatch):
         ort_module.default_options()
     monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", " 3 ")
     assert ort_module.default_options().intra_op_num_threads == 3
+
+
+def test_up_to_four_threads_a_core_are_taken_and_one_more_is_refused(monkeypatch):
+    """docs/usage.md: MRA_EXPORT_ORT_THREADS takes "0 to 4 per core"; the other tests use 3 and
+    100000, far from that bound."""
+    most = 4 * os.cpu_count()
+    monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", str(most))
+    assert ort_module.default_options().intra_op_num_threads == most
+    monkeypatch.setenv("MRA_EXPORT_ORT_THREADS", str(most + 1))
+    with pytest.raises(UserError, match=f"set at most {most} "):
+        ort_module.default_options()
+
+
+def test_a_model_given_no_session_options_is_fully_optimised_without_memory_patterns(exports):
+    """default_options' contract: every batch and length is a new shape for a model with dynamic
+    axes, and onnxruntime (whose default has them on) would plan and keep a memory pattern for
+    each."""
+    model = OrtMraModel.from_pretrained(exports["fill-mask", "portable"],
+                                        provider="CPUExecutionProvider")
+    options = model.session.get_session_options()
+    assert options.graph_optimization_level == ort_module.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_mem_pattern is False
+    assert ort_module.ort.SessionOptions().enable_mem_pattern  # so the line above is no default
 
 
 @pytest.mark.parametrize("value,problem", [
@@ -1252,6 +1323,20 @@ def test_an_output_being_filled_by_a_live_run_is_refused(tmp_path):
             f"{tmp_path / 'demo'} is being written by another mra-export (process {os.getpid()}); "
             "wait for it to finish or choose another output path")
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_live_runs_staging_folder_is_left_alone_by_a_run_beside_it(tmp_path):
+    """A run clears what killed runs left beside its output, not the staging folder of a run
+    still filling it (here this process, alive): that run's output must still arrive whole."""
+    from mra_export.files import staged_folder
+
+    with staged_folder(tmp_path / "out", "export.json") as first:
+        (first / "export.json").write_text("first")
+        with staged_folder(tmp_path / "out", "export.json") as second:
+            (second / "export.json").write_text("second")
+        assert (first / "export.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "export.json").read_text() == "first"
 
 
 def test_a_report_write_killed_outright_leaves_no_temporary_file_after_the_next(tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_config, load_model
+from mra_export.errors import InputError
 from mra_export.export import export_model, graph_names, plugin_node
 from mra_export.export.info import ExportInfo
 from mra_export.files import sha256_of
@@ -234,6 +235,12 @@ def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path)
     assert feed["token_type_ids"].max() == 1
     expected = torch_outputs(checkpoint, task, feed)
     assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
+    # A type outside the config's two is named before onnxruntime's Gather meets it (which
+    # would take -1 as the last row).
+    for shift, values in [(1, "[01]..2"), (-1, "-1..0")]:
+        with pytest.raises(InputError, match=r"token_type_ids must be in \[0, 2\) for this "
+                                             rf"model, got values {values}"):
+            model(**{**feed, "token_type_ids": feed["token_type_ids"] + shift})
 
 
 def test_weights_beyond_the_limit_go_to_external_data(tmp_path, monkeypatch):

@@ -386,10 +386,24 @@ def test_onnxruntime_repositories_fit_the_schema_and_the_graph(exports, tmp_path
         assert not (repo / task / "1" / "model.py").exists()
     for task in TASKS:
         ensemble = schema.check_config_file(repo / f"{task}_text" / "config.pbtxt")
-        assert ensemble.platform == "ensemble"
+        # A batch of texts goes through whole: the --max-batch-size the model takes.
+        assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 16
         steps = ensemble.ensemble_scheduling.step
         assert [s.model_name for s in steps] == [f"{task}_tokenizer", task]
     assert "serve it: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("most,preferred", [(3, [2, 3]), (12, [2, 4, 8, 12])])
+def test_the_batcher_prefers_powers_of_two_and_a_maximum_that_is_none(most, preferred, exports,
+                                                                     tmp_path):
+    """docs/triton.md: "preferred batch sizes 2, 4, ... and N, 1 ms queue delay"; the other tests
+    use powers of two only, where N is among the powers anyway."""
+    repo = tmp_path / "repo"
+    assert cli("--onnx", exports["fill-mask", "portable"], "--repo", repo, "--name", "m",
+               "--max-batch-size", most) == 0
+    config = schema.check_config_file(repo / "m" / "config.pbtxt")
+    assert list(config.dynamic_batching.preferred_batch_size) == preferred
+    assert config.dynamic_batching.max_queue_delay_microseconds == 1000
 
 
 def test_gpu_instances(exports, tmp_path):
@@ -634,6 +648,20 @@ def test_an_earlier_repository_of_this_command_is_replaced(exports, tmp_path):
     assert config.max_batch_size == 1 and not config.HasField("dynamic_batching")
     record = json.loads((repo / "m" / triton_module.MARKER).read_text())
     assert record["source"] == str(plain)
+
+
+def test_a_source_without_a_tokenizer_removes_only_its_own_earlier_companions(exports, tmp_path):
+    """The stale NAME_tokenizer and NAME_text are those this command wrote for NAME: a model
+    served as m_text, or a folder made by hand, is not m's to remove."""
+    repo = tmp_path / "repo"
+    plain = without_tokenizer(exports["text-classification", "portable"], tmp_path / "plain")
+    assert cli("--onnx", plain, "--repo", repo, "--name", "m_text") == 0
+    (repo / "m_tokenizer").mkdir()
+    (repo / "m_tokenizer" / "config.pbtxt").write_text("made by hand")
+    assert cli("--onnx", plain, "--repo", repo, "--name", "m") == 0
+    assert written(repo) == ["m", "m_text", "m_tokenizer"]
+    assert (repo / "m_tokenizer" / "config.pbtxt").read_text() == "made by hand"
+    assert json.loads((repo / "m_text" / triton_module.MARKER).read_text())["model"] == "m_text"
 
 
 def test_the_tokenizer_model_truncates_at_the_models_length(exports):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 
 import onnx_ir as ir
@@ -17,8 +18,11 @@ def onnx_graph(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, opse
                output_names: list[str], translation_table: dict | None = None) -> ir.Model:
     """The graph of ``module(**inputs)``, traced by torch.export with ``dynamic_shapes`` and
     translated to ONNX at ``opset`` (``translation_table``: torch.onnx's custom translations)."""
-    chatter = io.StringIO()  # the exporter prints its own progress lines
-    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), quiet_logger("torch"):
+    # The exporter prints its progress to stdout and, when torch.export fails, the graph it
+    # traced to stderr: the failure is told in one line instead.
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), \
+            contextlib.redirect_stderr(chatter), quiet_logger("torch"):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -26,8 +30,8 @@ def onnx_graph(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, opse
                 input_names=list(inputs), output_names=output_names,
                 dynamic_shapes=dynamic_shapes, verbose=False,
                 custom_translation_table=translation_table)
-        except Exception as error:  # the exporter's report is long; keep its summary
-            raise UserError(f"torch.onnx.export failed: {summary(error)}") from error
+        except Exception as error:
+            raise UserError(f"torch.onnx.export failed: {root_cause(error)}") from error
     return program.model
 
 
@@ -42,6 +46,20 @@ def quiet_logger(logger_name: str):
         yield
     finally:
         logger.setLevel(level)
+
+
+def root_cause(error: BaseException) -> str:
+    """What went wrong first: torch.onnx wraps torch.export's error ("The error above occurred
+    when calling torch.export.export"), whose first line names the problem."""
+    if error.__cause__ is None:
+        return summary(error)
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in ANSI_COLOUR.sub("", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def summary(error: BaseException) -> str:
