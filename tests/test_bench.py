@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import platform
+import time
+import types
 
 import pytest
 import torch
@@ -290,9 +292,6 @@ def test_a_cell_that_fails_with_any_error_is_reported_not_fatal():
 def test_a_cell_is_the_median_of_its_timed_runs_after_one_warm_up(monkeypatch):
     """bench.md reports medians: a run's own clock says 0.3, 0.1 and 0.15 s after a 9 s
     warm-up, so the cell is 0.15 s (not their least, their mean, or the warm-up)."""
-    import time
-    import types
-
     from mra_export.bench import measure as measure_module
 
     clock, durations = [0.0], iter([9.0, 0.3, 0.1, 0.15])

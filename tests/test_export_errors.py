@@ -69,27 +69,26 @@ def test_unreadable_tokenizer_files_are_said_not_shipped(small_checkpoints, tmp_
 
 def test_a_tokenizer_longer_than_the_model_is_noted_at_export(small_checkpoints, tmp_path,
                                                                capsys):
+    """build_checkpoint's tokenizer stops at max_position_embeddings (256): truncation=True
+    already gives what the model takes, so there is nothing to note; a longer one is noted."""
     checkpoint = shutil.copytree(small_checkpoints["fill-mask"], tmp_path / "model")
     settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
-    assert settings["model_max_length"] == 256  # build_checkpoint's: max_position_embeddings
+    assert settings["model_max_length"] == 256
+
+    def export_notes():
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
+        assert main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "out"),
+                     "--flavour", "plugin"]) == 0
+        return capsys.readouterr().err
+
+    assert "note: the tokenizer" not in export_notes()
     for model_max_length, stops in [(512, "stops at 512 tokens (model_max_length)"),
                                      (None, "sets no model_max_length")]:
         settings["model_max_length"] = model_max_length
         if model_max_length is None:
             del settings["model_max_length"]
-        (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
-        assert main(["export", "--model", str(checkpoint), "--out", str(tmp_path / "out"),
-                     "--flavour", "plugin"]) == 0
         assert (f"note: the tokenizer {stops}, the model at 256 (max_position_embeddings): pass "
-                "max_length=256 when truncating" in capsys.readouterr().err)
-
-
-def test_a_tokenizer_as_long_as_the_model_gets_no_note(small_checkpoints, tmp_path, capsys):
-    """build_checkpoint's tokenizer stops at max_position_embeddings (256): truncation=True
-    already gives what the model takes, so there is nothing to note."""
-    assert main(["export", "--model", str(small_checkpoints["fill-mask"]), "--out",
-                 str(tmp_path / "out"), "--flavour", "plugin"]) == 0
-    assert "note: the tokenizer" not in capsys.readouterr().err
+                "max_length=256 when truncating" in export_notes())
 
 
 def test_a_config_that_is_not_mra(tmp_path):
@@ -553,13 +552,19 @@ def test_unsupported_opset_and_flavour(small_checkpoints, tmp_path):
         export_model(small_checkpoints["fill-mask"], tmp_path / "out", flavour="tensorrt")
 
 
+def one_layer_model(folder, hidden_size: int, heads: int):
+    """A random one-layer MraModel of ``heads`` heads of ``hidden_size / heads``, saved."""
+    config = MraConfig(vocab_size=50, hidden_size=hidden_size, num_attention_heads=heads,
+                       num_hidden_layers=1, intermediate_size=64, max_position_embeddings=128)
+    MraModel(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("hidden_size, heads, head_dim", [(96, 2, 48), (512, 2, 256)])
 def test_plugin_exports_of_head_dims_the_cuda_kernels_lack_are_refused_first(
         tmp_path, hidden_size, heads, head_dim):
     """The plugin would refuse them only inside TensorRT's build; the export says so at once."""
-    config = MraConfig(vocab_size=50, hidden_size=hidden_size, num_attention_heads=heads,
-                       num_hidden_layers=1, intermediate_size=64, max_position_embeddings=128)
-    MraModel(config).save_pretrained(tmp_path / "model")
+    one_layer_model(tmp_path / "model", hidden_size, heads)
     with pytest.raises(UserError, match=f"CUDA kernels take head_dim 32, 64 or 128 .* this "
                                         f"model's is {head_dim}; export it with --flavour portable"):
         export_model(tmp_path / "model", tmp_path / "out", flavour="plugin")
@@ -570,13 +575,11 @@ def test_a_plugin_export_of_a_head_dim_under_32_is_made_and_runs(tmp_path):
     """The patched model pads head dims under 32 to 32, which the CUDA kernels take: a model of
     head_dim 16 exports to the plugin flavour, and its graph computes what the patched
     PyTorch model does."""
-    config = MraConfig(vocab_size=50, hidden_size=32, num_attention_heads=2,
-                       num_hidden_layers=1, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
-    MraModel(config).save_pretrained(tmp_path / "model")
-    export_model(tmp_path / "model", tmp_path / "out", flavour="plugin", log=lambda m: None)
+    model = one_layer_model(tmp_path / "model", hidden_size=32, heads=2)
+    export_model(model, tmp_path / "out", flavour="plugin", log=lambda m: None)
     ids = torch.randint(3, 50, (1, 40))
-    patched = patch_model(MraModel.from_pretrained(tmp_path / "model"), attention="reference")
+    patched = patch_model(MraModel.from_pretrained(model), attention="reference")
     with torch.no_grad():
         expected = patched(input_ids=ids).last_hidden_state  # transformers' MRA needs CUDA
     ours = ReferencePluginModel.from_pretrained(tmp_path / "out")(input_ids=ids.numpy())

@@ -169,16 +169,19 @@ def test_a_library_found_built_is_not_looked_for_again_and_a_missing_one_is(tmp_
     assert not fused.library_built("cpu")
 
 
-def test_gradients_are_the_references():
-    q, k, v = random_qkv(2, 2, 130, 32, seed=4)
-    mask = ragged_mask(2, 130, [130, 60])
+def assert_gradients_are_the_references(q, k, v, mask, **attention_settings):
     grads = []
     for attention in (fused.fused_mra_attention, mra_attention):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        attention(*leaves, mask, **settings(10)).pow(2).sum().backward()
+        attention(*leaves, mask, **attention_settings).pow(2).sum().backward()
         grads.append([t.grad for t in leaves])
     for ours, expected in zip(*grads):
         assert ours is not None and (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_gradients_are_the_references():
+    q, k, v = random_qkv(2, 2, 130, 32, seed=4)
+    assert_gradients_are_the_references(q, k, v, ragged_mask(2, 130, [130, 60]), **settings(10))
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse"])
@@ -186,14 +189,8 @@ def test_gradients_with_priors_are_the_references(mode):
     """The backward pass recomputes the reference with the forward's settings: each prior must
     reach it as itself (first != diagonal here, so a swap would select other blocks)."""
     q, k, v = random_qkv(2, 2, 160, 32, seed=5)
-    mask = ragged_mask(2, 160, [160, 90])
-    grads = []
-    for attention in (fused.fused_mra_attention, mra_attention):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        attention(*leaves, mask, **settings(8, mode, first=1, diagonal=3)).pow(2).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for ours, expected in zip(*grads):
-        assert ours is not None and (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_gradients_are_the_references(q, k, v, ragged_mask(2, 160, [160, 90]),
+                                        **settings(8, mode, first=1, diagonal=3))
 
 
 def test_compile_and_export_trace_the_op_as_one_node():

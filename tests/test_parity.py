@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from mra_export import native
@@ -328,8 +330,6 @@ def test_an_output_that_differs_on_one_feed_fails_the_backend_alone():
 
 
 def test_a_head_that_differs_on_one_feed_is_the_first_divergence():
-    import math
-
     result = _check_fake_backend({(1, "attention_context.0"): 2e-3})
     assert result.status == "failed" and all(o.passed for o in result.outputs.values())
     (heads,) = result.attention.per_head_max_abs
@@ -366,8 +366,6 @@ def test_a_backend_that_errs_fails_the_report():
 def test_sparse_mode_and_priors_reach_both_flavours(tmp_path):
     """Every other export here is full mode without priors: a checkpoint in sparse mode with
     priors, its plugin nodes carrying those settings, and every backend agreeing with PyTorch."""
-    import onnx
-
     settings = dict(approx_mode="sparse", initial_prior_first_n_blocks=1,
                     initial_prior_diagonal_n_blocks=3)
     checkpoint = build_checkpoint(tmp_path / "checkpoint", TASKS["fill-mask"],

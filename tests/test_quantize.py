@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mra_export.bench import report as bench_report
-from mra_export.checkpoints import build_checkpoint, load_model
+from mra_export.checkpoints import build_checkpoint, load_config, load_model
 from mra_export.cli import main
 from mra_export.errors import UserError
 from mra_export.export import ExportInfo, export_model
@@ -101,8 +101,7 @@ def test_export_json_records_the_largest_int8_difference_over_every_output(qa):
     """export.json's validation is the int8 graph against the fp32 export on its sample, the
     largest difference over all the head's outputs (QA: both ends), recomputed here."""
     validation = ExportInfo.load(qa["int8"]).validation
-    config = load_model(qa["checkpoint"], QA)[0].config
-    sample = example_inputs(QA, config, batch=validation["batch"],
+    sample = example_inputs(QA, load_config(qa["checkpoint"]), batch=validation["batch"],
                             seq_len=validation["sequence_length"], seed=1)
     feed = {name: tensor.numpy() for name, tensor in sample.items()}
     runs = [ort.InferenceSession(str(qa[kind] / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -9,9 +9,11 @@ the graphs only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -690,8 +692,6 @@ def test_the_tokenizer_model_never_pads_past_a_length_that_is_no_block_multiple(
 def test_a_python_model_refuses_a_stub_of_another_python():
     """model.py records the writer's Python: its site-packages hold compiled packages for that
     Python alone, so a stub of another one is refused with what to do, not left to crash."""
-    import sys
-
     from mra_export.serving import triton_model
 
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -706,8 +706,6 @@ def test_the_python_backend_declares_bfloat16_outputs_as_the_float32_it_returns(
                                                                                   tmp_path):
     """OrtMraModel hands the python backend float32 for a bf16 graph's outputs; Triton's
     onnxruntime backend serves the graph's own bf16."""
-    import dataclasses
-
     folder = exports["fill-mask", "portable"]
     bf16 = dataclasses.replace(ExportInfo.load(folder), dtype="bf16",
                                outputs={"logits": "bfloat16"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import warnings
 
 import onnx_ir as ir
@@ -55,15 +54,16 @@ def root_cause(error: BaseException) -> str:
         return summary(error)
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = [line.strip() for line in ANSI_COLOUR.sub("", str(error)).splitlines() if line.strip()]
+    lines = _lines(str(error))
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def summary(error: BaseException) -> str:
     """The line of a long error report that names the error."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = _lines(str(error))
     found = [line for line in lines if "Error" in line or "error" in line]
     return (found[-1] if found else lines[-1] if lines else type(error).__name__)[:300]
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
