@@ -138,8 +138,8 @@ def test_a_quantizer_that_rewrites_an_attention_matmul_is_refused(qa, tmp_path, 
     source = qa["fp32"] / "model.onnx"
     attention_matmul = quantize_module.split_matmuls(onnx.load(str(source)))[1][0]
 
-    def quantize_and_rewrite_one_more(source, target, nodes, external):
-        quantize_for_real(source, target, nodes, external)
+    def quantize_and_rewrite_one_more(source, target, nodes, *options):
+        quantize_for_real(source, target, nodes, *options)
         model = onnx.load(str(target))
         node = next(n for n in model.graph.node if n.name == attention_matmul)
         node.name = f"{attention_matmul}_rewritten"
@@ -150,6 +150,61 @@ def test_a_quantizer_that_rewrites_an_attention_matmul_is_refused(qa, tmp_path, 
     changed = re.escape(f"attention MatMuls changed: ['{attention_matmul}']")
     with pytest.raises(UserError, match=changed):
         quantize_module.quantize_graph(source, tmp_path / "model.onnx", layers)
+
+
+def int8_weights_of_matmuls(folder) -> list[np.ndarray]:
+    model = graph(folder)
+    weights = {t.name: t for t in model.graph.initializer}
+    return [onnx.numpy_helper.to_array(weights[node.input[1]])
+            for node in model.graph.node if node.op_type == "MatMulInteger"]
+
+
+def test_reduce_range_gives_7_bit_weights_and_is_recorded(qa, tmp_path, monkeypatch, capsys):
+    """--reduce-range: onnxruntime's 7-bit weights (-64..64), for CPUs without VNNI, recorded in
+    export.json; without it the weights use the full 8 bits. No note where it is asked for."""
+    monkeypatch.setattr(quantize_module, "cpu_without_vnni", lambda: True)
+    capsys.readouterr()
+    out = tmp_path / "int8-7bit"
+    assert main(["quantize", "--onnx", str(qa["fp32"]), "--out", str(out), "--reduce-range"]) == 0
+    assert "VNNI" not in capsys.readouterr().err
+    reduced, full = (ExportInfo.load(folder).quantization for folder in (out, qa["int8"]))
+    assert reduced["reduce_range"] is True and "7-bit range" in reduced["weights"]
+    assert full["reduce_range"] is False and "full 8-bit range" in full["weights"]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights_of_matmuls(out)) == 64
+    assert max(int(np.abs(w.astype(np.int32)).max())
+               for w in int8_weights_of_matmuls(qa["int8"])) == 127
+    assert len(int8_weights_of_matmuls(out)) == len(reduced["nodes"])
+
+
+@pytest.mark.parametrize("without_vnni", [True, False])
+def test_quantize_notes_reduce_range_on_a_cpu_without_vnni(qa, tmp_path, monkeypatch, capsys,
+                                                           without_vnni):
+    monkeypatch.setattr(quantize_module, "cpu_without_vnni", lambda: without_vnni)
+    capsys.readouterr()
+    assert main(["quantize", "--onnx", str(qa["fp32"]), "--out", str(tmp_path / "int8")]) == 0
+    captured = capsys.readouterr()
+    noted = "note: this CPU has no VNNI" in captured.err and "--reduce-range" in captured.err
+    assert noted == without_vnni and "VNNI" not in captured.out
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx avx2 fma", True),  # AMD Zen 3, Intel Haswell to Skylake
+    ("avx2 avx512f avx512_vnni", False),  # Cascade Lake and later, Zen 4
+    ("avx2 avx_vnni", False),  # Alder Lake
+    ("sse2 avx", False),  # no AVX2: onnxruntime's int8 kernels are another path there
+])
+def test_cpu_without_vnni_reads_linux_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert quantize_module.cpu_without_vnni(cpuinfo) is expected
+
+
+def test_cpu_without_vnni_is_false_where_linux_lists_no_x86_flags(tmp_path):
+    arm = tmp_path / "cpuinfo"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert not quantize_module.cpu_without_vnni(arm)
+    assert not quantize_module.cpu_without_vnni(tmp_path / "missing")
 
 
 def test_int8_outputs_are_within_the_quantization_tolerance_of_pytorch(qa):

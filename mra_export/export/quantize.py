@@ -3,7 +3,9 @@
 onnxruntime's own dynamic quantization (``onnxruntime.quantization.quantize_dynamic``, what
 Optimum's ORTQuantizer applies): the encoder's weight MatMuls get int8 weights, one scale per
 output channel, and quantize their activations at run time (uint8, one scale per tensor per
-run). A weight MatMul is one whose second input is an initializer; the encoder has six per layer
+run). ``reduce_range`` keeps the weights to 7 bits, which onnxruntime advises for CPUs without
+VNNI: there its uint8 x int8 products sum pairs in 16 bits, which 8-bit weights can saturate. A
+weight MatMul is one whose second input is an initializer; the encoder has six per layer
 (query, key, value and output projections, the two feed-forward products), where the time goes.
 MRA's own block products and sums multiply two activations and stay float32, as do the task
 head (its products are small, and they set the answer: quantizing them flipped 2.2% of the demo's
@@ -23,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from ..checkpoints import load_config
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, warn
 from ..files import raise_naming, sha256_of, staged_folder
 from ..tasks import get_task
 from .info import QUANTIZED_DTYPES, ExportInfo, check_not_the_other_commands, read_graph
@@ -35,7 +37,6 @@ QUANTIZED_SUFFIX = "_quant"  # ... named after it: "<MatMul's name>_quant"
 SCHEME = {
     "scheme": "dynamic",
     "tool": "onnxruntime.quantization.quantize_dynamic",
-    "weights": "int8, symmetric, one scale per output channel (QInt8, per_channel)",
     "activations": "uint8, asymmetric, one scale per tensor, computed at run time "
                    "(DynamicQuantizeLinear)",
     "selected": "the encoder's MatMuls whose second input is an initializer (six per layer); "
@@ -44,9 +45,10 @@ SCHEME = {
 }
 
 
-def quantize_export(onnx_dir: str | Path, out: str | Path, log=print) -> ExportInfo:
-    """Quantize the fp32 portable export in ``onnx_dir`` into ``out``; returns the new
-    ``export.json``. ``out`` is written whole or not at all."""
+def quantize_export(onnx_dir: str | Path, out: str | Path, log=print, *,
+                    reduce_range: bool = False) -> ExportInfo:
+    """Quantize the fp32 portable export in ``onnx_dir`` into ``out``, with 7-bit weights where
+    ``reduce_range``; returns the new ``export.json``. ``out`` is written whole or not at all."""
     info = _quantizable(onnx_dir)
     source = info.onnx_path(onnx_dir)
     check_not_the_other_commands(out, quantizing=True)
@@ -55,14 +57,20 @@ def quantize_export(onnx_dir: str | Path, out: str | Path, log=print) -> ExportI
             f"{ort.__version__}) ...")
         target = staging / info.onnx_file
         chosen, kept_float = quantize_graph(source, target, info.attention["layers"],
-                                            external_data=bool(info.external_data))
+                                            external_data=bool(info.external_data),
+                                            reduce_range=reduce_range)
         _copy_other_files(onnx_dir, info, staging)
         validation = _validate(onnx_dir, info, target)
         log(f"int8 vs the fp32 export on onnxruntime, on a sample: max abs "
             f"{validation['max_abs_vs_fp32_export']:.2e}")
-        quantized = _describe(info, onnx_dir, staging, chosen, kept_float, validation)
+        quantized = _describe(info, onnx_dir, staging, chosen, kept_float, validation,
+                              reduce_range)
         quantized.save(staging)
     log(f"wrote {Path(out) / info.onnx_file}")
+    if not reduce_range and cpu_without_vnni():
+        warn("note: this CPU has no VNNI, where onnxruntime's int8 products can saturate with "
+             "8-bit weights; where the int8 export runs on such a CPU, quantize with "
+             "--reduce-range (7-bit weights), which is more accurate there")
     return quantized
 
 
@@ -88,16 +96,16 @@ def _quantizable(onnx_dir) -> ExportInfo:
     return info
 
 
-def quantize_graph(source: Path, target: Path, layers: int,
-                   external_data: bool = False) -> tuple[list[str], list[str]]:
+def quantize_graph(source: Path, target: Path, layers: int, external_data: bool = False,
+                   reduce_range: bool = False) -> tuple[list[str], list[str]]:
     """Write ``source`` (an fp32 encoder of ``layers`` layers, as mra-export exports them) with
-    its encoder's weight MatMuls in int8 to ``target``; returns (the MatMuls quantized, those
+    its encoder's weight MatMuls in int8 (7-bit where ``reduce_range``) to ``target``; returns (the MatMuls quantized, those
     left float), by their names in ``source``, as read back from ``target``."""
     graph = read_graph(source)  # names and types only
     weights, activations = split_matmuls(graph)
     chosen = encoder_matmuls(graph, weights, layers, source)
     kept_float = [name for name in weights + activations if name not in chosen]
-    _quantize(source, target, chosen, external_data)
+    _quantize(source, target, chosen, external_data, reduce_range)
     _check_quantized(target, chosen, kept_float)
     return chosen, kept_float
 
@@ -129,14 +137,15 @@ def encoder_matmuls(graph: onnx.ModelProto, weight_matmuls: list[str], layers: i
     return encoder
 
 
-def _quantize(source: Path, target: Path, nodes: list[str], external: bool) -> None:
+def _quantize(source: Path, target: Path, nodes: list[str], external: bool,
+              reduce_range: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     chatter = io.StringIO()  # it logs advice on pre-processing, which static quantization needs
     with contextlib.redirect_stdout(chatter), quiet_logger(""):
         try:
             quantize_dynamic(source, target, op_types_to_quantize=["MatMul"],
-                             nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                             nodes_to_quantize=nodes, per_channel=True, reduce_range=reduce_range,
                              weight_type=QuantType.QInt8, use_external_data_format=external,
                              extra_options={"MatMulConstBOnly": True})
         except OSError as error:  # the system's (a full disk): the CLI's one line names target
@@ -146,6 +155,24 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool) -> N
                             "please report this") from None
 
 
+
+
+def weights_scheme(reduce_range: bool) -> str:
+    """export.json's description of the int8 weights."""
+    bits = "7-bit range (reduce_range)" if reduce_range else "full 8-bit range"
+    return f"int8, symmetric, one scale per output channel (QInt8, per_channel), {bits}"
+
+
+def cpu_without_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this is an x86 CPU with AVX2 and no VNNI (AVX-512 VNNI or AVX-VNNI), as Linux
+    lists its flags; False where it does not list them."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    return "avx2" in flags and not any("vnni" in flag for flag in flags)
 
 
 def quantized_nodes(graph: onnx.ModelProto) -> list[str]:
@@ -215,7 +242,7 @@ def _validate(onnx_dir, info: ExportInfo, target: Path) -> dict:
 
 
 def _describe(info: ExportInfo, onnx_dir, staging: Path, chosen, kept_float,
-              validation) -> ExportInfo:
+              validation, reduce_range: bool) -> ExportInfo:
     files = [name for name in (info.onnx_file, f"{info.onnx_file}.data")
              if (staging / name).is_file()]
     return dataclasses.replace(
@@ -223,7 +250,9 @@ def _describe(info: ExportInfo, onnx_dir, staging: Path, chosen, kept_float,
         sha256={name: sha256_of(staging / name) for name in files},
         versions={**info.versions, "onnxruntime": ort.__version__},
         validation=validation,
-        quantization={**SCHEME, "onnxruntime": ort.__version__, "nodes": list(chosen),
+        quantization={**SCHEME, "weights": weights_scheme(reduce_range),
+                      "reduce_range": reduce_range,
+                      "onnxruntime": ort.__version__, "nodes": list(chosen),
                       "float_matmuls": list(kept_float),
                       "source": str(Path(onnx_dir).absolute()),
                       "source_sha256": info.sha256[info.onnx_file]})
