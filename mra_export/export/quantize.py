@@ -99,8 +99,9 @@ def _quantizable(onnx_dir) -> ExportInfo:
 def quantize_graph(source: Path, target: Path, layers: int, external_data: bool = False,
                    reduce_range: bool = False) -> tuple[list[str], list[str]]:
     """Write ``source`` (an fp32 encoder of ``layers`` layers, as mra-export exports them) with
-    its encoder's weight MatMuls in int8 (7-bit where ``reduce_range``) to ``target``; returns (the MatMuls quantized, those
-    left float), by their names in ``source``, as read back from ``target``."""
+    its encoder's weight MatMuls in int8 (7-bit where ``reduce_range``) to ``target``; returns
+    (the MatMuls quantized, those left float), by their names in ``source``, as read back from
+    ``target``."""
     graph = read_graph(source)  # names and types only
     weights, activations = split_matmuls(graph)
     chosen = encoder_matmuls(graph, weights, layers, source)
@@ -153,8 +154,6 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool,
         except Exception as error:  # onnxruntime.quantization raises whatever its steps raise
             raise UserError(f"onnxruntime could not quantize {source}: {first_line(error)}; "
                             "please report this") from None
-
-
 
 
 def weights_scheme(reduce_range: bool) -> str:
