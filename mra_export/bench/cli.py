@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError, first_line
 from ..files import check_writable_folder, staged_folder
+from ..machine import CPUINFO, cpuinfo_field
 from . import models, report
 from .measure import measure
 
@@ -142,14 +143,7 @@ def _machine() -> str:
             f"{threads}), {gpu}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
 
 
-def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name, which the results depend on (matrix products on two x86 CPUs of the
     same count differed 2x here); the architecture where the system does not say."""
-    try:
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            label, _, value = line.partition(":")
-            if label.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
