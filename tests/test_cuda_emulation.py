@@ -408,17 +408,20 @@ def test_every_thread_schedule_gives_the_same_bits(emulated_kernels, dtype):
             assert torch.equal(output, first_output) and torch.equal(selected, first_selected)
 
 
-@pytest.mark.parametrize("seq_len,lengths,num_blocks", [(2048, [2048, 1100], 8 * 64), (150, [150, 0], 16)])
+@pytest.mark.parametrize("seq_len,lengths,num_blocks", [(2048, [2048, 1100], 8 * 64),
+                                                         (1500, [1500, 0], 2 * 47)])
 def test_every_cluster_size_gives_the_same_blocks_and_bits(emulated_kernels, seq_len, lengths,
                                                            num_blocks):
     """The selection splits a row's cells over a cluster of 1, 2, 4 or 8 CTAs, as the rows leave
-    SMs free (4 rows here: 4, 8, 16 and 32 SMs): each size selects PyTorch's blocks and gives
-    the same bits where the high-resolution kernel splits its query blocks alike (at 32 SMs it
-    splits them, which sums in another order). Each size runs lowest thread first, highest
-    first and in a random order. Highest first runs a cluster's last CTA first, so a CTA that
-    reads the counts of the CTAs before it too early (before the cluster's barrier) or too late
-    (after one exited) fails here. Lowest first alone passed with the cluster.sync before the
-    taken cells are summed removed."""
+    SMs free (4 rows here: 4, 8, 16 and 32 SMs) and each size shortens the threads' runs of
+    cells (4096 cells at 2048 tokens; 2209 at 1500, where a cluster of 8 leaves its last three
+    CTAs without a cell): each size selects PyTorch's blocks and gives the same bits where the
+    high-resolution kernel splits its query blocks alike (at 32 SMs it splits them, which sums
+    in another order). Each size runs lowest thread first, highest first and in a random order.
+    Highest first runs a cluster's last CTA first, so a CTA that reads the counts of the CTAs
+    before it too early (before the cluster's barrier) or too late (after one exited) fails
+    here. Lowest first alone passed with the cluster.sync before the taken cells are summed
+    removed."""
     q, k, v = random_qkv(len(lengths), 2, seq_len, 64, seed=seq_len)
     mask = ragged_mask(len(lengths), seq_len, lengths)
     kw = dict(num_blocks=num_blocks, approx_mode="full", initial_prior_first_n_blocks=1,

@@ -491,8 +491,9 @@ def run_on_a_small_disk(command, small_checkpoints, exports, tmp_path):
     return run, names
 
 
-@pytest.mark.parametrize("command,written", [
-    (["export", "--model", "{checkpoint}", "--out", "{disk}/out"], "{disk}/out"),
+@pytest.mark.parametrize("command,written", [  # the plugin flavour: FOLDER_TEST says why
+    (["export", "--model", "{checkpoint}", "--out", "{disk}/out", "--flavour", "plugin"],
+     "{disk}/out"),
     (["quantize", "--onnx", "{export}", "--out", "{disk}/out"], "{disk}/out/model.onnx"),
     (["triton", "--onnx", "{export}", "--repo", "{disk}/repo", "--name", "m"],
      "{disk}/repo/m/1/model.onnx"),

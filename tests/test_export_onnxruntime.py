@@ -15,7 +15,7 @@ import torch
 from mra_export import patch_model
 from mra_export.checkpoints import build_checkpoint, load_config, load_model
 from mra_export.errors import InputError
-from mra_export.export import export_model, graph_names, plugin_node
+from mra_export.export import export_model, graph_names, plugin_node, reusing_traces
 from mra_export.export.info import ExportInfo
 from mra_export.files import sha256_of
 from mra_export.parity.inputs import parity_feeds, parity_shapes
@@ -228,7 +228,8 @@ def test_a_checkpoint_without_a_tokenizer_exports_none(small_checkpoints, tmp_pa
 def test_token_type_ids_are_an_input_when_the_config_has_several_types(tmp_path):
     task = TASKS["token-classification"]
     checkpoint = build_checkpoint(tmp_path / "model", task, **ONE_LAYER_MODEL, type_vocab_size=2)
-    info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)
+    with reusing_traces():  # the attention of the session's exports: token types do not reach it
+        info = export_model(checkpoint, tmp_path / "out", log=lambda message: None)
     assert list(info.inputs) == ["input_ids", "attention_mask", "token_type_ids"]
     model = OrtMraModel.from_pretrained(tmp_path / "out")
     feed = parity_feeds(task, model.config, seed=2)[5]
@@ -249,7 +250,8 @@ def test_weights_beyond_the_limit_go_to_external_data(tmp_path, monkeypatch):
     task = TASKS["text-classification"]
     checkpoint = build_checkpoint(tmp_path / "model", task, **ONE_LAYER_MODEL)
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_ABOVE", 0)  # as if the model were over 2 GB
-    info = exporter.export_model(checkpoint, tmp_path / "out", log=lambda message: None)
+    with reusing_traces():  # the attention of the session's exports: saving does not reach it
+        info = exporter.export_model(checkpoint, tmp_path / "out", log=lambda message: None)
     assert info.external_data == "model.onnx.data"
     assert set(info.sha256) == {"model.onnx", "model.onnx.data"}
     inline = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)

@@ -5,7 +5,8 @@
 #   bash tools/gpu_prepare.sh [--previous REV]... [--no-wheel]
 # - .carry-libs/: the libraries for sm_90 (H100, H200), stripped and xz-compressed, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
-#   session's `ab` section: selectsingle (one CTA a row in the selection), nodependent (no
+#   session's `ab` section: selectsingle (one CTA a row in the selection), clusterbysms (the
+#   selection's clusters sized by the SMs alone, however few the row's cells), nodependent (no
 #   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline),
 #   nosplit and splitalways (a query block's key blocks never, or always, split over 2 thread
 #   groups: the rule splits them below 3 waves of CTAs), splitregisters (the split 16-bit
@@ -92,6 +93,7 @@ setting() {
   ab_build "$1" . "$2" "$TREE with $2${3:+ ($3)}"
 }
 setting selectsingle -DMRA_SELECT_CLUSTER=1 "one CTA a row in the selection"
+setting clusterbysms -DMRA_SELECT_CLUSTER_BY_CELLS=0 "the selection's clusters sized by the SMs alone, not also by the row's cells"
 setting nodependent -DMRA_DEPENDENT_LAUNCH=0 "no programmatic dependent launches"
 setting stages2 -DMRA_MMA_STAGES=2
 setting stages4 -DMRA_MMA_STAGES=4
@@ -125,7 +127,7 @@ du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
 # sections (which need no graph: .carry-onnx, 45 MB, travels with the ort call only);
 # onnxruntime-gpu's parts and its section come after, where minutes are left.
 # The A/B builds the last kernel change asked for first (all of them would take the call).
-AB="${PREVIOUS_BUILDS}eagerbase splitregisters nosplit"
+AB="${PREVIOUS_BUILDS}clusterbysms eagerbase splitregisters nosplit"
 echo "The device calls, back to back (the machine stays warm about 30 s after each):"
 echo "  carry [\".carry-libs\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
 sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)

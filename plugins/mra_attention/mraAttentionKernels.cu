@@ -106,6 +106,12 @@ constexpr int kMaxHeadDim = 128;
 #define MRA_SELECT_CLUSTER 8
 #endif
 
+// selectBlocks' CTAs per row no more than shorten its threads' runs of cells
+// (selectionClusterSize); 0 for an A/B build sized by the SMs alone, as before 2026-12-07.
+#ifndef MRA_SELECT_CLUSTER_BY_CELLS
+#define MRA_SELECT_CLUSTER_BY_CELLS 1
+#endif
+
 // Thread-block clusters and their distributed shared memory: sm_90 and later (and the emulation).
 #if defined(MRA_CUDA_EMULATION_H) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
 #define MRA_HAS_CLUSTERS 1
@@ -1824,7 +1830,10 @@ MraStatus multiprocessorCount(int32_t& multiprocessors)
 //! runs at once and the rows' CTAs still fit the SMs one each (a CTA's 512 threads take an SM's
 //! registers); 1 without clusters. By the SMs alone, on 132: 8 at batch 1 of 12 heads, 4 at
 //! batch 2, 2 at batches 3 to 5, 1 from batch 6 (where the GPU runs that many clusters at once).
-MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& size)
+//! Then no more CTAs than shorten the threads' runs of the row's `cells` (ThreadKeys): past that,
+//! a CTA adds only its waits at the cluster's barriers. A row of up to 512 cells (704 tokens)
+//! takes one CTA, 1024 cells (1024 tokens) two; 2048 tokens and more keep every CTA the SMs allow.
+MraStatus selectionClusterSize(int32_t rows, int32_t cells, DeviceCode const& code, uint32_t& size)
 {
     size = 1;
     if (code.concurrentClusters[1] == 0)
@@ -1837,6 +1846,14 @@ MraStatus selectionClusterSize(int32_t rows, DeviceCode const& code, uint32_t& s
     {
         bool const fits = rows <= code.concurrentClusters[log2] && static_cast<int64_t>(rows) << log2 <= multiprocessors;
         size = fits ? 1u << log2 : size;
+    }
+    auto const run = [cells](uint32_t ctas) {
+        int32_t const threads = static_cast<int32_t>(ctas) * kSelectThreads;
+        return (cells + threads - 1) / threads;
+    };
+    while (MRA_SELECT_CLUSTER_BY_CELLS && size > 1 && run(size / 2) == run(size))
+    {
+        size /= 2;
     }
     return MRA_OK;
 }
@@ -2011,7 +2028,7 @@ MraStatus launchAll(Problem const& p, void const* q, void const* k, void const* 
     DeviceCode code;
     MRA_RETURN_IF_FAILED(currentDeviceCode(code));
     uint32_t selectionCluster = 1;
-    MRA_RETURN_IF_FAILED(selectionClusterSize(p.rows, code, selectionCluster));
+    MRA_RETURN_IF_FAILED(selectionClusterSize(p.rows, p.nb * p.nb, code, selectionCluster));
     LaunchOrder const first{stream, false};
     LaunchOrder const next{stream, MRA_DEPENDENT_LAUNCH != 0 && code.sm90};
     MRA_RETURN_IF_FAILED(launchKernel("blockMeans", blockMeans<T>, {p.nb * p.rows, meanThreads<T>(p.headDim)}, first,
