@@ -6,7 +6,8 @@
 # - .carry-libs/: the libraries for sm_90 (H100, H200), stripped and xz-compressed, with a TREE file;
 # - .carry-libs/ab/NAME/: the CUDA library with one setting changed, each an A/B of the op in the
 #   session's `ab` section: selectsingle (one CTA a row in the selection), clusterbysms (the
-#   selection's clusters sized by the SMs alone, however few the row's cells), nodependent (no
+#   selection's clusters sized by the SMs alone, however few the row's cells: it differs below
+#   2048 tokens, which the `ab` section's --quick lengths leave out), nodependent (no
 #   programmatic dependent launches), stages2 and stages4 (the tensor-core kernel's pipeline),
 #   nosplit and splitalways (a query block's key blocks never, or always, split over 2 thread
 #   groups: the rule splits them below 3 waves of CTAs), splitregisters (the split 16-bit
@@ -127,7 +128,7 @@ du -sh .carry-libs .carry-onnx $( [ -d .carry ] && echo .carry ) 2>/dev/null
 # sections (which need no graph: .carry-onnx, 45 MB, travels with the ort call only);
 # onnxruntime-gpu's parts and its section come after, where minutes are left.
 # The A/B builds the last kernel change asked for first (all of them would take the call).
-AB="${PREVIOUS_BUILDS}clusterbysms eagerbase splitregisters nosplit"
+AB="${PREVIOUS_BUILDS}eagerbase splitregisters nosplit"
 echo "The device calls, back to back (the machine stays warm about 30 s after each):"
 echo "  carry [\".carry-libs\"]: AB_BUILDS=\"$AB\" bash tools/gpu_session.sh smoke tests speed ab check sanitize ncu"
 sums=$(ls .carry/*.sha256 2>/dev/null | head -n1 || true)

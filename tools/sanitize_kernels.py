@@ -6,8 +6,9 @@
     compute-sanitizer --tool synccheck --error-exitcode 1 python tools/sanitize_kernels.py
 
 fp32, fp16 and bf16; both modes, with and without priors; ragged masks and an all-padding
-sample; head_dim 64 (--head-dims 32 64 128 for every tile width); 2 samples, 2 heads, 100-300
-tokens, so that the sanitizers' 10-100x slowdown leaves seconds of GPU time. Each call is
+sample; head_dim 64 (--head-dims 32 64 128 for every tile width); 2 samples, 2 heads, 100-800
+tokens, so that the sanitizers' 10-100x slowdown leaves seconds of GPU time; at 800 tokens (625
+cells a row) the selection runs in clusters of 2 CTAs on a GPU that has them and SMs to spare. Each call is
 synchronised and its output held to the PyTorch reference (mra_export.kernel_check). Exits 1 if
 a kernel call returns an error or an output is wrong, 2 if there is no GPU or no library.
 --emulated runs the same cases on the kernels' source under the CPU CUDA emulation (to check
@@ -40,6 +41,7 @@ CASES = [
                            initial_prior_diagonal_n_blocks=3)),
     (300, [300, 111], dict(num_blocks=12, approx_mode="sparse")),  # rows with no block at all
     (100, [77, 0], dict(num_blocks=4, approx_mode="sparse", initial_prior_diagonal_n_blocks=2)),
+    (800, [800, 500], dict(num_blocks=50, approx_mode="full")),  # a row's cells over 2 CTAs
 ]
 
 

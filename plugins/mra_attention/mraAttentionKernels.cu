@@ -6,7 +6,7 @@
  *   (b) selectBlocks: row max, masking and priors (selectionScore), then a radix select of the
  *       k-th largest score and a scan that takes ties in flat order; on sm_90 a row's cells
  *       are split over a thread-block cluster of up to 8 CTAs where rows alone would leave the
- *       GPU idle (SelectionCluster);
+ *       GPU idle and the row has more cells than a CTA has threads (SelectionCluster);
  *   (c) highResolutionMma (fp16/bf16: tensor cores, mma.sync.m16n8k16, fp32 accumulation, sm_80
  *       and later) and highResolutionFma (fp32): per (batch * head, query block), a loop over
  *       that row's selected key blocks with an online (FlashAttention-style) running max, 32x32
@@ -406,7 +406,8 @@ __device__ inline uint32_t scoreKey(Problem const& p, Scratch const& s, int32_t 
 //! other's histograms and totals through distributed shared memory, or the CTA alone. At batch 1
 //! a CTA per row kept 12 of the H200's 132 SMs busy for 31 us (2026-12-04); a cluster of 8 per
 //! row gives each CTA an eighth of the cells, and the passes' chains shorten with it. A grid of
-//! one CTA per row (sm_80 to sm_89, or rows enough to fill the GPU) uses no cluster instruction.
+//! one CTA per row (sm_80 to sm_89, rows enough to fill the GPU, or rows of up to 512 cells)
+//! uses no cluster instruction.
 struct SelectionCluster
 {
     uint32_t ctas; //!< per row: the launch's grid is rows x ctas, in clusters of ctas
@@ -1741,6 +1742,7 @@ MraStatus forCurrentDevice(std::mutex& mutex, std::map<int, Value>& known, Value
 static_assert(MRA_SPLIT == 1 || MRA_SPLIT == 2, "MRA_SPLIT: 1 or 2 thread groups a query block");
 static_assert(MRA_SELECT_CLUSTER >= 1 && MRA_SELECT_CLUSTER <= 8 && (MRA_SELECT_CLUSTER & (MRA_SELECT_CLUSTER - 1)) == 0,
     "MRA_SELECT_CLUSTER: 1, 2, 4 or 8 CTAs");
+static_assert(MRA_SELECT_CLUSTER_BY_CELLS == 0 || MRA_SELECT_CLUSTER_BY_CELLS == 1, "MRA_SELECT_CLUSTER_BY_CELLS: 0 or 1");
 
 //! What the launches need to know of the code the current device runs.
 struct DeviceCode
@@ -1831,8 +1833,9 @@ MraStatus multiprocessorCount(int32_t& multiprocessors)
 //! registers); 1 without clusters. By the SMs alone, on 132: 8 at batch 1 of 12 heads, 4 at
 //! batch 2, 2 at batches 3 to 5, 1 from batch 6 (where the GPU runs that many clusters at once).
 //! Then no more CTAs than shorten the threads' runs of the row's `cells` (ThreadKeys): past that,
-//! a CTA adds only its waits at the cluster's barriers. A row of up to 512 cells (704 tokens)
-//! takes one CTA, 1024 cells (1024 tokens) two; 2048 tokens and more keep every CTA the SMs allow.
+//! a CTA adds only its waits at the cluster's barriers. Halving while the runs stay as short is
+//! halving while cells <= 256 * size: a row of up to 512 cells (704 tokens) takes one CTA, one of
+//! 1024 cells (1024 tokens) at most two; 2048 tokens and more keep every CTA the SMs allow.
 MraStatus selectionClusterSize(int32_t rows, int32_t cells, DeviceCode const& code, uint32_t& size)
 {
     size = 1;

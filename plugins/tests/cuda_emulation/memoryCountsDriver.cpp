@@ -199,8 +199,8 @@ bool runCounted(MraAttentionParams const& params, int32_t realTokens, uint32_t s
 }
 
 //! Every kernel at least once: each dtype (the tensor-core kernels for 16-bit, FMA for float32),
-//! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters (132 SMs)
-//! and in CTAs alone; the high-resolution kernels split over two thread groups (few query
+//! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters (132 SMs
+//! and rows of more than 512 cells: the 1024-token one there) and in CTAs alone; the high-resolution kernels split over two thread groups (few query
 //! blocks for the GPU's SMs) and not (32 a row on one SM).
 bool runAttentionProblems()
 {
@@ -226,7 +226,7 @@ bool runAttentionProblems()
         // [batch, tokens, heads, head_dim], as the patched model's projections lie (rows of one
         // head heads * head_dim apart)
         {{1, 4, 1024, 64, 8, 32, MRA_FULL, 0, 0, MRA_FLOAT16, MRA_BSHD}, 1024, 1},
-        {{1, 4, 512, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BSHD}, 512, 132},
+        {{1, 4, 1024, 64, 8, 32, MRA_SPARSE, 0, 0, MRA_FLOAT32, MRA_BSHD}, 1024, 132}, // selection clusters of 2
         // The tensor-core kernels' other instantiations (tools/sass_accesses.py compares each
         // kernel nvcc compiles), the selection's 16-byte reads of a row's logits (64 blocks:
         // 8 cells a thread) and its cells past the 32 a thread caches (192 blocks).
