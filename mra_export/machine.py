@@ -20,3 +20,10 @@ def cpuinfo_field(label: str, cpuinfo: Path = CPUINFO) -> str | None:
         if name.strip() == label and value.strip():
             return value.strip()
     return None
+
+
+def cpu_without_vnni(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether this is an x86 CPU with AVX2 and no VNNI (AVX-512 VNNI or AVX-VNNI), as Linux
+    lists its flags; False where it does not list them."""
+    flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
+    return "avx2" in flags and not any("vnni" in flag for flag in flags)

@@ -8,9 +8,10 @@
 fp32, fp16 and bf16; both modes, with and without priors; ragged masks and an all-padding
 sample; head_dim 64 (--head-dims 32 64 128 for every tile width); 2 samples, 2 heads, 100-800
 tokens, so that the sanitizers' 10-100x slowdown leaves seconds of GPU time; at 800 tokens (625
-cells a row) the selection runs in clusters of 2 CTAs on a GPU that has them and SMs to spare. Each call is
-synchronised and its output held to the PyTorch reference (mra_export.kernel_check). Exits 1 if
-a kernel call returns an error or an output is wrong, 2 if there is no GPU or no library.
+cells a row) the selection runs in clusters of 2 CTAs on a GPU that has them and SMs to spare.
+Each call is synchronised and its output held to the PyTorch reference (mra_export.kernel_check).
+Exits 1 if a kernel call returns an error or an output is wrong, 2 if there is no GPU or no
+library.
 --emulated runs the same cases on the kernels' source under the CPU CUDA emulation (to check
 this script where there is no GPU).
 """

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from ..checkpoints import load_config
 from ..errors import UserError, first_line, warn
 from ..files import raise_naming, sha256_of, staged_folder
-from ..machine import CPUINFO, cpuinfo_field
+from ..machine import cpu_without_vnni
 from ..tasks import get_task
 from .info import QUANTIZED_DTYPES, ExportInfo, check_not_the_other_commands, read_graph
 from .tracing import quiet_logger
@@ -161,13 +161,6 @@ def weights_scheme(reduce_range: bool) -> str:
     """export.json's description of the int8 weights."""
     bits = "7-bit range (reduce_range)" if reduce_range else "full 8-bit range"
     return f"int8, symmetric, one scale per output channel (QInt8, per_channel), {bits}"
-
-
-def cpu_without_vnni(cpuinfo: Path = CPUINFO) -> bool:
-    """Whether this is an x86 CPU with AVX2 and no VNNI (AVX-512 VNNI or AVX-VNNI), as Linux
-    lists its flags; False where it does not list them."""
-    flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
-    return "avx2" in flags and not any("vnni" in flag for flag in flags)
 
 
 def quantized_nodes(graph: onnx.ModelProto) -> list[str]:

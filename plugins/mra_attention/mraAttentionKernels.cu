@@ -1833,9 +1833,10 @@ MraStatus multiprocessorCount(int32_t& multiprocessors)
 //! registers); 1 without clusters. By the SMs alone, on 132: 8 at batch 1 of 12 heads, 4 at
 //! batch 2, 2 at batches 3 to 5, 1 from batch 6 (where the GPU runs that many clusters at once).
 //! Then no more CTAs than shorten the threads' runs of the row's `cells` (ThreadKeys): past that,
-//! a CTA adds only its waits at the cluster's barriers. Halving while the runs stay as short is
-//! halving while cells <= 256 * size: a row of up to 512 cells (704 tokens) takes one CTA, one of
-//! 1024 cells (1024 tokens) at most two; 2048 tokens and more keep every CTA the SMs allow.
+//! a CTA adds only its waits at the cluster's barriers. A run of ceil(cells / threads) cells is as
+//! short on half the CTAs exactly where those hold a thread a cell, cells <= size * 512 / 2: a row
+//! of up to 512 cells (704 tokens) takes one CTA, one of 1024 cells (1024 tokens) at most two;
+//! 2048 tokens and more keep every CTA the SMs allow.
 MraStatus selectionClusterSize(int32_t rows, int32_t cells, DeviceCode const& code, uint32_t& size)
 {
     size = 1;
@@ -1850,11 +1851,7 @@ MraStatus selectionClusterSize(int32_t rows, int32_t cells, DeviceCode const& co
         bool const fits = rows <= code.concurrentClusters[log2] && static_cast<int64_t>(rows) << log2 <= multiprocessors;
         size = fits ? 1u << log2 : size;
     }
-    auto const run = [cells](uint32_t ctas) {
-        int32_t const threads = static_cast<int32_t>(ctas) * kSelectThreads;
-        return (cells + threads - 1) / threads;
-    };
-    while (MRA_SELECT_CLUSTER_BY_CELLS && size > 1 && run(size / 2) == run(size))
+    while (MRA_SELECT_CLUSTER_BY_CELLS && size > 1 && cells <= static_cast<int64_t>(size / 2) * kSelectThreads)
     {
         size /= 2;
     }

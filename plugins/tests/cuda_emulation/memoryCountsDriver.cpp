@@ -199,9 +199,10 @@ bool runCounted(MraAttentionParams const& params, int32_t realTokens, uint32_t s
 }
 
 //! Every kernel at least once: each dtype (the tensor-core kernels for 16-bit, FMA for float32),
-//! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters (132 SMs
-//! and rows of more than 512 cells: the 1024-token one there) and in CTAs alone; the high-resolution kernels split over two thread groups (few query
-//! blocks for the GPU's SMs) and not (32 a row on one SM).
+//! head sizes 32, 64 and 128, both modes, both layouts, a ragged batch; the selection in clusters
+//! (132 SMs and rows of more than 512 cells: the 1024-token one there) and in CTAs alone; the
+//! high-resolution kernels split over two thread groups (few query blocks for the GPU's SMs) and
+//! not (32 a row on one SM).
 bool runAttentionProblems()
 {
     struct Problem
