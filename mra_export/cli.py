@@ -35,7 +35,7 @@ STOPPING_SIGNALS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 def main(argv=None) -> int:
     try:
-        args = _parser().parse_args(argv)  # imports torch and transformers: seconds
+        args = _parser().parse_args(argv)  # without torch: help and usage errors are quick
         _quiet_libraries()
     except KeyboardInterrupt:
         return _interrupted()
@@ -193,7 +193,7 @@ def _demo(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .export.exporter import DEFAULT_OPSET, FLAVOURS, SUPPORTED_OPSETS
+    from .export.info import DEFAULT_OPSET, FLAVOURS, SUPPORTED_OPSETS
     from .tasks import TASKS
 
     parser = OneLineParser(
@@ -256,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
 
-    from .serving.triton import add_triton_arguments
+    from .serving.arguments import add_triton_arguments
 
     triton = commands.add_parser("triton", help="a Triton Inference Server model repository for "
                                  "an export or an engine")

@@ -881,6 +881,33 @@ def test_the_command_starts_without_torch_and_takes_ctrl_c_while_it_loads(monkey
     assert capsys.readouterr().err == "interrupted\n"
 
 
+HEAVY_MODULES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx_ir")
+EVERY_HELP = """
+import contextlib, io, sys
+from mra_export import cli
+parser = cli._parser()
+for argv in [["--help"], *([command, "--help"] for command in parser.commands), ["export"]]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit as stop:  # argparse's: 0 after help, 2 after a usage error
+            assert stop.code == (2 if argv == ["export"] else 0), (argv, stop.code)
+print(len(parser.commands), sorted(name for name in sys.argv[1:] if name in sys.modules))
+"""
+
+
+def test_help_and_usage_errors_come_without_torch_or_onnx():
+    """`mra-export --help`, each command's help and a missing required argument: none waits
+    seconds for torch, transformers or onnx (the parser's choices live in light modules)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", EVERY_HELP, *HEAVY_MODULES], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split(maxsplit=1) == ["7", "[]\n"]
+
+
 def test_ort_model_provider_errors(exports):
     with pytest.raises(UserError, match="CUDAExecutionProvider is not available in this "
                                         "onnxruntime.*pip install -e '\\.\\[gpu\\]' in the mra-export checkout"):

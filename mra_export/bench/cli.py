@@ -20,25 +20,7 @@ from ..machine import CPUINFO, cpuinfo_field
 from . import models, report
 from .measure import measure
 
-LENGTHS = (256, 512, 1024, 2048, 4096)
 DENSE_ON_CPU = ("dense onnxruntime", "dense onnxruntime int8")  # float32 scores either way
-BATCHES = (1, 8)
-
-
-def add_bench_arguments(parser) -> None:
-    parser.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and "
-                        "the plots (default out/bench)")
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
-                        help=f"token counts (default: {','.join(map(str, LENGTHS))})")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
-                        help=f"batch sizes (default: {','.join(map(str, BATCHES))})")
-    parser.add_argument("--layers", type=int, default=1,
-                        help="encoder layers (default 1; times are per layer then)")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="seconds of timed runs per cell at most, at least 3 runs (default: 20)")
-    parser.add_argument("--device", choices=models.DEVICES, default="all",
-                        help="which columns: cpu, cuda (PyTorch and onnxruntime on the GPU in fp32 "
-                        "and fp16, and TensorRT) or all (default)")
 
 
 def run_bench_from_args(args) -> dict:

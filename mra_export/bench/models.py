@@ -114,7 +114,6 @@ def ort_backend(name: str, kind: str, path: Path, provider: str, op_library: boo
     return Backend(name, kind, f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}", prepare)
 
 
-DEVICES = ("all", "cpu", "cuda")
 # The GPU columns come in both precisions: fp16 is what engines are built in, fp32 what the CPU
 # columns are. The CPU columns stay fp32 (onnxruntime's CPU provider lacks fp16 kernels).
 GPU_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -15,7 +15,6 @@ from pathlib import Path
 from ..errors import UserError
 from ..export.info import DTYPE_NAMES, ExportInfo
 from ..files import is_json_int
-from ..native import PLUGIN_LIBRARY, build_dir
 
 PRECISIONS = DTYPE_NAMES
 AXES = ("batch", "sequence", "choices")
@@ -125,6 +124,8 @@ def resolve_spec(spec_file=None, **flags) -> BuildSpec:
     workspace = values.get("workspace_mb")
     if workspace is not None and (not is_json_int(workspace) or workspace < 1):
         raise UserError(f"workspace must be a positive number of MB, got {workspace!r}")
+    from ..native import PLUGIN_LIBRARY, build_dir  # torch: not for the command line's help
+
     return BuildSpec(
         onnx=Path(values["onnx"]), out=Path(values["out"]),
         plugin=Path(values.get("plugin") or build_dir() / PLUGIN_LIBRARY),

@@ -24,12 +24,11 @@ from ..files import sha256_of, staged_folder
 from ..patching import attention_cores, patch_model
 from ..tasks import Task
 from . import attention_function, graph_names, plugin_node, tracing
-from .info import DTYPE_NAMES, FLAVOURS, ExportInfo, check_not_the_other_commands
+from .info import (DEFAULT_OPSET, DTYPE_NAMES, FLAVOURS, SUPPORTED_OPSETS, ExportInfo,
+                   check_not_the_other_commands)
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-DEFAULT_OPSET = 20
-SUPPORTED_OPSETS = range(18, 24)  # 18: ScatterElements with reduction="max"
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
 VALIDATION_TOLERANCE = 1e-4
 

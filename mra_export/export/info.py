@@ -15,6 +15,8 @@ FILE_NAME = "export.json"
 FORMAT = "mra-export/1"
 FLAVOURS = ("portable", "plugin")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DEFAULT_OPSET = 20
+SUPPORTED_OPSETS = range(18, 24)  # 18: ScatterElements with reduction="max"
 QUANTIZED_DTYPES = ("int8",)  # made from an fp32 export by mra-export quantize
 QUANTIZE_MADE_BY = "mra-export quantize"
 

@@ -1,5 +1,6 @@
 """Serving with Triton Inference Server: ``mra-export triton`` writes a model repository.
 
+- ``arguments``: the command's arguments and choices (light, for the command line's help).
 - ``triton``: the repository writer (onnxruntime, tensorrt or python backend; tokenizer and
   ensemble where the export has tokenizer files).
 - ``schema``: every config.pbtxt checked against Triton's ``model_config.proto``.

@@ -37,15 +37,13 @@ from ..export.info import ExportInfo, read_graph
 from ..files import absolute, staged_folder
 from ..native import TRITON_PLUGIN_LIBRARY
 from . import schema
+from .arguments import DEFAULT_MAX_BATCH_SIZE, DEVICES, EXPORT_BACKENDS
 from .parameters import INPUTS, MANY_STRINGS, MAX_LENGTH, PYTHON, ROLE, SYS_PATH, TASK, text_inputs
 
-DEFAULT_MAX_BATCH_SIZE = 8
 INT32_MAX = 2**31 - 1  # model_config.proto's max_batch_size and instance counts
 MAX_QUEUE_DELAY_US = 1000  # how long a request may wait for others to fill a batch
 VERSION = "1"
 MARKER = "mra-export-triton.json"  # in every model folder this command writes
-EXPORT_BACKENDS = ("onnxruntime", "python")
-DEVICES = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bfloat16": "TYPE_BF16"}
 # Names every client reaches: a folder name, an HTTP path segment and a gRPC string alike.
@@ -424,26 +422,6 @@ def serve_command(repo: Path, name: str, source: Source) -> str:
     if source.backend == "tensorrt":  # dlopened: the triton library registers the plugin beside it
         command.append(f"--backend-config=tensorrt,plugins={repo / name / source.library.name}")
     return shlex.join(command)
-
-
-def add_triton_arguments(parser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--onnx", metavar="OUT", help="an export folder (mra-export export)")
-    source.add_argument("--engine", metavar="DIR", help="an engine folder (mra-export build)")
-    parser.add_argument("--repo", required=True, help="the model repository (made if missing; "
-                        "other models in it are left alone)")
-    parser.add_argument("--name", help="the model's name (default: the folder's name)")
-    parser.add_argument("--max-batch-size", type=int, metavar="N",
-                        help=f"Triton's max_batch_size; dynamic batching above 1 (default: "
-                        f"{DEFAULT_MAX_BATCH_SIZE} for exports, the profile's for engines)")
-    parser.add_argument("--instances", type=int, default=1, metavar="N",
-                        help="model instances (default: 1)")
-    parser.add_argument("--device", choices=tuple(DEVICES),
-                        help="instance kind (default: cpu for exports, gpu for engines)")
-    parser.add_argument("--backend", choices=(*EXPORT_BACKENDS, "tensorrt"),
-                        help="default: onnxruntime for exports, tensorrt for engines; python "
-                        "serves an export through OrtMraModel (runs with the server that "
-                        "'make triton-server' fetches)")
 
 
 def run_triton_from_args(args) -> list[Path]:
