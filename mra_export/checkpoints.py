@@ -141,7 +141,7 @@ class Checkpoint:
         except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError,
                 LookupError, EOFError) as error:  # corrupt weights (torch's unpickler raises any
             # of these on bytes that are not a pickle: KeyError, IndexError, ...)
-            raise UserError(f"cannot load {self.task.model_class.__name__} from {self.folder}: "
+            raise UserError(f"cannot load {self.task.model_class_name} from {self.folder}: "
                             f"{_load_problem(error)}; pass a folder with the weights "
                             "save_pretrained wrote") from None
         _check_weights_fit(self.folder, self.task, loading, self.remedy)
@@ -222,7 +222,7 @@ def build_checkpoint(folder: str | Path, task: Task, seed: int = DEFAULT_SEED,
     folder = Path(folder)
     tokenizer = default_tokenizer()
     settings = {**DEFAULT_CONFIG, "vocab_size": tokenizer.vocab_size, **config_overrides}
-    config = MraConfig(**settings, architectures=[task.model_class.__name__])
+    config = MraConfig(**settings, architectures=[task.model_class_name])
     torch.manual_seed(seed)
     model = task.model_class(config).eval()
     model.save_pretrained(folder)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -53,6 +55,36 @@ def test_pipelines_give_the_pytorch_models_results(task, small_checkpoints, expo
             np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=0)
         return
     assert_same_results(ours(texts, batch_size=2), theirs(texts, batch_size=2))
+
+
+class Records(logging.Handler):
+    """The records a logger emits, past its filters (transformers' loggers do not propagate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification"])
+def test_pipelines_log_no_error_that_the_exported_model_is_unsupported(task, exports):
+    """The two pipelines of the six tasks that check the model's class against their list of
+    heads: no error for OrtMraModel, while another class still gets it."""
+    logger = logging.getLogger("transformers.pipelines.base")
+    records = Records()
+    logger.addHandler(records)
+    try:
+        folder = exports[task, "portable"]
+        pipeline(task, model=OrtMraModel.from_pretrained(folder),
+                 tokenizer=AutoTokenizer.from_pretrained(folder))
+        assert records.messages == []
+        logger.error(f"The model 'AnotherModel' is not supported for {task}. Supported ...")
+        assert records.messages == [f"The model 'AnotherModel' is not supported for {task}. "
+                                    "Supported ..."]
+    finally:
+        logger.removeHandler(records)
 
 
 def test_a_text_past_the_models_length_is_truncated_to_it(small_checkpoints, exports):

@@ -4,16 +4,8 @@
 line's help, which needs ``add_bench_arguments`` alone, stays quick.
 """
 
-from __future__ import annotations
-
+from ..lazy import lazy_names
 from .arguments import add_bench_arguments
 
 __all__ = ["add_bench_arguments", "run_bench_from_args"]
-
-
-def __getattr__(name: str):
-    if name != "run_bench_from_args":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from .cli import run_bench_from_args
-
-    return run_bench_from_args
+__getattr__, __dir__ = lazy_names(__name__, globals(), {"run_bench_from_args": ".cli"})

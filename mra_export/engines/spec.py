@@ -124,14 +124,19 @@ def resolve_spec(spec_file=None, **flags) -> BuildSpec:
     workspace = values.get("workspace_mb")
     if workspace is not None and (not is_json_int(workspace) or workspace < 1):
         raise UserError(f"workspace must be a positive number of MB, got {workspace!r}")
-    from ..native import PLUGIN_LIBRARY, build_dir  # torch: not for the command line's help
-
     return BuildSpec(
         onnx=Path(values["onnx"]), out=Path(values["out"]),
-        plugin=Path(values.get("plugin") or build_dir() / PLUGIN_LIBRARY),
+        plugin=Path(values["plugin"]) if values.get("plugin") else _built_plugin(),
         precision=precision, shapes=values.get("shapes", {}),
         timing_cache=Path(values["timing_cache"]) if values.get("timing_cache") else None,
         workspace_mb=workspace, attention_outputs=bool(values.get("attention_outputs", False)))
+
+
+def _built_plugin() -> Path:
+    """The plugin ``make plugins`` builds (native imports torch: not for the command's help)."""
+    from ..native import PLUGIN_LIBRARY, build_dir
+
+    return build_dir() / PLUGIN_LIBRARY
 
 
 def _checked_range(axis: str, value, where="--shapes") -> tuple[int, int, int]:

@@ -55,7 +55,7 @@ def export_model(model_dir: str | Path, out: str | Path, task: str = "auto",
         plugin_node.check_head_dim(config.hidden_size // config.num_attention_heads)
     check_not_the_other_commands(out, quantizing=False)
     with staged_folder(out, marker=ExportInfo.FILE_NAME, inputs=[model_dir]) as staging:
-        log(f"loading {chosen.model_class.__name__} from {model_dir}")
+        log(f"loading {chosen.model_class_name} from {model_dir}")
         model = patch_model(checkpoint.model, attention="reference").to(DTYPES[dtype])
         log(f"exporting {chosen.name} ({flavour} flavour, {dtype}, opset {opset}) ...")
         onnx_model = _trace(model, chosen, flavour, opset)
@@ -216,7 +216,7 @@ def _describe(model, checkpoint: Checkpoint, flavour, dtype, opset, contexts, st
     input_axes = dict(enumerate(task.input_axes))
     return ExportInfo(
         flavour=flavour, dtype=dtype, opset=opset, task=task.name,
-        model_class=task.model_class.__name__,
+        model_class=task.model_class_name,
         inputs={name: "int64" for name in task.input_names(config)},
         outputs={name: ONNX_DTYPE_NAMES[dtype] for name in task.outputs},
         dynamic_axes={**{name: {str(i): a for i, a in input_axes.items()}
