@@ -72,6 +72,21 @@ def test_every_heads_graphs_are_predicted_to_need_no_copy_on_the_cuda_provider(e
 
 
 @pytest.mark.slow
+def test_a_plugin_graph_that_records_no_type_for_the_contexts_is_typed_as_onnxruntime_does(
+        exports):
+    """Exported with onnx 1.17 or 1.19 (found in a venv at the old lower bounds), the plugin graph
+    has no type for MraAttention's output: the tool types it as the query, as onnxruntime does
+    from the op library, instead of putting its readers on the CPU."""
+    model = onnx.load(str(exports["text-classification", "plugin"] / "model.onnx"))
+    typed = [value for value in model.graph.value_info
+             if not value.name.startswith("attention_context")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(typed)
+    placement = load_tool("ort_cuda_placement").predict(model)
+    assert not placement.copies and placement.cpu_nodes
+
+
+@pytest.mark.slow
 def test_the_fp16_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provider(fp16_exports):
     """fp16 inputs keep a node on the device, which moves where the CPU's part ends."""
     _assert_no_copy_predicted(_predicted(fp16_exports[1]["portable"] / "model.onnx"))

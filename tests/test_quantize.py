@@ -163,6 +163,30 @@ def largest_int8_weight(folder) -> int:
     return max(int(np.abs(weight).max()) for weight in int8_weights_of_matmuls(folder))
 
 
+@pytest.mark.parametrize("version,fix", [
+    ("1.31.1", "onnxruntime 1.31.1's quantizer fails on graphs with a Gemm (the task heads'): "
+               "pip install --upgrade 'onnxruntime>=1.32'"),
+    ("1.32.0", "please report this")])
+def test_a_quantizer_failure_names_the_fix_where_onnxruntime_is_too_old(
+        qa, tmp_path, monkeypatch, capsys, version, fix):
+    """onnxruntime 1.20.1 to 1.31.1 failed in quantize_dynamic on a text-classification export
+    (a Gemm head) with this error; stood in for here, the library's own failure."""
+    import onnxruntime.quantization
+
+    def quantizer_of_old(*args, **kwargs):
+        raise RuntimeError("[ShapeInferenceError] Inferred shape and existing shape differ in "
+                           "dimension 0: (128) vs (3)")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", quantizer_of_old)
+    monkeypatch.setattr(quantize_module.ort, "__version__", version)
+    assert main(["quantize", "--onnx", str(qa["fp32"]), "--out", str(tmp_path / "int8")]) == 2
+    assert capsys.readouterr().err == (
+        f"mra-export quantize: error: onnxruntime could not quantize {qa['fp32'] / 'model.onnx'}: "
+        "[ShapeInferenceError] Inferred shape and existing shape differ in dimension 0: (128) vs "
+        f"(3); {fix}\n")
+    assert not (tmp_path / "int8").exists()
+
+
 def test_reduce_range_gives_7_bit_weights_and_is_recorded(qa, tmp_path, monkeypatch, capsys):
     """--reduce-range: onnxruntime's 7-bit weights (-64..64), for CPUs without VNNI, recorded in
     export.json; without it the weights use the full 8 bits. No note where it is asked for."""

@@ -83,7 +83,7 @@ class _Graph:
     """What the rule reads of a graph: nodes in order, element types, producers, readers."""
 
     def __init__(self, model: onnx.ModelProto):
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        graph = _typed(model).graph
         self.nodes = list(graph.node)  # ONNX graphs are topologically sorted
         self.types = {value.name: TensorProto.DataType.Name(value.type.tensor_type.elem_type)
                       for value in (*graph.value_info, *graph.input, *graph.output)}
@@ -111,6 +111,28 @@ class _Graph:
     def output_on_host(self, k: int, name: str) -> bool:
         node = self.nodes[k]
         return list(node.output).index(name) in HOST_OUTPUTS.get(node.op_type, ())
+
+
+def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` after onnx's shape inference, each ``MraAttention`` context typed as its query
+    (the op's contract, plugins/README.md), as onnxruntime types it from the op library. onnx
+    knows no schema for the op, and exports made with onnx 1.17 to 1.19 record no type for
+    its output, so without this the nodes after it looked typeless, hence CPU-only. One pass a
+    layer: a layer's query is typed only once the layer before it is."""
+    while True:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        graph = inferred.graph
+        typed = {value.name: value.type.tensor_type.elem_type
+                 for value in (*graph.value_info, *graph.input, *graph.output)}
+        typed.update({init.name: init.data_type for init in graph.initializer})
+        contexts = {node.output[0]: typed[node.input[0]] for node in graph.node
+                    if node.op_type == "MraAttention" and not typed.get(node.output[0])
+                    and typed.get(node.input[0])}
+        if not contexts:
+            return inferred
+        graph.value_info.extend(onnx.helper.make_tensor_value_info(name, elem_type, None)
+                                for name, elem_type in contexts.items())
+        model = inferred
 
 
 def predict(model: onnx.ModelProto) -> Placement:

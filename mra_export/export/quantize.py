@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from packaging.version import Version
 
 from ..checkpoints import load_config
 from ..errors import UserError, first_line, warn
@@ -154,7 +155,21 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool,
             raise_naming(error, target)
         except Exception as error:  # onnxruntime.quantization raises whatever its steps raise
             raise UserError(f"onnxruntime could not quantize {source}: {first_line(error)}; "
-                            "please report this") from None
+                            f"{_fix_for_quantizer_failure()}") from None
+
+
+# onnxruntime 1.20.1 to 1.31.1 (each tried on a text-classification export) turn every Gemm into
+# a MatMul of the transposed weight and keep the weight's old shape in the graph's value_info,
+# which onnx's shape inference then refuses ("Inferred shape and existing shape differ"); 1.32.0
+# quantizes it.
+QUANTIZER_FIXED_IN = "1.32"
+
+
+def _fix_for_quantizer_failure() -> str:
+    if Version(ort.__version__) < Version(QUANTIZER_FIXED_IN):
+        return (f"onnxruntime {ort.__version__}'s quantizer fails on graphs with a Gemm (the task "
+                f"heads'): pip install --upgrade 'onnxruntime>={QUANTIZER_FIXED_IN}'")
+    return "please report this"
 
 
 def weights_scheme(reduce_range: bool) -> str:

@@ -8,15 +8,23 @@ import logging
 import warnings
 
 import onnx_ir as ir
+import onnxscript
 import torch
+from packaging.version import Version
 
 from ..errors import UserError
+
+# pyproject's bound. torch 2.11 and later import onnxscript._framework_apis.torch_2_11 (0.6 on),
+# and before 0.7.1 onnxscript's constant folding could give two values one name, which its
+# optimizer then refused in every portable export ("Initializer 'val_291' is already registered").
+ONNXSCRIPT_FLOOR = "0.7.1"
 
 
 def onnx_graph(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, opset: int,
                output_names: list[str], translation_table: dict | None = None) -> ir.Model:
     """The graph of ``module(**inputs)``, traced by torch.export with ``dynamic_shapes`` and
     translated to ONNX at ``opset`` (``translation_table``: torch.onnx's custom translations)."""
+    check_onnxscript()
     # The exporter prints its progress to stdout and, when torch.export fails, the graph it
     # traced to stderr: the failure is told in one line instead.
     chatter = io.StringIO()
@@ -32,6 +40,16 @@ def onnx_graph(module: torch.nn.Module, inputs: dict, dynamic_shapes: dict, opse
         except Exception as error:
             raise UserError(f"torch.onnx.export failed: {root_cause(error)}") from error
     return program.model
+
+
+def check_onnxscript() -> None:
+    """Refuse, before tracing, an onnxscript older than the exports need (pip keeps the bound
+    when it installs mra-export; a later install of another package may not)."""
+    installed = onnxscript.__version__
+    if Version(installed) < Version(ONNXSCRIPT_FLOOR):
+        raise UserError(f"onnxscript {installed} is older than exporting needs "
+                        f"({ONNXSCRIPT_FLOOR}); pip install --upgrade "
+                        f"'onnxscript>={ONNXSCRIPT_FLOOR}'")
 
 
 @contextlib.contextmanager

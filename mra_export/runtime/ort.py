@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from packaging.version import Version
 
 from ..errors import InputTypeError, UserError, first_line
 from ..native import ORT_OP_LIBRARY, build_dir, check_interface_version, open_library
@@ -33,6 +34,9 @@ ON_GPU = (CUDA, "TensorrtExecutionProvider")
 # Where onnxruntime looks for the weights of a graph given as bytes (an edited graph) that keeps
 # them in a file of their own (exports over 2 GB).
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+# The first onnxruntime that reads it (1.20.1's library lacks the key and looks in the working
+# folder; 1.21.1's has it).
+EXTERNAL_DATA_FOLDER_FROM = "1.21"
 AS_FLOAT32 = ".as_float32"  # suffix of an output cast to float32 (run_raw strips it)
 # Measured with onnxruntime 1.32: no CPU kernel for bfloat16 Add.
 BF16_NOT_ON_CPU = ("onnxruntime's CPU provider lacks bfloat16 kernels for this graph; use the "
@@ -190,6 +194,11 @@ class OrtMraModel(ExportedModel):
         if self.info.dtype == "bf16":
             cast_outputs_to_float32(model.graph)
         if self.info.external_data:  # the graph goes from memory, its weights stay in the folder
+            if Version(ort.__version__) < Version(EXTERNAL_DATA_FOLDER_FROM):
+                raise UserError(f"onnxruntime {ort.__version__} cannot find the weights of "
+                                f"{path} from an edited copy of its graph (extra outputs, or "
+                                f"bfloat16); pip install --upgrade "
+                                f"'onnxruntime>={EXTERNAL_DATA_FOLDER_FROM}'")
             self._options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent))
         return self._session(model.SerializeToString())
 
