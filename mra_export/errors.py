@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from packaging.version import Version
+
 
 class UserError(Exception):
     """Bad input or a missing prerequisite; the message names the problem and the fix."""
@@ -31,6 +33,14 @@ def first_line(error: BaseException) -> str:
     """An exception's first line for a one-line message (its type's name when it has no text)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def upgrade_fix(package: str, installed: str, needed: str) -> str | None:
+    """The pip command that brings ``package`` from ``installed`` up to ``needed``, or ``None``
+    where ``installed`` is already as new."""
+    if Version(installed) >= Version(needed):
+        return None
+    return f"pip install --upgrade '{package}>={needed}'"
 
 
 def warn(message: str) -> None:

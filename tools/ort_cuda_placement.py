@@ -85,10 +85,8 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto):
         graph = _typed(model).graph
         self.nodes = list(graph.node)  # ONNX graphs are topologically sorted
-        self.types = {value.name: TensorProto.DataType.Name(value.type.tensor_type.elem_type)
-                      for value in (*graph.value_info, *graph.input, *graph.output)}
-        self.types.update({init.name: TensorProto.DataType.Name(init.data_type)
-                           for init in graph.initializer})
+        self.types = {name: TensorProto.DataType.Name(elem_type)
+                      for name, elem_type in _element_types(graph).items()}
         self.small = {init.name for init in graph.initializer
                       if math.prod(init.dims) <= SMALL_INITIALIZER}
         self.inputs = {value.name for value in graph.input}
@@ -122,9 +120,7 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
     while True:
         inferred = onnx.shape_inference.infer_shapes(model)
         graph = inferred.graph
-        typed = {value.name: value.type.tensor_type.elem_type
-                 for value in (*graph.value_info, *graph.input, *graph.output)}
-        typed.update({init.name: init.data_type for init in graph.initializer})
+        typed = _element_types(graph)
         contexts = {node.output[0]: typed[node.input[0]] for node in graph.node
                     if node.op_type == "MraAttention" and not typed.get(node.output[0])
                     and typed.get(node.input[0])}
@@ -133,6 +129,14 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.value_info.extend(onnx.helper.make_tensor_value_info(name, elem_type, None)
                                 for name, elem_type in contexts.items())
         model = inferred
+
+
+def _element_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each typed value's element type (0: unknown), initializers included."""
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    return types
 
 
 def predict(model: onnx.ModelProto) -> Placement:

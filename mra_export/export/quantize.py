@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from packaging.version import Version
 
 from ..checkpoints import load_config
-from ..errors import UserError, first_line, warn
+from ..errors import UserError, first_line, upgrade_fix, warn
 from ..files import raise_naming, sha256_of, staged_folder
 from ..machine import cpu_without_vnni
 from ..tasks import get_task
@@ -158,18 +157,19 @@ def _quantize(source: Path, target: Path, nodes: list[str], external: bool,
                             f"{_fix_for_quantizer_failure()}") from None
 
 
-# onnxruntime 1.20.1 to 1.31.1 (each tried on a text-classification export) turn every Gemm into
-# a MatMul of the transposed weight and keep the weight's old shape in the graph's value_info,
-# which onnx's shape inference then refuses ("Inferred shape and existing shape differ"); 1.32.0
-# quantizes it.
+# onnxruntime 1.20.1 to 1.31.1 (seven tried on a text-classification export) failed in
+# quantize_dynamic with "Inferred shape and existing shape differ"; 1.32.0 quantizes it. Read from
+# their code, not traced: before 1.32 the rewrite of a Gemm (the head) to a MatMul of the
+# transposed weight leaves the old shape where onnx's shape inference then finds it.
 QUANTIZER_FIXED_IN = "1.32"
 
 
 def _fix_for_quantizer_failure() -> str:
-    if Version(ort.__version__) < Version(QUANTIZER_FIXED_IN):
-        return (f"onnxruntime {ort.__version__}'s quantizer fails on graphs with a Gemm (the task "
-                f"heads'): pip install --upgrade 'onnxruntime>={QUANTIZER_FIXED_IN}'")
-    return "please report this"
+    fix = upgrade_fix("onnxruntime", ort.__version__, QUANTIZER_FIXED_IN)
+    if fix is None:
+        return "please report this"
+    return (f"onnxruntime {ort.__version__}'s quantizer fails on graphs with a Gemm (the task "
+            f"heads'): {fix}")
 
 
 def weights_scheme(reduce_range: bool) -> str:

@@ -10,13 +10,12 @@ import warnings
 import onnx_ir as ir
 import onnxscript
 import torch
-from packaging.version import Version
 
-from ..errors import UserError
+from ..errors import UserError, upgrade_fix
 
 # pyproject's bound. torch 2.11 and later import onnxscript._framework_apis.torch_2_11 (0.6 on),
 # and before 0.7.1 onnxscript's constant folding could give two values one name, which its
-# optimizer then refused in every portable export ("Initializer 'val_291' is already registered").
+# optimizer then refused in portable exports ("Initializer 'val_291' is already registered").
 ONNXSCRIPT_FLOOR = "0.7.1"
 
 
@@ -46,10 +45,10 @@ def check_onnxscript() -> None:
     """Refuse, before tracing, an onnxscript older than the exports need (pip keeps the bound
     when it installs mra-export; a later install of another package may not)."""
     installed = onnxscript.__version__
-    if Version(installed) < Version(ONNXSCRIPT_FLOOR):
+    fix = upgrade_fix("onnxscript", installed, ONNXSCRIPT_FLOOR)
+    if fix:
         raise UserError(f"onnxscript {installed} is older than exporting needs "
-                        f"({ONNXSCRIPT_FLOOR}); pip install --upgrade "
-                        f"'onnxscript>={ONNXSCRIPT_FLOOR}'")
+                        f"({ONNXSCRIPT_FLOOR}); {fix}")
 
 
 @contextlib.contextmanager

@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from packaging.version import Version
 
-from ..errors import InputTypeError, UserError, first_line
+from ..errors import InputTypeError, UserError, first_line, upgrade_fix
 from ..native import ORT_OP_LIBRARY, build_dir, check_interface_version, open_library
 from .base import ExportedModel
 from .model_io import ModelInputs
@@ -194,11 +193,11 @@ class OrtMraModel(ExportedModel):
         if self.info.dtype == "bf16":
             cast_outputs_to_float32(model.graph)
         if self.info.external_data:  # the graph goes from memory, its weights stay in the folder
-            if Version(ort.__version__) < Version(EXTERNAL_DATA_FOLDER_FROM):
+            fix = upgrade_fix("onnxruntime", ort.__version__, EXTERNAL_DATA_FOLDER_FROM)
+            if fix:
                 raise UserError(f"onnxruntime {ort.__version__} cannot find the weights of "
                                 f"{path} from an edited copy of its graph (extra outputs, or "
-                                f"bfloat16); pip install --upgrade "
-                                f"'onnxruntime>={EXTERNAL_DATA_FOLDER_FROM}'")
+                                f"bfloat16); {fix}")
             self._options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent))
         return self._session(model.SerializeToString())
 
