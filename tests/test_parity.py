@@ -17,6 +17,7 @@ from mra_export.cli import main
 from mra_export.export import FLAVOURS
 from mra_export.export.info import ExportInfo
 from mra_export.parity import run_parity
+from mra_export.parity.backends import PLUGIN_GRAPH_NODES
 from mra_export.tasks import TASKS
 
 from .conftest import ONE_LAYER_MODEL, SMALL_MODEL, cut_short_and_resigned, export_both_flavours
@@ -79,11 +80,22 @@ def test_heads_narrower_than_32_are_compared_as_the_graphs_hold_them(tmp_path):
         assert 0 <= worst <= 1e-4
 
 
+def skip_where_onnx_cannot_run(dtype: str) -> None:
+    """The installed onnx's reference evaluator may not run the graph's type (the runner then
+    refuses in one line, tested below)."""
+    from mra_export.runtime.plugin_reference import bf16_unsupported_reason
+
+    reason = bf16_unsupported_reason(dtype)
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_reduced_precision_exports_match_pytorch_within_their_tolerance(request, dtype):
     """The fp16/bf16 graphs TensorRT engines are built from, run on the CPU against the float32
     PyTorch model: close, but not float32-close (they really compute in reduced precision).
     bf16 runs on the default checkpoint's weight scale (see the ``bf16_exports`` fixture)."""
+    skip_where_onnx_cannot_run(dtype)
     checkpoint, folders = request.getfixturevalue(f"{dtype}_exports")
     folders = [folders[flavour] for flavour in FLAVOURS]
     for folder in folders:  # the export's config says the graph's type
@@ -99,6 +111,79 @@ def test_reduced_precision_exports_match_pytorch_within_their_tolerance(request,
         assert {output["tolerance"] for output in backend["outputs"].values()} == {
             {"fp16": 2e-2, "bf16": 5e-2}[dtype]}
         assert 1e-5 < worst <= backend["attention"]["tolerance"]
+
+
+def _matmul_before_onnx_1_23(self, a, b):
+    """onnx.reference's MatMul before onnx 1.23 (op_matmul.numpy_matmul then): numpy's matmul
+    of bfloat16 tensors of 3 dimensions or more comes back float32, left so."""
+    return (np.dot(a, b) if a.ndim <= 2 and b.ndim <= 2 else np.matmul(a, b),)
+
+
+def test_bf16_plugin_graph_runs_on_an_onnx_whose_matmul_promotes_bfloat16(bf16_exports,
+                                                                           monkeypatch):
+    """onnx 1.19 to 1.22 refused their own bf16 MatMul's float32 product: the runner casts it
+    back, as onnx 1.23 does, so those versions give the numbers the newest gives."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import RuntimeTypeError
+    from onnx.reference.ops import op_matmul
+
+    from mra_export.runtime.plugin_reference import ReferencePluginModel
+
+    skip_where_onnx_cannot_run("bf16")
+    folder = bf16_exports[1]["plugin"]
+    ids = np.random.default_rng(0).integers(5, 90, size=(2, 48))
+    newest = dict(ReferencePluginModel.from_pretrained(folder)(input_ids=ids))
+    monkeypatch.setattr(op_matmul.MatMul, "_run", _matmul_before_onnx_1_23)
+    graph = onnx.load(str(folder / "model.onnx"))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids)}
+    with pytest.raises(RuntimeTypeError, match="MatMul"):  # the stand-in is the old failure
+        ReferenceEvaluator(graph, new_ops=[_identity_mra_attention()]).run(
+            None, {i.name: feed[i.name] for i in graph.graph.input})
+    older = dict(ReferencePluginModel.from_pretrained(folder)(input_ids=ids))
+    assert newest.keys() == older.keys() and newest
+    for name, value in newest.items():
+        assert older[name].dtype == value.dtype and np.array_equal(older[name], value), name
+
+
+def _identity_mra_attention():
+    """An MraAttention for the bare evaluator: its value, in the query's type."""
+    from onnx.reference.op_run import OpRun
+
+    from mra_export.export import plugin_node
+
+    class MraAttention(OpRun):
+        op_domain = plugin_node.DOMAIN
+
+        def _run(self, query, key, value, mask, **attributes):
+            return (value.astype(query.dtype),)
+
+    return MraAttention
+
+
+def test_bf16_plugin_graph_on_an_onnx_holding_bfloat16_as_integers_is_one_line(bf16_exports,
+                                                                              monkeypatch):
+    """Before onnx 1.19, onnx.reference held bfloat16 as raw uint16 and computed wrong numbers
+    (measured with 1.17.0 and 1.18.0): parity skips those backends with the upgrade, and the
+    runner refuses in one line."""
+    from mra_export.errors import UserError
+    from mra_export.parity.backends import export_backends
+    from mra_export.runtime.plugin_reference import ReferencePluginModel
+
+    checkpoint, folders = bf16_exports
+    fix = "pip install --upgrade 'onnx>=1.19'"
+    monkeypatch.setattr(onnx, "__version__", "1.18.0")
+    reference = [b for b in export_backends(folders["plugin"]) if "onnx.reference" in b.name]
+    assert len(reference) == len(PLUGIN_GRAPH_NODES)
+    for backend in reference:
+        assert backend.skipped.endswith(fix) and backend.load is None, backend.name
+    with pytest.raises(UserError, match="^onnx 1.18.0's reference evaluator holds bfloat16 as "
+                                        "raw integers and cannot run a bf16 graph: "
+                                        + re.escape(fix) + "$"):
+        ReferencePluginModel.from_pretrained(folders["plugin"])
+    monkeypatch.setattr(onnx, "__version__", "1.19.0")
+    assert all(b.skipped is None for b in export_backends(folders["plugin"])
+               if "onnx.reference" in b.name and "emulated" not in b.name)
 
 
 def test_a_different_model_fails_and_names_the_first_diverging_head(exports, tmp_path, capsys):

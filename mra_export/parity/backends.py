@@ -14,7 +14,7 @@ from ..export.info import ExportInfo
 from ..native import CPU_LIBRARY, EMULATED_PLUGIN_LIBRARIES, unbuilt
 from ..runtime.ort import (BF16_NOT_ON_CPU, CPU, CUDA, CUDA_FP32, INT8_CPU_ONLY, NO_CUDA_PROVIDER,
                            OrtMraModel, op_library_unavailable)
-from ..runtime.plugin_reference import ReferencePluginModel
+from ..runtime.plugin_reference import ReferencePluginModel, bf16_unsupported_reason
 
 # Absolute tolerance on every output against the float32 PyTorch model, by the graph's type:
 # fp32 for onnxruntime and the CPU references; fp16/bf16 as for TensorRT engines of that type.
@@ -43,7 +43,8 @@ def export_backends(folder: str | Path) -> list[Backend]:
     info = ExportInfo.load(folder)
     tolerance = TOLERANCES[info.dtype]
     if info.flavour == "plugin":
-        backends = [_node_backend(folder, tolerance, *node) for node in PLUGIN_GRAPH_NODES]
+        backends = [_node_backend(folder, info.dtype, tolerance, *node)
+                    for node in PLUGIN_GRAPH_NODES]
         backends += _onnxruntime_backends(folder, info, tolerance, op_library=True)
     else:
         backends = _onnxruntime_backends(folder, info, tolerance)
@@ -94,14 +95,17 @@ PLUGIN_GRAPH_NODES = (
 )
 
 
-def _node_backend(folder: str, tolerance: float, node: str, computed_by: str, libraries,
-                  how_to_build: str) -> Backend:
+def _node_backend(folder: str, dtype: str, tolerance: float, node: str, computed_by: str,
+                  libraries, how_to_build: str) -> Backend:
     """The plugin graph run by onnx.reference with its MraAttention nodes computed by ``node``."""
     name = f"plugin graph on CPU (onnx.reference, {computed_by})"
     missing = unbuilt(*libraries)
     if missing:
         return Backend(name, folder, tolerance,
                        skipped=f"{missing[0]} is not built ({how_to_build})")
+    reason = bf16_unsupported_reason(dtype)
+    if reason:
+        return Backend(name, folder, tolerance, skipped=reason)
     return Backend(name, folder, tolerance,
                    lambda: ReferencePluginModel.from_pretrained(folder, node=node, verify=False))
 

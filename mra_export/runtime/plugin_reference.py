@@ -14,11 +14,26 @@ import onnx
 import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_matmul import MatMul as OnnxMatMul
 
 from ..attention import mra_attention
-from ..errors import UserError
+from ..errors import UserError, upgrade_fix
 from ..export import plugin_node
 from .base import ExportedModel
+
+
+# Before onnx 1.19, onnx.reference held bfloat16 as raw 16-bit integers (not ml_dtypes'), so
+# that a bf16 graph computed wrong numbers: the first onnx whose evaluator runs one.
+BF16_ONNX_FROM = "1.19"
+
+
+def bf16_unsupported_reason(dtype: str) -> str | None:
+    """Why onnx.reference cannot run a ``dtype`` graph with the installed onnx, or ``None``."""
+    fix = upgrade_fix("onnx", onnx.__version__, BF16_ONNX_FROM) if dtype == "bf16" else None
+    if fix is None:
+        return None
+    return (f"onnx {onnx.__version__}'s reference evaluator holds bfloat16 as raw integers and "
+            f"cannot run a bf16 graph: {fix}")
 
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:
@@ -108,6 +123,16 @@ def _node_class(implementation):
     return MraAttention
 
 
+class MatMul(OnnxMatMul):
+    """onnx.reference's MatMul, its product in its inputs' type. Before onnx 1.23, numpy's
+    matmul of bfloat16 tensors of 3 dimensions or more came back float32, which the evaluator
+    refused ("Output type mismatch ... (operator 'MatMul')"); onnx 1.23 casts back, as here."""
+
+    def _run(self, a, b):
+        (product,) = super()._run(a, b)
+        return (product.astype(a.dtype, copy=False),)
+
+
 class ReferencePluginModel(ExportedModel):
     """A plugin-flavour export run on the CPU by ``onnx.reference``."""
 
@@ -116,12 +141,16 @@ class ReferencePluginModel(ExportedModel):
         if not isinstance(node, str) or node not in NODE_IMPLEMENTATIONS:
             raise UserError(f"unknown MraAttention implementation {node!r}; choose one of: "
                             f"{', '.join(NODE_IMPLEMENTATIONS)}")
+        reason = bf16_unsupported_reason(info.dtype)
+        if reason:
+            raise UserError(reason)
         require_native_library(node)
         self.node = node
         model = onnx.load(str(info.onnx_path(folder)))
         self.check_graph_interface([i.name for i in model.graph.input],
                                    [o.name for o in model.graph.output])
-        self.evaluator = ReferenceEvaluator(model, new_ops=[_node_class(NODE_IMPLEMENTATIONS[node])])
+        node_class = _node_class(NODE_IMPLEMENTATIONS[node])
+        self.evaluator = ReferenceEvaluator(model, new_ops=[node_class, MatMul])
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, node: str = "torch",
