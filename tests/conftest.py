@@ -72,6 +72,17 @@ def exports(small_checkpoints, tmp_path_factory):
             for flavour, folder in export_both_flavours(checkpoint, root / task, task=task).items()}
 
 
+def onnx_model(graph, opsets: dict[str, int] | None = None):
+    """A test graph as a model that onnxruntime loads from 1.20 on, whichever onnx made it: IR
+    version 10 (make_model's default is the installed onnx's newest, which an older onnxruntime
+    refuses: "Unsupported model IR version"). ``opsets``: domain -> version, default opset 20."""
+    from onnx import helper
+
+    opsets = {"": 20} if opsets is None else opsets
+    return helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid(domain, version) for domain, version in opsets.items()])
+
+
 def export_both_flavours(checkpoint: Path, root: Path, **settings) -> dict[str, Path]:
     """``checkpoint`` exported in each flavour under ``root``: {flavour: folder}, in FLAVOURS'
     order. Under the run's folder (``run_folder``) each export is made once per test run."""

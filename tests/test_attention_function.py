@@ -19,7 +19,7 @@ from mra_export.export.exporter import example_inputs
 from mra_export.patching import attention_cores, patch_model
 from mra_export.tasks import TASKS
 
-from .conftest import ONE_LAYER_MODEL
+from .conftest import ONE_LAYER_MODEL, onnx_model
 
 BIAS = 1.5
 HEADS, HEAD_DIM = 2, 64
@@ -43,7 +43,7 @@ def stand_in_core() -> ir.Model:
         initializer=[helper.make_tensor("val_2", TensorProto.FLOAT, [], [BIAS])],
         value_info=[helper.make_tensor_value_info("biased", TensorProto.FLOAT,
                                                   ["s31", HEADS, "s0", HEAD_DIM])])
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    return ir.from_proto(onnx_model(graph))
 
 
 def two_layer_graph() -> ir.Model:
@@ -64,8 +64,7 @@ def two_layer_graph() -> ir.Model:
     graph = helper.make_graph(nodes, "model", [*qkv, mask], [
         helper.make_tensor_value_info("attention_context.1", TensorProto.FLOAT,
                                       ["batch_size", HEADS, "sequence_length", HEAD_DIM])])
-    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(attention_function.DOMAIN, 1)]
-    return ir.from_proto(helper.make_model(graph, opset_imports=opsets))
+    return ir.from_proto(onnx_model(graph, {"": 20, attention_function.DOMAIN: 1}))
 
 
 def run(model: ir.Model, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:

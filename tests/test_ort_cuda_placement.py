@@ -25,7 +25,7 @@ from mra_export.runtime.ort import (CPU, CUDA, CUDA_FP32, NO_CUDA_PROVIDER, defa
                                     device_binding)
 from mra_export.tasks import TASKS
 
-from .conftest import SEVERAL_CHUNKS_MODEL, SMALL_MODEL, load_tool
+from .conftest import SEVERAL_CHUNKS_MODEL, SMALL_MODEL, load_tool, onnx_model
 
 
 @pytest.mark.gpu
@@ -92,14 +92,8 @@ def test_the_fp16_portable_graph_is_predicted_to_need_no_copy_on_the_cuda_provid
     _assert_no_copy_predicted(_predicted(fp16_exports[1]["portable"] / "model.onnx"))
 
 
-def _model(graph) -> onnx.ModelProto:
-    """``graph`` at opset 20 and IR version 10, which onnxruntime loads from 1.20 on whatever
-    onnx made it (make_model's default IR is the installed onnx's newest)."""
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
-
-
 def _graph(nodes, inputs, outputs, initializers=()):
-    return _model(helper.make_graph(nodes, "placed", inputs, outputs, list(initializers)))
+    return onnx_model(helper.make_graph(nodes, "placed", inputs, outputs, list(initializers)))
 
 
 def _product_graph():
@@ -197,7 +191,7 @@ def test_the_tool_reads_each_nodes_provider_from_onnxruntimes_profile(tmp_path):
          helper.make_node("Reshape", ["x", "shape"], ["y"], name="same_shape")],
         "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
-    model = _model(graph)
+    model = onnx_model(graph)
     options = default_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.enable_profiling = True
@@ -239,7 +233,7 @@ def test_the_tool_counts_a_scans_reads_as_the_cuda_kernel_makes_them(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
         [helper.make_tensor("axis", TensorProto.INT64, [], [1])])
     path = tmp_path / "scan.onnx"
-    onnx.save(_model(graph), path)
+    onnx.save(onnx_model(graph), path)
     scans = load_tool("ort_cuda_speed").cumsum_scans(path, {"x": np.zeros((3, 4), np.float32)},
                                                      tmp_path / "scan")
     assert scans == {"scan": dict(shape=[3, 4], axis=4, reads=30)}
@@ -257,7 +251,7 @@ def test_the_tool_counts_the_bytes_a_graphs_nodes_move(tmp_path):
         [helper.make_tensor("shape", TensorProto.INT64, [2], [4, 3]),
          helper.make_tensor("rows", TensorProto.INT64, [2], [3, 0])])
     path = tmp_path / "moves.onnx"
-    onnx.save(_model(graph), path)
+    onnx.save(onnx_model(graph), path)
     tool = load_tool("ort_cuda_speed")
     nodes = tool.profiled_nodes(path, {"x": np.zeros(12, np.float32)}, tmp_path / "moves",
                                 optimized=False)
@@ -272,7 +266,7 @@ def _two_output_session(providers) -> ort.InferenceSession:
         "two_outputs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n"]) for name in ("y", "z")],
         [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
-    model = _model(graph)
+    model = onnx_model(graph)
     return ort.InferenceSession(model.SerializeToString(), default_options(), providers=providers)
 
 

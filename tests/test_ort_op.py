@@ -30,7 +30,7 @@ from mra_export.parity.inputs import parity_feeds
 from mra_export.runtime.ort import CUDA, OrtMraModel, op_library_has_cuda_kernel
 from mra_export.tasks import TASKS
 
-from .conftest import random_qkv, ragged_mask
+from .conftest import onnx_model, random_qkv, ragged_mask
 from .test_attention_dense import dense_attention_float64, normaliser_error_bound
 from .test_export_onnxruntime import TOLERANCE as MODEL_TOLERANCE
 from .test_export_onnxruntime import torch_outputs
@@ -93,10 +93,7 @@ def node_graph(dtype=torch.float32, key_dtype=None, value_dtype=None, **node_att
     inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, None))
     graph = helper.make_graph(nodes, "mra", inputs,
                               [helper.make_tensor_value_info("context", TensorProto.FLOAT, None)])
-    # IR version 10: what onnxruntime 1.20 reads (a newer onnx writes a newer one by default).
-    model = helper.make_model(graph, ir_version=10,
-                              opset_imports=[helper.make_opsetid("", 17),
-                                             helper.make_opsetid("trt.plugins", 1)])
+    model = onnx_model(graph, {"": 17, "trt.plugins": 1})
     return model.SerializeToString()
 
 
