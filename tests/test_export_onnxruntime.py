@@ -261,22 +261,30 @@ def test_weights_beyond_the_limit_go_to_external_data(tmp_path, monkeypatch):
     expected = torch_outputs(checkpoint, task, feed)
     assert np.abs(model(**feed).logits - expected["logits"]).max() <= TOLERANCE
     assert ExportInfo.load(tmp_path / "out").verify_files(tmp_path / "out") is None
-    # parity's per-layer diagnostic: a graph edited in memory, its weights still in the folder
+    # parity's per-layer diagnostic: a graph edited in memory, its weights still in the folder.
+    # onnxruntime 1.20.1 ignored the folder and failed on the weights (found in a venv at the
+    # old lower bounds): named with the fix instead, here for real below 1.21, else faked.
+    from mra_export.errors import upgrade_fix
+    from mra_export.runtime import ort as ort_module
+
+    if upgrade_fix("onnxruntime", ort.__version__, ort_module.EXTERNAL_DATA_FOLDER_FROM):
+        with pytest.raises(UserError, match=_edited_graph_refusal(ort.__version__)):
+            model.run_raw(feed, extra_outputs=("attention_context.0",))
+        return
     with_context = model.run_raw(feed, extra_outputs=("attention_context.0",))
     assert np.array_equal(with_context["logits"], model.run_raw(feed)["logits"])
     batch, length = feed["input_ids"].shape
     assert with_context["attention_context.0"].shape[::2] == (batch, length)
-    # onnxruntime 1.20.1 ignored the folder and failed on the weights (found in a venv at the
-    # old lower bounds): named with the fix instead
-    from mra_export.runtime import ort as ort_module
-
-    monkeypatch.setattr(ort_module.ort, "__version__", "1.20.1")
+    monkeypatch.setattr(ort, "__version__", "1.20.1")
     older = OrtMraModel.from_pretrained(tmp_path / "out")
-    with pytest.raises(UserError, match=r"^onnxruntime 1.20.1 cannot find the weights of .*"
-                                        r"model.onnx from an edited copy of its graph \(extra "
-                                        r"outputs, or bfloat16\); pip install --upgrade "
-                                        r"'onnxruntime>=1.21'$"):
+    with pytest.raises(UserError, match=_edited_graph_refusal("1.20.1")):
         older.run_raw(feed, extra_outputs=("attention_context.0",))
+
+
+def _edited_graph_refusal(version: str) -> str:
+    return (rf"^onnxruntime {re.escape(version)} cannot find the weights of .*model.onnx from an "
+            r"edited copy of its graph \(extra outputs, or bfloat16\); pip install --upgrade "
+            r"'onnxruntime>=1.21'$")
 
 
 def test_the_validation_export_json_records_is_onnxruntime_against_pytorch(small_checkpoints,
