@@ -22,8 +22,8 @@ from ..export import plugin_node
 from .base import ExportedModel
 
 
-# Before onnx 1.19, onnx.reference held bfloat16 as raw 16-bit integers (not ml_dtypes'), so
-# that a bf16 graph computed wrong numbers: the first onnx whose evaluator runs one.
+# The first onnx whose reference evaluator runs a bf16 graph: before it, onnx held bfloat16 as raw
+# 16-bit integers (not ml_dtypes'), and the MraAttention node was handed their bits.
 BF16_ONNX_FROM = "1.19"
 
 
@@ -123,7 +123,7 @@ def _node_class(implementation):
     return MraAttention
 
 
-class MatMul(OnnxMatMul):
+class MatMul(OnnxMatMul):  # named as the op it stands in for: the evaluator reads the name
     """onnx.reference's MatMul, its product in its inputs' type. Before onnx 1.23, numpy's
     matmul of bfloat16 tensors of 3 dimensions or more came back float32, which the evaluator
     refused ("Output type mismatch ... (operator 'MatMul')"); onnx 1.23 casts back, as here."""
