@@ -127,7 +127,8 @@ def test_bf16_plugin_graph_runs_on_an_onnx_whose_matmul_promotes_bfloat16(bf16_e
     from onnx.reference.op_run import RuntimeTypeError
     from onnx.reference.ops import op_matmul
 
-    from mra_export.runtime.plugin_reference import ReferencePluginModel
+    from mra_export.runtime.plugin_reference import (NODE_IMPLEMENTATIONS, ReferencePluginModel,
+                                                     _node_class)
 
     skip_where_onnx_cannot_run("bf16")
     folder = bf16_exports[1]["plugin"]
@@ -138,27 +139,12 @@ def test_bf16_plugin_graph_runs_on_an_onnx_whose_matmul_promotes_bfloat16(bf16_e
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
             "token_type_ids": np.zeros_like(ids)}
     with pytest.raises(RuntimeTypeError, match="MatMul"):  # the stand-in is the old failure
-        ReferenceEvaluator(graph, new_ops=[_identity_mra_attention()]).run(
+        ReferenceEvaluator(graph, new_ops=[_node_class(NODE_IMPLEMENTATIONS["torch"])]).run(
             None, {i.name: feed[i.name] for i in graph.graph.input})
     older = dict(ReferencePluginModel.from_pretrained(folder)(input_ids=ids))
     assert newest.keys() == older.keys() and newest
     for name, value in newest.items():
         assert older[name].dtype == value.dtype and np.array_equal(older[name], value), name
-
-
-def _identity_mra_attention():
-    """An MraAttention for the bare evaluator: its value, in the query's type."""
-    from onnx.reference.op_run import OpRun
-
-    from mra_export.export import plugin_node
-
-    class MraAttention(OpRun):
-        op_domain = plugin_node.DOMAIN
-
-        def _run(self, query, key, value, mask, **attributes):
-            return (value.astype(query.dtype),)
-
-    return MraAttention
 
 
 def test_bf16_plugin_graph_on_an_onnx_holding_bfloat16_as_integers_is_one_line(bf16_exports,
@@ -170,7 +156,7 @@ def test_bf16_plugin_graph_on_an_onnx_holding_bfloat16_as_integers_is_one_line(b
     from mra_export.parity.backends import export_backends
     from mra_export.runtime.plugin_reference import ReferencePluginModel
 
-    checkpoint, folders = bf16_exports
+    folders = bf16_exports[1]
     fix = "pip install --upgrade 'onnx>=1.19'"
     monkeypatch.setattr(onnx, "__version__", "1.18.0")
     reference = [b for b in export_backends(folders["plugin"]) if "onnx.reference" in b.name]
