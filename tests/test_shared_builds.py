@@ -1,9 +1,12 @@
 """What lets `make test` run the suite on several pytest-xdist workers: the session fixtures'
 builds shared by the workers (tests/shared_builds.py), and ``native.ensure_built`` building a
-library once when several processes ask for it. Forked processes stand in for the workers."""
+library once when several processes ask for it. Processes started from a forkserver stand in for
+the workers: a plain fork of this multi-threaded process (torch's threads) can deadlock the child,
+and Python 3.12 warns of it."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import subprocess
@@ -15,7 +18,7 @@ from mra_export import native
 
 from .shared_builds import build_each_once
 
-FORK = multiprocessing.get_context("fork")
+WORKERS = multiprocessing.get_context("forkserver")
 BUILD_S = 0.3  # long enough for the other process to arrive while a build is under way
 
 
@@ -34,10 +37,10 @@ def _worker(folder, names, start, results):
 
 
 def _run_together(target, *args):
-    """``target(*args, start, results)`` in two forked processes released together; returns what
+    """``target(*args, start, results)`` in two worker processes released together; returns what
     each put in ``results`` and the processes."""
-    start, results = FORK.Barrier(2), FORK.Queue()
-    processes = [FORK.Process(target=target, args=(*args, start, results)) for _ in range(2)]
+    start, results = WORKERS.Barrier(2), WORKERS.Queue()
+    processes = [WORKERS.Process(target=target, args=(*args, start, results)) for _ in range(2)]
     for process in processes:
         process.start()
     answers = [results.get(timeout=60) for _ in processes]
@@ -67,22 +70,25 @@ def test_a_build_that_failed_in_one_worker_fails_in_the_others_with_its_message(
         build_each_once(tmp_path, {"export": _fails})
 
 
-def _ensure_built(start, results):
+def _fake_cmake(build_dir, command, **settings):
+    """Stands in for CMake: a build that takes a while, logging which process ran it."""
+    if "--build" in command:
+        with open(build_dir / "log", "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(BUILD_S)
+        (build_dir / "libfake.so").write_text("")
+    return subprocess.CompletedProcess(command, 0, "", "")
+
+
+def _ensure_built(build_dir, start, results):
+    # A worker starts without the parent's patches: it installs the stand-in itself.
+    os.environ[native.BUILD_DIR_VARIABLE] = str(build_dir)
+    native.subprocess.run = functools.partial(_fake_cmake, build_dir)
     start.wait()
     results.put(str(native.ensure_built("libfake.so", "fake")))
 
 
-def test_ensure_built_builds_once_for_processes_asking_together(tmp_path, monkeypatch):
-    def cmake(command, **settings):  # stands in for CMake: a build that takes a while
-        if "--build" in command:
-            with open(tmp_path / "log", "a") as log:
-                log.write(f"{os.getpid()}\n")
-            time.sleep(BUILD_S)
-            (tmp_path / "libfake.so").write_text("")
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setenv(native.BUILD_DIR_VARIABLE, str(tmp_path))
-    monkeypatch.setattr(native.subprocess, "run", cmake)
-    answers, _ = _run_together(_ensure_built)
+def test_ensure_built_builds_once_for_processes_asking_together(tmp_path):
+    answers, _ = _run_together(_ensure_built, tmp_path)
     assert answers == [str(tmp_path / "libfake.so")] * 2
     assert len((tmp_path / "log").read_text().split()) == 1
