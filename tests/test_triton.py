@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -318,6 +319,36 @@ def test_the_fetch_extracts_again_what_is_partial_or_for_another_python(tmp_path
     (server / "bin" / "tritonserver").write_bytes(b"x" * 10)
     (server / fetch.STAMP).write_text(json.dumps({**stamp, "python": "3.8"}))  # another stub
     assert not fetch._whole(server)
+
+
+def _pip_with_wheels(wheel_found, commands):
+    """Stands in for subprocess.run in the stub environment's numpy install: records each
+    command; ``--only-binary`` succeeds only where ``wheel_found``."""
+    def run(command, **settings):
+        commands.append(command)
+        refused = "--only-binary" in command and not wheel_found
+        return subprocess.CompletedProcess(command, 1 if refused else 0, "", "")
+    return run
+
+
+@pytest.mark.parametrize("wheel_found", [True, False], ids=["wheel", "no wheel (Python 3.13)"])
+def test_the_stubs_numpy_is_a_wheel_or_a_source_build_said_before_it_starts(
+        wheel_found, monkeypatch, capsys):
+    """Python 3.13 has no numpy 1 wheel: pip built 1.26.4 from source for 6 minutes with nothing
+    said (seen in `make test` on 3.13.0). A wheel is tried first; a source build is announced."""
+    fetch = load_tool("fetch_tritonserver")
+    commands = []
+    monkeypatch.setattr(fetch.subprocess, "run", _pip_with_wheels(wheel_found, commands))
+    fetch._install_stub_numpy(Path("stub-env/bin/python"))
+    install = ["stub-env/bin/python", "-m", "pip", "install", "--quiet", fetch.STUB_NUMPY]
+    said = capsys.readouterr().err
+    if wheel_found:
+        assert commands == [[*install, "--only-binary", ":all:"]] and said == ""
+    else:
+        assert commands == [[*install, "--only-binary", ":all:"], install]
+        assert said == (f"fetch_tritonserver: {fetch.STUB_NUMPY} has no wheel for Python "
+                        f"{fetch._python_version()}; building it from source for the python "
+                        "backend's stub (minutes, once)\n")
 
 
 def test_counts_after_a_load_wait_for_the_requests_triton_records_late(monkeypatch):

@@ -43,7 +43,7 @@ WHEEL_SHA256 = "21f063ff93bb426d0c06b7a55e7eb9efcfe62c0dddd9a908e9877e18710128df
 EXTRACTED = ("pytriton/tritonserver/", "nvidia_pytriton.libs/")  # the server; the libs it links
 SERVER_DIR = "pytriton/tritonserver"
 STAMP = ".fetched.json"  # written last: what was extracted, with each file's size
-STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1, with wheels for Python 3.9 to 3.12
+STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1: wheels for Python 3.9 to 3.12, built from source on 3.13
 PROJECT_PTH = "mra_export_project.pth"  # in the stub environment: this environment's packages
 
 
@@ -178,11 +178,8 @@ def _make_stub_environment(env: Path) -> None:
     if python.is_file() and _imports_in(python):
         return
     shutil.rmtree(env, ignore_errors=True)
-    for command in ([sys.executable, "-m", "venv", str(env)],
-                    [str(python), "-m", "pip", "install", "--quiet", STUB_NUMPY]):
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise FetchError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    _run_or_fail([sys.executable, "-m", "venv", str(env)])
+    _install_stub_numpy(python)
     paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print("
                                          "sysconfig.get_paths()['purelib'])"],
@@ -191,6 +188,24 @@ def _make_stub_environment(env: Path) -> None:
     if not _imports_in(python):
         raise FetchError(f"{python} does not import numpy 1 and mra_export after setting it up; "
                          f"run this script with the project's Python (.venv/bin/python)")
+
+
+def _install_stub_numpy(python: Path) -> None:
+    """numpy 1 into the stub environment: its wheel where PyPI has one for this Python, else built
+    from source (Python 3.13 on: about 6 minutes on 2 cores, once), said before it starts."""
+    install = [str(python), "-m", "pip", "install", "--quiet", STUB_NUMPY]
+    if subprocess.run([*install, "--only-binary", ":all:"], capture_output=True).returncode == 0:
+        return
+    print(f"fetch_tritonserver: {STUB_NUMPY} has no wheel for Python {_python_version()}; building "
+          f"it from source for the python backend's stub (minutes, once)", file=sys.stderr,
+          flush=True)
+    _run_or_fail(install)
+
+
+def _run_or_fail(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FetchError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
 
 
 def _imports_in(python: Path) -> bool:
