@@ -474,4 +474,7 @@ def is_json_int(value) -> bool:
 
 
 def _type_name(hint) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    # Python 3.10 takes dict[str, str] for a type, whose __name__ is then plain "dict"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "")
