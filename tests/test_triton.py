@@ -346,7 +346,7 @@ def test_the_stubs_numpy_is_a_wheel_or_a_source_build_said_before_it_starts(
         assert commands == [[*install, "--only-binary", ":all:"]] and said == ""
     else:
         assert commands == [[*install, "--only-binary", ":all:"], install]
-        assert said == (f"fetch_tritonserver: {fetch.STUB_NUMPY} has no wheel for Python "
+        assert said == (f"fetch_tritonserver: pip found no {fetch.STUB_NUMPY} wheel for Python "
                         f"{fetch._python_version()}; building it from source for the python "
                         "backend's stub (minutes, once)\n")
 

@@ -43,7 +43,7 @@ WHEEL_SHA256 = "21f063ff93bb426d0c06b7a55e7eb9efcfe62c0dddd9a908e9877e18710128df
 EXTRACTED = ("pytriton/tritonserver/", "nvidia_pytriton.libs/")  # the server; the libs it links
 SERVER_DIR = "pytriton/tritonserver"
 STAMP = ".fetched.json"  # written last: what was extracted, with each file's size
-STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1: wheels for Python 3.9 to 3.12, built from source on 3.13
+STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1: wheels for Python 3.9 to 3.12 (3.13 builds it)
 PROJECT_PTH = "mra_export_project.pth"  # in the stub environment: this environment's packages
 
 
@@ -196,9 +196,9 @@ def _install_stub_numpy(python: Path) -> None:
     install = [str(python), "-m", "pip", "install", "--quiet", STUB_NUMPY]
     if subprocess.run([*install, "--only-binary", ":all:"], capture_output=True).returncode == 0:
         return
-    print(f"fetch_tritonserver: {STUB_NUMPY} has no wheel for Python {_python_version()}; building "
-          f"it from source for the python backend's stub (minutes, once)", file=sys.stderr,
-          flush=True)
+    print(f"fetch_tritonserver: pip found no {STUB_NUMPY} wheel for Python {_python_version()}; "
+          f"building it from source for the python backend's stub (minutes, once)",
+          file=sys.stderr, flush=True)
     _run_or_fail(install)
 
 
