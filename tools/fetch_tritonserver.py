@@ -192,7 +192,7 @@ def _make_stub_environment(env: Path) -> None:
 
 def _install_stub_numpy(python: Path) -> None:
     """numpy 1 into the stub environment: its wheel where PyPI has one for this Python, else built
-    from source (Python 3.13 on: about 6 minutes on 2 cores, once), said before it starts."""
+    from source (Python 3.13: about 6 minutes on 2 cores, once), said before it starts."""
     install = [str(python), "-m", "pip", "install", "--quiet", STUB_NUMPY]
     if subprocess.run([*install, "--only-binary", ":all:"], capture_output=True).returncode == 0:
         return

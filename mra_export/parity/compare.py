@@ -59,9 +59,9 @@ def _compare_outputs(pair: RunResults, names, tolerance: float | None) -> dict[s
     # None: the errors are measured and reported, not judged (int8, judged by agreement)
     compare = SimpleCompareFunc(atol=np.inf if tolerance is None else tolerance, rtol=0.0,
                                 check_error_stat="max")
-    # polygraphy computes each output's logged percentiles even when silenced; numpy 2.0 to 2.2
-    # (Python 3.10's newest) overflow there on float16 outputs and warned on stderr. The
-    # maxima judged below are not computed there.
+    # polygraphy computes each output's logged percentiles even when silenced; numpy 2.2.6
+    # (Python 3.10's newest; not 1.26.4 or 2.4.6) overflows there on float16 outputs and warned
+    # on stderr. The maxima judged below are not computed there.
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), np.errstate(over="ignore", invalid="ignore"):
         accuracy = Comparator.compare_accuracy(pair, compare_func=compare)
     iterations = next(iter(accuracy[0].values()))  # one compare function, one runner pair
